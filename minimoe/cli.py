@@ -31,7 +31,22 @@ def _run_info(args):
     print(info_table(args.preset, as_json=args.json))
 
 
-COMMANDS = ["info"]
+# --- bench ------------------------------------------------------------------------------
+def _add_bench(sub):
+    from minimoe.bench import BENCHES
+
+    p = sub.add_parser("bench", help="speed benchmarks, printed as measured ratios")
+    p.add_argument("name", choices=sorted(BENCHES))
+    p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
+
+
+def _run_bench(args):
+    from minimoe.bench import BENCHES
+
+    BENCHES[args.name](args)
+
+
+COMMANDS = ["info", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,286 @@
+"""The one continuous-pretraining loop, used by every stage: preparation, the grown dense model,
+the MoE, and the from-scratch baseline.
+
+AdamW, linear warmup then cosine decay, gradient clipping and accumulation, optional bf16
+autocast, MoE auxiliary losses, validation every N steps (overall and per language), a tqdm bar,
+a JSONL log, a loss plot, and atomic safetensors checkpoints from which a killed run resumes
+with bit-identical losses. Resume is exact because nothing in a step depends on hidden state:
+the batch of step i is a pure function of (seed, i), the learning rate a function of i, and the
+model, optimizer and RNG state are restored from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from minimoe import checkpoint as ckpt
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    bf16: bool = False
+    eval_every: int = 50
+    eval_batches: int = 8
+    ckpt_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    device: str = "cpu"
+    # MoE auxiliary loss coefficients (AquilaMoE: balance 0.001, max-z 0.01; METHOD.md §6.2)
+    balance_coef: float = 0.001
+    z_coef: float = 0.0
+    max_z_coef: float = 0.01
+    max_z_on: str = "router"  # the paper does not say: "router" or "lm_head" logits
+    cv2_coef: float = 0.0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
+                     "ckpt_every", "log_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"TrainConfig.{name}={value!r}: must be a positive integer")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr={self.lr!r}: must be positive")
+        if self.warmup_steps < 0:
+            raise ValueError(f"TrainConfig.warmup_steps={self.warmup_steps}: must be >= 0")
+        if self.max_z_on not in ("router", "lm_head"):
+            raise ValueError(f"TrainConfig.max_z_on={self.max_z_on!r}: must be router or lm_head")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite."""
+
+
+def lr_at(step: int, tc: TrainConfig) -> float:
+    """Linear warmup to tc.lr, then cosine decay to tc.lr * min_lr_ratio at the last step."""
+    if step < tc.warmup_steps:
+        return tc.lr * (step + 1) / tc.warmup_steps
+    progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return tc.lr * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * cosine)
+
+
+def make_optimizer(model, tc: TrainConfig) -> torch.optim.AdamW:
+    # no weight decay on vectors (norm weights, biases), as in nanoGPT and LLaMA
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=False)
+
+
+def moe_losses(model, logits, tc: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Weighted sum of the MoE auxiliary losses (zero for a dense model) and each raw value."""
+    if not model.cfg.is_moe:
+        return logits.new_zeros(()), {}
+    from minimoe.moe import AuxLossConfig
+
+    aux = AuxLossConfig(balance=tc.balance_coef, z=tc.z_coef, max_z=tc.max_z_coef,
+                        max_z_on=tc.max_z_on, cv2=tc.cv2_coef)
+    return aux.total(model, logits)
+
+
+@torch.no_grad()
+def evaluate(model, data, tc: TrainConfig, n_batches: int | None = None) -> dict[str, float]:
+    """Mean validation loss over a fixed set of batches, overall and per language."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    n = n_batches or tc.eval_batches
+    result = {}
+    for lang in [None, *data.langs]:
+        losses = []
+        for x, y in data.val_batches(tc.batch_size, tc.seq_len, n, lang=lang):
+            logits = model(x.to(device))
+            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten()).item())
+        if losses:
+            result["val_loss" if lang is None else f"val_{lang}"] = sum(losses) / len(losses)
+    model.train(was_training)
+    return result
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    steps: int
+    tokens: int
+    train_time: float  # seconds spent in training steps (evaluation excluded), over resumes
+    final_val: dict[str, float]
+    history: list[dict] = field(default_factory=list)
+
+
+def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progress: bool = True,
+          on_step=None) -> RunResult:
+    """Continue pretraining `model` on `data` for tc.steps steps, checkpointing into out_dir.
+
+    If out_dir holds a checkpoint of this same run, training resumes from it. `meta` (stage,
+    data, parent run...) goes to run.json; `on_step(step, record)` is called after each step.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = {"train": dataclasses.asdict(tc), "model": model.cfg.to_dict(), **(meta or {})}
+    _check_same_run(out_dir, run)
+    ckpt.write_text_atomic(out_dir / "config.json", model.cfg.to_json())
+    ckpt.write_json_atomic(out_dir / "run.json", run)
+
+    device = torch.device(tc.device)
+    model.to(device).train()
+    optimizer = make_optimizer(model, tc)
+    step, tokens, train_time = 0, 0, 0.0
+    latest = ckpt.latest_checkpoint(out_dir)
+    if latest is not None:
+        state = ckpt.load_checkpoint(latest, model, optimizer)
+        step, tokens, train_time = state["step"], state["tokens"], state["train_time"]
+    else:
+        torch.manual_seed(tc.seed)
+    log_path = out_dir / "log.jsonl"
+    history = _truncate_log(log_path, step)
+    if step == 0 and not any("val_loss" in r for r in history):
+        history.append(_log(log_path, {"step": 0, "tokens": 0, **evaluate(model, data, tc)}))
+
+    bar = _progress(tc.steps, step, progress)
+    last_good = latest
+    while step < tc.steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, tc)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum, parts_sum = 0.0, {}
+        for micro in range(tc.grad_accum):
+            x, y = data.train_batch(step * tc.grad_accum + micro, tc.batch_size, tc.seq_len, seed=tc.seed)
+            x, y = x.to(device), y.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.bf16):
+                logits = model(x)
+                ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                aux, parts = moe_losses(model, logits, tc)
+            ((ce + aux) / tc.grad_accum).backward()
+            loss_sum += ce.item() / tc.grad_accum
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v / tc.grad_accum
+        if not math.isfinite(loss_sum):
+            where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
+            raise TrainingDiverged(f"step {step}: loss={loss_sum}; training stopped ({where})")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens += tc.tokens_per_step
+        dt = time.perf_counter() - t0
+        train_time += dt
+        record = {"step": step, "tokens": tokens, "loss": loss_sum, "lr": lr,
+                  "grad_norm": grad_norm, "tok_per_s": tc.tokens_per_step / dt, **parts_sum}
+        if step % tc.eval_every == 0 or step == tc.steps:
+            record.update(evaluate(model, data, tc))
+        if step % tc.log_every == 0 or "val_loss" in record or step == tc.steps:
+            record["load"] = _expert_load(model)
+            history.append(_log(log_path, record))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{record['tok_per_s']:.0f}")
+        if on_step is not None:
+            on_step(step, record)
+        if step % tc.ckpt_every == 0 or step == tc.steps:
+            ckpt.save_checkpoint(out_dir, step, model, optimizer,
+                                 {"tokens": tokens, "train_time": train_time, "seed": tc.seed})
+            last_good = ckpt.latest_checkpoint(out_dir)
+    if bar is not None:
+        bar.close()
+    ckpt.save_tensors_atomic(out_dir / "model.safetensors", ckpt.model_tensors(model))
+    final_val = next((r for r in reversed(history) if "val_loss" in r), {})
+    final_val = {k: v for k, v in final_val.items() if k.startswith("val_")}
+    plot_losses(history, out_dir / "loss.png", title=str(meta.get("stage", out_dir.name)) if meta else out_dir.name)
+    return RunResult(out_dir, step, tokens, train_time, final_val, history)
+
+
+def _check_same_run(out_dir: Path, run: dict):
+    """Refuse an output folder that holds a different run (resuming the same one is fine)."""
+    path = out_dir / "run.json"
+    if not path.exists():
+        if any(out_dir.iterdir()) and not (out_dir / "ckpt").exists():
+            raise ValueError(f"out={out_dir}: the folder is not empty and holds no minimoe run; "
+                             "choose another --out")
+        return
+    old = ckpt.read_json(path)
+    for key in ("model", "train", "stage", "data", "init_from"):
+        if json.dumps(old.get(key), sort_keys=True) != json.dumps(run.get(key), sort_keys=True):
+            raise ValueError(f"out={out_dir}: holds a different run ({key} differs); "
+                             "choose another --out or delete the folder")
+
+
+def _truncate_log(path: Path, step: int) -> list[dict]:
+    """Keep the log records up to `step` (a resumed run re-logs what came after)."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [r for r in records if r["step"] <= step]
+    ckpt.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def _log(path: Path, record: dict) -> dict:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    return record
+
+
+def _expert_load(model):
+    if not model.cfg.is_moe:
+        return None
+    from minimoe.moe import expert_load
+
+    return expert_load(model).tolist()
+
+
+def _progress(total: int, start: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, leave=False)
+
+
+def plot_losses(history: list[dict], path: Path, title: str = ""):
+    """Training and validation loss against tokens, one PNG per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    train_pts = [(r["tokens"], r["loss"]) for r in history if "loss" in r]
+    if train_pts:
+        ax.plot(*zip(*train_pts), label="train", alpha=0.6)
+    for key in sorted({k for r in history for k in r if k.startswith("val_")}):
+        pts = [(r["tokens"], r[key]) for r in history if key in r]
+        ax.plot(*zip(*pts), marker="o", ms=3, label=key.replace("_", " "))
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
