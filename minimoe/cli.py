@@ -31,6 +31,62 @@ def _run_info(args):
     print(info_table(args.preset, as_json=args.json))
 
 
+# --- pretrain ---------------------------------------------------------------------------
+def _add_train_options(p, steps=300):
+    """Options of the one training loop, shared by every command that trains."""
+    g = p.add_argument_group("training")
+    g.add_argument("--steps", type=int, default=steps)
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--seq-len", type=int, default=128)
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--warmup", type=int, default=30, help="warmup steps")
+    g.add_argument("--eval-every", type=int, default=50)
+    g.add_argument("--ckpt-every", type=int, default=100)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train_config(args):
+    from minimoe.train import TrainConfig
+
+    return TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                       grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup,
+                       eval_every=args.eval_every, ckpt_every=args.ckpt_every, seed=args.seed,
+                       bf16=args.bf16, device=args.device)
+
+
+def _add_pretrain(sub):
+    p = sub.add_parser("pretrain", help="train a model on the demo corpus or your text")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="a fresh model of this preset (see `minimoe info`)")
+    src.add_argument("--init", metavar="RUN", help="continue pretraining the model of a run")
+    p.add_argument("--out", required=True, help="run folder (resumed if it holds this run)")
+    p.add_argument("--data", nargs="+", metavar="PATH", help=".txt/.jsonl files or folders "
+                   "(default: the bilingual demo corpus)")
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--tokenizer", choices=["bpe", "byte"], default="bpe")
+    _add_train_options(p)
+
+
+def _run_pretrain(args):
+    from minimoe.stages import continue_pretraining, data_spec, pretrain
+
+    tc = _train_config(args)
+    if args.init:
+        if args.data:
+            raise ValueError("--data: a continued run uses the data of --init's run")
+        result = continue_pretraining(args.init, args.out, tc, progress=not args.no_progress)
+    else:
+        spec = data_spec(args.data, args.vocab_size, args.tokenizer)
+        result = pretrain(args.preset, args.out, tc, spec, progress=not args.no_progress)
+    val = ", ".join(f"{k}={v:.3f}" for k, v in result.final_val.items())
+    print(f"{result.out_dir}: {result.steps} steps, {result.tokens:,} tokens, "
+          f"{result.train_time:.0f} s of training; {val}")
+
+
 # --- bench ------------------------------------------------------------------------------
 def _add_bench(sub):
     from minimoe.bench import BENCHES
@@ -46,7 +102,7 @@ def _run_bench(args):
     BENCHES[args.name](args)
 
 
-COMMANDS = ["info", "bench"]
+COMMANDS = ["info", "pretrain", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
