@@ -87,6 +87,26 @@ def _run_pretrain(args):
           f"{result.train_time:.0f} s of training; {val}")
 
 
+# --- pipeline ---------------------------------------------------------------------------
+def _add_pipeline(sub):
+    p = sub.add_parser("pipeline", help="preparation -> scale-up -> scale-out vs from scratch")
+    p.add_argument("--preset", default="toy", help="toy (about 10 minutes) or tiny (under 1)")
+    p.add_argument("--out", default="runs/pipeline", help="pipeline folder (resumed if re-run)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _run_pipeline(args):
+    from minimoe.pipeline import get_pipeline, run_pipeline
+
+    summary = run_pipeline(get_pipeline(args.preset), args.out, progress=not args.no_progress)
+    f = summary["factors"]
+    print(f"report: {args.out}/report/report.md")
+    print(f"time savings {f['time_savings']:.2f}x, compute savings (model FLOPs) "
+          f"{f['compute_savings_model_flops']:.2f}x; final val loss "
+          f"{summary['stages'][-2]['val loss at end']:.3f} (EfficientScale) vs "
+          f"{summary['stages'][-1]['val loss at end']:.3f} (from scratch)")
+
+
 # --- bench ------------------------------------------------------------------------------
 def _add_bench(sub):
     from minimoe.bench import BENCHES
@@ -102,7 +122,7 @@ def _run_bench(args):
     BENCHES[args.name](args)
 
 
-COMMANDS = ["info", "pretrain", "bench"]
+COMMANDS = ["info", "pretrain", "pipeline", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -157,6 +157,9 @@ PRESETS: dict[str, ModelConfig] = {
     # Toy shapes for CPU runs. tiny: the unit tests (well under 1M parameters).
     "tiny": ModelConfig(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
                         d_ffn=176, max_seq_len=128),
+    # tiny-large: tiny grown x2 in width, 2 -> 3 layers, for the <1 minute pipeline of the tests
+    "tiny-large": ModelConfig(vocab_size=512, n_layers=3, d_model=128, n_heads=8, n_kv_heads=2,
+                              d_ffn=352, max_seq_len=128),
     # toy-small -> toy-large is the toy Scale-Up: width x2 (exact for FPI), heads x2 inside
     # the same 2 KV groups (AKI-Pro's GQA rule), depth 4 -> 6 (interpolation duplicates).
     "toy-small": ModelConfig(vocab_size=2048, n_layers=4, d_model=128, n_heads=4,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from minimoe.config import ModelConfig, get_preset
 
@@ -41,3 +42,142 @@ def info_table(preset: str, as_json: bool = False) -> str:
          if v or k in ("total", "active")],
         columns=["component", "parameters", "", "share"]).set_index("component")
     return f"{preset}\n\n{shapes.to_string()}\n\n{params.to_string()}"
+
+
+# --- the pipeline report ------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path):
+    tmp = path.with_suffix(".tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    _plt().close(fig)
+    tmp.replace(path)
+
+
+def _val_curve(stage: dict, tokens0: float, flops0: float):
+    """(tokens, cumulative FLOPs, val loss) points of one stage, offset by what came before."""
+    pts = [(tokens0 + r["tokens"], flops0 + r["tokens"] * stage["flops_per_token"], r["val_loss"])
+           for r in stage["log"] if "val_loss" in r]
+    return [list(col) for col in zip(*pts)]
+
+
+def savings_factors(chain: list[dict], scratch: dict) -> dict[str, float]:
+    """AquilaMoE Table 6's factors from measured stages (METHOD.md §2.2):
+
+    time:    TSF  = (sum_i N_i / R_scratch) / (sum_i N_i / R_i), R = tokens per second measured
+    compute: CPSF = (N_total * P / R_scratch) / (sum_i N_i * P_i / R_i), P = device peak; on one
+             machine P cancels and CPSF = TSF, so we also give the ratio of counted model FLOPs.
+    """
+    n_total = sum(s["tokens"] for s in chain)
+    rate_scratch = scratch["tokens"] / scratch["train_time_s"]
+    chain_time = sum(s["tokens"] / (s["tokens"] / s["train_time_s"]) for s in chain)
+    return {
+        "time_savings": (n_total / rate_scratch) / chain_time,
+        "compute_savings_capacity": (n_total / rate_scratch) / chain_time,
+        "compute_savings_model_flops": (n_total * scratch["flops_per_token"])
+        / sum(s["flops"] for s in chain),
+        "scratch_tokens_equal_chain": scratch["tokens"] == n_total,
+    }
+
+
+def write_pipeline_report(out: Path, settings: dict, stages: list[dict], transitions: dict) -> dict:
+    """report.md + loss_vs_flops.png + loss_vs_tokens.png + expert_load.png + stages.csv."""
+    import pandas as pd
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    chain, scratch = stages[:-1], stages[-1]
+    factors = savings_factors(chain, scratch)
+    plt = _plt()
+
+    # loss against cumulative FLOPs, the paper's Figure 4 / README plot, transitions marked
+    curves = {}
+    tokens0 = flops0 = 0.0
+    for s in chain:
+        curves[s["stage"]] = _val_curve(s, tokens0, flops0)
+        tokens0 += s["tokens"]
+        flops0 += s["flops"]
+    curves["from scratch"] = _val_curve(scratch, 0.0, 0.0)
+    for x_index, (name, xlabel) in enumerate([("loss_vs_tokens.png", "tokens"),
+                                               ("loss_vs_flops.png", "cumulative training FLOPs")]):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, pts in curves.items():
+            style = dict(ls="--", color="gray") if label == "from scratch" else {}
+            ax.plot(pts[x_index], pts[2], marker="o", ms=3, label=label, **style)
+        for label, pts in list(curves.items())[1:-1]:
+            ax.axvline(pts[x_index][0], color="k", lw=0.6, ls=":")
+            ax.annotate(f"-> {label}", (pts[x_index][0], ax.get_ylim()[1]), fontsize=8,
+                        rotation=90, va="top", ha="right")
+        if x_index == 1:
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss (nats)")
+        ax.set_title("EfficientScale vs training the MoE from scratch")
+        ax.legend()
+        _save(fig, out / name)
+
+    # per-layer expert load of the final MoE (tokens per expert, last logged step)
+    load = next((r["load"] for r in reversed(chain[-1]["log"]) if r.get("load")), None)
+    if load:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        im = ax.imshow(load, aspect="auto", cmap="viridis")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+        ax.set_title("tokens routed per expert (last step of scale-out)")
+        fig.colorbar(im, ax=ax)
+        _save(fig, out / "expert_load.png")
+
+    rows = []
+    for s in stages:
+        final = next(r for r in reversed(s["log"]) if "val_loss" in r)
+        first = next(r for r in s["log"] if "val_loss" in r)
+        rows.append({"stage": s["stage"], "params (total)": human(s["params_total"]),
+                     "params (active)": human(s["params_active"]), "tokens": s["tokens"],
+                     "train time (s)": round(s["train_time_s"], 1),
+                     "tokens/s": round(s["tokens"] / s["train_time_s"]),
+                     "model FLOPs": f"{s['flops']:.3g}", "val loss at start": round(first["val_loss"], 3),
+                     "val loss at end": round(final["val_loss"], 3)})
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "stages.csv", index=False)
+    trans = pd.DataFrame([{"model": k, **{m: round(v, 3) for m, v in d.items()}}
+                          for k, d in transitions.items()])
+    chain_end = rows[len(chain) - 1]["val loss at end"]
+    scratch_end = rows[-1]["val loss at end"]
+    md = [
+        "# minimoe pipeline report", "",
+        "EfficientScale at toy scale: preparation -> Scale-Up -> Scale-Out, each with continued",
+        "pretraining, against the final MoE shape trained from scratch on the same total tokens.",
+        "Validation loss is cross-entropy on the held-out split of the demo corpus (nats/token).", "",
+        "## Stages", "", table.to_markdown(index=False), "",
+        "## Right after each transformation (before any training)", "",
+        trans.to_markdown(index=False), "",
+        "## Savings, computed the way AquilaMoE Table 6 computes them", "",
+        f"- time savings factor: **{factors['time_savings']:.2f}x** "
+        "(measured tokens/s of each stage; paper: 4.12x)",
+        f"- compute savings factor, Table 6 capacity accounting (device peak x time): "
+        f"**{factors['compute_savings_capacity']:.2f}x** (one device for every stage here, so it "
+        "equals the time factor; paper: 3.35x with two kinds of chip)",
+        f"- compute savings factor by counted model FLOPs: **{factors['compute_savings_model_flops']:.2f}x**",
+        f"- final validation loss: EfficientScale {chain_end:.3f} vs from scratch {scratch_end:.3f} "
+        f"({'lower' if chain_end < scratch_end else 'higher'} by {abs(chain_end - scratch_end):.3f})", "",
+        "The factors are measured on this machine at toy scale; the paper's figures are for 7B -> 16B",
+        "-> 8x16B on GPU clusters (see `minimoe simulate sims/aquilamoe_table6.toml`).", "",
+        "![loss vs FLOPs](loss_vs_flops.png)", "", "![loss vs tokens](loss_vs_tokens.png)", "",
+    ]
+    if load:
+        md += ["![expert load](expert_load.png)", ""]
+    md += ["## Settings", "", "```json", json.dumps(settings, indent=2), "```", ""]
+    from minimoe.checkpoint import write_json_atomic, write_text_atomic
+
+    write_text_atomic(out / "report.md", "\n".join(md))
+    summary = {"factors": factors, "stages": rows, "transitions": transitions}
+    write_json_atomic(out / "summary.json", summary)
+    return summary

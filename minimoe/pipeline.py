@@ -1,0 +1,154 @@
+"""EfficientScale end to end (`minimoe pipeline`): preparation -> Scale-Up -> Scale-Out, each
+followed by continued pretraining, against a Mixture of Experts of the final shape trained from
+scratch on the same total tokens (AquilaMoE §2, §4.3 and Table 6, at toy scale).
+
+    1-prep       pretrain the small dense model on the demo corpus
+    2-grown      scale_up(small -> large), AKI-Pro by default       (a transformation, no training)
+    3-scale-up   continue pretraining the grown dense model
+    4-upcycled   upcycle(large -> 8 experts, top-2)                  (a transformation)
+    5-scale-out  continue pretraining the MoE
+    6-scratch    the baseline: the same MoE shape from random init, all the tokens of 1+3+5
+    report/      report.md, loss against tokens and cumulative FLOPs, savings factors
+
+Every stage is a run folder. Re-running the command skips finished stages and resumes an
+interrupted one from its last checkpoint, so a stage that fails leaves the others usable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minimoe import checkpoint as ckpt
+from minimoe.config import get_preset
+from minimoe.flops import flops_per_token
+from minimoe.stages import continue_pretraining, data_spec, load_run_data, pretrain
+from minimoe.train import TrainConfig, evaluate
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    small: str = "toy-small"
+    large: str = "toy-large"
+    scale_up_method: str = "aki-pro"
+    n_experts: int = 8
+    top_k: int = 2
+    prep_steps: int = 400
+    scale_up_steps: int = 150
+    scale_out_steps: int = 100
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    cpt_lr: float = 1e-3  # continued pretraining starts from a trained model: a gentler rate
+    vocab_size: int = 2048
+    eval_every: int = 50
+    seed: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.prep_steps + self.scale_up_steps + self.scale_out_steps
+
+
+PIPELINES = {
+    "toy": PipelineConfig(),
+    # the tests' pipeline: the same chain on models of ~0.2M and ~0.7M parameters
+    "tiny": PipelineConfig(small="tiny", large="tiny-large", prep_steps=40, scale_up_steps=20,
+                           scale_out_steps=20, batch_size=8, seq_len=64, vocab_size=512,
+                           eval_every=20),
+}
+
+
+def get_pipeline(name: str) -> PipelineConfig:
+    if name not in PIPELINES:
+        raise ValueError(f"preset={name!r}: unknown pipeline; choose one of {', '.join(PIPELINES)}")
+    return PIPELINES[name]
+
+
+def _train_config(pc: PipelineConfig, steps: int, lr: float, warmup: int) -> TrainConfig:
+    return TrainConfig(steps=steps, batch_size=pc.batch_size, seq_len=pc.seq_len, lr=lr,
+                       warmup_steps=warmup, eval_every=pc.eval_every, ckpt_every=50,
+                       seed=pc.seed)
+
+
+def _transform_stage(src: Path, out: Path, transform, meta: dict):
+    """Apply a pure model transformation once; its output folder marks it done."""
+    if (out / "model.safetensors").exists():
+        return
+    model, src_meta = ckpt.load_model(src)
+    torch.manual_seed(0)
+    new_model = transform(model)
+    ckpt.save_model(out, new_model, {**meta, "data": src_meta["data"], "init_from": str(src.resolve())})
+
+
+def _stage_record(name: str, run_dir: Path, seq_len: int) -> dict:
+    """What the report needs of a finished training stage: tokens, time, FLOPs, losses."""
+    state = ckpt.read_json(ckpt.latest_checkpoint(run_dir) / "state.json")
+    cfg = ckpt.read_config(run_dir)
+    per_token = flops_per_token(cfg, seq_len).model
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return {"stage": name, "run": str(run_dir), "params_total": cfg.param_counts()["total"],
+            "params_active": cfg.param_counts()["active"], "tokens": state["tokens"],
+            "train_time_s": state["train_time"], "flops_per_token": per_token,
+            "flops": per_token * state["tokens"], "log": log}
+
+
+def run_pipeline(pc: PipelineConfig, out, progress: bool = True) -> dict:
+    """Run (or resume) every stage and write the report; returns the report's numbers."""
+    from minimoe.grow import scale_up
+    from minimoe.report import write_pipeline_report
+    from minimoe.upcycle import upcycle
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_pipeline_folder(out, pc)
+    small_cfg, large_cfg = get_preset(pc.small), get_preset(pc.large)
+    spec = data_spec(None, pc.vocab_size, "bpe")
+    data, tok = load_run_data(spec)
+    large_cfg = large_cfg.replace(vocab_size=tok.vocab_size)
+    warm = max(1, pc.prep_steps // 10)
+
+    pretrain(small_cfg, out / "1-prep", _train_config(pc, pc.prep_steps, pc.lr, warm),
+             spec, progress=progress)
+    _transform_stage(out / "1-prep", out / "2-grown",
+                     lambda m: scale_up(m, large_cfg, method=pc.scale_up_method, seed=pc.seed),
+                     {"stage": "scale-up", "method": pc.scale_up_method, "target": pc.large})
+    continue_pretraining(out / "2-grown", out / "3-scale-up",
+                         _train_config(pc, pc.scale_up_steps, pc.cpt_lr, warm // 2),
+                         stage="scale-up", progress=progress)
+    _transform_stage(out / "3-scale-up", out / "4-upcycled",
+                     lambda m: upcycle(m, n_experts=pc.n_experts, top_k=pc.top_k, seed=pc.seed),
+                     {"stage": "scale-out", "method": "upcycle", "n_experts": pc.n_experts,
+                      "top_k": pc.top_k})
+    continue_pretraining(out / "4-upcycled", out / "5-scale-out",
+                         _train_config(pc, pc.scale_out_steps, pc.cpt_lr, warm // 2),
+                         stage="scale-out", progress=progress)
+    moe_cfg = ckpt.read_config(out / "4-upcycled")
+    pretrain(moe_cfg, out / "6-scratch", _train_config(pc, pc.total_steps, pc.lr, warm),
+             spec, progress=progress)
+
+    tc = _train_config(pc, 1, pc.lr, 0)
+    transitions = {name: evaluate(ckpt.load_model(out / name)[0], data, tc)
+                   for name in ("2-grown", "4-upcycled")}
+    stages = [_stage_record(name, out / run, pc.seq_len) for name, run in
+              (("preparation", "1-prep"), ("scale-up", "3-scale-up"),
+               ("scale-out", "5-scale-out"), ("from scratch", "6-scratch"))]
+    return write_pipeline_report(out / "report", dataclasses.asdict(pc), stages, transitions)
+
+
+def _check_pipeline_folder(out: Path, pc: PipelineConfig):
+    """A pipeline folder belongs to one PipelineConfig; a different one is refused."""
+    path = out / "pipeline.json"
+    settings = dataclasses.asdict(pc)
+    if path.exists():
+        old = ckpt.read_json(path)
+        if old != settings:
+            key = next(k for k in settings if old.get(k) != settings[k])
+            raise ValueError(f"out={out}: holds a pipeline with {key}={old.get(key)!r} "
+                             f"(now {settings[key]!r}); choose another --out")
+    elif any(out.iterdir()):
+        raise ValueError(f"out={out}: the folder is not empty and holds no minimoe pipeline")
+    ckpt.write_json_atomic(path, settings)
