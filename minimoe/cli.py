@@ -107,6 +107,108 @@ def _run_pipeline(args):
           f"{summary['stages'][-1]['val loss at end']:.3f} (from scratch)")
 
 
+# --- scale-up ---------------------------------------------------------------------------
+def _add_scale_up(sub):
+    from minimoe.grow import DEPTHS, KV_OPTIONS, MAPPINGS, METHODS
+
+    p = sub.add_parser("scale-up", help="grow a run's model wider and deeper (FPI, AKI, AKI-Pro)")
+    p.add_argument("--from", dest="src", required=True, metavar="RUN", help="the source run")
+    p.add_argument("--to", required=True, metavar="PRESET", help="target shape (see `minimoe info`)")
+    p.add_argument("--method", choices=METHODS, default="aki-pro")
+    p.add_argument("--depth", choices=DEPTHS, help="default: interpolate for aki-pro, else stack")
+    p.add_argument("--mapping", choices=MAPPINGS, default="cyclic")
+    p.add_argument("--seed", type=int, default=0, help="for --mapping random")
+    p.add_argument("--kv", choices=KV_OPTIONS, default="keep",
+                   help="mean-pool: average KV heads when the target has fewer groups")
+    p.add_argument("--out", required=True, help="run folder for the grown model")
+
+
+def _run_scale_up(args):
+    from pathlib import Path
+
+    from minimoe import checkpoint as ckpt
+    from minimoe.config import get_preset
+    from minimoe.grow import grow_model, growth_report, plan_growth
+    from minimoe.stages import validation_loss
+
+    out = Path(args.out)
+    if (out / "model.safetensors").exists():
+        raise ValueError(f"--out={out}: already holds a model; choose another folder")
+    model, meta = ckpt.load_model(args.src)
+    target = get_preset(args.to).replace(vocab_size=model.cfg.vocab_size)  # the tokenizer's
+    plan = plan_growth(model.cfg, target, args.method, args.depth, args.mapping, args.seed, args.kv)
+    grown = grow_model(plan, model)
+    before, after = (validation_loss(m, meta["data"]) if "data" in meta else None
+                     for m in (model, grown))
+    ckpt.save_model(out, grown, {"stage": "scale-up", "method": args.method, "target": args.to,
+                                 "data": meta.get("data"), "init_from": str(Path(args.src).resolve())})
+    ckpt.write_json_atomic(out / "growth.json", growth_report(plan, before, after))
+    loss = f"; val loss {before['val_loss']:.3f} -> {after['val_loss']:.3f}" if before else ""
+    print(f"{out}: {plan.source.param_counts()['total']:,} -> {plan.target.param_counts()['total']:,} "
+          f"parameters ({args.method}, depth {plan.depth}){loss}; report {out / 'growth.json'}")
+
+
+# --- flops, simulate, plan: the cost side (flops.py, scenario.py, plan.py) --------------
+def _add_flops(sub):
+    p = sub.add_parser("flops", help="analytic FLOPs per token of a preset, per component")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's)")
+    p.add_argument("--attention", choices=["causal", "full"], default="causal",
+                   help="count the attention core halved (causal) or as the full square")
+    p.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _run_flops(args):
+    from minimoe.config import get_preset
+    from minimoe.flops import flops_report
+
+    print(flops_report(get_preset(args.preset), args.preset, args.seq, args.attention,
+                       args.recompute, as_json=args.json))
+
+
+def _add_simulate(sub):
+    p = sub.add_parser("simulate", help="account a TOML scenario of training phases (sims/)")
+    p.add_argument("scenario", help="a scenario file, e.g. sims/aquilamoe_table6.toml")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--plot-dir", help="also write PNG plots into this folder")
+
+
+def _run_simulate(args):
+    from minimoe.scenario import dumps, load_scenario
+
+    result = load_scenario(args.scenario)
+    print(dumps(result) if args.json else result.text())
+    if args.plot_dir:
+        for path in result.plot(args.plot_dir):
+            print(f"wrote {path}", file=sys.stderr)
+
+
+def _add_plan(sub):
+    p = sub.add_parser("plan", help="fastest and cheapest parallel layouts on N GPUs")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--gpus", type=int, required=True, help="GPUs available")
+    p.add_argument("--gpu", default="h100", help="catalogue device: a100, h100, h800, h200, b200")
+    p.add_argument("--batch-tokens", type=int, default=4 * 2**20,
+                   help="tokens per optimizer step (default 4 x 2^20)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's)")
+    p.add_argument("--tokens-b", type=float, default=None,
+                   help="training tokens in billions: also print days, GPU-days, energy and cost")
+    p.add_argument("--fixed-gpus", action="store_true", help="use exactly --gpus GPUs")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _run_plan(args):
+    from minimoe.config import get_preset
+    from minimoe.hardware import get_device
+    from minimoe.plan import plan, plan_report
+
+    search = plan(get_preset(args.preset), get_device(args.gpu), args.gpus, args.batch_tokens,
+                  args.seq, fixed_gpus=args.fixed_gpus)
+    tokens = args.tokens_b * 1e9 if args.tokens_b else None
+    print(plan_report(search, args.preset, tokens, as_json=args.json))
+
+
 # --- bench ------------------------------------------------------------------------------
 def _add_bench(sub):
     from minimoe.bench import BENCHES
@@ -122,7 +224,7 @@ def _run_bench(args):
     BENCHES[args.name](args)
 
 
-COMMANDS = ["info", "pretrain", "pipeline", "bench"]
+COMMANDS = ["info", "pretrain", "pipeline", "scale-up", "bench", "flops", "simulate", "plan"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,51 @@
+"""PNG plots of a scenario (`minimoe simulate --plot-dir`): where the days and GPU-days go, phase by
+phase, against the from-scratch baseline; and the savings factors of a sensitivity sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_scenario(result, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, unit in ((axes[0], "days", "days"), (axes[1], "gpu_days", "GPU-days")):
+        bottom = 0.0
+        for p in result.phases:  # the EfficientScale bar, one segment per phase
+            value = getattr(p, metric)
+            ax.bar("EfficientScale", value, bottom=bottom, label=p.name)
+            bottom += value
+        ax.bar(result.baseline.name, getattr(result.baseline, metric), color="grey",
+               label=result.baseline.name)
+        ax.set_ylabel(unit)
+        ax.set_title(f"{unit} per phase")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{result.title}\nTSF {result.tsf:.2f}, CPSF {result.cpsf:.2f}", fontsize=9)
+    paths.append(_save(fig, out_dir / "phases.png"))
+    if result.sweep:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for mfu in sorted({r["mfu"] for r in result.sweep}):
+            rows = [r for r in result.sweep if r["mfu"] == mfu]
+            x = [r["tokens (B)"] for r in rows]
+            axes[0].plot(x, [r["tsf"] for r in rows], marker="o", label=f"MFU {mfu:.1%}")
+            axes[1].plot(x, [r["cpsf"] for r in rows], marker="o", label=f"MFU {mfu:.1%}")
+        for ax, name in zip(axes, ("time savings factor", "compute savings factor")):
+            ax.set_xlabel(f"{result.sweep[0]['phase']} tokens (B)")
+            ax.set_ylabel(name)
+            ax.axhline(1.0, color="grey", lw=0.5)
+        axes[0].legend(title=f"MFU of {result.sweep[0]['mfu_phases']}", fontsize=8)
+        paths.append(_save(fig, out_dir / "sweep.png"))
+    plt.close("all")
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path

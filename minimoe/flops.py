@@ -1,0 +1,226 @@
+"""Analytic FLOPs of a ModelConfig: per component, per token, per training step.
+
+Conventions (../shared/reference/COSTSIM.md §1), stated once here and carried in every result:
+
+* One multiply-add is 2 FLOPs. fvcore counts it as 1 "flop" (it reports MACs, COSTSIM §2.4),
+  so compare fvcore's number with ours / 2.
+* Only matrix multiplies are counted, as Megatron does (§1.4). The embedding is a table lookup:
+  0 FLOPs. Norms, RoPE, softmax, SiLU, residual and bias adds are elementwise and left out
+  (each is O(d) per token against O(d^2) for the matmuls).
+* The attention core (QK^T and AV) is counted `causal` (half the s x s square, as Kaplan 2020,
+  Megatron >= 2025-03 and MaxText >= 2025-07 do) or `full` (the whole square, as PaLM, nanoGPT
+  and Chinchilla do). Both are reported: `FlopCount.attention` says which one the totals use.
+* Backward = 2 x forward for every matmul (one GEMM for the input gradient, one for the weight
+  gradient). Model FLOPs (for MFU) = forward + backward. Hardware FLOPs (for HFU and time) add
+  what recomputation runs again: `selective` recomputes the attention core forward
+  (Korthikanti et al. 2022), `full` recomputes the whole forward of every layer (the LM head
+  is not recomputed), which is Narayanan et al. 2021's 96-form versus the 72-form.
+* MoE layers count only the top-k experts a token visits (COSTSIM §1.6); the router
+  (2·d·E per token) is counted unless `include_router=False`, which is Megatron's convention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from minimoe.config import ModelConfig
+
+ATTENTION = ("causal", "full")
+RECOMPUTE = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class FlopRow:
+    """One component of the model, summed over all layers, for one token."""
+
+    component: str
+    kind: str  # "matmul" (counted), "lookup" or "elementwise" (0 FLOPs, shown for its params)
+    params: int
+    active_params: int  # what one token uses (top-k experts only)
+    forward: float  # FLOPs per token, forward pass
+    in_layers: bool  # inside the transformer blocks, i.e. recomputed by full recompute
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """FLOPs per token of a model at one sequence length, with the breakdown behind them."""
+
+    seq_len: int
+    attention: str  # "causal" or "full": which count of the attention core the totals use
+    recompute: str
+    rows: list[FlopRow]
+    forward: float  # per token
+    backward: float
+    model: float  # forward + backward: the numerator of MFU
+    hardware: float  # model + recomputation: what the GPUs execute
+    attention_core_causal: float  # forward, per token, both conventions for the record
+    attention_core_full: float
+    params_total: int
+    params_active: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def six_n_active(self) -> float:
+        """The 6·N_active rule of thumb (Kaplan 2020), as a cross-check on `model`."""
+        return 6.0 * self.params_active
+
+    def per_step(self, tokens_per_step: int) -> dict[str, float]:
+        """Totals for one optimizer step of `tokens_per_step` tokens."""
+        return {name: getattr(self, name) * tokens_per_step
+                for name in ("forward", "backward", "model", "hardware")}
+
+    def to_frame(self):
+        """The breakdown as a pandas DataFrame (one row per component, plus a total)."""
+        import pandas as pd
+
+        records = [{"component": r.component, "kind": r.kind, "params": r.params,
+                    "active_params": r.active_params, "forward_GFLOP": r.forward / 1e9,
+                    "train_GFLOP": 3 * r.forward / 1e9,
+                    "share_%": 100 * r.forward / self.forward, "note": r.note}
+                   for r in self.rows]
+        records.append({"component": "total", "kind": "", "params": self.params_total,
+                        "active_params": self.params_active,
+                        "forward_GFLOP": self.forward / 1e9, "train_GFLOP": self.model / 1e9,
+                        "share_%": 100.0, "note": f"attention counted {self.attention}"})
+        return pd.DataFrame(records).set_index("component")
+
+    def summary(self) -> dict:
+        """Scalars for --json and for tests (per token, FLOPs)."""
+        return {"seq_len": self.seq_len, "attention": self.attention,
+                "recompute": self.recompute, "forward": self.forward,
+                "backward": self.backward, "model": self.model, "hardware": self.hardware,
+                "attention_core_causal": self.attention_core_causal,
+                "attention_core_full": self.attention_core_full,
+                "six_n_active": self.six_n_active, "params_total": self.params_total,
+                "params_active": self.params_active, "notes": self.notes}
+
+
+def flop_rows(cfg: ModelConfig, seq_len: int, attention: str = "causal",
+              include_router: bool = True) -> list[FlopRow]:
+    """Per-component forward FLOPs per token (summed over layers) and parameters."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention={attention!r}: must be one of {', '.join(ATTENTION)}")
+    if not isinstance(seq_len, int) or seq_len <= 0:
+        raise ValueError(f"seq_len={seq_len!r}: must be a positive integer")
+    d, L, V = cfg.d_model, cfg.n_layers, cfg.vocab_size
+    q = cfg.n_heads * cfg.head_dim  # query width
+    kv = cfg.n_kv_heads * cfg.head_dim  # key (= value) width: GQA shrinks K and V only
+    n_moe = cfg.n_moe_layers
+    n_dense = L - n_moe
+    E, k = cfg.n_experts, cfg.top_k
+    counts = cfg.param_counts()
+
+    # QK^T and AV: each 2·s·q FLOPs per query token over the full square; causal keeps half
+    # (Megatron's "/2 causal mask"; the exact count would be (s+1)/(2s) of the square)
+    core_full = 2 * (2 * seq_len * q)
+    core = core_full / 2 if attention == "causal" else core_full
+    expert = 3 * d * cfg.moe_d_ffn
+    rows = [
+        FlopRow("embedding", "lookup", counts["embedding"], counts["embedding"], 0.0, False,
+                "table lookup: 0 FLOPs"),
+        FlopRow("attn_qkv", "matmul", L * (d * (q + 2 * kv) + (q + 2 * kv) * cfg.qkv_bias),
+                L * (d * (q + 2 * kv) + (q + 2 * kv) * cfg.qkv_bias),
+                L * 2.0 * d * (q + 2 * kv), True,
+                "GQA: K,V are n_kv_heads wide" + ("; bias add not counted" if cfg.qkv_bias else "")),
+        FlopRow("attn_core", "matmul", 0, 0, L * core, True,
+                f"QK^T + AV, {attention} ({'s/2' if attention == 'causal' else 's'} keys/query)"),
+        FlopRow("attn_out", "matmul", L * q * d, L * q * d, L * 2.0 * q * d, True),
+        FlopRow("mlp", "matmul", counts["mlp"], counts["mlp"],
+                n_dense * 2.0 * 3 * d * cfg.d_ffn, True, "SwiGLU: gate, up, down"),
+        FlopRow("router", "matmul" if include_router else "elementwise", counts["router"],
+                counts["router"], n_moe * 2.0 * d * E if include_router else 0.0, True,
+                "2·d·E per token" if include_router else "not counted (Megatron convention)"),
+        FlopRow("experts", "matmul", counts["experts"], n_moe * k * expert,
+                n_moe * k * 2.0 * expert, True, f"top-{k} of {E} experts" if E else ""),
+        FlopRow("shared_experts", "matmul", counts["shared_experts"], counts["shared_experts"],
+                n_moe * 2.0 * 3 * d * cfg.shared_d_ffn, True),
+        FlopRow("norms", "elementwise", counts["norms"], counts["norms"], 0.0, True,
+                "RMSNorm: elementwise, not counted"),
+        FlopRow("lm_head", "matmul", counts["lm_head"], counts["lm_head"], 2.0 * d * V, False,
+                "tied to embedding" if cfg.tie_embeddings else ""),
+    ]
+    return [r for r in rows if r.params or r.forward or r.component in ("attn_core", "lm_head")]
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, attention: str = "causal",
+                    recompute: str = "none", include_router: bool = True,
+                    pad_to_capacity: bool = False) -> FlopCount:
+    """Training FLOPs per token of `cfg` at `seq_len` (default: cfg.max_seq_len).
+
+    `pad_to_capacity`: the expert GEMMs run on capacity-padded buffers (GShard/Switch style),
+    so the hardware executes capacity_factor x the expert FLOPs (COSTSIM §1.6); dropless
+    implementations (the default, and minimoe's) execute exactly the model FLOPs.
+    """
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute={recompute!r}: must be one of {', '.join(RECOMPUTE)}")
+    seq_len = cfg.max_seq_len if seq_len is None else seq_len
+    rows = flop_rows(cfg, seq_len, attention, include_router)
+    by_name = {r.component: r for r in rows}
+    forward = sum(r.forward for r in rows)
+    model = 3 * forward  # forward + 2x forward backward
+    extra = 0.0
+    if recompute == "selective":
+        extra = by_name["attn_core"].forward
+    elif recompute == "full":
+        extra = sum(r.forward for r in rows if r.in_layers)
+    notes = [f"attention core counted {attention}",
+             "one multiply-add = 2 FLOPs; fvcore reports multiply-adds",
+             "embedding lookup and elementwise ops (norms, RoPE, softmax, SiLU, bias) not counted"]
+    hardware = model + extra
+    if pad_to_capacity and cfg.capacity_factor > 0 and "experts" in by_name:
+        runs = 3 + (1 if recompute == "full" else 0)  # fwd, 2x bwd, recomputed fwd
+        hardware += (cfg.capacity_factor - 1) * runs * by_name["experts"].forward
+        notes.append(f"expert GEMMs padded to capacity factor {cfg.capacity_factor}")
+    L = cfg.n_layers
+    q = cfg.n_heads * cfg.head_dim
+    counts = cfg.param_counts()
+    return FlopCount(seq_len=seq_len, attention=attention, recompute=recompute, rows=rows,
+                     forward=forward, backward=2 * forward, model=model, hardware=hardware,
+                     attention_core_causal=L * 2.0 * seq_len * q,
+                     attention_core_full=L * 4.0 * seq_len * q,
+                     params_total=counts["total"], params_active=counts["active"], notes=notes)
+
+
+def megatron_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Megatron-LM HEAD's `num_floating_point_operations` / tokens (COSTSIM §1.4), for checks.
+
+    Written independently of `flop_rows`, term for term as Megatron writes it: factor 6 on
+    every GEMM, SwiGLU factor 3, causal-halved attention core, no router, no embedding.
+    """
+    h, L, hd = cfg.d_model, cfg.n_layers, cfg.head_dim
+    q, kv = hd * cfg.n_heads, hd * cfg.n_kv_heads
+    n_moe = cfg.n_moe_layers
+    mlp = 3 * cfg.d_ffn * (L - n_moe) + 3 * cfg.moe_d_ffn * cfg.top_k * n_moe \
+        + 3 * cfg.shared_d_ffn * n_moe
+    attn_linear = 6 * (h * (q + kv + kv) + q * h)
+    attn_core = 6 * q / 2 * 2  # per unit of seq_len: "/2 causal mask", "*2 QK^T and (QK^T)V"
+    return 6 * h * mlp + attn_linear * L + 6 * h * cfg.vocab_size + seq_len * attn_core * L
+
+
+def flops_report(cfg: ModelConfig, name: str, seq_len: int | None = None,
+                 attention: str = "causal", recompute: str = "none",
+                 as_json: bool = False) -> str:
+    """The text `minimoe flops` prints: the component table and the totals per token."""
+    count = flops_per_token(cfg, seq_len, attention=attention, recompute=recompute)
+    if as_json:
+        import json
+
+        rows = [r.__dict__ for r in count.rows]
+        return json.dumps({"preset": name, **count.summary(), "rows": rows}, indent=2)
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 20,
+                           "display.float_format", "{:,.3f}".format):
+        table = count.to_frame().to_string(
+            formatters={"params": "{:,}".format, "active_params": "{:,}".format})
+    lines = [f"{name}: FLOPs per token at seq_len {count.seq_len} "
+             f"(attention core counted {attention}; multiply-add = 2 FLOPs)", "", table, "",
+             f"forward {count.forward / 1e9:,.2f} GFLOP, backward {count.backward / 1e9:,.2f}, "
+             f"model (fwd+bwd) {count.model / 1e9:,.2f}, hardware with recompute={recompute} "
+             f"{count.hardware / 1e9:,.2f}",
+             f"attention core forward: causal {count.attention_core_causal / 1e9:,.3f}, "
+             f"full {count.attention_core_full / 1e9:,.3f} GFLOP",
+             f"6 x N_active = {count.six_n_active / 1e9:,.2f} GFLOP "
+             f"(N_active {count.params_active:,} of {count.params_total:,})"]
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""The hardware catalogue: peak compute, memory, links, power and price of a GPU, each with its source.
+
+Every number is a default you can override (`get_device("h100", price_per_hour=3.99)`, or a
+`[devices.NAME]` table in a scenario file). Sources are COSTSIM.md §3 unless a source string says
+otherwise; prices are volatile third-party figures (COSTSIM §3.3).
+
+Bandwidths are per GPU and per direction, in bytes/s: `intra_node_bw` is NVLink, `inter_node_bw`
+the GPU's share of the network (one NIC per GPU on HGX/DGX nodes, COSTSIM §3.1). A link delivers
+`*_eff` of its peak in a collective: 0.65 for NVLink and 0.9 for InfiniBand are Calculon's
+`systems/h100_80g_nvl8.json` efficiencies (COSTSIM §2.5).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+GB = 1e9
+TFLOPS = 1e12
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    peak_flops: float  # dense BF16 tensor-core FLOP/s (no 2:4 sparsity)
+    hbm_bytes: float
+    hbm_bw: float  # bytes/s
+    intra_node_bw: float  # NVLink, bytes/s per GPU per direction
+    inter_node_bw: float  # network, bytes/s per GPU per direction
+    power_w: float  # board power (TDP), watts
+    price_per_hour: float  # $ per GPU-hour
+    gpus_per_node: int = 8
+    intra_node_eff: float = 0.65
+    inter_node_eff: float = 0.9
+    sources: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        for name in ("peak_flops", "hbm_bytes", "hbm_bw", "intra_node_bw", "inter_node_bw",
+                     "power_w", "gpus_per_node"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"device {self.name}.{name}={getattr(self, name)!r}: "
+                                 "must be positive")
+        if self.price_per_hour < 0:
+            raise ValueError(f"device {self.name}.price_per_hour={self.price_per_hour!r}: "
+                             "must be >= 0")
+        for name in ("intra_node_eff", "inter_node_eff"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"device {self.name}.{name}={getattr(self, name)!r}: "
+                                 "must be in (0, 1]")
+
+    def replace(self, **changes) -> "Device":
+        sources = dict(self.sources)
+        for key in changes:
+            sources[key] = "user override"
+        return dataclasses.replace(self, sources=sources, **changes)
+
+    def table(self) -> list[dict]:
+        """Each figure with its source, for printing."""
+        return [{"field": f.name, "value": getattr(self, f.name),
+                 "source": self.sources.get(f.name, "")}
+                for f in dataclasses.fields(self) if f.name not in ("name", "sources")]
+
+
+_CALCULON = "Calculon systems/h100_80g_nvl8.json link efficiency (COSTSIM.md §2.5)"
+_IB_NDR = "ConnectX-7 NDR 400 Gb/s = 50 GB/s, one NIC per GPU (COSTSIM.md §3.1)"
+
+CATALOGUE: dict[str, Device] = {
+    "a100": Device(
+        "a100", 312 * TFLOPS, 80 * GB, 2039 * GB, 300 * GB, 25 * GB, 400, 1.99,
+        sources={
+            "peak_flops": "312 TFLOPS BF16 dense, NVIDIA datasheet via glennklockwood.com (COSTSIM.md §3.1)",
+            "hbm_bytes": "80 GB HBM2e (COSTSIM.md §3.1)",
+            "hbm_bw": "2,039 GB/s (COSTSIM.md §3.1)",
+            "intra_node_bw": "NVLink3 600 GB/s bidirectional = 300 per direction (COSTSIM.md §3.1)",
+            "inter_node_bw": "HDR InfiniBand 200 Gb/s = 25 GB/s per NIC, one per GPU (COSTSIM.md §3.1)",
+            "power_w": "400 W SXM TDP, NVIDIA A100 datasheet (not in COSTSIM.md)",
+            "price_per_hour": "midpoint of $1.49-2.49 tier-2 clouds, pricegpu.pages.dev early 2026 (COSTSIM.md §3.3)",
+            "intra_node_eff": _CALCULON, "inter_node_eff": _CALCULON}),
+    "h100": Device(
+        "h100", 989.4 * TFLOPS, 80 * GB, 3350 * GB, 450 * GB, 50 * GB, 700, 2.49,
+        sources={
+            "peak_flops": "989.4 TFLOPS BF16 dense, glennklockwood.com/garden/processors/h100 (COSTSIM.md §3.1)",
+            "hbm_bytes": "80 GB HBM3 (COSTSIM.md §3.1)",
+            "hbm_bw": "3.35 TB/s (COSTSIM.md §3.1)",
+            "intra_node_bw": "NVLink4 900 GB/s bidirectional = 450 per direction (COSTSIM.md §3.1)",
+            "inter_node_bw": _IB_NDR,
+            "power_w": "700 W SXM TDP, NVIDIA H100 datasheet (not in COSTSIM.md)",
+            "price_per_hour": "$2.49 Lambda on-demand via computespec; tier-2 range $2.49-3.99 (COSTSIM.md §3.3)",
+            "intra_node_eff": _CALCULON, "inter_node_eff": _CALCULON}),
+    "h800": Device(
+        "h800", 989.4 * TFLOPS, 80 * GB, 3350 * GB, 160 * GB, 50 * GB, 700, 2.00,
+        intra_node_eff=1.0,
+        sources={
+            "peak_flops": "same GH100 compute as H100 (COSTSIM.md §3.1)",
+            "hbm_bytes": "same as H100 (COSTSIM.md §3.1)", "hbm_bw": "same as H100 (COSTSIM.md §3.1)",
+            "intra_node_bw": "~160 GB/s achieved NVLink maximum, DeepSeek-V3 report and DeepEP docs (COSTSIM.md §3.1)",
+            "inter_node_bw": _IB_NDR,
+            "power_w": "assumed equal to H100 SXM (not in COSTSIM.md)",
+            "price_per_hour": "$2 per H800 GPU-hour, DeepSeek-V3's rental assumption, arXiv 2412.19437 (COSTSIM.md §3.3)",
+            "intra_node_eff": "1.0: the 160 GB/s is already an achieved figure",
+            "inter_node_eff": _CALCULON}),
+    "h200": Device(
+        "h200", 989.4 * TFLOPS, 141 * GB, 4800 * GB, 450 * GB, 50 * GB, 700, 3.50,
+        sources={
+            "peak_flops": "same GH100 die as H100 (not in COSTSIM.md; NVIDIA H200 product page)",
+            "hbm_bytes": "141 GB HBM3e (not in COSTSIM.md; NVIDIA H200 product page)",
+            "hbm_bw": "4.8 TB/s (not in COSTSIM.md; NVIDIA H200 product page)",
+            "intra_node_bw": "NVLink4 900 GB/s bidirectional, as H100",
+            "inter_node_bw": _IB_NDR,
+            "power_w": "700 W SXM (not in COSTSIM.md; NVIDIA H200 product page)",
+            "price_per_hour": "placeholder, no verified price: override it",
+            "intra_node_eff": _CALCULON, "inter_node_eff": _CALCULON}),
+    "b200": Device(
+        "b200", 2250 * TFLOPS, 192 * GB, 8000 * GB, 900 * GB, 50 * GB, 1000, 5.00,
+        sources={
+            "peak_flops": "2,250 TFLOPS BF16 dense, HGX B200 at 1,000 W, glennklockwood.com/garden/processors/B200 (not in COSTSIM.md)",
+            "hbm_bytes": "192 GB HBM3e, glennklockwood.com/garden/processors/B200 (HGX boards expose ~180 GB)",
+            "hbm_bw": "8 TB/s, glennklockwood.com/garden/processors/B200",
+            "intra_node_bw": "NVLink5 1.8 TB/s bidirectional = 900 per direction, glennklockwood.com",
+            "inter_node_bw": _IB_NDR,
+            "power_w": "1,000 W maximum, glennklockwood.com/garden/processors/B200",
+            "price_per_hour": "placeholder, no verified price: override it",
+            "intra_node_eff": _CALCULON, "inter_node_eff": _CALCULON}),
+}
+ALIASES = {"a100-80gb": "a100", "a100-sxm-80gb": "a100", "h100-sxm": "h100",
+           "h100-sxm-80gb": "h100", "h800-sxm": "h800", "h200-sxm": "h200"}
+
+# What a scenario file may set for a device, and the unit it is written in there.
+DEVICE_KEYS = {"peak_tflops": ("peak_flops", TFLOPS), "hbm_gb": ("hbm_bytes", GB),
+               "hbm_bw_gbs": ("hbm_bw", GB), "intra_node_bw_gbs": ("intra_node_bw", GB),
+               "inter_node_bw_gbs": ("inter_node_bw", GB), "power_w": ("power_w", 1),
+               "price_per_hour": ("price_per_hour", 1), "gpus_per_node": ("gpus_per_node", 1),
+               "intra_node_eff": ("intra_node_eff", 1), "inter_node_eff": ("inter_node_eff", 1)}
+
+
+def get_device(name: str, catalogue: dict[str, Device] | None = None, **overrides) -> Device:
+    """A catalogue device by name (case-insensitive), with optional field overrides."""
+    catalogue = CATALOGUE if catalogue is None else catalogue
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in catalogue:
+        raise ValueError(f"gpu={name!r}: unknown; choose one of {', '.join(catalogue)}")
+    device = catalogue[key]
+    return device.replace(**overrides) if overrides else device
+
+
+def device_from_table(name: str, table: dict, where: str,
+                      catalogue: dict[str, Device] | None = None) -> Device:
+    """A device from a scenario table: `base = "h100"` plus overrides, or every field given.
+
+    Keys are in human units (see DEVICE_KEYS); `where` is the key path used in error messages.
+    """
+    table = dict(table)
+    base = table.pop("base", None)
+    for key in table:
+        if key not in DEVICE_KEYS:
+            raise ValueError(f"{where}.{key}: unknown key; allowed: base, {', '.join(DEVICE_KEYS)}")
+    values = {}
+    for key, value in table.items():
+        attr, unit = DEVICE_KEYS[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}.{key}={value!r}: must be a number")
+        values[attr] = value * unit
+    try:
+        if base is not None:
+            return get_device(base, catalogue).replace(name=name, **values)
+        missing = [k for k in ("peak_tflops", "hbm_gb", "hbm_bw_gbs", "intra_node_bw_gbs",
+                               "inter_node_bw_gbs", "power_w", "price_per_hour")
+                   if DEVICE_KEYS[k][0] not in values]
+        if missing:
+            raise ValueError(f"{where}.{missing[0]}: missing (or give base = \"h100\")")
+        return Device(name=name, sources={k: "scenario file" for k in values}, **values)
+    except ValueError as err:
+        if str(err).startswith(where):
+            raise
+        raise ValueError(f"{where}: {err}") from None
