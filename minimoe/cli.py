@@ -113,7 +113,8 @@ def _add_scale_up(sub):
 
     p = sub.add_parser("scale-up", help="grow a run's model wider and deeper (FPI, AKI, AKI-Pro)")
     p.add_argument("--from", dest="src", required=True, metavar="RUN", help="the source run")
-    p.add_argument("--to", required=True, metavar="PRESET", help="target shape (see `minimoe info`)")
+    p.add_argument("--to", required=True, metavar="PRESET",
+                   help="target shape (see `minimoe info`)")
     p.add_argument("--method", choices=METHODS, default="aki-pro")
     p.add_argument("--depth", choices=DEPTHS, help="default: interpolate for aki-pro, else stack")
     p.add_argument("--mapping", choices=MAPPINGS, default="cyclic")
@@ -141,11 +142,71 @@ def _run_scale_up(args):
     before, after = (validation_loss(m, meta["data"]) if "data" in meta else None
                      for m in (model, grown))
     ckpt.save_model(out, grown, {"stage": "scale-up", "method": args.method, "target": args.to,
-                                 "data": meta.get("data"), "init_from": str(Path(args.src).resolve())})
-    ckpt.write_json_atomic(out / "growth.json", growth_report(plan, before, after))
+                                 "data": meta.get("data"),
+                                 "init_from": str(Path(args.src).resolve())})
     loss = f"; val loss {before['val_loss']:.3f} -> {after['val_loss']:.3f}" if before else ""
-    print(f"{out}: {plan.source.param_counts()['total']:,} -> {plan.target.param_counts()['total']:,} "
-          f"parameters ({args.method}, depth {plan.depth}){loss}; report {out / 'growth.json'}")
+    report = growth_report(plan, before, after)
+    ckpt.write_json_atomic(out / "growth.json", report)
+    print(f"{out}: {report['source_params']:,} -> {report['target_params']:,} parameters "
+          f"({args.method}, depth {plan.depth}){loss}; report {out / 'growth.json'}")
+
+
+# --- scale-out --------------------------------------------------------------------------
+def _add_scale_out(sub):
+    from minimoe.upcycle import LAYER_CHOICES, SCALE_OUT_METHODS
+
+    p = sub.add_parser("scale-out", help="turn a dense run's model into an MoE (upcycle or split)")
+    p.add_argument("--from", dest="src", required=True, metavar="RUN", help="the dense run")
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--method", choices=SCALE_OUT_METHODS, default="upcycle",
+                   help="upcycle: copies of the MLP (AquilaMoE); split-*: LLaMA-MoE's partitions")
+    p.add_argument("--layers", choices=list(LAYER_CHOICES), default="all",
+                   help="MLPs to convert: all (AquilaMoE) or every-other (Sparse Upcycling)")
+    p.add_argument("--router-std", type=float, default=0.02)
+    p.add_argument("--router-init", choices=["std", "variance"], default="std",
+                   help="variance: read --router-std as a variance (the paper's wording)")
+    p.add_argument("--scale", type=float, help="split-*: expert output scale (default experts/top-k)")
+    p.add_argument("--calib-batches", type=int, default=8,
+                   help="split-importance*: batches (8 x 128 tokens) of the run's training data")
+    p.add_argument("--seed", type=int, default=0, help="router init and random/cluster splits")
+    p.add_argument("--out", required=True, help="run folder for the MoE model")
+
+
+def _run_scale_out(args):
+    from pathlib import Path
+
+    from minimoe import checkpoint as ckpt
+    from minimoe.stages import load_run_data, validation_loss
+    from minimoe.upcycle import scale_out
+
+    out = Path(args.out)
+    if (out / "model.safetensors").exists():
+        raise ValueError(f"--out={out}: already holds a model; choose another folder")
+    dense, meta = ckpt.load_model(args.src)
+    options = dict(layers=args.layers, router_std=args.router_std, router_init=args.router_init)
+    if args.scale is not None:
+        if args.method == "upcycle":
+            raise ValueError("--scale: only the split-* methods scale expert outputs")
+        options["scale"] = args.scale
+    calib = None
+    if args.method.startswith("split-importance"):
+        if "data" not in meta:
+            raise ValueError(f"--from={args.src}: its run.json names no data to calibrate on")
+        data, _ = load_run_data(meta["data"])
+        seq_len = min(128, dense.cfg.max_seq_len)
+        calib = [data.train_batch(step, 8, seq_len, seed=args.seed)
+                 for step in range(args.calib_batches)]
+    moe = scale_out(dense, args.method, args.experts, args.top_k, calib, args.seed, **options)
+    before, after = (validation_loss(m, meta["data"]) if "data" in meta else None
+                     for m in (dense, moe))
+    ckpt.save_model(out, moe, {"stage": "scale-out", "method": args.method, "experts": args.experts,
+                               "top_k": args.top_k, "data": meta.get("data"),
+                               "init_from": str(Path(args.src).resolve())})
+    counts = moe.cfg.param_counts()
+    loss = f"; val loss {before['val_loss']:.3f} -> {after['val_loss']:.3f}" if before else ""
+    print(f"{out}: {dense.cfg.param_counts()['total']:,} -> {counts['total']:,} parameters "
+          f"({counts['active']:,} active; {args.method}, {args.experts} experts, top-{args.top_k}){loss}")
 
 
 # --- flops, simulate, plan: the cost side (flops.py, scenario.py, plan.py) --------------
@@ -209,6 +270,29 @@ def _run_plan(args):
     print(plan_report(search, args.preset, tokens, as_json=args.json))
 
 
+# --- experiment -------------------------------------------------------------------------
+def _add_experiment(sub):
+    p = sub.add_parser("experiment", help="the paper's validation experiments at toy scale")
+    p.add_argument("name", choices=["scale-up", "scale-out"],
+                   help="scale-up: Table 1 (initialisations); scale-out: dense vs upcycled vs split")
+    p.add_argument("--out", required=True, help="experiment folder (finished runs are kept)")
+    p.add_argument("--quick", action="store_true", help="tiny models, under 2 minutes")
+    p.add_argument("--dense-run", metavar="RUN", help="scale-out: start from this grown dense run")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _run_experiment(args):
+    from minimoe import experiments as ex
+
+    ec = ex.QUICK if args.quick else ex.ExperimentConfig()
+    if args.name == "scale-up":
+        ex.scale_up_experiment(args.out, ec, progress=not args.no_progress)
+    else:
+        ex.scale_out_experiment(args.out, ec, progress=not args.no_progress, dense_run=args.dense_run)
+    print(f"{args.out}/{args.name}.md")
+    print(open(f"{args.out}/{args.name}.md", encoding="utf-8").read().split("\n![")[0])
+
+
 # --- bench ------------------------------------------------------------------------------
 def _add_bench(sub):
     from minimoe.bench import BENCHES
@@ -224,7 +308,7 @@ def _run_bench(args):
     BENCHES[args.name](args)
 
 
-COMMANDS = ["info", "pretrain", "pipeline", "scale-up", "bench", "flops", "simulate", "plan"]
+COMMANDS = ["info", "pretrain", "pipeline", "experiment", "scale-up", "scale-out", "bench", "flops", "simulate", "plan"]
 
 
 def build_parser() -> argparse.ArgumentParser:

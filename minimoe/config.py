@@ -168,10 +168,12 @@ PRESETS: dict[str, ModelConfig] = {
                              n_kv_heads=2, d_ffn=704, max_seq_len=256),
     "toy-moe": ModelConfig(vocab_size=2048, n_layers=6, d_model=256, n_heads=8,
                            n_kv_heads=2, d_ffn=704, max_seq_len=256, **_MOE_8x2),
-    # The scale-up validation source, M(24, 2048) "1.3B" ([P] §3.2.1). The paper gives
-    # only layers and width; FFN, heads and context are taken from the 1.8B column of
-    # Table 3, which has the same M(24, 2048) shape (so with vocab 151851 it counts 1.84B).
-    "aquila-1.3b": ModelConfig(n_layers=24, d_model=2048, n_heads=32, n_kv_heads=32,
+    # The scale-up validation source, M(24, 2048) "1.3B" ([P] §3.2.1). The paper gives only
+    # layers and width; FFN and context are taken from the 1.8B column of Table 3, which has
+    # the same M(24, 2048) shape (so with vocab 151851 it counts 1.84B). Heads: bert2BERT
+    # treats a head as a neuron and keeps the head width, so growing into aquila-7b (heads of
+    # 128) needs heads of 128 here: 16 heads (the 1.8B's 32 heads of 64 could not grow into it).
+    "aquila-1.3b": ModelConfig(n_layers=24, d_model=2048, n_heads=16, n_kv_heads=16,
                                d_ffn=5504, max_seq_len=2048, **_AQUILA),
     # Table 3, column 1.8B (the scale-out validation source) and its 8x1.8B MoE.
     "aquila-1.8b": ModelConfig(n_layers=24, d_model=2048, n_heads=32, n_kv_heads=32,

@@ -1,0 +1,343 @@
+"""Scale-Up: grow a trained dense model wider and deeper (AquilaMoE §2.2, arXiv 2408.06567).
+
+Width follows bert2BERT (Chen et al. 2022). Every neuron of the target copies a source neuron
+chosen by a map g, and every weight that *reads* a copied neuron is divided by that neuron's
+copy count C (the original included), so every pre-activation is unchanged (bert2BERT eqs. 7-8,
+METHOD.md §5.1). In nn.Linear's (out, in) layout:
+
+    U[j, i] = W[g_out(j), g_in(i)] / C[g_in(i)]
+
+The neurons are the d_model features of the residual stream, the d_ffn features of each MLP,
+and whole attention heads ("each attention head should be seen as a neuron", [P] §2.2; the head
+dimension never changes, so RoPE, which rotates inside a head, is untouched).
+
+  fpi      copies within the layer. The grown model computes the source's function, exactly
+           when d_model grows by an integer multiple and every feature is copied equally often;
+           otherwise RMSNorm's mean over the wider vector differs ([P] Table 2: 1.85 -> 1.96 for
+           4096 -> 5120), and nothing else does (tests/test_grow.py checks both).
+  aki      fills the *new* output neurons of layer l from layer l+1 (bert2BERT's AKI, METHOD.md
+           §5.2), which breaks FPI's symmetry: copies that start equal stay equal in training.
+           The top layer has no layer above, so it uses FPI: our choice, the paper is silent;
+           the zxhcelestes/bert2BERT port does the same ("the last layer can only use FPI").
+  aki-pro  AKI with interpolated depth (below) and grouped-query attention ([P] §2.2.1): the KV
+           heads stay, and each group grows its query heads like a separate multi-head block,
+           so a new query head copies (FPI) or takes from layer l+1 (AKI) a head of its group.
+           We apply the same group rule under fpi and aki, which have no GQA rule of their own.
+           Multi-head on both sides is plain bert2BERT: K and V heads are copied with their
+           query heads. Other changes of the group count are refused, as in the paper, unless
+           kv="mean-pool" (GQA uptraining, Ainslie et al. 2023: a KV head averages source heads).
+
+Depth picks, for every target layer l, a widened source layer (METHOD.md §5.5):
+
+  stack        W'_l = W_(l mod L1)              bert2BERT / StackBERT; the fpi and aki default
+  interpolate  W'_l = W_floor(l * L1 / L2)      Apollo, [P] eq. 3; the aki-pro default
+  identity     interpolate, and zero o_proj and down_proj of every duplicate, so a new layer
+               adds nothing to the residual stream and the function is kept (LLaMA-Pro; beyond
+               the paper)
+
+`plan_growth` draws the maps once; `grow_tensor` builds one target tensor from the few source
+tensors it needs, read from any `name -> tensor` mapping (a state dict, or a lazily read
+`stream.SafetensorsSource`), which is how `grow_checkpoint` grows a 7B model in a few GB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from minimoe.config import ModelConfig
+from minimoe.model import Transformer, build_model
+
+METHODS = ("fpi", "aki", "aki-pro")
+DEPTHS = ("stack", "interpolate", "identity")
+MAPPINGS = ("cyclic", "random")
+KV_OPTIONS = ("keep", "mean-pool")
+
+
+@dataclass(frozen=True)
+class GrowthPlan:
+    """The options and every map of one growth. A map lists, for each target index, the
+    source index it copies. Old neurons keep their place (for query heads: their place within
+    the KV group), so the first copy of a source neuron is the original."""
+
+    source: ModelConfig
+    target: ModelConfig
+    method: str
+    depth: str
+    mapping: str
+    seed: int
+    kv: str
+    d_model_map: tuple[int, ...]   # residual-stream feature j copies source feature g(j)
+    d_ffn_map: tuple[int, ...]     # MLP feature
+    head_map: tuple[int, ...]      # query head
+    kv_head_map: tuple[int, ...]   # KV head (of the pooled source heads when kv_pool > 1)
+    kv_pool: int                   # mean-pool: each pooled KV head averages this many source heads
+    layer_map: tuple[int, ...]     # target layer l is built from source layer layer_map[l]
+    zeroed_layers: tuple[int, ...]  # identity depth: layers whose o_proj and down_proj are zero
+
+    def to_dict(self) -> dict:
+        """JSON-ready, for the growth report."""
+        out = dataclasses.asdict(self)
+        out["source"], out["target"] = self.source.to_dict(), self.target.to_dict()
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @functools.cached_property
+    def axes(self) -> dict[str, "_Axis"]:
+        """The width maps as index tensors, built once per plan."""
+        hd = self.source.head_dim
+        return {"d_model": _Axis.of(self.d_model_map), "d_ffn": _Axis.of(self.d_ffn_map),
+                "heads": _Axis.of(self.head_map, hd), "kv_heads": _Axis.of(self.kv_head_map, hd)}
+
+
+# --- the maps ------------------------------------------------------------------------------
+def neuron_map(n_source: int, n_target: int, mapping: str, generator: torch.Generator) -> list[int]:
+    """g for one dimension: old neurons keep their place; each new one copies a source neuron,
+    left to right ("cyclic", [P] Fig. 1: j copies j mod n_source) or uniformly at random
+    (bert2BERT's f)."""
+    if mapping == "cyclic":
+        return [j % n_source for j in range(n_target)]
+    new = torch.randint(n_source, (n_target - n_source,), generator=generator).tolist()
+    return list(range(n_source)) + new
+
+
+def depth_map(n_source: int, n_target: int, depth: str) -> list[int]:
+    if depth == "stack":
+        return [l % n_source for l in range(n_target)]
+    return [l * n_source // n_target for l in range(n_target)]  # interpolate and identity
+
+
+def is_new(g) -> list[bool]:
+    """True where g(j) was already copied at an earlier j: the neurons AKI takes from above."""
+    seen, new = set(), []
+    for source in g:
+        new.append(source in seen)
+        seen.add(source)
+    return new
+
+
+def plan_growth(source: ModelConfig, target: ModelConfig, method: str = "fpi",
+                depth: str | None = None, mapping: str = "cyclic", seed: int = 0,
+                kv: str = "keep") -> GrowthPlan:
+    """Check the request and draw every map; `depth=None` means the method's default."""
+    depth = depth or ("interpolate" if method == "aki-pro" else "stack")
+    _check(source, target, method, depth, mapping, kv)
+    generator = torch.Generator().manual_seed(seed)
+    d_model_map = neuron_map(source.d_model, target.d_model, mapping, generator)
+    d_ffn_map = neuron_map(source.d_ffn, target.d_ffn, mapping, generator)
+
+    kv_s, kv_t = source.n_kv_heads, target.n_kv_heads
+    if kv_s != kv_t and kv_s == source.n_heads and kv_t == target.n_heads:
+        # multi-head on both sides: plain bert2BERT, a K and V head travel with their query head
+        head_map = neuron_map(source.n_heads, target.n_heads, mapping, generator)
+        kv_head_map, kv_pool = head_map, 1
+    else:
+        # GQA ([P] §2.2.1): the groups stay; each is a multi-head block growing its own queries.
+        # With mean-pool the source is first regrouped into the target's kv_t groups.
+        kv_pool = kv_s // kv_t
+        per_group_s, per_group_t = source.n_heads // kv_t, target.n_heads // kv_t
+        head_map = []
+        for group in range(kv_t):
+            local = neuron_map(per_group_s, per_group_t, mapping, generator)
+            head_map += [group * per_group_s + h for h in local]
+        kv_head_map = list(range(kv_t))
+
+    layer_map = depth_map(source.n_layers, target.n_layers, depth)
+    zeroed = [l for l, dup in enumerate(is_new(layer_map)) if dup] if depth == "identity" else []
+    return GrowthPlan(source, target, method, depth, mapping, seed, kv,
+                      tuple(d_model_map), tuple(d_ffn_map), tuple(head_map), tuple(kv_head_map),
+                      kv_pool, tuple(layer_map), tuple(zeroed))
+
+
+def _check(source: ModelConfig, target: ModelConfig, method, depth, mapping, kv):
+    for option, value, choices in (("method", method, METHODS), ("depth", depth, DEPTHS),
+                                   ("mapping", mapping, MAPPINGS), ("kv", kv, KV_OPTIONS)):
+        if value not in choices:
+            raise ValueError(f"{option}={value!r}: must be one of {', '.join(choices)}")
+    for name, cfg in (("source", source), ("target", target)):
+        if cfg.is_moe:
+            raise ValueError(f"{name}.n_experts={cfg.n_experts}: scale-up grows dense models "
+                             "(Scale-Out upcycles afterwards)")
+        if cfg.tie_embeddings:
+            raise ValueError(f"{name}.tie_embeddings=True: scale-up needs an untied LM head "
+                             "(the embedding copies, the head divides)")
+    for field in ("vocab_size", "qkv_bias", "rope_theta"):
+        if getattr(target, field) != getattr(source, field):
+            raise ValueError(f"target.{field}={getattr(target, field)!r}: must equal "
+                             f"source {field}={getattr(source, field)!r}")
+    for field in ("n_layers", "d_model", "n_heads", "d_ffn"):
+        if getattr(target, field) < getattr(source, field):
+            raise ValueError(f"target.{field}={getattr(target, field)}: must be >= "
+                             f"source {field}={getattr(source, field)}")
+    if target.head_dim != source.head_dim:
+        raise ValueError(f"target.head_dim={target.head_dim} (d_model/n_heads): must equal source "
+                         f"head_dim={source.head_dim}; a head is one neuron and keeps its size")
+    kv_s, kv_t = source.n_kv_heads, target.n_kv_heads
+    mha = kv_s == source.n_heads and kv_t == target.n_heads
+    if kv_s == kv_t or mha:
+        return
+    if kv != "mean-pool":
+        raise ValueError(f"target.n_kv_heads={kv_t}: must equal source n_kv_heads={kv_s} "
+                         "(AKI-Pro keeps the KV groups); kv='mean-pool' averages KV heads instead")
+    if kv_t > kv_s or kv_s % kv_t:
+        raise ValueError(f"target.n_kv_heads={kv_t}: kv='mean-pool' needs it to divide source "
+                         f"n_kv_heads={kv_s}")
+
+
+# --- one tensor ----------------------------------------------------------------------------
+@dataclass
+class _Axis:
+    """A width map at element level: position j of the target copies position index[j]."""
+
+    index: torch.Tensor   # (n_target,) long
+    copies: torch.Tensor  # (n_target,) how often index[j] is copied; readers divide by it
+    new: torch.Tensor     # (n_target,) bool: not the first copy, so AKI takes it from above
+
+    @staticmethod
+    def of(g, size: int = 1) -> "_Axis":
+        """A neuron map g; each neuron spans `size` elements (head_dim for heads)."""
+        g = torch.tensor(g, dtype=torch.long)
+        copies = torch.bincount(g)[g].float()
+        new = torch.tensor(is_new(g.tolist()))
+        within = torch.arange(size)
+        index = (g[:, None] * size + within).flatten()
+        return _Axis(index, copies.repeat_interleave(size), new.repeat_interleave(size))
+
+
+def expand(weight: torch.Tensor, out: _Axis | None, inp: _Axis | None) -> torch.Tensor:
+    """bert2BERT's EXPN(W; g_in, g_out): copy output rows (eq. 8); copy input columns and divide
+    each by its copy count (eq. 7), so a neuron copied C times, read C times, still sums once."""
+    if out is not None:
+        weight = weight[out.index]
+    if inp is not None:
+        weight = weight[:, inp.index]
+        # in place (the indexing made a new tensor), in the weight's dtype: copy counts are
+        # small integers, exact in any float type, and bf16 / bf16 is 15x faster than mixed
+        weight.div_(inp.copies.to(weight.dtype))
+    return weight
+
+
+# which width map runs along the output (rows) and the input (columns) of each weight
+_AXES = {
+    "attn.q_proj.weight": ("heads", "d_model"), "attn.q_proj.bias": ("heads", None),
+    "attn.k_proj.weight": ("kv_heads", "d_model"), "attn.k_proj.bias": ("kv_heads", None),
+    "attn.v_proj.weight": ("kv_heads", "d_model"), "attn.v_proj.bias": ("kv_heads", None),
+    "attn.o_proj.weight": ("d_model", "heads"),
+    "mlp.gate_proj.weight": ("d_ffn", "d_model"), "mlp.up_proj.weight": ("d_ffn", "d_model"),
+    "mlp.down_proj.weight": ("d_model", "d_ffn"),
+}
+_ZEROED = ("attn.o_proj.weight", "mlp.down_proj.weight")  # identity depth: LLaMA-Pro's choice
+
+
+def source_name(plan: GrowthPlan, name: str) -> str:
+    """The source tensor that target tensor `name` is grown from (its layer via the depth map)."""
+    if not name.startswith("layers."):
+        return name
+    _, layer, rest = name.split(".", 2)
+    return f"layers.{plan.layer_map[int(layer)]}.{rest}"
+
+
+def grow_tensor(plan: GrowthPlan, name: str, source: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Target tensor `name`, built from the few tensors of `source` it needs."""
+    ax = plan.axes
+    if name == "embed.weight":  # (vocab, d_model): a token's vector is written, not read
+        return source[name][:, ax["d_model"].index]
+    if name == "lm_head.weight":  # reads the residual stream: divided
+        return expand(source[name], None, ax["d_model"])
+    if name.endswith("norm.weight"):
+        # a norm weight scales one feature; it sums nothing, so copies are not divided
+        return source[source_name(plan, name)][ax["d_model"].index]
+
+    _, layer, rest = name.split(".", 2)
+    if rest not in _AXES:
+        raise ValueError(f"{name}: not a weight of the dense decoder")
+    here = plan.layer_map[int(layer)]
+    out, inp = (ax[a] if a else None for a in _AXES[rest])
+    grown = expand(_read(plan, source, here, rest), out, inp)
+    above = here + 1
+    if plan.method != "fpi" and above < plan.source.n_layers:  # the top layer stays FPI
+        # AKI (bert2BERT; METHOD.md §5.2): U^l[j] = U^(l+1)[j] for every new output neuron j,
+        # i.e. row g(j) of the layer above, in-expanded like every other row
+        upper = _read(plan, source, above, rest)
+        grown[out.new] = expand(upper[out.index[out.new]], None, inp)
+    if int(layer) in plan.zeroed_layers and rest in _ZEROED:
+        grown.zero_()
+    return grown
+
+
+def _read(plan: GrowthPlan, source, layer: int, rest: str) -> torch.Tensor:
+    weight = source[f"layers.{layer}.{rest}"]
+    if plan.kv_pool > 1 and rest.startswith(("attn.k_proj", "attn.v_proj")):
+        # GQA uptraining (Ainslie et al. 2023): a target KV head is the mean of kv_pool
+        # consecutive source KV heads, and the query heads of those heads form its group
+        hd = plan.source.head_dim
+        weight = weight.unflatten(0, (-1, plan.kv_pool, hd)).mean(1).flatten(0, 1)
+    return weight
+
+
+# --- whole models and checkpoints ----------------------------------------------------------
+def target_specs(plan: GrowthPlan, dtype_of) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """{name: (dtype, shape)} of the target, in model order; shapes come from a model built on
+    the meta device (nothing is allocated), dtypes from `dtype_of(source name)`."""
+    shapes = build_model(plan.target, device="meta").state_dict()
+    return {name: (dtype_of(source_name(plan, name)), tuple(t.shape)) for name, t in shapes.items()}
+
+
+def grow_state_dict(plan: GrowthPlan, source: Mapping[str, torch.Tensor]
+                    ) -> dict[str, torch.Tensor]:
+    names = build_model(plan.target, device="meta").state_dict()
+    return {name: grow_tensor(plan, name, source) for name in names}
+
+
+def grow_model(plan: GrowthPlan, model: Transformer) -> Transformer:
+    state = grow_state_dict(plan, model.state_dict())
+    grown = build_model(plan.target, device="meta")  # no random init to throw away
+    grown.load_state_dict(state, assign=True)
+    return grown
+
+
+def scale_up(model: Transformer, target: ModelConfig, method: str = "fpi",
+             depth: str | None = None, mapping: str = "cyclic", seed: int = 0,
+             kv: str = "keep", return_plan: bool = False):
+    """A new Transformer of config `target` grown from `model` (which is left untouched).
+
+    `depth=None` is the method's default (interpolate for aki-pro, stack otherwise). Grow the
+    width only with `target.replace(n_layers=model.cfg.n_layers)` ([P] Table 1's M(24, 4096)).
+    With `return_plan=True` returns (model, GrowthPlan) for the growth report.
+    """
+    plan = plan_growth(model.cfg, target, method, depth, mapping, seed, kv)
+    grown = grow_model(plan, model)
+    return (grown, plan) if return_plan else grown
+
+
+def growth_report(plan: GrowthPlan, val_before: dict | None = None,
+                  val_after: dict | None = None) -> dict:
+    """What a growth did, JSON-ready: parameters, options, every map, and the validation loss
+    before and after (the numbers of [P] Tables 1 and 2)."""
+    return {"source_params": plan.source.param_counts()["total"],
+            "target_params": plan.target.param_counts()["total"],
+            "val_before": val_before, "val_after": val_after, **plan.to_dict()}
+
+
+def grow_checkpoint(src_path, src_cfg: ModelConfig, tgt_cfg: ModelConfig, out_path,
+                    **options) -> tuple[GrowthPlan, int]:
+    """Grow a .safetensors checkpoint into another, one tensor in memory at a time.
+
+    `options` are plan_growth's. Returns the plan and the bytes written.
+    """
+    from minimoe.stream import SafetensorsSource, write_safetensors
+
+    plan = plan_growth(src_cfg, tgt_cfg, **options)
+    source = SafetensorsSource(src_path)
+    for name, t in build_model(src_cfg, device="meta").state_dict().items():
+        if name not in source or source.shape(name) != tuple(t.shape):
+            found = source.shape(name) if name in source else "no such tensor"
+            raise ValueError(f"{src_path}: {name} must have shape {tuple(t.shape)} for the "
+                             f"source config, found {found}")
+    specs = target_specs(plan, source.dtype)
+    written = write_safetensors(out_path, specs, lambda name: grow_tensor(plan, name, source),
+                                metadata={"format": "pt"})
+    return plan, written
