@@ -218,9 +218,6 @@ def bench_grow(args):
     from minimoe.model import build_model
     from minimoe.stream import SafetensorsSource, write_safetensors
 
-    # bert2BERT keeps the head dimension (a head is one neuron), and aquila-7b's heads are 128
-    # wide, so the M(24, 2048) source has 16 heads here (the preset's 32 heads of 64 cannot
-    # grow into it); MHA parameters do not depend on the head count.
     source = get_preset("aquila-1.3b")
     target = get_preset("aquila-7b")
     if args.quick:

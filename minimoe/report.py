@@ -181,3 +181,32 @@ def write_pipeline_report(out: Path, settings: dict, stages: list[dict], transit
     summary = {"factors": factors, "stages": rows, "transitions": transitions}
     write_json_atomic(out / "summary.json", summary)
     return summary
+
+
+def plot_curves(curves: dict[str, list[dict]], path: Path, x: str, title: str):
+    """Validation loss of several runs against `x` ("tokens" or "flops"), one line each."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, pts in curves.items():
+        ax.plot([p[x] for p in pts], [p["val_loss"] for p in pts], marker="o", ms=3, label=label)
+    if x == "flops":  # log scale as in the paper's plot; symlog keeps a from-scratch run's 0
+        positive = [p["flops"] for pts in curves.values() for p in pts if p["flops"] > 0]
+        ax.set_xscale("symlog", linthresh=min(positive, default=1.0))
+    ax.set_xlabel("cumulative training FLOPs" if x == "flops" else x)
+    ax.set_ylabel("validation loss (nats)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    _save(fig, Path(path))
+
+
+def plot_expert_loads(loads: dict[str, list[list[float]]], path: Path):
+    """One heatmap per MoE run: tokens routed to each expert (columns) in each layer (rows)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(loads), figsize=(3.2 * len(loads), 3), squeeze=False)
+    for ax, (label, load) in zip(axes[0], loads.items()):
+        im = ax.imshow(load, aspect="auto", cmap="viridis")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+        fig.colorbar(im, ax=ax)
+    _save(fig, Path(path))
