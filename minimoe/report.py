@@ -62,11 +62,10 @@ def _save(fig, path: Path):
     tmp.replace(path)
 
 
-def _val_curve(stage: dict, tokens0: float, flops0: float):
-    """(tokens, cumulative FLOPs, val loss) points of one stage, offset by what came before."""
-    pts = [(tokens0 + r["tokens"], flops0 + r["tokens"] * stage["flops_per_token"], r["val_loss"])
-           for r in stage["log"] if "val_loss" in r]
-    return [list(col) for col in zip(*pts)]
+def _val_curve(stage: dict, tokens0: float, flops0: float) -> list[dict]:
+    """Validation points of one stage, offset by the tokens and FLOPs of the stages before."""
+    return [{"tokens": tokens0 + r["tokens"], "flops": flops0 + r["tokens"] * stage["flops_per_token"],
+             "val_loss": r["val_loss"]} for r in stage["log"] if "val_loss" in r]
 
 
 def savings_factors(chain: list[dict], scratch: dict) -> dict[str, float]:
@@ -96,44 +95,24 @@ def write_pipeline_report(out: Path, settings: dict, stages: list[dict], transit
     out.mkdir(parents=True, exist_ok=True)
     chain, scratch = stages[:-1], stages[-1]
     factors = savings_factors(chain, scratch)
-    plt = _plt()
 
     # loss against cumulative FLOPs, the paper's Figure 4 / README plot, transitions marked
     curves = {}
     tokens0 = flops0 = 0.0
-    for s in chain:
-        curves[s["stage"]] = _val_curve(s, tokens0, flops0)
-        tokens0 += s["tokens"]
-        flops0 += s["flops"]
+    for stage in chain:
+        curves[stage["stage"]] = _val_curve(stage, tokens0, flops0)
+        tokens0 += stage["tokens"]
+        flops0 += stage["flops"]
     curves["from scratch"] = _val_curve(scratch, 0.0, 0.0)
-    for x_index, (name, xlabel) in enumerate([("loss_vs_tokens.png", "tokens"),
-                                               ("loss_vs_flops.png", "cumulative training FLOPs")]):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for label, pts in curves.items():
-            style = dict(ls="--", color="gray") if label == "from scratch" else {}
-            ax.plot(pts[x_index], pts[2], marker="o", ms=3, label=label, **style)
-        for label, pts in list(curves.items())[1:-1]:
-            ax.axvline(pts[x_index][0], color="k", lw=0.6, ls=":")
-            ax.annotate(f"-> {label}", (pts[x_index][0], ax.get_ylim()[1]), fontsize=8,
-                        rotation=90, va="top", ha="right")
-        if x_index == 1:
-            ax.set_xscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("validation loss (nats)")
-        ax.set_title("EfficientScale vs training the MoE from scratch")
-        ax.legend()
-        _save(fig, out / name)
+    title = "EfficientScale vs training the MoE from scratch"
+    for x in ("tokens", "flops"):
+        marks = {f"-> {label}": pts[0][x] for label, pts in list(curves.items())[1:-1]}
+        plot_curves(curves, out / f"loss_vs_{x}.png", x, title, marks)
 
     # per-layer expert load of the final MoE (tokens per expert, last logged step)
     load = next((r["load"] for r in reversed(chain[-1]["log"]) if r.get("load")), None)
     if load:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        im = ax.imshow(load, aspect="auto", cmap="viridis")
-        ax.set_xlabel("expert")
-        ax.set_ylabel("MoE layer")
-        ax.set_title("tokens routed per expert (last step of scale-out)")
-        fig.colorbar(im, ax=ax)
-        _save(fig, out / "expert_load.png")
+        plot_expert_loads({"scale-out, last step": load}, out / "expert_load.png")
 
     rows = []
     for s in stages:
@@ -183,12 +162,18 @@ def write_pipeline_report(out: Path, settings: dict, stages: list[dict], transit
     return summary
 
 
-def plot_curves(curves: dict[str, list[dict]], path: Path, x: str, title: str):
-    """Validation loss of several runs against `x` ("tokens" or "flops"), one line each."""
+def plot_curves(curves: dict[str, list[dict]], path: Path, x: str, title: str,
+                marks: dict[str, float] | None = None):
+    """Validation loss of several runs against `x` ("tokens" or "flops"), one line each;
+    `marks` draws labelled vertical lines (the transitions between stages)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, pts in curves.items():
-        ax.plot([p[x] for p in pts], [p["val_loss"] for p in pts], marker="o", ms=3, label=label)
+        style = dict(ls="--", color="gray") if label == "from scratch" else {}
+        ax.plot([p[x] for p in pts], [p["val_loss"] for p in pts], marker="o", ms=3, label=label, **style)
+    for label, at in (marks or {}).items():
+        ax.axvline(at, color="k", lw=0.6, ls=":")
+        ax.annotate(label, (at, ax.get_ylim()[1]), fontsize=8, rotation=90, va="top", ha="right")
     if x == "flops":  # log scale as in the paper's plot; symlog keeps a from-scratch run's 0
         positive = [p["flops"] for pts in curves.values() for p in pts if p["flops"] > 0]
         ax.set_xscale("symlog", linthresh=min(positive, default=1.0))

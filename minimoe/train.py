@@ -157,6 +157,8 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
         torch.manual_seed(tc.seed)
     log_path = out_dir / "log.jsonl"
     history = _truncate_log(log_path, step)
+    if step >= tc.steps and (out_dir / "model.safetensors").exists():  # finished earlier
+        return RunResult(out_dir, step, tokens, train_time, _final_val(history), history)
     if step == 0 and not any("val_loss" in r for r in history):
         history.append(_log(log_path, {"step": 0, "tokens": 0, **evaluate(model, data, tc)}))
 
@@ -208,10 +210,13 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
     if bar is not None:
         bar.close()
     ckpt.save_tensors_atomic(out_dir / "model.safetensors", ckpt.model_tensors(model))
-    final_val = next((r for r in reversed(history) if "val_loss" in r), {})
-    final_val = {k: v for k, v in final_val.items() if k.startswith("val_")}
-    plot_losses(history, out_dir / "loss.png", title=str(meta.get("stage", out_dir.name)) if meta else out_dir.name)
-    return RunResult(out_dir, step, tokens, train_time, final_val, history)
+    plot_losses(history, out_dir / "loss.png", title=str((meta or {}).get("stage", out_dir.name)))
+    return RunResult(out_dir, step, tokens, train_time, _final_val(history), history)
+
+
+def _final_val(history: list[dict]) -> dict[str, float]:
+    last = next((r for r in reversed(history) if "val_loss" in r), {})
+    return {k: v for k, v in last.items() if k.startswith("val_")}
 
 
 def _check_same_run(out_dir: Path, run: dict):

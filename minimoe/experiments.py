@@ -1,0 +1,222 @@
+"""The paper's validation experiments at toy scale, as functions the recipes and notebooks call.
+
+scale_up_experiment   AquilaMoE Table 1 (§3.2.1): grow a pretrained small model with each
+                      initialisation, record the validation loss at initialisation (and of the
+                      width-only model M(L_small, d_large)), continue training each for the same
+                      tokens, and compare convergence (Figure 3).
+scale_out_experiment  AquilaMoE §3.2.2 and LLaMA-MoE: continue a grown dense model as dense, as an
+                      upcycled MoE, as LLaMA-MoE splits, and train the same MoE from scratch.
+
+Both write a CSV and a Markdown table, PNG plots, and `summary.json` into their folder, and skip
+the runs that are already finished when re-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minimoe import checkpoint as ckpt
+from minimoe.config import get_preset
+from minimoe.flops import flops_per_token
+from minimoe.model import build_model
+from minimoe.stages import continue_pretraining, data_spec, load_run_data, pretrain
+from minimoe.train import TrainConfig, evaluate
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    small: str = "toy-small"
+    large: str = "toy-large"
+    prep_steps: int = 300  # pretraining of the small source model
+    steps: int = 200  # continued training of every variant, the same for all
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    cpt_lr: float = 1e-3
+    vocab_size: int = 2048
+    eval_every: int = 25
+    n_experts: int = 8
+    top_k: int = 2
+    seed: int = 0
+
+    def train_config(self, steps: int, lr: float) -> TrainConfig:
+        return TrainConfig(steps=steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=lr,
+                           warmup_steps=max(1, steps // 10), eval_every=self.eval_every,
+                           ckpt_every=100, seed=self.seed)
+
+
+QUICK = ExperimentConfig(small="tiny", large="tiny-large", prep_steps=40, steps=20, batch_size=8,
+                         seq_len=64, vocab_size=512, eval_every=10)
+
+# AquilaMoE Table 1 as printed (1.3B M(24, 2048) -> 7B M(32, 4096)); "-" cells are None.
+PAPER_TABLE1 = {
+    "Original": (2.97, None),
+    "Random": (None, 12.22),
+    "FPI (Stacking)": (2.97, 4.30),
+    "FPI (Interpolation)": (2.97, 3.31),
+    "AKI (Stacking)": (None, 9.56),
+    "AKI-Pro (Interpolation)": (None, 7.81),
+}
+
+# name -> scale_up options (None: random initialisation, i.e. training from scratch)
+SCALE_UP_VARIANTS = {
+    "Random": None,
+    "FPI (Stacking)": dict(method="fpi", depth="stack"),
+    "FPI (Interpolation)": dict(method="fpi", depth="interpolate"),
+    "AKI (Stacking)": dict(method="aki", depth="stack"),
+    "AKI-Pro (Interpolation)": dict(method="aki-pro", depth="interpolate"),
+    "FPI (Identity depth)": dict(method="fpi", depth="identity"),  # beyond the paper: LLaMA-Pro
+}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def _val_points(run_dir: Path, flops0: float, per_token: float) -> list[dict]:
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [{"tokens": r["tokens"], "flops": flops0 + r["tokens"] * per_token,
+             "val_loss": r["val_loss"]} for r in log if "val_loss" in r]
+
+
+def _finish_run(init_dir: Path, run_dir: Path, model, spec: dict, ec: ExperimentConfig, meta: dict,
+                progress: bool):
+    """Save an initial model (once), then continue pretraining it for ec.steps."""
+    if not (init_dir / "model.safetensors").exists():
+        ckpt.save_model(init_dir, model, {"data": spec, **meta})
+    continue_pretraining(init_dir, run_dir, ec.train_config(ec.steps, ec.cpt_lr),
+                         stage=meta.get("stage", "continue"), progress=progress)
+
+
+def scale_up_experiment(out, ec: ExperimentConfig = ExperimentConfig(), progress: bool = True) -> dict:
+    """AquilaMoE Table 1 at toy scale. Returns the summary written to out/summary.json."""
+    from minimoe.grow import scale_up
+
+    out = Path(out)
+    spec = data_spec(None, ec.vocab_size)
+    data, tok = load_run_data(spec)
+    small_run = out / "small"
+    pretrain(get_preset(ec.small), small_run, ec.train_config(ec.prep_steps, ec.lr), spec, progress=progress)
+    small, _ = ckpt.load_model(small_run)
+    large_cfg = get_preset(ec.large).replace(vocab_size=tok.vocab_size)
+    tc = ec.train_config(1, ec.lr)
+    small_flops = flops_per_token(small.cfg, ec.seq_len).model * ckpt.read_json(
+        ckpt.latest_checkpoint(small_run) / "state.json")["tokens"]
+    large_per_token = flops_per_token(large_cfg, ec.seq_len).model
+
+    rows, curves = [], {}
+    original = evaluate(small, data, tc)["val_loss"]
+    rows.append({"method": "Original", "width only": original, "at init": None, "final": None})
+    for name, options in SCALE_UP_VARIANTS.items():
+        slug = _slug(name)
+        if options is None:  # from scratch: a fresh large model, no pretraining FLOPs to count
+            torch.manual_seed(ec.seed)
+            model, width_only, flops0 = build_model(large_cfg), None, 0.0
+        else:
+            model = scale_up(small, large_cfg, seed=ec.seed, **options)
+            wide = scale_up(small, large_cfg.replace(n_layers=small.cfg.n_layers), seed=ec.seed, **options)
+            width_only, flops0 = evaluate(wide, data, tc)["val_loss"], small_flops
+        at_init = evaluate(model, data, tc)["val_loss"]
+        _finish_run(out / f"init-{slug}", out / f"run-{slug}", model, spec, ec,
+                    {"stage": "scale-up", "variant": name, "options": options}, progress)
+        curves[name] = _val_points(out / f"run-{slug}", flops0, large_per_token)
+        rows.append({"method": name, "width only": width_only, "at init": at_init,
+                     "final": curves[name][-1]["val_loss"]})
+    for row in rows:
+        paper = PAPER_TABLE1.get(row["method"], (None, None))
+        row["paper width only"], row["paper at init"] = paper
+    settings = dataclasses.asdict(ec)
+    shapes = (f"M({small.cfg.n_layers}, {small.cfg.d_model})", f"M({small.cfg.n_layers}, {large_cfg.d_model})",
+              f"M({large_cfg.n_layers}, {large_cfg.d_model})")
+    return _write_results(out, "scale-up", rows, curves, settings, shapes)
+
+
+def scale_out_experiment(out, ec: ExperimentConfig = ExperimentConfig(), progress: bool = True,
+                         dense_run=None) -> dict:
+    """Dense vs upcycled vs LLaMA-MoE splits vs MoE from scratch, from one grown dense model.
+
+    dense_run: a finished run of the grown dense model (e.g. a pipeline's 3-scale-up); by default
+    the small model is pretrained, grown with AKI-Pro and trained for ec.steps here first.
+    """
+    from minimoe.grow import scale_up
+    from minimoe.upcycle import split, upcycle
+
+    out = Path(out)
+    if dense_run is None:
+        spec = data_spec(None, ec.vocab_size)
+        data, tok = load_run_data(spec)
+        pretrain(get_preset(ec.small), out / "small", ec.train_config(ec.prep_steps, ec.lr), spec,
+                 progress=progress)
+        small, _ = ckpt.load_model(out / "small")
+        large_cfg = get_preset(ec.large).replace(vocab_size=tok.vocab_size)
+        _finish_run(out / "grown", out / "dense", scale_up(small, large_cfg, method="aki-pro"),
+                    spec, ec, {"stage": "scale-up"}, progress)
+        dense_run = out / "dense"
+    dense, meta = ckpt.load_model(dense_run)
+    spec = meta["data"]
+    data, _ = load_run_data(spec)
+    tc = ec.train_config(1, ec.lr)
+    calib = [data.train_batch(10_000 + i, ec.batch_size, ec.seq_len, seed=ec.seed) for i in range(8)]
+    E, k = ec.n_experts, ec.top_k
+    variants = {
+        "dense (continued)": lambda: dense,
+        "upcycled": lambda: upcycle(dense, n_experts=E, top_k=k, seed=ec.seed),
+        "split-random": lambda: split(dense, E, k, method="random", seed=ec.seed),
+        "split-cluster": lambda: split(dense, E, k, method="cluster", seed=ec.seed),
+        "split-importance": lambda: split(dense, E, k, method="importance", calib=calib, seed=ec.seed),
+        "MoE from scratch": None,
+    }
+    rows, curves, loads = [], {}, {}
+    for name, make in variants.items():
+        slug = _slug(name)
+        if make is None:  # the upcycled shape, randomly initialised, trained for the same tokens
+            moe_cfg = ckpt.read_config(out / "init-upcycled")
+            pretrain(moe_cfg, out / f"run-{slug}", ec.train_config(ec.steps, ec.lr), spec, progress=progress)
+            at_init = next(p for p in _val_points(out / f"run-{slug}", 0, 0))["val_loss"]
+        else:
+            model = make()
+            at_init = evaluate(model, data, tc)["val_loss"]
+            _finish_run(out / f"init-{slug}", out / f"run-{slug}", model, spec, ec,
+                        {"stage": "scale-out", "variant": name}, progress)
+        cfg = ckpt.read_config(out / f"run-{slug}")
+        curves[name] = _val_points(out / f"run-{slug}", 0.0, flops_per_token(cfg, ec.seq_len).model)
+        log = [json.loads(line) for line in (out / f"run-{slug}" / "log.jsonl").read_text().splitlines()]
+        load = next((r["load"] for r in reversed(log) if r.get("load")), None)
+        if load:
+            loads[name] = load
+        counts = cfg.param_counts()
+        rows.append({"method": name, "params (total)": counts["total"], "params (active)": counts["active"],
+                     "at init": at_init, "final": curves[name][-1]["val_loss"]})
+    return _write_results(out, "scale-out", rows, curves, dataclasses.asdict(ec), None, loads)
+
+
+def _write_results(out: Path, kind: str, rows, curves, settings, shapes=None, loads=None) -> dict:
+    import pandas as pd
+
+    from minimoe.report import plot_curves, plot_expert_loads
+
+    table = pd.DataFrame(rows)
+    if shapes:  # name the loss columns by model shape, as the paper's Table 1 does
+        small, wide, large = shapes
+        table = table.rename(columns={"width only": f"{wide} (width only)", "at init": f"{large} at init",
+                                      "final": f"{large} after training",
+                                      "paper width only": "paper M(24, 4096)", "paper at init": "paper M(32, 4096)"})
+    table.to_csv(out / f"{kind}.csv", index=False)
+    shown = table.astype(object).where(table.notna(), None)  # empty cells print as "-"
+    md = [f"# {kind} experiment", "", shown.to_markdown(index=False, floatfmt=".3f", missingval="-"), ""]
+    plot_curves(curves, out / "loss_vs_tokens.png", "tokens", f"{kind}: validation loss")
+    plot_curves(curves, out / "loss_vs_flops.png", "flops", f"{kind}: validation loss vs cumulative FLOPs")
+    md += ["![loss vs tokens](loss_vs_tokens.png)", "", "![loss vs FLOPs](loss_vs_flops.png)", ""]
+    if loads:
+        plot_expert_loads(loads, out / "expert_load.png")
+        md += ["![expert load](expert_load.png)", ""]
+    md += ["Settings:", "", "```json", json.dumps(settings, indent=2), "```", ""]
+    ckpt.write_text_atomic(out / f"{kind}.md", "\n".join(md))
+    summary = {"rows": rows, "curves": curves, "settings": settings}
+    ckpt.write_json_atomic(out / "summary.json", summary)
+    return summary

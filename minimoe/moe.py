@@ -1,0 +1,326 @@
+"""The Mixture-of-Experts layer that takes the MLP slot of a Block on Scale-Out.
+
+A router scores each token against E experts, each token goes to its top-k experts, and the
+layer returns the gate-weighted sum of those experts' SwiGLU outputs (AquilaMoE: E=8, k=2,
+[P] §2.3). Options cover the peers this project compares with (../shared/reference/PEERS.md):
+
+  gate="softmax-topk"  softmax over E, keep the top k, renormalise them to sum 1
+                       (Mixtral, AquilaMoE's Hugging Face model, Megatron `pre_softmax`)
+  gate="topk-softmax"  top k of the logits, softmax over those k (LLaMA-MoE, Megatron default)
+  router_noise         noisy top-k gating (Shazeer 2017, as in LLaMA-MoE), training only
+  capacity_factor      >0: each expert takes at most ceil(cf * T * k / E) token-expert pairs
+                       and drops the rest (Switch/Megatron); 0 = dropless (AquilaMoE, Mixtral)
+  expert_scale         multiplies the routed output (LLaMA-MoE's score_scale_factor)
+  shared_d_ffn         >0: an always-on dense expert added to the routed output (LLaMA-MoE's
+                       residual block)
+
+Tensors in the routing code are named by shape: T tokens, D model dim, E experts, K = top_k,
+F expert width, S = token-expert pairs (T * K before any dropping).
+
+Expert weights are stored stacked, one parameter per projection, in the `x @ W` layout:
+  w_gate_EDF, w_up_EDF (E, D, F) and w_down_EFD (E, F, D).
+Stacked, because one tensor per projection is what a grouped matmul takes (and what
+Mixtral's fused `experts.gate_up_proj` / `experts.down_proj` are, up to a transpose); the
+(in, out) layout because `torch.nn.functional.grouped_mm(x_SD, w_EDF, offs)` wants exactly
+that, so neither direction of the pass transposes a weight.
+
+Every forward keeps, per layer, the raw (uncoefficiented) auxiliary losses in `self.aux` and
+the routing statistics in `self.load_E` / `self.dropped_E`; `aux_losses(model)`,
+`expert_load(model)` and `AuxLossConfig.total(model, logits)` collect them over layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minimoe.config import ModelConfig
+from minimoe.model import MLP
+
+GROUPED_MM = True  # False forces the per-expert loop (benchmarks, debugging)
+NOISE_EPSILON = 1e-2  # LLaMA-MoE's gate_noise_epsilon: the noise std floor (PEERS.md §A2)
+AUX_NAMES = ("balance", "z", "max_z", "cv2")
+
+
+class Routing(NamedTuple):
+    """One forward's routing decision."""
+
+    logits_TE: torch.Tensor  # clean router logits (the z-losses act on these)
+    route_logits_TE: torch.Tensor  # the logits the choice was made on (noisy when training)
+    noise_std_TE: torch.Tensor | None  # std of the added noise; None without noise
+    probs_TE: torch.Tensor  # full softmax of route_logits (the balance loss uses it, Megatron)
+    weight_TK: torch.Tensor  # combine weights of the chosen experts
+    idx_TK: torch.Tensor  # the chosen experts
+
+
+class MoE(nn.Module):
+    """Top-k routed SwiGLU experts (plus an optional shared expert): (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        E, D, F_ = cfg.n_experts, cfg.d_model, cfg.moe_d_ffn
+        self.router = nn.Linear(D, E, bias=False)
+        # W_noise of noisy top-k gating; zero-initialised, so the noise std starts at
+        # softplus(0) + 0.01 = 0.703 for every expert (LLaMA-MoE's TopKBalancedNoisyGate)
+        self.router_noise = nn.Linear(D, E, bias=False) if cfg.router_noise else None
+        self.w_gate_EDF = nn.Parameter(torch.empty(E, D, F_))
+        self.w_up_EDF = nn.Parameter(torch.empty(E, D, F_))
+        self.w_down_EFD = nn.Parameter(torch.empty(E, F_, D))
+        self.shared = MLP(D, cfg.shared_d_ffn) if cfg.shared_d_ffn else None
+        self.aux: dict[str, torch.Tensor] = {}
+        self.register_buffer("load_E", torch.zeros(E, dtype=torch.long), persistent=False)
+        self.register_buffer("dropped_E", torch.zeros(E, dtype=torch.long), persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Experts and router N(0, init_std), W_noise zero (Transformer.reset_parameters calls it).
+
+        AquilaMoE initialises the router with N(0, "variance 0.02"); we read it as std 0.02,
+        the Megatron/FlagScale default (init_method_std = 0.02) that BAAI most likely ran; see
+        `router_init_std` and METHOD.md §6.2. upcycle() and split() take the std as an argument.
+        """
+        for w in (self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD, self.router.weight):
+            w.normal_(0.0, self.cfg.init_std)
+        if self.router_noise is not None:
+            self.router_noise.weight.zero_()
+
+    # --- routing ----------------------------------------------------------------------
+    def route(self, x_TD: torch.Tensor) -> Routing:
+        """Pick each token's experts and their combine weights."""
+        logits_TE = self.router(x_TD).float()  # routing in float32, as Mixtral does
+        route_logits_TE, noise_std_TE = logits_TE, None
+        if self.router_noise is not None and self.training:
+            noise_std_TE = F.softplus(self.router_noise(x_TD).float()) + NOISE_EPSILON
+            route_logits_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
+        probs_TE = route_logits_TE.softmax(dim=-1)
+        if self.cfg.gate == "softmax-topk":
+            top_probs_TK, idx_TK = probs_TE.topk(self.top_k, dim=-1)
+            weight_TK = top_probs_TK / top_probs_TK.sum(dim=-1, keepdim=True)
+        else:  # "topk-softmax"
+            top_logits_TK, idx_TK = route_logits_TE.topk(self.top_k, dim=-1)
+            weight_TK = top_logits_TK.softmax(dim=-1)
+        return Routing(logits_TE, route_logits_TE, noise_std_TE, probs_TE, weight_TK, idx_TK)
+
+    def capacity(self, n_tokens: int) -> int:
+        """Most token-expert pairs one expert takes: ceil(cf * T * k / E) (Megatron's rule)."""
+        return math.ceil(self.cfg.capacity_factor * n_tokens * self.top_k / self.n_experts)
+
+    # --- forward ------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        x_TD = x.reshape(-1, D)
+        n_tokens = x_TD.shape[0]
+        routing = self.route(x_TD)
+        self._record_aux(routing)
+
+        # Sort the T*K (token, expert) pairs by expert, so each expert's tokens are one
+        # contiguous slice; a stable sort keeps token order inside an expert, which is the
+        # arrival order the capacity rule below drops by.
+        expert_S = routing.idx_TK.reshape(-1)
+        order_S = torch.argsort(expert_S, stable=True)
+        count_E = torch.bincount(expert_S, minlength=self.n_experts)
+        if self.cfg.capacity_factor > 0:
+            order_S, kept_E = self._drop_over_capacity(order_S, expert_S, count_E, n_tokens)
+        else:
+            kept_E = count_E
+        self.dropped_E = (count_E - kept_E).detach()
+        token_S = order_S // self.top_k  # pair s = token * K + slot
+        gate_S = routing.weight_TK.reshape(-1)[order_S].to(x.dtype) * self.cfg.expert_scale
+
+        x_SD = x_TD[token_S]  # one gather of every routed token, already in expert order
+        y_SD = self.experts(x_SD, kept_E).to(x.dtype) * gate_S[:, None]  # bf16 under autocast
+        out_TD = x_TD.new_zeros(n_tokens, D).index_add(0, token_S, y_SD)
+        if self.shared is not None:
+            out_TD = out_TD + self.shared(x_TD)
+        return out_TD.view(B, T, D)
+
+    def _drop_over_capacity(self, order_S, expert_S, count_E, n_tokens):
+        """Keep each expert's first `capacity` pairs in token order (Megatron's "position" policy)."""
+        capacity = self.capacity(n_tokens)
+        start_E = torch.cumsum(count_E, 0) - count_E  # where each expert's slice begins
+        sorted_expert_S = expert_S[order_S]
+        rank_S = torch.arange(len(order_S), device=order_S.device) - start_E[sorted_expert_S]
+        return order_S[rank_S < capacity], count_E.clamp(max=capacity)
+
+    def experts(self, x_SD: torch.Tensor, count_E: torch.Tensor) -> torch.Tensor:
+        """Run expert e on its slice of x_SD (rows sorted by expert, count_E[e] of them)."""
+        if _grouped_mm_usable(x_SD, self.w_gate_EDF):
+            # one kernel per projection for all experts (torch >= 2.10; CPU kernel checked here)
+            offs_E = count_E.cumsum(0).to(torch.int32)  # where each expert's rows end
+            x_SD = x_SD.to(self.w_gate_EDF.dtype)
+            h_SF = (F.silu(F.grouped_mm(x_SD, self.w_gate_EDF, offs=offs_E))
+                    * F.grouped_mm(x_SD, self.w_up_EDF, offs=offs_E))
+            return F.grouped_mm(h_SF, self.w_down_EFD, offs=offs_E)
+        # A loop over experts (not tokens): matmuls on views of the sorted tokens, no copies.
+        # unbind, not w[e]: the backward of w[e] writes a full (E, D, F) zero tensor per
+        # expert, unbind's stacks the E gradients once.
+        outs = []
+        weights = zip(self.w_gate_EDF.unbind(0), self.w_up_EDF.unbind(0), self.w_down_EFD.unbind(0))
+        for x_ND, (w_gate_DF, w_up_DF, w_down_FD) in zip(x_SD.split(count_E.tolist()), weights):
+            outs.append((F.silu(x_ND @ w_gate_DF) * (x_ND @ w_up_DF)) @ w_down_FD)
+        return torch.cat(outs)
+
+    # --- auxiliary losses and statistics -----------------------------------------------
+    def _record_aux(self, r: Routing):
+        logits_TE, probs_TE, weight_TK, idx_TK = r.logits_TE, r.probs_TE, r.weight_TK, r.idx_TK
+        T, E, K = logits_TE.shape[0], self.n_experts, self.top_k
+        load_E = torch.bincount(idx_TK.reshape(-1), minlength=E)
+        self.load_E = load_E.detach()
+        # Switch load balancing, top-k form as in Megatron's switch_load_balancing_loss_func:
+        # E/(T*K) * sum_e mean_prob_e * count_e; 1 under perfectly balanced routing (METHOD §6.3)
+        balance = E / (T * K) * (probs_TE.mean(0) * load_E.to(probs_TE.dtype)).sum()
+        # LLaMA-MoE: importance = the combine weights summed per expert (PEERS.md §A2)
+        importance_E = torch.zeros(E, device=weight_TK.device, dtype=weight_TK.dtype)
+        importance_E = importance_E.scatter_add(0, idx_TK.reshape(-1), weight_TK.reshape(-1))
+        self.aux = {
+            "balance": balance,
+            "z": z_loss(logits_TE),
+            "max_z": max_z_loss(logits_TE),
+            "cv2": cv_squared(importance_E) + cv_squared(self._smooth_load(r, load_E)),
+        }
+
+    def _smooth_load(self, r: Routing, load_E):
+        """Load per expert. With noise (training) Shazeer's differentiable estimate:
+        sum_t P(expert e stays in the top k if its noise were redrawn) =
+        Phi((clean_e - threshold) / noise_std_e), the threshold being the k-th best noisy
+        logit of the others. LLaMA-MoE compares only the noise term against the threshold
+        when picking which threshold applies; we compare the full noisy logits, as the
+        implementations its gate cites do (PEERS.md §A2, "Discrepancy")."""
+        if r.noise_std_TE is None or self.top_k >= self.n_experts:
+            return load_E.float()
+        K, noisy_TE = self.top_k, r.route_logits_TE
+        top_TK1 = noisy_TE.topk(K + 1, dim=-1).values
+        threshold_if_in_T1 = top_TK1[:, K:K + 1]  # e is in the top k: it must beat the (k+1)-th
+        threshold_if_out_T1 = top_TK1[:, K - 1:K]  # e is out: it must beat the k-th
+        is_in_TE = noisy_TE > threshold_if_in_T1
+        p_in_TE = torch.special.ndtr((r.logits_TE - threshold_if_in_T1) / r.noise_std_TE)  # Phi
+        p_out_TE = torch.special.ndtr((r.logits_TE - threshold_if_out_T1) / r.noise_std_TE)
+        return torch.where(is_in_TE, p_in_TE, p_out_TE).sum(0)
+
+
+def _grouped_mm_usable(x_SD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
+    """torch's grouped matmul wants 16-byte-aligned strides and knows no autocast; we use only
+    its CPU kernel, the one tested here (on CUDA it needs bf16 and sm80+: the loop runs there)."""
+    if not (GROUPED_MM and hasattr(F, "grouped_mm")) or x_SD.device.type != "cpu":
+        return False
+    if torch.is_autocast_enabled("cpu") or not w_EDF.is_contiguous() or len(x_SD) == 0:
+        return False
+    per_16_bytes = 16 // w_EDF.element_size()
+    E, D, F_ = w_EDF.shape
+    return D % per_16_bytes == 0 and F_ % per_16_bytes == 0
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2 (ST-MoE eq. 5)."""
+    return logits.float().logsumexp(dim=-1).square().mean()
+
+
+def max_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Baichuan 2's max-z loss (eq. 1): the squared maximum logit, averaged over tokens.
+
+    AquilaMoE applies a "max z-loss" with coefficient 0.01 but does not say to which logits
+    (METHOD.md §6.3). The MoE computes it on its router logits (aux["max_z"]); the training
+    loop calls this on the LM-head logits (B, T, V) for the other reading (Baichuan 2's).
+    """
+    return logits.float().amax(dim=-1).square().mean()
+
+
+def cv_squared(x: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation, var / mean^2 (unbiased var, as LLaMA-MoE computes it)."""
+    x = x.float()
+    if x.numel() < 2:
+        return x.new_zeros(())
+    return x.var() / (x.mean().square() + 1e-10)
+
+
+def router_init_std(value: float = 0.02, convention: str = "std") -> float:
+    """The router's init std from the paper's number read as a std (default) or a variance.
+
+    AquilaMoE [P] §2.3 says "a normal distribution with a mean of 0 and a variance of 0.02".
+    The sentence is copied from MiniCPM, and the FlagScale/Megatron path BAAI most likely used
+    initialises the router with std = init_method_std = 0.02 (variance 4e-4), so std is our
+    default; convention="variance" follows the sentence literally (std = sqrt(0.02) = 0.141).
+    """
+    if convention == "std":
+        return value
+    if convention == "variance":
+        return math.sqrt(value)
+    raise ValueError(f"router init convention={convention!r}: must be 'std' or 'variance'")
+
+
+# --- collecting over a model's MoE layers -----------------------------------------------
+def moe_layers(model: nn.Module) -> list[MoE]:
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each raw auxiliary loss of the last forward, SUMMED over the MoE layers.
+
+    A sum, as Megatron/FlagScale (each layer adds coeff * its loss) and LLaMA-MoE
+    (`balance_loss += layer_outputs[1]`) do, so the paper's coefficients keep their meaning;
+    the perfectly balanced value of "balance" is therefore n_moe_layers, not 1.
+    """
+    layers = moe_layers(model)
+    if not layers or not layers[0].aux:
+        return {}
+    return {name: torch.stack([m.aux[name] for m in layers]).sum() for name in AUX_NAMES}
+
+
+def expert_load(model: nn.Module) -> torch.Tensor:
+    """Token-expert pairs the router sent to each expert in the last forward: (n_moe_layers, E)."""
+    return _stack_or_empty([m.load_E for m in moe_layers(model)])
+
+
+def dropped_pairs(model: nn.Module) -> torch.Tensor:
+    """Pairs dropped for lack of capacity in the last forward: (n_moe_layers, E)."""
+    return _stack_or_empty([m.dropped_E for m in moe_layers(model)])
+
+
+def _stack_or_empty(rows: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.long)  # a dense model
+
+
+@dataclass
+class AuxLossConfig:
+    """Coefficients of the auxiliary losses; the defaults are AquilaMoE's ([P] §2.3).
+
+    balance  Switch/Megatron load balancing (0.001 in AquilaMoE)
+    z        ST-MoE router z-loss (AquilaMoE: not used; ST-MoE: 0.001)
+    max_z    Baichuan 2 max-z loss (0.01 in AquilaMoE), on the router logits or, with
+             max_z_on="lm_head", on the LM-head logits passed to `total`
+    cv2      LLaMA-MoE's CV^2(importance) + CV^2(load) balance loss (LLaMA-MoE: 0.01)
+    """
+
+    balance: float = 0.001
+    z: float = 0.0
+    max_z: float = 0.01
+    max_z_on: str = "router"
+    cv2: float = 0.0
+
+    def __post_init__(self):
+        if self.max_z_on not in ("router", "lm_head"):
+            raise ValueError(f"AuxLossConfig.max_z_on={self.max_z_on!r}: "
+                             "must be 'router' or 'lm_head'")
+
+    def total(self, model: nn.Module, logits: torch.Tensor | None = None):
+        """(loss to add to the LM loss, {name: raw uncoefficiented value as a float} to log)."""
+        raw = aux_losses(model)
+        if self.max_z_on == "lm_head":
+            if logits is None:
+                raise ValueError("AuxLossConfig.max_z_on='lm_head': total() needs the model's logits")
+            raw["max_z"] = max_z_loss(logits)
+        device = logits.device if logits is not None else next(model.parameters()).device
+        loss = torch.zeros((), device=device)
+        for name, value in raw.items():
+            coefficient = getattr(self, name)
+            if coefficient:
+                loss = loss + coefficient * value
+        return loss, {name: value.item() for name, value in raw.items()}

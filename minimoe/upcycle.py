@@ -1,0 +1,408 @@
+"""Scale-Out: turn a dense model into a Mixture of Experts, and talk to Hugging Face Mixtral.
+
+Two ways to build the experts from a dense SwiGLU MLP (all pure functions: they return a new
+model and leave the dense one untouched):
+
+  upcycle  Sparse Upcycling (Komatsuzaki et al. 2022), as AquilaMoE does it ([P] §2.3):
+           every expert is an exact copy of the dense MLP, the router is new and random.
+           Since the combine weights of a token sum to 1, the model computes exactly what
+           the dense one did until the experts drift apart in training.
+  split    LLaMA-MoE's expert construction (arXiv 2406.16554, PEERS.md §A1): the FFN's
+           d_ffn intermediate neurons are divided into n_experts experts of d_ffn/n_experts
+           neurons each (randomly, by balanced k-means, or by gradient importance), so the
+           MoE has the dense model's parameter count and k/n_experts of its compute.
+
+For every expert, neuron j of the dense MLP is row j of gate_proj and up_proj and column j of
+down_proj; an expert made of neurons idx is those rows and columns (LLaMA-MoE's
+convert_llama_moe.py). Attention, norms, embeddings, the LM head and the MLPs of layers that
+stay dense are copied unchanged.
+
+The Mixtral functions at the bottom convert our MoE state dicts to and from transformers'
+MixtralForCausalLM (the dense parts reuse minimoe/interop.py's renaming).
+"""
+
+from __future__ import annotations
+
+
+import torch
+import torch.nn.functional as F
+
+from minimoe.config import ModelConfig
+from minimoe.interop import from_hf_name, to_hf_name
+from minimoe.model import Transformer, build_model
+from minimoe.moe import router_init_std
+
+LAYER_CHOICES = {"all": 1, "every-other": 2}  # -> moe_layer_freq (layer i is MoE when i % freq == 0)
+MOE_OPTIONS = ("gate", "router_noise", "capacity_factor", "expert_scale")
+SPLIT_METHODS = ("random", "cluster", "importance", "importance-shared")
+SCALE_OUT_METHODS = ("upcycle",) + tuple(f"split-{m}" for m in SPLIT_METHODS)
+
+
+def scale_out(dense: Transformer, method: str, n_experts: int = 8, top_k: int = 2, calib=None,
+              seed: int = 0, **options) -> Transformer:
+    """One entry point for the CLI and recipes: "upcycle" or "split-<split method>"."""
+    if method == "upcycle":
+        return upcycle(dense, n_experts, top_k, seed=seed, **options)
+    if method.startswith("split-") and method[len("split-"):] in SPLIT_METHODS:
+        return split(dense, n_experts, top_k, method[len("split-"):], calib, seed=seed, **options)
+    raise ValueError(f"method={method!r}: must be one of {', '.join(SCALE_OUT_METHODS)}")
+
+
+# --- Sparse Upcycling -----------------------------------------------------------------------
+def upcycle(dense: Transformer, n_experts: int = 8, top_k: int = 2, layers: str = "all",
+            router_std: float = 0.02, router_init: str = "std", seed: int = 0,
+            **moe_options) -> Transformer:
+    """Every expert a copy of the dense MLP; the router N(0, router_std) from `seed`.
+
+    layers="all" converts every MLP (AquilaMoE); "every-other" converts layers 0, 2, 4, ...
+    (Sparse Upcycling). router_init="variance" reads router_std as a variance, the paper's
+    literal wording ("variance of 0.02"); see moe.router_init_std for why std is the default.
+    moe_options: gate, router_noise, capacity_factor, expert_scale (ModelConfig fields).
+    """
+    cfg = _moe_config(dense.cfg, n_experts, top_k, layers, moe_options)
+    all_neurons = torch.arange(dense.cfg.d_ffn)
+    experts = {i: [all_neurons] * n_experts for i in _moe_layer_ids(cfg)}
+    return _build_moe(dense, cfg, experts, {}, router_init_std(router_std, router_init), seed)
+
+
+# --- LLaMA-MoE expert construction ------------------------------------------------------------
+def split(dense: Transformer, n_experts: int, top_k: int, method: str = "random", calib=None,
+          scale: float | None = None, seed: int = 0, layers: str = "all",
+          shared_d_ffn: int | None = None, router_std: float = 0.02, router_init: str = "std",
+          **moe_options) -> Transformer:
+    """Divide each dense FFN into n_experts experts of d_ffn / n_experts neurons.
+
+    method:
+      "random"             a random equal partition (what the released LLaMA-MoE models used)
+      "cluster"            balanced k-means on the L2-normalised rows of up_proj
+      "importance"         expert c = the d_ffn/n_experts neurons with the highest first-order
+                           Taylor importance |h * dL/dh| on the c-th group of calibration
+                           sequences; neurons may be shared by experts (LLaMA-MoE Sharing_Inner)
+      "importance-shared"  as "importance", but the neurons most experts would share move into
+                           an always-on residual block of shared_d_ffn neurons (default: one
+                           expert's width; LLaMA-MoE Sharing_Inter / "residual")
+    calib: an iterable of (x, y) token batches (B, T), needed by the importance methods.
+    scale: the expert output scale; default n_experts / top_k, LLaMA-MoE's choice (its docs:
+      "#total experts / #selected"). With softmax weights summing to 1 over k of N equal
+      slices, the factor that preserves the output magnitude is closer to N (PEERS.md §A2's
+      analysis; Megatron's granular upcycling scales by the granularity): scale=n_experts
+      with top_k=n_experts and uniform gates gives back the dense MLP exactly.
+    """
+    d_ffn = dense.cfg.d_ffn
+    if method not in SPLIT_METHODS:
+        raise ValueError(f"method={method!r}: must be one of {', '.join(SPLIT_METHODS)}")
+    if not isinstance(n_experts, int) or n_experts < 1 or d_ffn % n_experts:
+        raise ValueError(f"n_experts={n_experts!r}: must divide the dense d_ffn={d_ffn} "
+                         "(a split gives every expert d_ffn / n_experts neurons)")
+    width = d_ffn // n_experts
+    if method == "importance-shared":
+        shared_d_ffn = width if shared_d_ffn is None else shared_d_ffn
+        if not 0 < shared_d_ffn <= d_ffn - width:
+            raise ValueError(f"shared_d_ffn={shared_d_ffn}: must be in 1..{d_ffn - width} "
+                             f"(d_ffn={d_ffn} minus one expert's {width} neurons)")
+    elif shared_d_ffn:
+        raise ValueError(f"shared_d_ffn={shared_d_ffn}: only method='importance-shared' has a shared block")
+    if method.startswith("importance") and calib is None:
+        raise ValueError(f"method={method!r}: needs calib, an iterable of (x, y) token batches")
+    scale = n_experts / top_k if scale is None else scale
+    cfg = _moe_config(dense.cfg, n_experts, top_k, layers, moe_options, expert_d_ffn=width,
+                      expert_scale=scale, shared_d_ffn=shared_d_ffn or 0)
+    layer_ids = _moe_layer_ids(cfg)
+    generator = torch.Generator().manual_seed(seed)
+    experts, shared = {}, {}
+    if method == "random":
+        for i in layer_ids:  # LLaMA-MoE's RandomSplit: shuffled equal-size labels, per layer
+            experts[i] = list(torch.randperm(d_ffn, generator=generator).view(n_experts, width))
+    elif method == "cluster":
+        for i in layer_ids:
+            rows = F.normalize(dense.layers[i].mlp.up_proj.weight.detach().float(), dim=1)
+            labels = balanced_kmeans(rows, n_experts, generator=generator)
+            experts[i] = [torch.nonzero(labels == e).flatten() for e in range(n_experts)]
+    else:
+        scores = group_importance(dense, calib, n_experts, layer_ids, generator)
+        for i in layer_ids:
+            if method == "importance":
+                experts[i] = [_top_neurons(s, width) for s in scores[i]]
+            else:
+                shared[i], experts[i] = residual_split(scores[i], width, shared_d_ffn)
+    return _build_moe(dense, cfg, experts, shared, router_init_std(router_std, router_init), seed)
+
+
+def balanced_kmeans(points_ND: torch.Tensor, n_clusters: int, n_iter: int = 20,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """Labels (N,) of a k-means whose clusters differ in size by at most one (equal when
+    n_clusters divides N), as LLaMA-MoE's KMeansConstrained(size_min = size_max) gives."""
+    N = len(points_ND)
+    if N < n_clusters:
+        raise ValueError(f"n_clusters={n_clusters}: more clusters than points ({N})")
+    sizes = [N // n_clusters + (c < N % n_clusters) for c in range(n_clusters)]
+    centroids_CD = points_ND[torch.randperm(N, generator=generator)[:n_clusters]].clone()
+    labels_N = None
+    for _ in range(n_iter):
+        new_labels_N = _assign_with_capacity(torch.cdist(points_ND, centroids_CD), sizes)
+        if labels_N is not None and torch.equal(new_labels_N, labels_N):
+            break
+        labels_N = new_labels_N
+        centroids_CD = torch.stack([points_ND[labels_N == c].mean(0) for c in range(n_clusters)])
+    return labels_N
+
+
+def _assign_with_capacity(dist_NC: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Greedy balanced assignment: the closest (point, cluster) pairs first, full clusters skipped."""
+    N, C = dist_NC.shape
+    labels, room, left = [-1] * N, list(sizes), N
+    for flat in torch.argsort(dist_NC.flatten(), stable=True).tolist():
+        n, c = divmod(flat, C)
+        if labels[n] < 0 and room[c] > 0:
+            labels[n], room[c], left = c, room[c] - 1, left - 1
+            if left == 0:
+                break
+    return torch.tensor(labels)
+
+
+def group_importance(dense: Transformer, calib, n_groups: int, layer_ids: list[int],
+                     generator: torch.Generator | None = None) -> dict[int, torch.Tensor]:
+    """Per layer, an (n_groups, d_ffn) table of first-order Taylor importance |h * dL/dh|.
+
+    LLaMA-MoE clusters its calibration text into one group per expert (sentence embeddings +
+    k-means) and computes one importance vector per group. We group the calibration sequences
+    by balanced k-means on their mean token embedding, which needs no extra model.
+    """
+    batches = [(x, y) for x, y in calib]
+    lengths = {x.shape[1] for x, _ in batches}
+    if len(lengths) != 1:
+        raise ValueError(f"calib: batches must share one sequence length, got {sorted(lengths)}")
+    x_all, y_all = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+    if len(x_all) < n_groups:
+        raise ValueError(f"calib: {len(x_all)} sequences; need at least n_experts={n_groups}")
+    with torch.no_grad():
+        seq_embed = F.normalize(dense.embed(x_all).float().mean(1), dim=1)
+    group_of_seq = balanced_kmeans(seq_embed, n_groups, generator=generator)
+    batch_size = len(batches[0][0])
+    scores = {i: torch.zeros(n_groups, dense.cfg.d_ffn) for i in layer_ids}
+    for c in range(n_groups):
+        seqs = torch.nonzero(group_of_seq == c).flatten()
+        group_batches = [(x_all[s], y_all[s]) for s in seqs.split(batch_size)]
+        for i, score in taylor_importance(dense, group_batches, layer_ids).items():
+            scores[i][c] = score
+    return scores
+
+
+def taylor_importance(dense: Transformer, batches, layer_ids: list[int]) -> dict[int, torch.Tensor]:
+    """Mean over tokens of |h_j * dL/dh_j| per FFN neuron j, h = the down_proj input.
+
+    The first-order Taylor estimate of how much the loss changes if neuron j is zeroed
+    (LLaMA-MoE's importance_type="feature_change", kernel="l1_norm"). Gradients are taken
+    with autograd.grad, so the dense model's .grad fields are not touched.
+    """
+    hidden = []
+    hooks = [dense.layers[i].mlp.down_proj.register_forward_pre_hook(
+        lambda module, args: hidden.append(args[0])) for i in layer_ids]
+    # the graph must exist even when the dense model's parameters are frozen
+    hooks.append(dense.embed.register_forward_hook(
+        lambda module, args, out: out.detach().requires_grad_()))
+    score = {i: torch.zeros(dense.cfg.d_ffn) for i in layer_ids}
+    n_tokens = 0
+    try:
+        with torch.enable_grad():
+            for x, y in batches:
+                hidden.clear()
+                logits = dense(x)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                grads = torch.autograd.grad(loss, hidden)
+                for i, h, g in zip(layer_ids, hidden, grads):  # hooks fire in layer order
+                    score[i] += (h * g).abs().flatten(0, -2).sum(0).float().cpu()
+                n_tokens += x.numel()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {i: s / max(n_tokens, 1) for i, s in score.items()}
+
+
+def residual_split(scores_CN: torch.Tensor, width: int, shared_d_ffn: int):
+    """(shared neurons, expert neuron lists) after moving the most shared neurons out.
+
+    After LLaMA-MoE's GradientSplitResidual: take each expert's top-`width` list, count in how
+    many lists each neuron appears, move the most repeated ones (ties: highest total
+    importance) into the residual block, and repeat until it holds shared_d_ffn neurons; the
+    experts then take their top-`width` of what remains.
+    """
+    n_neurons = scores_CN.shape[1]
+    remaining = torch.ones(n_neurons, dtype=torch.bool)
+    total_N = scores_CN.sum(0)
+    shared = []
+    while len(shared) < shared_d_ffn:
+        lists = torch.cat([_top_neurons(s.masked_fill(~remaining, -1.0), width) for s in scores_CN])
+        repeats_N = torch.bincount(lists, minlength=n_neurons)
+        most = torch.nonzero((repeats_N == repeats_N.max()) & remaining).flatten()
+        most = most[torch.argsort(total_N[most], descending=True)][: shared_d_ffn - len(shared)]
+        shared.extend(most.tolist())
+        remaining[most] = False
+    experts = [_top_neurons(s.masked_fill(~remaining, -1.0), width) for s in scores_CN]
+    return torch.tensor(sorted(shared)), experts
+
+
+def _top_neurons(score_N: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.topk(score_N, width).indices.sort().values
+
+
+# --- shared machinery ---------------------------------------------------------------------------
+def _moe_config(dense_cfg: ModelConfig, n_experts, top_k, layers, moe_options, **changes):
+    if dense_cfg.is_moe:
+        raise ValueError(f"n_experts={dense_cfg.n_experts}: the model is already an MoE; "
+                         "scale-out starts from a dense model")
+    if not isinstance(n_experts, int) or n_experts < 1:
+        raise ValueError(f"n_experts={n_experts!r}: must be a positive integer")
+    if layers not in LAYER_CHOICES:
+        raise ValueError(f"layers={layers!r}: must be one of {', '.join(LAYER_CHOICES)}")
+    for name in moe_options:
+        if name not in MOE_OPTIONS:
+            raise ValueError(f"{name}={moe_options[name]!r}: not an MoE option; "
+                             f"choose from {', '.join(MOE_OPTIONS)}")
+    return dense_cfg.replace(n_experts=n_experts, top_k=top_k, moe_layer_freq=LAYER_CHOICES[layers],
+                             **changes, **moe_options)
+
+
+def _moe_layer_ids(cfg: ModelConfig) -> list[int]:
+    return [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
+
+
+@torch.no_grad()
+def _build_moe(dense: Transformer, cfg: ModelConfig, experts: dict, shared: dict,
+               router_std: float, seed: int) -> Transformer:
+    """A new MoE Transformer: dense weights copied, MoE layers' experts cut from the dense MLP
+    by neuron index (experts[layer][e], shared[layer]), routers N(0, router_std)."""
+    ref = next(dense.parameters())
+    with torch.random.fork_rng(devices=[]):  # the throwaway init must not move the global RNG
+        moe = build_model(cfg, device=ref.device, dtype=ref.dtype)
+    dense_sd, moe_sd = dense.state_dict(), moe.state_dict()
+    for name, tensor in moe_sd.items():
+        if name in dense_sd:
+            tensor.copy_(dense_sd[name])
+    generator = torch.Generator().manual_seed(seed)
+    for i in _moe_layer_ids(cfg):
+        mlp, layer = dense.layers[i].mlp, moe.layers[i].mlp
+        w_gate, w_up, w_down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+        for e, idx in enumerate(experts[i]):
+            layer.w_gate_EDF[e] = w_gate[idx].T  # (F, D) rows -> (D, F)
+            layer.w_up_EDF[e] = w_up[idx].T
+            layer.w_down_EFD[e] = w_down[:, idx].T  # (D, F) columns -> (F, D)
+        if layer.shared is not None:
+            layer.shared.gate_proj.weight.copy_(w_gate[shared[i]])
+            layer.shared.up_proj.weight.copy_(w_up[shared[i]])
+            layer.shared.down_proj.weight.copy_(w_down[:, shared[i]])
+        router = torch.randn(cfg.n_experts, cfg.d_model, generator=generator) * router_std
+        layer.router.weight.copy_(router)
+        if layer.router_noise is not None:
+            layer.router_noise.weight.zero_()
+    return moe.train(dense.training)
+
+
+# --- Hugging Face Mixtral ---------------------------------------------------------------------
+def _check_mixtral(cfg: ModelConfig):
+    rules = [
+        (cfg.is_moe, "n_experts", "must be > 0 (Mixtral is an MoE)"),
+        (cfg.moe_layer_freq == 1, "moe_layer_freq", "must be 1 (every Mixtral layer is MoE)"),
+        (cfg.gate == "softmax-topk", "gate", "must be 'softmax-topk' (Mixtral's routing)"),
+        (cfg.shared_d_ffn == 0, "shared_d_ffn", "must be 0 (Mixtral has no shared expert)"),
+        (cfg.capacity_factor == 0, "capacity_factor", "must be 0 (Mixtral is dropless)"),
+        (not cfg.router_noise, "router_noise", "must be False (Mixtral has no noisy gating)"),
+    ]
+    for ok, field, rule in rules:
+        if not ok:
+            raise ValueError(f"ModelConfig.{field}={getattr(cfg, field)!r}: {rule}")
+
+
+def hf_mixtral_config(cfg: ModelConfig):
+    """The transformers MixtralConfig with the same shape as an MoE ModelConfig."""
+    from transformers import MixtralConfig
+
+    _check_mixtral(cfg)
+    return MixtralConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.moe_d_ffn,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+        initializer_range=cfg.init_std, num_local_experts=cfg.n_experts,
+        num_experts_per_tok=cfg.top_k, router_jitter_noise=0.0, sliding_window=None,
+        attn_implementation="sdpa",
+    )
+
+
+def export_mixtral_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our MoE state dict -> MixtralForCausalLM's.
+
+    transformers 5 stores Mixtral's experts fused, in nn.Linear's (out, in) layout:
+      layers.{i}.mlp.router.weight (E, D)      -> model.layers.{i}.mlp.gate.weight (E, D)
+      w_gate_EDF, w_up_EDF (E, D, F)           -> mlp.experts.gate_up_proj (E, 2F, D) = [gate; up]
+      w_down_EFD (E, F, D)                     -> mlp.experts.down_proj (E, D, F)
+    expert_scale is folded into down_proj (exact). Mixtral's attention has no biases: zero
+    QKV biases are dropped, nonzero ones refused.
+    """
+    _check_mixtral(cfg)
+    out = {}
+    for name, tensor in sd.items():
+        layer, leaf = _split_moe_name(name)
+        hf = f"model.layers.{layer}.mlp."
+        if leaf == "router.weight":
+            out[hf + "gate.weight"] = tensor
+        elif leaf == "w_gate_EDF":
+            w_up_EDF = sd[f"layers.{layer}.mlp.w_up_EDF"]
+            out[hf + "experts.gate_up_proj"] = torch.cat([tensor, w_up_EDF], dim=2).transpose(1, 2)
+        elif leaf == "w_up_EDF":
+            continue  # fused into gate_up_proj above
+        elif leaf == "w_down_EFD":
+            out[hf + "experts.down_proj"] = tensor.transpose(1, 2) * cfg.expert_scale
+        elif name.endswith(_QKV_BIASES):
+            if tensor.abs().max() > 0:
+                raise ValueError(f"{name}: nonzero QKV bias; Mixtral's attention has no biases")
+        else:
+            out[to_hf_name(name)] = tensor
+    return out
+
+
+def import_mixtral_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """MixtralForCausalLM's state dict -> ours (with zero QKV biases when cfg.qkv_bias)."""
+    _check_mixtral(cfg)
+    out = {}
+    for name, tensor in hf_sd.items():
+        if "rotary_emb" in name:
+            continue
+        layer, leaf = _split_moe_name(name.removeprefix("model."))
+        ours = f"layers.{layer}.mlp."
+        if leaf == "gate.weight":
+            out[ours + "router.weight"] = tensor
+        elif leaf == "experts.gate_up_proj":
+            w_gate_up_ED2F = tensor.transpose(1, 2)
+            out[ours + "w_gate_EDF"], out[ours + "w_up_EDF"] = w_gate_up_ED2F.chunk(2, dim=2)
+        elif leaf == "experts.down_proj":
+            out[ours + "w_down_EFD"] = tensor.transpose(1, 2) / cfg.expert_scale
+        else:
+            out[from_hf_name(name)] = tensor
+    if cfg.qkv_bias:
+        for i in range(cfg.n_layers):
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                weight = out[f"layers.{i}.attn.{proj}.weight"]
+                out[f"layers.{i}.attn.{proj}.bias"] = weight.new_zeros(weight.shape[0])
+    return out
+
+
+_QKV_BIASES = ("attn.q_proj.bias", "attn.k_proj.bias", "attn.v_proj.bias")
+
+
+def _split_moe_name(name: str) -> tuple[str, str]:
+    """'layers.3.mlp.router.weight' -> ('3', 'router.weight'); other names -> ('', '')."""
+    parts = name.split(".", 3)
+    if len(parts) == 4 and parts[0] == "layers" and parts[2] == "mlp":
+        return parts[1], parts[3]
+    return "", ""
+
+
+def mixtral_from_moe(model: Transformer):
+    """A MixtralForCausalLM holding the same weights as our MoE model (for checks and export)."""
+    from transformers import MixtralForCausalLM
+
+    hf = MixtralForCausalLM(hf_mixtral_config(model.cfg))
+    hf.load_state_dict(export_mixtral_state_dict(model.state_dict(), model.cfg), strict=True)
+    return hf.to(next(model.parameters()).dtype)

@@ -1,0 +1,74 @@
+"""`minimoe pipeline --preset tiny` end to end: a failed stage, resume, the report."""
+
+import json
+
+import pytest
+
+from minimoe import checkpoint as ckpt
+from minimoe.cli import main
+from minimoe.pipeline import get_pipeline, run_pipeline
+
+STAGES = ["1-prep", "2-grown", "3-scale-up", "4-upcycled", "5-scale-out", "6-scratch"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    """First run crashes in scale-out (injected); the re-run through the CLI completes it."""
+    import minimoe.upcycle
+
+    out = tmp_path_factory.mktemp("pipe") / "tiny"
+    real = minimoe.upcycle.upcycle
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated crash during scale-out")
+
+    minimoe.upcycle.upcycle = broken
+    try:
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_pipeline(get_pipeline("tiny"), out, progress=False)
+    finally:
+        minimoe.upcycle.upcycle = real
+    for stage in ("1-prep", "2-grown", "3-scale-up"):
+        ckpt.load_model(out / stage)  # the finished stages stay usable
+    assert not (out / "4-upcycled").exists()
+    mtime = (out / "3-scale-up" / "model.safetensors").stat().st_mtime_ns
+    assert main(["pipeline", "--preset", "tiny", "--out", str(out), "--no-progress"]) == 0
+    assert (out / "3-scale-up" / "model.safetensors").stat().st_mtime_ns == mtime  # not redone
+    return out
+
+
+def test_every_stage_and_the_report(pipeline_dir):
+    for stage in STAGES:
+        assert (pipeline_dir / stage / "model.safetensors").exists(), stage
+    report = pipeline_dir / "report"
+    for name in ("report.md", "loss_vs_flops.png", "loss_vs_tokens.png", "expert_load.png", "stages.csv"):
+        assert (report / name).stat().st_size > 0, name
+    summary = json.loads((report / "summary.json").read_text())
+    f = summary["factors"]
+    # the baseline trains on exactly the chain's tokens, and costs more per token than any stage
+    assert f["scratch_tokens_equal_chain"]
+    assert f["compute_savings_model_flops"] > 1.0
+    assert f["time_savings"] > 0
+    assert f"{f['time_savings']:.2f}x" in (report / "report.md").read_text()
+
+
+def test_upcycling_preserves_the_loss(pipeline_dir):
+    """The MoE starts exactly where the dense model ended."""
+    summary = json.loads((pipeline_dir / "report" / "summary.json").read_text())
+    dense_end = summary["stages"][1]["val loss at end"]
+    assert summary["transitions"]["4-upcycled"]["val_loss"] == pytest.approx(dense_end, abs=2e-3)
+    moe = ckpt.read_config(pipeline_dir / "5-scale-out")
+    assert (moe.n_experts, moe.top_k) == (8, 2)
+
+
+def test_rerun_of_a_finished_pipeline_trains_nothing(pipeline_dir):
+    before = {s: (pipeline_dir / s / "model.safetensors").stat().st_mtime_ns for s in STAGES}
+    run_pipeline(get_pipeline("tiny"), pipeline_dir, progress=False)
+    after = {s: (pipeline_dir / s / "model.safetensors").stat().st_mtime_ns for s in STAGES}
+    assert before == after
+
+
+def test_a_different_pipeline_in_the_folder_is_refused(pipeline_dir, capsys):
+    assert main(["pipeline", "--preset", "toy", "--out", str(pipeline_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds a pipeline with" in err and len(err.splitlines()) == 1
