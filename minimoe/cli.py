@@ -125,30 +125,18 @@ def _add_scale_up(sub):
 
 
 def _run_scale_up(args):
-    from pathlib import Path
+    from minimoe.stages import grow_run
 
-    from minimoe import checkpoint as ckpt
-    from minimoe.config import get_preset
-    from minimoe.grow import grow_model, growth_report, plan_growth
-    from minimoe.stages import validation_loss
+    r = grow_run(args.src, args.to, args.out, args.method, args.depth, args.mapping, args.seed, args.kv)
+    _print_transform(args.out, r, f"{args.method}, depth {r['growth']['depth']}")
 
-    out = Path(args.out)
-    if (out / "model.safetensors").exists():
-        raise ValueError(f"--out={out}: already holds a model; choose another folder")
-    model, meta = ckpt.load_model(args.src)
-    target = get_preset(args.to).replace(vocab_size=model.cfg.vocab_size)  # the tokenizer's
-    plan = plan_growth(model.cfg, target, args.method, args.depth, args.mapping, args.seed, args.kv)
-    grown = grow_model(plan, model)
-    before, after = (validation_loss(m, meta["data"]) if "data" in meta else None
-                     for m in (model, grown))
-    ckpt.save_model(out, grown, {"stage": "scale-up", "method": args.method, "target": args.to,
-                                 "data": meta.get("data"),
-                                 "init_from": str(Path(args.src).resolve())})
-    loss = f"; val loss {before['val_loss']:.3f} -> {after['val_loss']:.3f}" if before else ""
-    report = growth_report(plan, before, after)
-    ckpt.write_json_atomic(out / "growth.json", report)
-    print(f"{out}: {report['source_params']:,} -> {report['target_params']:,} parameters "
-          f"({args.method}, depth {plan.depth}){loss}; report {out / 'growth.json'}")
+
+def _print_transform(out, r: dict, what: str):
+    before, after = r["params_before"], r["params_after"]
+    loss = (f"; val loss {r['val_before']['val_loss']:.3f} -> {r['val_after']['val_loss']:.3f}"
+            if r["val_before"] else "")
+    print(f"{out}: {before['total']:,} -> {after['total']:,} parameters ({after['active']:,} "
+          f"active; {what}){loss}; report {out}/transform.json")
 
 
 # --- scale-out --------------------------------------------------------------------------
@@ -174,39 +162,16 @@ def _add_scale_out(sub):
 
 
 def _run_scale_out(args):
-    from pathlib import Path
+    from minimoe.stages import scale_out_run
 
-    from minimoe import checkpoint as ckpt
-    from minimoe.stages import load_run_data, validation_loss
-    from minimoe.upcycle import scale_out
-
-    out = Path(args.out)
-    if (out / "model.safetensors").exists():
-        raise ValueError(f"--out={out}: already holds a model; choose another folder")
-    dense, meta = ckpt.load_model(args.src)
     options = dict(layers=args.layers, router_std=args.router_std, router_init=args.router_init)
     if args.scale is not None:
         if args.method == "upcycle":
             raise ValueError("--scale: only the split-* methods scale expert outputs")
         options["scale"] = args.scale
-    calib = None
-    if args.method.startswith("split-importance"):
-        if "data" not in meta:
-            raise ValueError(f"--from={args.src}: its run.json names no data to calibrate on")
-        data, _ = load_run_data(meta["data"])
-        seq_len = min(128, dense.cfg.max_seq_len)
-        calib = [data.train_batch(step, 8, seq_len, seed=args.seed)
-                 for step in range(args.calib_batches)]
-    moe = scale_out(dense, args.method, args.experts, args.top_k, calib, args.seed, **options)
-    before, after = (validation_loss(m, meta["data"]) if "data" in meta else None
-                     for m in (dense, moe))
-    ckpt.save_model(out, moe, {"stage": "scale-out", "method": args.method, "experts": args.experts,
-                               "top_k": args.top_k, "data": meta.get("data"),
-                               "init_from": str(Path(args.src).resolve())})
-    counts = moe.cfg.param_counts()
-    loss = f"; val loss {before['val_loss']:.3f} -> {after['val_loss']:.3f}" if before else ""
-    print(f"{out}: {dense.cfg.param_counts()['total']:,} -> {counts['total']:,} parameters "
-          f"({counts['active']:,} active; {args.method}, {args.experts} experts, top-{args.top_k}){loss}")
+    r = scale_out_run(args.src, args.out, args.method, args.experts, args.top_k,
+                      args.calib_batches, args.seed, **options)
+    _print_transform(args.out, r, f"{args.method}, {args.experts} experts, top-{args.top_k}")
 
 
 # --- flops, simulate, plan: the cost side (flops.py, scenario.py, plan.py) --------------

@@ -126,8 +126,11 @@ def write_pipeline_report(out: Path, settings: dict, stages: list[dict], transit
                      "val loss at end": round(final["val_loss"], 3)})
     table = pd.DataFrame(rows)
     table.to_csv(out / "stages.csv", index=False)
-    trans = pd.DataFrame([{"model": k, **{m: round(v, 3) for m, v in d.items()}}
-                          for k, d in transitions.items()])
+    trans = pd.DataFrame([{"transformation": name, "params before": human(r["params_before"]["total"]),
+                           "params after": human(r["params_after"]["total"]),
+                           **{f"{k} before": round(v, 3) for k, v in r["val_before"].items()},
+                           **{f"{k} after": round(v, 3) for k, v in r["val_after"].items()}}
+                          for name, r in transitions.items()])
     chain_end = rows[len(chain) - 1]["val loss at end"]
     scratch_end = rows[-1]["val loss at end"]
     md = [
@@ -157,7 +160,9 @@ def write_pipeline_report(out: Path, settings: dict, stages: list[dict], transit
     from minimoe.checkpoint import write_json_atomic, write_text_atomic
 
     write_text_atomic(out / "report.md", "\n".join(md))
-    summary = {"factors": factors, "stages": rows, "transitions": transitions}
+    summary = {"factors": factors, "stages": rows,
+               "transitions": {k: {"val_before": r["val_before"], "val_after": r["val_after"]}
+                               for k, r in transitions.items()}}
     write_json_atomic(out / "summary.json", summary)
     return summary
 

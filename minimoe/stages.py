@@ -63,3 +63,71 @@ def validation_loss(model, spec: dict, tc: TrainConfig | None = None) -> dict[st
     """Validation losses of a model on a run's data (overall and per language)."""
     data, _ = load_run_data(spec)
     return evaluate(model, data, tc or TrainConfig())
+
+
+# --- transformations between runs: load, transform, measure, save ---------------------------
+def transform_run(src, out, transform, meta: dict, tc: TrainConfig | None = None) -> dict:
+    """Apply a pure model transformation to run `src` and save the result as run `out`.
+
+    The validation loss before and after goes into out/transform.json, the numbers of the
+    paper's Tables 1 and 2 (for a transformation that preserves the function, they are equal).
+    A finished `out` is not redone; its report is returned. `tc` sets the validation batches
+    (batch size, sequence length, count), so the losses compare with the runs around it.
+    """
+    src, out = Path(src), Path(out)
+    report_path = out / "transform.json"
+    request = {**meta, "source": str(src.resolve())}
+    if (out / "model.safetensors").exists():  # done before: fine if it is the same request
+        old = ckpt.read_json(report_path) if report_path.exists() else {}
+        if any(old.get(k) != v for k, v in request.items()):
+            raise ValueError(f"--out={out}: already holds a different model; choose another folder")
+        return old
+    model, src_meta = ckpt.load_model(src)
+    torch.manual_seed(0)
+    new_model, extra = transform(model)
+    spec = src_meta.get("data")
+    before, after = (validation_loss(m, spec, tc) if spec else None for m in (model, new_model))
+    report = {**request, **extra, "val_before": before, "val_after": after,
+              "params_before": model.cfg.param_counts(), "params_after": new_model.cfg.param_counts()}
+    ckpt.save_model(out, new_model, {**meta, "data": spec, "init_from": str(src.resolve())})
+    ckpt.write_json_atomic(report_path, report)
+    return report
+
+
+def grow_run(src, target: str, out, method: str = "aki-pro", depth: str | None = None,
+             mapping: str = "cyclic", seed: int = 0, kv: str = "keep",
+             tc: TrainConfig | None = None) -> dict:
+    """Scale-Up of a run's model to a preset's shape (vocabulary kept: it is the tokenizer's)."""
+    from minimoe.grow import growth_report, scale_up
+
+    def transform(model):
+        shape = get_preset(target).replace(vocab_size=model.cfg.vocab_size)
+        grown, plan = scale_up(model, shape, method, depth, mapping, seed, kv, return_plan=True)
+        return grown, {"growth": growth_report(plan)}
+
+    meta = {"stage": "scale-up", "method": method, "target": target, "depth": depth,
+            "mapping": mapping, "seed": seed, "kv": kv}
+    return transform_run(src, out, transform, meta, tc)
+
+
+def scale_out_run(src, out, method: str = "upcycle", n_experts: int = 8, top_k: int = 2,
+                  calib_batches: int = 8, seed: int = 0, tc: TrainConfig | None = None,
+                  **options) -> dict:
+    """Scale-Out of a run's dense model: "upcycle" or "split-<random|cluster|importance...>".
+    The importance splits calibrate on `calib_batches` batches of the run's training data."""
+    from minimoe.upcycle import scale_out
+
+    def transform(dense):
+        calib = None
+        if method.startswith("split-importance"):
+            spec = ckpt.read_json(Path(src) / "run.json").get("data")
+            if spec is None:
+                raise ValueError(f"--from={src}: its run.json names no data to calibrate on")
+            data, _ = load_run_data(spec)
+            seq_len = min(128, dense.cfg.max_seq_len)
+            calib = [data.train_batch(step, 8, seq_len, seed=seed) for step in range(calib_batches)]
+        return scale_out(dense, method, n_experts, top_k, calib, seed, **options), {}
+
+    meta = {"stage": "scale-out", "method": method, "n_experts": n_experts, "top_k": top_k,
+            "seed": seed, "options": options}
+    return transform_run(src, out, transform, meta, tc)

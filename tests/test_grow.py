@@ -363,7 +363,7 @@ def test_cli_scale_up_writes_the_grown_run_and_report(tmp_path):
     assert grown.cfg == get_preset("tiny-large") and meta["stage"] == "scale-up"
     x = tokens(get_preset("tiny"))
     torch.testing.assert_close(grown(x), model(x), atol=1e-4, rtol=0)  # x2 width, identity depth
-    report = json.loads((tmp_path / "big" / "growth.json").read_text())
+    report = json.loads((tmp_path / "big" / "transform.json").read_text())["growth"]
     assert report["target_params"] == get_preset("tiny-large").param_counts()["total"]
     assert report["layer_map"] == [0, 0, 1] and report["zeroed_layers"] == [1]
 

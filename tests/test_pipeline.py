@@ -56,7 +56,9 @@ def test_upcycling_preserves_the_loss(pipeline_dir):
     """The MoE starts exactly where the dense model ended."""
     summary = json.loads((pipeline_dir / "report" / "summary.json").read_text())
     dense_end = summary["stages"][1]["val loss at end"]
-    assert summary["transitions"]["4-upcycled"]["val_loss"] == pytest.approx(dense_end, abs=2e-3)
+    upcycling = summary["transitions"]["upcycling (4-upcycled)"]
+    assert upcycling["val_before"]["val_loss"] == pytest.approx(dense_end, abs=1e-3)
+    assert upcycling["val_after"]["val_loss"] == pytest.approx(upcycling["val_before"]["val_loss"], abs=1e-5)
     moe = ckpt.read_config(pipeline_dir / "5-scale-out")
     assert (moe.n_experts, moe.top_k) == (8, 2)
 

@@ -250,7 +250,7 @@ def test_scale_out_command(dense, idx, tmp_path, capsys):
         (["--from", str(tmp_path / "moe")], "already an MoE"),
         (["--method", "split-importance"], "no data"),
         (["--scale", "2"], "--scale"),
-        (["--out", str(tmp_path / "moe")], "already holds"),
+        (["--method", "split-random", "--out", str(tmp_path / "moe")], "already holds"),
     ]
     for extra, message in bad:
         out = ["--out", str(tmp_path / "never")] if "--out" not in extra else []
