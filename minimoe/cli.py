@@ -104,7 +104,8 @@ def _run_pipeline(args):
     print(f"time savings {f['time_savings']:.2f}x, compute savings (model FLOPs) "
           f"{f['compute_savings_model_flops']:.2f}x; final val loss "
           f"{summary['stages'][-2]['val loss at end']:.3f} (EfficientScale) vs "
-          f"{summary['stages'][-1]['val loss at end']:.3f} (from scratch)")
+          f"{summary['stages'][-1]['val loss at end']:.3f} (from scratch, same tokens), "
+          f"{f['scratch_val_loss_at_chain_flops']:.3f} (from scratch, same FLOPs)")
 
 
 # --- scale-up ---------------------------------------------------------------------------

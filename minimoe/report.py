@@ -68,6 +68,15 @@ def _val_curve(stage: dict, tokens0: float, flops0: float) -> list[dict]:
              "val_loss": r["val_loss"]} for r in stage["log"] if "val_loss" in r]
 
 
+def _interpolate(points: list[dict], x: str, at: float) -> float:
+    """Validation loss at x == at, linear between the two logged points around it."""
+    for a, b in zip(points, points[1:]):
+        if a[x] <= at <= b[x]:
+            t = (at - a[x]) / (b[x] - a[x]) if b[x] > a[x] else 0.0
+            return a["val_loss"] + t * (b["val_loss"] - a["val_loss"])
+    return points[-1]["val_loss"]
+
+
 def savings_factors(chain: list[dict], scratch: dict) -> dict[str, float]:
     """AquilaMoE Table 6's factors from measured stages (METHOD.md §2.2):
 
@@ -133,6 +142,10 @@ def write_pipeline_report(out: Path, settings: dict, stages: list[dict], transit
                           for name, r in transitions.items()])
     chain_end = rows[len(chain) - 1]["val loss at end"]
     scratch_end = rows[-1]["val loss at end"]
+    # the from-scratch run's loss when it had spent what the whole chain spent (equal compute)
+    chain_flops = sum(s["flops"] for s in chain)
+    scratch_at_budget = _interpolate(curves["from scratch"], "flops", chain_flops)
+    factors["scratch_val_loss_at_chain_flops"] = scratch_at_budget
     md = [
         "# minimoe pipeline report", "",
         "EfficientScale at toy scale: preparation -> Scale-Up -> Scale-Out, each with continued",
@@ -149,7 +162,10 @@ def write_pipeline_report(out: Path, settings: dict, stages: list[dict], transit
         "equals the time factor; paper: 3.35x with two kinds of chip)",
         f"- compute savings factor by counted model FLOPs: **{factors['compute_savings_model_flops']:.2f}x**",
         f"- final validation loss: EfficientScale {chain_end:.3f} vs from scratch {scratch_end:.3f} "
-        f"({'lower' if chain_end < scratch_end else 'higher'} by {abs(chain_end - scratch_end):.3f})", "",
+        f"({'lower' if chain_end < scratch_end else 'higher'} by {abs(chain_end - scratch_end):.3f}) "
+        "after the same tokens",
+        f"- at equal compute ({chain_flops:.3g} FLOPs, what the whole chain spent) the from-scratch "
+        f"run was at **{scratch_at_budget:.3f}** (EfficientScale: {chain_end:.3f})", "",
         "The factors are measured on this machine at toy scale; the paper's figures are for 7B -> 16B",
         "-> 8x16B on GPU clusters (see `minimoe simulate sims/aquilamoe_table6.toml`).", "",
         "![loss vs FLOPs](loss_vs_flops.png)", "", "![loss vs tokens](loss_vs_tokens.png)", "",
@@ -182,6 +198,7 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, x: str, title: str,
     if x == "flops":  # log scale as in the paper's plot; symlog keeps a from-scratch run's 0
         positive = [p["flops"] for pts in curves.values() for p in pts if p["flops"] > 0]
         ax.set_xscale("symlog", linthresh=min(positive, default=1.0))
+        ax.set_xlim(left=0)
     ax.set_xlabel("cumulative training FLOPs" if x == "flops" else x)
     ax.set_ylabel("validation loss (nats)")
     ax.set_title(title)
