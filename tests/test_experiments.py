@@ -1,0 +1,34 @@
+"""The scale-out recipe in quick mode: every variant trains, the table and plots are written.
+(The scale-up recipe runs through notebooks/scale_up_table1.ipynb, executed by nbmake.)"""
+
+import pytest
+
+from minimoe.experiments import QUICK, scale_out_experiment
+
+
+@pytest.fixture(scope="module")
+def summary(tmp_path_factory):
+    out = tmp_path_factory.mktemp("scale-out")
+    return out, scale_out_experiment(out, QUICK, progress=False)
+
+
+def test_every_variant_is_in_the_table(summary):
+    out, s = summary
+    rows = {r["method"]: r for r in s["rows"]}
+    assert list(rows) == ["dense (continued)", "upcycled", "split-random", "split-cluster",
+                          "split-importance", "MoE from scratch"]
+    # upcycling preserves the function; splitting does not; from scratch starts near log(vocab)
+    assert rows["upcycled"]["at init"] == pytest.approx(rows["dense (continued)"]["at init"], abs=1e-5)
+    assert rows["MoE from scratch"]["at init"] > rows["upcycled"]["at init"] + 0.5
+    for r in rows.values():
+        assert r["final"] < r["at init"], r  # every variant learned something
+    assert rows["upcycled"]["params (total)"] > rows["upcycled"]["params (active)"]
+    for name in ("scale-out.md", "scale-out.csv", "loss_vs_tokens.png", "loss_vs_flops.png",
+                 "expert_load.png"):
+        assert (out / name).stat().st_size > 0, name
+
+
+def test_rerun_reuses_finished_runs(summary):
+    out, s = summary
+    again = scale_out_experiment(out, QUICK, progress=False)
+    assert [r["final"] for r in again["rows"]] == [r["final"] for r in s["rows"]]
