@@ -79,9 +79,11 @@ def _slug(name: str) -> str:
 
 
 def _val_points(run_dir: Path, flops0: float, per_token: float) -> list[dict]:
+    """A run's validation points, FLOPs counted from flops0 (the report's own curve rule)."""
+    from minimoe.report import val_curve
+
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return [{"tokens": r["tokens"], "flops": flops0 + r["tokens"] * per_token,
-             "val_loss": r["val_loss"]} for r in log if "val_loss" in r]
+    return val_curve({"log": log, "flops_per_token": per_token}, 0.0, flops0)
 
 
 def _finish_run(init_dir: Path, run_dir: Path, model, spec: dict, ec: ExperimentConfig, meta: dict,

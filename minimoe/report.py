@@ -62,7 +62,7 @@ def _save(fig, path: Path):
     tmp.replace(path)
 
 
-def _val_curve(stage: dict, tokens0: float, flops0: float) -> list[dict]:
+def val_curve(stage: dict, tokens0: float, flops0: float) -> list[dict]:
     """Validation points of one stage, offset by the tokens and FLOPs of the stages before."""
     return [{"tokens": tokens0 + r["tokens"], "flops": flops0 + r["tokens"] * stage["flops_per_token"],
              "val_loss": r["val_loss"]} for r in stage["log"] if "val_loss" in r]
@@ -109,10 +109,10 @@ def write_pipeline_report(out: Path, settings: dict, stages: list[dict], transit
     curves = {}
     tokens0 = flops0 = 0.0
     for stage in chain:
-        curves[stage["stage"]] = _val_curve(stage, tokens0, flops0)
+        curves[stage["stage"]] = val_curve(stage, tokens0, flops0)
         tokens0 += stage["tokens"]
         flops0 += stage["flops"]
-    curves["from scratch"] = _val_curve(scratch, 0.0, 0.0)
+    curves["from scratch"] = val_curve(scratch, 0.0, 0.0)
     title = "EfficientScale vs training the MoE from scratch"
     for x in ("tokens", "flops"):
         marks = {f"-> {label}": pts[0][x] for label, pts in list(curves.items())[1:-1]}
