@@ -21,7 +21,6 @@ any instant leaves the previous checkpoint intact and usable.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -30,44 +29,24 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from minimoe import files
 from minimoe.config import ModelConfig
+from minimoe.files import atomic_write
+from minimoe.model import build_model
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated or does not fit the model."""
 
 
-# --- atomic writes ----------------------------------------------------------------------
-def write_text_atomic(path: Path, text: str):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj):
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
-
-
-def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]):
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    # safetensors wants contiguous, unshared storage (tied weights are stored once by caller)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]):
+    """A safetensors file, written atomically (contiguous CPU copies: safetensors' rule)."""
+    with atomic_write(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
 def read_json(path: Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: missing")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    return files.read_json(path, CheckpointError)
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -118,10 +97,10 @@ def save_model(run_dir: Path, model, meta: dict | None = None):
     """Write config.json, model.safetensors and (optionally) run.json into run_dir."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.json", model.cfg.to_json())
-    save_tensors_atomic(run_dir / "model.safetensors", model_tensors(model))
+    files.write_text(run_dir / "config.json", model.cfg.to_json())
+    save_tensors(run_dir / "model.safetensors", model_tensors(model))
     if meta is not None:
-        write_json_atomic(run_dir / "run.json", meta)
+        files.write_json(run_dir / "run.json", meta)
 
 
 def model_file(run_dir: Path) -> Path:
@@ -139,8 +118,6 @@ def model_file(run_dir: Path) -> Path:
 
 def load_model(run_dir: Path, device="cpu"):
     """(model, run metadata) from a run folder."""
-    from minimoe.model import build_model
-
     run_dir = Path(run_dir)
     path = model_file(run_dir)
     cfg = read_config(run_dir)
@@ -167,15 +144,15 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
     tmp = ckpt_root / (name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_tensors_atomic(tmp / "model.safetensors", model_tensors(model))
+    save_tensors(tmp / "model.safetensors", model_tensors(model))
     moments, hyper = _flatten_optimizer(model, optimizer)
-    save_tensors_atomic(tmp / "optim.safetensors", moments)
-    save_tensors_atomic(tmp / "rng.safetensors", {"torch": torch.get_rng_state()})
-    write_json_atomic(tmp / "state.json", {**state, "step": step, "optimizer": hyper})
+    save_tensors(tmp / "optim.safetensors", moments)
+    save_tensors(tmp / "rng.safetensors", {"torch": torch.get_rng_state()})
+    files.write_json(tmp / "state.json", {**state, "step": step, "optimizer": hyper})
     final = ckpt_root / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    write_text_atomic(ckpt_root / "latest", name)
+    files.write_text(ckpt_root / "latest", name)
     for old in sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and p.suffix != ".tmp")[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -1,4 +1,4 @@
-"""The corpus and the tokenizer: the preparation phase's data work, at toy scale.
+"""The corpus: the preparation phase's data work, at toy scale (tokens and batches: tokens.py).
 
 AquilaMoE pretrains on a cleaned, deduplicated Chinese + English corpus and watches validation
 loss through every stage (arXiv 2408.06567, "Preparation Phase"). The demo corpus is real text
@@ -11,15 +11,13 @@ Your own data: `.txt` files, where a blank line separates documents (a file with
 document), `.jsonl` files with a string field `text`, or folders of them.
 
 sources -> clean (NFKC, whitespace, short lines and documents, duplicates, language tag) -> hash
-split -> cache + manifest.json -> BPE trained on train -> token memmaps -> batches that are pure
-functions of (seed, step). Cache files are written to a temp name and renamed (os.replace is
-atomic), manifest.json / meta.json last: an interrupted build leaves nothing a later run trusts.
+split -> cache + manifest.json. Every file is written atomically (minimoe/files.py), the
+manifest last: an interrupted build leaves nothing a later run trusts.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -30,12 +28,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm import tqdm
+from minimoe import files
 
-EOS = "<|endoftext|>"  # separates documents in the token stream
 FORMAT = 1  # bump when the cleaning rules change, so that old caches are rebuilt
 MIN_LINE_ALNUM = 2  # a line needs 2+ letters or digits: drops separators and page numbers
 MIN_DOC_CHARS = 64  # shorter documents are mostly captions and headings
@@ -185,13 +179,6 @@ def _split(docs: list[tuple[str, str]], val_fraction: float, seed: int) -> list[
 # --- the corpus cache --------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write a temp file beside `path`, then rename it: readers see all of it or none."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 @dataclass(frozen=True)
 class Corpus:
     """A prepared corpus: train.jsonl and val.jsonl ({"lang", "text"} per line) + manifest."""
@@ -242,7 +229,7 @@ def prepare_corpus(paths: list[str] | None = None, cache_dir: str | Path | None 
     stats, content_hash = _write_splits(folder, docs, _split(docs, val_fraction, seed))
     manifest = {"sources": sources, "settings": settings, "dropped": dropped, "stats": stats,
                 "content_sha256": content_hash, "cleaning": _clean.__doc__}
-    _write_atomic(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False).encode())
+    files.write_json(manifest_path, manifest)
     return Corpus(folder, manifest)
 
 
@@ -284,162 +271,5 @@ def _write_splits(folder: Path, docs, is_val: list[bool]) -> tuple[dict, str]:
                 counts["characters"] += len(text)
         payload = "".join(lines).encode("utf-8")
         content.update(payload)
-        _write_atomic(folder / f"{split}.jsonl", payload)
+        files.write_bytes(folder / f"{split}.jsonl", payload)
     return stats, content.hexdigest()
-
-
-# --- tokenizers: encode(text) -> list[int], decode(ids) -> str, vocab_size, eos_id, name ---
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens plus one end-of-text id: nothing to train, nothing unknown."""
-
-    name, vocab_size, eos_id = "byte", 257, 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        pieces = (EOS.encode() if i == self.eos_id else bytes([i]) for i in ids)
-        return b"".join(pieces).decode("utf-8", errors="replace")
-
-
-class BPETokenizer:
-    """Byte-level BPE, as in GPT-2: any text encodes, and frequent byte runs (English words,
-    common Chinese characters) become single tokens, so sequences are ~3x shorter than bytes."""
-
-    def __init__(self, path: Path, name: str):
-        self._tokenizer = Tokenizer.from_file(str(path))
-        self.name = name
-        self.vocab_size = self._tokenizer.get_vocab_size()
-        self.eos_id = self._tokenizer.token_to_id(EOS)
-
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text).ids
-
-    def decode(self, ids) -> str:
-        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
-
-
-def _train_bpe(texts: list[str], vocab_size: int) -> str:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(texts, trainer, length=len(texts))
-    return tokenizer.to_str()
-
-
-def load_tokenizer(corpus: Corpus, vocab_size: int = 2048, kind: str = "bpe"):
-    """The byte fallback, or a BPE trained on the training split only (cached in the corpus)."""
-    if kind == "byte":
-        return ByteTokenizer()
-    if kind != "bpe":
-        raise ValueError(f"tokenizer {kind!r}: must be 'bpe' or 'byte'")
-    if vocab_size <= 257:
-        raise ValueError(f"vocab_size {vocab_size}: must exceed 257 (256 bytes + {EOS})")
-    path = corpus.path / f"tokenizer-bpe{vocab_size}.json"
-    if not path.exists():
-        _write_atomic(path, _train_bpe(corpus.texts("train"), vocab_size).encode())
-    return BPETokenizer(path, name=f"bpe{vocab_size}-{corpus.hash[:8]}")
-
-
-# --- token arrays and batches ------------------------------------------------------------
-
-
-def _encode_all(tokenizer, texts: list[str], split: str) -> np.ndarray:
-    """Every document followed by eos, so the model learns where a document ends."""
-    ids: list[int] = []
-    for text in tqdm(texts, desc=f"tokenizing {split}", unit="doc", delay=3, leave=False):
-        ids += tokenizer.encode(text)
-        ids.append(tokenizer.eos_id)
-    return np.asarray(ids, dtype=np.int64)
-
-
-def _seed_for(seed: int, step: int) -> int:
-    """Mix (seed, step) into one torch seed (blake2b: the same in every Python process)."""
-    digest = hashlib.blake2b(f"{seed}/{step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-@dataclass(frozen=True)
-class TokenData:
-    """Token ids of train, val and val_<lang> as read-only memory maps, and batches from them."""
-
-    path: Path
-    arrays: dict[str, np.ndarray]
-    tokenizer_name: str
-
-    @classmethod
-    def build(cls, corpus: Corpus, tokenizer) -> TokenData:
-        folder = corpus.path / f"tokens-{tokenizer.name}"
-        meta_path = folder / "meta.json"
-        if not meta_path.exists():
-            folder.mkdir(exist_ok=True)
-            dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32  # half the bytes
-            splits = {"train": corpus.texts("train"), "val": corpus.texts("val")}
-            splits |= {f"val_{lang}": corpus.texts("val", lang) for lang in corpus.langs}
-            counts = {}
-            for split, texts in splits.items():
-                ids = _encode_all(tokenizer, texts, split).astype(dtype)
-                buffer = io.BytesIO()
-                np.save(buffer, ids)
-                _write_atomic(folder / f"{split}.npy", buffer.getvalue())
-                counts[split] = len(ids)
-            meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
-                    "corpus_sha256": corpus.hash, "tokens": counts}
-            _write_atomic(meta_path, json.dumps(meta, indent=2).encode())
-        meta = json.loads(meta_path.read_text())
-        arrays = {s: np.load(folder / f"{s}.npy", mmap_mode="r") for s in meta["tokens"]}
-        return cls(folder, arrays, meta["tokenizer"])
-
-    @property
-    def langs(self) -> list[str]:
-        return sorted(split[4:] for split in self.arrays if split.startswith("val_"))
-
-    def n_tokens(self, split: str = "train") -> int:
-        return len(self._array(split))
-
-    def _array(self, split: str) -> np.ndarray:
-        if split not in self.arrays:
-            raise ValueError(f"split {split!r}: must be one of {sorted(self.arrays)}")
-        return self.arrays[split]
-
-    @staticmethod
-    def _windows(tokens: np.ndarray, starts, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(tokens) < seq_len + 1:
-            raise ValueError(f"seq_len {seq_len}: needs {seq_len + 1} tokens, this split has "
-                             f"{len(tokens)}")
-        rows = np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64)  # (B, T+1)
-        rows = torch.from_numpy(rows)
-        return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # x, and y = next token: (B, T)
-
-    def train_batch(self, step: int, batch_size: int, seq_len: int, seed: int = 0):
-        """Random windows that depend on (seed, step, batch_size, seq_len) only: no iterator
-        state, so a run resumed at step i sees exactly the batches of an unbroken run."""
-        tokens = self._array("train")
-        generator = torch.Generator().manual_seed(_seed_for(seed, step))
-        high = max(len(tokens) - seq_len, 1)  # the last start whose target window still fits
-        starts = torch.randint(0, high, (batch_size,), generator=generator).tolist()
-        return self._windows(tokens, starts, seq_len)
-
-    def val_batches(self, batch_size: int, seq_len: int, n_batches: int | None = None,
-                    lang: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Fixed, evenly spaced windows: the same in every run and stage, so losses compare.
-        n_batches=None takes as many as fit without overlap (at least one batch)."""
-        tokens = self._array("val" if lang is None else f"val_{lang}")
-        if n_batches is None:
-            n_batches = max(1, (len(tokens) - 1) // seq_len // batch_size)
-        starts = np.linspace(0, max(len(tokens) - seq_len - 1, 0), n_batches * batch_size)
-        starts = starts.round().astype(int).tolist()
-        return [self._windows(tokens, starts[i:i + batch_size], seq_len)
-                for i in range(0, len(starts), batch_size)]
-
-
-def load_data(paths: list[str] | None = None, vocab_size: int = 2048, tokenizer: str = "bpe",
-              cache_dir: str | Path | None = None, val_fraction: float = 0.03, seed: int = 0):
-    """Corpus -> tokenizer -> token arrays in one call; returns (TokenData, tokenizer)."""
-    corpus = prepare_corpus(paths, cache_dir, val_fraction, seed)
-    tok = load_tokenizer(corpus, vocab_size, tokenizer)
-    return TokenData.build(corpus, tok), tok

@@ -8,7 +8,7 @@ Our weight names are HF's with shorter prefixes, so conversion is a renaming:
   layers.{i}.mlp.*_proj         <-> model.layers.{i}.mlp.*_proj
   norm / lm_head                <-> model.norm / lm_head
 Both use the half-split ("rotate_half") RoPE layout, so no permutation of Q/K rows is needed.
-The MoE (Mixtral) side of interop lives in minimoe/upcycle.py next to the MoE conversions.
+The MoE side converts to and from MixtralForCausalLM (below).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from minimoe.config import ModelConfig
+from minimoe.model import Transformer
 
 _RENAMES = [  # (ours, theirs), applied as prefix/infix substitutions
     ("embed.", "model.embed_tokens."),
@@ -111,3 +112,113 @@ def import_llama_state_dict(hf_state_dict: dict[str, torch.Tensor]) -> dict[str,
             continue
         out[from_hf_name(k)] = v
     return out
+
+
+# --- Hugging Face Mixtral ---------------------------------------------------------------------
+def _check_mixtral(cfg: ModelConfig):
+    rules = [
+        (cfg.is_moe, "n_experts", "must be > 0 (Mixtral is an MoE)"),
+        (cfg.moe_layer_freq == 1, "moe_layer_freq", "must be 1 (every Mixtral layer is MoE)"),
+        (cfg.gate == "softmax-topk", "gate", "must be 'softmax-topk' (Mixtral's routing)"),
+        (cfg.shared_d_ffn == 0, "shared_d_ffn", "must be 0 (Mixtral has no shared expert)"),
+        (cfg.capacity_factor == 0, "capacity_factor", "must be 0 (Mixtral is dropless)"),
+        (not cfg.router_noise, "router_noise", "must be False (Mixtral has no noisy gating)"),
+    ]
+    for ok, field, rule in rules:
+        if not ok:
+            raise ValueError(f"ModelConfig.{field}={getattr(cfg, field)!r}: {rule}")
+
+
+def hf_mixtral_config(cfg: ModelConfig):
+    """The transformers MixtralConfig with the same shape as an MoE ModelConfig."""
+    from transformers import MixtralConfig
+
+    _check_mixtral(cfg)
+    return MixtralConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.moe_d_ffn,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
+        initializer_range=cfg.init_std, num_local_experts=cfg.n_experts,
+        num_experts_per_tok=cfg.top_k, router_jitter_noise=0.0, sliding_window=None,
+        attn_implementation="sdpa",
+    )
+
+
+def export_mixtral_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our MoE state dict -> MixtralForCausalLM's.
+
+    transformers 5 stores Mixtral's experts fused, in nn.Linear's (out, in) layout:
+      layers.{i}.mlp.router.weight (E, D)      -> model.layers.{i}.mlp.gate.weight (E, D)
+      w_gate_EDF, w_up_EDF (E, D, F)           -> mlp.experts.gate_up_proj (E, 2F, D) = [gate; up]
+      w_down_EFD (E, F, D)                     -> mlp.experts.down_proj (E, D, F)
+    expert_scale is folded into down_proj (exact). Mixtral's attention has no biases: zero
+    QKV biases are dropped, nonzero ones refused.
+    """
+    _check_mixtral(cfg)
+    out = {}
+    for name, tensor in sd.items():
+        layer, leaf = _split_moe_name(name)
+        hf = f"model.layers.{layer}.mlp."
+        if leaf == "router.weight":
+            out[hf + "gate.weight"] = tensor
+        elif leaf == "w_gate_EDF":
+            w_up_EDF = sd[f"layers.{layer}.mlp.w_up_EDF"]
+            out[hf + "experts.gate_up_proj"] = torch.cat([tensor, w_up_EDF], dim=2).transpose(1, 2)
+        elif leaf == "w_up_EDF":
+            continue  # fused into gate_up_proj above
+        elif leaf == "w_down_EFD":
+            out[hf + "experts.down_proj"] = tensor.transpose(1, 2) * cfg.expert_scale
+        elif name.endswith(_QKV_BIASES):
+            if tensor.abs().max() > 0:
+                raise ValueError(f"{name}: nonzero QKV bias; Mixtral's attention has no biases")
+        else:
+            out[to_hf_name(name)] = tensor
+    return out
+
+
+def import_mixtral_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """MixtralForCausalLM's state dict -> ours (with zero QKV biases when cfg.qkv_bias)."""
+    _check_mixtral(cfg)
+    out = {}
+    for name, tensor in hf_sd.items():
+        if "rotary_emb" in name:
+            continue
+        layer, leaf = _split_moe_name(name.removeprefix("model."))
+        ours = f"layers.{layer}.mlp."
+        if leaf == "gate.weight":
+            out[ours + "router.weight"] = tensor
+        elif leaf == "experts.gate_up_proj":
+            w_gate_up_ED2F = tensor.transpose(1, 2)
+            out[ours + "w_gate_EDF"], out[ours + "w_up_EDF"] = w_gate_up_ED2F.chunk(2, dim=2)
+        elif leaf == "experts.down_proj":
+            out[ours + "w_down_EFD"] = tensor.transpose(1, 2) / cfg.expert_scale
+        else:
+            out[from_hf_name(name)] = tensor
+    if cfg.qkv_bias:
+        for i in range(cfg.n_layers):
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                weight = out[f"layers.{i}.attn.{proj}.weight"]
+                out[f"layers.{i}.attn.{proj}.bias"] = weight.new_zeros(weight.shape[0])
+    return out
+
+
+_QKV_BIASES = ("attn.q_proj.bias", "attn.k_proj.bias", "attn.v_proj.bias")
+
+
+def _split_moe_name(name: str) -> tuple[str, str]:
+    """'layers.3.mlp.router.weight' -> ('3', 'router.weight'); other names -> ('', '')."""
+    parts = name.split(".", 3)
+    if len(parts) == 4 and parts[0] == "layers" and parts[2] == "mlp":
+        return parts[1], parts[3]
+    return "", ""
+
+
+def mixtral_from_moe(model: Transformer):
+    """A MixtralForCausalLM holding the same weights as our MoE model (for checks and export)."""
+    from transformers import MixtralForCausalLM
+
+    hf = MixtralForCausalLM(hf_mixtral_config(model.cfg))
+    hf.load_state_dict(export_mixtral_state_dict(model.state_dict(), model.cfg), strict=True)
+    return hf.to(next(model.parameters()).dtype)

@@ -2,7 +2,7 @@
 
 RMSNorm -> grouped-query attention with rotary positions -> RMSNorm -> SwiGLU MLP, repeated,
 then a final RMSNorm and the LM head. The MLP of a block is a swappable slot: Scale-Out puts an
-`MoE` module (minimoe/moe.py) there, and nothing else in this file changes.
+`MoE` module (minimoe/moe.py, which also holds the SwiGLU `MLP`) there, and nothing else in this file changes.
 
 This file is architecture only: no distribution, no logging, no files. Weight names follow
 Hugging Face's LlamaForCausalLM one for one (q_proj, gate_proj, ...) so interop is a renaming.
@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minimoe.config import ModelConfig
+from minimoe.moe import MLP, MoE
 
 
 class RMSNorm(nn.Module):
@@ -70,31 +71,14 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, d_model: int, d_ffn: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(d_model, d_ffn, bias=False)
-        self.up_proj = nn.Linear(d_model, d_ffn, bias=False)
-        self.down_proj = nn.Linear(d_ffn, d_model, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        if cfg.is_moe_layer(layer):
-            from minimoe.moe import MoE  # the MLP slot takes an MoE on Scale-Out
-
-            self.mlp = MoE(cfg)
-        else:
-            self.mlp = MLP(cfg.d_model, cfg.d_ffn)
+        # the MLP slot: a SwiGLU MLP, or on Scale-Out a Mixture of them
+        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.d_model, cfg.d_ffn)
 
     def forward(self, x, cos, sin):
         x = x + self.attn(self.attn_norm(x), cos, sin)

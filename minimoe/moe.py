@@ -40,11 +40,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minimoe.config import ModelConfig
-from minimoe.model import MLP
 
 GROUPED_MM = True  # False forces the per-expert loop (benchmarks, debugging)
 NOISE_EPSILON = 1e-2  # LLaMA-MoE's gate_noise_epsilon: the noise std floor (PEERS.md §A2)
 AUX_NAMES = ("balance", "z", "max_z", "cv2")
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, d_model: int, d_ffn: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ffn, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ffn, bias=False)
+        self.down_proj = nn.Linear(d_ffn, d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Routing(NamedTuple):

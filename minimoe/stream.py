@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
+from minimoe.files import atomic_write
+
 _DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
                 torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
                 torch.uint8: "U8", torch.bool: "BOOL"}
@@ -66,7 +68,7 @@ def write_safetensors(path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]
                       produce: Callable[[str], torch.Tensor], metadata: dict | None = None) -> int:
     """Write `produce(name)` for each name of `specs` ({name: (dtype, shape)}), one at a time.
 
-    The file appears atomically (written beside it, then renamed). Returns the bytes written.
+    The file appears atomically (minimoe/files.py). Returns the bytes written.
     """
     header, offset = {}, 0
     for name, (dtype, shape) in specs.items():
@@ -81,24 +83,15 @@ def write_safetensors(path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # pad as the reference writer does, so the data is 8-aligned
 
-    path = os.fspath(path)
-    tmp = path + ".partial"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for name, (dtype, shape) in specs.items():
-                tensor = produce(name)
-                if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-                    raise ValueError(f"{name}: produced {tensor.dtype} {tuple(tensor.shape)}, "
-                                     f"header says {dtype} {tuple(shape)}")
-                # write the tensor's own memory through the buffer protocol: no bytes copy
-                f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-                del tensor
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it visible
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, (dtype, shape) in specs.items():
+            tensor = produce(name)
+            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                raise ValueError(f"{name}: produced {tensor.dtype} {tuple(tensor.shape)}, "
+                                 f"header says {dtype} {tuple(shape)}")
+            # write the tensor's own memory through the buffer protocol: no bytes copy
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+            del tensor
     return 8 + len(blob) + offset

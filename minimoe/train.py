@@ -21,7 +21,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tqdm.auto import tqdm
+
 from minimoe import checkpoint as ckpt
+from minimoe import files
+from minimoe.moe import AuxLossConfig, expert_load
 
 
 @dataclass
@@ -44,12 +48,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     device: str = "cpu"
-    # MoE auxiliary loss coefficients (AquilaMoE: balance 0.001, max-z 0.01; METHOD.md §6.2)
-    balance_coef: float = 0.001
-    z_coef: float = 0.0
-    max_z_coef: float = 0.01
-    max_z_on: str = "router"  # the paper does not say: "router" or "lm_head" logits
-    cv2_coef: float = 0.0
+    aux: AuxLossConfig = field(default_factory=AuxLossConfig)  # MoE losses (AquilaMoE's)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
@@ -61,8 +60,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr={self.lr!r}: must be positive")
         if self.warmup_steps < 0:
             raise ValueError(f"TrainConfig.warmup_steps={self.warmup_steps}: must be >= 0")
-        if self.max_z_on not in ("router", "lm_head"):
-            raise ValueError(f"TrainConfig.max_z_on={self.max_z_on!r}: must be router or lm_head")
+        if isinstance(self.aux, dict):  # as read back from run.json
+            self.aux = AuxLossConfig(**self.aux)
 
     @property
     def tokens_per_step(self) -> int:
@@ -95,11 +94,7 @@ def moe_losses(model, logits, tc: TrainConfig) -> tuple[torch.Tensor, dict[str, 
     """Weighted sum of the MoE auxiliary losses (zero for a dense model) and each raw value."""
     if not model.cfg.is_moe:
         return logits.new_zeros(()), {}
-    from minimoe.moe import AuxLossConfig
-
-    aux = AuxLossConfig(balance=tc.balance_coef, z=tc.z_coef, max_z=tc.max_z_coef,
-                        max_z_on=tc.max_z_on, cv2=tc.cv2_coef)
-    return aux.total(model, logits)
+    return tc.aux.total(model, logits)
 
 
 @torch.no_grad()
@@ -142,8 +137,8 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
     out_dir.mkdir(parents=True, exist_ok=True)
     run = {"train": dataclasses.asdict(tc), "model": model.cfg.to_dict(), **(meta or {})}
     _check_same_run(out_dir, run)
-    ckpt.write_text_atomic(out_dir / "config.json", model.cfg.to_json())
-    ckpt.write_json_atomic(out_dir / "run.json", run)
+    files.write_text(out_dir / "config.json", model.cfg.to_json())
+    files.write_json(out_dir / "run.json", run)
 
     device = torch.device(tc.device)
     model.to(device).train()
@@ -209,7 +204,7 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
             last_good = ckpt.latest_checkpoint(out_dir)
     if bar is not None:
         bar.close()
-    ckpt.save_tensors_atomic(out_dir / "model.safetensors", ckpt.model_tensors(model))
+    ckpt.save_tensors(out_dir / "model.safetensors", ckpt.model_tensors(model))
     plot_losses(history, out_dir / "loss.png", title=str((meta or {}).get("stage", out_dir.name)))
     return RunResult(out_dir, step, tokens, train_time, _final_val(history), history)
 
@@ -238,9 +233,8 @@ def _truncate_log(path: Path, step: int) -> list[dict]:
     """Keep the log records up to `step` (a resumed run re-logs what came after)."""
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    records = [r for r in records if r["step"] <= step]
-    ckpt.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    records = [r for r in files.read_jsonl(path) if r["step"] <= step]
+    files.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return records
 
 
@@ -251,28 +245,23 @@ def _log(path: Path, record: dict) -> dict:
 
 
 def _expert_load(model):
-    if not model.cfg.is_moe:
-        return None
-    from minimoe.moe import expert_load
-
-    return expert_load(model).tolist()
+    return expert_load(model).tolist() if model.cfg.is_moe else None
 
 
 def _progress(total: int, start: int, enabled: bool):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, leave=False)
+
+
+def read_log(run_dir) -> list[dict]:
+    """The records of a run's log.jsonl (every logged step, with its validation losses)."""
+    return files.read_jsonl(Path(run_dir) / "log.jsonl")
 
 
 def plot_losses(history: list[dict], path: Path, title: str = ""):
     """Training and validation loss against tokens, one PNG per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = files.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     train_pts = [(r["tokens"], r["loss"]) for r in history if "loss" in r]
     if train_pts:
@@ -284,8 +273,4 @@ def plot_losses(history: list[dict], path: Path, title: str = ""):
     ax.set_ylabel("cross-entropy (nats)")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    files.save_figure(fig, path)

@@ -10,7 +10,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from minimoe import data  # noqa: E402
+from minimoe import data, files  # noqa: E402
+from minimoe import tokens as tk  # noqa: E402
 
 # Real text for the user-file tests: public-domain English novels and People's Daily, 1998.
 ENGLISH = [
@@ -45,8 +46,8 @@ def _cache_in_tmp(tmp_path, monkeypatch):
 def demo(tmp_path_factory):
     """The real demo corpus, BPE and token arrays, built once per session (~15 s)."""
     corpus = data.prepare_corpus(cache_dir=tmp_path_factory.mktemp("demo"))
-    tokenizer = data.load_tokenizer(corpus, vocab_size=2048)
-    return corpus, tokenizer, data.TokenData.build(corpus, tokenizer)
+    tokenizer = tk.load_tokenizer(corpus, vocab_size=2048)
+    return corpus, tokenizer, tk.TokenData.build(corpus, tokenizer)
 
 
 @pytest.fixture
@@ -112,7 +113,7 @@ def test_train_batch_is_a_pure_function_of_seed_and_step(demo):
     corpus, tokenizer, tokens = demo
     x, y = tokens.train_batch(step=7, batch_size=4, seq_len=32, seed=1)
     assert x.shape == y.shape == (4, 32) and x.dtype == y.dtype == torch.int64
-    reloaded = data.TokenData.build(corpus, tokenizer)  # as a resumed run would
+    reloaded = tk.TokenData.build(corpus, tokenizer)  # as a resumed run would
     x2, y2 = reloaded.train_batch(step=7, batch_size=4, seq_len=32, seed=1)
     assert torch.equal(x, x2) and torch.equal(y, y2)
     assert not torch.equal(x, tokens.train_batch(step=8, batch_size=4, seq_len=32, seed=1)[0])
@@ -141,11 +142,11 @@ def test_val_batches_are_fixed_and_per_language(demo):
 def test_tokenizers_round_trip_real_text(demo):
     corpus, bpe, _ = demo
     texts = [corpus.texts("val", "en")[0], corpus.texts("val", "zh")[0], "emoji 🚀 and  tabs\t"]
-    for tokenizer in (bpe, data.ByteTokenizer()):
+    for tokenizer in (bpe, tk.ByteTokenizer()):
         for text in texts:
             ids = tokenizer.encode(text)
             assert max(ids) < tokenizer.vocab_size and tokenizer.decode(ids) == text
-        assert tokenizer.decode([tokenizer.eos_id]) == data.EOS
+        assert tokenizer.decode([tokenizer.eos_id]) == tk.EOS
     assert bpe.vocab_size == 2048 and bpe.name.startswith("bpe2048-")
     assert len(bpe.encode(texts[0])) < len(texts[0].encode()) / 2  # BPE compresses English
 
@@ -159,14 +160,14 @@ def test_user_txt_and_jsonl_detect_language_and_split(user_folder):
     assert corpus.langs == ["en", "zh"]  # each language keeps at least one val document
     assert _docs(corpus, "train") | _docs(corpus, "val") == set(ENGLISH + CHINESE)
     assert not _docs(corpus, "train") & _docs(corpus, "val")
-    tokens, tokenizer = data.load_data([str(user_folder)], tokenizer="byte", val_fraction=0.2)
+    tokens, tokenizer = tk.load_data([str(user_folder)], tokenizer="byte", val_fraction=0.2)
     assert tokenizer.name == "byte" and tokens.langs == ["en", "zh"]
     assert tokens.train_batch(0, batch_size=2, seq_len=16)[0].shape == (2, 16)
 
 
 def test_small_bpe_on_user_files(user_folder):
     corpus = data.prepare_corpus([str(user_folder)], val_fraction=0.2)
-    tokenizer = data.load_tokenizer(corpus, vocab_size=300)
+    tokenizer = tk.load_tokenizer(corpus, vocab_size=300)
     assert tokenizer.vocab_size <= 300
     assert tokenizer.decode(tokenizer.encode(CHINESE[0])) == CHINESE[0]
 
@@ -182,19 +183,19 @@ def test_exact_duplicates_are_removed(tmp_path):
 
 
 def test_rebuild_skipped_and_interrupted_build_redone(user_folder, monkeypatch):
-    write = data._write_atomic
+    write = files.write_json
 
     def crash_at_manifest(path, payload):
         if path.name == "manifest.json":
             raise KeyboardInterrupt  # the build dies after writing the splits
         write(path, payload)
 
-    monkeypatch.setattr(data, "_write_atomic", crash_at_manifest)
+    monkeypatch.setattr(files, "write_json", crash_at_manifest)
     with pytest.raises(KeyboardInterrupt):
         data.prepare_corpus([str(user_folder)])
-    monkeypatch.setattr(data, "_write_atomic", write)
+    monkeypatch.setattr(files, "write_json", write)
     corpus = data.prepare_corpus([str(user_folder)])  # no manifest, so it builds again
-    assert not list(corpus.path.glob(".*.tmp"))
+    assert not list(corpus.path.glob(".*.tmp*"))
     monkeypatch.setitem(data._READERS, ".txt", None)  # a rebuild would now fail
     assert data.prepare_corpus([str(user_folder)]).hash == corpus.hash
 

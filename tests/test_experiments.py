@@ -3,7 +3,10 @@
 
 import pytest
 
-from minimoe.experiments import QUICK, scale_out_experiment
+from minimoe.recipes.config import RECIPES
+from minimoe.recipes.experiments import scale_out_experiment
+
+QUICK = RECIPES["tiny"]
 
 
 @pytest.fixture(scope="module")

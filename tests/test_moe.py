@@ -229,7 +229,7 @@ def test_equals_transformers_mixtral_sparse_block(implementation):
     pytest.importorskip("transformers")
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    from minimoe.upcycle import hf_mixtral_config
+    from minimoe.interop import hf_mixtral_config
 
     torch.manual_seed(0)
     cfg = TINY_MOE.replace(n_experts=8, expert_d_ffn=32)

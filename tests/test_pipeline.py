@@ -6,7 +6,8 @@ import pytest
 
 from minimoe import checkpoint as ckpt
 from minimoe.cli import main
-from minimoe.pipeline import get_pipeline, run_pipeline
+from minimoe.recipes.config import get_recipe
+from minimoe.recipes.pipeline import run_pipeline
 
 STAGES = ["1-prep", "2-grown", "3-scale-up", "4-upcycled", "5-scale-out", "6-scratch"]
 
@@ -25,7 +26,7 @@ def pipeline_dir(tmp_path_factory):
     minimoe.upcycle.upcycle = broken
     try:
         with pytest.raises(RuntimeError, match="simulated crash"):
-            run_pipeline(get_pipeline("tiny"), out, progress=False)
+            run_pipeline(get_recipe("tiny"), out, progress=False)
     finally:
         minimoe.upcycle.upcycle = real
     for stage in ("1-prep", "2-grown", "3-scale-up"):
@@ -65,7 +66,7 @@ def test_upcycling_preserves_the_loss(pipeline_dir):
 
 def test_rerun_of_a_finished_pipeline_trains_nothing(pipeline_dir):
     before = {s: (pipeline_dir / s / "model.safetensors").stat().st_mtime_ns for s in STAGES}
-    run_pipeline(get_pipeline("tiny"), pipeline_dir, progress=False)
+    run_pipeline(get_recipe("tiny"), pipeline_dir, progress=False)
     after = {s: (pipeline_dir / s / "model.safetensors").stat().st_mtime_ns for s in STAGES}
     assert before == after
 

@@ -13,10 +13,10 @@ import pytest
 from minimoe.cli import main
 from minimoe.config import PRESETS
 from minimoe.flops import flops_per_token
-from minimoe.hardware import CATALOGUE, get_device
-from minimoe.plan import iter_layouts, search_layouts
-from minimoe.scenario import load_scenario, parse_scenario, sweep
-from minimoe.sim import PF_DAY, Layout, Options, Workload, simulate
+from minimoe.sim.hardware import CATALOGUE, get_device
+from minimoe.sim.search import iter_layouts, search_layouts
+from minimoe.sim.scenario import load_scenario, parse_scenario, sweep
+from minimoe.sim.cost import PF_DAY, Layout, Options, Workload, simulate
 
 SIMS = Path(__file__).resolve().parent.parent / "sims"
 H100 = get_device("h100")

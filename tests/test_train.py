@@ -19,7 +19,7 @@ from minimoe.train import TrainConfig, TrainingDiverged, lr_at
 # right after that step, between two checkpoints (every 10 steps).
 SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from minimoe.stages import data_spec, pretrain
+    from minimoe.recipes.stages import data_spec, pretrain
     from minimoe.train import TrainConfig
     kill_at = int(os.environ.get("KILL_AT", "0"))
     def on_step(step, record):
@@ -84,7 +84,7 @@ def test_wrong_shape_names_the_tensor(finished_run, tmp_path):
     def reshape(run):
         tensors = ckpt.load_tensors(run / "model.safetensors")
         tensors["layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
-        ckpt.save_tensors_atomic(run / "model.safetensors", tensors)
+        ckpt.save_tensors(run / "model.safetensors", tensors)
     message = _corrupt_and_load(finished_run, tmp_path, reshape)
     assert "tensor layers.1.mlp.up_proj.weight has shape (3, 3)" in message
 
@@ -111,7 +111,7 @@ def test_cli_errors_are_one_line_exit_2(finished_run, tmp_path, capsys):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(finished_run, tmp_path):
-    from minimoe.stages import continue_pretraining
+    from minimoe.recipes.stages import continue_pretraining
 
     model, _ = ckpt.load_model(finished_run)
     bad = tmp_path / "bad"

@@ -5,9 +5,9 @@ import torch
 
 from minimoe.config import get_preset
 from minimoe.model import build_model
-from minimoe.upcycle import (balanced_kmeans, export_mixtral_state_dict, hf_mixtral_config,
-                             import_mixtral_state_dict, mixtral_from_moe, residual_split, split,
-                             taylor_importance, upcycle)
+from minimoe.interop import (export_mixtral_state_dict, hf_mixtral_config,
+                             import_mixtral_state_dict, mixtral_from_moe)
+from minimoe.upcycle import balanced_kmeans, residual_split, split, taylor_importance, upcycle
 
 TINY = get_preset("tiny")  # d_ffn 176 = 8 x 22
 

@@ -12,10 +12,13 @@ from pathlib import Path
 import torch
 
 from minimoe import checkpoint as ckpt
+from minimoe import files
 from minimoe.config import ModelConfig, get_preset
-from minimoe.data import load_data
+from minimoe.grow import growth_report, scale_up
 from minimoe.model import build_model
+from minimoe.tokens import load_data
 from minimoe.train import RunResult, TrainConfig, evaluate, train
+from minimoe.upcycle import scale_out
 
 
 def data_spec(paths=None, vocab_size: int = 2048, tokenizer: str = "bpe") -> dict:
@@ -38,9 +41,9 @@ def run_data_spec(run_dir) -> dict:
 def pretrain(cfg: ModelConfig | str, out, tc: TrainConfig, spec: dict | None = None,
              progress: bool = True, on_step=None) -> RunResult:
     """Train a freshly initialised model (the preparation phase, or a from-scratch baseline)."""
+    cfg = get_preset(cfg) if isinstance(cfg, str) else cfg  # a bad name fails before any work
     spec = spec or data_spec()
     data, tok = load_run_data(spec)
-    cfg = get_preset(cfg) if isinstance(cfg, str) else cfg
     cfg = cfg.replace(vocab_size=tok.vocab_size)  # the tokenizer decides the vocabulary
     torch.manual_seed(tc.seed)
     model = build_model(cfg)
@@ -90,7 +93,7 @@ def transform_run(src, out, transform, meta: dict, tc: TrainConfig | None = None
     report = {**request, **extra, "val_before": before, "val_after": after,
               "params_before": model.cfg.param_counts(), "params_after": new_model.cfg.param_counts()}
     ckpt.save_model(out, new_model, {**meta, "data": spec, "init_from": str(src.resolve())})
-    ckpt.write_json_atomic(report_path, report)
+    files.write_json(report_path, report)
     return report
 
 
@@ -98,8 +101,6 @@ def grow_run(src, target: str, out, method: str = "aki-pro", depth: str | None =
              mapping: str = "cyclic", seed: int = 0, kv: str = "keep",
              tc: TrainConfig | None = None) -> dict:
     """Scale-Up of a run's model to a preset's shape (vocabulary kept: it is the tokenizer's)."""
-    from minimoe.grow import growth_report, scale_up
-
     def transform(model):
         shape = get_preset(target).replace(vocab_size=model.cfg.vocab_size)
         grown, plan = scale_up(model, shape, method, depth, mapping, seed, kv, return_plan=True)
@@ -115,8 +116,6 @@ def scale_out_run(src, out, method: str = "upcycle", n_experts: int = 8, top_k: 
                   **options) -> dict:
     """Scale-Out of a run's dense model: "upcycle" or "split-<random|cluster|importance...>".
     The importance splits calibrate on `calib_batches` batches of the run's training data."""
-    from minimoe.upcycle import scale_out
-
     def transform(dense):
         calib = None
         if method.startswith("split-importance"):

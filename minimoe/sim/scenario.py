@@ -25,10 +25,11 @@ from pathlib import Path
 
 from minimoe.config import ModelConfig, get_preset
 from minimoe.flops import flops_per_token
-from minimoe.hardware import CATALOGUE, TFLOPS, Device, device_from_table, get_device
-from minimoe.plan import search_layouts
-from minimoe.sim import (PF_DAY, SECONDS_PER_DAY, Layout, Options, Workload, check_layout,
-                         fmt_value, simulate)
+from minimoe.sim.hardware import CATALOGUE, TFLOPS, Device, device_from_table, get_device
+from minimoe.sim.cost import (PF_DAY, SECONDS_PER_DAY, Layout, Options, Workload, check_layout,
+                              simulate)
+from minimoe.sim.search import search_layouts
+from minimoe.tables import fmt_value
 
 try:
     import tomllib
@@ -106,11 +107,22 @@ class PhaseResult:
                 "cost ($M)": None if self.cost_usd is None else self.cost_usd / 1e6}
 
 
+def savings_factors(phase_times: list[float], phase_capacities: list[float], baseline_time: float,
+                    baseline_capacity: float) -> tuple[float, float]:
+    """AquilaMoE's savings factors (arXiv 2408.06567 §4.3, Table 6), the baseline over the chain:
+
+    TSF  = baseline time / sum of the phases' times
+    CPSF = baseline capacity / sum of the phases' capacities, capacity = devices x peak x time
+    Any unit of time and capacity, the same for both sides. The scenario planner and the
+    pipeline report (which measures each stage's time) both call this.
+    """
+    return (baseline_time / sum(phase_times), baseline_capacity / sum(phase_capacities))
+
+
 def savings(phases: list[PhaseResult], baseline: PhaseResult) -> tuple[float, float]:
-    """(TSF, CPSF), METHOD.md §2.2: ratios of days and of capacity, baseline over the phases."""
-    tsf = baseline.days / sum(p.days for p in phases)
-    cpsf = baseline.capacity_tflops_days / sum(p.capacity_tflops_days for p in phases)
-    return tsf, cpsf
+    """(TSF, CPSF) of accounted phases against the accounted baseline."""
+    return savings_factors([p.days for p in phases], [p.capacity_tflops_days for p in phases],
+                           baseline.days, baseline.capacity_tflops_days)
 
 
 @dataclass(frozen=True)
@@ -165,7 +177,7 @@ class ScenarioResult:
 
     def plot(self, out_dir: str | Path) -> list[Path]:
         """PNG plots into out_dir: days and GPU-days per phase; the sweep if there is one."""
-        from minimoe.costplots import plot_scenario
+        from minimoe.sim.plots import plot_scenario
 
         return plot_scenario(self, Path(out_dir))
 

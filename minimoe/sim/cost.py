@@ -33,7 +33,7 @@ import numpy as np
 
 from minimoe.config import ModelConfig
 from minimoe.flops import ATTENTION, RECOMPUTE, flops_per_token
-from minimoe.hardware import Device
+from minimoe.sim.hardware import Device
 
 SECONDS_PER_DAY = 86400.0
 PF_DAY = 1e15 * SECONDS_PER_DAY  # FLOPs in one petaFLOP/s-day (Transformer Math 101, COSTSIM §1.1)
@@ -332,13 +332,3 @@ def simulate(workload: Workload, layout: Layout, device: Device,
     values = _evaluate(st, device, options, layout.tp, layout.pp, layout.dp, layout.ep,
                        layout.zero, layout.micro_batch, RECOMPUTE.index(layout.recompute))
     return _result(st, device, options, layout, values)
-
-
-def fmt_value(value) -> str:
-    """A table cell people read: thousands separated, about four significant digits."""
-    if value is None or value != value:  # None or NaN: not known for this row
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.2f}" if abs(value) < 1e4 \
-            else f"{value:,.0f}"
-    return f"{value:,}" if isinstance(value, int) else str(value)

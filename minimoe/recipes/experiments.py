@@ -15,43 +15,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from minimoe import checkpoint as ckpt
+from minimoe import files
 from minimoe.config import get_preset
 from minimoe.flops import flops_per_token
+from minimoe.grow import scale_up
 from minimoe.model import build_model
-from minimoe.stages import continue_pretraining, data_spec, load_run_data, pretrain
-from minimoe.train import TrainConfig, evaluate
+from minimoe.recipes.config import RECIPES, RecipeConfig
+from minimoe.recipes.report import plot_curves, plot_expert_loads, val_curve
+from minimoe.recipes.stages import continue_pretraining, data_spec, load_run_data, pretrain
+from minimoe.train import evaluate, read_log
+from minimoe.upcycle import split, upcycle
 
-
-@dataclass(frozen=True)
-class ExperimentConfig:
-    small: str = "toy-small"
-    large: str = "toy-large"
-    prep_steps: int = 300  # pretraining of the small source model
-    steps: int = 200  # continued training of every variant, the same for all
-    batch_size: int = 16
-    seq_len: int = 128
-    lr: float = 3e-3
-    cpt_lr: float = 1e-3
-    vocab_size: int = 2048
-    eval_every: int = 25
-    n_experts: int = 8
-    top_k: int = 2
-    seed: int = 0
-
-    def train_config(self, steps: int, lr: float) -> TrainConfig:
-        return TrainConfig(steps=steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=lr,
-                           warmup_steps=max(1, steps // 10), eval_every=self.eval_every,
-                           ckpt_every=100, seed=self.seed)
-
-
-QUICK = ExperimentConfig(small="tiny", large="tiny-large", prep_steps=40, steps=20, batch_size=8,
-                         seq_len=64, vocab_size=512, eval_every=10)
 
 # AquilaMoE Table 1 as printed (1.3B M(24, 2048) -> 7B M(32, 4096)); "-" cells are None.
 PAPER_TABLE1 = {
@@ -80,13 +60,10 @@ def _slug(name: str) -> str:
 
 def _val_points(run_dir: Path, flops0: float, per_token: float) -> list[dict]:
     """A run's validation points, FLOPs counted from flops0 (the report's own curve rule)."""
-    from minimoe.report import val_curve
-
-    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return val_curve({"log": log, "flops_per_token": per_token}, 0.0, flops0)
+    return val_curve({"log": read_log(run_dir), "flops_per_token": per_token}, 0.0, flops0)
 
 
-def _finish_run(init_dir: Path, run_dir: Path, model, spec: dict, ec: ExperimentConfig, meta: dict,
+def _finish_run(init_dir: Path, run_dir: Path, model, spec: dict, ec: RecipeConfig, meta: dict,
                 progress: bool):
     """Save an initial model (once), then continue pretraining it for ec.steps."""
     if not (init_dir / "model.safetensors").exists():
@@ -95,10 +72,8 @@ def _finish_run(init_dir: Path, run_dir: Path, model, spec: dict, ec: Experiment
                          stage=meta.get("stage", "continue"), progress=progress)
 
 
-def scale_up_experiment(out, ec: ExperimentConfig = ExperimentConfig(), progress: bool = True) -> dict:
+def scale_up_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress: bool = True) -> dict:
     """AquilaMoE Table 1 at toy scale. Returns the summary written to out/summary.json."""
-    from minimoe.grow import scale_up
-
     out = Path(out)
     spec = data_spec(None, ec.vocab_size)
     data, tok = load_run_data(spec)
@@ -138,16 +113,13 @@ def scale_up_experiment(out, ec: ExperimentConfig = ExperimentConfig(), progress
     return _write_results(out, "scale-up", rows, curves, settings, shapes)
 
 
-def scale_out_experiment(out, ec: ExperimentConfig = ExperimentConfig(), progress: bool = True,
+def scale_out_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress: bool = True,
                          dense_run=None) -> dict:
     """Dense vs upcycled vs LLaMA-MoE splits vs MoE from scratch, from one grown dense model.
 
     dense_run: a finished run of the grown dense model (e.g. a pipeline's 3-scale-up); by default
     the small model is pretrained, grown with AKI-Pro and trained for ec.steps here first.
     """
-    from minimoe.grow import scale_up
-    from minimoe.upcycle import split, upcycle
-
     out = Path(out)
     if dense_run is None:
         spec = data_spec(None, ec.vocab_size)
@@ -187,8 +159,7 @@ def scale_out_experiment(out, ec: ExperimentConfig = ExperimentConfig(), progres
                         {"stage": "scale-out", "variant": name}, progress)
         cfg = ckpt.read_config(out / f"run-{slug}")
         curves[name] = _val_points(out / f"run-{slug}", 0.0, flops_per_token(cfg, ec.seq_len).model)
-        log = [json.loads(line) for line in (out / f"run-{slug}" / "log.jsonl").read_text().splitlines()]
-        load = next((r["load"] for r in reversed(log) if r.get("load")), None)
+        load = next((r["load"] for r in reversed(read_log(out / f"run-{slug}")) if r.get("load")), None)
         if load:
             loads[name] = load
         counts = cfg.param_counts()
@@ -198,10 +169,6 @@ def scale_out_experiment(out, ec: ExperimentConfig = ExperimentConfig(), progres
 
 
 def _write_results(out: Path, kind: str, rows, curves, settings, shapes=None, loads=None) -> dict:
-    import pandas as pd
-
-    from minimoe.report import plot_curves, plot_expert_loads
-
     table = pd.DataFrame(rows)
     if shapes:  # name the loss columns by model shape, as the paper's Table 1 does
         small, wide, large = shapes
@@ -218,7 +185,7 @@ def _write_results(out: Path, kind: str, rows, curves, settings, shapes=None, lo
         plot_expert_loads(loads, out / "expert_load.png")
         md += ["![expert load](expert_load.png)", ""]
     md += ["Settings:", "", "```json", json.dumps(settings, indent=2), "```", ""]
-    ckpt.write_text_atomic(out / f"{kind}.md", "\n".join(md))
+    files.write_text(out / f"{kind}.md", "\n".join(md))
     summary = {"rows": rows, "curves": curves, "settings": settings}
-    ckpt.write_json_atomic(out / "summary.json", summary)
+    files.write_json(out / "summary.json", summary)
     return summary

@@ -1,67 +1,18 @@
-"""Tables people read: a preset's shapes and parameter counts (`minimoe info`)."""
+"""The pipeline report: stage table, loss curves against tokens and FLOPs, savings factors."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from minimoe.config import ModelConfig, get_preset
+import pandas as pd
 
-
-def human(n: float) -> str:
-    """1234567 -> '1.23M' (parameters, FLOPs, tokens)."""
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(int(n))
-
-
-def shape_rows(cfg: ModelConfig) -> list[tuple[str, str]]:
-    rows = [("layers", cfg.n_layers), ("d_model", cfg.d_model),
-            ("heads / kv heads / head dim", f"{cfg.n_heads} / {cfg.n_kv_heads} / {cfg.head_dim}"),
-            ("ffn width", cfg.d_ffn), ("vocab", cfg.vocab_size), ("context", cfg.max_seq_len),
-            ("qkv bias", cfg.qkv_bias), ("tied embeddings", cfg.tie_embeddings),
-            ("rope theta", cfg.rope_theta)]
-    if cfg.is_moe:
-        rows += [("experts / top-k", f"{cfg.n_experts} / {cfg.top_k}"),
-                 ("expert ffn width", cfg.moe_d_ffn), ("MoE layers", cfg.n_moe_layers),
-                 ("gate", cfg.gate)]
-    return [(k, str(v)) for k, v in rows]
-
-
-def info_table(preset: str, as_json: bool = False) -> str:
-    import pandas as pd
-
-    cfg = get_preset(preset)
-    counts = cfg.param_counts()
-    if as_json:
-        return json.dumps({"preset": preset, "config": cfg.to_dict(), "params": counts}, indent=2)
-    shapes = pd.DataFrame(shape_rows(cfg), columns=["shape", "value"]).set_index("shape")
-    params = pd.DataFrame(
-        [(k, f"{v:,}", human(v), f"{100 * v / counts['total']:.1f}%") for k, v in counts.items()
-         if v or k in ("total", "active")],
-        columns=["component", "parameters", "", "share"]).set_index("component")
-    return f"{preset}\n\n{shapes.to_string()}\n\n{params.to_string()}"
+from minimoe import files
+from minimoe.sim.scenario import savings_factors
+from minimoe.tables import human
 
 
 # --- the pipeline report ------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path):
-    tmp = path.with_suffix(".tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    _plt().close(fig)
-    tmp.replace(path)
-
-
 def val_curve(stage: dict, tokens0: float, flops0: float) -> list[dict]:
     """Validation points of one stage, offset by the tokens and FLOPs of the stages before."""
     return [{"tokens": tokens0 + r["tokens"], "flops": flops0 + r["tokens"] * stage["flops_per_token"],
@@ -77,19 +28,21 @@ def _interpolate(points: list[dict], x: str, at: float) -> float:
     return points[-1]["val_loss"]
 
 
-def savings_factors(chain: list[dict], scratch: dict) -> dict[str, float]:
-    """AquilaMoE Table 6's factors from measured stages (METHOD.md §2.2):
+def measured_savings(chain: list[dict], scratch: dict) -> dict[str, float]:
+    """AquilaMoE Table 6's factors from measured stages (arXiv 2408.06567 §4.3).
 
-    time:    TSF  = (sum_i N_i / R_scratch) / (sum_i N_i / R_i), R = tokens per second measured
-    compute: CPSF = (N_total * P / R_scratch) / (sum_i N_i * P_i / R_i), P = device peak; on one
-             machine P cancels and CPSF = TSF, so we also give the ratio of counted model FLOPs.
+    A stage's time is its measured training time; the baseline's is the chain's tokens at the
+    from-scratch run's measured tokens/s. Capacity = device peak x time, and one machine runs
+    every stage here, so the capacity factor equals the time factor: the ratio of counted
+    model FLOPs is given beside it.
     """
     n_total = sum(s["tokens"] for s in chain)
-    rate_scratch = scratch["tokens"] / scratch["train_time_s"]
-    chain_time = sum(s["tokens"] / (s["tokens"] / s["train_time_s"]) for s in chain)
+    scratch_time = n_total / (scratch["tokens"] / scratch["train_time_s"])
+    times = [s["train_time_s"] for s in chain]
+    tsf, cpsf = savings_factors(times, times, scratch_time, scratch_time)
     return {
-        "time_savings": (n_total / rate_scratch) / chain_time,
-        "compute_savings_capacity": (n_total / rate_scratch) / chain_time,
+        "time_savings": tsf,
+        "compute_savings_capacity": cpsf,
         "compute_savings_model_flops": (n_total * scratch["flops_per_token"])
         / sum(s["flops"] for s in chain),
         "scratch_tokens_equal_chain": scratch["tokens"] == n_total,
@@ -98,12 +51,10 @@ def savings_factors(chain: list[dict], scratch: dict) -> dict[str, float]:
 
 def write_pipeline_report(out: Path, settings: dict, stages: list[dict], transitions: dict) -> dict:
     """report.md + loss_vs_flops.png + loss_vs_tokens.png + expert_load.png + stages.csv."""
-    import pandas as pd
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     chain, scratch = stages[:-1], stages[-1]
-    factors = savings_factors(chain, scratch)
+    factors = measured_savings(chain, scratch)
 
     # loss against cumulative FLOPs, the paper's Figure 4 / README plot, transitions marked
     curves = {}
@@ -173,13 +124,11 @@ def write_pipeline_report(out: Path, settings: dict, stages: list[dict], transit
     if load:
         md += ["![expert load](expert_load.png)", ""]
     md += ["## Settings", "", "```json", json.dumps(settings, indent=2), "```", ""]
-    from minimoe.checkpoint import write_json_atomic, write_text_atomic
-
-    write_text_atomic(out / "report.md", "\n".join(md))
+    files.write_text(out / "report.md", "\n".join(md))
     summary = {"factors": factors, "stages": rows,
                "transitions": {k: {"val_before": r["val_before"], "val_after": r["val_after"]}
                                for k, r in transitions.items()}}
-    write_json_atomic(out / "summary.json", summary)
+    files.write_json(out / "summary.json", summary)
     return summary
 
 
@@ -187,7 +136,7 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, x: str, title: str,
                 marks: dict[str, float] | None = None):
     """Validation loss of several runs against `x` ("tokens" or "flops"), one line each;
     `marks` draws labelled vertical lines (the transitions between stages)."""
-    plt = _plt()
+    plt = files.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, pts in curves.items():
         style = dict(ls="--", color="gray") if label == "from scratch" else {}
@@ -203,12 +152,12 @@ def plot_curves(curves: dict[str, list[dict]], path: Path, x: str, title: str,
     ax.set_ylabel("validation loss (nats)")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    _save(fig, Path(path))
+    files.save_figure(fig, path)
 
 
 def plot_expert_loads(loads: dict[str, list[list[float]]], path: Path):
     """One heatmap per MoE run: tokens routed to each expert (columns) in each layer (rows)."""
-    plt = _plt()
+    plt = files.pyplot()
     fig, axes = plt.subplots(1, len(loads), figsize=(3.2 * len(loads), 3), squeeze=False)
     for ax, (label, load) in zip(axes[0], loads.items()):
         im = ax.imshow(load, aspect="auto", cmap="viridis")
@@ -216,4 +165,4 @@ def plot_expert_loads(loads: dict[str, list[list[float]]], path: Path):
         ax.set_xlabel("expert")
         ax.set_ylabel("MoE layer")
         fig.colorbar(im, ax=ax)
-    _save(fig, Path(path))
+    files.save_figure(fig, path)

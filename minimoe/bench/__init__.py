@@ -88,7 +88,7 @@ def bench_moe(args):
     import minimoe.moe as moe_module
     from minimoe.config import get_preset
     from minimoe.model import MLP
-    from minimoe.upcycle import hf_mixtral_config
+    from minimoe.interop import hf_mixtral_config
 
     torch.manual_seed(0)
     d_model, width, tokens = (256, 512, 4096) if args.quick else (512, 1024, 4096)
@@ -155,9 +155,9 @@ def bench_sim(args):
     import itertools
 
     from minimoe.config import get_preset
-    from minimoe.hardware import get_device
-    from minimoe.plan import iter_layouts, search_layouts
-    from minimoe.sim import Workload, simulate
+    from minimoe.sim.hardware import get_device
+    from minimoe.sim.search import iter_layouts, search_layouts
+    from minimoe.sim.cost import Workload, simulate
 
     workload = Workload.from_tokens(get_preset("aquilamoe-8x16b"), 24 * 2**20)
     device = get_device("h100")

@@ -17,60 +17,16 @@ interrupted one from its last checkpoint, so a stage that fails leaves the other
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from minimoe import checkpoint as ckpt
+from minimoe import files
 from minimoe.config import get_preset
 from minimoe.flops import flops_per_token
-from minimoe.stages import continue_pretraining, data_spec, grow_run, pretrain, scale_out_run
-from minimoe.train import TrainConfig
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    small: str = "toy-small"
-    large: str = "toy-large"
-    scale_up_method: str = "aki-pro"
-    n_experts: int = 8
-    top_k: int = 2
-    # about 10 minutes on 2 CPU cores, most of it the from-scratch baseline (the point)
-    prep_steps: int = 300
-    scale_up_steps: int = 100
-    scale_out_steps: int = 80
-    batch_size: int = 12
-    seq_len: int = 128
-    lr: float = 3e-3
-    cpt_lr: float = 1e-3  # continued pretraining starts from a trained model: a gentler rate
-    vocab_size: int = 2048
-    eval_every: int = 50
-    seed: int = 0
-
-    @property
-    def total_steps(self) -> int:
-        return self.prep_steps + self.scale_up_steps + self.scale_out_steps
-
-
-PIPELINES = {
-    "toy": PipelineConfig(),
-    # the tests' pipeline: the same chain on models of ~0.2M and ~0.7M parameters
-    "tiny": PipelineConfig(small="tiny", large="tiny-large", prep_steps=40, scale_up_steps=20,
-                           scale_out_steps=20, batch_size=8, seq_len=64, vocab_size=512,
-                           eval_every=20),
-}
-
-
-def get_pipeline(name: str) -> PipelineConfig:
-    if name not in PIPELINES:
-        raise ValueError(f"preset={name!r}: unknown pipeline; choose one of {', '.join(PIPELINES)}")
-    return PIPELINES[name]
-
-
-def _train_config(pc: PipelineConfig, steps: int, lr: float, warmup: int) -> TrainConfig:
-    return TrainConfig(steps=steps, batch_size=pc.batch_size, seq_len=pc.seq_len, lr=lr,
-                       warmup_steps=warmup, eval_every=pc.eval_every, ckpt_every=50,
-                       seed=pc.seed)
+from minimoe.recipes.config import RecipeConfig
+from minimoe.recipes.report import write_pipeline_report
+from minimoe.recipes.stages import continue_pretraining, data_spec, grow_run, pretrain, scale_out_run
+from minimoe.train import read_log
 
 
 def _stage_record(name: str, run_dir: Path, seq_len: int) -> dict:
@@ -78,38 +34,36 @@ def _stage_record(name: str, run_dir: Path, seq_len: int) -> dict:
     state = ckpt.read_json(ckpt.latest_checkpoint(run_dir) / "state.json")
     cfg = ckpt.read_config(run_dir)
     per_token = flops_per_token(cfg, seq_len).model
-    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    log = read_log(run_dir)
     return {"stage": name, "run": str(run_dir), "params_total": cfg.param_counts()["total"],
             "params_active": cfg.param_counts()["active"], "tokens": state["tokens"],
             "train_time_s": state["train_time"], "flops_per_token": per_token,
             "flops": per_token * state["tokens"], "log": log}
 
 
-def run_pipeline(pc: PipelineConfig, out, progress: bool = True) -> dict:
+def run_pipeline(pc: RecipeConfig, out, progress: bool = True) -> dict:
     """Run (or resume) every stage and write the report; returns the report's numbers."""
-    from minimoe.report import write_pipeline_report
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_pipeline_folder(out, pc)
     spec = data_spec(None, pc.vocab_size, "bpe")
     warm = max(1, pc.prep_steps // 10)
 
-    pretrain(get_preset(pc.small), out / "1-prep", _train_config(pc, pc.prep_steps, pc.lr, warm),
+    pretrain(get_preset(pc.small), out / "1-prep", pc.train_config(pc.prep_steps, pc.lr, warm),
              spec, progress=progress)
-    evals = _train_config(pc, 1, pc.lr, 0)  # the validation batches of every stage
+    evals = pc.train_config(1, pc.lr, 0)  # the validation batches of every stage
     grown = grow_run(out / "1-prep", pc.large, out / "2-grown", method=pc.scale_up_method,
                      seed=pc.seed, tc=evals)
     continue_pretraining(out / "2-grown", out / "3-scale-up",
-                         _train_config(pc, pc.scale_up_steps, pc.cpt_lr, warm // 2),
+                         pc.train_config(pc.scale_up_steps, pc.cpt_lr, warm // 2),
                          stage="scale-up", progress=progress)
     upcycled = scale_out_run(out / "3-scale-up", out / "4-upcycled", "upcycle", pc.n_experts,
                              pc.top_k, seed=pc.seed, tc=evals)
     continue_pretraining(out / "4-upcycled", out / "5-scale-out",
-                         _train_config(pc, pc.scale_out_steps, pc.cpt_lr, warm // 2),
+                         pc.train_config(pc.scale_out_steps, pc.cpt_lr, warm // 2),
                          stage="scale-out", progress=progress)
     moe_cfg = ckpt.read_config(out / "4-upcycled")
-    pretrain(moe_cfg, out / "6-scratch", _train_config(pc, pc.total_steps, pc.lr, warm),
+    pretrain(moe_cfg, out / "6-scratch", pc.train_config(pc.total_steps, pc.lr, warm),
              spec, progress=progress)
 
     transitions = {f"{pc.scale_up_method} growth (2-grown)": grown,
@@ -120,8 +74,8 @@ def run_pipeline(pc: PipelineConfig, out, progress: bool = True) -> dict:
     return write_pipeline_report(out / "report", dataclasses.asdict(pc), stages, transitions)
 
 
-def _check_pipeline_folder(out: Path, pc: PipelineConfig):
-    """A pipeline folder belongs to one PipelineConfig; a different one is refused."""
+def _check_pipeline_folder(out: Path, pc: RecipeConfig):
+    """A pipeline folder belongs to one RecipeConfig; a different one is refused."""
     path = out / "pipeline.json"
     settings = dataclasses.asdict(pc)
     if path.exists():
@@ -132,4 +86,4 @@ def _check_pipeline_folder(out: Path, pc: PipelineConfig):
                              f"(now {settings[key]!r}); choose another --out")
     elif any(out.iterdir()):
         raise ValueError(f"out={out}: the folder is not empty and holds no minimoe pipeline")
-    ckpt.write_json_atomic(path, settings)
+    files.write_json(path, settings)

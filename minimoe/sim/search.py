@@ -20,9 +20,10 @@ import numpy as np
 
 from minimoe.config import ModelConfig
 from minimoe.flops import RECOMPUTE
-from minimoe.hardware import Device
-from minimoe.sim import (Layout, Options, SimResult, Workload, _evaluate, _result, _Stats, _valid,
-                         check_layout, fmt_value)
+from minimoe.sim.hardware import Device
+from minimoe.sim.cost import (Layout, Options, SimResult, Workload, _evaluate, _result, _Stats, _valid,
+                              check_layout)
+from minimoe.tables import fmt_value
 
 
 @dataclass(frozen=True)

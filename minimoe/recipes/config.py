@@ -1,0 +1,89 @@
+"""One recipe config for the pipeline and the validation experiments, and its named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from minimoe.train import TrainConfig
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """The models, steps and batches of a recipe; every run in it trains with `train_config`."""
+
+    small: str = "toy-small"  # the preparation phase's model (a preset name)
+    large: str = "toy-large"  # the Scale-Up target
+    scale_up_method: str = "aki-pro"
+    n_experts: int = 8
+    top_k: int = 2
+    prep_steps: int = 300  # pretraining of the small model
+    scale_up_steps: int = 100  # pipeline: continued pretraining after growth
+    scale_out_steps: int = 80  # pipeline: continued pretraining after upcycling
+    steps: int = 200  # experiments: continued training of every variant, the same for all
+    batch_size: int = 12
+    seq_len: int = 128
+    lr: float = 3e-3
+    cpt_lr: float = 1e-3  # continued pretraining starts from a trained model: a gentler rate
+    vocab_size: int = 2048
+    eval_every: int = 50
+    seed: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        """The pipeline's steps from preparation to the end of scale-out (the baseline's)."""
+        return self.prep_steps + self.scale_up_steps + self.scale_out_steps
+
+    def train_config(self, steps: int, lr: float, warmup: int | None = None) -> TrainConfig:
+        """The TrainConfig of one run; warmup defaults to a tenth of its steps."""
+        warmup = max(1, steps // 10) if warmup is None else warmup
+        return TrainConfig(steps=steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=lr,
+                           warmup_steps=warmup, eval_every=self.eval_every, ckpt_every=50,
+                           seed=self.seed)
+
+
+RECIPES = {
+    # `minimoe pipeline`: about 10 minutes on 2 CPU cores, most of it the from-scratch baseline
+    "toy": RecipeConfig(),
+    # the validation experiments (`minimoe experiment`): batch 16, validation every 25 steps
+    "experiment": RecipeConfig(batch_size=16, eval_every=25),
+    # the tests and --quick: the same chain on models of ~0.2M and ~0.7M parameters
+    "tiny": RecipeConfig(small="tiny", large="tiny-large", prep_steps=40, scale_up_steps=20,
+                         scale_out_steps=20, steps=20, batch_size=8, seq_len=64, vocab_size=512,
+                         eval_every=10),
+}
+
+
+def get_recipe(name: str) -> RecipeConfig:
+    """A named recipe, or a recipe file (scaling/*.toml): a `preset` plus the fields it changes."""
+    if name.endswith(".toml"):
+        return load_recipe(name)
+    if name not in RECIPES:
+        raise ValueError(f"preset={name!r}: unknown recipe; choose one of {', '.join(RECIPES)} "
+                         "or give a .toml recipe file")
+    return RECIPES[name]
+
+
+def load_recipe(path) -> RecipeConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such recipe file")
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a valid TOML file ({err})") from None
+    base = get_recipe(str(table.pop("preset", "toy")))
+    fields = {f.name: f.type for f in dataclasses.fields(RecipeConfig)}
+    for key, value in table.items():
+        if key not in fields:
+            raise ValueError(f"{path}: {key}: unknown key; allowed: preset, {', '.join(fields)}")
+        expected = type(getattr(base, key))
+        if type(value) is not expected and not (expected is float and type(value) is int):
+            raise ValueError(f"{path}: {key}={value!r}: must be a {expected.__name__}")
+    return dataclasses.replace(base, **table)
