@@ -40,7 +40,7 @@ class ModelConfig:
     # --- Mixture of Experts (dense when n_experts == 0) ---
     n_experts: int = 0
     top_k: int = 2
-    expert_d_ffn: int = 0  # width of one routed expert; 0 means "same as d_ffn" (upcycling)
+    expert_d_ffn: int = 0  # width of one routed expert; 0 on an MoE means d_ffn (upcycling)
     moe_layer_freq: int = 1  # layer i is MoE when i % moe_layer_freq == 0 (Megatron's rule)
     shared_d_ffn: int = 0  # an always-on dense expert beside the routed ones (LLaMA-MoE residual)
     gate: str = "softmax-topk"  # Mixtral/AquilaMoE; "topk-softmax" is LLaMA-MoE's
@@ -74,6 +74,8 @@ class ModelConfig:
             _fail("capacity_factor", self.capacity_factor, "must be >= 0 (0 means dropless)")
         if self.expert_scale <= 0:
             _fail("expert_scale", self.expert_scale, "must be positive")
+        if self.n_experts and not self.expert_d_ffn:  # upcycling: every expert is the MLP
+            object.__setattr__(self, "expert_d_ffn", self.d_ffn)
 
     # --- derived shapes -------------------------------------------------------------
     @property
@@ -83,11 +85,6 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.n_experts > 0
-
-    @property
-    def moe_d_ffn(self) -> int:
-        """Width of one routed expert."""
-        return self.expert_d_ffn or self.d_ffn
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.is_moe and layer % self.moe_layer_freq == 0
@@ -104,7 +101,7 @@ class ModelConfig:
         attention = d * (q + 2 * kv) + q * d + (q + 2 * kv) * self.qkv_bias
         norms = 2 * d
         dense_mlp = 3 * d * self.d_ffn
-        expert = 3 * d * self.moe_d_ffn
+        expert = 3 * d * self.expert_d_ffn
         shared = 3 * d * self.shared_d_ffn
         router = d * self.n_experts + (d * self.n_experts if self.router_noise else 0)
         n_moe = self.n_moe_layers

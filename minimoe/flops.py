@@ -115,7 +115,7 @@ def flop_rows(cfg: ModelConfig, seq_len: int, attention: str = "causal",
     # (Megatron's "/2 causal mask"; the exact count would be (s+1)/(2s) of the square)
     core_full = 2 * (2 * seq_len * q)
     core = core_full / 2 if attention == "causal" else core_full
-    expert = 3 * d * cfg.moe_d_ffn
+    expert = 3 * d * cfg.expert_d_ffn
     rows = [
         FlopRow("embedding", "lookup", counts["embedding"], counts["embedding"], 0.0, False,
                 "table lookup: 0 FLOPs"),
@@ -191,7 +191,7 @@ def megatron_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     h, L, hd = cfg.d_model, cfg.n_layers, cfg.head_dim
     q, kv = hd * cfg.n_heads, hd * cfg.n_kv_heads
     n_moe = cfg.n_moe_layers
-    mlp = 3 * cfg.d_ffn * (L - n_moe) + 3 * cfg.moe_d_ffn * cfg.top_k * n_moe \
+    mlp = 3 * cfg.d_ffn * (L - n_moe) + 3 * cfg.expert_d_ffn * cfg.top_k * n_moe \
         + 3 * cfg.shared_d_ffn * n_moe
     attn_linear = 6 * (h * (q + kv + kv) + q * h)
     attn_core = 6 * q / 2 * 2  # per unit of seq_len: "/2 causal mask", "*2 QK^T and (QK^T)V"

@@ -77,7 +77,7 @@ class MoE(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
-        E, D, F_ = cfg.n_experts, cfg.d_model, cfg.moe_d_ffn
+        E, D, F_ = cfg.n_experts, cfg.d_model, cfg.expert_d_ffn
         self.router = nn.Linear(D, E, bias=False)
         # W_noise of noisy top-k gating; zero-initialised, so the noise std starts at
         # softplus(0) + 0.01 = 0.703 for every expert (LLaMA-MoE's TopKBalancedNoisyGate)

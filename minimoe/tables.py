@@ -25,7 +25,7 @@ def shape_rows(cfg: ModelConfig) -> list[tuple[str, str]]:
             ("rope theta", cfg.rope_theta)]
     if cfg.is_moe:
         rows += [("experts / top-k", f"{cfg.n_experts} / {cfg.top_k}"),
-                 ("expert ffn width", cfg.moe_d_ffn), ("MoE layers", cfg.n_moe_layers),
+                 ("expert ffn width", cfg.expert_d_ffn), ("MoE layers", cfg.n_moe_layers),
                  ("gate", cfg.gate)]
     return [(k, str(v)) for k, v in rows]
 

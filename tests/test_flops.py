@@ -171,7 +171,7 @@ def test_fvcore_moe_model_matches_routed_count():
         mlp = f"layers.{layer}.mlp"
         assert by_module[f"{mlp}.router"] == tokens * d * E
         # dropless top-k: the experts see tokens * k rows in all, however routing falls
-        assert by_module[mlp] - by_module[f"{mlp}.router"] == tokens * k * 3 * d * cfg.moe_d_ffn
+        assert by_module[mlp] - by_module[f"{mlp}.router"] == tokens * k * 3 * d * cfg.expert_d_ffn
     assert analysis.total() == ours.forward * tokens / 2
 
 
@@ -190,4 +190,4 @@ def test_fvcore_moe_with_dropping_counts_the_routed_tokens():
         routed = tokens * k - int(moe.dropped_E.sum())  # pairs that reached an expert
         assert routed < tokens * k  # capacity 0.5 must drop some
         expert_macs = by_module[f"layers.{layer}.mlp"] - by_module[f"layers.{layer}.mlp.router"]
-        assert expert_macs == routed * 3 * cfg.d_model * cfg.moe_d_ffn
+        assert expert_macs == routed * 3 * cfg.d_model * cfg.expert_d_ffn

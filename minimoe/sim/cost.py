@@ -148,7 +148,7 @@ class _Stats:
         attn = b * (2 * h + 2 * q + 2 * kv) + core  # norm in, QKV in, Q, K, V, output
         dense = b * (2 * h + 3 * cfg.d_ffn)  # norm in, MLP in, gate, up, silu(gate)*up
         moe = (b * 2 * h + 4 * cfg.n_experts  # norm in, router in, fp32 router logits
-               + cfg.top_k * b * (2 * h + 3 * cfg.moe_d_ffn)  # k copies: in, gate, up, act, out
+               + cfg.top_k * b * (2 * h + 3 * cfg.expert_d_ffn)  # k copies: in, gate, up, act, out
                + b * 3 * cfg.shared_d_ffn)
         self.act_core = core
         self.act_layer = attn + (self.n_moe * moe + (L - self.n_moe) * dense) / L
