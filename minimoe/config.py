@@ -6,10 +6,11 @@ MoE layer (see `is_moe_layer`) is a top-k router over `n_experts` SwiGLU experts
 
 The full-size presets follow Table 3 of the AquilaMoE paper (arXiv 2408.06567). Where the
 sources disagree the paper's Table 3 value is the preset and the other value gets its own
-preset name (see ../shared/reference/METHOD.md §1):
-  * 7B KV groups: 32 in Table 3 (`aquila-7b`) vs 8 in the project README (`aquila-7b-kv8`).
+preset name (docs/method.md, "Model shapes"):
+  * 7B KV groups: 32 in Table 3 (`aquila-7b`) vs 8 in the project README
+    (github.com/FlagAI-Open/Aquila-MoE, README.md) (`aquila-7b-kv8`).
   * 16B FFN width: 20480 in Table 3 (`aquila-16b`) vs 17920 in the published Hugging Face
-    config.json (`aquila-16b-hf`).
+    config.json of BAAI/AquilaDense-16B (`aquila-16b-hf`).
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def _fail(field: str, value, rule: str):
 
 # --- presets --------------------------------------------------------------------------
 # Aquila family (arXiv 2408.06567 Table 3; vocab, rope_theta and norm_eps from the published
-# Hugging Face config.json, METHOD.md §1.3). All use QKV bias, SwiGLU and untied embeddings.
+# Hugging Face config.json of BAAI/AquilaMoE). All use QKV bias, SwiGLU and untied embeddings.
 _AQUILA = dict(vocab_size=151851, qkv_bias=True, rope_theta=1e6, norm_eps=1e-5,
                tie_embeddings=False)
 _MOE_8x2 = dict(n_experts=8, top_k=2)
@@ -165,7 +166,7 @@ PRESETS: dict[str, ModelConfig] = {
                              n_kv_heads=2, d_ffn=704, max_seq_len=256),
     "toy-moe": ModelConfig(vocab_size=2048, n_layers=6, d_model=256, n_heads=8,
                            n_kv_heads=2, d_ffn=704, max_seq_len=256, **_MOE_8x2),
-    # The scale-up validation source, M(24, 2048) "1.3B" ([P] §3.2.1). The paper gives only
+    # The scale-up validation source, M(24, 2048) "1.3B" (arXiv 2408.06567 §3.2.1). The paper gives only
     # layers and width; FFN and context are taken from the 1.8B column of Table 3, which has
     # the same M(24, 2048) shape (so with vocab 151851 it counts 1.84B). Heads: bert2BERT
     # treats a head as a neuron and keeps the head width, so growing into aquila-7b (heads of
@@ -180,8 +181,8 @@ PRESETS: dict[str, ModelConfig] = {
     # Table 3, column 7B: 32 KV groups (plain MHA) as printed in the paper.
     "aquila-7b": ModelConfig(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32,
                              d_ffn=14336, max_seq_len=4096, **_AQUILA),
-    # The project README [R] gives the 7B 8 KV groups, which AKI-Pro's GQA rule needs for
-    # 7B -> 16B (the 16B has 8 groups). Which one is right is unresolved (METHOD.md §1.2).
+    # The project README (github.com/FlagAI-Open/Aquila-MoE) gives the 7B 8 KV groups, which
+    # AKI-Pro's GQA rule needs for 7B -> 16B (the 16B has 8 groups). Which is right is unresolved.
     "aquila-7b-kv8": ModelConfig(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8,
                                  d_ffn=14336, max_seq_len=4096, **_AQUILA),
     # Table 3, column 16B: FFN 20480 (the width AquilaMoE's experts have).
@@ -190,7 +191,7 @@ PRESETS: dict[str, ModelConfig] = {
     # The published BAAI/AquilaDense-16B config.json says intermediate_size 17920.
     "aquila-16b-hf": ModelConfig(n_layers=40, d_model=5120, n_heads=40, n_kv_heads=8,
                                  d_ffn=17920, max_seq_len=4096, **_AQUILA),
-    # Table 3, column 8*16B: every MLP upcycled into 8 experts, top-2 ([P] §2.3).
+    # Table 3, column 8*16B: every MLP upcycled into 8 experts, top-2 (arXiv 2408.06567 §2.3).
     "aquilamoe-8x16b": ModelConfig(n_layers=40, d_model=5120, n_heads=40, n_kv_heads=8,
                                    d_ffn=20480, max_seq_len=4096, **_AQUILA, **_MOE_8x2),
 }

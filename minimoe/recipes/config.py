@@ -85,5 +85,6 @@ def load_recipe(path) -> RecipeConfig:
             raise ValueError(f"{path}: {key}: unknown key; allowed: preset, {', '.join(fields)}")
         expected = type(getattr(base, key))
         if type(value) is not expected and not (expected is float and type(value) is int):
-            raise ValueError(f"{path}: {key}={value!r}: must be a {expected.__name__}")
+            kind = {int: "an integer", float: "a number", str: "a string"}[expected]
+            raise ValueError(f"{path}: {key}={value!r}: must be {kind}")
     return dataclasses.replace(base, **table)
