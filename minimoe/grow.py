@@ -1,43 +1,50 @@
 """Scale-Up: grow a trained dense model wider and deeper (AquilaMoE §2.2, arXiv 2408.06567).
 
-Width follows bert2BERT (Chen et al. 2022). Every neuron of the target copies a source neuron
-chosen by a map g, and every weight that *reads* a copied neuron is divided by that neuron's
-copy count C (the original included), so every pre-activation is unchanged (bert2BERT eqs. 7-8,
-METHOD.md §5.1). In nn.Linear's (out, in) layout:
+Width follows bert2BERT (Chen et al. 2022, ACL). Every neuron of the target copies a source
+neuron chosen by a map g, and every weight that *reads* a copied neuron is divided by that
+neuron's copy count C (the original included), so every pre-activation is unchanged
+(bert2BERT eqs. 7-8). In nn.Linear's (out, in) layout:
 
     U[j, i] = W[g_out(j), g_in(i)] / C[g_in(i)]
 
 The neurons are the d_model features of the residual stream, the d_ffn features of each MLP,
-and whole attention heads ("each attention head should be seen as a neuron", [P] §2.2; the head
-dimension never changes, so RoPE, which rotates inside a head, is untouched).
+and whole attention heads ("each attention head should be seen as a neuron", AquilaMoE §2.2;
+the head dimension never changes, so RoPE, which rotates inside a head, is untouched).
 
-  fpi      copies within the layer. The grown model computes the source's function, exactly
-           when d_model grows by an integer multiple and every feature is copied equally often;
-           otherwise RMSNorm's mean over the wider vector differs ([P] Table 2: 1.85 -> 1.96 for
-           4096 -> 5120), and nothing else does (tests/test_grow.py checks both).
-  aki      fills the *new* output neurons of layer l from layer l+1 (bert2BERT's AKI, METHOD.md
-           §5.2), which breaks FPI's symmetry: copies that start equal stay equal in training.
-           The top layer has no layer above, so it uses FPI: our choice, the paper is silent;
-           the zxhcelestes/bert2BERT port does the same ("the last layer can only use FPI").
-  aki-pro  AKI with interpolated depth (below) and grouped-query attention ([P] §2.2.1): the KV
-           heads stay, and each group grows its query heads like a separate multi-head block,
-           so a new query head copies (FPI) or takes from layer l+1 (AKI) a head of its group.
-           We apply the same group rule under fpi and aki, which have no GQA rule of their own.
-           Multi-head on both sides is plain bert2BERT: K and V heads are copied with their
-           query heads. Other changes of the group count are refused, as in the paper, unless
-           kv="mean-pool" (GQA uptraining, Ainslie et al. 2023: a KV head averages source heads).
+  fpi      copies within the layer (AquilaMoE eq. 1). The grown model computes the source's
+           function, exactly when d_model grows by an integer multiple and every feature is
+           copied equally often; otherwise RMSNorm's mean over the wider vector differs
+           (AquilaMoE Table 2: 1.85 -> 1.96 for 4096 -> 5120), and nothing else does.
+  aki      fills the *new* output neurons of layer l from layer l+1 (bert2BERT's AKI,
+           AquilaMoE eq. 2), which breaks FPI's symmetry: copies that start equal stay equal
+           in training. The top layer has no layer above, so it uses FPI: our choice, the
+           paper is silent; the zxhcelestes/bert2BERT port does the same
+           (src/Bert_Model/pytorch_version/loader.py: "The last layer can only use FPI").
+  aki-pro  AKI with interpolated depth (below) and grouped-query attention (AquilaMoE §2.2.1):
+           the KV heads stay, and each group grows its query heads like a separate multi-head
+           block. We apply the same group rule under fpi and aki, which have no GQA rule of
+           their own. Multi-head on both sides is plain bert2BERT: K and V heads travel with
+           their query heads. Other changes of the group count are refused, as in the paper,
+           unless kv="mean-pool" (GQA uptraining, Ainslie et al. 2023).
 
-Depth picks, for every target layer l, a widened source layer (METHOD.md §5.5):
+Depth picks, for every target layer l of L2, a widened source layer of L1 (docs/method.md#depth):
 
-  stack        W'_l = W_(l mod L1)              bert2BERT / StackBERT; the fpi and aki default
-  interpolate  W'_l = W_floor(l * L1 / L2)      Apollo, [P] eq. 3; the aki-pro default
+  stack        W'_l = W_(l mod L1)               AquilaMoE §2.2.1's formula; fpi/aki default
+  stack-top    floor(L2/L1) whole copies, then the top L2 mod L1 layers: what the bert2BERT
+               port (loader.py, set_depth) and Apollo (apollo/apollo_utils.py,
+               stack_meta_layer) build. Equal to stack when L1 divides L2.
+  interpolate  W'_l = W_floor(l * L1 / L2)       Apollo, AquilaMoE eq. 3; the aki-pro default
   identity     interpolate, and zero o_proj and down_proj of every duplicate, so a new layer
-               adds nothing to the residual stream and the function is kept (LLaMA-Pro; beyond
-               the paper)
+               adds nothing to the residual stream (LLaMA-Pro's block expansion; beyond the paper)
 
-`plan_growth` draws the maps once; `grow_tensor` builds one target tensor from the few source
-tensors it needs, read from any `name -> tensor` mapping (a state dict, or a lazily read
+Table 1's "FPI (Stacking)" and "AKI (Stacking)" rows (24 -> 32 layers) are `stack` as the
+paper writes them and `stack-top` as the code it builds on would; which one BAAI ran is not
+public. The rest of the file is plumbing: `plan_growth` draws the maps once; `grow_tensor`
+names which source tensors a target tensor needs and applies the operators below to them,
+reading from any `name -> tensor` mapping (a state dict, or a lazily read
 `stream.SafetensorsSource`), which is how `grow_checkpoint` grows a 7B model in a few GB.
+A target must keep the source's vocab_size, qkv_bias, rope_theta and norm_eps: each changes
+the function, so a different value is refused rather than silently carried.
 """
 
 from __future__ import annotations
@@ -51,13 +58,80 @@ import torch
 
 from minimoe.config import ModelConfig
 from minimoe.model import Transformer, build_model
+from minimoe.stream import SafetensorsSource, write_safetensors
 
 METHODS = ("fpi", "aki", "aki-pro")
-DEPTHS = ("stack", "interpolate", "identity")
+DEPTHS = ("stack", "stack-top", "interpolate", "identity")
 MAPPINGS = ("cyclic", "random")
 KV_OPTIONS = ("keep", "mean-pool")
 
 
+# --- the operators on tensors ----------------------------------------------------------------
+# A weight is (out, in), as in nn.Linear. rows[j] is the source row that target row j copies;
+# cols[i] the source column of target column i, and col_copies[i] how often that source
+# column is copied (the original included).
+def fpi(weight: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None,
+        col_copies: torch.Tensor | None) -> torch.Tensor:
+    """bert2BERT's EXPN(W; g_in, g_out): copy rows (eq. 8); copy columns and divide each by
+    its copy count (eq. 7), so a neuron copied C times and read C times still sums once."""
+    grown = weight if rows is None else weight[rows]
+    if cols is not None:
+        grown = grown[:, cols]
+        # in place (the indexing made a new tensor), in the weight's dtype: copy counts are
+        # small integers, exact in any float type, and bf16 / bf16 is 15x faster than mixed
+        grown.div_(col_copies.to(grown.dtype))
+    return grown
+
+
+def aki(weight: torch.Tensor, weight_above: torch.Tensor, rows: torch.Tensor,
+        new_rows: torch.Tensor, cols: torch.Tensor | None,
+        col_copies: torch.Tensor | None) -> torch.Tensor:
+    """bert2BERT's AKI: as fpi, but a *new* output neuron j (new_rows[j], not the first copy)
+    takes row rows[j] of the layer above, column-expanded like every other row: with
+    W = [w1; w2; w3] and W_above = [v1; v2; v3], 3 -> 4 rows gives [w1; w2; w3; v1]
+    (AquilaMoE eq. 2)."""
+    grown = fpi(weight, rows, cols, col_copies)
+    grown[new_rows] = fpi(weight_above, rows[new_rows], cols, col_copies)
+    return grown
+
+
+def mean_pool_heads(weight: torch.Tensor, pool: int, head_dim: int) -> torch.Tensor:
+    """Fewer KV heads: target head h is the mean of source heads h*pool .. h*pool+pool-1
+    (GQA uptraining, Ainslie et al. 2023 §2.1), whose query heads form its group."""
+    return weight.unflatten(0, (-1, pool, head_dim)).mean(1).flatten(0, 1)
+
+
+# --- the maps ---------------------------------------------------------------------------------
+def neuron_map(n_source: int, n_target: int, mapping: str, generator: torch.Generator) -> list[int]:
+    """g for one dimension: old neurons keep their place; each new one copies a source neuron,
+    left to right ("cyclic", AquilaMoE Fig. 1: j copies j mod n_source) or uniformly at
+    random (bert2BERT's f)."""
+    if mapping == "cyclic":
+        return [j % n_source for j in range(n_target)]
+    new = torch.randint(n_source, (n_target - n_source,), generator=generator).tolist()
+    return list(range(n_source)) + new
+
+
+def depth_map(n_source: int, n_target: int, depth: str) -> list[int]:
+    """The source layer each target layer is built from (see the module docstring)."""
+    if depth == "stack":
+        return [l % n_source for l in range(n_target)]
+    if depth == "stack-top":
+        whole, rest = divmod(n_target, n_source)
+        return list(range(n_source)) * whole + list(range(n_source - rest, n_source))
+    return [l * n_source // n_target for l in range(n_target)]  # interpolate and identity
+
+
+def is_new(g) -> list[bool]:
+    """True where g(j) was already copied at an earlier j: the neurons AKI takes from above."""
+    seen, new = set(), []
+    for source in g:
+        new.append(source in seen)
+        seen.add(source)
+    return new
+
+
+# --- the plan ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GrowthPlan:
     """The options and every map of one growth. A map lists, for each target index, the
@@ -93,32 +167,6 @@ class GrowthPlan:
                 "heads": _Axis.of(self.head_map, hd), "kv_heads": _Axis.of(self.kv_head_map, hd)}
 
 
-# --- the maps ------------------------------------------------------------------------------
-def neuron_map(n_source: int, n_target: int, mapping: str, generator: torch.Generator) -> list[int]:
-    """g for one dimension: old neurons keep their place; each new one copies a source neuron,
-    left to right ("cyclic", [P] Fig. 1: j copies j mod n_source) or uniformly at random
-    (bert2BERT's f)."""
-    if mapping == "cyclic":
-        return [j % n_source for j in range(n_target)]
-    new = torch.randint(n_source, (n_target - n_source,), generator=generator).tolist()
-    return list(range(n_source)) + new
-
-
-def depth_map(n_source: int, n_target: int, depth: str) -> list[int]:
-    if depth == "stack":
-        return [l % n_source for l in range(n_target)]
-    return [l * n_source // n_target for l in range(n_target)]  # interpolate and identity
-
-
-def is_new(g) -> list[bool]:
-    """True where g(j) was already copied at an earlier j: the neurons AKI takes from above."""
-    seen, new = set(), []
-    for source in g:
-        new.append(source in seen)
-        seen.add(source)
-    return new
-
-
 def plan_growth(source: ModelConfig, target: ModelConfig, method: str = "fpi",
                 depth: str | None = None, mapping: str = "cyclic", seed: int = 0,
                 kv: str = "keep") -> GrowthPlan:
@@ -135,8 +183,8 @@ def plan_growth(source: ModelConfig, target: ModelConfig, method: str = "fpi",
         head_map = neuron_map(source.n_heads, target.n_heads, mapping, generator)
         kv_head_map, kv_pool = head_map, 1
     else:
-        # GQA ([P] §2.2.1): the groups stay; each is a multi-head block growing its own queries.
-        # With mean-pool the source is first regrouped into the target's kv_t groups.
+        # GQA (AquilaMoE §2.2.1): the groups stay; each is a multi-head block growing its own
+        # queries. With mean-pool the source is first regrouped into the target's kv_t groups.
         kv_pool = kv_s // kv_t
         per_group_s, per_group_t = source.n_heads // kv_t, target.n_heads // kv_t
         head_map = []
@@ -164,7 +212,8 @@ def _check(source: ModelConfig, target: ModelConfig, method, depth, mapping, kv)
         if cfg.tie_embeddings:
             raise ValueError(f"{name}.tie_embeddings=True: scale-up needs an untied LM head "
                              "(the embedding copies, the head divides)")
-    for field in ("vocab_size", "qkv_bias", "rope_theta"):
+    # each of these changes what the model computes, so a growth cannot preserve it
+    for field in ("vocab_size", "qkv_bias", "rope_theta", "norm_eps"):
         if getattr(target, field) != getattr(source, field):
             raise ValueError(f"target.{field}={getattr(target, field)!r}: must equal "
                              f"source {field}={getattr(source, field)!r}")
@@ -187,7 +236,7 @@ def _check(source: ModelConfig, target: ModelConfig, method, depth, mapping, kv)
                          f"n_kv_heads={kv_s}")
 
 
-# --- one tensor ----------------------------------------------------------------------------
+# --- state-dict names: which tensors, which maps ----------------------------------------------
 @dataclass
 class _Axis:
     """A width map at element level: position j of the target copies position index[j]."""
@@ -207,20 +256,7 @@ class _Axis:
         return _Axis(index, copies.repeat_interleave(size), new.repeat_interleave(size))
 
 
-def expand(weight: torch.Tensor, out: _Axis | None, inp: _Axis | None) -> torch.Tensor:
-    """bert2BERT's EXPN(W; g_in, g_out): copy output rows (eq. 8); copy input columns and divide
-    each by its copy count (eq. 7), so a neuron copied C times, read C times, still sums once."""
-    if out is not None:
-        weight = weight[out.index]
-    if inp is not None:
-        weight = weight[:, inp.index]
-        # in place (the indexing made a new tensor), in the weight's dtype: copy counts are
-        # small integers, exact in any float type, and bf16 / bf16 is 15x faster than mixed
-        weight.div_(inp.copies.to(weight.dtype))
-    return weight
-
-
-# which width map runs along the output (rows) and the input (columns) of each weight
+# which width map runs along the output (rows) and the input (columns) of each layer weight
 _AXES = {
     "attn.q_proj.weight": ("heads", "d_model"), "attn.q_proj.bias": ("heads", None),
     "attn.k_proj.weight": ("kv_heads", "d_model"), "attn.k_proj.bias": ("kv_heads", None),
@@ -242,27 +278,27 @@ def source_name(plan: GrowthPlan, name: str) -> str:
 
 def grow_tensor(plan: GrowthPlan, name: str, source: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Target tensor `name`, built from the few tensors of `source` it needs."""
-    ax = plan.axes
+    d_model = plan.axes["d_model"]
     if name == "embed.weight":  # (vocab, d_model): a token's vector is written, not read
-        return source[name][:, ax["d_model"].index]
+        return source[name][:, d_model.index]
     if name == "lm_head.weight":  # reads the residual stream: divided
-        return expand(source[name], None, ax["d_model"])
+        return fpi(source[name], None, d_model.index, d_model.copies)
     if name.endswith("norm.weight"):
         # a norm weight scales one feature; it sums nothing, so copies are not divided
-        return source[source_name(plan, name)][ax["d_model"].index]
+        return source[source_name(plan, name)][d_model.index]
 
     _, layer, rest = name.split(".", 2)
     if rest not in _AXES:
         raise ValueError(f"{name}: not a weight of the dense decoder")
+    out, inp = (plan.axes[a] if a else None for a in _AXES[rest])
+    cols, col_copies = (inp.index, inp.copies) if inp is not None else (None, None)
     here = plan.layer_map[int(layer)]
-    out, inp = (ax[a] if a else None for a in _AXES[rest])
-    grown = expand(_read(plan, source, here, rest), out, inp)
     above = here + 1
-    if plan.method != "fpi" and above < plan.source.n_layers:  # the top layer stays FPI
-        # AKI (bert2BERT; METHOD.md §5.2): U^l[j] = U^(l+1)[j] for every new output neuron j,
-        # i.e. row g(j) of the layer above, in-expanded like every other row
-        upper = _read(plan, source, above, rest)
-        grown[out.new] = expand(upper[out.index[out.new]], None, inp)
+    if plan.method == "fpi" or above == plan.source.n_layers:  # the top layer stays FPI
+        grown = fpi(_read(plan, source, here, rest), out.index, cols, col_copies)
+    else:
+        grown = aki(_read(plan, source, here, rest), _read(plan, source, above, rest),
+                    out.index, out.new, cols, col_copies)
     if int(layer) in plan.zeroed_layers and rest in _ZEROED:
         grown.zero_()
     return grown
@@ -271,14 +307,11 @@ def grow_tensor(plan: GrowthPlan, name: str, source: Mapping[str, torch.Tensor])
 def _read(plan: GrowthPlan, source, layer: int, rest: str) -> torch.Tensor:
     weight = source[f"layers.{layer}.{rest}"]
     if plan.kv_pool > 1 and rest.startswith(("attn.k_proj", "attn.v_proj")):
-        # GQA uptraining (Ainslie et al. 2023): a target KV head is the mean of kv_pool
-        # consecutive source KV heads, and the query heads of those heads form its group
-        hd = plan.source.head_dim
-        weight = weight.unflatten(0, (-1, plan.kv_pool, hd)).mean(1).flatten(0, 1)
+        weight = mean_pool_heads(weight, plan.kv_pool, plan.source.head_dim)
     return weight
 
 
-# --- whole models and checkpoints ----------------------------------------------------------
+# --- whole models and checkpoints -------------------------------------------------------------
 def target_specs(plan: GrowthPlan, dtype_of) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """{name: (dtype, shape)} of the target, in model order; shapes come from a model built on
     the meta device (nothing is allocated), dtypes from `dtype_of(source name)`."""
@@ -293,6 +326,7 @@ def grow_state_dict(plan: GrowthPlan, source: Mapping[str, torch.Tensor]
 
 
 def grow_model(plan: GrowthPlan, model: Transformer) -> Transformer:
+    """A new Transformer of plan.target grown from `model` (left untouched) by `plan`."""
     state = grow_state_dict(plan, model.state_dict())
     grown = build_model(plan.target, device="meta")  # no random init to throw away
     grown.load_state_dict(state, assign=True)
@@ -301,22 +335,20 @@ def grow_model(plan: GrowthPlan, model: Transformer) -> Transformer:
 
 def scale_up(model: Transformer, target: ModelConfig, method: str = "fpi",
              depth: str | None = None, mapping: str = "cyclic", seed: int = 0,
-             kv: str = "keep", return_plan: bool = False):
+             kv: str = "keep") -> Transformer:
     """A new Transformer of config `target` grown from `model` (which is left untouched).
 
     `depth=None` is the method's default (interpolate for aki-pro, stack otherwise). Grow the
-    width only with `target.replace(n_layers=model.cfg.n_layers)` ([P] Table 1's M(24, 4096)).
-    With `return_plan=True` returns (model, GrowthPlan) for the growth report.
+    width only with `target.replace(n_layers=model.cfg.n_layers)` (AquilaMoE Table 1's
+    M(24, 4096)). For the plan too (the growth report), call plan_growth, then grow_model.
     """
-    plan = plan_growth(model.cfg, target, method, depth, mapping, seed, kv)
-    grown = grow_model(plan, model)
-    return (grown, plan) if return_plan else grown
+    return grow_model(plan_growth(model.cfg, target, method, depth, mapping, seed, kv), model)
 
 
 def growth_report(plan: GrowthPlan, val_before: dict | None = None,
                   val_after: dict | None = None) -> dict:
     """What a growth did, JSON-ready: parameters, options, every map, and the validation loss
-    before and after (the numbers of [P] Tables 1 and 2)."""
+    before and after (the numbers of AquilaMoE Tables 1 and 2)."""
     return {"source_params": plan.source.param_counts()["total"],
             "target_params": plan.target.param_counts()["total"],
             "val_before": val_before, "val_after": val_after, **plan.to_dict()}
@@ -328,8 +360,6 @@ def grow_checkpoint(src_path, src_cfg: ModelConfig, tgt_cfg: ModelConfig, out_pa
 
     `options` are plan_growth's. Returns the plan and the bytes written.
     """
-    from minimoe.stream import SafetensorsSource, write_safetensors
-
     plan = plan_growth(src_cfg, tgt_cfg, **options)
     source = SafetensorsSource(src_path)
     for name, t in build_model(src_cfg, device="meta").state_dict().items():

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from minimoe.config import ModelConfig, get_preset
-from minimoe.grow import (depth_map, grow_checkpoint, grow_model, grow_state_dict, is_new,
+from minimoe.grow import (depth_map, fpi, grow_checkpoint, grow_model, grow_state_dict, is_new,
                           plan_growth, scale_up)
 from minimoe.model import RMSNorm, build_model
 
@@ -136,7 +136,7 @@ def test_identity_depth_keeps_logits(configs, method, seed):
 @EXAMPLES
 @given(growths(deeper=True, kinds=("mha", "gqa", "pool")),
        st.sampled_from(["fpi", "aki", "aki-pro"]),
-       st.sampled_from([None, "stack", "interpolate", "identity"]),
+       st.sampled_from([None, "stack", "stack-top", "interpolate", "identity"]),
        st.sampled_from(["cyclic", "random"]), st.integers(0, 99))
 def test_parameter_count_and_groups_match_target(configs, method, depth, mapping, seed):
     source, target = configs
@@ -161,7 +161,8 @@ def test_parameter_count_and_groups_match_target(configs, method, depth, mapping
 def test_aki_new_neurons_are_not_copies_within_the_layer(configs, method, seed):
     source, target = configs
     model = random_model(source, seed)
-    grown, plan = scale_up(model, target, method, mapping="random", seed=seed, return_plan=True)
+    plan = plan_growth(source, target, method, mapping="random", seed=seed)
+    grown = grow_model(plan, model)
     state = grown.state_dict()
     maps = {"d_model": plan.d_model_map, "d_ffn": plan.d_ffn_map,
             "heads": [h for h in plan.head_map for _ in range(source.head_dim)]}
@@ -180,7 +181,7 @@ def test_aki_new_neurons_are_not_copies_within_the_layer(configs, method, seed):
 
 
 def test_aki_takes_new_neurons_from_the_layer_above():
-    """[P] eq. 2 on an MLP: FPI(W1) = [w1; w2; w3; w1], AKI(W1) = [w1; w2; w3; w(2)_1]."""
+    """AquilaMoE eq. 2 on an MLP: FPI(W1) = [w1; w2; w3; w1], AKI(W1) = [w1; w2; w3; w(2)_1]."""
     source = get_preset("tiny").replace(n_layers=2, d_ffn=3)
     model = random_model(source, 0)
     grown = scale_up(model, source.replace(d_ffn=4), "aki")  # d_model unchanged: no division
@@ -218,11 +219,19 @@ def test_mean_pool_averages_consecutive_kv_heads():
 @pytest.mark.parametrize("n_source, n_target, depth, expected", [
     (3, 6, "stack", [0, 1, 2, 0, 1, 2]),
     (3, 6, "interpolate", [0, 0, 1, 1, 2, 2]),
-    # METHOD.md §5.5: 24 -> 32 duplicates layers 0, 3, ..., 21; 32 -> 40 layers 0, 4, ..., 28
+    (3, 6, "stack-top", [0, 1, 2, 0, 1, 2]),  # a multiple: the same as stack
+    # not a multiple: stack restarts at the bottom (AquilaMoE §2.2.1's l mod L1), stack-top
+    # appends the top layers (bert2BERT port loader.py set_depth; Apollo stack_meta_layer)
+    (24, 32, "stack", list(range(24)) + list(range(8))),
+    (24, 32, "stack-top", list(range(24)) + list(range(16, 24))),
+    (3, 4, "stack-top", [0, 1, 2, 2]),
+    (2, 7, "stack-top", [0, 1, 0, 1, 0, 1, 1]),
+    # interpolation (AquilaMoE eq. 3 as Apollo's extend_meta_layer computes it): 24 -> 32
+    # duplicates layers 0, 3, ..., 21; 32 -> 40 layers 0, 4, ..., 28
     (24, 32, "interpolate", [l for s in range(24) for l in [s] * (2 if s % 3 == 0 else 1)]),
     (32, 40, "interpolate", [l for s in range(32) for l in [s] * (2 if s % 4 == 0 else 1)]),
 ])
-def test_depth_maps_match_method_section_5_5(n_source, n_target, depth, expected):
+def test_depth_maps(n_source, n_target, depth, expected):
     assert depth_map(n_source, n_target, depth) == expected
 
 
@@ -263,9 +272,11 @@ TINY = get_preset("tiny")  # d_model 64, 4 heads, 2 KV heads, d_ffn 176, 2 layer
      r"target.n_kv_heads=4: must equal source n_kv_heads=2.*mean-pool"),
     (TINY.replace(n_kv_heads=4), {"kv": "mean-pool"}, r"target.n_kv_heads=4: kv='mean-pool' needs"),
     (TINY.replace(vocab_size=1000), {}, r"target.vocab_size=1000"),
+    # another eps changes every RMSNorm, so FPI would not keep the function: refused
+    (TINY.replace(norm_eps=1e-6), {}, r"target.norm_eps=1e-06: must equal source norm_eps=1e-05"),
     (TINY.replace(n_experts=4), {}, r"target.n_experts=4"),
     (TINY, {"method": "net2net"}, r"method='net2net': must be one of fpi, aki, aki-pro"),
-    (TINY, {"depth": "random"}, r"depth='random'"),
+    (TINY, {"depth": "random"}, r"depth='random': must be one of stack, stack-top, interpolate"),
     (TINY, {"mapping": "zigzag"}, r"mapping='zigzag'"),
     (TINY, {"kv": "drop"}, r"kv='drop'"),
 ])
@@ -321,7 +332,7 @@ def _trained_model(cfg, steps=80):
 
 
 def test_fpi_non_integer_ratio_costs_a_little_loss():
-    """[P] Table 2: x2 width keeps the loss exactly, x1.25 raises it a little (1.85 -> 1.96)."""
+    """AquilaMoE Table 2: x2 width keeps the loss exactly, x1.25 raises it a little (1.85 -> 1.96)."""
     source = ModelConfig(vocab_size=64, n_layers=2, d_model=32, n_heads=4, n_kv_heads=4,
                          d_ffn=64, max_seq_len=32)  # multi-head, so 4 -> 5 heads is allowed
     model, data = _trained_model(source)
@@ -384,3 +395,23 @@ def test_grow_checkpoint_refuses_a_file_of_another_shape(tmp_path):
     with pytest.raises(ValueError, match=r"gate_proj.weight must have shape \(100, 64\)"):
         grow_checkpoint(tmp_path / "src.safetensors", other, other, tmp_path / "out.safetensors")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+# --- the operators on tensors -------------------------------------------------------------
+def test_fpi_operator_is_aquilamoe_eq_1():
+    """Input neuron 1 of 2 is copied into neuron 3: its columns are halved (eq. 7); output
+    neuron 4 of 3 copies output neuron 1 (eq. 8)."""
+    W = torch.arange(1.0, 7.0).view(3, 2)  # (out 3, in 2)
+    U = fpi(W, torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 0]), torch.tensor([2.0, 1.0, 2.0]))
+    expected = torch.stack([W[:, 0] / 2, W[:, 1], W[:, 0] / 2], dim=1)[[0, 1, 2, 0]]
+    torch.testing.assert_close(U, expected)
+    assert W[0, 0] == 1.0  # the source is not divided in place
+
+
+@pytest.mark.parametrize("depth, top_from", [("stack", 0), ("stack-top", 1)])
+def test_stacked_third_layer_comes_from_the_bottom_or_the_top(depth, top_from):
+    model = random_model(TINY, 0)  # 2 layers -> 3, same width: every layer a plain copy
+    grown = scale_up(model, TINY.replace(n_layers=3), "fpi", depth=depth)
+    for rest in ("attn.q_proj.weight", "mlp.down_proj.weight", "mlp_norm.weight"):
+        assert torch.equal(grown.state_dict()[f"layers.2.{rest}"],
+                           model.state_dict()[f"layers.{top_from}.{rest}"])

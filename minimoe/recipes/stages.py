@@ -14,7 +14,7 @@ import torch
 from minimoe import checkpoint as ckpt
 from minimoe import files
 from minimoe.config import ModelConfig, get_preset
-from minimoe.grow import growth_report, scale_up
+from minimoe.grow import grow_model, growth_report, plan_growth
 from minimoe.model import build_model
 from minimoe.tokens import load_data
 from minimoe.train import RunResult, TrainConfig, evaluate, train
@@ -103,8 +103,8 @@ def grow_run(src, target: str, out, method: str = "aki-pro", depth: str | None =
     """Scale-Up of a run's model to a preset's shape (vocabulary kept: it is the tokenizer's)."""
     def transform(model):
         shape = get_preset(target).replace(vocab_size=model.cfg.vocab_size)
-        grown, plan = scale_up(model, shape, method, depth, mapping, seed, kv, return_plan=True)
-        return grown, {"growth": growth_report(plan)}
+        plan = plan_growth(model.cfg, shape, method, depth, mapping, seed, kv)
+        return grow_model(plan, model), {"growth": growth_report(plan)}
 
     meta = {"stage": "scale-up", "method": method, "target": target, "depth": depth,
             "mapping": mapping, "seed": seed, "kv": kv}
