@@ -2,12 +2,14 @@
 
 A router scores each token against E experts, each token goes to its top-k experts, and the
 layer returns the gate-weighted sum of those experts' SwiGLU outputs (AquilaMoE: E=8, k=2,
-[P] §2.3). Options cover the peers this project compares with (../shared/reference/PEERS.md):
+arXiv 2408.06567 §2.3). Options cover the peers this project compares with
+(docs/method.md#the-moe-layer):
 
   gate="softmax-topk"  softmax over E, keep the top k, renormalise them to sum 1
                        (Mixtral, AquilaMoE's Hugging Face model, Megatron `pre_softmax`)
   gate="topk-softmax"  top k of the logits, softmax over those k (LLaMA-MoE, Megatron default)
-  router_noise         noisy top-k gating (Shazeer 2017, as in LLaMA-MoE), training only
+  router_noise         noisy top-k gating (Shazeer et al. 2017, as in LLaMA-MoE's
+                       smoe/modules/moe/moe_gates.py TopKBalancedNoisyGate), training only
   capacity_factor      >0: each expert takes at most ceil(cf * T * k / E) token-expert pairs
                        and drops the rest (Switch/Megatron); 0 = dropless (AquilaMoE, Mixtral)
   expert_scale         multiplies the routed output (LLaMA-MoE's score_scale_factor)
@@ -42,7 +44,10 @@ import torch.nn.functional as F
 from minimoe.config import ModelConfig
 
 GROUPED_MM = True  # False forces the per-expert loop (benchmarks, debugging)
-NOISE_EPSILON = 1e-2  # LLaMA-MoE's gate_noise_epsilon: the noise std floor (PEERS.md §A2)
+NOISE_EPSILON = 1e-2  # LLaMA-MoE's gate_noise_epsilon: the noise std floor (its released configs)
+# The dtypes torch's CPU grouped_mm takes (torch 2.13: float64 raises "Expected mat_a to be
+# Float32, BFloat16 or Float16"); any other dtype runs the per-expert loop.
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 AUX_NAMES = ("balance", "z", "max_z", "cv2")
 
 
@@ -97,7 +102,8 @@ class MoE(nn.Module):
 
         AquilaMoE initialises the router with N(0, "variance 0.02"); we read it as std 0.02,
         the Megatron/FlagScale default (init_method_std = 0.02) that BAAI most likely ran; see
-        `router_init_std` and METHOD.md §6.2. upcycle() and split() take the std as an argument.
+        `router_init_std` and docs/method.md#router-initialisation. upcycle() and split() take
+        the std as an argument.
         """
         for w in (self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD, self.router.weight):
             w.normal_(0.0, self.cfg.init_std)
@@ -187,9 +193,10 @@ class MoE(nn.Module):
         load_E = torch.bincount(idx_TK.reshape(-1), minlength=E)
         self.load_E = load_E.detach()
         # Switch load balancing, top-k form as in Megatron's switch_load_balancing_loss_func:
-        # E/(T*K) * sum_e mean_prob_e * count_e; 1 under perfectly balanced routing (METHOD §6.3)
+        # E/(T*K) * sum_e mean_prob_e * count_e; 1 under perfectly balanced routing (Switch
+        # Transformers eqs. 4-6 with top-k counts; Megatron-LM core/transformer/moe/moe_utils.py)
         balance = E / (T * K) * (probs_TE.mean(0) * load_E.to(probs_TE.dtype)).sum()
-        # LLaMA-MoE: importance = the combine weights summed per expert (PEERS.md §A2)
+        # LLaMA-MoE: importance = the combine weights summed per expert (moe_gates.py)
         importance_E = torch.zeros(E, device=weight_TK.device, dtype=weight_TK.dtype)
         importance_E = importance_E.scatter_add(0, idx_TK.reshape(-1), weight_TK.reshape(-1))
         self.aux = {
@@ -205,7 +212,8 @@ class MoE(nn.Module):
         Phi((clean_e - threshold) / noise_std_e), the threshold being the k-th best noisy
         logit of the others. LLaMA-MoE compares only the noise term against the threshold
         when picking which threshold applies; we compare the full noisy logits, as the
-        implementations its gate cites do (PEERS.md §A2, "Discrepancy")."""
+        implementations its gate cites do (davidmrau/mixture-of-experts, moe.py
+        `_prob_in_top_k`; docs/method.md#auxiliary-losses)."""
         if r.noise_std_TE is None or self.top_k >= self.n_experts:
             return load_E.float()
         K, noisy_TE = self.top_k, r.route_logits_TE
@@ -219,11 +227,14 @@ class MoE(nn.Module):
 
 
 def _grouped_mm_usable(x_SD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
-    """torch's grouped matmul wants 16-byte-aligned strides and knows no autocast; we use only
+    """torch's grouped matmul wants 16-byte-aligned strides, a float32/bf16/fp16 dtype, and
+    knows no autocast; we use only
     its CPU kernel, the one tested here (on CUDA it needs bf16 and sm80+: the loop runs there)."""
     if not (GROUPED_MM and hasattr(F, "grouped_mm")) or x_SD.device.type != "cpu":
         return False
     if torch.is_autocast_enabled("cpu") or not w_EDF.is_contiguous() or len(x_SD) == 0:
+        return False
+    if w_EDF.dtype not in GROUPED_MM_DTYPES:
         return False
     per_16_bytes = 16 // w_EDF.element_size()
     E, D, F_ = w_EDF.shape
@@ -239,7 +250,8 @@ def max_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """Baichuan 2's max-z loss (eq. 1): the squared maximum logit, averaged over tokens.
 
     AquilaMoE applies a "max z-loss" with coefficient 0.01 but does not say to which logits
-    (METHOD.md §6.3). The MoE computes it on its router logits (aux["max_z"]); the training
+    (arXiv 2408.06567 §2.3; docs/method.md#auxiliary-losses). The MoE computes it on its
+    router logits (aux["max_z"]); the training
     loop calls this on the LM-head logits (B, T, V) for the other reading (Baichuan 2's).
     """
     return logits.float().amax(dim=-1).square().mean()
@@ -256,8 +268,9 @@ def cv_squared(x: torch.Tensor) -> torch.Tensor:
 def router_init_std(value: float = 0.02, convention: str = "std") -> float:
     """The router's init std from the paper's number read as a std (default) or a variance.
 
-    AquilaMoE [P] §2.3 says "a normal distribution with a mean of 0 and a variance of 0.02".
-    The sentence is copied from MiniCPM, and the FlagScale/Megatron path BAAI most likely used
+    AquilaMoE (arXiv 2408.06567 §2.3) says "a normal distribution with a mean of 0 and a
+    variance of 0.02". The sentence is copied from MiniCPM (arXiv 2404.06395 §7.3), and the
+    FlagScale/Megatron path BAAI most likely used (megatron/core/transformer/moe/router.py)
     initialises the router with std = init_method_std = 0.02 (variance 4e-4), so std is our
     default; convention="variance" follows the sentence literally (std = sqrt(0.02) = 0.141).
     """
@@ -302,7 +315,7 @@ def _stack_or_empty(rows: list[torch.Tensor]) -> torch.Tensor:
 
 @dataclass
 class AuxLossConfig:
-    """Coefficients of the auxiliary losses; the defaults are AquilaMoE's ([P] §2.3).
+    """Coefficients of the auxiliary losses; the defaults are AquilaMoE's (arXiv 2408.06567 §2.3).
 
     balance  Switch/Megatron load balancing (0.001 in AquilaMoE)
     z        ST-MoE router z-loss (AquilaMoE: not used; ST-MoE: 0.001)

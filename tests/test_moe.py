@@ -40,6 +40,16 @@ def reference_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return out_TD.view(B, T, D)
 
 
+@pytest.fixture
+def grouped_mm_calls(monkeypatch):
+    """Counts the calls of F.grouped_mm, so a test can say which path ran."""
+    calls = []
+    if hasattr(F, "grouped_mm"):
+        real = F.grouped_mm
+        monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 def _outputs_and_grads(moe, x, forward):
     moe.zero_grad()
     x = x.clone().requires_grad_()
@@ -56,14 +66,16 @@ def _outputs_and_grads(moe, x, forward):
     dict(shared_d_ffn=32, top_k=3),
     dict(top_k=4, expert_d_ffn=22),  # widths that grouped_mm cannot take: the loop runs
 ])
-def test_fast_dispatch_equals_plain_loop(path, options, monkeypatch):
+def test_fast_dispatch_equals_plain_loop(path, options, monkeypatch, grouped_mm_calls):
     if path == "expert_loop":
-        monkeypatch.setattr(moe_module, "_grouped_mm_usable", lambda *args: False)
+        monkeypatch.setattr(moe_module, "GROUPED_MM", False)
     torch.manual_seed(0)
     moe = MoE(TINY_MOE.replace(**{"expert_d_ffn": 32, **options}))
     moe.router.weight.data.normal_(0, 0.5)  # decisive routing, so both see the same choice
     x = torch.randn(2, 12, TINY_MOE.d_model)
     fast = _outputs_and_grads(moe, x, lambda m, x: m(x))
+    aligned = moe.cfg.expert_d_ffn % 4 == 0  # 16 bytes of float32
+    assert bool(grouped_mm_calls) == (path == "grouped_mm" and aligned and hasattr(F, "grouped_mm"))
     plain = _outputs_and_grads(moe, x, reference_moe)
     for a, b in zip(fast, plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -75,6 +87,22 @@ def test_grouped_mm_path_is_taken_where_it_can_be():
     assert moe_module._grouped_mm_usable(x_SD, moe.w_gate_EDF) == hasattr(F, "grouped_mm")
     odd = MoE(TINY_MOE.replace(expert_d_ffn=22))  # 22 floats = 88 bytes: not 16-byte aligned
     assert not moe_module._grouped_mm_usable(x_SD, odd.w_gate_EDF)
+    # the CPU kernel takes float32, bf16 and fp16 only; float64 raises inside it
+    assert not moe_module._grouped_mm_usable(x_SD.double(), moe.w_gate_EDF.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_forward_in_any_float_dtype_equals_plain_loop(dtype):
+    """float64 used to reach grouped_mm, which raised "Expected mat_a to be Float32, ..."."""
+    torch.manual_seed(0)
+    moe = MoE(TINY_MOE.replace(expert_d_ffn=32)).to(dtype)
+    moe.router.weight.data.normal_(0, 0.5)
+    x = torch.randn(2, 12, TINY_MOE.d_model, dtype=dtype)
+    out = moe(x)
+    assert out.dtype == dtype
+    expected = reference_moe(moe.double(), x.double())
+    tol = 1e-12 if dtype == torch.float64 else 1e-2
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(router_noise=True), dict(shared_d_ffn=48),
@@ -202,17 +230,31 @@ def test_model_level_aux_losses_and_total():
         AuxLossConfig(max_z_on="lm_head").total(model)
 
 
-@pytest.mark.parametrize("path", ["grouped_mm", "expert_loop"])
-def test_bf16_autocast_runs_and_stays_close(path, monkeypatch):
-    if path == "expert_loop":
-        monkeypatch.setattr(moe_module, "GROUPED_MM", False)
+def test_bf16_autocast_runs_the_loop_and_stays_close(grouped_mm_calls):
+    """grouped_mm knows no autocast, so under autocast the per-expert loop must run."""
     torch.manual_seed(0)
     model = build_model(TINY_MOE.replace(expert_d_ffn=32))
     idx = torch.randint(0, TINY_MOE.vocab_size, (2, 16))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(idx)
     logits.float().square().mean().backward()
+    assert not grouped_mm_calls
     torch.testing.assert_close(logits.float(), model(idx), atol=0.05, rtol=0.05)
+
+
+@pytest.mark.skipif(not hasattr(F, "grouped_mm"), reason="torch without grouped_mm")
+def test_bf16_grouped_mm_equals_the_loop(monkeypatch, grouped_mm_calls):
+    """bf16 weights without autocast: the grouped_mm path runs, and agrees with the loop."""
+    torch.manual_seed(0)
+    moe = MoE(TINY_MOE.replace(expert_d_ffn=32)).to(torch.bfloat16)
+    moe.router.weight.data.normal_(0, 0.5)
+    x = torch.randn(2, 16, TINY_MOE.d_model, dtype=torch.bfloat16)
+    fast = _outputs_and_grads(moe, x, lambda m, x: m(x))
+    assert grouped_mm_calls, "the grouped_mm path did not run"
+    monkeypatch.setattr(moe_module, "GROUPED_MM", False)
+    loop = _outputs_and_grads(moe, x, lambda m, x: m(x))
+    for a, b in zip(fast, loop):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_dense_model_has_no_aux_losses():
