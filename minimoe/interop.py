@@ -1,4 +1,5 @@
-"""Interop with Hugging Face transformers: LlamaForCausalLM (dense) state dicts, both ways.
+"""Interop with Hugging Face transformers, both ways: configs and state dicts of
+LlamaForCausalLM and Qwen2ForCausalLM (dense) and MixtralForCausalLM (MoE).
 
 Our weight names are HF's with shorter prefixes, so conversion is a renaming:
   embed.weight                  <-> model.embed_tokens.weight
@@ -7,8 +8,10 @@ Our weight names are HF's with shorter prefixes, so conversion is a renaming:
   layers.{i}.mlp_norm           <-> model.layers.{i}.post_attention_layernorm
   layers.{i}.mlp.*_proj         <-> model.layers.{i}.mlp.*_proj
   norm / lm_head                <-> model.norm / lm_head
-Both use the half-split ("rotate_half") RoPE layout, so no permutation of Q/K rows is needed.
-The MoE side converts to and from MixtralForCausalLM (below).
+All use the half-split ("rotate_half") RoPE layout, so no permutation of Q/K rows is needed.
+Qwen2 is the exact architectural match (bias on Q/K/V only); Llama needs attention_bias=True,
+which also gives o_proj a bias, exported as zero. One helper (`_hf_common`) holds the config
+arguments the three share, and `config_from_hf` reads all three back (docs/method.md#interop).
 """
 
 from __future__ import annotations
@@ -53,39 +56,106 @@ def from_hf_name(name: str) -> str:
     return name
 
 
-def hf_llama_config(cfg: ModelConfig):
-    """The transformers LlamaConfig with the same shape as a dense ModelConfig."""
-    from transformers import LlamaConfig
-
-    if cfg.is_moe:
-        raise ValueError(f"n_experts={cfg.n_experts}: a Llama config is dense; use the Mixtral export")
-    return LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ffn,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
-        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta, attention_bias=cfg.qkv_bias, mlp_bias=False,
+# --- configs -----------------------------------------------------------------------------------
+def _hf_common(cfg: ModelConfig) -> dict:
+    """The arguments every transformers decoder config (Llama, Qwen2, Mixtral) shares with ours."""
+    return dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
         tie_word_embeddings=cfg.tie_embeddings, initializer_range=cfg.init_std,
         attn_implementation="sdpa",
     )
 
 
+def _check_dense(cfg: ModelConfig, architecture: str):
+    if cfg.is_moe:
+        raise ValueError(f"ModelConfig.n_experts={cfg.n_experts}: a {architecture} config is "
+                         "dense; use the Mixtral export")
+
+
+def hf_llama_config(cfg: ModelConfig):
+    """The transformers LlamaConfig with the same shape as a dense ModelConfig. QKV bias
+    needs attention_bias=True, which gives o_proj a bias too (exported as zero)."""
+    from transformers import LlamaConfig  # optional dependency, heavy to import
+
+    _check_dense(cfg, "Llama")
+    return LlamaConfig(intermediate_size=cfg.d_ffn, attention_bias=cfg.qkv_bias, mlp_bias=False,
+                       **_hf_common(cfg))
+
+
+def hf_qwen2_config(cfg: ModelConfig):
+    """The transformers Qwen2Config with the same shape as a dense ModelConfig: Aquila's
+    exact match (bias on Q, K and V, none on o_proj; modeling_qwen2.py, Qwen2Attention)."""
+    from transformers import Qwen2Config  # optional dependency, heavy to import
+
+    _check_dense(cfg, "Qwen2")
+    return Qwen2Config(intermediate_size=cfg.d_ffn, use_sliding_window=False, **_hf_common(cfg))
+
+
 def config_from_hf(hf_config) -> ModelConfig:
-    """Our ModelConfig from a transformers LlamaConfig (dense)."""
-    theta = getattr(hf_config, "rope_theta", None)
-    if theta is None:  # transformers 5 keeps it under rope_parameters
-        theta = (getattr(hf_config, "rope_parameters", None) or {}).get("rope_theta", 1e4)
-    return ModelConfig(
-        vocab_size=hf_config.vocab_size, n_layers=hf_config.num_hidden_layers,
-        d_model=hf_config.hidden_size, n_heads=hf_config.num_attention_heads,
-        n_kv_heads=hf_config.num_key_value_heads or hf_config.num_attention_heads,
-        d_ffn=hf_config.intermediate_size, qkv_bias=bool(hf_config.attention_bias),
-        rope_theta=float(theta), norm_eps=hf_config.rms_norm_eps,
-        max_seq_len=hf_config.max_position_embeddings,
-        tie_embeddings=bool(hf_config.tie_word_embeddings),
+    """Our ModelConfig from a transformers Llama, Qwen2 or Mixtral config.
+
+    What minimoe can represent is imported exactly; anything else (scaled RoPE, another
+    activation, a head_dim other than hidden_size/num_attention_heads, MLP biases, sliding
+    windows, router jitter) raises ValueError naming the field, rather than loading a model
+    whose logits would silently differ.
+    """
+    kind = getattr(hf_config, "model_type", "llama")
+    if kind not in ("llama", "qwen2", "mixtral"):
+        raise ValueError(f"model_type={kind!r}: must be one of llama, qwen2, mixtral")
+    d_model, n_heads = hf_config.hidden_size, hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None)
+    # Qwen2 keeps a sliding_window that only use_sliding_window switches on
+    window = getattr(hf_config, "sliding_window", None) if kind == "mixtral" else None
+    rules = [
+        (getattr(hf_config, "hidden_act", "silu") in ("silu", "swish"), "hidden_act",
+         "must be 'silu' (minimoe's MLP is SwiGLU)"),
+        (head_dim in (None, d_model // n_heads) and d_model % n_heads == 0, "head_dim",
+         f"must equal hidden_size/num_attention_heads = {d_model}/{n_heads}"),
+        (not getattr(hf_config, "mlp_bias", False), "mlp_bias",
+         "unsupported: minimoe's MLP has no bias"),
+        (not getattr(hf_config, "use_sliding_window", False), "use_sliding_window",
+         "must be False: minimoe attends to the whole context"),
+        (window is None or window >= hf_config.max_position_embeddings, "sliding_window",
+         "must be None: minimoe attends to the whole context"),
+        (not getattr(hf_config, "router_jitter_noise", 0.0), "router_jitter_noise",
+         "must be 0: minimoe's router has no jitter"),
+    ]
+    for ok, field, rule in rules:
+        if not ok:
+            raise ValueError(f"{field}={getattr(hf_config, field)!r}: {rule}")
+    common = dict(
+        vocab_size=hf_config.vocab_size, n_layers=hf_config.num_hidden_layers, d_model=d_model,
+        n_heads=n_heads, n_kv_heads=getattr(hf_config, "num_key_value_heads", None) or n_heads,
+        d_ffn=hf_config.intermediate_size, rope_theta=_rope_theta(hf_config),
+        norm_eps=hf_config.rms_norm_eps, max_seq_len=hf_config.max_position_embeddings,
+        tie_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        init_std=getattr(hf_config, "initializer_range", 0.02),
     )
+    if kind == "mixtral":  # no attention biases; every layer an MoE of intermediate_size experts
+        return ModelConfig(**common, qkv_bias=False, n_experts=hf_config.num_local_experts,
+                           top_k=hf_config.num_experts_per_tok)
+    return ModelConfig(**common, qkv_bias=kind == "qwen2" or bool(hf_config.attention_bias))
 
 
+def _rope_theta(hf_config) -> float:
+    """rope_theta, refusing scaled RoPE. transformers 5 keeps both in `rope_parameters`;
+    transformers 4 has `rope_theta` and `rope_scaling` (None, or {"rope_type" or "type": ...})."""
+    params = getattr(hf_config, "rope_parameters", None)
+    field, rope = ("rope_parameters", params) if params is not None else \
+        ("rope_scaling", getattr(hf_config, "rope_scaling", None))
+    rope = rope or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"{field}.rope_type={rope_type!r}: not supported; minimoe's RoPE is "
+                         "unscaled ('default')")
+    theta = getattr(hf_config, "rope_theta", None)
+    return float(theta if theta is not None else rope.get("rope_theta", 1e4))
+
+
+# --- dense state dicts ----------------------------------------------------------------------------
 def export_llama_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our dense state dict -> LlamaForCausalLM's (tensors shared, not copied).
 
@@ -104,14 +174,28 @@ def import_llama_state_dict(hf_state_dict: dict[str, torch.Tensor]) -> dict[str,
     """LlamaForCausalLM's state dict -> ours; rotary caches HF may store are dropped."""
     out = {}
     for k, v in hf_state_dict.items():
-        if "rotary_emb" in k:
-            continue
         if k.endswith("self_attn.o_proj.bias"):
             if v.abs().max() > 0:
                 raise ValueError(f"{k}: nonzero o_proj bias; minimoe's attention has bias on Q/K/V only")
             continue
-        out[from_hf_name(k)] = v
+        out[k] = v
+    return import_qwen2_state_dict(out)
+
+
+def export_qwen2_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our dense state dict -> Qwen2ForCausalLM's. Qwen2 always has QKV biases: a model
+    without them gets zero ones, which change nothing."""
+    out = {to_hf_name(k): v for k, v in state_dict.items()}
+    for k, weight in state_dict.items():
+        if k.endswith(_QKV_WEIGHTS) and k.replace(".weight", ".bias") not in state_dict:
+            out[to_hf_name(k.replace(".weight", ".bias"))] = weight.new_zeros(weight.shape[0])
     return out
+
+
+def import_qwen2_state_dict(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Qwen2ForCausalLM's state dict -> ours (a model with qkv_bias=True, as config_from_hf
+    reads it); rotary caches HF may store are dropped."""
+    return {from_hf_name(k): v for k, v in hf_state_dict.items() if "rotary_emb" not in k}
 
 
 # --- Hugging Face Mixtral ---------------------------------------------------------------------
@@ -131,19 +215,12 @@ def _check_mixtral(cfg: ModelConfig):
 
 def hf_mixtral_config(cfg: ModelConfig):
     """The transformers MixtralConfig with the same shape as an MoE ModelConfig."""
-    from transformers import MixtralConfig
+    from transformers import MixtralConfig  # optional dependency, heavy to import
 
     _check_mixtral(cfg)
-    return MixtralConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.expert_d_ffn,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
-        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings,
-        initializer_range=cfg.init_std, num_local_experts=cfg.n_experts,
-        num_experts_per_tok=cfg.top_k, router_jitter_noise=0.0, sliding_window=None,
-        attn_implementation="sdpa",
-    )
+    return MixtralConfig(intermediate_size=cfg.expert_d_ffn, num_local_experts=cfg.n_experts,
+                         num_experts_per_tok=cfg.top_k, router_jitter_noise=0.0,
+                         sliding_window=None, **_hf_common(cfg))
 
 
 def export_mixtral_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -205,6 +282,7 @@ def import_mixtral_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) 
 
 
 _QKV_BIASES = ("attn.q_proj.bias", "attn.k_proj.bias", "attn.v_proj.bias")
+_QKV_WEIGHTS = ("attn.q_proj.weight", "attn.k_proj.weight", "attn.v_proj.weight")
 
 
 def _split_moe_name(name: str) -> tuple[str, str]:
@@ -217,7 +295,7 @@ def _split_moe_name(name: str) -> tuple[str, str]:
 
 def mixtral_from_moe(model: Transformer):
     """A MixtralForCausalLM holding the same weights as our MoE model (for checks and export)."""
-    from transformers import MixtralForCausalLM
+    from transformers import MixtralForCausalLM  # optional dependency, heavy to import
 
     hf = MixtralForCausalLM(hf_mixtral_config(model.cfg))
     hf.load_state_dict(export_mixtral_state_dict(model.state_dict(), model.cfg), strict=True)

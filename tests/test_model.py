@@ -4,8 +4,11 @@ import pytest
 import torch
 
 from minimoe.config import get_preset
-from minimoe.interop import (config_from_hf, export_llama_state_dict, hf_llama_config,
-                             import_llama_state_dict)
+from types import SimpleNamespace
+
+from minimoe.interop import (config_from_hf, export_llama_state_dict, export_qwen2_state_dict,
+                             hf_llama_config, hf_mixtral_config, hf_qwen2_config,
+                             import_llama_state_dict, import_qwen2_state_dict)
 from minimoe.model import build_model
 
 transformers = pytest.importorskip("transformers")
@@ -30,28 +33,97 @@ def test_sequence_longer_than_context_is_refused():
         build_model(cfg)(torch.zeros(1, cfg.max_seq_len + 1, dtype=torch.long))
 
 
+def test_init_std_sets_the_weights_std():
+    cfg = get_preset("tiny").replace(d_model=256, n_heads=8)  # enough weights for a tight std
+    for init_std in (0.02, 0.05):
+        torch.manual_seed(0)
+        model = build_model(cfg.replace(init_std=init_std))
+        for w in (model.embed.weight, model.layers[0].attn.q_proj.weight, model.lm_head.weight):
+            assert w.std().item() == pytest.approx(init_std, rel=0.05)
+
+
+HF_DENSE = {  # architecture -> (model class name, config, export, import)
+    "llama": ("LlamaForCausalLM", hf_llama_config, export_llama_state_dict, import_llama_state_dict),
+    "qwen2": ("Qwen2ForCausalLM", hf_qwen2_config, export_qwen2_state_dict, import_qwen2_state_dict),
+}
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
 @pytest.mark.parametrize("changes", [
-    dict(n_heads=8, n_kv_heads=2, qkv_bias=True),   # GQA + QKV bias, the Aquila layout
+    dict(n_heads=8, n_kv_heads=2, qkv_bias=True, init_std=0.01),  # GQA + QKV bias: Aquila
     dict(n_heads=4, n_kv_heads=4, qkv_bias=False, tie_embeddings=True),  # MHA, tied head
 ])
-def test_equals_transformers_llama_both_ways(changes):
+def test_equals_transformers_both_ways(architecture, changes):
     torch.manual_seed(0)
+    model_class, make_config, export, import_ = HF_DENSE[architecture]
     cfg = get_preset("tiny").replace(**changes)
     ours = build_model(cfg).eval()
     with torch.no_grad():  # non-trivial norms and biases, so a swapped tensor would show
         for name, p in ours.named_parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
-    hf = transformers.LlamaForCausalLM(hf_llama_config(cfg)).eval()
-    hf.load_state_dict(export_llama_state_dict(ours.state_dict()), strict=True)
+    hf = getattr(transformers, model_class)(make_config(cfg)).eval()
+    hf.load_state_dict(export(ours.state_dict()), strict=True)
     idx = torch.randint(0, cfg.vocab_size, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-5, rtol=0)
         # and back: a fresh model of ours loaded from HF's weights and config
         back = build_model(config_from_hf(hf.config)).eval()
-        back.load_state_dict(import_llama_state_dict(hf.state_dict()))
+        back.load_state_dict(import_(hf.state_dict()), strict=True)
         torch.testing.assert_close(back(idx), hf(idx).logits, atol=1e-5, rtol=0)
-    assert config_from_hf(hf.config) == cfg.replace(init_std=cfg.init_std)
+    # every field read back, init_std (initializer_range) included; Qwen2 always has QKV bias
+    assert config_from_hf(hf.config) == cfg.replace(qkv_bias=cfg.qkv_bias or architecture == "qwen2")
+
+
+def test_qwen2_has_no_o_proj_bias_where_llama_needs_one():
+    cfg = get_preset("tiny")  # qkv_bias=True
+    assert "model.layers.0.self_attn.o_proj.bias" in export_llama_state_dict(build_model(cfg).state_dict())
+    qwen2 = export_qwen2_state_dict(build_model(cfg).state_dict())
+    assert "model.layers.0.self_attn.o_proj.bias" not in qwen2
+    assert "model.layers.0.self_attn.q_proj.bias" in qwen2
+
+
+def test_mixtral_config_reads_back():
+    cfg = get_preset("tiny").replace(qkv_bias=False, n_experts=4, top_k=2, init_std=0.03)
+    assert config_from_hf(hf_mixtral_config(cfg)) == cfg
+
+
+def _llama(**changes):
+    return transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                    intermediate_size=176, num_hidden_layers=2, vocab_size=512,
+                                    **changes)
+
+
+@pytest.mark.parametrize("hf_config, message", [
+    (_llama(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+     r"rope_parameters.rope_type='llama3': not supported"),
+    (_llama(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+     r"rope_parameters.rope_type='linear': not supported"),
+    (_llama(hidden_act="gelu"), r"hidden_act='gelu': must be 'silu'"),
+    (_llama(head_dim=32), r"head_dim=32: must equal hidden_size/num_attention_heads = 64/4"),
+    (_llama(mlp_bias=True), r"mlp_bias=True: unsupported"),
+])
+def test_config_from_hf_refuses_what_it_cannot_represent(hf_config, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_hf(hf_config)
+
+
+def test_config_from_hf_reads_transformers_4_rope_fields():
+    """transformers 4 spells RoPE as rope_theta + rope_scaling (old key "type" too)."""
+    v4 = SimpleNamespace(**{k: v for k, v in vars(_llama()).items() if k != "rope_parameters"})
+    v4.rope_theta, v4.rope_scaling = 5e5, None
+    assert config_from_hf(v4).rope_theta == 5e5
+    v4.rope_scaling = {"type": "linear", "factor": 4.0}
+    with pytest.raises(ValueError, match=r"rope_scaling.rope_type='linear': not supported"):
+        config_from_hf(v4)
+
+
+def test_config_from_hf_refuses_a_qwen2_sliding_window():
+    hf_config = hf_qwen2_config(get_preset("tiny"))
+    hf_config.use_sliding_window = True
+    with pytest.raises(ValueError, match=r"use_sliding_window=True: must be False"):
+        config_from_hf(hf_config)
 
 
 def test_nonzero_o_proj_bias_is_refused():
