@@ -3,18 +3,20 @@
 Two ways to build the experts from a dense SwiGLU MLP (all pure functions: they return a new
 model and leave the dense one untouched):
 
-  upcycle  Sparse Upcycling (Komatsuzaki et al. 2022), as AquilaMoE does it ([P] §2.3):
+  upcycle  Sparse Upcycling (Komatsuzaki et al. 2022), as AquilaMoE does it (arXiv 2408.06567 §2.3):
            every expert is an exact copy of the dense MLP, the router is new and random.
            Since the combine weights of a token sum to 1, the model computes exactly what
            the dense one did until the experts drift apart in training.
-  split    LLaMA-MoE's expert construction (arXiv 2406.16554, PEERS.md §A1): the FFN's
+  split    LLaMA-MoE's expert construction (arXiv 2406.16554; pjlab-sys4nlp/llama-moe,
+           smoe/utils/expert_construction/expert_split.py): the FFN's
            d_ffn intermediate neurons are divided into n_experts experts of d_ffn/n_experts
            neurons each (randomly, by balanced k-means, or by gradient importance), so the
            MoE has the dense model's parameter count and k/n_experts of its compute.
 
 For every expert, neuron j of the dense MLP is row j of gate_proj and up_proj and column j of
 down_proj; an expert made of neurons idx is those rows and columns (LLaMA-MoE's
-convert_llama_moe.py). Attention, norms, embeddings, the LM head and the MLPs of layers that
+smoe/utils/expert_construction/convert_llama_moe.py). Attention, norms, embeddings, the LM
+head and the MLPs of layers that
 stay dense are copied unchanged.
 (Conversion to and from transformers' Mixtral lives in minimoe/interop.py.)
 """
@@ -80,35 +82,37 @@ def split(dense: Transformer, n_experts: int, top_k: int, method: str = "random"
     calib: an iterable of (x, y) token batches (B, T), needed by the importance methods.
     scale: the expert output scale; default n_experts / top_k, LLaMA-MoE's choice (its docs:
       "#total experts / #selected"). With softmax weights summing to 1 over k of N equal
-      slices, the factor that preserves the output magnitude is closer to N (PEERS.md §A2's
-      analysis; Megatron's granular upcycling scales by the granularity): scale=n_experts
+      slices, the factor that preserves the output magnitude is closer to N (our analysis,
+      docs/method.md#splitting; Megatron's granular upcycling scales by the granularity): scale=n_experts
       with top_k=n_experts and uniform gates gives back the dense MLP exactly.
     """
     d_ffn = dense.cfg.d_ffn
     if method not in SPLIT_METHODS:
         raise ValueError(f"method={method!r}: must be one of {', '.join(SPLIT_METHODS)}")
-    if not isinstance(n_experts, int) or n_experts < 1 or d_ffn % n_experts:
+    if "expert_scale" in moe_options:
+        raise ValueError(f"expert_scale={moe_options['expert_scale']!r}: split takes it as scale=")
+    cfg = _moe_config(dense.cfg, n_experts, top_k, layers, moe_options)  # validates n_experts
+    if d_ffn % n_experts:
         raise ValueError(f"n_experts={n_experts!r}: must divide the dense d_ffn={d_ffn} "
                          "(a split gives every expert d_ffn / n_experts neurons)")
-    width = d_ffn // n_experts
+    expert_d_ffn = d_ffn // n_experts
     if method == "importance-shared":
-        shared_d_ffn = width if shared_d_ffn is None else shared_d_ffn
-        if not 0 < shared_d_ffn <= d_ffn - width:
-            raise ValueError(f"shared_d_ffn={shared_d_ffn}: must be in 1..{d_ffn - width} "
-                             f"(d_ffn={d_ffn} minus one expert's {width} neurons)")
+        shared_d_ffn = expert_d_ffn if shared_d_ffn is None else shared_d_ffn
+        if not 0 < shared_d_ffn <= d_ffn - expert_d_ffn:
+            raise ValueError(f"shared_d_ffn={shared_d_ffn}: must be in 1..{d_ffn - expert_d_ffn} "
+                             f"(d_ffn={d_ffn} minus one expert's {expert_d_ffn} neurons)")
     elif shared_d_ffn:
         raise ValueError(f"shared_d_ffn={shared_d_ffn}: only method='importance-shared' has a shared block")
     if method.startswith("importance") and calib is None:
         raise ValueError(f"method={method!r}: needs calib, an iterable of (x, y) token batches")
     scale = n_experts / top_k if scale is None else scale
-    cfg = _moe_config(dense.cfg, n_experts, top_k, layers, moe_options, expert_d_ffn=width,
-                      expert_scale=scale, shared_d_ffn=shared_d_ffn or 0)
+    cfg = cfg.replace(expert_d_ffn=expert_d_ffn, expert_scale=scale, shared_d_ffn=shared_d_ffn or 0)
     layer_ids = _moe_layer_ids(cfg)
     generator = torch.Generator().manual_seed(seed)
     experts, shared = {}, {}
     if method == "random":
         for i in layer_ids:  # LLaMA-MoE's RandomSplit: shuffled equal-size labels, per layer
-            experts[i] = list(torch.randperm(d_ffn, generator=generator).view(n_experts, width))
+            experts[i] = list(torch.randperm(d_ffn, generator=generator).view(n_experts, expert_d_ffn))
     elif method == "cluster":
         for i in layer_ids:
             rows = F.normalize(dense.layers[i].mlp.up_proj.weight.detach().float(), dim=1)
@@ -118,9 +122,9 @@ def split(dense: Transformer, n_experts: int, top_k: int, method: str = "random"
         scores = group_importance(dense, calib, n_experts, layer_ids, generator)
         for i in layer_ids:
             if method == "importance":
-                experts[i] = [_top_neurons(s, width) for s in scores[i]]
+                experts[i] = [_top_neurons(s, expert_d_ffn) for s in scores[i]]
             else:
-                shared[i], experts[i] = residual_split(scores[i], width, shared_d_ffn)
+                shared[i], experts[i] = residual_split(scores[i], expert_d_ffn, shared_d_ffn)
     return _build_moe(dense, cfg, experts, shared, router_init_std(router_std, router_init), seed)
 
 
@@ -215,40 +219,42 @@ def taylor_importance(dense: Transformer, batches, layer_ids: list[int]) -> dict
     return {i: s / max(n_tokens, 1) for i, s in score.items()}
 
 
-def residual_split(scores_CN: torch.Tensor, width: int, shared_d_ffn: int):
+def residual_split(scores_CN: torch.Tensor, expert_d_ffn: int, shared_d_ffn: int):
     """(shared neurons, expert neuron lists) after moving the most shared neurons out.
 
-    After LLaMA-MoE's GradientSplitResidual: take each expert's top-`width` list, count in how
-    many lists each neuron appears, move the most repeated ones (ties: highest total
-    importance) into the residual block, and repeat until it holds shared_d_ffn neurons; the
-    experts then take their top-`width` of what remains.
+    After LLaMA-MoE's GradientSplitResidual (expert_split_residual.py): take each expert's
+    top-`expert_d_ffn` list, count in how many lists each neuron appears, move the most
+    repeated ones (ties: highest total importance) into the residual block, and repeat until
+    it holds shared_d_ffn neurons; the experts then take their top-`expert_d_ffn` of the rest.
     """
     n_neurons = scores_CN.shape[1]
     remaining = torch.ones(n_neurons, dtype=torch.bool)
     total_N = scores_CN.sum(0)
     shared = []
     while len(shared) < shared_d_ffn:
-        lists = torch.cat([_top_neurons(s.masked_fill(~remaining, -1.0), width) for s in scores_CN])
+        lists = torch.cat([_top_neurons(s.masked_fill(~remaining, -1.0), expert_d_ffn)
+                           for s in scores_CN])
         repeats_N = torch.bincount(lists, minlength=n_neurons)
         most = torch.nonzero((repeats_N == repeats_N.max()) & remaining).flatten()
         most = most[torch.argsort(total_N[most], descending=True)][: shared_d_ffn - len(shared)]
         shared.extend(most.tolist())
         remaining[most] = False
-    experts = [_top_neurons(s.masked_fill(~remaining, -1.0), width) for s in scores_CN]
+    experts = [_top_neurons(s.masked_fill(~remaining, -1.0), expert_d_ffn) for s in scores_CN]
     return torch.tensor(sorted(shared)), experts
 
 
-def _top_neurons(score_N: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.topk(score_N, width).indices.sort().values
+def _top_neurons(score_N: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.topk(score_N, n).indices.sort().values
 
 
 # --- shared machinery ---------------------------------------------------------------------------
-def _moe_config(dense_cfg: ModelConfig, n_experts, top_k, layers, moe_options, **changes):
+def _moe_config(dense_cfg: ModelConfig, n_experts, top_k, layers, moe_options) -> ModelConfig:
+    """The dense config with MoE layers; ModelConfig itself validates n_experts and top_k."""
     if dense_cfg.is_moe:
         raise ValueError(f"n_experts={dense_cfg.n_experts}: the model is already an MoE; "
                          "scale-out starts from a dense model")
-    if not isinstance(n_experts, int) or n_experts < 1:
-        raise ValueError(f"n_experts={n_experts!r}: must be a positive integer")
+    if n_experts == 0:  # a valid ModelConfig (a dense one), but not a scale-out
+        raise ValueError("n_experts=0: scale-out needs at least one expert")
     if layers not in LAYER_CHOICES:
         raise ValueError(f"layers={layers!r}: must be one of {', '.join(LAYER_CHOICES)}")
     for name in moe_options:
@@ -256,7 +262,7 @@ def _moe_config(dense_cfg: ModelConfig, n_experts, top_k, layers, moe_options, *
             raise ValueError(f"{name}={moe_options[name]!r}: not an MoE option; "
                              f"choose from {', '.join(MOE_OPTIONS)}")
     return dense_cfg.replace(n_experts=n_experts, top_k=top_k, moe_layer_freq=LAYER_CHOICES[layers],
-                             **changes, **moe_options)
+                             **moe_options)
 
 
 def _moe_layer_ids(cfg: ModelConfig) -> list[int]:

@@ -72,7 +72,9 @@ def test_router_seed_and_std(dense):
     (dict(n_experts=4, top_k=5), "top_k"),
     (dict(layers="odd"), "layers"),
     (dict(shared_d_ffn=16), "shared_d_ffn"),
-    (dict(n_experts=0), "n_experts"),
+    (dict(n_experts=0), "n_experts=0: scale-out needs at least one expert"),
+    (dict(n_experts=-2), r"ModelConfig.n_experts=-2: must be a non-negative integer"),  # one place
+    (dict(n_experts=2.0), r"ModelConfig.n_experts=2.0: must be a non-negative integer"),
 ])
 def test_upcycle_refuses_bad_input(dense, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -138,7 +140,7 @@ def test_residual_split_moves_the_most_shared_neurons():
     scores_CN = torch.rand(3, 12, generator=torch.Generator().manual_seed(0))
     scores_CN[:, 7] = 5.0  # every expert's favourite
     scores_CN[:2, 2] = 4.0  # two experts' next favourite
-    shared, experts = residual_split(scores_CN, width=3, shared_d_ffn=2)
+    shared, experts = residual_split(scores_CN, expert_d_ffn=3, shared_d_ffn=2)
     assert shared.tolist() == [2, 7]
     for e, neurons in enumerate(experts):
         assert len(neurons) == 3 and not set(neurons.tolist()) & {2, 7}
@@ -156,6 +158,8 @@ def test_split_by_importance(dense, idx, method):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(n_experts=5, top_k=2), "n_experts=5: must divide"),
+    (dict(n_experts=-4, top_k=2), r"ModelConfig.n_experts=-4: must be a non-negative integer"),
+    (dict(n_experts=4, top_k=2, expert_scale=3.0), "expert_scale=3.0: split takes it as scale="),
     (dict(n_experts=4, top_k=5), "top_k"),
     (dict(n_experts=4, top_k=2, method="importance"), "calib"),
     (dict(n_experts=4, top_k=2, method="magic"), "method"),
