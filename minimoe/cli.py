@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from minimoe.config import PRESETS, get_preset
-from minimoe.flops import ATTENTION, RECOMPUTE, flops_report
+from minimoe.flops import ATTENTION, RECOMPUTE, check_report, flops_report
 from minimoe.grow import DEPTHS, KV_OPTIONS, MAPPINGS, METHODS
 from minimoe.recipes import experiments
 from minimoe.recipes.config import RECIPES, get_recipe
@@ -209,11 +209,17 @@ def _add_flops(p):
                    help="count the attention core halved (causal) or as the full square")
     p.add_argument("--recompute", choices=RECOMPUTE, default="none")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--check", action="store_true", help="cross-check the forward count with "
+                   "fvcore on a real forward (a shallow copy for big presets; --seq default 64)")
 
 
 def _run_flops(args):
-    print(flops_report(get_preset(args.preset), args.preset, args.seq, args.attention,
-                       args.recompute, as_json=args.json))
+    cfg = get_preset(args.preset)
+    if args.check:
+        print(check_report(cfg, args.preset, args.seq or min(64, cfg.max_seq_len)))
+        return
+    print(flops_report(cfg, args.preset, args.seq, args.attention, args.recompute,
+                       as_json=args.json))
 
 
 def _add_simulate(p):

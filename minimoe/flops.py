@@ -1,13 +1,16 @@
 """Analytic FLOPs of a ModelConfig: per component, per token, per training step.
 
-Conventions (../shared/reference/COSTSIM.md §1), stated once here and carried in every result:
+Conventions, stated once here and carried in every result (docs/simulator.md tells how the
+cost simulator uses them):
 
-* One multiply-add is 2 FLOPs. fvcore counts it as 1 "flop" (it reports MACs, COSTSIM §2.4),
-  so compare fvcore's number with ours / 2.
-* Only matrix multiplies are counted, as Megatron does (§1.4). The embedding is a table lookup:
+* One multiply-add is 2 FLOPs. fvcore counts it as 1 "flop" (its documentation: "fvcore
+  counts one fused multiply-add as one flop"), so compare fvcore's number with ours / 2;
+  `fvcore_check` runs that comparison on a real forward (`minimoe flops --check`).
+* Only matrix multiplies are counted, as Megatron-LM does (megatron/training/training.py,
+  `num_floating_point_operations`). The embedding is a table lookup:
   0 FLOPs. Norms, RoPE, softmax, SiLU, residual and bias adds are elementwise and left out
   (each is O(d) per token against O(d^2) for the matmuls).
-* The attention core (QK^T and AV) is counted `causal` (half the s x s square, as Kaplan 2020,
+* The attention core (QK^T and AV) is counted `causal` (half the s x s square, as Kaplan et al. 2020,
   Megatron >= 2025-03 and MaxText >= 2025-07 do) or `full` (the whole square, as PaLM, nanoGPT
   and Chinchilla do). Both are reported: `FlopCount.attention` says which one the totals use.
 * Backward = 2 x forward for every matmul (one GEMM for the input gradient, one for the weight
@@ -15,18 +18,32 @@ Conventions (../shared/reference/COSTSIM.md §1), stated once here and carried i
   what recomputation runs again: `selective` recomputes the attention core forward
   (Korthikanti et al. 2022), `full` recomputes the whole forward of every layer (the LM head
   is not recomputed), which is Narayanan et al. 2021's 96-form versus the 72-form.
-* MoE layers count only the top-k experts a token visits (COSTSIM §1.6); the router
+* MoE layers count only the top-k experts a token visits (the active parameters of Fedus et
+  al. 2021 and Megatron's `moe_router_topk` factor); the router
   (2·d·E per token) is counted unless `include_router=False`, which is Megatron's convention.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
+import pandas as pd
+import torch
+from fvcore.nn import FlopCountAnalysis
+
 from minimoe.config import ModelConfig
+from minimoe.model import Transformer
+from minimoe.moe import MoE
 
 ATTENTION = ("causal", "full")
 RECOMPUTE = ("none", "selective", "full")
+UNITS = (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("KFLOP", 1e3), ("FLOP", 1.0))
+
+
+def flop_unit(value: float) -> tuple[str, float]:
+    """The largest unit in which `value` reads as at least 1 (so a toy is not 0.00 GFLOP)."""
+    return next(((name, size) for name, size in UNITS if abs(value) >= size), UNITS[-1])
 
 
 @dataclass(frozen=True)
@@ -70,18 +87,20 @@ class FlopCount:
         return {name: getattr(self, name) * tokens_per_step
                 for name in ("forward", "backward", "model", "hardware")}
 
-    def to_frame(self):
-        """The breakdown as a pandas DataFrame (one row per component, plus a total)."""
-        import pandas as pd
-
+    def to_frame(self, unit: str = "GFLOP"):
+        """The breakdown as a pandas DataFrame (one row per component, plus a total), the
+        FLOPs in `unit` (one of UNITS)."""
+        size = dict(UNITS).get(unit)
+        if size is None:
+            raise ValueError(f"unit={unit!r}: must be one of {', '.join(dict(UNITS))}")
         records = [{"component": r.component, "kind": r.kind, "params": r.params,
-                    "active_params": r.active_params, "forward_GFLOP": r.forward / 1e9,
-                    "train_GFLOP": 3 * r.forward / 1e9,
+                    "active_params": r.active_params, f"forward_{unit}": r.forward / size,
+                    f"train_{unit}": 3 * r.forward / size,
                     "share_%": 100 * r.forward / self.forward, "note": r.note}
                    for r in self.rows]
         records.append({"component": "total", "kind": "", "params": self.params_total,
                         "active_params": self.params_active,
-                        "forward_GFLOP": self.forward / 1e9, "train_GFLOP": self.model / 1e9,
+                        f"forward_{unit}": self.forward / size, f"train_{unit}": self.model / size,
                         "share_%": 100.0, "note": f"attention counted {self.attention}"})
         return pd.DataFrame(records).set_index("component")
 
@@ -149,7 +168,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, attention: str
     """Training FLOPs per token of `cfg` at `seq_len` (default: cfg.max_seq_len).
 
     `pad_to_capacity`: the expert GEMMs run on capacity-padded buffers (GShard/Switch style),
-    so the hardware executes capacity_factor x the expert FLOPs (COSTSIM §1.6); dropless
+    so the hardware executes capacity_factor x the expert FLOPs (GShard, Lepikhin et al. 2020,
+    §2.2: each expert's buffer holds capacity tokens whether or not they are filled); dropless
     implementations (the default, and minimoe's) execute exactly the model FLOPs.
     """
     if recompute not in RECOMPUTE:
@@ -183,7 +203,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, attention: str
 
 
 def megatron_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Megatron-LM HEAD's `num_floating_point_operations` / tokens (COSTSIM §1.4), for checks.
+    """Megatron-LM's `num_floating_point_operations` / tokens (megatron/training/training.py,
+    2025), for checks.
 
     Written independently of `flop_rows`, term for term as Megatron writes it: factor 6 on
     every GEMM, SwiGLU factor 3, causal-halved attention core, no router, no embedding.
@@ -201,26 +222,155 @@ def megatron_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 def flops_report(cfg: ModelConfig, name: str, seq_len: int | None = None,
                  attention: str = "causal", recompute: str = "none",
                  as_json: bool = False) -> str:
-    """The text `minimoe flops` prints: the component table and the totals per token."""
+    """The text `minimoe flops` prints: the component table and the totals per token, in the
+    unit that suits the model's size."""
     count = flops_per_token(cfg, seq_len, attention=attention, recompute=recompute)
     if as_json:
-        import json
-
         rows = [r.__dict__ for r in count.rows]
         return json.dumps({"preset": name, **count.summary(), "rows": rows}, indent=2)
-    import pandas as pd
-
+    unit, size = flop_unit(count.forward)
     with pd.option_context("display.width", 200, "display.max_columns", 20,
                            "display.float_format", "{:,.3f}".format):
-        table = count.to_frame().to_string(
+        table = count.to_frame(unit).to_string(
             formatters={"params": "{:,}".format, "active_params": "{:,}".format})
     lines = [f"{name}: FLOPs per token at seq_len {count.seq_len} "
              f"(attention core counted {attention}; multiply-add = 2 FLOPs)", "", table, "",
-             f"forward {count.forward / 1e9:,.2f} GFLOP, backward {count.backward / 1e9:,.2f}, "
-             f"model (fwd+bwd) {count.model / 1e9:,.2f}, hardware with recompute={recompute} "
-             f"{count.hardware / 1e9:,.2f}",
-             f"attention core forward: causal {count.attention_core_causal / 1e9:,.3f}, "
-             f"full {count.attention_core_full / 1e9:,.3f} GFLOP",
-             f"6 x N_active = {count.six_n_active / 1e9:,.2f} GFLOP "
+             f"forward {count.forward / size:,.2f} {unit}, backward {count.backward / size:,.2f}, "
+             f"model (fwd+bwd) {count.model / size:,.2f}, hardware with recompute={recompute} "
+             f"{count.hardware / size:,.2f}",
+             f"attention core forward: causal {count.attention_core_causal / size:,.3f}, "
+             f"full {count.attention_core_full / size:,.3f} {unit}",
+             f"6 x N_active = {count.six_n_active / size:,.2f} {unit} "
              f"(N_active {count.params_active:,} of {count.params_total:,})"]
     return "\n".join(lines)
+
+
+# --- the cross-check: fvcore counts a real forward ------------------------------------------
+CHECK_MAX_PARAMS = 50_000_000  # above this, fvcore runs a shallow copy (see fvcore_check)
+CHECK_VOCAB = 1024  # the shallow copy's vocabulary
+GROUPS = {"attention": ("attn_qkv", "attn_core", "attn_out"),
+          "mlp / experts": ("mlp", "router", "experts", "shared_experts"),
+          "lm_head": ("lm_head",)}
+
+
+def sdpa_macs(inputs, outputs) -> float:
+    """fvcore handle: multiply-adds of QK^T and AV, halved when is_causal (our convention).
+    fvcore has no rule of its own for scaled_dot_product_attention."""
+    q, k, v = (inputs[i].type().sizes() for i in range(3))
+    batch, heads, t_q, d_qk = q
+    macs = batch * heads * t_q * k[2] * d_qk + batch * heads * t_q * k[2] * v[3]
+    is_causal = inputs[5].toIValue()
+    return macs / 2 if is_causal else macs
+
+
+def grouped_mm_macs(inputs, outputs) -> float:
+    """fvcore handle for torch's grouped matmul (S, D) x (E, D, F): each row meets one expert."""
+    rows, inner = inputs[0].type().sizes()
+    return rows * inner * inputs[1].type().sizes()[-1]
+
+
+def fvcore_analysis(model, idx) -> FlopCountAnalysis:
+    """fvcore's count of one forward of `model` on `idx`, with our two handles installed."""
+    analysis = FlopCountAnalysis(model, (idx,))
+    analysis.set_op_handle("aten::scaled_dot_product_attention", sdpa_macs)
+    analysis.set_op_handle("aten::_grouped_mm", grouped_mm_macs)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    return analysis
+
+
+@dataclass(frozen=True)
+class FlopCheck:
+    """Analytic forward FLOPs per token against fvcore's count of a real forward (x 2)."""
+
+    seq_len: int
+    tokens: int  # batch x seq_len tokens in the traced forward
+    copy: ModelConfig  # the model that ran (the preset itself when small enough)
+    analytic: dict[str, float]  # per token, by GROUPS and "total"
+    fvcore: dict[str, float]  # per token, 2 x multiply-adds, extrapolated to the preset
+    routed_pairs: list[int]  # token-expert pairs that reached an expert, per MoE layer run
+    notes: list[str]
+
+    def ratio(self, group: str = "total") -> float:
+        return self.fvcore[group] / self.analytic[group] if self.analytic[group] else float("nan")
+
+
+def shallow_copy(cfg: ModelConfig) -> ModelConfig:
+    """The layers of one period of the MoE pattern (one layer when uniform) and a small
+    vocabulary: every per-layer count and the LM head's count per vocabulary entry stay the same."""
+    period = cfg.moe_layer_freq if cfg.is_moe else 1
+    return cfg.replace(n_layers=min(cfg.n_layers, period),
+                       vocab_size=min(cfg.vocab_size, CHECK_VOCAB))
+
+
+def _unwritten_model(cfg: ModelConfig) -> Transformer:
+    """A model whose large matrices are allocated but never written: fresh pages that read as
+    zero cost no memory, so one layer of aquilamoe-8x16b (2.6B parameters) runs on a laptop.
+    The rest (router, attention, norms) is initialised from a fixed seed, so the routing is a
+    real one; the values of the large matrices change no shape, so no count."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif p.numel() <= 2**26:
+                p.normal_(0.0, cfg.init_std, generator=generator)
+    return model
+
+
+def fvcore_check(cfg: ModelConfig, seq_len: int = 64, batch: int = 1) -> FlopCheck:
+    """Count a real forward with fvcore and compare it with `flops_per_token` at `seq_len`.
+
+    A preset above CHECK_MAX_PARAMS runs as `shallow_copy`: fvcore's count of each copied
+    layer is multiplied by the number of layers of its kind, and the LM head's by
+    vocab / copy vocab. Dense layers agree exactly; an MoE layer's experts count what the
+    router actually sent them (with dropless routing, tokens x top_k pairs: exact too).
+    """
+    if not isinstance(seq_len, int) or not 0 < seq_len <= cfg.max_seq_len:
+        raise ValueError(f"seq_len={seq_len!r}: must be a positive integer <= max_seq_len="
+                         f"{cfg.max_seq_len}")
+    small = cfg.param_counts()["total"] <= CHECK_MAX_PARAMS
+    copy = cfg if small else shallow_copy(cfg)
+    model = _unwritten_model(copy).eval()
+    idx = torch.randint(0, copy.vocab_size, (batch, seq_len),
+                        generator=torch.Generator().manual_seed(0))
+    by_module = fvcore_analysis(model, idx).by_module()
+    tokens = batch * seq_len
+    fv = {"attention": 0.0, "mlp / experts": 0.0}
+    for layer in range(cfg.n_layers):  # layer i behaves as the copy's layer i mod period
+        source = layer % copy.n_layers
+        fv["attention"] += by_module[f"layers.{source}.attn"]
+        fv["mlp / experts"] += by_module[f"layers.{source}.mlp"]
+    fv["lm_head"] = by_module["lm_head"] * cfg.vocab_size / copy.vocab_size
+    fv = {group: 2 * macs / tokens for group, macs in fv.items()}  # multiply-add = 2 FLOPs
+    fv["total"] = sum(fv.values())
+    rows = {r.component: r.forward for r in flop_rows(cfg, seq_len)}
+    analytic = {group: sum(rows.get(c, 0.0) for c in parts) for group, parts in GROUPS.items()}
+    analytic["total"] = sum(analytic.values())
+    routed = [int(m.load_E.sum() - m.dropped_E.sum())
+              for m in model.modules() if isinstance(m, MoE)]
+    notes = [f"fvcore traced one forward of {batch} x {seq_len} tokens; it counts "
+             "multiply-adds, shown here x 2"]
+    if not small:
+        notes.append(f"ran a shallow copy ({copy.n_layers} layer(s), vocabulary "
+                     f"{copy.vocab_size}; matrices above 2^26 entries left unwritten): each of "
+                     f"the {cfg.n_layers} layers counted as the copy's layer of its kind, the "
+                     f"LM head x {cfg.vocab_size}/{copy.vocab_size}")
+    if cfg.is_moe:
+        notes.append(f"experts counted as routed: {routed} token-expert pairs reached an "
+                     f"expert (of {tokens * cfg.top_k} asked) in the MoE layer(s) that ran")
+    return FlopCheck(seq_len, tokens, copy, analytic, fv, routed, notes)
+
+
+def check_report(cfg: ModelConfig, name: str, seq_len: int = 64) -> str:
+    """The text `minimoe flops --check` prints: analytic vs fvcore per group, with ratios."""
+    check = fvcore_check(cfg, seq_len)
+    unit, size = flop_unit(check.analytic["total"])
+    lines = [f"{name}: forward FLOPs per token at seq_len {seq_len}, analytic vs fvcore "
+             f"({unit})", f"  {'':15s} {'analytic':>14s} {'fvcore x 2':>14s} {'ratio':>9s}"]
+    for group in (*GROUPS, "total"):
+        lines.append(f"  {group:15s} {check.analytic[group] / size:14,.4f} "
+                     f"{check.fvcore[group] / size:14,.4f} {check.ratio(group):9.6f}")
+    return "\n".join(lines + [f"  ({note})" for note in check.notes])

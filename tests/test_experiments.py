@@ -32,6 +32,13 @@ def test_every_variant_is_in_the_table(summary):
 
 
 def test_rerun_reuses_finished_runs(summary):
+    """A deterministic retrain would give the same numbers, so compare the model files: a run
+    that is not redone keeps its file untouched."""
     out, s = summary
+    models = sorted(out.rglob("model.safetensors"))
+    assert len(models) >= len(s["rows"])
+    before = {path: path.stat().st_mtime_ns for path in models}
     again = scale_out_experiment(out, QUICK, progress=False)
+    assert {path: path.stat().st_mtime_ns for path in models} == before
+    assert sorted(out.rglob("model.safetensors")) == models  # and nothing new was trained
     assert [r["final"] for r in again["rows"]] == [r["final"] for r in s["rows"]]

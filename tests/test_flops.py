@@ -1,5 +1,6 @@
-"""flops.py against a counter that runs the real model (fvcore, torch's FlopCounterMode) and
-against published per-token values (COSTSIM.md §1.4)."""
+"""flops.py against a counter that runs the real model (fvcore, torch's FlopCounterMode), against
+Megatron-LM's formula (megatron/training/training.py, num_floating_point_operations), and the
+`minimoe flops` command (units, --check)."""
 
 import os
 
@@ -10,10 +11,18 @@ import json
 import pytest
 import torch
 
+from minimoe.cli import main
 from minimoe.config import PRESETS, ModelConfig
-from minimoe.flops import flops_per_token, megatron_flops_per_token
+from minimoe.flops import (
+    flop_unit,
+    flops_per_token,
+    fvcore_analysis,
+    fvcore_check,
+    megatron_flops_per_token,
+)
 
-# Published shapes (COSTSIM.md §1.4): Llama-2-7B and Mixtral-8x7B, untied, no QKV bias.
+# Published shapes (Llama 2, Touvron et al. 2023, Table 1 / its config.json; Mixtral-8x7B's
+# config.json): untied, no QKV bias.
 LLAMA2_7B = ModelConfig(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32, d_ffn=11008,
                         qkv_bias=False, vocab_size=32000, max_seq_len=4096)
 MIXTRAL_8X7B = ModelConfig(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, d_ffn=14336,
@@ -23,7 +32,7 @@ MIXTRAL_8X7B = ModelConfig(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, 
 
 @pytest.mark.parametrize("cfg, gflop", [(LLAMA2_7B, 42.9), (MIXTRAL_8X7B, 79.7)])
 def test_published_per_token_values(cfg, gflop):
-    # Megatron HEAD counts no router and no embedding, and halves the attention core
+    # Megatron-LM counts no router and no embedding, and halves the attention core
     count = flops_per_token(cfg, 4096, attention="causal", include_router=False)
     assert count.model / 1e9 == pytest.approx(gflop, rel=0.005)
     assert count.model == pytest.approx(megatron_flops_per_token(cfg, 4096), rel=1e-12)
@@ -31,7 +40,8 @@ def test_published_per_token_values(cfg, gflop):
 
 def test_mixtral_six_n_and_full_attention():
     count = flops_per_token(MIXTRAL_8X7B, 4096, include_router=False)
-    assert count.six_n_active / 1e9 == pytest.approx(77.3, rel=0.005)  # N_active = 12.88B
+    # N_active = 12.88B ("13B active parameters", Jiang et al. 2024, Mixtral of Experts)
+    assert count.six_n_active / 1e9 == pytest.approx(77.3, rel=0.005)
     full = flops_per_token(MIXTRAL_8X7B, 4096, attention="full", include_router=False)
     # full minus causal = one more causal attention core, fwd + bwd
     assert full.model - count.model == pytest.approx(3 * count.attention_core_causal)
@@ -63,7 +73,8 @@ def test_rows_params_sum_to_param_counts_and_active():
         assert sum(r.params for r in count.rows) == count.params_total
         assert sum(r.active_params for r in count.rows) == count.params_active
     moe = flops_per_token(PRESETS["aquilamoe-8x16b"], 4096)
-    assert 29.0e9 < moe.params_active < 29.5e9  # METHOD.md §1.4: 29.2B active
+    # arXiv 2408.06567 Table 3's shapes: 8 experts of the 16B's MLP, top-2 -> 29.2B active
+    assert 29.0e9 < moe.params_active < 29.5e9
 
 
 def test_capacity_padding_counts_only_in_hardware():
@@ -86,31 +97,6 @@ def test_frame_and_summary():
 
 
 # --- against counters that run the real model ------------------------------------------------
-def _sdpa_macs(inputs, outputs):
-    """fvcore handle: multiply-adds of QK^T and AV, halved when is_causal (our convention)."""
-    q, k, v = (inputs[i].type().sizes() for i in range(3))
-    batch, heads, t_q, d_qk = q
-    macs = batch * heads * t_q * k[2] * d_qk + batch * heads * t_q * k[2] * v[3]
-    is_causal = inputs[5].toIValue()
-    return macs / 2 if is_causal else macs
-
-
-def _grouped_mm_macs(inputs, outputs):
-    """fvcore handle for torch's grouped matmul (S, D) x (E, D, F): each row meets one expert."""
-    rows, inner = inputs[0].type().sizes()
-    return rows * inner * inputs[1].type().sizes()[-1]
-
-
-def _fvcore_macs(model, idx):
-    from fvcore.nn import FlopCountAnalysis
-
-    analysis = FlopCountAnalysis(model, (idx,))
-    analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
-    analysis.set_op_handle("aten::_grouped_mm", _grouped_mm_macs)
-    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    return analysis
-
-
 def test_fvcore_dense_model_matches_exactly():
     from minimoe.model import Transformer
 
@@ -119,7 +105,7 @@ def test_fvcore_dense_model_matches_exactly():
     model = Transformer(cfg).eval()
     batch, seq = 2, 48
     idx = torch.randint(0, cfg.vocab_size, (batch, seq))
-    analysis = _fvcore_macs(model, idx)
+    analysis = fvcore_analysis(model, idx)
     ours = flops_per_token(cfg, seq)
     assert analysis.total() == ours.forward * batch * seq / 2  # fvcore counts multiply-adds
     by_op = analysis.by_operator()
@@ -162,7 +148,7 @@ def test_fvcore_moe_model_matches_routed_count():
     model = Transformer(cfg).eval()
     batch, seq = 2, 32
     idx = torch.randint(0, cfg.vocab_size, (batch, seq))
-    analysis = _fvcore_macs(model, idx)
+    analysis = fvcore_analysis(model, idx)
     ours = flops_per_token(cfg, seq)
     tokens = batch * seq
     by_module = analysis.by_module()
@@ -183,7 +169,7 @@ def test_fvcore_moe_with_dropping_counts_the_routed_tokens():
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
     idx = torch.randint(0, cfg.vocab_size, (2, 32))
-    by_module = _fvcore_macs(model, idx).by_module()
+    by_module = fvcore_analysis(model, idx).by_module()
     tokens, k = idx.numel(), cfg.top_k
     for layer in range(cfg.n_layers):
         moe = model.layers[layer].mlp
@@ -191,3 +177,44 @@ def test_fvcore_moe_with_dropping_counts_the_routed_tokens():
         assert routed < tokens * k  # capacity 0.5 must drop some
         expert_macs = by_module[f"layers.{layer}.mlp"] - by_module[f"layers.{layer}.mlp.router"]
         assert expert_macs == routed * 3 * cfg.d_model * cfg.expert_d_ffn
+
+
+# --- the command: units and the fvcore cross-check -------------------------------------------
+def test_unit_follows_the_size(capsys):
+    assert flop_unit(2.26e6) == ("MFLOP", 1e6) and flop_unit(5.7e10) == ("GFLOP", 1e9)
+    assert flop_unit(3e12)[0] == "TFLOP" and flop_unit(0.0)[0] == "FLOP"
+    assert main(["flops", "--preset", "toy-small"]) == 0
+    out = capsys.readouterr().out
+    assert "forward_MFLOP" in out and "GFLOP" not in out
+    assert "forward 2.26 MFLOP" in out  # not "0.00 GFLOP"
+
+
+def test_check_command_agrees_exactly_for_a_toy(capsys):
+    assert main(["flops", "--preset", "toy-small", "--check"]) == 0
+    out = capsys.readouterr().out
+    total = next(line for line in out.splitlines() if line.strip().startswith("total"))
+    assert total.split()[-1] == "1.000000", out
+
+
+def test_check_of_the_paper_moe_follows_the_routing():
+    """aquilamoe-8x16b runs as a one-layer, small-vocabulary copy; its expert count must be
+    what the router sent (dropless top-2: every token twice), scaled to 40 layers."""
+    cfg = PRESETS["aquilamoe-8x16b"]
+    check = fvcore_check(cfg, seq_len=32)
+    assert check.copy.n_layers == 1 and check.copy.vocab_size < cfg.vocab_size
+    assert check.routed_pairs == [check.tokens * cfg.top_k]
+    d, F_, E = cfg.d_model, cfg.expert_d_ffn, cfg.n_experts
+    per_layer_macs = check.tokens * d * E + check.routed_pairs[0] * 3 * d * F_  # router + experts
+    assert check.fvcore["mlp / experts"] == pytest.approx(
+        2 * per_layer_macs * cfg.n_layers / check.tokens, rel=1e-12)
+    for group in ("attention", "mlp / experts", "lm_head", "total"):
+        assert check.ratio(group) == pytest.approx(1.0, rel=1e-12), group
+
+
+def test_check_counts_only_the_pairs_that_reached_an_expert():
+    cfg = PRESETS["tiny"].replace(n_experts=4, top_k=2, capacity_factor=0.5)
+    check = fvcore_check(cfg, seq_len=32)
+    assert all(routed < check.tokens * cfg.top_k for routed in check.routed_pairs)
+    assert check.ratio("mlp / experts") < 1.0 and check.ratio("attention") == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="seq_len=4096: must be a positive integer <= max_seq_len"):
+        fvcore_check(cfg, seq_len=4096)
