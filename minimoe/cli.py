@@ -28,7 +28,8 @@ from minimoe.recipes.stages import (
     scale_out_run,
 )
 from minimoe.sim.hardware import CATALOGUE, get_device
-from minimoe.sim.scenario import dumps, load_scenario
+from minimoe.sim.scenario import dumps
+from minimoe.sim.scenario_file import load_scenario
 from minimoe.sim.search import plan, plan_report
 from minimoe.tables import info_table
 from minimoe.train import TrainConfig

@@ -1,5 +1,5 @@
-"""The cost model (sim.py), the layout search (plan.py), the scenario planner (scenario.py), the
-hardware catalogue and their command lines."""
+"""The cost model (cost.py), the layout search (search.py), the scenario planner (scenario.py and
+scenario_file.py), the hardware catalogue and their command lines."""
 
 import os
 
@@ -15,7 +15,8 @@ from minimoe.config import PRESETS
 from minimoe.flops import flops_per_token
 from minimoe.sim.hardware import CATALOGUE, get_device
 from minimoe.sim.search import iter_layouts, search_layouts
-from minimoe.sim.scenario import load_scenario, parse_scenario, sweep
+from minimoe.sim.scenario import sweep
+from minimoe.sim.scenario_file import load_scenario, parse_scenario
 from minimoe.sim.cost import PF_DAY, Layout, Options, Workload, simulate
 
 SIMS = Path(__file__).resolve().parent.parent / "sims"
@@ -41,7 +42,7 @@ def test_table6_implied_mfu_uses_6nd_for_size_only_models():
     result = load_scenario(TABLE6)
     scale_out = result.phases[2]
     assert scale_out.flops_per_token == 6 * 32e9
-    expected = 6 * 32e9 * 25e9 / (1024 * 240e12 * 86400)  # COSTSIM §5: about 21-23%
+    expected = 6 * 32e9 * 25e9 / (1024 * 240e12 * 86400)  # 6ND at 30-32B active: about 21-23%
     assert scale_out.implied_mfu == pytest.approx(expected)
     assert scale_out.cost_usd is None  # no catalogue device, so no price
 

@@ -1,25 +1,27 @@
 """The cost model: memory per GPU, step time and the price of a training run under a parallel layout.
 
-One function, `_evaluate`, holds every formula. It is written on numpy arrays, so the same code
+One function, `price`, holds every formula. It is written on numpy arrays, so the same code
 prices one layout (`simulate`, on 0-d arrays) and a grid of 10^5-10^6 layouts at once
-(minimoe.plan's `search_layouts`). Formulas and their sources (../shared/reference/COSTSIM.md):
+(minimoe.sim.search). `WorkloadStats` holds the per-token numbers it needs, `LAYOUT_RULES` the
+one list of which layouts can run. Formulas and their sources (docs/simulator.md has the details):
 
-* FLOPs: minimoe.flops (§1). Time uses the causal attention count, the work a flash kernel does.
+* FLOPs: minimoe.flops. Time uses the causal attention count, the work a flash kernel does.
 * Weights, gradients, optimizer states: bf16 weights, fp32 gradients, fp32 master + Adam m and v,
-  2 + 4 + 12 = 18 B/param as Megatron and llm-analysis default (§2.8, §2.9; 16 with bf16
-  gradients, set `grad_bytes=2`). ZeRO-1 shards the optimizer states over data parallel,
-  ZeRO-2 also the gradients, ZeRO-3 (= FSDP FULL_SHARD) also the weights (ZeRO paper). Expert
-  weights are split over EP and their data-parallel group is dp / ep (§2.8).
-* Activations: Korthikanti et al. 2022's method (§2.8), every tensor the backward keeps counted
+  2 + 4 + 12 = 18 B/param as Megatron (megatron/training/theoretical_memory_usage.py) and
+  llm-analysis default (16 with bf16 gradients, set `grad_bytes=2`, the ZeRO paper's K = 12,
+  arXiv 1910.02054 §3.1). ZeRO-1 shards the optimizer states over data parallel, ZeRO-2 also
+  the gradients, ZeRO-3 (= FSDP FULL_SHARD) also the weights. Expert weights are split over EP
+  and their data-parallel group is dp / ep (Megatron's expert data parallel).
+* Activations: Korthikanti et al. 2022's method (arXiv 2205.05198 §4), every tensor the backward keeps counted
   for this architecture (RMSNorm, GQA, SwiGLU, no dropout, MoE), all divided by TP because
   sequence parallelism is assumed with TP. Recompute `none` keeps everything, `selective` drops
   the attention core's tensors, `full` keeps only each layer's input. The first pipeline stage
   holds min(micro-batches, pp) micro-batches in flight (1F1B); the last holds the fp32 logits.
 * Time per micro-batch = GEMM time at `gemm_efficiency` of peak + exposed TP collectives + exposed
-  EP all-to-all (§4) + pipeline send/receive; a step = (m + p - 1) micro-batches (bubble
+  EP all-to-all (dispatch + combine, mirrored in backward: deepseek-ai/DeepEP README) + pipeline send/receive; a step = (m + p - 1) micro-batches (bubble
   (p - 1) / m, Narayanan 2021) + exposed data-parallel reduce-scatter/all-gather + the optimizer
   update (reads every state byte once, as llm-analysis does). `overlap` is the fraction of
-  communication hidden behind compute (COSTSIM §4 asks for an exposed-fraction knob).
+  communication hidden behind compute (an assumption; docs/simulator.md "Overlap").
 
 Not modelled (so a user knows what to add): interleaved pipeline stages, context parallelism,
 FP8, offload, expert load imbalance, the embedding's pipeline-stage imbalance beyond the LM head.
@@ -36,7 +38,7 @@ from minimoe.flops import ATTENTION, RECOMPUTE, flops_per_token
 from minimoe.sim.hardware import Device
 
 SECONDS_PER_DAY = 86400.0
-PF_DAY = 1e15 * SECONDS_PER_DAY  # FLOPs in one petaFLOP/s-day (Transformer Math 101, COSTSIM §1.1)
+PF_DAY = 1e15 * SECONDS_PER_DAY  # FLOPs in one petaFLOP/s-day (EleutherAI, Transformer Math 101)
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ class Options:
 
     # achieved / peak on the GEMMs. Calibrated: with 0.5 the dense Aquila 7B and 16B on 384-1024
     # H100s come out at 45-47% MFU, where Megatron-Core reports 41-48% for GPT models on up to
-    # 6,144 H100s and 44-47% for Mixtral 8x7B (COSTSIM §3.2)
+    # 6,144 H100s and 44-47% for Mixtral 8x7B (NVIDIA/Megatron-LM README.md and
+    # megatron/core/transformer/moe/README.md)
     gemm_efficiency: float = 0.5
     overlap: float = 0.5  # assumption: share of communication hidden behind compute
     weight_bytes: float = 2  # bf16
@@ -114,8 +117,11 @@ class Workload:
         return self.global_batch * self.seq_len
 
 
-class _Stats:
-    """Per-token, per-layer numbers of a workload that every formula below needs (floats)."""
+class WorkloadStats:
+    """Per-token, per-layer numbers of a workload that every formula of `price` needs (floats).
+
+    Built once per (workload, options); `price` then evaluates any number of layouts with it.
+    """
 
     def __init__(self, w: Workload, opt: Options):
         cfg, s = w.cfg, w.seq_len
@@ -155,8 +161,14 @@ class _Stats:
         self.act_input = b * h
 
 
-def _evaluate(st: _Stats, dev: Device, opt: Options, tp, pp, dp, ep, zero, mb, rc):
-    """Every formula, elementwise over arrays of layouts. rc: 0 none, 1 selective, 2 full."""
+def price(st: WorkloadStats, dev: Device, opt: Options, tp, pp, dp, ep, zero, mb, rc) -> dict:
+    """Every formula, elementwise over arrays (or scalars) of layouts; rc is the index of the
+    recompute level in minimoe.flops.RECOMPUTE (0 none, 1 selective, 2 full).
+
+    Returns a dict of arrays: n_gpus, n_micro, the memory parts (bytes per GPU), `fits`, the time
+    parts (seconds per step), step_time, tokens_per_s, mfu and cost_per_mtok. Call it only on
+    layouts `valid_layouts` accepts: elsewhere the numbers are defined but meaningless.
+    """
     tp, pp, dp, ep, zero, mb, rc = (np.asarray(x, dtype=np.float64)
                                     for x in (tp, pp, dp, ep, zero, mb, rc))
     h, s, gpn = st.d, st.s, dev.gpus_per_node
@@ -202,7 +214,7 @@ def _evaluate(st: _Stats, dev: Device, opt: Options, tp, pp, dp, ep, zero, mb, r
     # in backward; together they move what 4 ring all-reduces do, 2 (t-1)/t of the activation
     tp_bytes = layers * (4 + extra) * (tp - 1) / tp * tokens * h * opt.act_bytes
     t_tp = tp_bytes / bandwidth(tp)
-    # EP: dispatch + combine forward, mirrored in backward (COSTSIM §4); tokens split over TP
+    # EP: dispatch + combine forward, mirrored in backward (DeepEP README); tokens split over TP
     a2a_bytes = (moe_layers * (4 + extra) * (tokens / tp) * st.top_k * h * opt.act_bytes
                  * (ep - 1) / ep * st.capacity)
     t_ep = a2a_bytes / bandwidth(tp * ep)
@@ -231,40 +243,89 @@ def _evaluate(st: _Stats, dev: Device, opt: Options, tp, pp, dp, ep, zero, mb, r
     return out
 
 
-def _valid(st: _Stats, tp, pp, dp, ep, zero, mb):
-    """Which layouts a framework can run: every split divides what it splits."""
-    return ((st.n_layers % pp == 0) & (st.n_heads % tp == 0) & (st.n_kv_heads % tp == 0)
-            & (dp % ep == 0) & ((st.n_experts % ep == 0) if st.n_experts else (ep == 1))
-            & (st.global_batch % (dp * mb) == 0) & (zero >= 0) & (zero <= 3))
+class LayoutColumns:
+    """A layout's fields as numbers, scalars or equal-length arrays: what the rules test."""
+
+    def __init__(self, tp, pp, dp, ep, zero, micro_batch, recompute):
+        self.tp, self.pp, self.dp, self.ep = tp, pp, dp, ep
+        self.zero, self.micro_batch, self.recompute = zero, micro_batch, recompute  # recompute: index
+
+    @classmethod
+    def of(cls, layout: Layout) -> "LayoutColumns":
+        rc = RECOMPUTE.index(layout.recompute) if layout.recompute in RECOMPUTE else -1
+        return cls(layout.tp, layout.pp, layout.dp, layout.ep, layout.zero, layout.micro_batch, rc)
+
+
+@dataclass(frozen=True)
+class Divisibles:
+    """What a layout splits (heads, layers, experts, the batch): all the rules need to know.
+    WorkloadStats carries the same names, so either can be given to the rules."""
+
+    n_heads: int
+    n_kv_heads: int
+    n_layers: int
+    n_experts: int
+    global_batch: int
+
+    @classmethod
+    def of(cls, w: Workload) -> "Divisibles":
+        c = w.cfg
+        return cls(c.n_heads, c.n_kv_heads, c.n_layers, c.n_experts, w.global_batch)
+
+
+# Which layouts a framework can run: every split divides what it splits. The one list of the
+# rules: (field, test on LayoutColumns of scalars or arrays, the rule in words). The tests use
+# & and %, so they hold elementwise on numpy arrays and on plain ints alike.
+LAYOUT_RULES = (
+    ("tp", lambda st, c: (st.n_heads % c.tp == 0) & (st.n_kv_heads % c.tp == 0),
+     "must divide n_heads={n_heads} and n_kv_heads={n_kv_heads}"),
+    ("pp", lambda st, c: st.n_layers % c.pp == 0, "must divide n_layers={n_layers}"),
+    ("ep", lambda st, c: (c.dp % c.ep == 0) & ((st.n_experts % c.ep == 0) if st.n_experts
+                                                else (c.ep == 1)),
+     "must divide dp={dp} and n_experts={n_experts} (1 for a dense model)"),
+    ("zero", lambda st, c: (c.zero >= 0) & (c.zero <= 3), "must be 0, 1, 2 or 3"),
+    ("recompute", lambda st, c: (c.recompute >= 0) & (c.recompute < len(RECOMPUTE)),
+     "must be one of " + ", ".join(RECOMPUTE)),
+    ("micro_batch", lambda st, c: st.global_batch % (c.dp * c.micro_batch) == 0,
+     "dp x micro_batch must divide the global batch of {global_batch} sequences"),
+)
+
+
+def rule_failures(st: WorkloadStats | Divisibles, columns: LayoutColumns) -> dict[str, np.ndarray]:
+    """Each rule's verdict over the columns: field -> boolean array, True where the rule fails."""
+    return {name: ~np.asarray(test(st, columns), dtype=bool) for name, test, _ in LAYOUT_RULES}
+
+
+def valid_layouts(st: WorkloadStats | Divisibles, columns: LayoutColumns) -> np.ndarray:
+    """True where a layout passes every rule of LAYOUT_RULES."""
+    fails = rule_failures(st, columns)
+    return ~np.logical_or.reduce(list(fails.values()))
+
+
+def rule_text(name: str, st: WorkloadStats | Divisibles, dp=None) -> str:
+    """The rule of field `name` in words, with this workload's numbers."""
+    rule = dict((n, r) for n, _, r in LAYOUT_RULES)[name]
+    return rule.format(n_heads=st.n_heads, n_kv_heads=st.n_kv_heads, n_layers=st.n_layers,
+                       n_experts=st.n_experts, global_batch=st.global_batch, dp=dp)
 
 
 def check_layout(layout: Layout, workload: Workload, n_gpus: int | None = None,
                  where: str = "layout") -> None:
     """Raise ValueError naming the first field of `layout` that cannot work."""
-    cfg = workload.cfg
-    for name in ("tp", "pp", "dp", "ep", "micro_batch"):
+    for name in ("tp", "pp", "dp", "ep", "micro_batch", "zero"):
         value = getattr(layout, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{where}.{name}={value!r}: must be a positive integer")
-    rules = [
-        ("tp", layout.tp, cfg.n_heads % layout.tp == 0 and cfg.n_kv_heads % layout.tp == 0,
-         f"must divide n_heads={cfg.n_heads} and n_kv_heads={cfg.n_kv_heads}"),
-        ("pp", layout.pp, cfg.n_layers % layout.pp == 0, f"must divide n_layers={cfg.n_layers}"),
-        ("ep", layout.ep, layout.dp % layout.ep == 0 and
-         (cfg.n_experts % layout.ep == 0 if cfg.n_experts else layout.ep == 1),
-         f"must divide dp={layout.dp} and n_experts={cfg.n_experts} (1 for a dense model)"),
-        ("zero", layout.zero, layout.zero in (0, 1, 2, 3), "must be 0, 1, 2 or 3"),
-        ("recompute", layout.recompute, layout.recompute in RECOMPUTE,
-         f"must be one of {', '.join(RECOMPUTE)}"),
-        ("micro_batch", layout.micro_batch, workload.global_batch % (layout.dp * layout.micro_batch) == 0,
-         f"dp x micro_batch must divide the global batch of {workload.global_batch} sequences"),
-    ]
-    if n_gpus is not None:
-        rules.insert(0, ("dp", layout.dp, layout.n_gpus == n_gpus,
-                         f"tp x pp x dp = {layout.n_gpus} must equal the {n_gpus} GPUs"))
-    for name, value, ok, rule in rules:
-        if not ok:
+        smallest = 0 if name == "zero" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
+            rule = "must be 0, 1, 2 or 3" if name == "zero" else "must be a positive integer"
             raise ValueError(f"{where}.{name}={value!r}: {rule}")
+    if n_gpus is not None and layout.n_gpus != n_gpus:
+        raise ValueError(f"{where}.dp={layout.dp!r}: tp x pp x dp = {layout.n_gpus} must equal "
+                         f"the {n_gpus} GPUs")
+    st = Divisibles.of(workload)
+    for name, failed in rule_failures(st, LayoutColumns.of(layout)).items():
+        if failed:
+            raise ValueError(f"{where}.{name}={getattr(layout, name)!r}: "
+                             f"{rule_text(name, st, layout.dp)}")
 
 
 @dataclass(frozen=True)
@@ -309,8 +370,9 @@ class SimResult:
         return d
 
 
-def _result(st, dev, opt, layout, values) -> SimResult:
-    """A SimResult from `_evaluate`'s output for one layout (0-d arrays)."""
+def priced_result(st: WorkloadStats, dev: Device, opt: Options, layout: Layout,
+                  values: dict) -> SimResult:
+    """A SimResult from `price`'s output for one layout (0-d arrays)."""
     pick = {k: float(v) for k, v in values.items()}
     memory = {k: pick[k] for k in ("weights", "grads", "optimizer", "activations", "memory")}
     memory["usable"] = opt.memory_usable * dev.hbm_bytes
@@ -328,7 +390,7 @@ def simulate(workload: Workload, layout: Layout, device: Device,
              options: Options = Options()) -> SimResult:
     """Price one layout. Raises ValueError if the layout cannot run; check `.fits` for memory."""
     check_layout(layout, workload)
-    st = _Stats(workload, options)
-    values = _evaluate(st, device, options, layout.tp, layout.pp, layout.dp, layout.ep,
-                       layout.zero, layout.micro_batch, RECOMPUTE.index(layout.recompute))
-    return _result(st, device, options, layout, values)
+    st = WorkloadStats(workload, options)
+    values = price(st, device, options, layout.tp, layout.pp, layout.dp, layout.ep,
+                   layout.zero, layout.micro_batch, RECOMPUTE.index(layout.recompute))
+    return priced_result(st, device, options, layout, values)

@@ -1,13 +1,13 @@
 """The hardware catalogue: peak compute, memory, links, power and price of a GPU, each with its source.
 
 Every number is a default you can override (`get_device("h100", price_per_hour=3.99)`, or a
-`[devices.NAME]` table in a scenario file). Sources are COSTSIM.md §3 unless a source string says
-otherwise; prices are volatile third-party figures (COSTSIM §3.3).
+`[devices.NAME]` table in a scenario file). Each figure's source is in its `sources` entry and in
+docs/simulator.md "Hardware"; prices are volatile third-party figures.
 
 Bandwidths are per GPU and per direction, in bytes/s: `intra_node_bw` is NVLink, `inter_node_bw`
-the GPU's share of the network (one NIC per GPU on HGX/DGX nodes, COSTSIM §3.1). A link delivers
-`*_eff` of its peak in a collective: 0.65 for NVLink and 0.9 for InfiniBand are Calculon's
-`systems/h100_80g_nvl8.json` efficiencies (COSTSIM §2.5).
+the GPU's share of the network (one NIC per GPU on HGX/DGX nodes). A link delivers `*_eff` of its
+peak in a collective: 0.65 for NVLink and 0.9 for InfiniBand are Calculon's
+`systems/h100_80g_nvl8.json` efficiencies (calculon-ai/calculon, Isaev et al. SC'23).
 """
 
 from __future__ import annotations
@@ -61,68 +61,81 @@ class Device:
                 for f in dataclasses.fields(self) if f.name not in ("name", "sources")]
 
 
-_CALCULON = "Calculon systems/h100_80g_nvl8.json link efficiency (COSTSIM.md §2.5)"
-_IB_NDR = "ConnectX-7 NDR 400 Gb/s = 50 GB/s, one NIC per GPU (COSTSIM.md §3.1)"
+_CALCULON = "Calculon (calculon-ai/calculon) systems/h100_80g_nvl8.json link efficiency"
+_GK = "glennklockwood.com/garden/processors/"
+_IB_NDR = "ConnectX-7 NDR 400 Gb/s = 50 GB/s, one NIC per GPU on HGX/DGX H100 nodes (NVIDIA DGX H100 user guide)"
+_IB_HDR = "HDR InfiniBand 200 Gb/s = 25 GB/s per NIC, one per GPU (NVIDIA DGX A100 user guide)"
+_DEEPSEEK = "DeepSeek-V3 report (arXiv 2412.19437 §3.2.2) and deepseek-ai/DeepEP docs"
 
 CATALOGUE: dict[str, Device] = {
     "a100": Device(
         "a100", 312 * TFLOPS, 80 * GB, 2039 * GB, 300 * GB, 25 * GB, 400, 1.99,
         sources={
-            "peak_flops": "312 TFLOPS BF16 dense, NVIDIA datasheet via glennklockwood.com (COSTSIM.md §3.1)",
-            "hbm_bytes": "80 GB HBM2e (COSTSIM.md §3.1)",
-            "hbm_bw": "2,039 GB/s (COSTSIM.md §3.1)",
-            "intra_node_bw": "NVLink3 600 GB/s bidirectional = 300 per direction (COSTSIM.md §3.1)",
-            "inter_node_bw": "HDR InfiniBand 200 Gb/s = 25 GB/s per NIC, one per GPU (COSTSIM.md §3.1)",
-            "power_w": "400 W SXM TDP, NVIDIA A100 datasheet (not in COSTSIM.md)",
-            "price_per_hour": "midpoint of $1.49-2.49 tier-2 clouds, pricegpu.pages.dev early 2026 (COSTSIM.md §3.3)",
+            "peak_flops": f"312 TFLOPS BF16 dense, NVIDIA A100 datasheet ({_GK}A100)",
+            "hbm_bytes": f"80 GB HBM2e, NVIDIA A100 datasheet ({_GK}A100)",
+            "hbm_bw": f"2,039 GB/s, NVIDIA A100 datasheet ({_GK}A100)",
+            "intra_node_bw": "NVLink3 600 GB/s bidirectional = 300 per direction, NVIDIA A100 datasheet",
+            "inter_node_bw": _IB_HDR,
+            "power_w": "400 W SXM TDP, NVIDIA A100 datasheet",
+            "price_per_hour": "midpoint of $1.49-2.49 on tier-2 clouds, pricegpu.pages.dev, early 2026",
+            "intra_node_eff": _CALCULON, "inter_node_eff": _CALCULON}),
+    "a800": Device(
+        "a800", 312 * TFLOPS, 80 * GB, 2039 * GB, 200 * GB, 25 * GB, 400, 1.99,
+        sources={
+            "peak_flops": "the A100's GA100 compute, unchanged (NVIDIA statement to Reuters, 2022-11-07; tweakers.net/nieuws/203182)",
+            "hbm_bytes": "80 GB HBM2e, as A100 (same source)", "hbm_bw": "as A100 (same source)",
+            "intra_node_bw": "NVLink cut to 400 GB/s bidirectional = 200 per direction (NVIDIA statement to Reuters, 2022-11-07)",
+            "inter_node_bw": _IB_HDR,
+            "power_w": "400 W SXM, as A100 (tweakers.net/nieuws/203182)",
+            "price_per_hour": "assumed equal to A100: no public rental price",
             "intra_node_eff": _CALCULON, "inter_node_eff": _CALCULON}),
     "h100": Device(
         "h100", 989.4 * TFLOPS, 80 * GB, 3350 * GB, 450 * GB, 50 * GB, 700, 2.49,
         sources={
-            "peak_flops": "989.4 TFLOPS BF16 dense, glennklockwood.com/garden/processors/h100 (COSTSIM.md §3.1)",
-            "hbm_bytes": "80 GB HBM3 (COSTSIM.md §3.1)",
-            "hbm_bw": "3.35 TB/s (COSTSIM.md §3.1)",
-            "intra_node_bw": "NVLink4 900 GB/s bidirectional = 450 per direction (COSTSIM.md §3.1)",
+            "peak_flops": f"989.4 TFLOPS BF16 dense, NVIDIA H100 SXM datasheet ({_GK}h100)",
+            "hbm_bytes": f"80 GB HBM3, NVIDIA H100 SXM datasheet ({_GK}h100)",
+            "hbm_bw": f"3.35 TB/s, NVIDIA H100 SXM datasheet ({_GK}h100)",
+            "intra_node_bw": "NVLink4 900 GB/s bidirectional = 450 per direction, NVIDIA H100 datasheet",
             "inter_node_bw": _IB_NDR,
-            "power_w": "700 W SXM TDP, NVIDIA H100 datasheet (not in COSTSIM.md)",
-            "price_per_hour": "$2.49 Lambda on-demand via computespec; tier-2 range $2.49-3.99 (COSTSIM.md §3.3)",
+            "power_w": "700 W SXM TDP, NVIDIA H100 datasheet",
+            "price_per_hour": "$2.49 Lambda on-demand (computespec.pages.dev); tier-2 range $2.49-3.99",
             "intra_node_eff": _CALCULON, "inter_node_eff": _CALCULON}),
     "h800": Device(
         "h800", 989.4 * TFLOPS, 80 * GB, 3350 * GB, 160 * GB, 50 * GB, 700, 2.00,
         intra_node_eff=1.0,
         sources={
-            "peak_flops": "same GH100 compute as H100 (COSTSIM.md §3.1)",
-            "hbm_bytes": "same as H100 (COSTSIM.md §3.1)", "hbm_bw": "same as H100 (COSTSIM.md §3.1)",
-            "intra_node_bw": "~160 GB/s achieved NVLink maximum, DeepSeek-V3 report and DeepEP docs (COSTSIM.md §3.1)",
-            "inter_node_bw": _IB_NDR,
-            "power_w": "assumed equal to H100 SXM (not in COSTSIM.md)",
-            "price_per_hour": "$2 per H800 GPU-hour, DeepSeek-V3's rental assumption, arXiv 2412.19437 (COSTSIM.md §3.3)",
+            "peak_flops": "same GH100 compute as H100 (NVIDIA H800 datasheet; DeepSeek-V3 report arXiv 2412.19437)",
+            "hbm_bytes": "80 GB HBM3, as H100", "hbm_bw": "3.35 TB/s, as H100",
+            "intra_node_bw": f"~160 GB/s achieved NVLink maximum, {_DEEPSEEK}",
+            "inter_node_bw": f"CX7 InfiniBand 400 Gb/s (~50 GB/s), {_DEEPSEEK}",
+            "power_w": "assumed equal to H100 SXM (700 W)",
+            "price_per_hour": "$2 per H800 GPU-hour, DeepSeek-V3's rental assumption (arXiv 2412.19437 Table 1)",
             "intra_node_eff": "1.0: the 160 GB/s is already an achieved figure",
             "inter_node_eff": _CALCULON}),
     "h200": Device(
         "h200", 989.4 * TFLOPS, 141 * GB, 4800 * GB, 450 * GB, 50 * GB, 700, 3.50,
         sources={
-            "peak_flops": "same GH100 die as H100 (not in COSTSIM.md; NVIDIA H200 product page)",
-            "hbm_bytes": "141 GB HBM3e (not in COSTSIM.md; NVIDIA H200 product page)",
-            "hbm_bw": "4.8 TB/s (not in COSTSIM.md; NVIDIA H200 product page)",
+            "peak_flops": "same GH100 die as H100 (NVIDIA H200 product page)",
+            "hbm_bytes": "141 GB HBM3e (NVIDIA H200 product page)",
+            "hbm_bw": "4.8 TB/s (NVIDIA H200 product page)",
             "intra_node_bw": "NVLink4 900 GB/s bidirectional, as H100",
             "inter_node_bw": _IB_NDR,
-            "power_w": "700 W SXM (not in COSTSIM.md; NVIDIA H200 product page)",
+            "power_w": "700 W SXM (NVIDIA H200 product page)",
             "price_per_hour": "placeholder, no verified price: override it",
             "intra_node_eff": _CALCULON, "inter_node_eff": _CALCULON}),
     "b200": Device(
         "b200", 2250 * TFLOPS, 192 * GB, 8000 * GB, 900 * GB, 50 * GB, 1000, 5.00,
         sources={
-            "peak_flops": "2,250 TFLOPS BF16 dense, HGX B200 at 1,000 W, glennklockwood.com/garden/processors/B200 (not in COSTSIM.md)",
-            "hbm_bytes": "192 GB HBM3e, glennklockwood.com/garden/processors/B200 (HGX boards expose ~180 GB)",
-            "hbm_bw": "8 TB/s, glennklockwood.com/garden/processors/B200",
-            "intra_node_bw": "NVLink5 1.8 TB/s bidirectional = 900 per direction, glennklockwood.com",
+            "peak_flops": f"2,250 TFLOPS BF16 dense, HGX B200 at 1,000 W, {_GK}B200",
+            "hbm_bytes": f"192 GB HBM3e, {_GK}B200 (HGX boards expose ~180 GB)",
+            "hbm_bw": f"8 TB/s, {_GK}B200",
+            "intra_node_bw": f"NVLink5 1.8 TB/s bidirectional = 900 per direction, {_GK}B200",
             "inter_node_bw": _IB_NDR,
-            "power_w": "1,000 W maximum, glennklockwood.com/garden/processors/B200",
+            "power_w": f"1,000 W maximum, {_GK}B200",
             "price_per_hour": "placeholder, no verified price: override it",
             "intra_node_eff": _CALCULON, "inter_node_eff": _CALCULON}),
 }
-ALIASES = {"a100-80gb": "a100", "a100-sxm-80gb": "a100", "h100-sxm": "h100",
+ALIASES = {"a100-80gb": "a100", "a100-sxm-80gb": "a100", "a800-sxm": "a800", "h100-sxm": "h100",
            "h100-sxm-80gb": "h100", "h800-sxm": "h800", "h200-sxm": "h200"}
 
 # What a scenario file may set for a device, and the unit it is written in there.

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from minimoe.files import pyplot, save_figure
+
 
 def plot_scenario(result, out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -27,7 +25,7 @@ def plot_scenario(result, out_dir: Path) -> list[Path]:
         ax.set_title(f"{unit} per phase")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{result.title}\nTSF {result.tsf:.2f}, CPSF {result.cpsf:.2f}", fontsize=9)
-    paths.append(_save(fig, out_dir / "phases.png"))
+    paths.append(save_figure(fig, out_dir / "phases.png"))
     if result.sweep:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for mfu in sorted({r["mfu"] for r in result.sweep}):
@@ -40,12 +38,5 @@ def plot_scenario(result, out_dir: Path) -> list[Path]:
             ax.set_ylabel(name)
             ax.axhline(1.0, color="grey", lw=0.5)
         axes[0].legend(title=f"MFU of {result.sweep[0]['mfu_phases']}", fontsize=8)
-        paths.append(_save(fig, out_dir / "sweep.png"))
-    plt.close("all")
+        paths.append(save_figure(fig, out_dir / "sweep.png"))
     return paths
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path

@@ -1,12 +1,15 @@
 """Layout search: price every way to cut a model over up to N GPUs, return the fastest and cheapest.
 
 The grid (GPU count in whole nodes x tp x pp x ep x ZeRO stage x micro-batch x recompute) is
-priced in one vectorised pass of minimoe.sim's formulas: no Python loop per layout, so a search
-over ~10^6 candidates takes well under a second (`minimoe bench sim`). `iter_layouts` is the
-plain loop over the same space, which the tests compare the grid against.
+priced in one vectorised pass of minimoe.sim.cost's `price`: no Python loop per layout, so a
+search over ~10^6 candidates takes well under a second (`minimoe bench sim`). `search_axes` is
+the one definition of the space; `iter_layouts` is the plain loop over it, which the tests
+compare the grid against.
 
-Like Calculon's `llm-optimal-execution` (COSTSIM §2.5), but MoE-aware (expert parallel) and
-with the GPU count free: the cheapest run may leave GPUs idle when that costs less per token.
+Like Calculon's `llm-optimal-execution` (calculon-ai/calculon, Isaev et al. SC'23), but
+MoE-aware (expert parallel) and with the GPU count free: the cheapest run may leave GPUs idle
+when that costs less per token. When nothing is valid or nothing fits, `why_none` says which
+rule or which memory figure stands in the way.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from minimoe.config import ModelConfig
 from minimoe.flops import RECOMPUTE
+from minimoe.sim.cost import (Layout, LayoutColumns, Options, SimResult, Workload, WorkloadStats,
+                              check_layout, price, priced_result, rule_failures, rule_text)
 from minimoe.sim.hardware import Device
-from minimoe.sim.cost import (Layout, Options, SimResult, Workload, _evaluate, _result, _Stats, _valid,
-                              check_layout)
 from minimoe.tables import fmt_value
 
 
@@ -36,30 +40,41 @@ class SearchResult:
     fastest: SimResult | None
     cheapest: SimResult | None  # lowest $ per token; may use fewer GPUs than offered
     table: list[dict]  # the best feasible layouts by step time
+    why_none: str = ""  # when n_feasible == 0: what stands in the way
 
 
 def _divisors(n: int, cap: int) -> list[int]:
     return [d for d in range(1, min(n, cap) + 1) if n % d == 0]
 
 
+def search_axes(workload: Workload, max_gpus: int) -> dict[str, list[int]]:
+    """The values each layout field takes in a search: the one definition of the space.
+
+    tp up to 16 (two NVLink domains at most), pp over the divisors of the layer count, ep over
+    the divisors of the expert count (1 for a dense model), every ZeRO stage, micro-batches of
+    1-8 sequences and the three recompute levels (indices into minimoe.flops.RECOMPUTE).
+    """
+    cfg = workload.cfg
+    return {"tp": [t for t in (1, 2, 4, 8, 16) if t <= max_gpus],
+            "pp": _divisors(cfg.n_layers, 64),
+            "ep": _divisors(cfg.n_experts, 64) if cfg.n_experts else [1],
+            "zero": [0, 1, 2, 3], "mb": [1, 2, 4, 8], "rc": list(range(len(RECOMPUTE)))}
+
+
 def candidate_grid(workload: Workload, max_gpus: int, gpus_per_node: int = 8,
                    fixed_gpus: bool = False) -> dict[str, np.ndarray]:
-    """Every combination of GPU count, tp, pp, ep, ZeRO stage, micro-batch and recompute.
+    """Every combination of GPU count and the values of `search_axes`, as flat arrays.
 
     GPU counts run over whole nodes up to `max_gpus` (only `max_gpus` if `fixed_gpus`), so the
     cheapest layout may leave GPUs idle when that costs less per token.
     """
-    cfg = workload.cfg
     if fixed_gpus or max_gpus < gpus_per_node:
         counts = [max_gpus]
     else:
         counts = list(range(gpus_per_node, max_gpus + 1, gpus_per_node))
         if counts[-1] != max_gpus:
             counts.append(max_gpus)
-    axes = {"n": counts, "tp": [t for t in (1, 2, 4, 8, 16) if t <= max_gpus],
-            "pp": _divisors(cfg.n_layers, 64),
-            "ep": _divisors(cfg.n_experts, 64) if cfg.n_experts else [1],
-            "zero": [0, 1, 2, 3], "mb": [1, 2, 4, 8], "rc": [0, 1, 2]}
+    axes = {"n": counts, **search_axes(workload, max_gpus)}
     mesh = np.meshgrid(*[np.asarray(v, dtype=np.int64) for v in axes.values()], indexing="ij")
     grid = {k: m.ravel() for k, m in zip(axes, mesh)}
     grid["dp"] = grid["n"] // (grid["tp"] * grid["pp"])
@@ -78,19 +93,21 @@ def search_layouts(workload: Workload, device: Device, max_gpus: int,
     if not isinstance(max_gpus, int) or max_gpus <= 0:
         raise ValueError(f"gpus={max_gpus!r}: must be a positive integer")
     t0 = time.perf_counter()
-    st = _Stats(workload, options)
+    st = WorkloadStats(workload, options)
     g = candidate_grid(workload, max_gpus, device.gpus_per_node, fixed_gpus)
     dp = np.maximum(g["dp"], 1)
     columns = (g["tp"], g["pp"], dp, g["ep"], g["zero"], g["mb"], g["rc"])
+    failures = rule_failures(st, LayoutColumns(*columns))
     values = {k: np.empty(g["n"].size, dtype=np.float64) for k in _KEEP}
     # chunks of 2^15 layouts: numpy's temporaries stay in cache, which is 3-5x faster than
     # one pass over the whole grid (and the same numbers)
     for lo in range(0, g["n"].size, _CHUNK):
         part = slice(lo, lo + _CHUNK)
-        chunk = _evaluate(st, device, options, *(c[part] for c in columns))
+        chunk = price(st, device, options, *(c[part] for c in columns))
         for k in _KEEP:
             values[k][part] = chunk[k]
-    valid = g["whole"] & (g["dp"] >= 1) & _valid(st, *columns[:6])
+    whole = g["whole"] & (g["dp"] >= 1)
+    valid = whole & ~np.logical_or.reduce(list(failures.values()))
     feasible = valid & (values["fits"] > 0)
     idx = np.flatnonzero(feasible)
 
@@ -106,8 +123,8 @@ def search_layouts(workload: Workload, device: Device, max_gpus: int,
         by_time = idx[np.lexsort((values["memory"][idx], values["n_gpus"][idx],
                                   values["step_time"][idx]))]
         by_cost = idx[np.lexsort((values["step_time"][idx], values["cost_per_mtok"][idx]))]
-        fastest, cheapest = (_result(st, device, options, layout_at(i),
-                                     _evaluate(st, device, options, *(c[i] for c in columns)))
+        fastest, cheapest = (priced_result(st, device, options, layout_at(i),
+                                           price(st, device, options, *(c[i] for c in columns)))
                              for i in (by_time[0], by_cost[0]))
         for i in by_time[:top]:
             row = {"layout": layout_at(i).label(), "gpus": int(values["n_gpus"][i])}
@@ -115,16 +132,34 @@ def search_layouts(workload: Workload, device: Device, max_gpus: int,
                         ("step_time", "tokens_per_s", "mfu", "cost_per_mtok")})
             row["memory_GB"] = float(values["memory"][i]) / 1e9
             table.append(row)
+    why = "" if idx.size else _why_none(st, device, options, max_gpus, whole, valid, failures,
+                                         values["memory"])
     return SearchResult(n_candidates=int(g["n"].size), n_valid=int(valid.sum()),
                         n_feasible=int(idx.size), seconds=time.perf_counter() - t0,
                         attention=options.attention,
-                        fastest=fastest, cheapest=cheapest, table=table)
+                        fastest=fastest, cheapest=cheapest, table=table, why_none=why)
+
+
+def _why_none(st, device, options, max_gpus, whole, valid, failures, memory) -> str:
+    """What stands in the way when no candidate is feasible: the rules, or memory."""
+    if valid.any():
+        need = float(memory[valid].min())
+        return (f"memory: {int(valid.sum()):,} layouts divide evenly, but the smallest needs "
+                f"{need / 1e9:.1f} GB per GPU and one {device.name} has "
+                f"{options.memory_usable * device.hbm_bytes / 1e9:.1f} GB usable "
+                f"(memory_usable={options.memory_usable}); use more GPUs or a larger device")
+    if not whole.any():
+        return f"gpus={max_gpus}: no tp x pp of the search divides it"
+    # the rules that reject every candidate on their own, else the one that rejects the most
+    blocking = [n for n, f in failures.items() if f[whole].all()]
+    names = blocking or [max(failures, key=lambda n: int(failures[n][whole].sum()))]
+    return "; ".join(f"{n}: {rule_text(n, st, 'dp')} (rejects "
+                     f"{int(failures[n][whole].sum()):,} of {int(whole.sum()):,} layouts)"
+                     for n in names)
 
 
 def plan_frame(search: SearchResult, tokens: float | None = None):
     """The fastest and cheapest layouts side by side, as a pandas DataFrame (units in the index)."""
-    import pandas as pd
-
     columns = {}
     for name, r in (("fastest", search.fastest), ("cheapest", search.cheapest)):
         if r is None:
@@ -144,14 +179,11 @@ def plan_frame(search: SearchResult, tokens: float | None = None):
 
 def iter_layouts(workload: Workload, n_gpus: int):
     """Plain loop over the valid layouts on exactly n_gpus (for tests of the vectorised grid)."""
-    cfg = workload.cfg
-    for tp, pp, ep, zero, mb, rc in itertools.product(
-            (1, 2, 4, 8, 16), _divisors(cfg.n_layers, 64),
-            _divisors(cfg.n_experts, 64) if cfg.n_experts else [1], range(4), (1, 2, 4, 8),
-            RECOMPUTE):
+    axes = search_axes(workload, n_gpus)
+    for tp, pp, ep, zero, mb, rc in itertools.product(*axes.values()):
         if n_gpus % (tp * pp):
             continue
-        layout = Layout(tp, pp, n_gpus // (tp * pp), ep, zero, mb, rc)
+        layout = Layout(tp, pp, n_gpus // (tp * pp), ep, zero, mb, RECOMPUTE[rc])
         try:
             check_layout(layout, workload, n_gpus)
         except ValueError:
@@ -176,15 +208,15 @@ def plan_report(search: SearchResult, name: str, tokens: float | None = None,
         for key in ("fastest", "cheapest"):
             r = getattr(search, key)
             out[key] = None if r is None else {**r.to_dict(), "run": r.run(tokens) if tokens else None}
+        out["why_none"] = search.why_none or None
         return json.dumps(out, indent=2)
-    import pandas as pd
 
     head = (f"{name}: {search.n_candidates:,} candidate layouts, {search.n_valid:,} valid, "
             f"{search.n_feasible:,} fit in memory; searched in {search.seconds:.2f} s\n"
             f"MFU = model FLOPs (attention core counted {search.attention}) / peak; time uses "
             f"the causal count, the work a flash kernel does")
     if search.fastest is None:
-        return head + "\nno layout fits: add GPUs, or use a device with more memory"
+        return head + f"\nno layout can run. {search.why_none}"
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         best = plan_frame(search, tokens).map(fmt_value).to_string()
         top = pd.DataFrame(search.table).set_index("layout").map(fmt_value).to_string()

@@ -1,0 +1,275 @@
+"""The TOML scenario format (sims/*.toml): its keys, their validation, and how a file becomes a
+minimoe.sim.scenario.ScenarioResult.
+
+A scenario lists `[[phases]]` and a `[baseline]`. Each names a model (`preset`, an inline
+`[phases.model]` table, or only `model_size_b` as the paper's table gives), the tokens it trains
+on, a cluster (`devices` plus a catalogue `gpu` and/or a per-device `peak_tflops`), and a
+throughput: measured (`tokens_per_day_b`), assumed (`mfu`), or predicted by minimoe.sim.cost
+(`simulate = true`, optionally with a `layout`). `[devices.NAME]` tables define devices (a
+catalogue `base` plus overrides, or every figure), `[options]` the cost model's Options, and
+`[sweep]` a sensitivity sweep. Every error is a one-line ValueError naming the key path, the
+value and the rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from minimoe.config import ModelConfig, get_preset
+from minimoe.flops import flops_per_token
+from minimoe.sim.cost import SECONDS_PER_DAY, Layout, Options, Workload, check_layout, simulate
+from minimoe.sim.hardware import CATALOGUE, TFLOPS, Device, device_from_table, get_device
+from minimoe.sim.scenario import PhaseResult, ScenarioResult, sweep
+from minimoe.sim.search import search_layouts
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+TOP_KEYS = {"title", "source", "notes", "phases", "baseline", "devices", "options", "sweep"}
+PHASE_KEYS = {"name", "preset", "model", "model_size_b", "seq_len", "tokens_b", "devices", "gpu",
+              "peak_tflops", "tokens_per_day_b", "mfu", "simulate", "layout", "batch_tokens",
+              "printed_cluster_peak", "note", "options"}
+SWEEP_KEYS = {"phase", "tokens_b", "mfu", "mfu_phases"}
+
+
+def _number(table, key, where, positive=True, integer=False, required=True):
+    if key not in table:
+        if required:
+            raise ValueError(f"{where}.{key}: missing")
+        return None
+    value = table[key]
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ValueError(f"{where}.{key}={value!r}: must be {'an integer' if integer else 'a number'}")
+    if positive and not value > 0:
+        raise ValueError(f"{where}.{key}={value!r}: must be positive")
+    return value
+
+
+def _model(table, where) -> tuple[ModelConfig | None, str, float | None]:
+    """(config or None, label, parameter count or None) from preset / model / model_size_b."""
+    size = _number(table, "model_size_b", where, required=False)
+    if "preset" in table and "model" in table:
+        raise ValueError(f"{where}.model: give preset or an inline model, not both")
+    cfg, label = None, None
+    if "preset" in table:
+        try:
+            cfg = get_preset(str(table["preset"]))
+        except ValueError as err:
+            raise ValueError(f"{where}.{err}") from None
+        label = table["preset"]
+    elif "model" in table:
+        if not isinstance(table["model"], dict):
+            raise ValueError(f"{where}.model: must be a table of ModelConfig fields")
+        fields = dict(table["model"])
+        base = fields.pop("preset", None)
+        try:
+            cfg = (get_preset(base).replace(**fields) if base else ModelConfig.from_dict(fields))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}.model: {err}") from None
+        label = f"{base}+" if base else "inline"
+        label += f"L{cfg.n_layers} d{cfg.d_model}" + (f" {cfg.n_experts}E" if cfg.is_moe else "")
+    if cfg is None and size is None:
+        raise ValueError(f"{where}.model_size_b: missing (or give preset or model)")
+    if size is not None:
+        label = f"{size:g}B" if label is None else f"{label} ({size:g}B)"
+    return cfg, label, None if size is None else size * 1e9
+
+
+def _phase(table, where, catalogue, options, tokens_default=None) -> tuple[PhaseResult, list]:
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: must be a table")
+    for key in table:
+        if key not in PHASE_KEYS:
+            raise ValueError(f"{where}.{key}: unknown key; allowed: {', '.join(sorted(PHASE_KEYS))}")
+    notes = []
+    name = table.get("name", where)
+    if not isinstance(name, str):
+        raise ValueError(f"{where}.name={name!r}: must be a string")
+    cfg, label, size = _model(table, where)
+    if tokens_default is not None and "tokens_b" not in table:
+        tokens = tokens_default
+    else:
+        tokens = _number(table, "tokens_b", where) * 1e9
+    devices = _number(table, "devices", where, integer=True)
+    device: Device | None = None
+    if "gpu" in table:
+        try:
+            device = get_device(str(table["gpu"]), catalogue)
+        except ValueError as err:
+            raise ValueError(f"{where}.{err}") from None
+    peak = _number(table, "peak_tflops", where, required=device is None)
+    if peak is not None:
+        device = device.replace(peak_flops=peak * TFLOPS) if device else None
+    peak_flops = device.peak_flops if device else peak * TFLOPS
+    seq_len = _number(table, "seq_len", where, integer=True, required=False)
+    seq_len = seq_len or (cfg.max_seq_len if cfg else 4096)
+    if cfg is not None:
+        per_token, method = flops_per_token(cfg, seq_len, attention=options.attention).model, \
+            f"analytic, {options.attention} attention, s={seq_len}"
+    else:
+        per_token, method = 6 * size, "6ND, table size"
+    modes = [k for k in ("tokens_per_day_b", "mfu", "simulate") if k in table]
+    if len(modes) != 1:
+        raise ValueError(f"{where}: give exactly one of tokens_per_day_b, mfu, simulate "
+                         f"(found {', '.join(modes) or 'none'})")
+    for key in ("layout", "batch_tokens", "options"):
+        if key in table and modes[0] != "simulate":
+            raise ValueError(f"{where}.{key}: only used with simulate = true")
+    gpus = devices
+    if modes[0] == "tokens_per_day_b":
+        per_day, source = _number(table, "tokens_per_day_b", where) * 1e9, "measured"
+    elif modes[0] == "mfu":
+        mfu = _number(table, "mfu", where)
+        if mfu > 1:
+            raise ValueError(f"{where}.mfu={mfu!r}: must be <= 1")
+        per_day = mfu * devices * peak_flops * SECONDS_PER_DAY / per_token
+        source = f"assumed MFU {mfu:.1%}"
+    else:
+        options = _options(table.get("options", {}), f"{where}.options", options)
+        result = _simulated(table, where, cfg, device, devices, seq_len, options)
+        per_day, gpus = result.tokens_per_day, result.n_gpus
+        source = f"simulated, MFU {result.mfu:.1%}"
+        notes.append(f"{name}: simulated layout {result.layout.label()} on {gpus} of {devices} "
+                     f"GPUs, {result.memory['memory'] / 1e9:.1f} GB per GPU, step "
+                     f"{result.time['step_time']:.2f} s, MFU {result.mfu:.1%}")
+    if "printed_cluster_peak" in table:
+        printed = _number(table, "printed_cluster_peak", where)
+        computed = devices * peak_flops / TFLOPS
+        if abs(printed - computed) > 1e-6 * computed:
+            notes.append(f"{name}: devices x peak = {devices} x {peak_flops / TFLOPS:g} = "
+                         f"{computed:,.0f}, but the source prints {printed:,.0f} (an arithmetic "
+                         f"slip; the figures here use {computed:,.0f})")
+    if "note" in table:
+        notes.append(f"{name}: {table['note']}")
+    result = PhaseResult(name=name, model=label, tokens=tokens, gpus=gpus,
+                         device=device.name if device else "custom", peak_flops=peak_flops,
+                         tokens_per_day=per_day, throughput=source, flops_per_token=per_token,
+                         flops_method=method,
+                         price_per_hour=device.price_per_hour if device else None,
+                         power_w=device.power_w if device else None)
+    return result, notes
+
+
+def _simulated(table, where, cfg, device, devices, seq_len, options):
+    """Tokens per day predicted by minimoe.sim: a given layout, or the fastest one found."""
+    if table["simulate"] is not True:
+        raise ValueError(f"{where}.simulate={table['simulate']!r}: must be true")
+    if cfg is None:
+        raise ValueError(f"{where}.preset: missing (simulate needs a model shape)")
+    if device is None:
+        raise ValueError(f"{where}.gpu: missing (simulate needs a catalogue or [devices] GPU)")
+    batch = _number(table, "batch_tokens", where, integer=True)
+    try:
+        workload = Workload.from_tokens(cfg, batch, seq_len)
+    except ValueError as err:
+        raise ValueError(f"{where}.{err}") from None
+    if "layout" in table:
+        if not isinstance(table["layout"], dict):
+            raise ValueError(f"{where}.layout: must be a table (tp, pp, dp, ep, zero, ...)")
+        fields = dict(table["layout"])
+        known = {f.name for f in dataclasses.fields(Layout)}
+        for key in fields:
+            if key not in known:
+                raise ValueError(f"{where}.layout.{key}: unknown key; allowed: {', '.join(sorted(known))}")
+        layout = Layout(**fields)
+        check_layout(layout, workload, devices, where=f"{where}.layout")
+        result = simulate(workload, layout, device, options)
+        if not result.fits:
+            raise ValueError(f"{where}.layout: needs {result.memory['memory'] / 1e9:.1f} GB per "
+                             f"GPU, more than the usable {result.memory['usable'] / 1e9:.1f} GB")
+    else:
+        result = search_layouts(workload, device, devices, options).fastest
+        if result is None:
+            raise ValueError(f"{where}: no layout of this model fits on {devices} {device.name}")
+    return result
+
+
+def _options(table: dict, where: str, base: Options) -> Options:
+    """minimoe.sim.Options from a scenario table, on top of `base`."""
+    known = {f.name for f in dataclasses.fields(Options)}
+    for key in table:
+        if key not in known:
+            raise ValueError(f"{where}.{key}: unknown key; allowed: {', '.join(sorted(known))}")
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: must be a table")
+    try:
+        return dataclasses.replace(base, **table)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def parse_scenario(data: dict, origin: str = "scenario") -> ScenarioResult:
+    """Account a scenario given as a dict (what tomllib returns)."""
+    for key in data:
+        if key not in TOP_KEYS:
+            raise ValueError(f"{key}: unknown key; allowed: {', '.join(sorted(TOP_KEYS))}")
+    for key in ("devices", "options", "baseline", "sweep"):
+        if key in data and not isinstance(data[key], dict):
+            raise ValueError(f"{key}: must be a table")
+    catalogue = dict(CATALOGUE)
+    for name, table in data.get("devices", {}).items():
+        if not isinstance(table, dict):
+            raise ValueError(f"devices.{name}: must be a table")
+        catalogue[name.lower()] = device_from_table(name.lower(), table, f"devices.{name}", CATALOGUE)
+    options = _options(data.get("options", {}), "options", Options())
+    raw_phases = data.get("phases")
+    if not isinstance(raw_phases, list) or not raw_phases:
+        raise ValueError("phases: missing (give at least one [[phases]] table)")
+    phases, notes = [], []
+    for i, table in enumerate(raw_phases):
+        phase, phase_notes = _phase(table, f"phases[{i}]", catalogue, options)
+        phases.append(phase)
+        notes += phase_notes
+    if "baseline" not in data:
+        raise ValueError("baseline: missing (the from-scratch run the phases are compared with)")
+    total = sum(p.tokens for p in phases)
+    is_sum = "tokens_b" not in data["baseline"]
+    baseline, base_notes = _phase(data["baseline"], "baseline", catalogue, options,
+                                  tokens_default=total)
+    notes += base_notes
+    if is_sum:
+        notes.append(f"baseline tokens = the sum of the phases' tokens = "
+                     f"{' + '.join(f'{p.tokens / 1e9:g}' for p in phases)} = {total / 1e9:g}B")
+    notes.append("capacity = devices x per-device peak x days: reserved peak, not executed "
+                 "FLOPs (the paper's 'GFLOPS-days'; its per-device figures are TFLOPS)")
+    result = ScenarioResult(title=data.get("title", origin), phases=phases, baseline=baseline,
+                            baseline_tokens_is_sum=is_sum, notes=notes)
+    if "sweep" in data:
+        result = dataclasses.replace(result, sweep=_sweep_from_table(result, data["sweep"]))
+    return result
+
+
+def load_scenario(path: str | Path) -> ScenarioResult:
+    """Read a TOML scenario file and account it; errors are one-line ValueErrors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such scenario file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: invalid TOML: {err}") from None
+    return parse_scenario(data, origin=str(path))
+
+
+def _sweep_from_table(result, table) -> list[dict]:
+    for key in table:
+        if key not in SWEEP_KEYS:
+            raise ValueError(f"sweep.{key}: unknown key; allowed: {', '.join(sorted(SWEEP_KEYS))}")
+    for key in ("phase", "tokens_b", "mfu", "mfu_phases"):
+        if key not in table:
+            raise ValueError(f"sweep.{key}: missing")
+    for key in ("tokens_b", "mfu"):
+        values = table[key]
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"sweep.{key}={values!r}: must be a non-empty list")
+        for i, v in enumerate(values):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"sweep.{key}[{i}]={v!r}: must be positive")
+            if key == "mfu" and v > 1:
+                raise ValueError(f"sweep.{key}[{i}]={v!r}: must be <= 1")
+    return sweep(result, table["phase"], [t * 1e9 for t in table["tokens_b"]], table["mfu"],
+                 list(table["mfu_phases"]))
