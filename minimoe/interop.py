@@ -21,39 +21,31 @@ import torch
 from minimoe.config import ModelConfig
 from minimoe.model import Transformer
 
-_RENAMES = [  # (ours, theirs), applied as prefix/infix substitutions
-    ("embed.", "model.embed_tokens."),
+_LAYER_RENAMES = [  # (ours, theirs) inside a layer's name
     (".attn_norm.", ".input_layernorm."),
     (".mlp_norm.", ".post_attention_layernorm."),
     (".attn.", ".self_attn."),
-    ("layers.", "model.layers."),
-    ("norm.", "model.norm."),
 ]
 
 
 def to_hf_name(name: str) -> str:
     if name.startswith("layers."):
-        for ours, theirs in _RENAMES[1:4]:
+        for ours, theirs in _LAYER_RENAMES:
             name = name.replace(ours, theirs)
-        return "model." + name
-    if name.startswith("embed."):
-        return name.replace("embed.", "model.embed_tokens.", 1)
-    if name.startswith("norm."):
-        return "model." + name
-    return name  # lm_head.weight
+    elif name.startswith("embed."):
+        name = name.replace("embed.", "embed_tokens.", 1)
+    elif not name.startswith("norm."):
+        return name  # lm_head.weight
+    return "model." + name
 
 
 def from_hf_name(name: str) -> str:
-    if name.startswith("model.layers."):
-        name = name[len("model."):]
-        for ours, theirs in _RENAMES[1:4]:
-            name = name.replace(theirs, ours)
-        return name
-    if name.startswith("model.embed_tokens."):
-        return name.replace("model.embed_tokens.", "embed.", 1)
-    if name.startswith("model.norm."):
-        return name[len("model."):]
-    return name
+    if not name.startswith("model."):
+        return name  # lm_head.weight
+    name = name[len("model."):]
+    for ours, theirs in _LAYER_RENAMES:
+        name = name.replace(theirs, ours)
+    return name.replace("embed_tokens.", "embed.", 1)
 
 
 # --- configs -----------------------------------------------------------------------------------
