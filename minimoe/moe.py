@@ -227,14 +227,14 @@ class MoE(nn.Module):
 
 
 def _grouped_mm_usable(x_SD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
-    """torch's grouped matmul wants 16-byte-aligned strides, a float32/bf16/fp16 dtype, and
-    knows no autocast; we use only
-    its CPU kernel, the one tested here (on CUDA it needs bf16 and sm80+: the loop runs there)."""
+    """torch's grouped matmul wants 16-byte-aligned strides and one of GROUPED_MM_DTYPES, and
+    knows no autocast; we use only its CPU kernel, the one tested here (on CUDA it needs bf16
+    and sm80+: the loop runs there)."""
     if not (GROUPED_MM and hasattr(F, "grouped_mm")) or x_SD.device.type != "cpu":
         return False
     if torch.is_autocast_enabled("cpu") or not w_EDF.is_contiguous() or len(x_SD) == 0:
         return False
-    if w_EDF.dtype not in GROUPED_MM_DTYPES:
+    if w_EDF.dtype not in GROUPED_MM_DTYPES:  # float64 would raise inside the kernel
         return False
     per_16_bytes = 16 // w_EDF.element_size()
     E, D, F_ = w_EDF.shape
