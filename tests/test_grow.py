@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from minimoe import checkpoint as ckpt
-from minimoe.cli import main
 from minimoe.config import ModelConfig, get_preset
 from minimoe.grow import (depth_map, fpi, grow_checkpoint, grow_model, grow_state_dict, is_new,
                           plan_growth, scale_up)
@@ -349,6 +348,8 @@ def _source_run(tmp_path, preset):
 
 
 def test_cli_scale_up_writes_the_grown_run_and_report(tmp_path):
+    from minimoe.cli import main  # here, so the library tests above do not need the CLI
+
     model = _source_run(tmp_path, "tiny")
     rc = main(["scale-up", "--from", str(tmp_path / "src"), "--to", "tiny-large", "--method", "fpi",
                "--depth", "identity", "--out", str(tmp_path / "big")])
@@ -363,6 +364,8 @@ def test_cli_scale_up_writes_the_grown_run_and_report(tmp_path):
 
 
 def test_cli_bad_target_is_one_line_and_exit_2(tmp_path, capsys):
+    from minimoe.cli import main
+
     _source_run(tmp_path, "tiny-large")
     rc = main(["scale-up", "--from", str(tmp_path / "src"), "--to", "tiny",
                "--out", str(tmp_path / "x")])
@@ -380,8 +383,7 @@ def test_grow_checkpoint_refuses_a_file_of_another_shape(tmp_path):
 
 # --- the operators on tensors -------------------------------------------------------------
 def test_fpi_operator_is_aquilamoe_eq_1():
-    """Input neuron 1 of 2 is copied into neuron 3: its columns are halved (eq. 7); output
-    neuron 4 of 3 copies output neuron 1 (eq. 8)."""
+    """Input 1 copied into input 3: both columns halved (eq. 7); output 4 copies output 1 (eq. 8)."""
     W = torch.arange(1.0, 7.0).view(3, 2)  # (out 3, in 2)
     U = fpi(W, torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 0]), torch.tensor([2.0, 1.0, 2.0]))
     expected = torch.stack([W[:, 0] / 2, W[:, 1], W[:, 0] / 2], dim=1)[[0, 1, 2, 0]]
@@ -393,6 +395,6 @@ def test_fpi_operator_is_aquilamoe_eq_1():
 def test_stacked_third_layer_comes_from_the_bottom_or_the_top(depth, top_from):
     model = random_model(TINY, 0)  # 2 layers -> 3, same width: every layer a plain copy
     grown = scale_up(model, TINY.replace(n_layers=3), "fpi", depth=depth)
+    grown_sd, source_sd = grown.state_dict(), model.state_dict()
     for rest in ("attn.q_proj.weight", "mlp.down_proj.weight", "mlp_norm.weight"):
-        assert torch.equal(grown.state_dict()[f"layers.2.{rest}"],
-                           model.state_dict()[f"layers.{top_from}.{rest}"])
+        assert torch.equal(grown_sd[f"layers.2.{rest}"], source_sd[f"layers.{top_from}.{rest}"])
