@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from minimoe import checkpoint as ckpt
 from minimoe import files
+from minimoe.evaluate import evaluate
 from minimoe.moe import AuxLossConfig, expert_load
 
 
@@ -95,25 +96,6 @@ def moe_losses(model, logits, tc: TrainConfig) -> tuple[torch.Tensor, dict[str, 
     if not model.cfg.is_moe:
         return logits.new_zeros(()), {}
     return tc.aux.total(model, logits)
-
-
-@torch.no_grad()
-def evaluate(model, data, tc: TrainConfig, n_batches: int | None = None) -> dict[str, float]:
-    """Mean validation loss over a fixed set of batches, overall and per language."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    n = n_batches or tc.eval_batches
-    result = {}
-    for lang in [None, *data.langs]:
-        losses = []
-        for x, y in data.val_batches(tc.batch_size, tc.seq_len, n, lang=lang):
-            logits = model(x.to(device))
-            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten()).item())
-        if losses:
-            result["val_loss" if lang is None else f"val_{lang}"] = sum(losses) / len(losses)
-    model.train(was_training)
-    return result
 
 
 @dataclass

@@ -23,13 +23,14 @@ import torch
 from minimoe import checkpoint as ckpt
 from minimoe import files
 from minimoe.config import get_preset
+from minimoe.evaluate import evaluate
 from minimoe.flops import flops_per_token
 from minimoe.grow import scale_up
 from minimoe.model import build_model
 from minimoe.recipes.config import RECIPES, RecipeConfig
 from minimoe.recipes.report import plot_curves, plot_expert_loads, val_curve
 from minimoe.recipes.stages import continue_pretraining, data_spec, load_run_data, pretrain
-from minimoe.train import evaluate, read_log
+from minimoe.train import read_log
 from minimoe.upcycle import split, upcycle
 
 

@@ -14,10 +14,11 @@ import torch
 from minimoe import checkpoint as ckpt
 from minimoe import files
 from minimoe.config import ModelConfig, get_preset
+from minimoe.evaluate import evaluate
 from minimoe.grow import grow_model, growth_report, plan_growth
 from minimoe.model import build_model
 from minimoe.tokens import load_data
-from minimoe.train import RunResult, TrainConfig, evaluate, train
+from minimoe.train import RunResult, TrainConfig, train
 from minimoe.upcycle import scale_out
 
 
