@@ -30,8 +30,17 @@ def shape_rows(cfg: ModelConfig) -> list[tuple[str, str]]:
     return [(k, str(v)) for k, v in rows]
 
 
-def info_table(preset: str, as_json: bool = False) -> str:
+def param_table(presets: list[str]) -> pd.DataFrame:
+    """Parameters per component (millions) of each preset, one row each, with total and active."""
+    rows = {}
+    for name in presets:
+        counts = get_preset(name).param_counts()
+        rows[name] = {k: v / 1e6 for k, v in counts.items()}
+    table = pd.DataFrame(rows).T
+    return table.loc[:, (table != 0).any()]  # drop components no preset has
 
+
+def info_table(preset: str, as_json: bool = False) -> str:
     cfg = get_preset(preset)
     counts = cfg.param_counts()
     if as_json:

@@ -4,6 +4,7 @@ import pytest
 
 from minimoe.config import PRESETS, ModelConfig, get_preset
 from minimoe.model import build_model
+from minimoe.tables import param_table
 
 
 @pytest.mark.parametrize("changes, field", [
@@ -54,3 +55,11 @@ def test_every_preset_builds_on_meta_with_exact_counts(name):
     model = build_model(cfg, device="meta")
     assert model.num_params() == cfg.param_counts()["total"]
     assert next(model.parameters()).device.type == "meta"
+
+
+def test_param_table_rows_sum_to_the_total():
+    table = param_table(["aquila-7b", "aquilamoe-8x16b"])
+    parts = table.drop(columns=["total", "active"]).sum(axis=1)
+    assert parts.round(6).tolist() == table["total"].round(6).tolist()
+    assert table.loc["aquilamoe-8x16b", "experts"] > 0 and "experts" in table.columns
+    assert table.loc["aquila-7b", "active"] == table.loc["aquila-7b", "total"]
