@@ -130,11 +130,12 @@ def test_out_of_memory_verdict():
 def test_pipeline_bubble_is_p_minus_1_over_m():
     cfg = PRESETS["aquila-16b"]
     work = Workload.from_tokens(cfg, 256 * 4096)
-    r = simulate(work, Layout(pp=8, dp=8, micro_batch=1), H100, Options(overlap=1.0))
+    r = simulate(work, Layout(pp=8, dp=8, micro_batch=1), H100,
+                 Options(overlap_tp=1.0, overlap_ep=1.0, overlap_dp=1.0))
     n_micro = 256 / 8
     # with TP/EP/DP communication hidden, the bubble is (p - 1) / m of the busy time, which is
-    # compute plus the stage-to-stage sends (Narayanan 2021)
-    busy = r.time["compute"] + r.time["pp_comm"]
+    # compute, memory-bound work and the stage-to-stage sends (Narayanan 2021)
+    busy = r.time["compute"] + r.time["memory_bound"] + r.time["pp_comm"]
     assert r.time["bubble"] / busy == pytest.approx((8 - 1) / n_micro, rel=1e-12)
     assert r.time["pp_comm"] > 0
 
@@ -142,7 +143,7 @@ def test_pipeline_bubble_is_p_minus_1_over_m():
 def test_all_to_all_volume_follows_costsim_section_4():
     cfg = PRESETS["aquilamoe-8x16b"]
     work = Workload.from_tokens(cfg, 64 * 4096)
-    opts = Options(overlap=0.0)
+    opts = Options(overlap_ep=0.0, latency_intra_us=0, latency_inter_us=0)
     r = simulate(work, Layout(tp=2, dp=32, ep=4), H100, opts)
     tokens, h, k, ep, tp = 4096, cfg.d_model, cfg.top_k, 4, 2
     n_micro = 64 / 32
@@ -152,7 +153,11 @@ def test_all_to_all_volume_follows_costsim_section_4():
     assert r.time["ep_comm"] == pytest.approx(volume / bandwidth)
     assert simulate(work, Layout(tp=2, dp=32, ep=1), H100, opts).time["ep_comm"] == 0
     across = simulate(work, Layout(tp=2, dp=32, ep=8), H100, opts).time["ep_comm"]
-    assert across > r.time["ep_comm"] * 5  # EP 16 GPUs wide leaves NVLink for the network
+    # EP 8 at tp 2 spans two nodes: each rank has 4 EP peers (itself included) on its node,
+    # so 3/8 of its bytes go over NVLink and 4/8 over the NIC, at the same time
+    whole = cfg.n_moe_layers * 4 * (tokens / tp) * k * h * 2 * n_micro
+    nic = H100.inter_node_bw * H100.inter_node_eff
+    assert across == pytest.approx(max(whole * 3 / 8 / bandwidth, whole * 4 / 8 / nic))
 
 
 def test_zero3_gathers_weights_every_micro_batch():
@@ -175,7 +180,8 @@ def test_mfu_identity_and_run_costs():
     parts = sum(v for k, v in r.time.items() if k != "step_time")
     assert parts == pytest.approx(r.time["step_time"], rel=1e-12)
     run = r.run(545e9)
-    assert run["days"] == pytest.approx(545e9 / r.tokens_per_day)
+    assert run["days"] == pytest.approx(545e9 / r.tokens_per_day / r.goodput["goodput"])
+    assert 0.9 < r.goodput["goodput"] < 1  # 1,024 GPUs fail about twice a day (Llama 3)
     assert run["cost_usd"] == pytest.approx(run["gpu_hours"] * 2.49)
     assert run["energy_kwh"] == pytest.approx(run["gpu_hours"] * 0.7)
     assert run["pf_days"] == pytest.approx(545e9 * per_token / PF_DAY)

@@ -1,4 +1,4 @@
-"""Which layouts can run: one table of rules (minimoe.sim.cost.LAYOUT_RULES), read the same way
+"""Which layouts can run: one table of rules (minimoe.sim.layout.LAYOUT_RULES), read the same way
 by the vectorised search and by the one-layout check, and the reason `minimoe plan` gives when
 nothing can run."""
 
@@ -9,8 +9,8 @@ import pytest
 
 from minimoe.cli import main
 from minimoe.config import PRESETS
-from minimoe.sim.cost import (LAYOUT_RULES, Divisibles, Layout, LayoutColumns, Workload,
-                              check_layout, valid_layouts)
+from minimoe.sim.layout import (LAYOUT_RULES, Divisibles, Layout, LayoutColumns, Workload,
+                                check_layout, valid_layouts)
 from minimoe.sim.hardware import get_device
 from minimoe.sim.search import candidate_grid, iter_layouts, search_axes, search_layouts
 

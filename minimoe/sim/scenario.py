@@ -45,6 +45,7 @@ class PhaseResult:
     flops_method: str
     price_per_hour: float | None = None
     power_w: float | None = None
+    pue: float = 1.0  # data-centre overhead on the GPUs' board power
 
     @property
     def days(self) -> float:
@@ -77,7 +78,7 @@ class PhaseResult:
 
     @property
     def energy_kwh(self) -> float | None:
-        return None if self.power_w is None else self.gpu_days * 24 * self.power_w / 1000
+        return None if self.power_w is None else self.gpu_days * 24 * self.power_w * self.pue / 1000
 
     def row(self) -> dict:
         return {"phase": self.name, "model": self.model, "tokens (B)": self.tokens / 1e9,

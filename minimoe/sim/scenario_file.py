@@ -14,12 +14,16 @@ value and the rule.
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 from minimoe.config import ModelConfig, get_preset
 from minimoe.flops import flops_per_token
-from minimoe.sim.cost import SECONDS_PER_DAY, Layout, Options, Workload, check_layout, simulate
+from minimoe.sim.cost import SECONDS_PER_DAY, simulate
+from minimoe.sim.layout import Layout, Workload, check_layout
+from minimoe.sim.options import Options
 from minimoe.sim.hardware import CATALOGUE, TFLOPS, Device, device_from_table, get_device
+from minimoe.sim.imbalance import imbalance_factor, load_from_log
 from minimoe.sim.scenario import PhaseResult, ScenarioResult, sweep
 from minimoe.sim.search import search_layouts
 
@@ -44,6 +48,8 @@ def _number(table, key, where, positive=True, integer=False, required=True):
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
         raise ValueError(f"{where}.{key}={value!r}: must be {'an integer' if integer else 'a number'}")
+    if not math.isfinite(value):
+        raise ValueError(f"{where}.{key}={value!r}: must be finite")
     if positive and not value > 0:
         raise ValueError(f"{where}.{key}={value!r}: must be positive")
     return value
@@ -79,7 +85,7 @@ def _model(table, where) -> tuple[ModelConfig | None, str, float | None]:
     return cfg, label, None if size is None else size * 1e9
 
 
-def _phase(table, where, catalogue, options, tokens_default=None) -> tuple[PhaseResult, list]:
+def _phase(table, where, catalogue, options, folder, tokens_default=None) -> tuple[PhaseResult, list]:
     if not isinstance(table, dict):
         raise ValueError(f"{where}: must be a table")
     for key in table:
@@ -119,7 +125,6 @@ def _phase(table, where, catalogue, options, tokens_default=None) -> tuple[Phase
     for key in ("layout", "batch_tokens", "options"):
         if key in table and modes[0] != "simulate":
             raise ValueError(f"{where}.{key}: only used with simulate = true")
-    gpus = devices
     if modes[0] == "tokens_per_day_b":
         per_day, source = _number(table, "tokens_per_day_b", where) * 1e9, "measured"
     elif modes[0] == "mfu":
@@ -129,13 +134,16 @@ def _phase(table, where, catalogue, options, tokens_default=None) -> tuple[Phase
         per_day = mfu * devices * peak_flops * SECONDS_PER_DAY / per_token
         source = f"assumed MFU {mfu:.1%}"
     else:
-        options = _options(table.get("options", {}), f"{where}.options", options)
+        options = _options(table.get("options", {}), f"{where}.options", options, folder)
         result = _simulated(table, where, cfg, device, devices, seq_len, options)
-        per_day, gpus = result.tokens_per_day, result.n_gpus
+        # wall-clock throughput (goodput applied); the phase reserves all its devices, so its
+        # capacity counts them all, whether or not the layout uses them
+        per_day = result.wallclock_tokens_per_day
         source = f"simulated, MFU {result.mfu:.1%}"
-        notes.append(f"{name}: simulated layout {result.layout.label()} on {gpus} of {devices} "
-                     f"GPUs, {result.memory['memory'] / 1e9:.1f} GB per GPU, step "
-                     f"{result.time['step_time']:.2f} s, MFU {result.mfu:.1%}")
+        notes.append(f"{name}: simulated layout {result.layout.label()} on {result.n_gpus} of "
+                     f"{devices} GPUs, {result.memory['memory'] / 1e9:.1f} GB per GPU, step "
+                     f"{result.time['step_time']:.2f} s, MFU {result.mfu:.1%}, goodput "
+                     f"{result.goodput['goodput']:.1%}")
     if "printed_cluster_peak" in table:
         printed = _number(table, "printed_cluster_peak", where)
         computed = devices * peak_flops / TFLOPS
@@ -145,12 +153,12 @@ def _phase(table, where, catalogue, options, tokens_default=None) -> tuple[Phase
                          f"slip; the figures here use {computed:,.0f})")
     if "note" in table:
         notes.append(f"{name}: {table['note']}")
-    result = PhaseResult(name=name, model=label, tokens=tokens, gpus=gpus,
+    result = PhaseResult(name=name, model=label, tokens=tokens, gpus=devices,
                          device=device.name if device else "custom", peak_flops=peak_flops,
                          tokens_per_day=per_day, throughput=source, flops_per_token=per_token,
                          flops_method=method,
                          price_per_hour=device.price_per_hour if device else None,
-                         power_w=device.power_w if device else None)
+                         power_w=device.power_w if device else None, pue=options.pue)
     return result, notes
 
 
@@ -188,21 +196,28 @@ def _simulated(table, where, cfg, device, devices, seq_len, options):
     return result
 
 
-def _options(table: dict, where: str, base: Options) -> Options:
-    """minimoe.sim.Options from a scenario table, on top of `base`."""
-    known = {f.name for f in dataclasses.fields(Options)}
-    for key in table:
-        if key not in known:
-            raise ValueError(f"{where}.{key}: unknown key; allowed: {', '.join(sorted(known))}")
+def _options(table: dict, where: str, base: Options, folder: Path) -> Options:
+    """minimoe.sim.options.Options from a scenario table, on top of `base`.
+
+    `imbalance_log = "path"` (relative to the scenario file) sets `imbalance` from the last
+    routing histogram of a minimoe run's log.jsonl."""
     if not isinstance(table, dict):
-        raise ValueError(f"{where}: must be a table")
+        raise ValueError(f"{where}={table!r}: must be a table")
+    table = dict(table)
+    if "imbalance_log" in table:
+        if "imbalance" in table:
+            raise ValueError(f"{where}.imbalance_log: give imbalance or imbalance_log, not both")
+        log = table.pop("imbalance_log")
+        if not isinstance(log, str):
+            raise ValueError(f"{where}.imbalance_log={log!r}: must be a path")
+        table["imbalance"] = imbalance_factor(load_from_log(folder / log), where=f"{where}.imbalance_log")
     try:
-        return dataclasses.replace(base, **table)
+        return base.replace(**table)
     except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
+        raise ValueError(f"{where}.{str(err).removeprefix('options.')}") from None
 
 
-def parse_scenario(data: dict, origin: str = "scenario") -> ScenarioResult:
+def parse_scenario(data: dict, origin: str = "scenario", folder: Path = Path(".")) -> ScenarioResult:
     """Account a scenario given as a dict (what tomllib returns)."""
     for key in data:
         if key not in TOP_KEYS:
@@ -215,20 +230,20 @@ def parse_scenario(data: dict, origin: str = "scenario") -> ScenarioResult:
         if not isinstance(table, dict):
             raise ValueError(f"devices.{name}: must be a table")
         catalogue[name.lower()] = device_from_table(name.lower(), table, f"devices.{name}", CATALOGUE)
-    options = _options(data.get("options", {}), "options", Options())
+    options = _options(data.get("options", {}), "options", Options(), folder)
     raw_phases = data.get("phases")
     if not isinstance(raw_phases, list) or not raw_phases:
         raise ValueError("phases: missing (give at least one [[phases]] table)")
     phases, notes = [], []
     for i, table in enumerate(raw_phases):
-        phase, phase_notes = _phase(table, f"phases[{i}]", catalogue, options)
+        phase, phase_notes = _phase(table, f"phases[{i}]", catalogue, options, folder)
         phases.append(phase)
         notes += phase_notes
     if "baseline" not in data:
         raise ValueError("baseline: missing (the from-scratch run the phases are compared with)")
     total = sum(p.tokens for p in phases)
     is_sum = "tokens_b" not in data["baseline"]
-    baseline, base_notes = _phase(data["baseline"], "baseline", catalogue, options,
+    baseline, base_notes = _phase(data["baseline"], "baseline", catalogue, options, folder,
                                   tokens_default=total)
     notes += base_notes
     if is_sum:
@@ -249,10 +264,12 @@ def load_scenario(path: str | Path) -> ScenarioResult:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such scenario file")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path}: invalid TOML: {err}") from None
-    return parse_scenario(data, origin=str(path))
+    return parse_scenario(data, origin=str(path), folder=path.parent)
 
 
 def _sweep_from_table(result, table) -> list[dict]:

@@ -24,8 +24,9 @@ import pandas as pd
 
 from minimoe.config import ModelConfig
 from minimoe.flops import RECOMPUTE
-from minimoe.sim.cost import (Layout, LayoutColumns, Options, SimResult, Workload, WorkloadStats,
-                              check_layout, price, priced_result, rule_failures, rule_text)
+from minimoe.sim.cost import Options, SimResult, WorkloadStats, price, priced_result
+from minimoe.sim.layout import (Layout, LayoutColumns, Workload, check_layout, rule_failures,
+                                rule_text)
 from minimoe.sim.hardware import Device
 from minimoe.tables import fmt_value
 

@@ -1,0 +1,59 @@
+"""Expert load imbalance from a routing histogram: how much longer an MoE layer takes because it
+waits for its busiest expert (or its busiest expert-parallel rank).
+
+A histogram is a list of layers, each a list of tokens per expert: what minimoe's training loop
+logs as `"load"` in a run's log.jsonl (minimoe.train), or what any router's counters give. The
+factor of one layer is max / mean; the layers run one after another, so the step's factor is
+the mean over layers. Grouping experts by rank (`ranks`) gives the busiest rank instead, which
+is what a grouped GEMM per rank waits for (experts are placed contiguously, Megatron's
+expert-parallel order).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def imbalance_factor(load: list[list[float]], ranks: int | None = None, where: str = "load") -> float:
+    """Mean over layers of (busiest expert or rank) / mean; 1.0 for perfectly even routing."""
+    if not isinstance(load, list) or not load:
+        raise ValueError(f"{where}={load!r}: must be a non-empty list of layers")
+    factors = []
+    for i, layer in enumerate(load):
+        if (not isinstance(layer, list) or not layer
+                or any(isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n)
+                       or n < 0 for n in layer)):
+            raise ValueError(f"{where}[{i}]={layer!r}: must be a list of token counts >= 0")
+        groups = ranks or len(layer)
+        if len(layer) % groups:
+            raise ValueError(f"{where}[{i}]: {len(layer)} experts do not split over {groups} ranks")
+        size = len(layer) // groups
+        per_group = [sum(layer[g * size:(g + 1) * size]) for g in range(groups)]
+        mean = sum(per_group) / groups
+        if mean == 0:
+            raise ValueError(f"{where}[{i}]={layer!r}: no tokens routed")
+        factors.append(max(per_group) / mean)
+    return sum(factors) / len(factors)
+
+
+def load_from_log(path: str | Path) -> list[list[float]]:
+    """The last `load` histogram a minimoe run logged (its log.jsonl, or the run directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "log.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{path}: no such run log")
+    last = None
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    record = json.loads(line)
+                    last = record.get("load") or last
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a JSON-lines log ({err})") from None
+    if last is None:
+        raise ValueError(f"{path}: no record has a 'load' histogram (a dense run?)")
+    return last

@@ -1,0 +1,162 @@
+"""The cost model's knobs: every default a cited figure or a stated assumption.
+
+`Options` is what a scenario's `[options]` table, a phase's `options` and `minimoe plan --set`
+set. Each field is checked for its type and range on construction, so a wrong value is one line
+naming the key, the value and the rule. docs/simulator.md explains each term the options feed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from minimoe.flops import ATTENTION
+
+# Llama 3 (arXiv 2407.21783 §3.3.4): 419 unexpected interruptions in a 54-day snapshot of
+# pre-training on 16,384 H100 GPUs
+LLAMA3_FAILURES_PER_GPU_DAY = 419 / (54 * 16384)
+OVERLAPS = ("overlap_tp", "overlap_ep", "overlap_dp", "overlap_pp")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Knobs of the cost model (units in the names; see the module doc)."""
+
+    # --- compute -------------------------------------------------------------------------------
+    # achievable share of peak on large GEMMs, the roofline's compute ceiling. 0.5 is the
+    # uncalibrated default; `minimoe validate` fits one value per device family on dense runs
+    gemm_efficiency: float = 0.5
+    gemm_roofline: bool = True  # a GEMM of low arithmetic intensity runs at HBM speed instead
+    # achievable share of HBM bandwidth for streaming kernels (assumption: STREAM-like kernels
+    # reach 80-90% of peak on HBM GPUs)
+    hbm_efficiency: float = 0.8
+    memory_bound_work: bool = True  # time the norms, activations, rotary, softmax, permutes...
+    # --- MoE -----------------------------------------------------------------------------------
+    # max / mean tokens of the busiest expert (rank): 1.0 is perfect balance, the value for a
+    # capacity-factor-1 run that drops overflow; `imbalance_factor` derives it from a histogram
+    imbalance: float = 1.0
+    pad_to_capacity: bool = False  # MoE buffers padded to capacity_factor (GShard style)
+    # --- communication: share of each kind hidden behind compute -----------------------------
+    # Megatron (2024) overlaps the data-parallel reduce-scatter / all-gather with backward and
+    # forward (--overlap-grad-reduce, --overlap-param-gather: all but the last bucket), leaves
+    # the TP collectives, the EP all-to-all and the 1F1B pipeline sends on the critical path
+    # (NVIDIA/Megatron-LM megatron/core/distributed and moe READMEs)
+    overlap_tp: float = 0.0
+    overlap_ep: float = 0.0
+    overlap_dp: float = 0.9
+    overlap_pp: float = 0.0
+    # start-up latency of one collective step (assumption: the order of nccl-tests small-message
+    # latencies, a few us on NVLink and ~10 us across InfiniBand)
+    latency_intra_us: float = 5.0
+    latency_inter_us: float = 15.0
+    virtual_stages: int = 1  # interleaved 1F1B: bubble / v, v x the pipeline sends (Narayanan 2021)
+    # --- bytes ---------------------------------------------------------------------------------
+    weight_bytes: float = 2  # bf16
+    grad_bytes: float = 4  # fp32 main gradients (Megatron); 2 for ZeRO's 16 B/param
+    optimizer_bytes: float = 12  # fp32 master + Adam m + v (ZeRO's K = 12)
+    act_bytes: float = 2  # bf16 activations
+    comm_bytes: float = 2  # gradients and weights travel in bf16
+    flash_attention: bool = True  # no s x s score matrix is stored (SDPA, FlashAttention)
+    memory_usable: float = 0.9  # assumption: share of HBM left after CUDA context and fragmentation
+    attention: str = "causal"  # FLOP convention of the reported model FLOPs and MFU
+    # --- goodput: days of training -> wall-clock days ----------------------------------------
+    failures_per_gpu_day: float = LLAMA3_FAILURES_PER_GPU_DAY
+    restart_minutes: float = 30.0  # assumption: detect, reschedule, reload a checkpoint
+    checkpoint_minutes: float = 60.0  # assumption: interval between checkpoints
+    checkpoint_gbs: float = 1.0  # assumption: GB/s each GPU writes its shard to storage
+    pue: float = 1.0  # data-centre power usage effectiveness applied to GPU board power
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check(f.name, getattr(self, f.name), f.type)
+        for name, (low, high) in _RANGES.items():
+            value = getattr(self, name)
+            if not (low[0] < value if low[1] == "(" else low[0] <= value) or \
+                    not (value <= high[0] if high[1] == "]" else value < high[0]):
+                raise ValueError(f"options.{name}={value!r}: must be in "
+                                 f"{low[1]}{low[0]}, {high[0]}{high[1]}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"options.attention={self.attention!r}: must be one of "
+                             f"{', '.join(ATTENTION)}")
+
+    def replace(self, **changes) -> "Options":
+        """A copy with `changes`; an unknown name is a ValueError listing the known ones."""
+        known = [f.name for f in dataclasses.fields(self)]
+        for key in changes:
+            if key not in known:
+                raise ValueError(f"options.{key}: unknown option; allowed: {', '.join(known)}")
+        return dataclasses.replace(self, **changes)
+
+
+_INF = math.inf
+_RANGES = {  # name: ((low, "(" exclusive or "[" inclusive), (high, "]" or ")"))
+    "gemm_efficiency": ((0, "("), (1, "]")), "hbm_efficiency": ((0, "("), (1, "]")),
+    "memory_usable": ((0, "("), (1, "]")), "imbalance": ((1, "["), (_INF, ")")),
+    **{name: ((0, "["), (1, "]")) for name in OVERLAPS},
+    "latency_intra_us": ((0, "["), (_INF, ")")), "latency_inter_us": ((0, "["), (_INF, ")")),
+    "virtual_stages": ((1, "["), (_INF, ")")),
+    **{name: ((0, "("), (_INF, ")")) for name in ("weight_bytes", "grad_bytes", "act_bytes",
+                                                   "comm_bytes", "checkpoint_minutes",
+                                                   "checkpoint_gbs")},
+    "optimizer_bytes": ((0, "["), (_INF, ")")),
+    "failures_per_gpu_day": ((0, "["), (_INF, ")")), "restart_minutes": ((0, "["), (_INF, ")")),
+    "pue": ((1, "["), (_INF, ")")),
+}
+
+
+def _check(name, value, annotation):
+    """The type of an Options field: a finite number (not a bool), an int, a bool or a str."""
+    kind = str(annotation)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"options.{name}={value!r}: must be true or false")
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise ValueError(f"options.{name}={value!r}: must be a string")
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"options.{name}={value!r}: must be an integer")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"options.{name}={value!r}: must be a finite number")
+
+
+def parse_assignments(pairs: list[str], base: Options = Options()) -> Options:
+    """Options from `key=value` strings (`minimoe plan --set`): values read as TOML scalars
+    (0.4, 2, true, "causal"); a bare word is taken as a string."""
+    changes = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {pair!r}: must be key=value")
+        changes[key.strip()] = _scalar(text.strip())
+    return base.replace(**changes)
+
+
+def _scalar(text: str):
+    if text in ("true", "false"):
+        return text == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip('"')
+
+
+def goodput(opt: Options, n_gpus: int, step_seconds: float, state_bytes_per_gpu: float) -> dict:
+    """Share of wall-clock time that trains, with checkpoints and failures (Young/Daly style):
+
+    checkpoint overhead = write time / interval (the job waits for a synchronous write);
+    failures per day = failures_per_gpu_day x GPUs, each losing the restart and, on average,
+    half a checkpoint interval of work (plus the step in flight).
+    """
+    write_s = state_bytes_per_gpu / (opt.checkpoint_gbs * 1e9)
+    interval_s = opt.checkpoint_minutes * 60
+    checkpoint_share = write_s / (interval_s + write_s)
+    failures_per_s = opt.failures_per_gpu_day * n_gpus / 86400
+    lost_s = opt.restart_minutes * 60 + interval_s / 2 + step_seconds
+    failure_share = min(1.0, failures_per_s * lost_s)
+    return {"goodput": (1 - checkpoint_share) * (1 - failure_share),
+            "checkpoint_share": checkpoint_share, "failure_share": failure_share,
+            "failures_per_day": failures_per_s * 86400}
