@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from minimoe import checkpoint as ckpt
+from minimoe import experts
 from minimoe.config import PRESETS, get_preset
 from minimoe.flops import ATTENTION, RECOMPUTE, check_report, flops_report
 from minimoe.grow import DEPTHS, KV_OPTIONS, MAPPINGS, METHODS
@@ -24,7 +26,9 @@ from minimoe.recipes.stages import (
     continue_pretraining,
     data_spec,
     grow_run,
+    load_run_data,
     pretrain,
+    run_data_spec,
     scale_out_run,
 )
 from minimoe.sim.hardware import CATALOGUE, get_device
@@ -61,13 +65,22 @@ def _add_train_options(p):
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (for GPUs: slow on AVX2 CPUs)")
     g.add_argument("--device", default=TRAIN_DEFAULTS["device"])
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--mix", default=TRAIN_DEFAULTS["mix"], help="domain mix: size (in proportion "
+                   "to size), en-kjv=0.3,zh-pd1998=0.7 (static) or dynamic (Sheared-LLaMA)")
+    g.add_argument("--mix-every", type=int, default=TRAIN_DEFAULTS["mix_every"],
+                   help="dynamic: steps between weight updates")
+    g.add_argument("--mix-eta", type=float, default=TRAIN_DEFAULTS["mix_eta"],
+                   help="dynamic: step size of the update")
+    g.add_argument("--mix-reference", default=TRAIN_DEFAULTS["mix_reference"], metavar="PATH",
+                   help="dynamic: reference losses, a JSON file {domain: loss} or a run folder")
 
 
 def _train_config(args) -> TrainConfig:
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                        grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup,
                        eval_every=args.eval_every, ckpt_every=args.ckpt_every, seed=args.seed,
-                       bf16=args.bf16, device=args.device)
+                       bf16=args.bf16, device=args.device, mix=args.mix, mix_every=args.mix_every,
+                       mix_eta=args.mix_eta, mix_reference=args.mix_reference)
 
 
 def _add_info(p):
@@ -257,6 +270,33 @@ def _run_plan(args):
     print(plan_report(search, args.preset, tokens, as_json=args.json))
 
 
+# --- analysis ---------------------------------------------------------------------------
+def _add_experts(p):
+    p.add_argument("--ckpt", required=True, metavar="RUN", help="an MoE run")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="files or folders to route, one "
+                   "domain per file or top-level folder (default: the run's data)")
+    p.add_argument("--out", help="output folder (default: RUN/experts)")
+    p.add_argument("--batches", type=int, default=4, help="validation batches per domain")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+
+
+def _run_experts(args):
+    model, _ = ckpt.load_model(args.ckpt)
+    spec = run_data_spec(args.ckpt)
+    data = experts.run_data(args.data or spec["paths"], spec)
+    seq_len = min(args.seq_len, model.cfg.max_seq_len)
+    batches = experts.domain_batches(data, args.batch_size, seq_len, args.batches)
+    result = experts.expert_specialisation(model, batches)
+    _, tokenizer = load_run_data(spec)
+    out = Path(args.out) if args.out else Path(args.ckpt) / "experts"
+    paths = experts.write_specialisation(result, out, tokenizer, title=f"{args.ckpt}")
+    for layer in result["layers"]:
+        print(f"layer {layer['layer']:3d}: Jensen-Shannon specialisation {layer['js']:.3f}")
+    print(f"mean {result['mean_js']:.3f} over {len(result['layers'])} MoE layers, domains "
+          f"{', '.join(result['domains'])}; wrote {', '.join(str(p) for p in paths)}")
+
+
 # --- bench: its code lives apart (minimoe/bench/), imported only when asked for -----------
 def _add_bench(p):
     p.add_argument("name", choices=["train", "moe", "grow", "sim"])
@@ -283,6 +323,7 @@ COMMANDS = {
     "flops": ("analytic FLOPs per token of a preset, per component", _add_flops, _run_flops),
     "simulate": ("account a TOML scenario of training phases (sims/)", _add_simulate, _run_simulate),
     "plan": ("fastest and cheapest parallel layouts on N GPUs", _add_plan, _run_plan),
+    "experts": ("what an MoE run's experts specialise in, by domain", _add_experts, _run_experts),
     "bench": ("speed benchmarks, printed as measured ratios", _add_bench, _run_bench),
 }
 

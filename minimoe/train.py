@@ -5,8 +5,10 @@ AdamW, linear warmup then cosine decay, gradient clipping and accumulation, opti
 autocast, MoE auxiliary losses, validation every N steps (overall and per language), a tqdm bar,
 a JSONL log, a loss plot, and atomic safetensors checkpoints from which a killed run resumes
 with bit-identical losses. Resume is exact because nothing in a step depends on hidden state:
-the batch of step i is a pure function of (seed, i), the learning rate a function of i, and the
-model, optimizer and RNG state are restored from the checkpoint.
+the batch of step i is a pure function of (seed, i, the domain weights in force), the learning
+rate a function of i, and the model, optimizer, RNG state and domain weights are restored from
+the checkpoint. The domain mix (`mix`, minimoe/mixing.py) is "size" by default: the batches
+minimoe always drew.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from tqdm.auto import tqdm
 
 from minimoe import checkpoint as ckpt
 from minimoe import files
+from minimoe import mixing
 from minimoe.evaluate import evaluate
 from minimoe.moe import AuxLossConfig, expert_load
 
@@ -50,10 +53,14 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     aux: AuxLossConfig = field(default_factory=AuxLossConfig)  # MoE losses (AquilaMoE's)
+    mix: str = "size"  # "size", "dynamic" or "en-kjv=0.3,zh-pd1998=0.7" (minimoe/mixing.py)
+    mix_every: int = 50  # dynamic: steps between weight updates
+    mix_eta: float = 1.0  # dynamic: the step size eta of the update
+    mix_reference: str = ""  # dynamic: reference losses, a JSON file or a run folder
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
-                     "ckpt_every", "log_every"):
+                     "ckpt_every", "log_every", "mix_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"TrainConfig.{name}={value!r}: must be a positive integer")
@@ -61,6 +68,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr={self.lr!r}: must be positive")
         if self.warmup_steps < 0:
             raise ValueError(f"TrainConfig.warmup_steps={self.warmup_steps}: must be >= 0")
+        if not self.mix_eta > 0:
+            raise ValueError(f"TrainConfig.mix_eta={self.mix_eta!r}: must be positive")
+        try:
+            mixing.parse_mix(self.mix)  # the domains are checked against the data in train()
+        except ValueError as err:
+            raise ValueError(f"TrainConfig.{err}") from None
         if isinstance(self.aux, dict):  # as read back from run.json
             self.aux = AuxLossConfig(**self.aux)
 
@@ -115,6 +128,8 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
     If out_dir holds a checkpoint of this same run, training resumes from it. `meta` (stage,
     data, parent run...) goes to run.json; `on_step(step, record)` is called after each step.
     """
+    weights, references = _start_mix(tc, data)  # weights None: in proportion to size
+    dynamic = references is not None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     run = {"train": dataclasses.asdict(tc), "model": model.cfg.to_dict(), **(meta or {})}
@@ -130,6 +145,7 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
     if latest is not None:
         state = ckpt.load_checkpoint(latest, model, optimizer)
         step, tokens, train_time = state["step"], state["tokens"], state["train_time"]
+        weights = state.get("mix_weights", weights)
     else:
         torch.manual_seed(tc.seed)
     log_path = out_dir / "log.jsonl"
@@ -148,7 +164,8 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
             group["lr"] = lr
         loss_sum, parts_sum = 0.0, {}
         for micro in range(tc.grad_accum):
-            x, y = data.train_batch(step * tc.grad_accum + micro, tc.batch_size, tc.seq_len, seed=tc.seed)
+            x, y = data.train_batch(step * tc.grad_accum + micro, tc.batch_size, tc.seq_len,
+                                    seed=tc.seed, weights=weights)
             x, y = x.to(device), y.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.bf16):
                 logits = model(x)
@@ -170,8 +187,15 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
         train_time += dt
         record = {"step": step, "tokens": tokens, "loss": loss_sum, "lr": lr,
                   "grad_norm": grad_norm, "tok_per_s": tc.tokens_per_step / dt, **parts_sum}
-        if step % tc.eval_every == 0 or step == tc.steps:
+        update = dynamic and step % tc.mix_every == 0 and step < tc.steps
+        if step % tc.eval_every == 0 or step == tc.steps or update:
             record.update(evaluate(model, data, tc))
+        if weights is not None:
+            record["mix"] = weights  # the weights this step's batches were drawn with
+        if update:  # Sheared-LLaMA: from the next step on, more of the lagging domains
+            losses = {domain: record[f"val_{domain}"] for domain in weights}
+            weights = mixing.dynamic_update(weights, losses, references, tc.mix_eta)
+            record["mix_next"] = weights
         if step % tc.log_every == 0 or "val_loss" in record or step == tc.steps:
             record["load"] = _expert_load(model)
             history.append(_log(log_path, record))
@@ -182,13 +206,31 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
             on_step(step, record)
         if step % tc.ckpt_every == 0 or step == tc.steps:
             ckpt.save_checkpoint(out_dir, step, model, optimizer,
-                                 {"tokens": tokens, "train_time": train_time, "seed": tc.seed})
+                                 {"tokens": tokens, "train_time": train_time, "seed": tc.seed,
+                                  "mix_weights": weights})
             last_good = ckpt.latest_checkpoint(out_dir)
     if bar is not None:
         bar.close()
     ckpt.save_tensors(out_dir / "model.safetensors", ckpt.model_tensors(model))
     plot_losses(history, out_dir / "loss.png", title=str((meta or {}).get("stage", out_dir.name)))
+    mixing.plot_weights(history, out_dir / "mix.png", title=f"domain weights ({tc.mix})")
     return RunResult(out_dir, step, tokens, train_time, _final_val(history), history)
+
+
+def _start_mix(tc: TrainConfig, data) -> tuple[dict | None, dict | None]:
+    """The domain weights a fresh run starts with, and the reference losses of a dynamic mix;
+    checked against the data before anything is written."""
+    try:
+        weights = mixing.resolve_mix(tc.mix, data.domain_tokens())
+    except ValueError as err:
+        raise ValueError(f"TrainConfig.{err}") from None
+    if tc.mix != mixing.DYNAMIC:
+        return weights, None
+    lacking = [d for d in data.domains if d not in data.val_domains]
+    if lacking:
+        raise ValueError(f"TrainConfig.mix='dynamic': domain {lacking[0]!r} has no validation "
+                         "documents to measure its loss on")
+    return weights, mixing.load_references(tc.mix_reference, data.domains)
 
 
 def _final_val(history: list[dict]) -> dict[str, float]:
@@ -205,6 +247,10 @@ def _check_same_run(out_dir: Path, run: dict):
                              "choose another --out")
         return
     old = ckpt.read_json(path)
+    if isinstance(old.get("train"), dict):  # runs from before data mixing: the default mix
+        mix_defaults = {k: v for k, v in dataclasses.asdict(TrainConfig()).items()
+                        if k.startswith("mix")}
+        old["train"] = {**mix_defaults, **old["train"]}
     for key in ("model", "train", "stage", "data", "init_from"):
         if json.dumps(old.get(key), sort_keys=True) != json.dumps(run.get(key), sort_keys=True):
             raise ValueError(f"out={out_dir}: holds a different run ({key} differs); "
