@@ -69,6 +69,9 @@ class WorkloadStats:
         # forward FLOPs per token per layer (hardware: capacity padding included), split into
         # the attention core, the expert GEMMs and the rest (projections, dense MLP, router)
         self.core_fwd = rows["attn_core"].forward / L
+        if not opt.flash_attention:  # an unfused kernel computes the whole masked square
+            full = flops_per_token(cfg, s, attention="full", pad_to_capacity=opt.pad_to_capacity)
+            self.core_fwd = next(r for r in full.rows if r.component == "attn_core").forward / L
         layer_total = sum(r.forward for r in count.rows if r.in_layers)
         pad = (count.hardware - count.model) / 3  # extra expert FLOPs per forward, if padded
         self.expert_fwd = (sum(r.forward for r in count.rows if r.component.startswith("expert")
@@ -113,6 +116,10 @@ class WorkloadStats:
         # cross-entropy per token on the last stage: the logits read twice forward (max,
         # exp-sum), read and written backward, plus Megatron's fp32 upcast written and read
         self.membound_loss = 4 * b * cfg.vocab_size + 8 * cfg.vocab_size
+        if not opt.flash_attention:  # the s x s scores go through HBM: written by QK^T, read
+            # and written by the softmax, read by AV (4 forward); 6 backward (Dao et al. 2022 §2.2)
+            self.membound_fwd += 4 * b * a * s
+            self.membound_bwd += 6 * b * a * s
 
 
 def _roofline(st_bytes, peak, hbm, M, K, N):
@@ -227,11 +234,17 @@ def price(st: WorkloadStats, dev: Device, opt: Options, tp, pp, dp, ep, zero, mb
     bw, alpha = link(tp * dp)
     t_dp = ((dp_volume(p_dense, dp) + dp_volume(p_expert, dp_expert)) / bw
             + (dp - 1) * alpha * np.where(zero >= 3, 1 + 2 * n_micro, 2))  # ring steps per pass
+    # the reduction can hide only behind compute that runs beside it: the last micro-batch's
+    # backward and the next step's first forward (one micro-batch), every micro-batch for ZeRO-3
+    hidden = opt.overlap_dp * t_dp
+    if opt.overlap_window:
+        busy = t_compute + t_imbalance + t_memory
+        hidden = np.minimum(hidden, busy * np.where(zero >= 3, n_micro, 1))
     t_optimizer = (out["weights"] + out["grads"] + out["optimizer"]) / dev.hbm_bw
     parts = dict(compute=n_micro * t_compute, imbalance=n_micro * t_imbalance,
                  memory_bound=n_micro * t_memory, tp_comm=n_micro * exposed["tp"] * t_tp,
                  ep_comm=n_micro * exposed["ep"] * t_ep, pp_comm=n_micro * exposed["pp"] * t_pp,
-                 bubble=bubble, dp_comm=exposed["dp"] * t_dp, optimizer_step=t_optimizer)
+                 bubble=bubble, dp_comm=t_dp - hidden, optimizer_step=t_optimizer)
     out.update(parts)
     out["step_time"] = n_micro * t_micro + bubble + parts["dp_comm"] + t_optimizer
     tokens_step = st.global_batch * s

@@ -46,6 +46,9 @@ class Options:
     overlap_ep: float = 0.0
     overlap_dp: float = 0.9
     overlap_pp: float = 0.0
+    # the data-parallel reduction hides only behind the compute beside it (one micro-batch;
+    # every micro-batch under ZeRO-3), not behind the whole step
+    overlap_window: bool = True
     # start-up latency of one collective step (assumption: the order of nccl-tests small-message
     # latencies, a few us on NVLink and ~10 us across InfiniBand)
     latency_intra_us: float = 5.0
