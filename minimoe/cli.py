@@ -34,7 +34,10 @@ from minimoe.recipes.stages import (
 from minimoe.sim.hardware import CATALOGUE, get_device
 from minimoe.sim.scenario import dumps
 from minimoe.sim.scenario_file import load_scenario
+from minimoe.sim.options import parse_assignments
+from minimoe.sim.plots import plot_validation
 from minimoe.sim.search import plan, plan_report
+from minimoe.sim.validate import validate, validation_json, validation_text
 from minimoe.tables import info_table
 from minimoe.train import TrainConfig
 from minimoe.upcycle import LAYER_CHOICES, SCALE_OUT_METHODS
@@ -260,14 +263,37 @@ def _add_plan(p):
     p.add_argument("--tokens-b", type=float, default=None,
                    help="training tokens in billions: also print days, GPU-days, energy and cost")
     p.add_argument("--fixed-gpus", action="store_true", help="use exactly --gpus GPUs")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a cost-model option, as in a scenario's [options] (repeatable), "
+                        "e.g. --set gemm_efficiency=0.4 --set imbalance=1.3")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _run_plan(args):
+    if args.seq is not None and args.seq <= 0:
+        raise ValueError(f"--seq={args.seq}: must be a positive number of tokens")
+    if args.tokens_b is not None and not 0 < args.tokens_b < float("inf"):
+        raise ValueError(f"--tokens-b={args.tokens_b}: must be a positive, finite number of billions")
+    options = parse_assignments(args.set)
     search = plan(get_preset(args.preset), get_device(args.gpu), args.gpus, args.batch_tokens,
-                  args.seq, fixed_gpus=args.fixed_gpus)
-    tokens = args.tokens_b * 1e9 if args.tokens_b else None
+                  args.seq, options=options, fixed_gpus=args.fixed_gpus)
+    tokens = None if args.tokens_b is None else args.tokens_b * 1e9
     print(plan_report(search, args.preset, tokens, as_json=args.json))
+
+
+def _add_validate(p):
+    p.add_argument("folder", nargs="?", default="sims/validation",
+                   help="validation files (default: sims/validation)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--plot-dir", help="also write validation.png and aquilamoe_breakdown.png here")
+
+
+def _run_validate(args):
+    result = validate(args.folder)
+    print(validation_json(result) if args.json else validation_text(result))
+    if args.plot_dir:
+        for path in plot_validation(result, Path(args.plot_dir)):
+            print(f"wrote {path}", file=sys.stderr)
 
 
 # --- analysis ---------------------------------------------------------------------------
@@ -323,6 +349,8 @@ COMMANDS = {
     "flops": ("analytic FLOPs per token of a preset, per component", _add_flops, _run_flops),
     "simulate": ("account a TOML scenario of training phases (sims/)", _add_simulate, _run_simulate),
     "plan": ("fastest and cheapest parallel layouts on N GPUs", _add_plan, _run_plan),
+    "validate": ("the cost simulator against published training runs (sims/validation/)",
+                 _add_validate, _run_validate),
     "experts": ("what an MoE run's experts specialise in, by domain", _add_experts, _run_experts),
     "bench": ("speed benchmarks, printed as measured ratios", _add_bench, _run_bench),
 }

@@ -224,3 +224,46 @@ def test_empty_folder_and_unusable_text_raise(tmp_path):
     (empty / "bad.jsonl").write_text('{"title": "no text field"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match="bad.jsonl:1: .* string field 'text'"):
         data.prepare_corpus([str(empty)])
+
+
+# --- domains ------------------------------------------------------------------------------
+
+
+def test_demo_domains_are_carried_to_the_tokens(demo):
+    corpus, _, tokens = demo
+    assert corpus.domains == list(data.DEMO_DOMAINS) == tokens.domains == tokens.val_domains
+    assert set(corpus.texts("train", domain="en-kjv")) == set(corpus.texts("train", lang="en"))
+    meta = json.loads((tokens.path / "meta.json").read_text())
+    by_domain = meta["tokens_by_domain"]
+    assert sum(by_domain["train"].values()) == tokens.n_tokens("train")
+    assert by_domain["val"]["zh-pd1998"] == tokens.n_tokens("val_zh")
+    start, end = tokens.domain_ranges["zh-pd1998"]
+    assert (start, end) == (by_domain["train"]["en-kjv"], tokens.n_tokens("train"))
+    # the Chinese range starts with a Chinese document: the stream holds each domain together
+    first = corpus.texts("train", domain="zh-pd1998")[0]
+    assert tokens.arrays["train"][start] == tk.BPETokenizer(
+        corpus.path / "tokenizer-bpe2048.json", "x").encode(first)[0]
+    # a domain whose tokens equal a language's is stored once, named twice
+    assert tokens.stored_as["val_en-kjv"] == "val_en"
+    assert tokens.arrays["val_en-kjv"] is tokens.arrays["val_en"]
+
+
+def test_user_domains_by_file_folder_and_jsonl_field(tmp_path):
+    root = tmp_path / "mine"
+    (root / "novels").mkdir(parents=True)
+    (root / "novels" / "austen.txt").write_text("\n\n".join(ENGLISH[:2]), encoding="utf-8")
+    (root / "novels" / "melville.txt").write_text("\n\n".join(ENGLISH[2:]), encoding="utf-8")
+    lines = [json.dumps({"text": t, "domain": "news"}, ensure_ascii=False) for t in CHINESE[:2]]
+    lines.append(json.dumps({"text": CHINESE[2]}, ensure_ascii=False))  # takes the file's
+    (root / "daily.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    corpus = data.prepare_corpus([str(root)], val_fraction=0.2)
+    everything = corpus.manifest["domains"]
+    assert sorted(set(everything["train"]) | set(everything["val"])) == ["daily", "news", "novels"]
+    assert set(corpus.texts("train", domain="novels") + corpus.texts("val", domain="novels")) \
+        == set(ENGLISH)
+    single = data.prepare_corpus([str(root / "novels" / "austen.txt")])
+    assert single.domains == ["austen"]  # a file given by name is its own domain
+    (root / "daily.jsonl").write_text(json.dumps({"text": CHINESE[0], "domain": "a b"}) + "\n",
+                                      encoding="utf-8")
+    with pytest.raises(ValueError, match=r"daily.jsonl:1: domain='a b': must be letters"):
+        data.prepare_corpus([str(root)])

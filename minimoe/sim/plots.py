@@ -40,3 +40,39 @@ def plot_scenario(result, out_dir: Path) -> list[Path]:
         axes[0].legend(title=f"MFU of {result.sweep[0]['mfu_phases']}", fontsize=8)
         paths.append(save_figure(fig, out_dir / "sweep.png"))
     return paths
+
+
+def plot_validation(v, out_dir: Path) -> list[Path]:
+    """Predicted against measured MFU per run; the AquilaMoE phases' step time by term."""
+    plt = pyplot()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    markers = {("published", "dense"): "o", ("published", "moe"): "s",
+               ("aquilamoe", "dense"): "^", ("aquilamoe", "moe"): "v"}
+    for key, marker in markers.items():
+        rows = [r for r in v.rows if (r["set"], r["kind"]) == key]
+        if rows:
+            ax.scatter([r["measured MFU"] for r in rows], [r["predicted MFU"] for r in rows],
+                       marker=marker, label=f"{key[0]} {key[1]}")
+    top = max(max(r["measured MFU"], r["predicted MFU"]) for r in v.rows) * 1.1
+    ax.plot([0, top], [0, top], color="grey", lw=0.8)
+    ax.fill_between([0, top], [0, 0.9 * top], [0, 1.1 * top], color="grey", alpha=0.15,
+                    label="±10%")
+    ax.set_xlabel("measured MFU (causal model FLOPs)")
+    ax.set_ylabel("predicted MFU")
+    ax.legend(fontsize=8)
+    paths = [save_figure(fig, out_dir / "validation.png")]
+    if v.breakdown:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        names = list(v.breakdown)
+        bottom = [0.0] * len(names)
+        for part in [k for k in next(iter(v.breakdown.values())) if k != "tokens_per_step"]:
+            # seconds per million tokens, so phases of different batch sizes compare
+            values = [v.breakdown[n][part] / v.breakdown[n]["tokens_per_step"] * 1e6 for n in names]
+            ax.bar(names, values, bottom=bottom, label=part)
+            bottom = [a + b for a, b in zip(bottom, values)]
+        ax.set_ylabel("seconds per million tokens")
+        ax.set_title("AquilaMoE phases: where the time goes (predicted)")
+        ax.legend(fontsize=7, ncol=2)
+        paths.append(save_figure(fig, out_dir / "aquilamoe_breakdown.png"))
+    return paths

@@ -87,7 +87,7 @@ def _model(table, where) -> tuple[ModelConfig | None, str, float | None]:
 
 def _phase(table, where, catalogue, options, folder, tokens_default=None) -> tuple[PhaseResult, list]:
     if not isinstance(table, dict):
-        raise ValueError(f"{where}: must be a table")
+        raise ValueError(f"{where}={table!r}: must be a table")
     for key in table:
         if key not in PHASE_KEYS:
             raise ValueError(f"{where}.{key}: unknown key; allowed: {', '.join(sorted(PHASE_KEYS))}")
@@ -224,11 +224,11 @@ def parse_scenario(data: dict, origin: str = "scenario", folder: Path = Path("."
             raise ValueError(f"{key}: unknown key; allowed: {', '.join(sorted(TOP_KEYS))}")
     for key in ("devices", "options", "baseline", "sweep"):
         if key in data and not isinstance(data[key], dict):
-            raise ValueError(f"{key}: must be a table")
+            raise ValueError(f"{key}={data[key]!r}: must be a table")
     catalogue = dict(CATALOGUE)
     for name, table in data.get("devices", {}).items():
         if not isinstance(table, dict):
-            raise ValueError(f"devices.{name}: must be a table")
+            raise ValueError(f"devices.{name}={table!r}: must be a table")
         catalogue[name.lower()] = device_from_table(name.lower(), table, f"devices.{name}", CATALOGUE)
     options = _options(data.get("options", {}), "options", Options(), folder)
     raw_phases = data.get("phases")

@@ -14,6 +14,7 @@ rule or which memory figure stands in the way.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import time
@@ -42,6 +43,7 @@ class SearchResult:
     cheapest: SimResult | None  # lowest $ per token; may use fewer GPUs than offered
     table: list[dict]  # the best feasible layouts by step time
     why_none: str = ""  # when n_feasible == 0: what stands in the way
+    options: dict | None = None  # the cost model's options the search used
 
 
 def _divisors(n: int, cap: int) -> list[int]:
@@ -138,7 +140,8 @@ def search_layouts(workload: Workload, device: Device, max_gpus: int,
     return SearchResult(n_candidates=int(g["n"].size), n_valid=int(valid.sum()),
                         n_feasible=int(idx.size), seconds=time.perf_counter() - t0,
                         attention=options.attention,
-                        fastest=fastest, cheapest=cheapest, table=table, why_none=why)
+                        fastest=fastest, cheapest=cheapest, table=table, why_none=why,
+                        options=dataclasses.asdict(options))
 
 
 def _why_none(st, device, options, max_gpus, whole, valid, failures, memory) -> str:
@@ -210,6 +213,7 @@ def plan_report(search: SearchResult, name: str, tokens: float | None = None,
             r = getattr(search, key)
             out[key] = None if r is None else {**r.to_dict(), "run": r.run(tokens) if tokens else None}
         out["why_none"] = search.why_none or None
+        out["options"] = search.options
         return json.dumps(out, indent=2)
 
     head = (f"{name}: {search.n_candidates:,} candidate layouts, {search.n_valid:,} valid, "

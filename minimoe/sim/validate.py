@@ -15,20 +15,23 @@ dense run (the paper's unnamed chip) uses the median of the fitted constants.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from minimoe.config import ModelConfig, get_preset
 from minimoe.flops import RECOMPUTE, flops_per_token
-from minimoe.sim.cost import TIME_PARTS, SimResult, WorkloadStats, price, priced_result, simulate
+from minimoe.sim.cost import TIME_PARTS, SimResult, WorkloadStats, price, simulate
 from minimoe.sim.hardware import CATALOGUE, Device, device_from_table, get_device
 from minimoe.sim.layout import Layout, Workload, check_layout
 from minimoe.sim.options import Options
 from minimoe.sim.search import search_layouts
+from minimoe.tables import fmt_value
 
 try:
     import tomllib
@@ -264,6 +267,8 @@ def _slowdown(aquila: dict) -> tuple[dict | None, list[dict]]:
             ("all-to-all fully hidden", {"overlap_ep": 1.0}, {}),
             ("network bandwidth x 0.5", {}, {"inter_node_bw": 0.5}),
             ("network bandwidth x 2", {}, {"inter_node_bw": 2.0}),
+            ("node links (NVLink) x 0.25", {}, {"intra_node_bw": 0.25}),
+            ("HBM 64 GB instead of 80", {}, {"hbm_bytes": 0.8}),
             ("gemm_efficiency - 0.1", {"gemm_efficiency": eff - 0.1}, {}),
             ("no memory-bound work", {"memory_bound_work": False}, {})):
         ratio = []
@@ -274,3 +279,39 @@ def _slowdown(aquila: dict) -> tuple[dict | None, list[dict]]:
             ratio.append(predicted_tokens_per_s(run, res))
         rows.append({"change": label, "slowdown": ratio[0] / ratio[1]})
     return slowdown, rows
+
+
+def validation_text(v: Validation) -> str:
+    """What `minimoe validate` prints: per run, the summary, the AquilaMoE slowdown and breakdown."""
+    frame = pd.DataFrame(v.rows).set_index("run")
+    with pd.option_context("display.width", 250, "display.max_columns", 30):
+        table = frame.drop(columns=["fits"]).map(fmt_value).to_string()
+    lines = ["Predicted against measured, per run (tokens/s per GPU; MFU = minimoe.flops causal "
+             "model FLOPs / peak, one definition for every source):", table, "",
+             "fitted gemm_efficiency per device family (dense published runs only): "
+             + ", ".join(f"{k} {x:.2f}" for k, x in v.fitted.items()), ""]
+    for (group, kind), s in v.summary.items():
+        lines.append(f"{group:9s} {kind:5s} runs: {s['n']:2d}  median |error| "
+                     f"{s['median_abs_error']:6.1%}   max |error| {s['max_abs_error']:6.1%}")
+    not_fitting = [r["run"] for r in v.rows if not r["fits"]]
+    if not_fitting:
+        lines.append(f"over the memory model's budget (time still predicted): {', '.join(not_fitting)}")
+    if v.slowdown:
+        s = v.slowdown
+        lines += ["", f"AquilaMoE {s['dense']} -> {s['moe']} on the same devices: measured "
+                  f"{s['measured']:.2f}x slower, predicted {s['predicted']:.2f}x "
+                  f"(error {s['error']:+.1%}; the FLOP ratio alone is {s['flop_ratio']:.2f}x)",
+                  "what moves the predicted slowdown (one input changed at a time):"]
+        lines += [f"  {r['change']:28s} {r['slowdown']:.2f}x" for r in v.sensitivity]
+    if v.breakdown:
+        lines += ["", "AquilaMoE phases, seconds per step by term:"]
+        parts = pd.DataFrame(v.breakdown).drop(index="tokens_per_step").T
+        lines.append(parts.map(fmt_value).to_string())
+    return "\n".join(lines)
+
+
+def validation_json(v: Validation) -> str:
+    summary = {f"{group} {kind}": s for (group, kind), s in v.summary.items()}
+    return json.dumps({"runs": v.rows, "fitted": v.fitted, "summary": summary,
+                       "slowdown": v.slowdown, "sensitivity": v.sensitivity,
+                       "breakdown": v.breakdown}, indent=2)
