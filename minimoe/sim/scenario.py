@@ -46,6 +46,7 @@ class PhaseResult:
     price_per_hour: float | None = None
     power_w: float | None = None
     pue: float = 1.0  # data-centre overhead on the GPUs' board power
+    measured_tokens_per_day: float | None = None  # a source's figure shown beside a prediction
 
     @property
     def days(self) -> float:
@@ -85,6 +86,9 @@ class PhaseResult:
                 "GPUs": self.gpus, "device": self.device,
                 "peak/device (TFLOPS)": self.peak_flops / TFLOPS,
                 "tokens/day (B)": self.tokens_per_day / 1e9, "throughput": self.throughput,
+                **({} if self.measured_tokens_per_day is None else {
+                    "measured tokens/day (B)": self.measured_tokens_per_day / 1e9,
+                    "prediction error": self.tokens_per_day / self.measured_tokens_per_day - 1}),
                 "days": self.days, "GPU-days": self.gpu_days,
                 "capacity (TFLOPS-days)": self.capacity_tflops_days,
                 "capacity (PF-days)": self.capacity_pf_days,
@@ -129,6 +133,18 @@ class ScenarioResult:
     def cpsf(self) -> float:
         return savings(self.phases, self.baseline)[1]
 
+    @property
+    def measured_factors(self) -> tuple[float, float] | None:
+        """(TSF, CPSF) from the measured throughputs given beside the predictions, when every
+        phase and the baseline has one (sims/aquilamoe_predicted.toml); otherwise None."""
+        everyone = self.phases + [self.baseline]
+        if any(p.measured_tokens_per_day is None for p in everyone):
+            return None
+        phases, base = (
+            [dataclasses.replace(p, tokens_per_day=p.measured_tokens_per_day) for p in group]
+            for group in (self.phases, [self.baseline]))
+        return savings(phases, base[0])
+
     def to_frame(self):
         rows = [p.row() for p in self.phases]
         total = {"phase": "EfficientScale total", "tokens (B)": sum(r["tokens (B)"] for r in rows)}
@@ -140,7 +156,9 @@ class ScenarioResult:
         return pd.DataFrame(rows + [total, self.baseline.row()], dtype=object).set_index("phase")
 
     def to_dict(self) -> dict:
+        measured = self.measured_factors
         return {"title": self.title, "tsf": self.tsf, "cpsf": self.cpsf,
+                "measured": None if measured is None else dict(zip(("tsf", "cpsf"), measured)),
                 "phases": [p.row() for p in self.phases], "baseline": self.baseline.row(),
                 "notes": self.notes, "sweep": self.sweep}
 
@@ -155,6 +173,10 @@ class ScenarioResult:
                  f" = {self.tsf:.3f}",
                  f"compute savings factor CPSF = {self.baseline.capacity_tflops_days:,.0f} / "
                  f"{cap:,.0f} TFLOPS-days = {self.cpsf:.3f}", ""]
+        if self.measured_factors is not None:
+            tsf, cpsf = self.measured_factors
+            lines[-1:-1] = [f"from the measured throughputs instead: TSF = {tsf:.3f}, "
+                            f"CPSF = {cpsf:.3f}"]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 

@@ -5,7 +5,8 @@ A scenario lists `[[phases]]` and a `[baseline]`. Each names a model (`preset`, 
 `[phases.model]` table, or only `model_size_b` as the paper's table gives), the tokens it trains
 on, a cluster (`devices` plus a catalogue `gpu` and/or a per-device `peak_tflops`), and a
 throughput: measured (`tokens_per_day_b`), assumed (`mfu`), or predicted by minimoe.sim.cost
-(`simulate = true`, optionally with a `layout`). `[devices.NAME]` tables define devices (a
+(`simulate = true`, optionally with a `layout`, and `measured_tokens_per_day_b` to show a
+source's figure and its savings factors beside the prediction). `[devices.NAME]` tables define devices (a
 catalogue `base` plus overrides, or every figure), `[options]` the cost model's Options, and
 `[sweep]` a sensitivity sweep. Every error is a one-line ValueError naming the key path, the
 value and the rule.
@@ -35,7 +36,7 @@ except ModuleNotFoundError:  # Python 3.10
 TOP_KEYS = {"title", "source", "notes", "phases", "baseline", "devices", "options", "sweep"}
 PHASE_KEYS = {"name", "preset", "model", "model_size_b", "seq_len", "tokens_b", "devices", "gpu",
               "peak_tflops", "tokens_per_day_b", "mfu", "simulate", "layout", "batch_tokens",
-              "printed_cluster_peak", "note", "options"}
+              "printed_cluster_peak", "note", "options", "measured_tokens_per_day_b"}
 SWEEP_KEYS = {"phase", "tokens_b", "mfu", "mfu_phases"}
 
 
@@ -122,7 +123,7 @@ def _phase(table, where, catalogue, options, folder, tokens_default=None) -> tup
     if len(modes) != 1:
         raise ValueError(f"{where}: give exactly one of tokens_per_day_b, mfu, simulate "
                          f"(found {', '.join(modes) or 'none'})")
-    for key in ("layout", "batch_tokens", "options"):
+    for key in ("layout", "batch_tokens", "options", "measured_tokens_per_day_b"):
         if key in table and modes[0] != "simulate":
             raise ValueError(f"{where}.{key}: only used with simulate = true")
     if modes[0] == "tokens_per_day_b":
@@ -153,12 +154,14 @@ def _phase(table, where, catalogue, options, folder, tokens_default=None) -> tup
                          f"slip; the figures here use {computed:,.0f})")
     if "note" in table:
         notes.append(f"{name}: {table['note']}")
+    measured = _number(table, "measured_tokens_per_day_b", where, required=False)
     result = PhaseResult(name=name, model=label, tokens=tokens, gpus=devices,
                          device=device.name if device else "custom", peak_flops=peak_flops,
                          tokens_per_day=per_day, throughput=source, flops_per_token=per_token,
                          flops_method=method,
                          price_per_hour=device.price_per_hour if device else None,
-                         power_w=device.power_w if device else None, pue=options.pue)
+                         power_w=device.power_w if device else None, pue=options.pue,
+                         measured_tokens_per_day=None if measured is None else measured * 1e9)
     return result, notes
 
 
