@@ -187,6 +187,7 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
         train_time += dt
         record = {"step": step, "tokens": tokens, "loss": loss_sum, "lr": lr,
                   "grad_norm": grad_norm, "tok_per_s": tc.tokens_per_step / dt, **parts_sum}
+        load = _expert_load(model)  # this step's last training batch, before evaluation routes more
         update = dynamic and step % tc.mix_every == 0 and step < tc.steps
         if step % tc.eval_every == 0 or step == tc.steps or update:
             record.update(evaluate(model, data, tc))
@@ -197,7 +198,7 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
             weights = mixing.dynamic_update(weights, losses, references, tc.mix_eta)
             record["mix_next"] = weights
         if step % tc.log_every == 0 or "val_loss" in record or step == tc.steps:
-            record["load"] = _expert_load(model)
+            record["load"] = load
             history.append(_log(log_path, record))
         if bar is not None:
             bar.update(1)

@@ -13,7 +13,11 @@ import torch
 
 from minimoe import checkpoint as ckpt
 from minimoe.cli import main
-from minimoe.train import TrainConfig, TrainingDiverged, lr_at
+from minimoe.config import get_preset
+from minimoe.model import build_model
+from minimoe.moe import expert_load
+from minimoe.recipes.stages import data_spec, load_run_data
+from minimoe.train import TrainConfig, TrainingDiverged, lr_at, read_log, train
 
 # One run of the tiny model on the demo corpus; KILL_AT makes the process SIGKILL itself
 # right after that step, between two checkpoints (every 10 steps).
@@ -129,3 +133,24 @@ def test_learning_rate_schedule():
     assert lr_at(0, tc) == pytest.approx(0.1) and lr_at(9, tc) == pytest.approx(1.0)
     assert lr_at(100, tc) == pytest.approx(0.1)
     assert all(lr_at(s, tc) >= lr_at(s + 1, tc) for s in range(10, 100))
+
+
+def test_logged_expert_load_is_the_training_batch_routing(tmp_path):
+    """The `load` a step logs is what its training batch sent to each expert, even when the
+    step also evaluates (validation forwards route other tokens afterwards)."""
+    spec = data_spec(vocab_size=512)
+    data, tok = load_run_data(spec)
+    cfg = get_preset("tiny").replace(vocab_size=tok.vocab_size, n_experts=4, top_k=2)
+    tc = TrainConfig(steps=1, batch_size=4, seq_len=32, warmup_steps=1, eval_every=1,
+                     eval_batches=2, log_every=1)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, data, tc, tmp_path / "moe", progress=False)
+    logged = next(r for r in read_log(tmp_path / "moe") if r["step"] == 1)
+    assert "val_loss" in logged  # the step did evaluate
+    replay = build_model(cfg)
+    replay.load_state_dict(before)
+    x, _ = data.train_batch(0, tc.batch_size, tc.seq_len, seed=tc.seed)
+    replay(x)
+    assert logged["load"] == expert_load(replay).tolist()

@@ -15,7 +15,8 @@ gives every formula with its source; in short:
 * Time of one micro-batch on the slowest pipeline stage (the one with the LM head):
   - compute: each GEMM group at the roofline min(gemm_efficiency x peak, intensity x HBM
     bandwidth) (Williams et al. 2009), the attention core at the compute ceiling (flash);
-  - imbalance: the expert GEMMs again x (imbalance - 1): the layer waits for its busiest expert;
+  - imbalance: the expert GEMMs again x (imbalance - 1): the layer waits for its busiest
+    expert-parallel rank (a factor given, or measured per EP degree from a run's routing);
   - memory_bound: bytes the FLOP count leaves out (norms, SwiGLU, rotary, residuals, MoE
     permute/unpermute, router top-k, the cross-entropy over the vocabulary) at HBM speed;
   - tp_comm, ep_comm, pp_comm: latency x ring steps + bytes / link bandwidth, NVLink inside a
@@ -39,6 +40,7 @@ import numpy as np
 
 from minimoe.flops import RECOMPUTE, flops_per_token
 from minimoe.sim.hardware import Device
+from minimoe.sim.imbalance import histograms_from_log, imbalance_by_ep
 from minimoe.sim.layout import Layout, Workload, check_layout
 from minimoe.sim.options import OVERLAPS, Options, goodput
 
@@ -80,6 +82,9 @@ class WorkloadStats:
         self.lm_fwd = rows["lm_head"].forward
         self.model_per_token = flops_per_token(cfg, s, attention=opt.attention).model
         self.expert_d_ffn = cfg.expert_d_ffn or cfg.d_ffn
+        # {ep: busiest rank / mean} measured from a run's routing, or {} (Options.imbalance)
+        self.imbalance_by_ep = {} if not (opt.imbalance_log and cfg.is_moe) else imbalance_by_ep(
+            histograms_from_log(opt.imbalance_log), cfg.n_experts, "options.imbalance_log")
         # parameters
         counts = cfg.param_counts()
         self.expert_params = counts["experts"]  # all layers
@@ -182,9 +187,12 @@ def price(st: WorkloadStats, dev: Device, opt: Options, tp, pp, dp, ep, zero, mb
     recompute = np.where(rc == 1, st.core_fwd, np.where(rc == 2, forward, 0))
     seconds = tokens / tp / ceiling  # per FLOP of one token's work on this rank
     t_compute = seconds * (layers * (3 * forward + recompute) + 3 * st.lm_fwd * slow_lm)
+    # the busiest EP rank's load over the mean: the layer waits for it (1 where ep = 1)
+    imbalance = np.where(ep > 1, opt.imbalance, 1.0)
+    for degree, factor in st.imbalance_by_ep.items():
+        imbalance = np.where(ep == degree, factor, imbalance)
     expert_passes = 3 + np.where(rc == 2, 1, 0)
-    t_imbalance = seconds * layers * expert_passes * st.expert_fwd * slow_expert \
-        * (opt.imbalance - 1)
+    t_imbalance = seconds * layers * expert_passes * st.expert_fwd * slow_expert * (imbalance - 1)
     if opt.memory_bound_work:
         membound = (layers * (st.membound_fwd * (1 + (rc == 2)) + st.membound_bwd)
                     + st.membound_loss)
@@ -210,7 +218,7 @@ def price(st: WorkloadStats, dev: Device, opt: Options, tp, pp, dp, ep, zero, mb
     # rank receives `imbalance` x the mean
     local = np.clip(np.floor(gpn / tp), 1, ep)  # EP peers per node (self included)
     volume = (moe_layers * (4 + extra) * (tokens / tp) * st.top_k * h * b * st.capacity
-              * opt.imbalance)
+              * imbalance)
     intra_bw, alpha_intra = link(np.ones_like(tp))
     inter_bw, alpha_inter = link(np.full_like(tp, gpn + 1))
     t_ep = np.maximum(volume * (local - 1) / ep / intra_bw, volume * (ep - local) / ep / inter_bw)

@@ -6,7 +6,9 @@ logs as `"load"` in a run's log.jsonl (minimoe.train), or what any router's coun
 factor of one layer is max / mean; the layers run one after another, so the step's factor is
 the mean over layers. Grouping experts by rank (`ranks`) gives the busiest rank instead, which
 is what a grouped GEMM per rank waits for (experts are placed contiguously, Megatron's
-expert-parallel order).
+expert-parallel order). With every expert on one rank (ep = 1) the factor is 1: that rank does
+the same work however the tokens split. `imbalance_by_ep` gives the factor for every EP degree,
+which is how the cost model uses a run's routing (`Options.imbalance_log`).
 """
 
 from __future__ import annotations
@@ -38,22 +40,39 @@ def imbalance_factor(load: list[list[float]], ranks: int | None = None, where: s
     return sum(factors) / len(factors)
 
 
+def imbalance_by_ep(histograms: list[list[list[float]]], n_experts: int,
+                    where: str = "imbalance_log") -> dict[int, float]:
+    """{ep degree: the busiest rank's factor} for every EP degree that divides n_experts, each
+    the mean over the histograms (one per logged step: a step waits for each of its layers)."""
+    widths = {len(layer) for h in histograms for layer in h}
+    if widths != {n_experts}:
+        raise ValueError(f"{where}: the run routed over {sorted(widths)} experts; the model has "
+                         f"{n_experts}")
+    return {ep: sum(imbalance_factor(h, ranks=ep, where=where) for h in histograms) / len(histograms)
+            for ep in range(1, n_experts + 1) if n_experts % ep == 0}
+
+
 def load_from_log(path: str | Path) -> list[list[float]]:
     """The last `load` histogram a minimoe run logged (its log.jsonl, or the run directory)."""
+    return histograms_from_log(path)[-1]
+
+
+def histograms_from_log(path: str | Path) -> list[list[list[float]]]:
+    """Every `load` histogram a minimoe run logged, in step order (its log.jsonl, or the run
+    directory); the training loop logs one every `log_every` steps and at each validation."""
     path = Path(path)
     if path.is_dir():
         path = path / "log.jsonl"
     if not path.is_file():
         raise ValueError(f"{path}: no such run log")
-    last = None
+    found = []
     try:
         with open(path, encoding="utf-8") as f:
             for line in f:
-                if line.strip():
-                    record = json.loads(line)
-                    last = record.get("load") or last
+                if line.strip() and json.loads(line).get("load"):
+                    found.append(json.loads(line)["load"])
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not a JSON-lines log ({err})") from None
-    if last is None:
+    if not found:
         raise ValueError(f"{path}: no record has a 'load' histogram (a dense run?)")
-    return last
+    return found

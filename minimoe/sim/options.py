@@ -33,9 +33,13 @@ class Options:
     hbm_efficiency: float = 0.8
     memory_bound_work: bool = True  # time the norms, activations, rotary, softmax, permutes...
     # --- MoE -----------------------------------------------------------------------------------
-    # max / mean tokens of the busiest expert (rank): 1.0 is perfect balance, the value for a
-    # capacity-factor-1 run that drops overflow; `imbalance_factor` derives it from a histogram
+    # max / mean tokens of the busiest expert-parallel rank: 1.0 is perfect balance, the value
+    # for a capacity-factor-1 run that drops overflow. It applies where ep > 1: with every
+    # expert on one rank, that rank does the same work however the tokens split
     imbalance: float = 1.0
+    # or measured: a minimoe run's folder or log.jsonl; its logged routing histograms give the
+    # factor of each EP degree (minimoe.sim.imbalance.imbalance_by_ep), so ep trades against it
+    imbalance_log: str = ""
     pad_to_capacity: bool = False  # MoE buffers padded to capacity_factor (GShard style)
     # --- communication: share of each kind hidden behind compute -----------------------------
     # Megatron (2024) overlaps the data-parallel reduce-scatter / all-gather with backward and
@@ -79,6 +83,9 @@ class Options:
                     not (value <= high[0] if high[1] == "]" else value < high[0]):
                 raise ValueError(f"options.{name}={value!r}: must be in "
                                  f"{low[1]}{low[0]}, {high[0]}{high[1]}")
+        if self.imbalance_log and self.imbalance != 1.0:
+            raise ValueError(f"options.imbalance_log={self.imbalance_log!r}: give imbalance or "
+                             "imbalance_log, not both")
         if self.attention not in ATTENTION:
             raise ValueError(f"options.attention={self.attention!r}: must be one of "
                              f"{', '.join(ATTENTION)}")

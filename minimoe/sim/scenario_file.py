@@ -24,7 +24,6 @@ from minimoe.sim.cost import SECONDS_PER_DAY, simulate
 from minimoe.sim.layout import Layout, Workload, check_layout
 from minimoe.sim.options import Options
 from minimoe.sim.hardware import CATALOGUE, TFLOPS, Device, device_from_table, get_device
-from minimoe.sim.imbalance import imbalance_factor, load_from_log
 from minimoe.sim.scenario import PhaseResult, ScenarioResult, sweep
 from minimoe.sim.search import search_layouts
 
@@ -200,20 +199,13 @@ def _simulated(table, where, cfg, device, devices, seq_len, options):
 
 
 def _options(table: dict, where: str, base: Options, folder: Path) -> Options:
-    """minimoe.sim.options.Options from a scenario table, on top of `base`.
-
-    `imbalance_log = "path"` (relative to the scenario file) sets `imbalance` from the last
-    routing histogram of a minimoe run's log.jsonl."""
+    """minimoe.sim.options.Options from a scenario table, on top of `base`; an `imbalance_log`
+    path is relative to the scenario file."""
     if not isinstance(table, dict):
         raise ValueError(f"{where}={table!r}: must be a table")
     table = dict(table)
-    if "imbalance_log" in table:
-        if "imbalance" in table:
-            raise ValueError(f"{where}.imbalance_log: give imbalance or imbalance_log, not both")
-        log = table.pop("imbalance_log")
-        if not isinstance(log, str):
-            raise ValueError(f"{where}.imbalance_log={log!r}: must be a path")
-        table["imbalance"] = imbalance_factor(load_from_log(folder / log), where=f"{where}.imbalance_log")
+    if isinstance(table.get("imbalance_log"), str) and table["imbalance_log"]:
+        table["imbalance_log"] = str(folder / table["imbalance_log"])
     try:
         return base.replace(**table)
     except ValueError as err:

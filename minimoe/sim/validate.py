@@ -262,20 +262,27 @@ def _slowdown(aquila: dict) -> tuple[dict | None, list[dict]]:
                 "predicted": predicted, "error": predicted / measured - 1,
                 "flop_ratio": m_res.model_flops_per_token / d_res.model_flops_per_token}
     rows = []
-    for label, change, dev_change in (
-            ("imbalance 1.25", {"imbalance": 1.25}, {}), ("imbalance 1.5", {"imbalance": 1.5}, {}),
-            ("all-to-all fully hidden", {"overlap_ep": 1.0}, {}),
-            ("network bandwidth x 0.5", {}, {"inter_node_bw": 0.5}),
-            ("network bandwidth x 2", {}, {"inter_node_bw": 2.0}),
-            ("node links (NVLink) x 0.25", {}, {"intra_node_bw": 0.25}),
-            ("HBM 64 GB instead of 80", {}, {"hbm_bytes": 0.8}),
-            ("gemm_efficiency - 0.1", {"gemm_efficiency": eff - 0.1}, {}),
-            ("no memory-bound work", {"memory_bound_work": False}, {})):
+    balanced = {"imbalance_log": "", "imbalance": 1.0}
+    same = "the run's layout"
+    for label, change, dev_change, layout in (
+            ("routing balanced (imbalance 1.0)", balanced, {}, same),
+            ("imbalance 1.25", {**balanced, "imbalance": 1.25}, {}, same),
+            ("imbalance 2.0", {**balanced, "imbalance": 2.0}, {}, same),
+            ("the fastest layout found instead", {}, {}, None),
+            ("fastest layout, balanced routing", balanced, {}, None),
+            ("all-to-all fully hidden", {"overlap_ep": 1.0}, {}, same),
+            ("network bandwidth x 0.5", {}, {"inter_node_bw": 0.5}, same),
+            ("network bandwidth x 2", {}, {"inter_node_bw": 2.0}, same),
+            ("node links (NVLink) x 0.25", {}, {"intra_node_bw": 0.25}, same),
+            ("HBM 64 GB instead of 80", {}, {"hbm_bytes": 0.8}, same),
+            ("gemm_efficiency - 0.1", {"gemm_efficiency": eff - 0.1}, {}, same),
+            ("no memory-bound work", {"memory_bound_work": False}, {}, same)):
         ratio = []
         for run in (d_run, m_run):
             device = run.device.replace(**{k: getattr(run.device, k) * v for k, v in dev_change.items()})
             opt = run.options.replace(**{"gemm_efficiency": eff, **change})
-            res = predict(dataclasses.replace(run, device=device, options=opt))
+            res = predict(dataclasses.replace(run, device=device, options=opt,
+                                              layout=run.layout if layout == same else layout))
             ratio.append(predicted_tokens_per_s(run, res))
         rows.append({"change": label, "slowdown": ratio[0] / ratio[1]})
     return slowdown, rows
@@ -302,7 +309,7 @@ def validation_text(v: Validation) -> str:
                   f"{s['measured']:.2f}x slower, predicted {s['predicted']:.2f}x "
                   f"(error {s['error']:+.1%}; the FLOP ratio alone is {s['flop_ratio']:.2f}x)",
                   "what moves the predicted slowdown (one input changed at a time):"]
-        lines += [f"  {r['change']:28s} {r['slowdown']:.2f}x" for r in v.sensitivity]
+        lines += [f"  {r['change']:34s} {r['slowdown']:.2f}x" for r in v.sensitivity]
     if v.breakdown:
         lines += ["", "AquilaMoE phases, seconds per step by term:"]
         parts = pd.DataFrame(v.breakdown).drop(index="tokens_per_step").T
