@@ -81,3 +81,10 @@ def test_plan_takes_scenario_options_and_says_which_it_used(capsys):
     default = json.loads(capsys.readouterr().out)
     # a lower GEMM efficiency makes the same model slower on the same GPUs
     assert out["fastest"]["tokens_per_s"] < default["fastest"]["tokens_per_s"]
+
+
+def test_plan_says_which_terms_dominate(capsys):
+    assert main(PLAN + ["--set", "latency_inter_us=1000"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("where"))
+    shares = [int(part.rsplit(" ", 1)[1].rstrip("%")) for part in line.split(": ")[1].split(", ")]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 101

@@ -63,7 +63,7 @@ def plot_validation(v, out_dir: Path) -> list[Path]:
     ax.legend(fontsize=8)
     paths = [save_figure(fig, out_dir / "validation.png")]
     if v.breakdown:
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(8.5, 4))
         names = list(v.breakdown)
         bottom = [0.0] * len(names)
         for part in [k for k in next(iter(v.breakdown.values())) if k != "tokens_per_step"]:
@@ -71,8 +71,12 @@ def plot_validation(v, out_dir: Path) -> list[Path]:
             values = [v.breakdown[n][part] / v.breakdown[n]["tokens_per_step"] * 1e6 for n in names]
             ax.bar(names, values, bottom=bottom, label=part)
             bottom = [a + b for a, b in zip(bottom, values)]
+        rows = {r["run"]: r for r in v.rows}
+        measured = [1e6 / (rows[n]["measured tok/s/GPU"] * rows[n]["GPUs"]) for n in names]
+        ax.scatter(names, measured, marker="_", s=900, color="black", zorder=3,
+                   label="measured (Table 6)")
         ax.set_ylabel("seconds per million tokens")
         ax.set_title("AquilaMoE phases: where the time goes (predicted)")
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left", markerscale=0.3)
         paths.append(save_figure(fig, out_dir / "aquilamoe_breakdown.png"))
     return paths

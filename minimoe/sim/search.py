@@ -225,4 +225,13 @@ def plan_report(search: SearchResult, name: str, tokens: float | None = None,
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         best = plan_frame(search, tokens).map(fmt_value).to_string()
         top = pd.DataFrame(search.table).set_index("layout").map(fmt_value).to_string()
-    return "\n".join([head, "", best, "", "fastest feasible layouts:", top])
+    return "\n".join([head, "", best, "", dominant_terms(search.fastest), "",
+                      "fastest feasible layouts:", top])
+
+
+def dominant_terms(result: SimResult, n: int = 3) -> str:
+    """Which parts of the step dominate the answer: the largest shares of the step time."""
+    step = result.time["step_time"]
+    parts = sorted(((v, k) for k, v in result.time.items() if k != "step_time"), reverse=True)
+    shares = ", ".join(f"{k.replace('_', ' ')} {v / step:.0%}" for v, k in parts[:n] if v > 0)
+    return f"where the fastest layout's step goes: {shares}"

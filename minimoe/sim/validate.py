@@ -122,6 +122,8 @@ def _file_runs(data: dict, path: Path) -> list[Run]:
         merged = {**defaults, **table,
                   "layout": {**defaults.get("layout", {}), **table.get("layout", {})},
                   "options": {**defaults.get("options", {}), **table.get("options", {})}}
+        if merged["options"].get("imbalance_log"):  # a run's routing, next to this file
+            merged["options"]["imbalance_log"] = str(path.parent / merged["options"]["imbalance_log"])
         runs.append(_run(merged, where, catalogue, data.get("source", str(path))))
     return runs
 
@@ -141,7 +143,10 @@ def _run(t: dict, where: str, catalogue: dict, source: str) -> Run:
         except (TypeError, ValueError) as err:
             raise ValueError(f"{where}.model: {err}") from None
     device = get_device(need("gpu"), catalogue)
-    options = Options().replace(**t["options"], virtual_stages=t.get("virtual_stages", 1))
+    try:
+        options = Options().replace(**t["options"], virtual_stages=t.get("virtual_stages", 1))
+    except ValueError as err:
+        raise ValueError(f"{where}.{err}") from None
     batch = t.get("global_batch") or need("batch_tokens") // seq
     workload = Workload(cfg, seq, batch)
     layout = Layout(**t["layout"]) if {"tp", "dp"} & set(t["layout"]) else None
