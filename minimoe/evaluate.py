@@ -69,7 +69,7 @@ def join_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return [tokenizer.eos_id] + ids, 1 + bisect.bisect_right(ends, len(context))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def loglikelihoods(model, requests: list[tuple[list[int], int]], batch_size: int = 32
                    ) -> list[tuple[float, int]]:
     """For each (ids, n_context): the summed log-probability (nats) of ids[n_context:], each

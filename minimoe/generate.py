@@ -43,7 +43,7 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float):
         raise ValueError(f"top_p={top_p}: must be in (0, 1]")
 
 
-@torch.no_grad()
+@torch.inference_mode()  # a little faster than no_grad: no version counters
 def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, stop=None,
              use_cache: bool = True) -> list[list[int]]:

@@ -34,7 +34,7 @@ N_CHOICES = 4  # the cloze's candidates, as HellaSwag's four endings
 # a third of a token.
 CONTEXT_CHARS = {"en": 200, "zh": 80}
 SENTENCE_CHARS = {"en": (12, 160), "zh": (6, 50)}
-LENGTH_RATIO = 1.5  # a distractor is at most this much longer or shorter than the true sentence
+LENGTH_RATIO = 1.25  # a distractor is at most this much longer or shorter than the true one
 ZH_TAIL = 2  # complete-zh: characters to write (a two-character word is the commonest)
 WORD_STOPS = ["\n", ".", ",", ";", ":", "!", "?", "。", "、"]  # where a completion ends
 # a sentence: from a non-space to 。!? (with closing quotes), to a '.' before a space or the end

@@ -66,10 +66,12 @@ def evaluation_section(evaluation: dict[str, dict], expected: int | None = None)
         "character, as lm-evaluation-harness), complete = the sentence's last word (en) or last",
         "two characters (zh) written greedily, exact match; ppl = bits per byte and perplexity",
         "per token on validation documents. Chance: a random guess, or for bits per byte and",
-        "perplexity the uniform model (log2 of the vocabulary per token). Examples per task: "
-        + ", ".join(f"{k} {v}" for k, v in n.items()) + " (the standard error of an accuracy p",
-        "on n examples is about sqrt(p (1 - p) / n): differences of a few points are noise).", "",
-        table.drop(columns=["n"]).to_markdown(), "",
+        "perplexity the uniform model (log2 of the vocabulary per token).", "",
+        "Examples per task: " + ", ".join(f"{k} {v}" for k, v in n.items()) + " (documents for",
+        "ppl). The standard error of an accuracy p on n examples is about sqrt(p (1 - p) / n):",
+        "with 100 examples, differences of a few points are noise.", "",
+        table.drop(columns=["n"]).to_markdown(disable_numparse=True, colalign=["left"] +
+                                              ["right"] * (table.shape[1] - 1)), "",
     ]
     if expected is not None and len(evaluation) < expected:
         lines += [f"({expected - len(evaluation)} model(s) missing: a pipeline folder made before "
