@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+FORMAT = 1  # bump when the built-in tasks or their scoring change: cached results are redone
 N_CHOICES = 4  # the cloze's candidates, as HellaSwag's four endings
 # At most this much text before the sentence (whole sentences), and the cloze's sentences:
 # long enough to mean something, short enough to fit a toy model's context and keep

@@ -19,6 +19,7 @@ from minimoe.data import prepare_corpus
 from minimoe.evaluate import evaluate, load_tasks, run_tasks
 from minimoe.grow import grow_model, growth_report, plan_growth
 from minimoe.model import build_model
+from minimoe.tasks import FORMAT as TASKS_FORMAT
 from minimoe.tokens import load_data, load_tokenizer
 from minimoe.train import RunResult, TrainConfig, train
 from minimoe.upcycle import scale_out
@@ -105,7 +106,10 @@ def evaluate_run(run_dir, tasks=EVAL_TASKS, limit: int = 100, ppl_chars: int = 2
     loaded = load_tasks(list(tasks), corpus, limit, seed)  # a bad task fails before any work
     weights = ckpt.model_file(run_dir).stat()
     settings = {"tasks": list(tasks), "limit": limit, "ppl_chars": ppl_chars, "seed": seed,
-                "model_bytes": weights.st_size, "model_mtime_ns": weights.st_mtime_ns}
+                "format": TASKS_FORMAT, "model_bytes": weights.st_size,
+                "model_mtime_ns": weights.st_mtime_ns,
+                "task_files": {t.source: Path(t.source).stat().st_mtime_ns for t in loaded
+                               if not isinstance(t, str) and t.source.endswith(".jsonl")}}
     path = run_dir / "eval.json"
     if cache and path.exists():
         old = ckpt.read_json(path)
