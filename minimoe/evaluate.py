@@ -101,7 +101,7 @@ def loglikelihoods(model, requests: list[tuple[list[int], int]], batch_size: int
             scored[b, n_context - 1:len(ids) - 1] = True  # target j is token j + 1
         logp = model(x.to(device)).float().log_softmax(dim=-1)
         token_logp = logp.gather(-1, y.to(device)[..., None]).squeeze(-1).double().cpu()
-        sums = (token_logp * scored).sum(dim=1).tolist()
+        sums = torch.where(scored, token_logp, 0.0).sum(dim=1).tolist()  # padding may be -inf
         for i, total, count in zip(order[start:start + batch_size], sums, scored.sum(1).tolist()):
             result[i] = (total, count)
     model.train(was_training)
@@ -185,7 +185,7 @@ def ppl_documents(corpus, chars: int) -> dict[tuple[str, str], list[str]]:
     documents in file order until `chars` characters (at least one)."""
     groups = {}
     for lang in corpus.langs:
-        for domain in corpus.domains:
+        for domain in corpus.manifest["domains"]["val"]:
             taken, docs = 0, []
             for text in corpus.texts("val", lang=lang, domain=domain):
                 if docs and taken >= chars:
