@@ -16,6 +16,7 @@ from pathlib import Path
 
 from minimoe import checkpoint as ckpt
 from minimoe import experts
+from minimoe.cli_eval import add_eval, add_generate, run_eval, run_generate
 from minimoe.config import PRESETS, get_preset
 from minimoe.flops import ATTENTION, RECOMPUTE, check_report, flops_report
 from minimoe.grow import DEPTHS, KV_OPTIONS, MAPPINGS, METHODS
@@ -325,7 +326,7 @@ def _run_experts(args):
 
 # --- bench: its code lives apart (minimoe/bench/), imported only when asked for -----------
 def _add_bench(p):
-    p.add_argument("name", choices=["train", "moe", "grow", "sim"])
+    p.add_argument("name", choices=["train", "moe", "grow", "sim", "generate"])
     p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
 
 
@@ -352,6 +353,10 @@ COMMANDS = {
     "validate": ("the cost simulator against published training runs (sims/validation/)",
                  _add_validate, _run_validate),
     "experts": ("what an MoE run's experts specialise in, by domain", _add_experts, _run_experts),
+    "eval": ("score runs on tasks: cloze, completion, bits per byte, .jsonl task files",
+             add_eval, run_eval),
+    "generate": ("continue a prompt with a run's model, greedy or sampled", add_generate,
+                 run_generate),
     "bench": ("speed benchmarks, printed as measured ratios", _add_bench, _run_bench),
 }
 

@@ -1,13 +1,37 @@
 """Evaluation: validation loss, perplexity and bits per byte, multiple-choice and generative tasks.
 
-The paper follows OpenCompass (AquilaMoE §3.3): discriminative tasks join the context with each
-candidate and pick the most likely one; generative tasks let the model complete the answer.
+The paper follows OpenCompass (AquilaMoE §3.3, Tables 4-5): discriminative tasks join the
+context with each candidate and pick the most likely one; generative tasks let the model
+complete the answer. The tasks themselves (files, built-in ones) are in minimoe/tasks.py.
+
+- Multiple choice is scored as lm-evaluation-harness scores it: `acc` picks the choice of the
+  highest total log-likelihood, `acc_norm` the highest log-likelihood per character of the
+  choice (its "acc_norm"), both with the standard error of the mean.
+- The join: context + choice is tokenized as one text, and a token belongs to the choice when
+  its text ends inside the choice (character offsets from the tokenizer). Every token is scored
+  exactly once, whatever the tokenizer merges at the join, and a token the join merges (the
+  context's last characters with the choice's first) counts for the choice, so a choice's score
+  always covers all of its characters. (Encoding the context alone and taking the tail, as
+  lm-evaluation-harness does, can hand such a token to the context instead.)
+- Bits per byte: the summed negative log-likelihood of whole documents, in bits, over their
+  UTF-8 bytes: unlike loss per token it compares models with different tokenizers.
+- Every text starts after the end-of-text token, as every document does in the training stream.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
+
+import pandas as pd
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from minimoe.generate import generate_text
+from minimoe.tasks import Task, resolve_task
+
+PPL = "ppl"  # the task name of perplexity and bits per byte on the validation split
 
 
 @torch.no_grad()
@@ -35,3 +59,226 @@ def evaluate(model, data, tc, n_batches: int | None = None) -> dict[str, float]:
             result["val_loss" if lang is None else f"val_{lang}"] = sum(losses) / len(losses)
     model.train(was_training)
     return result
+
+
+# --- log-likelihoods --------------------------------------------------------------------
+def join_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
+    """(eos + context + continuation as one text's tokens, how many of them precede the
+    continuation's): the first token whose text ends past the context is the continuation's."""
+    ids, ends = tokenizer.encode_with_ends(context + continuation)
+    return [tokenizer.eos_id] + ids, 1 + bisect.bisect_right(ends, len(context))
+
+
+@torch.inference_mode()
+def loglikelihoods(model, requests: list[tuple[list[int], int]], batch_size: int = 32
+                   ) -> list[tuple[float, int]]:
+    """For each (ids, n_context): the summed log-probability (nats) of ids[n_context:], each
+    token given those before it, and how many tokens that is. A sequence longer than the model's
+    context loses tokens on the left (as lm-evaluation-harness truncates)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    window = model.cfg.max_seq_len + 1  # inputs and targets overlap by all but one token
+    rows = []
+    for ids, n_context in requests:
+        cut = max(0, len(ids) - window)
+        if n_context - cut < 1:
+            raise ValueError(f"a continuation of {len(ids) - n_context} tokens: longer than the "
+                             f"model's max_seq_len={model.cfg.max_seq_len}")
+        rows.append((ids[cut:], n_context - cut))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths together
+    result: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    for start in range(0, len(order), batch_size):
+        batch = [rows[i] for i in order[start:start + batch_size]]
+        T = max(len(ids) for ids, _ in batch) - 1
+        # right padding: causal attention keeps it from changing the positions before it
+        x = torch.zeros(len(batch), T, dtype=torch.long)
+        y = torch.zeros(len(batch), T, dtype=torch.long)
+        scored = torch.zeros(len(batch), T, dtype=torch.bool)
+        for b, (ids, n_context) in enumerate(batch):
+            x[b, :len(ids) - 1] = torch.tensor(ids[:-1])
+            y[b, :len(ids) - 1] = torch.tensor(ids[1:])
+            scored[b, n_context - 1:len(ids) - 1] = True  # target j is token j + 1
+        logp = model(x.to(device)).float().log_softmax(dim=-1)
+        token_logp = logp.gather(-1, y.to(device)[..., None]).squeeze(-1).double().cpu()
+        sums = torch.where(scored, token_logp, 0.0).sum(dim=1).tolist()  # padding may be -inf
+        for i, total, count in zip(order[start:start + batch_size], sums, scored.sum(1).tolist()):
+            result[i] = (total, count)
+    model.train(was_training)
+    return result
+
+
+def _stderr(hits: list[float]) -> float:
+    """Standard error of a mean of 0/1 scores (sample standard deviation / sqrt(n))."""
+    n = len(hits)
+    if n < 2:
+        return float("nan")
+    p = sum(hits) / n
+    return math.sqrt(p * (1 - p) / (n - 1))
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)  # the first of equal values
+
+
+def score_choices(model, tokenizer, task: Task, batch_size: int = 32) -> dict:
+    """acc and acc_norm of a multiple-choice task."""
+    requests = [join_tokens(tokenizer, ex.context, c) for ex in task.examples for c in ex.choices]
+    lls = iter(loglikelihoods(model, requests, batch_size))
+    acc, acc_norm = [], []
+    for ex in task.examples:
+        ll = [next(lls)[0] for _ in ex.choices]
+        acc.append(float(_argmax(ll) == ex.answer))
+        per_char = [v / len(c) for v, c in zip(ll, ex.choices)]
+        acc_norm.append(float(_argmax(per_char) == ex.answer))
+    chance = sum(1 / len(ex.choices) for ex in task.examples) / len(task.examples)
+    return _result(task, {"acc": acc, "acc_norm": acc_norm}, {"acc": chance, "acc_norm": chance})
+
+
+def score_generation(model, tokenizer, task: Task, batch_size: int = 32) -> dict:
+    """Exact match: the greedy completion, cut at the example's stop strings and stripped of
+    surrounding white space, equals the answer."""
+    groups: dict[tuple, list[int]] = {}  # examples with the same stop strings go together
+    for i, ex in enumerate(task.examples):
+        groups.setdefault(ex.stop, []).append(i)
+    outputs = [""] * len(task.examples)
+    for stop, members in groups.items():
+        longest = max(len(tokenizer.encode(" " + task.examples[i].answer)) for i in members)
+        texts = generate_text(model, tokenizer, [task.examples[i].context for i in members],
+                              max_new_tokens=min(longest + 4, model.cfg.max_seq_len // 2),
+                              stop=list(stop), batch_size=batch_size, truncate=True)
+        for i, text in zip(members, texts):
+            outputs[i] = text
+    em = [float(out.strip() == ex.answer.strip()) for out, ex in zip(outputs, task.examples)]
+    return _result(task, {"em": em}, {"em": 0.0}, samples=outputs[:5])
+
+
+def _result(task: Task, hits: dict[str, list[float]], chance: dict, **extra) -> dict:
+    return {"task": task.name, "kind": task.kind, "n": len(task.examples), "source": task.source,
+            "metrics": {k: sum(v) / len(v) for k, v in hits.items()},
+            "stderr": {k: _stderr(v) for k, v in hits.items()}, "chance": chance, **extra}
+
+
+# --- perplexity and bits per byte ---------------------------------------------------------
+def document_nll(model, tokenizer, docs: list[str], batch_size: int = 32) -> list[tuple[float, int]]:
+    """(negative log-likelihood in nats, tokens) of each whole document, every token scored
+    once: windows of max_seq_len targets, each seeing the tokens before it in its window, the
+    last one reaching back a full window (lm-evaluation-harness's rolling windows)."""
+    L = model.cfg.max_seq_len
+    requests, owner = [], []
+    for d, text in enumerate(docs):
+        full = [tokenizer.eos_id] + tokenizer.encode(text)
+        for a in range(1, len(full), L):  # targets full[a:b]
+            b = min(a + L, len(full))
+            s = max(0, b - 1 - L)
+            requests.append((full[s:b], a - s))
+            owner.append(d)
+    totals = [[0.0, 0] for _ in docs]
+    for d, (ll, count) in zip(owner, loglikelihoods(model, requests, batch_size)):
+        totals[d][0] -= ll
+        totals[d][1] += count
+    return [(nll, count) for nll, count in totals]
+
+
+def ppl_documents(corpus, chars: int) -> dict[tuple[str, str], list[str]]:
+    """The validation documents bits per byte is measured on: for each language and domain,
+    documents in file order until `chars` characters (at least one)."""
+    groups = {}
+    for lang in corpus.langs:
+        for domain in corpus.manifest["domains"]["val"]:
+            taken, docs = 0, []
+            for text in corpus.texts("val", lang=lang, domain=domain):
+                if docs and taken >= chars:
+                    break
+                docs.append(text)
+                taken += len(text)
+            if docs:
+                groups[(lang, domain)] = docs
+    return groups
+
+
+def score_ppl(model, tokenizer, corpus, chars: int = 20_000, batch_size: int = 32) -> dict:
+    """Bits per byte overall, per language and (where a language has several) per domain, and
+    perplexity per token; chance is the uniform model: log2(V) bits per token, perplexity V."""
+    groups = ppl_documents(corpus, chars)
+    sums: dict[str, list[float]] = {}  # name -> [nll nats, tokens, bytes]
+    langs_domains = {lang: [d for (lg, d) in groups if lg == lang] for lang, _ in groups}
+    for (lang, domain), docs in groups.items():
+        names = ["", lang] + ([domain] if len(langs_domains[lang]) > 1 else [])
+        for text, (nll, count) in zip(docs, document_nll(model, tokenizer, docs, batch_size)):
+            for name in names:
+                total = sums.setdefault(name, [0.0, 0, 0])
+                total[0] += nll
+                total[1] += count
+                total[2] += len(text.encode("utf-8"))
+    metrics, chance = {}, {}
+    for name, (nll, count, n_bytes) in sums.items():
+        key = f"bpb {name}".strip()
+        metrics[key] = nll / math.log(2) / n_bytes
+        chance[key] = math.log2(tokenizer.vocab_size) * count / n_bytes
+    nll, count, _ = sums[""]
+    metrics["ppl"], chance["ppl"] = math.exp(nll / count), float(tokenizer.vocab_size)
+    n_docs = sum(len(docs) for docs in groups.values())
+    return {"task": PPL, "kind": PPL, "n": n_docs, "source": "the validation split",
+            "metrics": metrics, "stderr": {}, "chance": chance, "tokens": count}
+
+
+# --- several tasks, one table ---------------------------------------------------------------
+def load_tasks(names: list[str], corpus=None, limit: int = 100, seed: int = 0) -> list:
+    """Every task resolved and checked before any is run: a bad task file fails first, so
+    nothing is evaluated or written for it. PPL stays a name."""
+    if not names:
+        raise ValueError("tasks: empty; name at least one (cloze-en, ppl, a .jsonl file...)")
+    if not isinstance(limit, int) or limit <= 0:
+        raise ValueError(f"limit={limit!r}: must be a positive number of examples")
+    return [name if name == PPL else resolve_task(name, corpus, limit, seed) for name in names]
+
+
+def run_tasks(model, tokenizer, tasks: list, corpus=None, ppl_chars: int = 20_000,
+              batch_size: int = 32, progress: bool = False) -> dict[str, dict]:
+    """Each task's result (metrics, standard errors, chance level, examples), by task name."""
+    results = {}
+    for task in tqdm(tasks, desc="evaluating", unit="task", disable=not progress, leave=False):
+        if task == PPL:
+            if corpus is None:
+                raise ValueError("task 'ppl': needs the run's corpus (its validation split)")
+            results[PPL] = score_ppl(model, tokenizer, corpus, ppl_chars, batch_size)
+        elif task.kind == "choice":
+            results[task.name] = score_choices(model, tokenizer, task, batch_size)
+        else:
+            results[task.name] = score_generation(model, tokenizer, task, batch_size)
+    return results
+
+
+def _cell(metric: str, value) -> str:
+    if value is None or value != value:
+        return "-"
+    if metric.startswith("bpb"):
+        return f"{value:.3f}"
+    return f"{value:.1f}" if metric == "ppl" else f"{100 * value:.1f}"
+
+
+def metric_label(task: str, metric: str) -> str:
+    unit = "bits/byte" if metric.startswith("bpb") else "" if metric == "ppl" else "%"
+    return f"{task} {metric}" + (f" ({unit})" if unit else "")
+
+
+def results_table(columns: dict[str, dict], stderr: bool = False) -> pd.DataFrame:
+    """Rows: task and metric; a column per model (its results from run_tasks), then the chance
+    level (shown where every model has the same) and the examples counted. Accuracies in %."""
+    rows = {}
+    first = next(iter(columns.values()), {})
+    for task, result in first.items():
+        for metric, chance in result["chance"].items():
+            row = {}
+            for label, results in columns.items():
+                r = results.get(task, {})
+                value = r.get("metrics", {}).get(metric)
+                row[label] = _cell(metric, value)
+                if stderr:
+                    row[f"{label} ±"] = _cell(metric, r.get("stderr", {}).get(metric))
+            same = all(r.get(task, {}).get("chance", {}).get(metric) == chance for r in columns.values())
+            row["chance"] = _cell(metric, chance) if same else "-"
+            row["n"] = result["n"]
+            rows[metric_label(task, metric)] = row
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("task")

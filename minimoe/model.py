@@ -4,6 +4,10 @@ RMSNorm -> grouped-query attention with rotary positions -> RMSNorm -> SwiGLU ML
 then a final RMSNorm and the LM head. The MLP of a block is a swappable slot: Scale-Out puts an
 `MoE` module (minimoe/moe.py, which also holds the SwiGLU `MLP`) there, and nothing else in this file changes.
 
+Generation passes a `KVCache` through the forward: each attention layer appends its new keys and
+values to it and attends over all of them, so a step costs one token (minimoe/generate.py).
+Without a cache the forward is the training one, unchanged.
+
 This file is architecture only: no distribution, no logging, no files. Weight names follow
 Hugging Face's LlamaForCausalLM one for one (q_proj, gate_proj, ...) so interop is a renaming.
 """
@@ -47,26 +51,83 @@ def apply_rope(x, cos, sin):
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+class KVCache:
+    """The keys and values of every position seen so far, per layer, preallocated for
+    `max_len` positions (as gpt-fast's KVCache), so generating a token costs one position.
+
+    Prompts of different lengths are left-padded into one batch (as transformers pads for
+    generation): row b begins with pad_B[b] padding positions that no real token attends to,
+    and its real tokens take rotary positions 0, 1, ... as they would alone.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, pad_B=None,
+                 device=None, dtype=torch.float32):
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"cache length={max_len}: must be <= max_seq_len={cfg.max_seq_len}")
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.cos, self.sin = rope_tables(cfg, max_len, device)
+        self.pad_B = torch.zeros(batch_size, dtype=torch.long, device=device) if pad_B is None \
+            else torch.as_tensor(pad_B, device=device)
+        self.padded = bool(self.pad_B.any())
+        self.max_len, self.length = max_len, 0  # positions allocated, positions filled
+        self.attn_mask, self.is_causal = None, False  # what the current step's queries see
+
+    def start_step(self, T: int):
+        """Prepare a forward of T new positions: their rotary tables, and which keys they see."""
+        if self.length + T > self.max_len:
+            raise ValueError(f"sequence length={self.length + T}: the cache holds {self.max_len}")
+        start, L, device = self.length, self.length + T, self.cos.device
+        if not self.padded and (start == 0 or T == 1):
+            # an empty cache sees the plain causal square; one new token, every key so far
+            self.attn_mask, self.is_causal = None, start == 0 and T > 1
+            return self.cos[start:L], self.sin[start:L]
+        causal_TL = torch.arange(L, device=device) <= torch.arange(start, L, device=device)[:, None]
+        if not self.padded:
+            self.attn_mask, self.is_causal = causal_TL, False
+            return self.cos[start:L], self.sin[start:L]
+        real_BL = torch.arange(L, device=device) >= self.pad_B[:, None]
+        # a padding query sees itself, so no row of the softmax is empty (that would be NaN)
+        itself_TL = torch.arange(L, device=device) == torch.arange(start, L, device=device)[:, None]
+        self.attn_mask = (causal_TL & (real_BL[:, None] | itself_TL))[:, None]  # (B, 1, T, L)
+        self.is_causal = False
+        pos_BT = (torch.arange(start, L, device=device) - self.pad_B[:, None]).clamp(min=0)
+        return self.cos[pos_BT][:, None], self.sin[pos_BT][:, None]  # (B, 1, T, hd)
+
+    def update(self, layer: int, k, v):
+        """Store the new positions' keys and values; return all of them so far."""
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
 class Attention(nn.Module):
     """Grouped-query attention: n_heads query heads share n_kv_heads key/value heads."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
+        self.layer = layer  # its slot in a KVCache
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache: KVCache | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, causal = None, True
+        if cache is not None:  # attend over every position so far, not only the new ones
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, L, hd)
+            mask, causal = cache.attn_mask, cache.is_causal
         # each KV head serves n_heads / n_kv_heads consecutive query heads (its group);
         # enable_gqa lets the kernel broadcast K and V instead of copying them per query head
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.n_kv_heads != self.n_heads)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -75,13 +136,13 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         # the MLP slot: a SwiGLU MLP, or on Scale-Out a Mixture of them
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.d_model, cfg.d_ffn)
 
-    def forward(self, x, cos, sin):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x, cos, sin, cache: KVCache | None = None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -111,15 +172,21 @@ class Transformer(nn.Module):
             if hasattr(module, "init_weights"):  # modules with their own rule (the MoE's)
                 module.init_weights()
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, vocab)."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab). With a cache, idx holds the positions
+        that follow those already in it, and the cache takes their keys and values."""
         T = idx.shape[1]
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length={T}: must be <= max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = rope_tables(self.cfg, T, idx.device)
+        if cache is None:
+            if T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence length={T}: must be <= max_seq_len={self.cfg.max_seq_len}")
+            cos, sin = rope_tables(self.cfg, T, idx.device)
+        else:
+            cos, sin = cache.start_step(T)
         x = self.embed(idx)
         for block in self.layers:
-            x = block(x, cos, sin)
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.length += T
         return self.lm_head(self.norm(x))
 
     def num_params(self, active: bool = False) -> int:

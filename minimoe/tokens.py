@@ -29,7 +29,8 @@ from minimoe.data import Corpus, prepare_corpus
 EOS = "<|endoftext|>"  # separates documents in the token stream
 
 
-# --- tokenizers: encode(text) -> list[int], decode(ids) -> str, vocab_size, eos_id, name ---
+# --- tokenizers: encode(text) -> list[int], decode(ids) -> str, vocab_size, eos_id, name,
+# and encode_with_ends(text) -> (ids, the character index where each token's text ends) ---
 
 
 class ByteTokenizer:
@@ -39,6 +40,14 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
+        ids, ends = [], []
+        for i, char in enumerate(text):  # every byte of a character ends where it ends
+            data = char.encode("utf-8")
+            ids += data
+            ends += [i + 1] * len(data)
+        return ids, ends
 
     def decode(self, ids) -> str:
         pieces = (EOS.encode() if i == self.eos_id else bytes([i]) for i in ids)
@@ -57,6 +66,10 @@ class BPETokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text).ids
+
+    def encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
+        encoding = self._tokenizer.encode(text)  # a token holding part of a character ends with it
+        return encoding.ids, [end for _, end in encoding.offsets]
 
     def decode(self, ids) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=False)

@@ -29,6 +29,13 @@ def test_every_variant_is_in_the_table(summary):
     for name in ("scale-out.md", "scale-out.csv", "loss_vs_tokens.png", "loss_vs_flops.png",
                  "expert_load.png"):
         assert (out / name).stat().st_size > 0, name
+    # the pipeline's evaluation tasks, for every variant
+    assert sorted(s["evaluation"]) == sorted(rows)
+    for name, results in s["evaluation"].items():
+        assert set(results) == {"cloze-en", "cloze-zh", "complete-en", "complete-zh", "ppl"}
+        assert 0 < results["ppl"]["bpb"] < 9, name
+    tasks = (out / "scale-out.md").read_text().split("## Tasks")[1]
+    assert "cloze-zh acc_norm (%)" in tasks and "MoE from scratch" in tasks
 
 
 def test_rerun_reuses_finished_runs(summary):

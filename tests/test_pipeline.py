@@ -6,6 +6,7 @@ import pytest
 
 from minimoe import checkpoint as ckpt
 from minimoe.cli import main
+from minimoe.flops import flops_per_token
 from minimoe.recipes.config import get_recipe
 from minimoe.recipes.pipeline import run_pipeline
 
@@ -61,6 +62,38 @@ def test_every_stage_and_the_report(pipeline_dir):
     assert f"{f['time_savings']:.2f}x" in (report / "report.md").read_text()
 
 
+def test_the_report_evaluates_every_stage_like_table_4(pipeline_dir):
+    summary = json.loads((pipeline_dir / "report" / "summary.json").read_text())
+    evaluation = summary["evaluation"]
+    labels = list(evaluation)  # (summary.json sorts its keys)
+    equal = [label for label in labels if label.startswith("MoE from scratch, equal compute")]
+    assert len(labels) == 5 and len(equal) == 1
+    for label, results in evaluation.items():
+        assert set(results) == {"cloze-en", "cloze-zh", "complete-en", "complete-zh", "ppl"}
+        assert results["cloze-en"]["n"] == 20 and results["cloze-en"]["chance"]["acc"] == 0.25
+        for task in ("cloze-en", "cloze-zh"):
+            assert 0 <= results[task]["metrics"]["acc_norm"] <= 1
+        ppl = results["ppl"]
+        assert 0 < ppl["metrics"]["bpb"] < ppl["chance"]["bpb"], label  # better than uniform
+    report = (pipeline_dir / "report" / "report.md").read_text()
+    table = report.split("## Evaluation")[1]
+    assert "cloze-en acc (%)" in table and "chance" in table
+    for label in labels:
+        assert label in table
+    # the equal-compute model: the baseline after the first step whose FLOPs reach the chain's
+    chain_flops = 0.0
+    for stage in ("1-prep", "3-scale-up", "5-scale-out"):
+        tokens = ckpt.read_json(ckpt.latest_checkpoint(pipeline_dir / stage) / "state.json")["tokens"]
+        chain_flops += flops_per_token(ckpt.read_config(pipeline_dir / stage), 64).model * tokens
+    snapshot = ckpt.read_json(pipeline_dir / "6-scratch-equal-compute" / "run.json")
+    per_step = flops_per_token(ckpt.read_config(pipeline_dir / "6-scratch"), 64).model * 8 * 64
+    assert (snapshot["step"] - 1) * per_step < chain_flops <= snapshot["step"] * per_step
+    assert equal[0].endswith(f"(step {snapshot['step']})")
+    early = ckpt.load_tensors(pipeline_dir / "6-scratch-equal-compute" / "model.safetensors")
+    final = ckpt.load_tensors(pipeline_dir / "6-scratch" / "model.safetensors")
+    assert not all(early[k].equal(final[k]) for k in final)
+
+
 def test_upcycling_preserves_the_loss(pipeline_dir):
     """The MoE starts exactly where the dense model ended."""
     summary = json.loads((pipeline_dir / "report" / "summary.json").read_text())
@@ -74,9 +107,12 @@ def test_upcycling_preserves_the_loss(pipeline_dir):
 
 def test_rerun_of_a_finished_pipeline_trains_nothing(pipeline_dir):
     before = {s: (pipeline_dir / s / "model.safetensors").stat().st_mtime_ns for s in STAGES}
+    evals = {p: p.stat().st_mtime_ns for p in pipeline_dir.glob("*/eval.json")}
+    assert len(evals) == 5
     run_pipeline(get_recipe("tiny"), pipeline_dir, progress=False)
     after = {s: (pipeline_dir / s / "model.safetensors").stat().st_mtime_ns for s in STAGES}
     assert before == after
+    assert {p: p.stat().st_mtime_ns for p in pipeline_dir.glob("*/eval.json")} == evals  # reused
 
 
 def test_a_different_pipeline_in_the_folder_is_refused(pipeline_dir, capsys):

@@ -6,6 +6,7 @@ never imports this package (the CLI loads it only for `minimoe bench`).
     moe.py     our MoE layer against the FLOP-equal dense MLP and transformers' Mixtral
     grow.py    streamed Scale-Up of a real-size checkpoint: GB/s and peak memory
     sim.py     the vectorised layout search against a plain loop
+    generate.py  KV-cached greedy generation against transformers' Llama generate()
 
 Each benchmark is a function taking the parsed CLI args and printing its table; `BENCHES`
 maps the CLI name to it.
@@ -30,9 +31,11 @@ def timeit(fn, warmup: int = 2, repeats: int = 5) -> float:
 
 
 # the benchmarks import `timeit` from here, so they are registered after it is defined
+from minimoe.bench.generate import bench_generate  # noqa: E402
 from minimoe.bench.grow import bench_grow  # noqa: E402
 from minimoe.bench.moe import bench_moe  # noqa: E402
 from minimoe.bench.sim import bench_sim  # noqa: E402
 from minimoe.bench.train import bench_train  # noqa: E402
 
-BENCHES = {"train": bench_train, "moe": bench_moe, "grow": bench_grow, "sim": bench_sim}
+BENCHES = {"train": bench_train, "moe": bench_moe, "grow": bench_grow, "sim": bench_sim,
+           "generate": bench_generate}

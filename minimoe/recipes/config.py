@@ -33,6 +33,8 @@ class RecipeConfig:
     cpt_lr: float = 1e-3  # continued pretraining starts from a trained model: a gentler rate
     vocab_size: int = 2048
     eval_every: int = 50
+    eval_examples: int = 100  # examples per task of the evaluation table (minimoe/tasks.py)
+    eval_chars: int = 10_000  # validation characters per language for bits per byte
     seed: int = 0
 
     @property
@@ -56,7 +58,7 @@ RECIPES = {
     # the tests and --quick: the same chain on models of ~0.2M and ~0.7M parameters
     "tiny": RecipeConfig(small="tiny", large="tiny-large", prep_steps=40, scale_up_steps=20,
                          scale_out_steps=20, steps=20, batch_size=8, seq_len=64, vocab_size=512,
-                         eval_every=10),
+                         eval_every=10, eval_examples=20, eval_chars=2_000),
 }
 
 

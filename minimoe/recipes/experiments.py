@@ -8,7 +8,8 @@ scale_out_experiment  AquilaMoE §3.2.2 and LLaMA-MoE: continue a grown dense mo
                       upcycled MoE, as LLaMA-MoE splits, and train the same MoE from scratch.
 
 Both write a CSV and a Markdown table, PNG plots, and `summary.json` into their folder, and skip
-the runs that are already finished when re-run.
+the runs that are already finished when re-run. Every trained model is also scored on the
+pipeline's evaluation tasks (minimoe/tasks.py), a table of tasks x models.
 """
 
 from __future__ import annotations
@@ -28,8 +29,14 @@ from minimoe.flops import flops_per_token
 from minimoe.grow import scale_up
 from minimoe.model import build_model
 from minimoe.recipes.config import RECIPES, RecipeConfig
-from minimoe.recipes.report import plot_curves, plot_expert_loads, val_curve
-from minimoe.recipes.stages import continue_pretraining, data_spec, load_run_data, pretrain
+from minimoe.recipes.report import evaluation_section, plot_curves, plot_expert_loads, val_curve
+from minimoe.recipes.stages import (
+    continue_pretraining,
+    data_spec,
+    evaluate_run,
+    load_run_data,
+    pretrain,
+)
 from minimoe.train import read_log
 from minimoe.upcycle import split, upcycle
 
@@ -62,6 +69,12 @@ def _slug(name: str) -> str:
 def _val_points(run_dir: Path, flops0: float, per_token: float) -> list[dict]:
     """A run's validation points, FLOPs counted from flops0 (the report's own curve rule)."""
     return val_curve({"log": read_log(run_dir), "flops_per_token": per_token}, 0.0, flops0)
+
+
+def _evaluate(runs: dict[str, Path], ec: RecipeConfig, progress: bool) -> dict[str, dict]:
+    """The evaluation tasks on each finished run (kept in its eval.json for re-runs)."""
+    return {name: evaluate_run(run, limit=ec.eval_examples, ppl_chars=ec.eval_chars, seed=ec.seed,
+                               cache=True, progress=progress) for name, run in runs.items()}
 
 
 def _finish_run(init_dir: Path, run_dir: Path, model, spec: dict, ec: RecipeConfig, meta: dict,
@@ -111,7 +124,9 @@ def scale_up_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress:
     settings = dataclasses.asdict(ec)
     shapes = (f"M({small.cfg.n_layers}, {small.cfg.d_model})", f"M({small.cfg.n_layers}, {large_cfg.d_model})",
               f"M({large_cfg.n_layers}, {large_cfg.d_model})")
-    return _write_results(out, "scale-up", rows, curves, settings, shapes)
+    runs = {"Original": small_run, **{name: out / f"run-{_slug(name)}" for name in SCALE_UP_VARIANTS}}
+    return _write_results(out, "scale-up", rows, curves, settings, shapes,
+                          evaluation=_evaluate(runs, ec, progress))
 
 
 def scale_out_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress: bool = True,
@@ -166,10 +181,13 @@ def scale_out_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress
         counts = cfg.param_counts()
         rows.append({"method": name, "params (total)": counts["total"], "params (active)": counts["active"],
                      "at init": at_init, "final": curves[name][-1]["val_loss"]})
-    return _write_results(out, "scale-out", rows, curves, dataclasses.asdict(ec), None, loads)
+    runs = {name: out / f"run-{_slug(name)}" for name in variants}
+    return _write_results(out, "scale-out", rows, curves, dataclasses.asdict(ec), None, loads,
+                          _evaluate(runs, ec, progress))
 
 
-def _write_results(out: Path, kind: str, rows, curves, settings, shapes=None, loads=None) -> dict:
+def _write_results(out: Path, kind: str, rows, curves, settings, shapes=None, loads=None,
+                   evaluation=None) -> dict:
     table = pd.DataFrame(rows)
     if shapes:  # name the loss columns by model shape, as the paper's Table 1 does
         small, wide, large = shapes
@@ -185,8 +203,12 @@ def _write_results(out: Path, kind: str, rows, curves, settings, shapes=None, lo
     if loads:
         plot_expert_loads(loads, out / "expert_load.png")
         md += ["![expert load](expert_load.png)", ""]
+    if evaluation:
+        md += ["## Tasks (after training)", ""] + evaluation_section(evaluation)
     md += ["Settings:", "", "```json", json.dumps(settings, indent=2), "```", ""]
     files.write_text(out / f"{kind}.md", "\n".join(md))
-    summary = {"rows": rows, "curves": curves, "settings": settings}
+    summary = {"rows": rows, "curves": curves, "settings": settings,
+               "evaluation": {name: {task: r["metrics"] for task, r in results.items()}
+                              for name, results in (evaluation or {}).items()}}
     files.write_json(out / "summary.json", summary)
     return summary

@@ -8,7 +8,10 @@ scratch on the same total tokens (AquilaMoE §2, §4.3 and Table 6, at toy scale
     4-upcycled   upcycle(large -> 8 experts, top-2)                  (a transformation)
     5-scale-out  continue pretraining the MoE
     6-scratch    the baseline: the same MoE shape from random init, all the tokens of 1+3+5
-    report/      report.md, loss against tokens and cumulative FLOPs, savings factors
+    6-scratch-equal-compute   the baseline's weights at the step where its FLOPs first reach
+                 the chain's (1+3+5)
+    report/      report.md, loss against tokens and cumulative FLOPs, savings factors, and the
+                 evaluation table laid out as the paper's Table 4 (tasks x models)
 
 Every stage is a run folder. Re-running the command skips finished stages and resumes an
 interrupted one from its last checkpoint, so a stage that fails leaves the others usable.
@@ -17,6 +20,7 @@ interrupted one from its last checkpoint, so a stage that fails leaves the other
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 from minimoe import checkpoint as ckpt
@@ -25,7 +29,14 @@ from minimoe.config import get_preset
 from minimoe.flops import flops_per_token
 from minimoe.recipes.config import RecipeConfig
 from minimoe.recipes.report import write_pipeline_report
-from minimoe.recipes.stages import continue_pretraining, data_spec, grow_run, pretrain, scale_out_run
+from minimoe.recipes.stages import (
+    continue_pretraining,
+    data_spec,
+    evaluate_run,
+    grow_run,
+    pretrain,
+    scale_out_run,
+)
 from minimoe.train import read_log
 
 
@@ -63,15 +74,29 @@ def run_pipeline(pc: RecipeConfig, out, progress: bool = True) -> dict:
                          pc.train_config(pc.scale_out_steps, pc.cpt_lr, warm // 2),
                          stage="scale-out", progress=progress)
     moe_cfg = ckpt.read_config(out / "4-upcycled")
-    pretrain(moe_cfg, out / "6-scratch", pc.train_config(pc.total_steps, pc.lr, warm),
-             spec, progress=progress)
+    chain = [_stage_record(name, out / run, pc.seq_len) for name, run in
+             (("preparation", "1-prep"), ("scale-up", "3-scale-up"), ("scale-out", "5-scale-out"))]
+    scratch_tc = pc.train_config(pc.total_steps, pc.lr, warm)
+    # the step at which the baseline's FLOPs first reach what the whole chain spent
+    per_step = flops_per_token(moe_cfg, pc.seq_len).model * scratch_tc.tokens_per_step
+    equal_step = math.ceil(sum(s["flops"] for s in chain) / per_step)
+    equal_dir = out / "6-scratch-equal-compute"
+    pretrain(moe_cfg, out / "6-scratch", scratch_tc, spec, progress=progress,
+             snapshots={equal_step: equal_dir})
 
     transitions = {f"{pc.scale_up_method} growth (2-grown)": grown,
                    "upcycling (4-upcycled)": upcycled}
-    stages = [_stage_record(name, out / run, pc.seq_len) for name, run in
-              (("preparation", "1-prep"), ("scale-up", "3-scale-up"),
-               ("scale-out", "5-scale-out"), ("from scratch", "6-scratch"))]
-    return write_pipeline_report(out / "report", dataclasses.asdict(pc), stages, transitions)
+    stages = chain + [_stage_record("from scratch", out / "6-scratch", pc.seq_len)]
+    models = {"small dense (1-prep)": out / "1-prep",
+              "scaled-up dense (3-scale-up)": out / "3-scale-up",
+              "scaled-out MoE (5-scale-out)": out / "5-scale-out",
+              "MoE from scratch, equal tokens (6-scratch)": out / "6-scratch",
+              f"MoE from scratch, equal compute (step {equal_step})": equal_dir}
+    evaluation = {label: evaluate_run(run, limit=pc.eval_examples, ppl_chars=pc.eval_chars,
+                                      seed=pc.seed, cache=True, progress=progress)
+                  for label, run in models.items() if (run / "model.safetensors").exists()}
+    return write_pipeline_report(out / "report", dataclasses.asdict(pc), stages, transitions,
+                                 evaluation)
 
 
 def _check_pipeline_folder(out: Path, pc: RecipeConfig):
@@ -80,6 +105,8 @@ def _check_pipeline_folder(out: Path, pc: RecipeConfig):
     settings = dataclasses.asdict(pc)
     if path.exists():
         old = ckpt.read_json(path)
+        for key in ("eval_examples", "eval_chars"):  # older pipelines: they change no training
+            old.setdefault(key, settings[key])
         if old != settings:
             key = next(k for k in settings if old.get(k) != settings[k])
             raise ValueError(f"out={out}: holds a pipeline with {key}={old.get(key)!r} "

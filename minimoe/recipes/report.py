@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from minimoe import files
+from minimoe.evaluate import results_table
 from minimoe.sim.scenario import savings_factors
 from minimoe.tables import human
 
@@ -49,8 +50,40 @@ def measured_savings(chain: list[dict], scratch: dict) -> dict[str, float]:
     }
 
 
-def write_pipeline_report(out: Path, settings: dict, stages: list[dict], transitions: dict) -> dict:
-    """report.md + loss_vs_flops.png + loss_vs_tokens.png + expert_load.png + stages.csv."""
+def evaluation_section(evaluation: dict[str, dict], expected: int | None = None) -> list[str]:
+    """Markdown lines: the tasks x models table (the layout of AquilaMoE Table 4) and how to
+    read it. `expected`: the columns there should be (a missing one is named as missing)."""
+    if not evaluation:
+        return []
+    first = next(iter(evaluation.values()))
+    n = {name: r["n"] for name, r in first.items()}
+    table = results_table(evaluation)
+    lines = [
+        "Rows are tasks, columns models, as in AquilaMoE Table 4 (OpenCompass: \"ppl\" tasks pick",
+        "the most likely candidate, \"gen\" tasks are written by the model). The tasks are made",
+        "from the held-out split of the corpus (`minimoe/tasks.py`), the same examples for every",
+        "model: cloze = the next sentence among 4 (acc: highest log-likelihood; acc_norm: per",
+        "character, as lm-evaluation-harness), complete = the sentence's last word (en) or last",
+        "two characters (zh) written greedily, exact match; ppl = bits per byte and perplexity",
+        "per token on validation documents. Chance: a random guess, or for bits per byte and",
+        "perplexity the uniform model (log2 of the vocabulary per token).", "",
+        "Examples per task: " + ", ".join(f"{k} {v}" for k, v in n.items()) + " (documents for",
+        "ppl). The standard error of an accuracy p on n examples is about sqrt(p (1 - p) / n):",
+        "with 100 examples, differences of a few points are noise.", "",
+        table.drop(columns=["n"]).to_markdown(disable_numparse=True, colalign=["left"] +
+                                              ["right"] * (table.shape[1] - 1)), "",
+    ]
+    if expected is not None and len(evaluation) < expected:
+        lines += [f"({expected - len(evaluation)} model(s) missing: a pipeline folder made before "
+                  "the evaluation existed has no equal-compute snapshot of the baseline; run it "
+                  "again in a new folder to get one.)", ""]
+    return lines
+
+
+def write_pipeline_report(out: Path, settings: dict, stages: list[dict], transitions: dict,
+                          evaluation: dict[str, dict] | None = None) -> dict:
+    """report.md + loss_vs_flops.png + loss_vs_tokens.png + expert_load.png + stages.csv, and
+    the evaluation table when `evaluation` ({model label: run_tasks results}) is given."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     chain, scratch = stages[:-1], stages[-1]
@@ -123,11 +156,17 @@ def write_pipeline_report(out: Path, settings: dict, stages: list[dict], transit
     ]
     if load:
         md += ["![expert load](expert_load.png)", ""]
+    if evaluation:
+        md += ["## Evaluation", ""] + evaluation_section(evaluation, expected=5)
+        files.write_text(out / "evaluation.csv", results_table(evaluation).to_csv())
     md += ["## Settings", "", "```json", json.dumps(settings, indent=2), "```", ""]
     files.write_text(out / "report.md", "\n".join(md))
     summary = {"factors": factors, "stages": rows,
                "transitions": {k: {"val_before": r["val_before"], "val_after": r["val_after"]}
-                               for k, r in transitions.items()}}
+                               for k, r in transitions.items()},
+               "evaluation": {label: {task: {"metrics": r["metrics"], "chance": r["chance"],
+                                             "n": r["n"]} for task, r in results.items()}
+                              for label, results in (evaluation or {}).items()}}
     files.write_json(out / "summary.json", summary)
     return summary
 

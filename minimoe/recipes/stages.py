@@ -2,7 +2,8 @@
 
 A run folder remembers its data (`run.json` -> "data": paths, tokenizer, vocabulary size), so a
 later stage grown from it (scale-up, scale-out, continued pretraining) sees exactly the same
-token stream and validation set, and validation losses compare across stages.
+token stream and validation set, and validation losses compare across stages. The same record
+lets `evaluate_run` score a run on tasks made from that data's held-out split.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import torch
 from minimoe import checkpoint as ckpt
 from minimoe import files
 from minimoe.config import ModelConfig, get_preset
-from minimoe.evaluate import evaluate
+from minimoe.data import prepare_corpus
+from minimoe.evaluate import evaluate, load_tasks, run_tasks
 from minimoe.grow import grow_model, growth_report, plan_growth
 from minimoe.model import build_model
-from minimoe.tokens import load_data
+from minimoe.tasks import FORMAT as TASKS_FORMAT
+from minimoe.tokens import load_data, load_tokenizer
 from minimoe.train import RunResult, TrainConfig, train
 from minimoe.upcycle import scale_out
 
@@ -40,8 +43,11 @@ def run_data_spec(run_dir) -> dict:
 
 
 def pretrain(cfg: ModelConfig | str, out, tc: TrainConfig, spec: dict | None = None,
-             progress: bool = True, on_step=None) -> RunResult:
-    """Train a freshly initialised model (the preparation phase, or a from-scratch baseline)."""
+             progress: bool = True, on_step=None, snapshots: dict[int, Path] | None = None
+             ) -> RunResult:
+    """Train a freshly initialised model (the preparation phase, or a from-scratch baseline).
+    snapshots {step: folder}: also save the model as it is after that step (a run folder of its
+    own, e.g. the baseline when it has spent a given compute)."""
     cfg = get_preset(cfg) if isinstance(cfg, str) else cfg  # a bad name fails before any work
     spec = spec or data_spec()
     data, tok = load_run_data(spec)
@@ -49,7 +55,16 @@ def pretrain(cfg: ModelConfig | str, out, tc: TrainConfig, spec: dict | None = N
     torch.manual_seed(tc.seed)
     model = build_model(cfg)
     meta = {"stage": "pretrain", "data": spec, "init_from": None}
-    return train(model, data, tc, out, meta=meta, progress=progress, on_step=on_step)
+
+    def step_done(step, record):
+        if snapshots and step in snapshots:
+            ckpt.save_model(snapshots[step], model, {"stage": "snapshot", "step": step,
+                                                     "tokens": record["tokens"], "data": spec,
+                                                     "init_from": str(Path(out).resolve())})
+        if on_step is not None:
+            on_step(step, record)
+
+    return train(model, data, tc, out, meta=meta, progress=progress, on_step=step_done)
 
 
 def continue_pretraining(init_from, out, tc: TrainConfig, stage: str = "continue",
@@ -67,6 +82,44 @@ def validation_loss(model, spec: dict, tc: TrainConfig | None = None) -> dict[st
     """Validation losses of a model on a run's data (overall and per language)."""
     data, _ = load_run_data(spec)
     return evaluate(model, data, tc or TrainConfig())
+
+
+# --- evaluation of a run on tasks made from its data ----------------------------------------
+EVAL_TASKS = ("cloze-en", "cloze-zh", "complete-en", "complete-zh", "ppl")
+
+
+def run_corpus(spec: dict):
+    """(Corpus, tokenizer) of a data spec: the documents the built-in tasks are made from."""
+    corpus = prepare_corpus(spec["paths"])
+    return corpus, load_tokenizer(corpus, spec["vocab_size"], spec["tokenizer"])
+
+
+def evaluate_run(run_dir, tasks=EVAL_TASKS, limit: int = 100, ppl_chars: int = 20_000,
+                 seed: int = 0, batch_size: int = 32, cache: bool = False,
+                 progress: bool = False) -> dict:
+    """Every task's result for the model of a run folder, on the run's own data and tokenizer.
+    cache=True keeps them in run_dir/eval.json and reuses them while the model file and the
+    settings are the same (the pipeline's and the experiments' re-runs)."""
+    run_dir = Path(run_dir)
+    spec = run_data_spec(run_dir)
+    corpus, tokenizer = run_corpus(spec)
+    loaded = load_tasks(list(tasks), corpus, limit, seed)  # a bad task fails before any work
+    weights = ckpt.model_file(run_dir).stat()
+    settings = {"tasks": list(tasks), "limit": limit, "ppl_chars": ppl_chars, "seed": seed,
+                "format": TASKS_FORMAT, "model_bytes": weights.st_size,
+                "model_mtime_ns": weights.st_mtime_ns,
+                "task_files": {t.source: Path(t.source).stat().st_mtime_ns for t in loaded
+                               if not isinstance(t, str) and t.source.endswith(".jsonl")}}
+    path = run_dir / "eval.json"
+    if cache and path.exists():
+        old = ckpt.read_json(path)
+        if old.get("settings") == settings:
+            return old["results"]
+    model, _ = ckpt.load_model(run_dir)
+    results = run_tasks(model, tokenizer, loaded, corpus, ppl_chars, batch_size, progress)
+    if cache:
+        files.write_json(path, {"settings": settings, "results": results})
+    return results
 
 
 # --- transformations between runs: load, transform, measure, save ---------------------------

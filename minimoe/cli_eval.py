@@ -1,0 +1,97 @@
+"""The `minimoe eval` and `minimoe generate` commands: their arguments and what they call.
+(cli.py's command table lists them; the work is in minimoe/evaluate.py and minimoe/generate.py.)
+
+    minimoe eval --ckpt runs/x [runs/y ...] --tasks cloze-en,cloze-zh,ppl,my_task.jsonl [--json]
+    minimoe generate --ckpt runs/x --prompt "In the beginning" [--temperature 0.8 --top-p 0.9]
+
+A bad task file is refused, naming its file and line, before any model is scored, so nothing
+is printed or written for a half-evaluated set of tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from minimoe import checkpoint as ckpt
+from minimoe import files
+from minimoe.evaluate import load_tasks, results_table, run_tasks
+from minimoe.generate import check_sampling, generate_text
+from minimoe.recipes.stages import EVAL_TASKS, run_corpus, run_data_spec
+
+
+def add_eval(p):
+    p.add_argument("--ckpt", required=True, nargs="+", metavar="RUN",
+                   help="run folder(s); several give one column each")
+    p.add_argument("--tasks", default=",".join(EVAL_TASKS),
+                   help="comma-separated: cloze-en, cloze-zh, complete-en, complete-zh, ppl, "
+                        "or .jsonl task files (format: minimoe/tasks.py)")
+    p.add_argument("--limit", type=int, default=100, help="examples per task (the first ones)")
+    p.add_argument("--ppl-chars", type=int, default=20_000,
+                   help="ppl: validation characters per language and domain")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0, help="picks the built-in tasks' examples")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--out", metavar="FILE", help="also write the results as JSON into FILE")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_eval(args):
+    names = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    if args.ppl_chars <= 0 or args.batch_size <= 0:
+        raise ValueError(f"--ppl-chars={args.ppl_chars}, --batch-size={args.batch_size}: "
+                         "must be positive")
+    prepared = []
+    for run in args.ckpt:  # every run's data and every task checked before any scoring
+        corpus, tokenizer = run_corpus(run_data_spec(run))
+        ckpt.model_file(run)
+        prepared.append((run, corpus, tokenizer, load_tasks(names, corpus, args.limit, args.seed)))
+    columns = {}
+    for run, corpus, tokenizer, tasks in prepared:
+        model, _ = ckpt.load_model(run)
+        columns[run] = finite(run_tasks(model, tokenizer, tasks, corpus, args.ppl_chars,
+                                        args.batch_size, progress=not args.no_progress))
+    if args.out:
+        files.write_json(args.out, columns)
+    if args.json:
+        print(json.dumps(columns, indent=2, ensure_ascii=False))
+    else:
+        print(results_table(columns, stderr=len(columns) == 1).to_string())
+
+
+def finite(obj):
+    """NaN (a standard error of one example) as None, so the JSON is strict."""
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite(v) for v in obj]
+    return None if isinstance(obj, float) and math.isnan(obj) else obj
+
+
+def add_generate(p):
+    p.add_argument("--ckpt", required=True, metavar="RUN", help="a run folder")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample from the top tokens holding "
+                   "this much probability (nucleus sampling)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the completion before TEXT (repeatable; '\\n' is a line break)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=1, help="completions, one batch")
+
+
+def run_generate(args):
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p)
+    if args.num_samples <= 0:
+        raise ValueError(f"--num-samples={args.num_samples}: must be a positive integer")
+    stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
+    _, tokenizer = run_corpus(run_data_spec(args.ckpt))
+    model, _ = ckpt.load_model(args.ckpt)
+    texts = generate_text(model, tokenizer, [args.prompt] * args.num_samples, args.max_new_tokens,
+                          args.temperature, args.top_p, stops, args.seed,
+                          batch_size=args.num_samples)
+    for i, text in enumerate(texts):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(args.prompt + text)

@@ -1,0 +1,142 @@
+"""Generation: greedy decoding or temperature / top-p sampling with a KV cache, and stop strings.
+
+The prompt runs through the model once (the prefill), filling the `KVCache` (minimoe/model.py)
+with every position's keys and values; each new token then costs a forward of one position.
+The MoE routes token by token, so it needs nothing special. Prompts of different lengths go in
+one batch, left-padded, as transformers pads them. `use_cache=False` runs the whole sequence
+every step instead, row by row: the reference the cached path is tested against.
+
+Text goes in and out through `generate_text`: every prompt starts after the end-of-text token
+(the training stream puts one before every document), and the output is cut at the first stop
+string, which it does not include (lm-evaluation-harness's `until`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minimoe.model import KVCache
+
+
+def pick_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """The next token of each row: argmax at temperature 0, else a sample from the softmax at
+    that temperature, kept to the smallest set of tokens holding top_p of the probability
+    (nucleus sampling, Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration")."""
+    if temperature == 0:
+        return logits_BV.argmax(dim=-1)
+    probs_BV = (logits_BV.float() / temperature).softmax(dim=-1)
+    if top_p < 1.0:
+        sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
+        before_BV = sorted_BV.cumsum(dim=-1) - sorted_BV  # mass of the tokens ranked above
+        sorted_BV = sorted_BV.masked_fill(before_BV >= top_p, 0.0)  # the first always stays
+        probs_BV = torch.zeros_like(probs_BV).scatter(-1, order_BV, sorted_BV)
+    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float):
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
+    if not temperature >= 0:
+        raise ValueError(f"temperature={temperature}: must be >= 0 (0 is greedy)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p}: must be in (0, 1]")
+
+
+@torch.inference_mode()  # a little faster than no_grad: no version counters
+def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, stop=None,
+             use_cache: bool = True) -> list[list[int]]:
+    """The new tokens of each prompt (token ids), at most max_new_tokens each. A row ends after
+    eos_id (included) or once stop(its new tokens) is true."""
+    check_sampling(max_new_tokens, temperature, top_p)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("prompts: every prompt needs at least one token")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > model.cfg.max_seq_len:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens}: more than "
+                         f"the model's max_seq_len={model.cfg.max_seq_len}")
+    was_training = model.training
+    model.eval()  # no router noise
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        if use_cache:
+            return _generate_cached(model, prompts, max_new_tokens, temperature, top_p, generator,
+                                    eos_id, stop)
+        return [_generate_uncached(model, p, max_new_tokens, temperature, top_p, generator,
+                                   eos_id, stop) for p in prompts]
+    finally:
+        model.train(was_training)
+
+
+def _finished(new: list[int], eos_id, stop) -> bool:
+    return (eos_id is not None and new[-1] == eos_id) or (stop is not None and stop(new))
+
+
+def _generate_cached(model, prompts, max_new_tokens, temperature, top_p, generator, eos_id, stop):
+    weight = next(model.parameters())
+    B, longest = len(prompts), max(len(p) for p in prompts)
+    pad_B = [longest - len(p) for p in prompts]
+    idx = torch.tensor([[0] * pad + p for pad, p in zip(pad_B, prompts)], device=weight.device)
+    cache = KVCache(model.cfg, B, longest + max_new_tokens, pad_B=pad_B, device=weight.device,
+                    dtype=weight.dtype)
+    logits_BV = model(idx, cache)[:, -1]  # the prefill: the whole prompt at once
+    new = [[] for _ in range(B)]
+    done = [False] * B
+    for step in range(max_new_tokens):
+        next_B = pick_next(logits_BV, temperature, top_p, generator)
+        for b, token in enumerate(next_B.tolist()):
+            if not done[b]:
+                new[b].append(token)
+                done[b] = _finished(new[b], eos_id, stop)
+        if all(done) or step == max_new_tokens - 1:
+            break
+        logits_BV = model(next_B[:, None], cache)[:, -1]  # one position per row
+    return new
+
+
+def _generate_uncached(model, prompt, max_new_tokens, temperature, top_p, generator, eos_id, stop):
+    device = next(model.parameters()).device
+    ids, new = list(prompt), []
+    for _ in range(max_new_tokens):
+        logits_1V = model(torch.tensor([ids], device=device))[:, -1]
+        token = pick_next(logits_1V, temperature, top_p, generator).item()
+        ids.append(token)
+        new.append(token)
+        if _finished(new, eos_id, stop):
+            break
+    return new
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+    """The text before the first stop string in it (all of it if none occurs)."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
+                  temperature: float = 0.0, top_p: float = 1.0, stop: list[str] = (),
+                  seed: int = 0, batch_size: int = 16, truncate: bool = False) -> list[str]:
+    """The completion of each prompt as text, cut at the first stop string (or end of text).
+    truncate=True keeps the end of a prompt too long for the model (lm-evaluation-harness
+    cuts the context on the left, too); otherwise it is refused. Prompts go batch_size at a
+    time, so a sampled completion depends on its batch, not only on the seed; greedy ones do not."""
+    stop = [s for s in stop if s]
+
+    def stopped(new_ids):
+        text = tokenizer.decode(new_ids)
+        return any(s in text for s in stop)
+
+    room = model.cfg.max_seq_len - max_new_tokens
+    encoded = [[tokenizer.eos_id] + tokenizer.encode(p) for p in prompts]
+    if truncate and room > 0:
+        encoded = [ids[-room:] for ids in encoded]
+    texts = []
+    for i in range(0, len(encoded), batch_size):
+        rows = generate(model, encoded[i:i + batch_size], max_new_tokens, temperature, top_p,
+                        seed + i, tokenizer.eos_id, stopped if stop else None)
+        for row in rows:
+            if row and row[-1] == tokenizer.eos_id:
+                row = row[:-1]
+            texts.append(cut_at_stop(tokenizer.decode(row), stop))
+    return texts

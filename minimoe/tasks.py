@@ -1,0 +1,243 @@
+"""Evaluation tasks: JSONL task files, and the built-in tasks made from the held-out split.
+
+The paper evaluates the OpenCompass way (AquilaMoE §3.3, Tables 4-5): a discriminative ("ppl")
+task joins the context with each candidate and picks the most likely; a generative ("gen")
+task lets the model write the answer. A task file holds one example per line, either
+
+    {"context": "...", "choices": ["...", "..."], "answer": 1}     multiple choice
+    {"context": "...", "answer": "...", "stop": ["\\n"]}            generation, exact match
+
+(the shape of HellaSwag, ARC or PIQA after renaming their fields; "stop" is optional). A choice
+is scored as written, so it usually starts with the space that joins it to the context.
+
+Built-in tasks, made from the held-out (validation) documents of each language of a corpus,
+their answers decided by the data itself, the same examples for every seed-0 run:
+
+    cloze-<lang>     HellaSwag-style next sentence: the true sentence after a context, among 3
+                     others of similar length drawn from other documents (chance 25%)
+    complete-<lang>  the last word of a sentence (en; LAMBADA-style) or its last two
+                     characters (zh), written greedily and scored by exact match
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMAT = 1  # bump when the built-in tasks or their scoring change: cached results are redone
+N_CHOICES = 4  # the cloze's candidates, as HellaSwag's four endings
+# At most this much text before the sentence (whole sentences), and the cloze's sentences:
+# long enough to mean something, short enough to fit a toy model's context and keep
+# evaluation quick. A Chinese character is one or two tokens of a small BPE, an English one
+# a third of a token.
+CONTEXT_CHARS = {"en": 200, "zh": 80}
+SENTENCE_CHARS = {"en": (12, 160), "zh": (6, 50)}
+LENGTH_RATIO = 1.25  # a distractor is at most this much longer or shorter than the true one
+ZH_TAIL = 2  # complete-zh: characters to write (a two-character word is the commonest)
+WORD_STOPS = ["\n", ".", ",", ";", ":", "!", "?", "。", "、"]  # where a completion ends
+# a sentence: from a non-space to 。!? (with closing quotes), to a '.' before a space or the end
+# of the line, or to the end of the line (a headline)
+_SENTENCE = re.compile(r"\S.*?(?:[。!?][”’\"」』)]*|\.(?= )|\.$|$)", re.M)
+_EN_TAIL = re.compile(r"^(.*\S)\s+([A-Za-z]+)([.,;:!?]+)$")
+_ZH_TAIL = re.compile(rf"^(.*\S)([\u4e00-\u9fff]{{{ZH_TAIL}}})[。!?]$")
+
+
+@dataclass(frozen=True)
+class ChoiceExample:
+    context: str
+    choices: tuple[str, ...]
+    answer: int
+
+
+@dataclass(frozen=True)
+class GenExample:
+    context: str
+    answer: str
+    stop: tuple[str, ...] = ("\n",)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str  # "choice" or "generate"
+    examples: list = field(repr=False)
+    source: str = ""  # where it came from: a file, or the split it was made from
+
+
+BUILTIN = ("cloze-en", "cloze-zh", "complete-en", "complete-zh")
+
+
+# --- task files -------------------------------------------------------------------------
+def load_task_file(path) -> Task:
+    """A JSONL task file, every line checked: a bad line is a ValueError naming file and line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    examples, kind = [], None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{n}: must be a JSON object with 'context' and 'answer'")
+        line_kind = "choice" if "choices" in record else "generate"
+        if kind is not None and line_kind != kind:
+            raise ValueError(f"{path}:{n}: a {line_kind} example in a file of {kind} examples "
+                             "(every line has 'choices', or none does)")
+        kind = line_kind
+        examples.append(_choice(record, f"{path}:{n}") if kind == "choice"
+                        else _generation(record, f"{path}:{n}"))
+    if not examples:
+        raise ValueError(f"{path}: no examples (one JSON object per line)")
+    return Task(path.stem, kind, examples, str(path))
+
+
+def _field(record: dict, name: str, where: str):
+    if name not in record:
+        raise ValueError(f"{where}: missing field {name!r}")
+    return record[name]
+
+
+def _choice(record: dict, where: str) -> ChoiceExample:
+    context, choices, answer = (_field(record, k, where) for k in ("context", "choices", "answer"))
+    if not isinstance(context, str):
+        raise ValueError(f"{where}: context={context!r}: must be a string")
+    if (not isinstance(choices, list) or len(choices) < 2
+            or not all(isinstance(c, str) and c for c in choices)):
+        raise ValueError(f"{where}: choices={choices!r}: must be a list of at least 2 non-empty "
+                         "strings")
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        raise ValueError(f"{where}: answer={answer!r}: must be the index of the right choice, "
+                         f"0 to {len(choices) - 1}")
+    return ChoiceExample(context, tuple(choices), answer)
+
+
+def _generation(record: dict, where: str) -> GenExample:
+    context, answer = _field(record, "context", where), _field(record, "answer", where)
+    stop = record.get("stop", ["\n"])
+    if not isinstance(context, str) or not context:
+        raise ValueError(f"{where}: context={context!r}: must be a non-empty string")
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError(f"{where}: answer={answer!r}: must be a non-empty string (a line with "
+                         "'choices' is a multiple-choice example)")
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"{where}: stop={stop!r}: must be a list of non-empty strings")
+    return GenExample(context, answer, tuple(stop))
+
+
+def resolve_task(name: str, corpus=None, limit: int = 100, seed: int = 0) -> Task:
+    """A built-in task made from `corpus` (the held-out split), or a .jsonl task file, cut to
+    its first `limit` examples."""
+    if name in BUILTIN or re.fullmatch(r"(cloze|complete)-\w+", name):
+        kind, lang = name.split("-", 1)
+        if corpus is None or lang not in corpus.langs:
+            have = ", ".join(corpus.langs) if corpus is not None else "no corpus"
+            raise ValueError(f"task {name!r}: the data has no {lang!r} validation documents "
+                             f"(languages: {have})")
+        make = cloze_task if kind == "cloze" else completion_task
+        return make(corpus.texts("val", lang=lang), lang, limit, seed)
+    path = Path(name)
+    if path.suffix != ".jsonl" or not path.is_file():
+        raise ValueError(f"task {name!r}: not a built-in task ({', '.join(BUILTIN)}, ppl) and "
+                         "not an existing .jsonl file")
+    task = load_task_file(path)
+    return Task(task.name, task.kind, task.examples[:limit], task.source)
+
+
+# --- the built-in tasks -----------------------------------------------------------------
+def sentences(text: str) -> list[tuple[int, int]]:
+    """(start, end) of every sentence of a document, in order."""
+    return [m.span() for m in _SENTENCE.finditer(text) if m.group().strip()]
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """A sentence in its document: the context before it, and what joins them."""
+
+    doc: int
+    index: int
+    context: str
+    joiner: str  # "" after a line break (kept in the context), else the space or nothing
+    sentence: str
+
+
+def _slots(docs: list[str], lang: str) -> list[_Slot]:
+    """Every sentence that has at least one sentence before it in its document."""
+    budget = CONTEXT_CHARS.get(lang, CONTEXT_CHARS["en"])
+    slots = []
+    for d, text in enumerate(docs):
+        spans = sentences(text)
+        for i in range(1, len(spans)):
+            first = i - 1  # whole sentences back, as many as fit in the budget
+            while first > 0 and spans[i - 1][1] - spans[first - 1][0] <= budget:
+                first -= 1
+            start, end = spans[i]
+            between = text[spans[i - 1][1]:start]
+            # a line break stays with the context; a space goes with the continuation, the way
+            # the tokenizer joins words (" And"), as lm-evaluation-harness moves it
+            cut = start if "\n" in between else spans[i - 1][1]
+            slots.append(_Slot(d, i, text[spans[first][0]:cut], "" if "\n" in between else between,
+                               text[start:end]))
+    return slots
+
+
+def _shuffled(slots: list[_Slot], seed: int, name: str) -> list[_Slot]:
+    """A fixed order (string seeds are hashed the same in every Python process), so the first
+    n examples are the same whatever the limit."""
+    order = list(slots)
+    random.Random(f"{seed}/{name}").shuffle(order)
+    return order
+
+
+def cloze_task(docs: list[str], lang: str, limit: int = 100, seed: int = 0) -> Task:
+    """The next sentence among N_CHOICES: the true one and others from other documents."""
+    name = f"cloze-{lang}"
+    lo, hi = SENTENCE_CHARS.get(lang, SENTENCE_CHARS["en"])
+    slots = _slots(docs, lang)
+    pool = [s for s in slots if lo <= len(s.sentence) <= hi]
+    examples = []
+    for slot in _shuffled(pool, seed, name):
+        if len(examples) == limit:
+            break
+        n = len(slot.sentence)
+        others = sorted({s.sentence for s in pool if s.doc != slot.doc and s.sentence != slot.sentence
+                         and n / LENGTH_RATIO <= len(s.sentence) <= n * LENGTH_RATIO})
+        if len(others) < N_CHOICES - 1:
+            continue
+        rng = random.Random(f"{seed}/{name}/{slot.doc}/{slot.index}")  # apart from the limit
+        choices = rng.sample(others, N_CHOICES - 1)
+        answer = rng.randrange(N_CHOICES)
+        choices.insert(answer, slot.sentence)
+        examples.append(ChoiceExample(slot.context, tuple(slot.joiner + c for c in choices), answer))
+    return _built(name, "choice", examples, lang)
+
+
+def completion_task(docs: list[str], lang: str, limit: int = 100, seed: int = 0) -> Task:
+    """The end of a sentence, written by the model: its last word (en) or its last ZH_TAIL
+    characters (zh and any other language), which must be followed by the sentence's end."""
+    name = f"complete-{lang}"
+    tail = _EN_TAIL if lang == "en" else _ZH_TAIL
+    examples = []
+    for slot in _shuffled(_slots(docs, lang), seed, name):
+        if len(examples) == limit:
+            break
+        match = tail.match(slot.sentence)
+        if match is None or (lang == "en" and len(match.group(1).split()) < 3):
+            continue
+        examples.append(GenExample(slot.context + slot.joiner + match.group(1), match.group(2),
+                                   tuple(WORD_STOPS)))
+    return _built(name, "generate", examples, lang)
+
+
+def _built(name: str, kind: str, examples: list, lang: str) -> Task:
+    if not examples:
+        raise ValueError(f"task {name!r}: the {lang!r} validation documents give no examples")
+    return Task(name, kind, examples, f"the validation split ({lang})")
