@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 from minimoe import checkpoint as ckpt
-from minimoe import experts
 from minimoe.cli_eval import add_eval, add_generate, run_eval, run_generate
 from minimoe.config import PRESETS, get_preset
 from minimoe.flops import ATTENTION, RECOMPUTE, check_report, flops_report
@@ -27,10 +26,9 @@ from minimoe.recipes.stages import (
     continue_pretraining,
     data_spec,
     grow_run,
-    load_run_data,
     pretrain,
-    run_data_spec,
     scale_out_run,
+    specialisation_run,
 )
 from minimoe.sim.hardware import CATALOGUE, get_device
 from minimoe.sim.scenario import dumps
@@ -309,19 +307,14 @@ def _add_experts(p):
 
 
 def _run_experts(args):
-    model, _ = ckpt.load_model(args.ckpt)
-    spec = run_data_spec(args.ckpt)
-    data = experts.run_data(args.data or spec["paths"], spec)
-    seq_len = min(args.seq_len, model.cfg.max_seq_len)
-    batches = experts.domain_batches(data, args.batch_size, seq_len, args.batches)
-    result = experts.expert_specialisation(model, batches)
-    _, tokenizer = load_run_data(spec)
     out = Path(args.out) if args.out else Path(args.ckpt) / "experts"
-    paths = experts.write_specialisation(result, out, tokenizer, title=f"{args.ckpt}")
+    result = specialisation_run(args.ckpt, out, args.data, args.batch_size, args.seq_len,
+                                args.batches)
     for layer in result["layers"]:
         print(f"layer {layer['layer']:3d}: Jensen-Shannon specialisation {layer['js']:.3f}")
     print(f"mean {result['mean_js']:.3f} over {len(result['layers'])} MoE layers, domains "
-          f"{', '.join(result['domains'])}; wrote {', '.join(str(p) for p in paths)}")
+          f"{', '.join(result['domains'])}; wrote {out}/specialisation.json, "
+          "specialisation.png, top_tokens.md")
 
 
 # --- bench: its code lives apart (minimoe/bench/), imported only when asked for -----------

@@ -94,6 +94,27 @@ def test_the_report_evaluates_every_stage_like_table_4(pipeline_dir):
     assert not all(early[k].equal(final[k]) for k in final)
 
 
+def test_the_report_shows_each_stages_mix_and_what_the_experts_specialise_in(pipeline_dir):
+    summary = json.loads((pipeline_dir / "report" / "summary.json").read_text())
+    for row in summary["stages"]:  # the default mix: in proportion to each domain's tokens
+        assert row["data mix"].startswith("size: en-kjv 0.") and "zh-pd1998 0." in row["data mix"]
+    spec = summary["specialisation"]
+    start = spec["upcycled, start of scale-out (4-upcycled)"]
+    end = spec["upcycled, end of scale-out (5-scale-out)"]
+    assert set(spec) == {"upcycled, start of scale-out (4-upcycled)",
+                         "upcycled, end of scale-out (5-scale-out)", "MoE from scratch (6-scratch)"}
+    for r in spec.values():
+        assert len(r["js"]) == 3 and all(0 <= js <= 1 for js in r["js"])  # tiny-large: 3 MoE layers
+        assert r["mean_js"] == pytest.approx(sum(r["js"]) / len(r["js"]))
+    assert start != end  # the router trained in between
+    report = (pipeline_dir / "report" / "report.md").read_text()
+    section = report.split("## What the experts specialise in, by domain")[1]
+    for folder in ("4-upcycled", "5-scale-out", "6-scratch"):
+        assert f"experts/{folder}/specialisation.png" in section
+        assert (pipeline_dir / "report" / "experts" / folder / "specialisation.png").stat().st_size > 0
+        assert (pipeline_dir / "report" / "experts" / folder / "top_tokens.md").exists()
+
+
 def test_upcycling_preserves_the_loss(pipeline_dir):
     """The MoE starts exactly where the dense model ended."""
     summary = json.loads((pipeline_dir / "report" / "summary.json").read_text())

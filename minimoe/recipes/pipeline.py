@@ -10,8 +10,9 @@ scratch on the same total tokens (AquilaMoE §2, §4.3 and Table 6, at toy scale
     6-scratch    the baseline: the same MoE shape from random init, all the tokens of 1+3+5
     6-scratch-equal-compute   the baseline's weights at the step where its FLOPs first reach
                  the chain's (1+3+5)
-    report/      report.md, loss against tokens and cumulative FLOPs, savings factors, and the
-                 evaluation table laid out as the paper's Table 4 (tasks x models)
+    report/      report.md, loss against tokens and cumulative FLOPs, savings factors, the
+                 evaluation table laid out as the paper's Table 4 (tasks x models), the data
+                 mix of every stage, and what the experts specialise in by domain (experts/)
 
 Every stage is a run folder. Re-running the command skips finished stages and resumes an
 interrupted one from its last checkpoint, so a stage that fails leaves the others usable.
@@ -34,8 +35,10 @@ from minimoe.recipes.stages import (
     data_spec,
     evaluate_run,
     grow_run,
+    mix_used,
     pretrain,
     scale_out_run,
+    specialisation_run,
 )
 from minimoe.train import read_log
 
@@ -49,7 +52,7 @@ def _stage_record(name: str, run_dir: Path, seq_len: int) -> dict:
     return {"stage": name, "run": str(run_dir), "params_total": cfg.param_counts()["total"],
             "params_active": cfg.param_counts()["active"], "tokens": state["tokens"],
             "train_time_s": state["train_time"], "flops_per_token": per_token,
-            "flops": per_token * state["tokens"], "log": log}
+            "flops": per_token * state["tokens"], "log": log, "mix": mix_used(run_dir, log)}
 
 
 def run_pipeline(pc: RecipeConfig, out, progress: bool = True) -> dict:
@@ -95,8 +98,17 @@ def run_pipeline(pc: RecipeConfig, out, progress: bool = True) -> dict:
     evaluation = {label: evaluate_run(run, limit=pc.eval_examples, ppl_chars=pc.eval_chars,
                                       seed=pc.seed, cache=True, progress=progress)
                   for label, run in models.items() if (run / "model.safetensors").exists()}
+    # LLaMA-MoE's routing by domain: upcycled experts start identical, so what they specialise
+    # in grows during the scale-out stage; the from-scratch MoE for comparison
+    routed = {"upcycled, start of scale-out (4-upcycled)": out / "4-upcycled",
+              "upcycled, end of scale-out (5-scale-out)": out / "5-scale-out",
+              "MoE from scratch (6-scratch)": out / "6-scratch"}
+    specialisation = {label: specialisation_run(run, out / "report" / "experts" / run.name,
+                                                batch_size=pc.batch_size, seq_len=pc.seq_len,
+                                                title=label)
+                      for label, run in routed.items()}
     return write_pipeline_report(out / "report", dataclasses.asdict(pc), stages, transitions,
-                                 evaluation)
+                                 evaluation, specialisation)
 
 
 def _check_pipeline_folder(out: Path, pc: RecipeConfig):

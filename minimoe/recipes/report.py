@@ -80,10 +80,33 @@ def evaluation_section(evaluation: dict[str, dict], expected: int | None = None)
     return lines
 
 
+def specialisation_section(results: dict[str, dict]) -> list[str]:
+    """Markdown lines: the Jensen-Shannon specialisation of each MoE run, layer by layer, and
+    its heatmaps (experts/<run>/specialisation.png, written by recipes.stages.specialisation_run)."""
+    if not results:
+        return []
+    rows = [{"MoE": label, "mean JS": f"{r['mean_js']:.3f}",
+             **{f"layer {layer['layer']}": f"{layer['js']:.3f}" for layer in r["layers"]}}
+            for label, r in results.items()]
+    lines = ["LLaMA-MoE's routing analysis (arXiv 2406.16554): the validation windows of each",
+             "domain go through the MoE, and per layer we count which experts they are sent to.",
+             "The score is the Jensen-Shannon divergence between the domains' expert",
+             "distributions, divided by log2(domains): 0 when the router ignores the domain, 1",
+             "when each domain has experts of its own. Upcycled experts start as copies of one",
+             "MLP, so their specialisation is what continued pretraining grew.", "",
+             pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
+    for label, r in results.items():
+        lines += [f"![{label}](experts/{r['folder']}/specialisation.png)", ""]
+    lines += ["Each expert's most frequent tokens: `experts/*/top_tokens.md`.", ""]
+    return lines
+
+
 def write_pipeline_report(out: Path, settings: dict, stages: list[dict], transitions: dict,
-                          evaluation: dict[str, dict] | None = None) -> dict:
-    """report.md + loss_vs_flops.png + loss_vs_tokens.png + expert_load.png + stages.csv, and
-    the evaluation table when `evaluation` ({model label: run_tasks results}) is given."""
+                          evaluation: dict[str, dict] | None = None,
+                          specialisation: dict[str, dict] | None = None) -> dict:
+    """report.md + loss_vs_flops.png + loss_vs_tokens.png + expert_load.png + stages.csv, the
+    evaluation table when `evaluation` ({model label: run_tasks results}) is given, and the
+    routing-by-domain section when `specialisation` ({label: specialisation_run result}) is."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     chain, scratch = stages[:-1], stages[-1]
@@ -116,7 +139,7 @@ def write_pipeline_report(out: Path, settings: dict, stages: list[dict], transit
                      "train time (s)": round(s["train_time_s"], 1),
                      "tokens/s": round(s["tokens"] / s["train_time_s"]),
                      "model FLOPs": f"{s['flops']:.3g}", "val loss at start": round(first["val_loss"], 3),
-                     "val loss at end": round(final["val_loss"], 3)})
+                     "val loss at end": round(final["val_loss"], 3), "data mix": s.get("mix", "")})
     table = pd.DataFrame(rows)
     table.to_csv(out / "stages.csv", index=False)
     trans = pd.DataFrame([{"transformation": name, "params before": human(r["params_before"]["total"]),
@@ -159,6 +182,9 @@ def write_pipeline_report(out: Path, settings: dict, stages: list[dict], transit
     if evaluation:
         md += ["## Evaluation", ""] + evaluation_section(evaluation, expected=5)
         files.write_text(out / "evaluation.csv", results_table(evaluation).to_csv())
+    if specialisation:
+        md += ["## What the experts specialise in, by domain", ""]
+        md += specialisation_section(specialisation)
     md += ["## Settings", "", "```json", json.dumps(settings, indent=2), "```", ""]
     files.write_text(out / "report.md", "\n".join(md))
     summary = {"factors": factors, "stages": rows,
@@ -166,7 +192,10 @@ def write_pipeline_report(out: Path, settings: dict, stages: list[dict], transit
                                for k, r in transitions.items()},
                "evaluation": {label: {task: {"metrics": r["metrics"], "chance": r["chance"],
                                              "n": r["n"]} for task, r in results.items()}
-                              for label, results in (evaluation or {}).items()}}
+                              for label, results in (evaluation or {}).items()},
+               "specialisation": {label: {"mean_js": r["mean_js"],
+                                          "js": [layer["js"] for layer in r["layers"]]}
+                                  for label, r in (specialisation or {}).items()}}
     files.write_json(out / "summary.json", summary)
     return summary
 

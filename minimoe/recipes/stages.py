@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 from minimoe import checkpoint as ckpt
+from minimoe import experts
 from minimoe import files
+from minimoe import mixing
 from minimoe.config import ModelConfig, get_preset
 from minimoe.data import prepare_corpus
 from minimoe.evaluate import evaluate, load_tasks, run_tasks
@@ -120,6 +122,40 @@ def evaluate_run(run_dir, tasks=EVAL_TASKS, limit: int = 100, ppl_chars: int = 2
     if cache:
         files.write_json(path, {"settings": settings, "results": results})
     return results
+
+
+def mix_used(run_dir, history: list[dict]) -> str:
+    """The domain mix a training run drew its batches with, in words (mixing.describe)."""
+    mix = ckpt.read_json(Path(run_dir) / "run.json").get("train", {}).get("mix", mixing.SIZE)
+    data, _ = load_run_data(run_data_spec(run_dir))
+    return mixing.describe(mix, history, data.domain_tokens())
+
+
+# --- what an MoE run's experts specialise in ---------------------------------------------
+def specialisation_run(run_dir, out=None, paths=None, batch_size: int = 8, seq_len: int = 128,
+                       n_batches: int = 4, title: str = "") -> dict:
+    """Route the validation windows of each domain through a run's MoE and write, per layer,
+    the domain x expert shares, the Jensen-Shannon specialisation and each expert's top tokens
+    (minimoe/experts.py) into `out` (default run_dir/experts). `paths` routes other data in the
+    run's tokenizer. Written once: a re-run with the same settings reads specialisation.json."""
+    run_dir = Path(run_dir)
+    out = Path(out) if out else run_dir / "experts"
+    settings = {"paths": paths, "batch_size": batch_size, "seq_len": seq_len,
+                "n_batches": n_batches, "model_mtime_ns": ckpt.model_file(run_dir).stat().st_mtime_ns}
+    if (out / "specialisation.json").exists():
+        old = ckpt.read_json(out / "specialisation.json")
+        if old.get("settings") == settings:
+            return old
+    model, _ = ckpt.load_model(run_dir)
+    spec = run_data_spec(run_dir)
+    data = experts.run_data(paths or spec["paths"], spec)
+    batches = experts.domain_batches(data, batch_size, min(seq_len, model.cfg.max_seq_len),
+                                     n_batches)
+    result = experts.expert_specialisation(model, batches) | {"settings": settings,
+                                                               "folder": out.name}
+    _, tokenizer = load_run_data(spec)
+    experts.write_specialisation(result, out, tokenizer, title=title or str(run_dir))
+    return result
 
 
 # --- transformations between runs: load, transform, measure, save ---------------------------
