@@ -33,6 +33,7 @@ class RecipeConfig:
     cpt_lr: float = 1e-3  # continued pretraining starts from a trained model: a gentler rate
     vocab_size: int = 2048
     eval_every: int = 50
+    eval_batches: int = 8  # validation batches per evaluation (fewer: faster, noisier)
     seed: int = 0
 
     @property
@@ -44,8 +45,8 @@ class RecipeConfig:
         """The TrainConfig of one run; warmup defaults to a tenth of its steps."""
         warmup = max(1, steps // 10) if warmup is None else warmup
         return TrainConfig(steps=steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=lr,
-                           warmup_steps=warmup, eval_every=self.eval_every, ckpt_every=50,
-                           seed=self.seed)
+                           warmup_steps=warmup, eval_every=self.eval_every,
+                           eval_batches=self.eval_batches, ckpt_every=50, seed=self.seed)
 
 
 RECIPES = {

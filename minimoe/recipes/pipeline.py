@@ -79,7 +79,8 @@ def _check_pipeline_folder(out: Path, pc: RecipeConfig):
     path = out / "pipeline.json"
     settings = dataclasses.asdict(pc)
     if path.exists():
-        old = ckpt.read_json(path)
+        # a field added to RecipeConfig since the folder was made had its default then
+        old = {**dataclasses.asdict(RecipeConfig()), **ckpt.read_json(path)}
         if old != settings:
             key = next(k for k in settings if old.get(k) != settings[k])
             raise ValueError(f"out={out}: holds a pipeline with {key}={old.get(key)!r} "
