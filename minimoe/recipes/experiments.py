@@ -8,7 +8,8 @@ scale_out_experiment  AquilaMoE §3.2.2 and LLaMA-MoE: continue a grown dense mo
                       upcycled MoE, as LLaMA-MoE splits, and train the same MoE from scratch.
 
 Both write a CSV and a Markdown table, PNG plots, and `summary.json` into their folder, and skip
-the runs that are already finished when re-run.
+the runs that are already finished when re-run; the summary names every variant's run folder,
+so a notebook can load the trained models (notebooks/02_scale_up.ipynb, 03_scale_out.ipynb).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def scale_up_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress:
         ckpt.latest_checkpoint(small_run) / "state.json")["tokens"]
     large_per_token = flops_per_token(large_cfg, ec.seq_len).model
 
-    rows, curves = [], {}
+    rows, curves, runs = [], {}, {"Original": str(small_run)}
     original = evaluate(small, data, tc)["val_loss"]
     rows.append({"method": "Original", "width only": original, "at init": None, "final": None})
     for name, options in SCALE_UP_VARIANTS.items():
@@ -103,6 +104,7 @@ def scale_up_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress:
         _finish_run(out / f"init-{slug}", out / f"run-{slug}", model, spec, ec,
                     {"stage": "scale-up", "variant": name, "options": options}, progress)
         curves[name] = _val_points(out / f"run-{slug}", flops0, large_per_token)
+        runs[name] = str(out / f"run-{slug}")
         rows.append({"method": name, "width only": width_only, "at init": at_init,
                      "final": curves[name][-1]["val_loss"]})
     for row in rows:
@@ -111,7 +113,7 @@ def scale_up_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress:
     settings = dataclasses.asdict(ec)
     shapes = (f"M({small.cfg.n_layers}, {small.cfg.d_model})", f"M({small.cfg.n_layers}, {large_cfg.d_model})",
               f"M({large_cfg.n_layers}, {large_cfg.d_model})")
-    return _write_results(out, "scale-up", rows, curves, settings, shapes)
+    return _write_results(out, "scale-up", rows, curves, settings, runs, shapes)
 
 
 def scale_out_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress: bool = True,
@@ -146,7 +148,7 @@ def scale_out_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress
         "split-importance": lambda: split(dense, E, k, method="importance", calib=calib, seed=ec.seed),
         "MoE from scratch": None,
     }
-    rows, curves, loads = [], {}, {}
+    rows, curves, loads, runs = [], {}, {}, {}
     for name, make in variants.items():
         slug = _slug(name)
         if make is None:  # the upcycled shape, randomly initialised, trained for the same tokens
@@ -159,6 +161,7 @@ def scale_out_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress
             _finish_run(out / f"init-{slug}", out / f"run-{slug}", model, spec, ec,
                         {"stage": "scale-out", "variant": name}, progress)
         cfg = ckpt.read_config(out / f"run-{slug}")
+        runs[name] = str(out / f"run-{slug}")
         curves[name] = _val_points(out / f"run-{slug}", 0.0, flops_per_token(cfg, ec.seq_len).model)
         load = next((r["load"] for r in reversed(read_log(out / f"run-{slug}")) if r.get("load")), None)
         if load:
@@ -166,10 +169,12 @@ def scale_out_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress
         counts = cfg.param_counts()
         rows.append({"method": name, "params (total)": counts["total"], "params (active)": counts["active"],
                      "at init": at_init, "final": curves[name][-1]["val_loss"]})
-    return _write_results(out, "scale-out", rows, curves, dataclasses.asdict(ec), None, loads)
+    return _write_results(out, "scale-out", rows, curves, dataclasses.asdict(ec), runs, None, loads)
 
 
-def _write_results(out: Path, kind: str, rows, curves, settings, shapes=None, loads=None) -> dict:
+def _write_results(out: Path, kind: str, rows, curves, settings, runs, shapes=None, loads=None) -> dict:
+    """The table (CSV, Markdown), the plots and summary.json: rows, curves, settings, the run
+    folder of every variant (`runs`) and, for MoE runs, the last expert load each logged."""
     table = pd.DataFrame(rows)
     if shapes:  # name the loss columns by model shape, as the paper's Table 1 does
         small, wide, large = shapes
@@ -187,6 +192,6 @@ def _write_results(out: Path, kind: str, rows, curves, settings, shapes=None, lo
         md += ["![expert load](expert_load.png)", ""]
     md += ["Settings:", "", "```json", json.dumps(settings, indent=2), "```", ""]
     files.write_text(out / f"{kind}.md", "\n".join(md))
-    summary = {"rows": rows, "curves": curves, "settings": settings}
+    summary = {"rows": rows, "curves": curves, "settings": settings, "runs": runs, "loads": loads or {}}
     files.write_json(out / "summary.json", summary)
     return summary
