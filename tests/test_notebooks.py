@@ -21,7 +21,7 @@ FOLDER = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = ["01_dense_aquila.ipynb", "02_scale_up.ipynb", "03_scale_out.ipynb",
              "04_cost_simulator.ipynb"]
 # where a run on some machine would leave its trace: home and work folders, temp files, venvs
-MACHINE_PATHS = re.compile(r"/work/|/tmp/|/root\b|/home/|/Users/|site-packages|[A-Za-z]:\\\\Users")
+MACHINE_PATHS = re.compile(r"/work/|/tmp/|/root\b|/home/|/Users/|site-packages|[A-Za-z]:\\Users")
 FIGURE_CALLS = ("plt.show()", "display(Image(")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
