@@ -17,6 +17,9 @@ MoE.route picks them; no noise at evaluation) are counted by domain, and
   top_tokens[e]               the tokens routed to expert e most often, each with the share
                               of its occurrences that went there
 
+and, for one sentence, `token_routes` gives the experts of each of its tokens (the routing
+drawings of notebooks/03_scale_out.ipynb).
+
 Upcycled experts start identical and the router random, so the score measures how much
 specialisation continued pretraining has grown (arXiv 2408.06567 §2.3; Komatsuzaki et al.
 2023). Counting is routing only: a capacity limit may drop pairs after the choice.
@@ -32,7 +35,7 @@ import torch
 
 from minimoe import files
 from minimoe.data import prepare_corpus
-from minimoe.moe import MoE
+from minimoe.moe import MoE, Routing
 from minimoe.tokens import TokenData, load_tokenizer
 
 
@@ -86,6 +89,33 @@ def route_counts(model, batches: dict[str, list[torch.Tensor]]):
             hook.remove()
         model.train(was_training)
     return [i for i, _ in layers], pairs_LDE, by_token_LEV, seen_V
+
+
+@torch.no_grad()
+def token_routes(model, idx) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Where each token of one sequence goes, as the model routes at evaluation (no noise):
+    {MoE layer: (experts (T, K), combine weights (T, K))}, each token's experts in order of
+    weight. idx: the token ids, (T,) or (1, T). MoE.route itself decides, on the hidden state
+    that reaches the layer, so this is exactly the forward's choice."""
+    idx_1T = torch.as_tensor(idx).reshape(1, -1)
+    layers = {i: block.mlp for i, block in enumerate(model.layers) if isinstance(block.mlp, MoE)}
+    if not layers:
+        raise ValueError("model: has no MoE layer (a dense model routes nothing)")
+    routes: dict[int, Routing] = {}
+
+    def record(layer):
+        return lambda moe, args: routes.__setitem__(layer, moe.route(args[0].reshape(-1, args[0].shape[-1])))
+
+    hooks = [moe.register_forward_pre_hook(record(i)) for i, moe in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        model(idx_1T.to(next(model.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return {i: (routes[i].idx_TK.cpu(), routes[i].weight_TK.cpu()) for i in layers}
 
 
 def js_specialisation(pairs_DE) -> float:

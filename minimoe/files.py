@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from pathlib import Path
 
 
@@ -72,10 +73,14 @@ def save_figure(fig, path) -> Path:
 
 
 def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    """matplotlib.pyplot on the file-only Agg backend (no display needed), except inside a
+    notebook: there the inline backend stays, or the notebook's own figures after a call that
+    plots to a file (a training run's loss.png) would never show. save_figure closes every
+    figure it writes, so a file's figure never shows in the notebook either."""
     import matplotlib  # plotting commands only: matplotlib costs ~0.5 s to import
 
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules or "inline" not in matplotlib.get_backend():
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt

@@ -1,8 +1,9 @@
 """The scale-out recipe in quick mode: every variant trains, the table and plots are written.
-(The scale-up recipe runs through notebooks/scale_up_table1.ipynb, executed by nbmake.)"""
+(The scale-up recipe runs through notebooks/02_scale_up.ipynb, executed by nbmake.)"""
 
 import pytest
 
+from minimoe import checkpoint as ckpt
 from minimoe.recipes.config import RECIPES
 from minimoe.recipes.experiments import scale_out_experiment
 
@@ -36,6 +37,18 @@ def test_every_variant_is_in_the_table(summary):
         assert 0 < results["ppl"]["bpb"] < 9, name
     tasks = (out / "scale-out.md").read_text().split("## Tasks")[1]
     assert "cloze-zh acc_norm (%)" in tasks and "MoE from scratch" in tasks
+
+
+def test_the_summary_names_every_trained_model_and_its_load(summary):
+    out, s = summary
+    assert list(s["runs"]) == [r["method"] for r in s["rows"]]
+    for name, run in s["runs"].items():
+        cfg = ckpt.read_config(run)
+        assert cfg.param_counts()["total"] == {r["method"]: r for r in s["rows"]}[name]["params (total)"]
+        if cfg.is_moe:  # the last load it logged: one row per MoE layer, one count per expert
+            load = s["loads"][name]
+            assert len(load) == cfg.n_moe_layers and {len(row) for row in load} == {cfg.n_experts}
+    assert "dense (continued)" not in s["loads"]
 
 
 def test_rerun_reuses_finished_runs(summary):

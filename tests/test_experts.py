@@ -8,7 +8,7 @@ import torch
 
 from minimoe.cli import main
 from minimoe.config import PRESETS
-from minimoe.experts import expert_specialisation, js_specialisation
+from minimoe.experts import expert_specialisation, js_specialisation, route_counts, token_routes
 from minimoe.model import build_model
 from minimoe.recipes.stages import data_spec, pretrain
 from minimoe.train import TrainConfig
@@ -65,6 +65,26 @@ def test_domain_partitioning_router_scores_one():
     assert layer["domain_given_expert"][0][:2] == [1.0, 1.0]
     token, count, share = layer["top_tokens"][0][0]
     assert token < CFG.vocab_size // 2 and share == 1.0 and count >= 1
+
+
+def test_token_routes_give_each_token_the_experts_the_forward_chose():
+    def partition(v):  # as above: "low" tokens to experts 0 and 1, "high" ones to 2 and 3
+        return torch.stack([v, v, -v, -v]) * 10
+    model = _model(partition).train()
+    half = CFG.vocab_size // 2
+    idx_T = torch.tensor([1, half + 3, 7, half + 9, 2])
+    routes = token_routes(model, idx_T)
+    assert list(routes) == [0] and model.training  # one MoE layer; training mode given back
+    experts_TK, weights_TK = routes[0]
+    assert experts_TK.shape == weights_TK.shape == (5, CFG.top_k)
+    for token, experts in zip(idx_T.tolist(), experts_TK.tolist()):
+        assert set(experts) == ({0, 1} if token < half else {2, 3})
+    assert torch.allclose(weights_TK.sum(-1), torch.ones(5))
+    # the same choices route_counts counts on the same window
+    _, pairs_LDE, _, _ = route_counts(model, {"one": [idx_T[None]]})
+    assert torch.equal(pairs_LDE[0, 0], torch.bincount(experts_TK.flatten(), minlength=CFG.n_experts))
+    with pytest.raises(ValueError, match="no MoE layer"):
+        token_routes(build_model(PRESETS["tiny"]), idx_T)
 
 
 def test_experts_command_writes_heatmaps_scores_and_top_tokens(tmp_path, capsys):

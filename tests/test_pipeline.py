@@ -140,3 +140,15 @@ def test_a_different_pipeline_in_the_folder_is_refused(pipeline_dir, capsys):
     assert main(["pipeline", "--preset", "toy", "--out", str(pipeline_dir)]) == 2
     err = capsys.readouterr().err.strip()
     assert "holds a pipeline with" in err and len(err.splitlines()) == 1
+
+
+def test_a_folder_from_before_a_new_recipe_field_is_judged_by_its_default(tmp_path):
+    """pipeline.json written before RecipeConfig had eval_batches: the missing field counts as
+    its default, so only a real difference (here the seed) refuses the folder."""
+    import dataclasses
+
+    settings = dataclasses.asdict(get_recipe("tiny"))
+    del settings["eval_batches"]
+    (tmp_path / "pipeline.json").write_text(json.dumps({**settings, "seed": 1}))
+    with pytest.raises(ValueError, match="holds a pipeline with seed=1"):
+        run_pipeline(get_recipe("tiny"), tmp_path, progress=False)

@@ -40,3 +40,16 @@ def test_a_bad_recipe_file_is_one_line_exit_2(tmp_path, capsys, text, message):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_every_run_of_a_recipe_validates_on_its_batches(tmp_path):
+    recipe = get_recipe(str(_recipe_file(tmp_path, 'preset = "tiny"\neval_batches = 3\n')))
+    tc = recipe.train_config(recipe.steps, recipe.cpt_lr)
+    assert (tc.eval_batches, tc.batch_size, tc.seq_len) == (3, recipe.batch_size, recipe.seq_len)
+    assert RECIPES["tiny"].train_config(1, 1e-3).eval_batches == 8  # the default, as before
+
+
+def _recipe_file(folder: Path, text: str) -> Path:
+    path = folder / "recipe.toml"
+    path.write_text(text)
+    return path

@@ -35,6 +35,7 @@ class RecipeConfig:
     eval_every: int = 50
     eval_examples: int = 100  # examples per task of the evaluation table (minimoe/tasks.py)
     eval_chars: int = 10_000  # validation characters per language for bits per byte
+    eval_batches: int = 8  # validation batches per evaluation (fewer: faster, noisier)
     seed: int = 0
 
     @property
@@ -46,8 +47,8 @@ class RecipeConfig:
         """The TrainConfig of one run; warmup defaults to a tenth of its steps."""
         warmup = max(1, steps // 10) if warmup is None else warmup
         return TrainConfig(steps=steps, batch_size=self.batch_size, seq_len=self.seq_len, lr=lr,
-                           warmup_steps=warmup, eval_every=self.eval_every, ckpt_every=50,
-                           seed=self.seed)
+                           warmup_steps=warmup, eval_every=self.eval_every,
+                           eval_batches=self.eval_batches, ckpt_every=50, seed=self.seed)
 
 
 RECIPES = {

@@ -8,8 +8,10 @@ scale_out_experiment  AquilaMoE §3.2.2 and LLaMA-MoE: continue a grown dense mo
                       upcycled MoE, as LLaMA-MoE splits, and train the same MoE from scratch.
 
 Both write a CSV and a Markdown table, PNG plots, and `summary.json` into their folder, and skip
-the runs that are already finished when re-run. Every trained model is also scored on the
-pipeline's evaluation tasks (minimoe/tasks.py), a table of tasks x models.
+the runs that are already finished when re-run; the summary names every variant's run folder,
+so a notebook can load the trained models (notebooks/02_scale_up.ipynb, 03_scale_out.ipynb).
+Every trained model is also scored on the pipeline's evaluation tasks (minimoe/tasks.py), a
+table of tasks x models.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def _val_points(run_dir: Path, flops0: float, per_token: float) -> list[dict]:
     return val_curve({"log": read_log(run_dir), "flops_per_token": per_token}, 0.0, flops0)
 
 
-def _evaluate(runs: dict[str, Path], ec: RecipeConfig, progress: bool) -> dict[str, dict]:
+def _evaluate(runs: dict[str, str], ec: RecipeConfig, progress: bool) -> dict[str, dict]:
     """The evaluation tasks on each finished run (kept in its eval.json for re-runs)."""
     return {name: evaluate_run(run, limit=ec.eval_examples, ppl_chars=ec.eval_chars, seed=ec.seed,
                                cache=True, progress=progress) for name, run in runs.items()}
@@ -100,7 +102,7 @@ def scale_up_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress:
         ckpt.latest_checkpoint(small_run) / "state.json")["tokens"]
     large_per_token = flops_per_token(large_cfg, ec.seq_len).model
 
-    rows, curves = [], {}
+    rows, curves, runs = [], {}, {"Original": str(small_run)}
     original = evaluate(small, data, tc)["val_loss"]
     rows.append({"method": "Original", "width only": original, "at init": None, "final": None})
     for name, options in SCALE_UP_VARIANTS.items():
@@ -116,6 +118,7 @@ def scale_up_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress:
         _finish_run(out / f"init-{slug}", out / f"run-{slug}", model, spec, ec,
                     {"stage": "scale-up", "variant": name, "options": options}, progress)
         curves[name] = _val_points(out / f"run-{slug}", flops0, large_per_token)
+        runs[name] = str(out / f"run-{slug}")
         rows.append({"method": name, "width only": width_only, "at init": at_init,
                      "final": curves[name][-1]["val_loss"]})
     for row in rows:
@@ -124,8 +127,7 @@ def scale_up_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress:
     settings = dataclasses.asdict(ec)
     shapes = (f"M({small.cfg.n_layers}, {small.cfg.d_model})", f"M({small.cfg.n_layers}, {large_cfg.d_model})",
               f"M({large_cfg.n_layers}, {large_cfg.d_model})")
-    runs = {"Original": small_run, **{name: out / f"run-{_slug(name)}" for name in SCALE_UP_VARIANTS}}
-    return _write_results(out, "scale-up", rows, curves, settings, shapes,
+    return _write_results(out, "scale-up", rows, curves, settings, runs, shapes,
                           evaluation=_evaluate(runs, ec, progress))
 
 
@@ -161,7 +163,7 @@ def scale_out_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress
         "split-importance": lambda: split(dense, E, k, method="importance", calib=calib, seed=ec.seed),
         "MoE from scratch": None,
     }
-    rows, curves, loads = [], {}, {}
+    rows, curves, loads, runs = [], {}, {}, {}
     for name, make in variants.items():
         slug = _slug(name)
         if make is None:  # the upcycled shape, randomly initialised, trained for the same tokens
@@ -174,6 +176,7 @@ def scale_out_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress
             _finish_run(out / f"init-{slug}", out / f"run-{slug}", model, spec, ec,
                         {"stage": "scale-out", "variant": name}, progress)
         cfg = ckpt.read_config(out / f"run-{slug}")
+        runs[name] = str(out / f"run-{slug}")
         curves[name] = _val_points(out / f"run-{slug}", 0.0, flops_per_token(cfg, ec.seq_len).model)
         load = next((r["load"] for r in reversed(read_log(out / f"run-{slug}")) if r.get("load")), None)
         if load:
@@ -181,13 +184,15 @@ def scale_out_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress
         counts = cfg.param_counts()
         rows.append({"method": name, "params (total)": counts["total"], "params (active)": counts["active"],
                      "at init": at_init, "final": curves[name][-1]["val_loss"]})
-    runs = {name: out / f"run-{_slug(name)}" for name in variants}
-    return _write_results(out, "scale-out", rows, curves, dataclasses.asdict(ec), None, loads,
+    return _write_results(out, "scale-out", rows, curves, dataclasses.asdict(ec), runs, None, loads,
                           _evaluate(runs, ec, progress))
 
 
-def _write_results(out: Path, kind: str, rows, curves, settings, shapes=None, loads=None,
+def _write_results(out: Path, kind: str, rows, curves, settings, runs, shapes=None, loads=None,
                    evaluation=None) -> dict:
+    """The table (CSV, Markdown), the plots and summary.json: rows, curves, settings, the run
+    folder of every variant (`runs`), for MoE runs the last expert load each logged, and the
+    evaluation tasks of every run."""
     table = pd.DataFrame(rows)
     if shapes:  # name the loss columns by model shape, as the paper's Table 1 does
         small, wide, large = shapes
@@ -207,7 +212,7 @@ def _write_results(out: Path, kind: str, rows, curves, settings, shapes=None, lo
         md += ["## Tasks (after training)", ""] + evaluation_section(evaluation)
     md += ["Settings:", "", "```json", json.dumps(settings, indent=2), "```", ""]
     files.write_text(out / f"{kind}.md", "\n".join(md))
-    summary = {"rows": rows, "curves": curves, "settings": settings,
+    summary = {"rows": rows, "curves": curves, "settings": settings, "runs": runs, "loads": loads or {},
                "evaluation": {name: {task: r["metrics"] for task, r in results.items()}
                               for name, results in (evaluation or {}).items()}}
     files.write_json(out / "summary.json", summary)

@@ -111,14 +111,18 @@ def run_pipeline(pc: RecipeConfig, out, progress: bool = True) -> dict:
                                  evaluation, specialisation)
 
 
+EVAL_ONLY = ("eval_examples", "eval_chars")  # RecipeConfig fields that change no training
+
+
 def _check_pipeline_folder(out: Path, pc: RecipeConfig):
     """A pipeline folder belongs to one RecipeConfig; a different one is refused."""
     path = out / "pipeline.json"
     settings = dataclasses.asdict(pc)
     if path.exists():
-        old = ckpt.read_json(path)
-        for key in ("eval_examples", "eval_chars"):  # older pipelines: they change no training
-            old.setdefault(key, settings[key])
+        # a field added to RecipeConfig since the folder was made: the evaluation settings
+        # change no training, so they take today's value; any other had its default then
+        old = {**dataclasses.asdict(RecipeConfig()), **{k: settings[k] for k in EVAL_ONLY},
+               **{k: v for k, v in ckpt.read_json(path).items() if k not in EVAL_ONLY}}
         if old != settings:
             key = next(k for k in settings if old.get(k) != settings[k])
             raise ValueError(f"out={out}: holds a pipeline with {key}={old.get(key)!r} "

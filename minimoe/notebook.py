@@ -1,0 +1,40 @@
+"""What every teaching notebook (notebooks/*.ipynb) runs before its first lesson.
+
+A notebook reads and writes paths relative to the repository (sims/*.toml, runs/...), but
+Jupyter starts a kernel in the notebook's folder, and so does nbmake when the tests execute it;
+`setup` moves to the repository root so the same paths work from anywhere inside the clone.
+
+Each notebook's first code cell reads QUICK_ENV itself, so the reader sees the one parameter the
+test suite sets (tests/conftest.py): quick mode runs the same cells on smaller models and
+fewer steps, so that the suite executes every notebook in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+QUICK_ENV = "MINIMOE_NOTEBOOK_QUICK"  # "1": the notebooks run in quick mode (the tests)
+
+
+def project_root(start=None) -> Path:
+    """The minimoe checkout holding `start` (default: the working directory), else the one the
+    package was imported from: the nearest folder holding both pyproject.toml and sims/."""
+    start = Path.cwd() if start is None else Path(start)
+    start = start.resolve()
+    package_checkout = Path(__file__).resolve().parents[1]
+    for folder in [start, *start.parents, package_checkout]:
+        if (folder / "pyproject.toml").is_file() and (folder / "sims").is_dir():
+            return folder
+    raise ValueError(f"start={str(start)!r}: not inside a minimoe checkout (no folder above it "
+                     "holds pyproject.toml and sims/), and minimoe is not imported from one")
+
+
+def setup(start=None) -> None:
+    """Make the repository root the working directory (returns nothing, so a notebook's
+    output never shows the machine's paths)."""
+    os.chdir(project_root(start))
+    # tqdm.auto (the training loop's progress bar) warns at import inside a kernel without
+    # ipywidgets; the notebooks train with progress=False, so the warning tells a reader nothing
+    warnings.filterwarnings("ignore", message="IProgress not found")
