@@ -163,7 +163,7 @@ def plot_specialisation(result: dict, path: Path, title: str = ""):
     cols = min(4, len(layers))
     rows = math.ceil(len(layers) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 0.6 * len(result["domains"]) * rows + 1.4 * rows),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")  # room for the shared colorbar
     for ax, layer in zip(axes.flat, layers):
         image = ax.imshow(layer["expert_given_domain"], vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_title(f"layer {layer['layer']}: JS {layer['js']:.3f}", fontsize=9)

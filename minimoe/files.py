@@ -65,7 +65,8 @@ def save_figure(fig, path) -> Path:
     import matplotlib.pyplot as plt  # plotting commands only: matplotlib costs ~0.5 s to import
 
     path = Path(path)
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # a figure laid out by its own engine keeps it
+        fig.tight_layout()
     with atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

@@ -19,7 +19,7 @@ from minimoe.notebook import QUICK_ENV, project_root, setup
 FOLDER = Path(__file__).resolve().parents[1] / "notebooks"
 # issue 13's notebooks, in reading order
 NOTEBOOKS = ["01_dense_aquila.ipynb", "02_scale_up.ipynb", "03_scale_out.ipynb",
-             "04_cost_simulator.ipynb"]
+             "04_cost_simulator.ipynb", "05_full_pipeline.ipynb"]
 # where a run on some machine would leave its trace: home and work folders, temp files, venvs
 MACHINE_PATHS = re.compile(r"/work/|/tmp/|/root\b|/home/|/Users/|site-packages|[A-Za-z]:\\Users")
 FIGURE_CALLS = ("plt.show()", "display(Image(")

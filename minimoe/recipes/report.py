@@ -93,7 +93,9 @@ def specialisation_section(results: dict[str, dict]) -> list[str]:
              "The score is the Jensen-Shannon divergence between the domains' expert",
              "distributions, divided by log2(domains): 0 when the router ignores the domain, 1",
              "when each domain has experts of its own. Upcycled experts start as copies of one",
-             "MLP, so their specialisation is what continued pretraining grew.", "",
+             "MLP behind a random router, and a random router already sends the two languages",
+             "to different experts (their hidden states differ), so the start is not 0: the",
+             "change from the start to the end of scale-out is what continued pretraining did.", "",
              pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True), ""]
     for label, r in results.items():
         lines += [f"![{label}](experts/{r['folder']}/specialisation.png)", ""]
