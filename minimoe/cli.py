@@ -9,12 +9,14 @@ stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
 from pathlib import Path
 
 from minimoe import checkpoint as ckpt
+from minimoe import dist
 from minimoe import experts
 from minimoe.config import PRESETS, get_preset
 from minimoe.flops import ATTENTION, RECOMPUTE, check_report, flops_report
@@ -61,7 +63,8 @@ class _Parser(argparse.ArgumentParser):
 def _add_train_options(p):
     """Options of the one training loop, shared by every command that trains."""
     g = p.add_argument_group("training (defaults: TrainConfig)")
-    for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "ckpt_every", "seed"):
+    for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "ckpt_every", "log_every",
+                 "seed"):
         g.add_argument(f"--{name.replace('_', '-')}", type=int, default=TRAIN_DEFAULTS[name])
     g.add_argument("--lr", type=float, default=TRAIN_DEFAULTS["lr"])
     g.add_argument("--warmup", type=int, default=TRAIN_DEFAULTS["warmup_steps"], help="warmup steps")
@@ -76,14 +79,26 @@ def _add_train_options(p):
                    help="dynamic: step size of the update")
     g.add_argument("--mix-reference", default=TRAIN_DEFAULTS["mix_reference"], metavar="PATH",
                    help="dynamic: reference losses, a JSON file {domain: loss} or a run folder")
+    g = p.add_argument_group("under torchrun (minimoe/dist.py; --batch-size is the global batch)")
+    g.add_argument("--parallel", choices=["fsdp", "ddp"], default=TRAIN_DEFAULTS["parallel"],
+                   help="FSDP2 (with --bf16: bf16 compute, fp32 master weights and reduction) or DDP")
+    g.add_argument("--ep", type=int, default=TRAIN_DEFAULTS["ep"],
+                   help="expert-parallel ranks: each holds experts/ep experts of every MoE layer")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in backward")
+    g.add_argument("--compile", action="store_true", help="torch.compile each block")
 
 
 def _train_config(args) -> TrainConfig:
     return TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                        grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup,
-                       eval_every=args.eval_every, ckpt_every=args.ckpt_every, seed=args.seed,
+                       eval_every=args.eval_every, ckpt_every=args.ckpt_every,
+                       log_every=args.log_every, seed=args.seed,
                        bf16=args.bf16, device=args.device, mix=args.mix, mix_every=args.mix_every,
-                       mix_eta=args.mix_eta, mix_reference=args.mix_reference)
+                       mix_eta=args.mix_eta, mix_reference=args.mix_reference,
+                       parallel=args.parallel, ep=args.ep,
+                       activation_checkpointing=args.activation_checkpointing,
+                       compile=args.compile)
 
 
 def _add_info(p):
@@ -368,14 +383,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    # under torchrun: one process group for the command; what it prints comes from rank 0
+    dist.init_from_env(getattr(args, "device", "cpu"))
+    quiet = open(os.devnull, "w") if not dist.is_main() else None
     try:
-        COMMANDS[args.command][2](args)
+        with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
+            COMMANDS[args.command][2](args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"minimoe {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"minimoe {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        dist.shutdown()
+        if quiet:
+            quiet.close()
     return 0
 
 

@@ -40,6 +40,9 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
+
     def decode(self, ids) -> str:
         pieces = (EOS.encode() if i == self.eos_id else bytes([i]) for i in ids)
         return b"".join(pieces).decode("utf-8", errors="replace")
@@ -58,11 +61,16 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text).ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Many texts at once, on the tokenizers library's threads."""
+        return [encoding.ids for encoding in self._tokenizer.encode_batch(texts)]
+
     def decode(self, ids) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
-def _train_bpe(texts: list[str], vocab_size: int) -> str:
+def train_bpe(texts: list[str], vocab_size: int) -> str:
+    """A byte-level BPE trained on `texts`, as the tokenizers library's JSON."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -82,7 +90,7 @@ def load_tokenizer(corpus: Corpus, vocab_size: int = 2048, kind: str = "bpe"):
         raise ValueError(f"vocab_size {vocab_size}: must exceed 257 (256 bytes + {EOS})")
     path = corpus.path / f"tokenizer-bpe{vocab_size}.json"
     if not path.exists():
-        files.write_text(path, _train_bpe(corpus.texts("train"), vocab_size))
+        files.write_text(path, train_bpe(corpus.texts("train"), vocab_size))
     return BPETokenizer(path, name=f"bpe{vocab_size}-{corpus.hash[:8]}")
 
 

@@ -20,6 +20,7 @@ import dataclasses
 from pathlib import Path
 
 from minimoe import checkpoint as ckpt
+from minimoe import dist
 from minimoe import files
 from minimoe.config import get_preset
 from minimoe.flops import flops_per_token
@@ -44,8 +45,7 @@ def _stage_record(name: str, run_dir: Path, seq_len: int) -> dict:
 def run_pipeline(pc: RecipeConfig, out, progress: bool = True) -> dict:
     """Run (or resume) every stage and write the report; returns the report's numbers."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_pipeline_folder(out, pc)
+    dist.main_only(lambda: _check_pipeline_folder(out, pc))  # under torchrun: rank 0 writes
     spec = data_spec(None, pc.vocab_size, "bpe")
     warm = max(1, pc.prep_steps // 10)
 
@@ -71,11 +71,13 @@ def run_pipeline(pc: RecipeConfig, out, progress: bool = True) -> dict:
     stages = [_stage_record(name, out / run, pc.seq_len) for name, run in
               (("preparation", "1-prep"), ("scale-up", "3-scale-up"),
                ("scale-out", "5-scale-out"), ("from scratch", "6-scratch"))]
-    return write_pipeline_report(out / "report", dataclasses.asdict(pc), stages, transitions)
+    return dist.main_only(lambda: write_pipeline_report(out / "report", dataclasses.asdict(pc),
+                                                        stages, transitions))
 
 
 def _check_pipeline_folder(out: Path, pc: RecipeConfig):
     """A pipeline folder belongs to one RecipeConfig; a different one is refused."""
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "pipeline.json"
     settings = dataclasses.asdict(pc)
     if path.exists():

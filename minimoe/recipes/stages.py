@@ -3,6 +3,10 @@
 A run folder remembers its data (`run.json` -> "data": paths, tokenizer, vocabulary size), so a
 later stage grown from it (scale-up, scale-out, continued pretraining) sees exactly the same
 token stream and validation set, and validation losses compare across stages.
+
+Under torchrun every rank runs the same stage: training is distributed (minimoe/train.py), a
+transformation between runs and the data caches are made by rank 0 alone (`dist.main_only`),
+and the other ranks read what it wrote.
 """
 
 from __future__ import annotations
@@ -12,11 +16,13 @@ from pathlib import Path
 import torch
 
 from minimoe import checkpoint as ckpt
+from minimoe import dist
 from minimoe import files
 from minimoe.config import ModelConfig, get_preset
 from minimoe.evaluate import evaluate
 from minimoe.grow import grow_model, growth_report, plan_growth
 from minimoe.model import build_model
+from minimoe.shards import is_shard_folder, load_shards
 from minimoe.tokens import load_data
 from minimoe.train import RunResult, TrainConfig, train
 from minimoe.upcycle import scale_out
@@ -28,8 +34,18 @@ def data_spec(paths=None, vocab_size: int = 2048, tokenizer: str = "bpe") -> dic
 
 
 def load_run_data(spec: dict):
-    """(TokenData, tokenizer) for a data spec (the demo corpus when paths is None)."""
-    return load_data(spec["paths"], vocab_size=spec["vocab_size"], tokenizer=spec["tokenizer"])
+    """(TokenData, tokenizer) for a data spec: the demo corpus when paths is None, a folder of
+    pre-tokenised shards (`minimoe tokenize`), or text files and folders."""
+    paths = spec["paths"]
+    if paths and len(paths) == 1 and is_shard_folder(paths[0]):
+        return load_shards(paths[0])
+
+    def load():
+        return load_data(paths, vocab_size=spec["vocab_size"], tokenizer=spec["tokenizer"])
+
+    if dist.is_distributed():  # rank 0 builds the corpus and token caches; the others read them
+        dist.main_only(lambda: load() and None)
+    return load()
 
 
 def run_data_spec(run_dir) -> dict:
@@ -78,7 +94,10 @@ def transform_run(src, out, transform, meta: dict, tc: TrainConfig | None = None
     A finished `out` is not redone; its report is returned. `tc` sets the validation batches
     (batch size, sequence length, count), so the losses compare with the runs around it.
     """
-    src, out = Path(src), Path(out)
+    return dist.main_only(lambda: _transform_run(Path(src), Path(out), transform, meta, tc))
+
+
+def _transform_run(src: Path, out: Path, transform, meta: dict, tc) -> dict:
     report_path = out / "transform.json"
     request = {**meta, "source": str(src.resolve())}
     if (out / "model.safetensors").exists():  # done before: fine if it is the same request
