@@ -40,6 +40,7 @@ from minimoe.sim.options import parse_assignments
 from minimoe.sim.plots import plot_validation
 from minimoe.sim.search import plan, plan_report
 from minimoe.sim.validate import validate, validation_json, validation_text
+from minimoe.shards import SHARD_TOKENS, tokenize
 from minimoe.tables import info_table
 from minimoe.train import TrainConfig
 from minimoe.upcycle import LAYER_CHOICES, SCALE_OUT_METHODS
@@ -115,8 +116,8 @@ def _add_pretrain(p):
     src.add_argument("--preset", help="a fresh model of this preset (see `minimoe info`)")
     src.add_argument("--init", metavar="RUN", help="continue pretraining the model of a run")
     p.add_argument("--out", required=True, help="run folder (resumed if it holds this run)")
-    p.add_argument("--data", nargs="+", metavar="PATH", help=".txt/.jsonl files or folders "
-                   "(default: the bilingual demo corpus)")
+    p.add_argument("--data", nargs="+", metavar="PATH", help=".txt/.jsonl files or folders, or "
+                   "a shard folder of `minimoe tokenize` (default: the bilingual demo corpus)")
     p.add_argument("--vocab-size", type=int, default=RECIPES["toy"].vocab_size)
     p.add_argument("--tokenizer", choices=["bpe", "byte"], default="bpe")
     _add_train_options(p)
@@ -134,6 +135,31 @@ def _run_pretrain(args):
     val = ", ".join(f"{k}={v:.3f}" for k, v in result.final_val.items())
     print(f"{result.out_dir}: {result.steps} steps, {result.tokens:,} tokens, "
           f"{result.train_time:.0f} s of training; {val}")
+
+
+def _add_tokenize(p):
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help=".txt/.jsonl files or folders, streamed (one domain per file or folder)")
+    p.add_argument("--out", required=True, help="shard folder; then `pretrain --data OUT`")
+    p.add_argument("--tokenizer", default="bpe",
+                   help="bpe (trained here on a sample of the text), byte, or a tokenizer.json")
+    p.add_argument("--vocab-size", type=int, default=RECIPES["toy"].vocab_size, help="for bpe")
+    p.add_argument("--val-fraction", type=float, default=0.03)
+    p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file")
+    p.add_argument("--seed", type=int, default=0, help="the train/val split's hash")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _run_tokenize(args):
+    m = dist.main_only(lambda: tokenize(args.data, args.out, args.tokenizer, args.vocab_size,
+                                        args.val_fraction, args.seed, args.shard_tokens,
+                                        progress=not args.no_progress))
+    n_shards = (sum(len(e) for e in m["shards"]["train"].values())
+                + sum(len(e) for langs in m["shards"]["val"].values() for e in langs.values()))
+    domains = ", ".join(f"{d} {n:,}" for d, n in m["tokens_by_domain"]["train"].items())
+    print(f"{args.out}: {m['tokens']['train']:,} training + {m['tokens']['val']:,} validation "
+          f"tokens in {n_shards} {m['dtype']} shards (vocabulary {m['vocab_size']:,}; "
+          f"training tokens by domain: {domains}); train with --data {args.out}")
 
 
 # --- recipes ----------------------------------------------------------------------------
@@ -357,6 +383,8 @@ COMMANDS = {
     "pipeline": ("preparation -> scale-up -> scale-out vs from scratch, with a report",
                  _add_pipeline, _run_pipeline),
     "pretrain": ("train a model on the demo corpus or your text", _add_pretrain, _run_pretrain),
+    "tokenize": ("stream text of any size into pre-tokenised shards", _add_tokenize,
+                 _run_tokenize),
     "scale-up": ("grow a run's model wider and deeper (FPI, AKI, AKI-Pro)", _add_scale_up, _run_scale_up),
     "scale-out": ("turn a dense run's model into an MoE (upcycle or split)", _add_scale_out, _run_scale_out),
     "experiment": ("the paper's validation experiments at toy scale", _add_experiment, _run_experiment),

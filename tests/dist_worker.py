@@ -4,9 +4,10 @@
                                           [--kill-rank R] [--device cpu|cuda] [--bf16]
     python tests/dist_worker.py ep [--device cpu|cuda]
 
-`train` trains the tiny model (or a tiny MoE) for 6 steps, logging every step and checkpointing
-every 2; --kill-at S makes rank R (every rank when R < 0) SIGKILL itself right after step S, in
-the first attempt of a torchrun job only (TORCHELASTIC_RESTART_COUNT), so a restart runs on.
+`train` trains the tiny model (or a tiny MoE) for 6 steps of 2 micro-batches (gradients reduced
+on the second only), logging every step and checkpointing every 2; --kill-at S makes rank R
+(every rank when R < 0) SIGKILL itself right after step S, in the first attempt of a torchrun
+job only (TORCHELASTIC_RESTART_COUNT), so a restart runs on.
 `ep` checks that an expert-parallel MoE computes what one process's MoE computes.
 """
 
@@ -32,9 +33,9 @@ def train(args):
         cfg = cfg.replace(n_experts=4, top_k=2)
     # balance=0: the balance loss is a product of per-rank means, the one term whose sum over
     # ranks is not one process's (every other loss is a mean over tokens)
-    tc = TrainConfig(steps=6, batch_size=4, seq_len=32, warmup_steps=2, eval_every=3,
-                     eval_batches=2, ckpt_every=2, log_every=1, parallel=args.parallel,
-                     ep=args.ep, device=args.device, bf16=args.bf16,
+    tc = TrainConfig(steps=6, batch_size=4, seq_len=32, grad_accum=2, warmup_steps=2,
+                     eval_every=3, eval_batches=2, ckpt_every=2, log_every=1,
+                     parallel=args.parallel, ep=args.ep, device=args.device, bf16=args.bf16,
                      aux=AuxLossConfig(balance=0.0))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     with open(f"{args.out}.attempts", "a") as f:  # beside the run folder: which attempts ran
