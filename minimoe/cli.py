@@ -32,6 +32,8 @@ from minimoe.recipes.stages import (
     pretrain,
     run_data_spec,
     scale_out_run,
+    stream_grow_run,
+    stream_scale_out_run,
 )
 from minimoe.sim.hardware import CATALOGUE, get_device
 from minimoe.sim.scenario import dumps
@@ -215,10 +217,13 @@ def _add_scale_up(p):
     p.add_argument("--kv", choices=KV_OPTIONS, default="keep",
                    help="mean-pool: average KV heads when the target has fewer groups")
     p.add_argument("--out", required=True, help="run folder for the grown model")
+    p.add_argument("--stream", action="store_true", help="full-size checkpoints: safetensors to "
+                   "safetensors one tensor at a time (no validation loss measured)")
 
 
 def _run_scale_up(args):
-    r = grow_run(args.src, args.to, args.out, args.method, args.depth, args.mapping, args.seed, args.kv)
+    grow = stream_grow_run if args.stream else grow_run
+    r = grow(args.src, args.to, args.out, args.method, args.depth, args.mapping, args.seed, args.kv)
     _print_transform(args.out, r, f"{args.method}, depth {r['growth']['depth']}")
 
 
@@ -246,6 +251,8 @@ def _add_scale_out(p):
                    help="split-importance*: batches (8 x 128 tokens) of the run's training data")
     p.add_argument("--seed", type=int, default=0, help="router init and random/cluster splits")
     p.add_argument("--out", required=True, help="run folder for the MoE model")
+    p.add_argument("--stream", action="store_true", help="upcycle: safetensors to safetensors "
+                   "one tensor at a time, neither model in memory (no validation loss measured)")
 
 
 def _run_scale_out(args):
@@ -254,8 +261,14 @@ def _run_scale_out(args):
         if args.method == "upcycle":
             raise ValueError("--scale: only the split-* methods scale expert outputs")
         options["scale"] = args.scale
-    r = scale_out_run(args.src, args.out, args.method, args.experts, args.top_k,
-                      args.calib_batches, args.seed, **options)
+    if args.stream:
+        if args.method != "upcycle":
+            raise ValueError(f"--stream: streams method upcycle only, not {args.method!r} "
+                             "(a split reads whole MLPs and calibration data)")
+        r = stream_scale_out_run(args.src, args.out, args.experts, args.top_k, args.seed, **options)
+    else:
+        r = scale_out_run(args.src, args.out, args.method, args.experts, args.top_k,
+                          args.calib_batches, args.seed, **options)
     _print_transform(args.out, r, f"{args.method}, {args.experts} experts, top-{args.top_k}")
 
 
@@ -366,8 +379,9 @@ def _run_experts(args):
 
 # --- bench: its code lives apart (minimoe/bench/), imported only when asked for -----------
 def _add_bench(p):
-    p.add_argument("name", choices=["train", "moe", "grow", "sim"])
+    p.add_argument("name", choices=["train", "moe", "grow", "upcycle", "dist", "sim"])
     p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
+    p.add_argument("--compile", action="store_true", help="train: also torch.compile each block")
 
 
 def _run_bench(args):
