@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -23,6 +24,8 @@ from minimoe.flops import ATTENTION, RECOMPUTE, check_report, flops_report
 from minimoe.grow import DEPTHS, KV_OPTIONS, MAPPINGS, METHODS
 from minimoe.recipes import experiments
 from minimoe.recipes.config import RECIPES, get_recipe
+from minimoe.recipes.dry_run import dry_run, dry_run_report
+from minimoe.recipes.launch import launch_args, load_launch_recipe
 from minimoe.recipes.pipeline import run_pipeline
 from minimoe.recipes.stages import (
     continue_pretraining,
@@ -204,6 +207,27 @@ def _run_experiment(args):
     table = Path(args.out) / f"{args.name}.md"
     print(table)
     print(table.read_text(encoding="utf-8").split("\n![")[0])
+
+
+def _add_dry_run(p):
+    p.add_argument("recipe", help="a full-size launch recipe, e.g. scaling/full/aquilamoe-8x16b.toml")
+    p.add_argument("--ranks", type=int, help="gloo ranks to spawn (default 2 x the recipe's ep)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _run_dry_run(args):
+    result = dry_run(args.recipe, args.ranks)
+    print(json.dumps(result, indent=2) if args.json else dry_run_report(result))
+
+
+def _add_launch_args(p):
+    p.add_argument("recipe", help="a full-size launch recipe (scaling/full/)")
+    p.add_argument("step", choices=["prepare", "train", "node"],
+                   help="the minimoe arguments of a step, or the recipe's nodes (launch.sh)")
+
+
+def _run_launch_args(args):
+    print(launch_args(load_launch_recipe(args.recipe), args.step))
 
 
 # --- transformations --------------------------------------------------------------------
@@ -402,6 +426,10 @@ COMMANDS = {
     "scale-up": ("grow a run's model wider and deeper (FPI, AKI, AKI-Pro)", _add_scale_up, _run_scale_up),
     "scale-out": ("turn a dense run's model into an MoE (upcycle or split)", _add_scale_out, _run_scale_out),
     "experiment": ("the paper's validation experiments at toy scale", _add_experiment, _run_experiment),
+    "dry-run": ("a full-size recipe's parallel plan on meta tensors, against the simulator",
+                _add_dry_run, _run_dry_run),
+    "launch-args": ("the commands of a full-size recipe (what scaling/launch.sh runs)",
+                    _add_launch_args, _run_launch_args),
     "info": ("shapes and parameter counts of a preset", _add_info, _run_info),
     "flops": ("analytic FLOPs per token of a preset, per component", _add_flops, _run_flops),
     "simulate": ("account a TOML scenario of training phases (sims/)", _add_simulate, _run_simulate),

@@ -125,12 +125,33 @@ def main_only(fn):
 
 
 # --- data and numbers -------------------------------------------------------------------
-def rows(batch: torch.Tensor) -> torch.Tensor:
-    """This rank's rows of a global batch: rank r of w takes the r-th of w equal slices."""
-    n, w = len(batch), world_size()
+def row_slice(n: int) -> slice:
+    """This rank's rows of a global batch of n: rank r of w takes the r-th of w equal slices."""
+    w = world_size()
     if n % w:
         raise ValueError(f"batch_size={n}: must be divisible by the {w} ranks")
-    return batch[rank() * n // w:(rank() + 1) * n // w]
+    return slice(rank() * n // w, (rank() + 1) * n // w)
+
+
+def rows(batch: torch.Tensor) -> torch.Tensor:
+    return batch[row_slice(len(batch))]
+
+
+class RankRows:
+    """The data as one rank evaluates it: its rows of every validation batch (the rest of the
+    data's interface unchanged), so the ranks share each batch and the mean over ranks is the
+    batch's mean."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+    def val_batches(self, batch_size: int, seq_len: int, n_batches: int | None = None,
+                    lang: str | None = None):
+        return [(rows(x), rows(y))
+                for x, y in self.data.val_batches(batch_size, seq_len, n_batches, lang)]
 
 
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
@@ -227,8 +248,11 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, mode: str = "fsdp",
                              "(DDP would average different experts' gradients)")
         apply_expert_parallel(model, mesh["ep"])
     if mode == "ddp":
-        ids = [local_rank()] if next(model.parameters()).is_cuda else None
-        return Parallel(model, DistributedDataParallel(model, device_ids=ids), "ddp")
+        first = next(model.parameters())
+        ids = [local_rank()] if first.is_cuda else None
+        # on the meta device (a dry run) there are no values to broadcast from rank 0
+        ddp = DistributedDataParallel(model, device_ids=ids, init_sync=not first.is_meta)
+        return Parallel(model, ddp, "ddp")
     _fully_shard(model, mesh, mixed_precision)
     return Parallel(model, model, "fsdp", mixed_precision)
 
@@ -256,17 +280,20 @@ def _shard_experts(moe: MoE, mesh: DeviceMesh, everyone: DeviceMesh, policy):
     for child in (moe.router, moe.router_noise, moe.shared):
         if child is not None:
             fully_shard(child, mesh=everyone, mp_policy=policy)
-    dp = mesh["dp"].size()
-    local = getattr(moe, EXPERT_WEIGHTS[0]).to_local()
-    # shard the experts' dim 0 when the local experts divide evenly, else dim 1 (D), as
-    # torchtitan does when dp x ep exceeds the expert count
-    dim = 0 if local.shape[0] % dp == 0 or local.shape[1] % dp else 1
+    dim = expert_shard_dim(tuple(getattr(moe, EXPERT_WEIGHTS[0]).to_local().shape),
+                           mesh["dp"].size())
     unit = fully_shard(moe, mesh=mesh["dp"], mp_policy=policy,
                        shard_placement_fn=lambda param: Shard(dim))
     # Each rank's expert gradient already sums the tokens of its whole EP group (the
     # all-to-all's backward), so the mean over the data divides by all dp x ep ranks
     # (torchtitan: set_gradient_divide_factor).
     unit.set_gradient_divide_factor(float(mesh.size()))
+
+
+def expert_shard_dim(local_shape: tuple[int, ...], dp: int) -> int:
+    """The dim FSDP2 shards a rank's stacked experts on over dp replicas: 0 (the experts) when
+    they divide evenly, else 1 (D), as torchtitan does when dp x ep exceeds the expert count."""
+    return 0 if local_shape[0] % dp == 0 or local_shape[1] % dp else 1
 
 
 def checkpoint_block(block: nn.Module) -> None:

@@ -173,18 +173,19 @@ class TokenData:
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # x, and y = next token: (B, T)
 
     def train_batch(self, step: int, batch_size: int, seq_len: int, seed: int = 0,
-                    weights: dict[str, float] | None = None):
+                    weights: dict[str, float] | None = None, rows: slice | None = None):
         """Random windows that depend on (seed, step, batch_size, seq_len, weights) only: no
         iterator state, so a run resumed at step i sees exactly the batches of an unbroken run.
-        weights=None: windows anywhere in the stream, so each domain in proportion to its size."""
+        weights=None: windows anywhere in the stream, so each domain in proportion to its size.
+        rows: read only these rows of the batch (a data-parallel rank's share)."""
         tokens = self._array("train")
         if weights is not None:
-            return self._windows(tokens, self.mixed_starts(step, batch_size, seq_len, seed,
-                                                           weights)[0], seq_len)
-        generator = torch.Generator().manual_seed(_seed_for(seed, step))
-        high = max(len(tokens) - seq_len, 1)  # the last start whose target window still fits
-        starts = torch.randint(0, high, (batch_size,), generator=generator).tolist()
-        return self._windows(tokens, starts, seq_len)
+            starts = self.mixed_starts(step, batch_size, seq_len, seed, weights)[0]
+        else:
+            generator = torch.Generator().manual_seed(_seed_for(seed, step))
+            high = max(len(tokens) - seq_len, 1)  # the last start whose target window still fits
+            starts = torch.randint(0, high, (batch_size,), generator=generator).tolist()
+        return self._windows(tokens, starts if rows is None else starts[rows], seq_len)
 
     def mixed_starts(self, step: int, batch_size: int, seq_len: int, seed: int,
                      weights: dict[str, float]) -> tuple[list[int], list[str]]:

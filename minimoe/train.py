@@ -176,11 +176,13 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
     if step >= tc.steps and (out_dir / "model.safetensors").exists():  # finished earlier
         return RunResult(out_dir, step, tokens, train_time, _final_val(history), history)
     if step == 0 and not any("val_loss" in r for r in history):
-        history.append(_log(log_path, {"step": 0, "tokens": 0, **evaluate(model, data, tc)}, main))
+        history.append(_log(log_path, {"step": 0, "tokens": 0, **_evaluate(model, data, tc)},
+                            main))
 
     bar = _progress(tc.steps, step, progress and main)
     last_good = latest
     autocast = tc.bf16 and not parallel.mixed_precision  # FSDP2 casts by its policy instead
+    own_rows = dist.row_slice(tc.batch_size) if dist.is_distributed() else None  # this rank's
     while step < tc.steps:
         t0 = time.perf_counter()
         lr = lr_at(step, tc)
@@ -189,8 +191,8 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
         loss_sum, parts_sum = 0.0, {}
         for micro in range(tc.grad_accum):
             x, y = data.train_batch(step * tc.grad_accum + micro, tc.batch_size, tc.seq_len,
-                                    seed=tc.seed, weights=weights)
-            x, y = dist.rows(x).to(device), dist.rows(y).to(device)  # this rank's rows
+                                    seed=tc.seed, weights=weights, rows=own_rows)
+            x, y = x.to(device), y.to(device)
             with parallel.sync(last=micro == tc.grad_accum - 1):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                     logits = parallel.module(x)
@@ -217,7 +219,7 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
                   "grad_norm": grad_norm, "tok_per_s": tc.tokens_per_step / dt, **parts_sum}
         update = dynamic and step % tc.mix_every == 0 and step < tc.steps
         if step % tc.eval_every == 0 or step == tc.steps or update:
-            record.update(evaluate(model, data, tc))
+            record.update(_evaluate(model, data, tc))
         if weights is not None:
             record["mix"] = weights  # the weights this step's batches were drawn with
         if update:  # Sheared-LLaMA: from the next step on, more of the lagging domains
@@ -245,6 +247,13 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
         mixing.plot_weights(history, out_dir / "mix.png", title=f"domain weights ({tc.mix})")
     dist.barrier()
     return RunResult(out_dir, step, tokens, train_time, _final_val(history), history)
+
+
+def _evaluate(model, data, tc: TrainConfig) -> dict[str, float]:
+    """Validation losses; under torchrun each rank takes its rows of every batch."""
+    if not dist.is_distributed():
+        return evaluate(model, data, tc)
+    return dist.mean_over_ranks(evaluate(model, dist.RankRows(data), tc))
 
 
 def _parallelize(model, tc: TrainConfig, device: torch.device) -> dist.Parallel:
