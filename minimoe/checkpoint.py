@@ -180,7 +180,7 @@ def load_model(run_dir: Path, device="cpu"):
     model = build_model(cfg, device=device)
     if sharded:  # an unfinished run of several ranks: its last DCP checkpoint, in one process
         weights = {"model": get_model_state_dict(model)}
-        _dcp_load(weights, path)
+        _dcp_load(weights, path, no_dist=True)  # read by this process alone, whatever the rest do
         set_model_state_dict(model, weights["model"])
     else:
         load_into(model, load_tensors(path), path)
@@ -275,11 +275,11 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     return state
 
 
-def _dcp_load(state: dict, path: Path):
+def _dcp_load(state: dict, path: Path, no_dist: bool = False):
     try:
         with warnings.catch_warnings():  # one process reading a DCP checkpoint is intended here
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=path, no_dist=not _several_ranks())
+            dcp.load(state, checkpoint_id=path, no_dist=no_dist or not _several_ranks())
     except (RuntimeError, ValueError, OSError) as err:
         raise CheckpointError(f"{path}: unreadable distributed checkpoint "
                               f"({str(err).splitlines()[0]})") from None

@@ -106,17 +106,25 @@ def barrier() -> None:
         dist.barrier()
 
 
+_inside_main_only = False
+
+
 def main_only(fn):
     """Run fn() on rank 0 only (a check, a write); every rank returns its result or raises its
-    error, so the ranks never wait on one that failed."""
-    if not is_distributed():
+    error, so the ranks never wait on one that failed. fn must not use the other ranks: a
+    main_only inside it just runs (rank 0 is alone there)."""
+    global _inside_main_only
+    if not is_distributed() or _inside_main_only:
         return fn()
     box = [None]
     if is_main():
+        _inside_main_only = True
         try:
             box = [(True, fn())]
         except Exception as err:  # re-raised on every rank below
             box = [(False, err)]
+        finally:
+            _inside_main_only = False
     dist.broadcast_object_list(box, src=0)
     ok, value = box[0]
     if not ok:
