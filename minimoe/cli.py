@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import json
 import os
 import sys
 from pathlib import Path
@@ -19,13 +17,20 @@ from pathlib import Path
 from minimoe import checkpoint as ckpt
 from minimoe import dist
 from minimoe import experts
+from minimoe.cli_full import (
+    add_dry_run,
+    add_launch_args,
+    add_tokenize,
+    run_dry_run,
+    run_launch_args,
+    run_tokenize,
+)
+from minimoe.cli_train import add_train_options, train_config
 from minimoe.config import PRESETS, get_preset
 from minimoe.flops import ATTENTION, RECOMPUTE, check_report, flops_report
 from minimoe.grow import DEPTHS, KV_OPTIONS, MAPPINGS, METHODS
 from minimoe.recipes import experiments
 from minimoe.recipes.config import RECIPES, get_recipe
-from minimoe.recipes.dry_run import dry_run, dry_run_report
-from minimoe.recipes.launch import launch_args, load_launch_recipe
 from minimoe.recipes.pipeline import run_pipeline
 from minimoe.recipes.stages import (
     continue_pretraining,
@@ -45,9 +50,7 @@ from minimoe.sim.options import parse_assignments
 from minimoe.sim.plots import plot_validation
 from minimoe.sim.search import plan, plan_report
 from minimoe.sim.validate import validate, validation_json, validation_text
-from minimoe.shards import SHARD_TOKENS, tokenize
 from minimoe.tables import info_table
-from minimoe.train import TrainConfig
 from minimoe.upcycle import LAYER_CHOICES, SCALE_OUT_METHODS
 
 DESCRIPTION = """\
@@ -56,55 +59,10 @@ dense model, scale it up (FPI, AKI, AKI-Pro), scale it out into a Mixture of Exp
 upcycling, LLaMA-MoE splits), and account for the savings; estimate full-size runs with the
 FLOPs and cost simulator. Start with `minimoe pipeline`."""
 
-TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors: one line, exit 2
         print(f"minimoe: error: {message}", file=sys.stderr)
         sys.exit(2)
-
-
-# --- training ---------------------------------------------------------------------------
-def _add_train_options(p):
-    """Options of the one training loop, shared by every command that trains."""
-    g = p.add_argument_group("training (defaults: TrainConfig)")
-    for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "ckpt_every", "log_every",
-                 "seed"):
-        g.add_argument(f"--{name.replace('_', '-')}", type=int, default=TRAIN_DEFAULTS[name])
-    g.add_argument("--lr", type=float, default=TRAIN_DEFAULTS["lr"])
-    g.add_argument("--warmup", type=int, default=TRAIN_DEFAULTS["warmup_steps"], help="warmup steps")
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast (for GPUs: slow on AVX2 CPUs)")
-    g.add_argument("--device", default=TRAIN_DEFAULTS["device"])
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--mix", default=TRAIN_DEFAULTS["mix"], help="domain mix: size (in proportion "
-                   "to size), en-kjv=0.3,zh-pd1998=0.7 (static) or dynamic (Sheared-LLaMA)")
-    g.add_argument("--mix-every", type=int, default=TRAIN_DEFAULTS["mix_every"],
-                   help="dynamic: steps between weight updates")
-    g.add_argument("--mix-eta", type=float, default=TRAIN_DEFAULTS["mix_eta"],
-                   help="dynamic: step size of the update")
-    g.add_argument("--mix-reference", default=TRAIN_DEFAULTS["mix_reference"], metavar="PATH",
-                   help="dynamic: reference losses, a JSON file {domain: loss} or a run folder")
-    g = p.add_argument_group("under torchrun (minimoe/dist.py; --batch-size is the global batch)")
-    g.add_argument("--parallel", choices=["fsdp", "ddp"], default=TRAIN_DEFAULTS["parallel"],
-                   help="FSDP2 (with --bf16: bf16 compute, fp32 master weights and reduction) or DDP")
-    g.add_argument("--ep", type=int, default=TRAIN_DEFAULTS["ep"],
-                   help="expert-parallel ranks: each holds experts/ep experts of every MoE layer")
-    g.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each block's activations in backward")
-    g.add_argument("--compile", action="store_true", help="torch.compile each block")
-
-
-def _train_config(args) -> TrainConfig:
-    return TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                       grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup,
-                       eval_every=args.eval_every, ckpt_every=args.ckpt_every,
-                       log_every=args.log_every, seed=args.seed,
-                       bf16=args.bf16, device=args.device, mix=args.mix, mix_every=args.mix_every,
-                       mix_eta=args.mix_eta, mix_reference=args.mix_reference,
-                       parallel=args.parallel, ep=args.ep,
-                       activation_checkpointing=args.activation_checkpointing,
-                       compile=args.compile)
 
 
 def _add_info(p):
@@ -125,11 +83,11 @@ def _add_pretrain(p):
                    "a shard folder of `minimoe tokenize` (default: the bilingual demo corpus)")
     p.add_argument("--vocab-size", type=int, default=RECIPES["toy"].vocab_size)
     p.add_argument("--tokenizer", choices=["bpe", "byte"], default="bpe")
-    _add_train_options(p)
+    add_train_options(p)
 
 
 def _run_pretrain(args):
-    tc = _train_config(args)
+    tc = train_config(args)
     if args.init:
         if args.data:
             raise ValueError("--data: a continued run uses the data of --init's run")
@@ -140,31 +98,6 @@ def _run_pretrain(args):
     val = ", ".join(f"{k}={v:.3f}" for k, v in result.final_val.items())
     print(f"{result.out_dir}: {result.steps} steps, {result.tokens:,} tokens, "
           f"{result.train_time:.0f} s of training; {val}")
-
-
-def _add_tokenize(p):
-    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                   help=".txt/.jsonl files or folders, streamed (one domain per file or folder)")
-    p.add_argument("--out", required=True, help="shard folder; then `pretrain --data OUT`")
-    p.add_argument("--tokenizer", default="bpe",
-                   help="bpe (trained here on a sample of the text), byte, or a tokenizer.json")
-    p.add_argument("--vocab-size", type=int, default=RECIPES["toy"].vocab_size, help="for bpe")
-    p.add_argument("--val-fraction", type=float, default=0.03)
-    p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file")
-    p.add_argument("--seed", type=int, default=0, help="the train/val split's hash")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def _run_tokenize(args):
-    m = dist.main_only(lambda: tokenize(args.data, args.out, args.tokenizer, args.vocab_size,
-                                        args.val_fraction, args.seed, args.shard_tokens,
-                                        progress=not args.no_progress))
-    n_shards = (sum(len(e) for e in m["shards"]["train"].values())
-                + sum(len(e) for langs in m["shards"]["val"].values() for e in langs.values()))
-    domains = ", ".join(f"{d} {n:,}" for d, n in m["tokens_by_domain"]["train"].items())
-    print(f"{args.out}: {m['tokens']['train']:,} training + {m['tokens']['val']:,} validation "
-          f"tokens in {n_shards} {m['dtype']} shards (vocabulary {m['vocab_size']:,}; "
-          f"training tokens by domain: {domains}); train with --data {args.out}")
 
 
 # --- recipes ----------------------------------------------------------------------------
@@ -207,27 +140,6 @@ def _run_experiment(args):
     table = Path(args.out) / f"{args.name}.md"
     print(table)
     print(table.read_text(encoding="utf-8").split("\n![")[0])
-
-
-def _add_dry_run(p):
-    p.add_argument("recipe", help="a full-size launch recipe, e.g. scaling/full/aquilamoe-8x16b.toml")
-    p.add_argument("--ranks", type=int, help="gloo ranks to spawn (default 2 x the recipe's ep)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-
-
-def _run_dry_run(args):
-    result = dry_run(args.recipe, args.ranks)
-    print(json.dumps(result, indent=2) if args.json else dry_run_report(result))
-
-
-def _add_launch_args(p):
-    p.add_argument("recipe", help="a full-size launch recipe (scaling/full/)")
-    p.add_argument("step", choices=["prepare", "train", "node"],
-                   help="the minimoe arguments of a step, or the recipe's nodes (launch.sh)")
-
-
-def _run_launch_args(args):
-    print(launch_args(load_launch_recipe(args.recipe), args.step))
 
 
 # --- transformations --------------------------------------------------------------------
@@ -421,15 +333,14 @@ COMMANDS = {
     "pipeline": ("preparation -> scale-up -> scale-out vs from scratch, with a report",
                  _add_pipeline, _run_pipeline),
     "pretrain": ("train a model on the demo corpus or your text", _add_pretrain, _run_pretrain),
-    "tokenize": ("stream text of any size into pre-tokenised shards", _add_tokenize,
-                 _run_tokenize),
+    "tokenize": ("stream text of any size into pre-tokenised shards", add_tokenize, run_tokenize),
     "scale-up": ("grow a run's model wider and deeper (FPI, AKI, AKI-Pro)", _add_scale_up, _run_scale_up),
     "scale-out": ("turn a dense run's model into an MoE (upcycle or split)", _add_scale_out, _run_scale_out),
     "experiment": ("the paper's validation experiments at toy scale", _add_experiment, _run_experiment),
     "dry-run": ("a full-size recipe's parallel plan on meta tensors, against the simulator",
-                _add_dry_run, _run_dry_run),
+                add_dry_run, run_dry_run),
     "launch-args": ("the commands of a full-size recipe (what scaling/launch.sh runs)",
-                    _add_launch_args, _run_launch_args),
+                    add_launch_args, run_launch_args),
     "info": ("shapes and parameter counts of a preset", _add_info, _run_info),
     "flops": ("analytic FLOPs per token of a preset, per component", _add_flops, _run_flops),
     "simulate": ("account a TOML scenario of training phases (sims/)", _add_simulate, _run_simulate),

@@ -17,7 +17,7 @@ FLOORS = {
     "grow": 2, "stream": 2, "upcycle": 2, "interop": 2, "checkpoint": 2, "sim": 2,
     "train": 3, "evaluate": 3, "generate": 3, "dist": 3, "expert_parallel": 3, "experts": 3,
     "recipes": 4,
-    "cli": 5, "__main__": 5, "__init__": 5,
+    "cli": 5, "cli_train": 5, "cli_full": 5, "__main__": 5, "__init__": 5,
 }
 MAX_LINES = 400
 README = PACKAGE.parent / "README.md"
