@@ -154,3 +154,34 @@ def test_layout_errors_are_one_line(tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "ep=2" in err, err
+
+
+def test_activation_checkpointing_keeps_the_trajectory(tmp_path):
+    """Recomputing each block in backward changes memory, not numbers (one process)."""
+    from minimoe.recipes.stages import data_spec, pretrain
+
+    losses = {}
+    for ac in (False, True):
+        tc = TrainConfig(steps=3, batch_size=4, seq_len=32, warmup_steps=1, eval_every=3,
+                         eval_batches=1, ckpt_every=3, log_every=1, activation_checkpointing=ac)
+        pretrain("tiny", tmp_path / str(ac), tc, data_spec(vocab_size=512), progress=False)
+        losses[ac] = _losses(tmp_path / str(ac))
+    assert losses[True] == pytest.approx(losses[False], rel=1e-6)
+
+
+def test_activation_checkpointing_recomputes_each_block_in_backward():
+    from minimoe import dist
+    from minimoe.config import get_preset
+    from minimoe.model import build_model
+
+    x = torch.randint(0, 512, (2, 16))
+    for ac, expected in ((False, 1), (True, 2)):
+        model = build_model(get_preset("tiny"))
+        dist.parallelize(model, None, activation_checkpointing=ac)
+        calls = []
+        model.layers[0].attn.register_forward_hook(lambda *args: calls.append(1))
+        model(x).sum().backward()
+        assert len(calls) == expected, ac  # forward, and again in backward when checkpointed
+        with torch.no_grad():
+            model(x)
+        assert len(calls) == expected + 1  # evaluation saves nothing, recomputes nothing

@@ -68,10 +68,9 @@ def _worker(argv):
     dist.shutdown()
 
 
-def _launch(ranks: int, mode: str, batch: int, seq: int, steps: int) -> float:
+def _launch(ranks: int, mode: str, batch: int, seq: int, steps: int, threads: int) -> float:
     """Median seconds per step (after 3 warm-up steps) of a fresh process or torchrun job."""
-    cores = os.cpu_count() or 1
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // ranks))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "times.json"
         worker = ["-m", "minimoe.bench.dist", "--mode", mode, "--batch", str(batch), "--seq",
@@ -93,13 +92,18 @@ def bench_dist(args):
     tokens = batch * seq
     print(f"bench dist: toy-small AdamW step, global batch {batch} x {seq} tokens, {cores} cores "
           f"(one process: {cores} threads; 2 ranks: {max(1, cores // 2)} each), gloo")
-    one = tokens / _launch(1, "fsdp", batch, seq, steps)
+    one = tokens / _launch(1, "fsdp", batch, seq, steps, cores)
     print(f"  1 process        {one:10,.0f} tokens/s")
-    result = {"one_process": one}
+    # on a shared machine a process's threads wait for one another at every kernel, so one
+    # thread is the steadier reference: what each rank gets
+    single = tokens / _launch(1, "fsdp", batch, seq, steps, 1)
+    print(f"  1 process, 1 thread {single:7,.0f} tokens/s")
+    result = {"one_process": one, "one_thread": single}
     for mode in ("fsdp", "ddp"):
-        two = tokens / _launch(2, mode, batch, seq, steps)
+        two = tokens / _launch(2, mode, batch, seq, steps, max(1, cores // 2))
         result[mode] = two
-        print(f"  2 ranks, {mode:5s}   {two:10,.0f} tokens/s   ratio {two / one:.2f}")
+        print(f"  2 ranks, {mode:5s}   {two:10,.0f} tokens/s   ratio {two / one:.2f} to 1 process, "
+              f"{two / single:.2f} to 1 thread")
     return result
 
 
