@@ -6,33 +6,57 @@ A run folder looks like this:
       config.json            the ModelConfig
       run.json               what produced the run (stage, train config, data, parent run)
       model.safetensors      the final model (written when a stage finishes)
-      ckpt/step_000100/      a resumable training checkpoint:
+      ckpt/step_000100/      a resumable training checkpoint, written by one process as
           model.safetensors    weights
           optim.safetensors    AdamW moments (flattened: optim.{param name}.{exp_avg,...})
           rng.safetensors      torch RNG state (router noise is the only randomness in a step)
           state.json           step, tokens seen, optimizer hyper-parameters
+                             or by several ranks (torchrun) with torch.distributed.checkpoint:
+          .metadata, __R_0.distcp   DCP: model and optimizer, each rank writing its own shards
+          rng_R.safetensors    each rank's RNG state
+          state.json           step, tokens seen, the world size that wrote it
       ckpt/latest            the name of the newest complete checkpoint
       log.jsonl, loss.png    written by the training loop
 
+Either format resumes in any layout: DCP reshards by parameter name (get_state_dict /
+set_state_dict key model and optimizer by FQN), so a checkpoint of 2 ranks resumes in one
+process and on 2 ranks again; a one-process checkpoint loads into a sharded model as a full
+state dict. The one-process format stays safetensors, so a run that never saw torchrun is
+unchanged (and readable without torch.distributed). The final model.safetensors is always the
+consolidated file, gathered one tensor at a time from the ranks (`save_model_tensors`).
+
 Atomicity: every file is written to a temporary name and renamed into place, and a checkpoint
-folder is renamed from `step_N.tmp` only once all its files are complete, so a run killed at
-any instant leaves the previous checkpoint intact and usable.
+folder is renamed from `step_N.tmp` only once all its files are complete (with several ranks:
+after every rank has written its shards), so a run killed at any instant leaves the previous
+checkpoint intact and usable.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.tensor import DTensor
 
 from minimoe import files
 from minimoe.config import ModelConfig
 from minimoe.files import atomic_write
 from minimoe.model import build_model
+from minimoe.stream import write_safetensors
 
 
 class CheckpointError(ValueError):
@@ -70,6 +94,15 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path):
     """Copy tensors into the model, naming the first tensor that is missing or misshapen."""
+    expected = check_tensors(model, tensors, source)
+    with torch.no_grad():
+        for name, ref in expected.items():
+            ref.copy_(tensors[name])
+
+
+def check_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> dict:
+    """The model's tensors, once `tensors` is known to hold each of them in its shape (a
+    sharded model's DTensors have their global shapes)."""
     expected = model_tensors(model)
     for name, ref in expected.items():
         if name not in tensors:
@@ -80,9 +113,29 @@ def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: 
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise CheckpointError(f"{source}: unexpected tensor {extra[0]} (a different architecture?)")
-    with torch.no_grad():
-        for name, ref in expected.items():
-            ref.copy_(tensors[name])
+    return expected
+
+
+def save_model_tensors(path: Path, model: torch.nn.Module):
+    """The consolidated model file from one process or from every rank (each must call it):
+    one tensor at a time is gathered from its shards (DTensor.full_tensor) and rank 0 streams
+    it to disk, so no rank ever holds the whole model (minimoe/stream.py)."""
+    tensors = model_tensors(model)
+    if not _several_ranks():
+        save_tensors(path, tensors)
+        return
+    specs = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+
+    def gathered(name):
+        t = tensors[name].detach()
+        return (t.full_tensor() if isinstance(t, DTensor) else t).cpu().contiguous()
+
+    if dist.get_rank() == 0:
+        write_safetensors(path, specs, gathered, metadata={"format": "pt"})
+    else:
+        for name in specs:  # the same collectives in the same order as rank 0's writer
+            gathered(name)
+    dist.barrier()
 
 
 def read_config(run_dir: Path) -> ModelConfig:
@@ -119,10 +172,18 @@ def model_file(run_dir: Path) -> Path:
 def load_model(run_dir: Path, device="cpu"):
     """(model, run metadata) from a run folder."""
     run_dir = Path(run_dir)
-    path = model_file(run_dir)
+    latest = latest_checkpoint(run_dir)
+    sharded = (not (run_dir / "model.safetensors").exists() and latest is not None
+               and is_sharded(latest))
+    path = latest if sharded else model_file(run_dir)
     cfg = read_config(run_dir)
     model = build_model(cfg, device=device)
-    load_into(model, load_tensors(path), path)
+    if sharded:  # an unfinished run of several ranks: its last DCP checkpoint, in one process
+        weights = {"model": get_model_state_dict(model)}
+        _dcp_load(weights, path, no_dist=True)  # read by this process alone, whatever the rest do
+        set_model_state_dict(model, weights["model"])
+    else:
+        load_into(model, load_tensors(path), path)
     meta = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
     return model, meta
 
@@ -136,36 +197,114 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+def is_sharded(path: Path) -> bool:
+    """A checkpoint folder written by several ranks (torch.distributed.checkpoint)."""
+    return (Path(path) / ".metadata").exists()
+
+
+def _several_ranks() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _barrier():
+    if _several_ranks():
+        dist.barrier()
+
+
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep: int = 2):
-    """Write ckpt/step_N atomically, point ckpt/latest at it, keep the newest `keep`."""
+    """Write ckpt/step_N atomically, point ckpt/latest at it, keep the newest `keep`.
+    Under torchrun every rank calls it (DCP is collective); rank 0 does the renaming."""
     ckpt_root = Path(run_dir) / "ckpt"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
-    tmp = ckpt_root / (name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_tensors(tmp / "model.safetensors", model_tensors(model))
-    moments, hyper = _flatten_optimizer(model, optimizer)
-    save_tensors(tmp / "optim.safetensors", moments)
-    save_tensors(tmp / "rng.safetensors", {"torch": torch.get_rng_state()})
-    files.write_json(tmp / "state.json", {**state, "step": step, "optimizer": hyper})
-    final = ckpt_root / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    files.write_text(ckpt_root / "latest", name)
-    for old in sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and p.suffix != ".tmp")[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    tmp, final = ckpt_root / (name + ".tmp"), ckpt_root / name
+    main = not _several_ranks() or dist.get_rank() == 0
+    if main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    if _several_ranks():
+        _barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        save_tensors(tmp / f"rng_{dist.get_rank()}.safetensors", {"torch": torch.get_rng_state()})
+        extra = {"format": "dcp", "world_size": dist.get_world_size()}
+        _barrier()  # every rank's shards are on disk before the folder gets its name
+    else:
+        save_tensors(tmp / "model.safetensors", model_tensors(model))
+        moments, hyper = _flatten_optimizer(model, optimizer)
+        save_tensors(tmp / "optim.safetensors", moments)
+        save_tensors(tmp / "rng.safetensors", {"torch": torch.get_rng_state()})
+        extra = {"optimizer": hyper}
+    if main:
+        files.write_json(tmp / "state.json", {**state, "step": step, **extra})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        files.write_text(ckpt_root / "latest", name)
+        for old in sorted(p for p in ckpt_root.glob("step_*")
+                          if p.is_dir() and p.suffix != ".tmp")[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:
-    """Restore model, optimizer and RNG from a checkpoint folder; returns its state.json."""
+    """Restore model, optimizer and RNG from a checkpoint folder of either format, into a
+    model of any layout; returns its state.json."""
     path = Path(path)
     state = read_json(path / "state.json")
-    load_into(model, load_tensors(path / "model.safetensors"), path / "model.safetensors")
-    _unflatten_optimizer(model, optimizer, load_tensors(path / "optim.safetensors"),
-                         state["optimizer"], path / "optim.safetensors")
-    torch.set_rng_state(load_tensors(path / "rng.safetensors")["torch"])
+    if is_sharded(path):
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        restored = {"model": model_sd, "optim": optim_sd}
+        _dcp_load(restored, path)
+        set_state_dict(model, optimizer, model_state_dict=restored["model"],
+                       optim_state_dict=restored["optim"])
+        rank = dist.get_rank() if _several_ranks() else 0
+        rng = path / f"rng_{rank}.safetensors"
+        if not rng.exists():  # fewer ranks wrote it: every rank takes rank 0's stream
+            rng = path / "rng_0.safetensors"
+    else:
+        tensors = load_tensors(path / "model.safetensors")
+        moments = load_tensors(path / "optim.safetensors")
+        if _several_ranks():  # one process wrote it: a full state dict, sharded on loading
+            _set_full_state(model, optimizer, tensors, moments, state["optimizer"], path)
+        else:
+            load_into(model, tensors, path / "model.safetensors")
+            _unflatten_optimizer(model, optimizer, moments, state["optimizer"],
+                                 path / "optim.safetensors")
+        rng = path / "rng.safetensors"
+    torch.set_rng_state(load_tensors(rng)["torch"])
     return state
+
+
+def _dcp_load(state: dict, path: Path, no_dist: bool = False):
+    try:
+        with warnings.catch_warnings():  # one process reading a DCP checkpoint is intended here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=path, no_dist=no_dist or not _several_ranks())
+    except (RuntimeError, ValueError, OSError) as err:
+        raise CheckpointError(f"{path}: unreadable distributed checkpoint "
+                              f"({str(err).splitlines()[0]})") from None
+
+
+def _set_full_state(model, optimizer, tensors, moments, hyper, path: Path):
+    """A one-process checkpoint into a sharded model: checked by name and shape, then given to
+    set_state_dict as full state dicts, which keeps each rank's shards."""
+    check_tensors(model, tensors, path / "model.safetensors")
+    tensors = dict(tensors)
+    if model.cfg.tie_embeddings:  # stored once, expected under both names
+        tensors["lm_head.weight"] = tensors["embed.weight"]
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    state: dict = {}
+    for key, value in moments.items():
+        name, field = key.rsplit(".", 1)
+        if name not in shapes or (field != "step" and value.shape != shapes[name]):
+            raise CheckpointError(f"{path / 'optim.safetensors'}: tensor {key} does not fit "
+                                  "the model")
+        state.setdefault(name, {})[field] = value
+    groups = [{**h, "params": names}
+              for h, names in zip(hyper["param_groups"], hyper["group_params"])]
+    set_state_dict(model, optimizer, model_state_dict=tensors,
+                   optim_state_dict={"state": state, "param_groups": groups},
+                   options=StateDictOptions(full_state_dict=True))
 
 
 def _flatten_optimizer(model, optimizer):

@@ -9,12 +9,22 @@ stderr and exit code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import contextlib
 import os
 import sys
 from pathlib import Path
 
 from minimoe import checkpoint as ckpt
+from minimoe import dist
+from minimoe.cli_full import (
+    add_dry_run,
+    add_launch_args,
+    add_tokenize,
+    run_dry_run,
+    run_launch_args,
+    run_tokenize,
+)
+from minimoe.cli_train import add_train_options, train_config
 from minimoe.cli_eval import add_eval, add_generate, run_eval, run_generate
 from minimoe.config import PRESETS, get_preset
 from minimoe.flops import ATTENTION, RECOMPUTE, check_report, flops_report
@@ -29,6 +39,8 @@ from minimoe.recipes.stages import (
     pretrain,
     scale_out_run,
     specialisation_run,
+    stream_grow_run,
+    stream_scale_out_run,
 )
 from minimoe.sim.hardware import CATALOGUE, get_device
 from minimoe.sim.scenario import dumps
@@ -38,7 +50,6 @@ from minimoe.sim.plots import plot_validation
 from minimoe.sim.search import plan, plan_report
 from minimoe.sim.validate import validate, validation_json, validation_text
 from minimoe.tables import info_table
-from minimoe.train import TrainConfig
 from minimoe.upcycle import LAYER_CHOICES, SCALE_OUT_METHODS
 
 DESCRIPTION = """\
@@ -47,42 +58,10 @@ dense model, scale it up (FPI, AKI, AKI-Pro), scale it out into a Mixture of Exp
 upcycling, LLaMA-MoE splits), and account for the savings; estimate full-size runs with the
 FLOPs and cost simulator. Start with `minimoe pipeline`."""
 
-TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors: one line, exit 2
         print(f"minimoe: error: {message}", file=sys.stderr)
         sys.exit(2)
-
-
-# --- training ---------------------------------------------------------------------------
-def _add_train_options(p):
-    """Options of the one training loop, shared by every command that trains."""
-    g = p.add_argument_group("training (defaults: TrainConfig)")
-    for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "ckpt_every", "seed"):
-        g.add_argument(f"--{name.replace('_', '-')}", type=int, default=TRAIN_DEFAULTS[name])
-    g.add_argument("--lr", type=float, default=TRAIN_DEFAULTS["lr"])
-    g.add_argument("--warmup", type=int, default=TRAIN_DEFAULTS["warmup_steps"], help="warmup steps")
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast (for GPUs: slow on AVX2 CPUs)")
-    g.add_argument("--device", default=TRAIN_DEFAULTS["device"])
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.add_argument("--mix", default=TRAIN_DEFAULTS["mix"], help="domain mix: size (in proportion "
-                   "to size), en-kjv=0.3,zh-pd1998=0.7 (static) or dynamic (Sheared-LLaMA)")
-    g.add_argument("--mix-every", type=int, default=TRAIN_DEFAULTS["mix_every"],
-                   help="dynamic: steps between weight updates")
-    g.add_argument("--mix-eta", type=float, default=TRAIN_DEFAULTS["mix_eta"],
-                   help="dynamic: step size of the update")
-    g.add_argument("--mix-reference", default=TRAIN_DEFAULTS["mix_reference"], metavar="PATH",
-                   help="dynamic: reference losses, a JSON file {domain: loss} or a run folder")
-
-
-def _train_config(args) -> TrainConfig:
-    return TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                       grad_accum=args.grad_accum, lr=args.lr, warmup_steps=args.warmup,
-                       eval_every=args.eval_every, ckpt_every=args.ckpt_every, seed=args.seed,
-                       bf16=args.bf16, device=args.device, mix=args.mix, mix_every=args.mix_every,
-                       mix_eta=args.mix_eta, mix_reference=args.mix_reference)
 
 
 def _add_info(p):
@@ -99,15 +78,15 @@ def _add_pretrain(p):
     src.add_argument("--preset", help="a fresh model of this preset (see `minimoe info`)")
     src.add_argument("--init", metavar="RUN", help="continue pretraining the model of a run")
     p.add_argument("--out", required=True, help="run folder (resumed if it holds this run)")
-    p.add_argument("--data", nargs="+", metavar="PATH", help=".txt/.jsonl files or folders "
-                   "(default: the bilingual demo corpus)")
+    p.add_argument("--data", nargs="+", metavar="PATH", help=".txt/.jsonl files or folders, or "
+                   "a shard folder of `minimoe tokenize` (default: the bilingual demo corpus)")
     p.add_argument("--vocab-size", type=int, default=RECIPES["toy"].vocab_size)
     p.add_argument("--tokenizer", choices=["bpe", "byte"], default="bpe")
-    _add_train_options(p)
+    add_train_options(p)
 
 
 def _run_pretrain(args):
-    tc = _train_config(args)
+    tc = train_config(args)
     if args.init:
         if args.data:
             raise ValueError("--data: a continued run uses the data of --init's run")
@@ -173,10 +152,13 @@ def _add_scale_up(p):
     p.add_argument("--kv", choices=KV_OPTIONS, default="keep",
                    help="mean-pool: average KV heads when the target has fewer groups")
     p.add_argument("--out", required=True, help="run folder for the grown model")
+    p.add_argument("--stream", action="store_true", help="full-size checkpoints: safetensors to "
+                   "safetensors one tensor at a time (no validation loss measured)")
 
 
 def _run_scale_up(args):
-    r = grow_run(args.src, args.to, args.out, args.method, args.depth, args.mapping, args.seed, args.kv)
+    grow = stream_grow_run if args.stream else grow_run
+    r = grow(args.src, args.to, args.out, args.method, args.depth, args.mapping, args.seed, args.kv)
     _print_transform(args.out, r, f"{args.method}, depth {r['growth']['depth']}")
 
 
@@ -204,6 +186,8 @@ def _add_scale_out(p):
                    help="split-importance*: batches (8 x 128 tokens) of the run's training data")
     p.add_argument("--seed", type=int, default=0, help="router init and random/cluster splits")
     p.add_argument("--out", required=True, help="run folder for the MoE model")
+    p.add_argument("--stream", action="store_true", help="upcycle: safetensors to safetensors "
+                   "one tensor at a time, neither model in memory (no validation loss measured)")
 
 
 def _run_scale_out(args):
@@ -212,8 +196,14 @@ def _run_scale_out(args):
         if args.method == "upcycle":
             raise ValueError("--scale: only the split-* methods scale expert outputs")
         options["scale"] = args.scale
-    r = scale_out_run(args.src, args.out, args.method, args.experts, args.top_k,
-                      args.calib_batches, args.seed, **options)
+    if args.stream:
+        if args.method != "upcycle":
+            raise ValueError(f"--stream: streams method upcycle only, not {args.method!r} "
+                             "(a split reads whole MLPs and calibration data)")
+        r = stream_scale_out_run(args.src, args.out, args.experts, args.top_k, args.seed, **options)
+    else:
+        r = scale_out_run(args.src, args.out, args.method, args.experts, args.top_k,
+                          args.calib_batches, args.seed, **options)
     _print_transform(args.out, r, f"{args.method}, {args.experts} experts, top-{args.top_k}")
 
 
@@ -319,8 +309,9 @@ def _run_experts(args):
 
 # --- bench: its code lives apart (minimoe/bench/), imported only when asked for -----------
 def _add_bench(p):
-    p.add_argument("name", choices=["train", "moe", "grow", "sim", "generate"])
+    p.add_argument("name", choices=["train", "moe", "grow", "upcycle", "dist", "sim", "generate"])
     p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
+    p.add_argument("--compile", action="store_true", help="train: also torch.compile each block")
 
 
 def _run_bench(args):
@@ -336,9 +327,14 @@ COMMANDS = {
     "pipeline": ("preparation -> scale-up -> scale-out vs from scratch, with a report",
                  _add_pipeline, _run_pipeline),
     "pretrain": ("train a model on the demo corpus or your text", _add_pretrain, _run_pretrain),
+    "tokenize": ("stream text of any size into pre-tokenised shards", add_tokenize, run_tokenize),
     "scale-up": ("grow a run's model wider and deeper (FPI, AKI, AKI-Pro)", _add_scale_up, _run_scale_up),
     "scale-out": ("turn a dense run's model into an MoE (upcycle or split)", _add_scale_out, _run_scale_out),
     "experiment": ("the paper's validation experiments at toy scale", _add_experiment, _run_experiment),
+    "dry-run": ("a full-size recipe's parallel plan on meta tensors, against the simulator",
+                add_dry_run, run_dry_run),
+    "launch-args": ("the commands of a full-size recipe (what scaling/launch.sh runs)",
+                    add_launch_args, run_launch_args),
     "info": ("shapes and parameter counts of a preset", _add_info, _run_info),
     "flops": ("analytic FLOPs per token of a preset, per component", _add_flops, _run_flops),
     "simulate": ("account a TOML scenario of training phases (sims/)", _add_simulate, _run_simulate),
@@ -366,14 +362,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    # under torchrun: one process group for the command; what it prints comes from rank 0
+    dist.init_from_env(getattr(args, "device", "cpu"))
+    quiet = open(os.devnull, "w") if not dist.is_main() else None
     try:
-        COMMANDS[args.command][2](args)
+        with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
+            COMMANDS[args.command][2](args)
     except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"minimoe {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"minimoe {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        dist.shutdown()
+        if quiet:
+            quiet.close()
     return 0
 
 

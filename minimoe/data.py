@@ -45,7 +45,7 @@ SUFFIXES = (".txt", ".jsonl")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _VERSE_REF = re.compile(r"\b\d+:\d+\s*")  # "1:1 In the beginning" -> "In the beginning"
 _SENTENCE_END = tuple("。!?:;,…”’』」\"")  # NFKC has made full-width ！？：；， ASCII
-_DOMAIN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # usable in --mix and in split names
+DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # usable in --mix and in split names
 DEMO_DOMAINS = ("en-kjv", "zh-pd1998")
 
 # --- reading the sources ----------------------------------------------------------------
@@ -75,7 +75,7 @@ def _peoples_daily_articles(path: Path) -> list[str]:
     previous_headline = False
     for raw in path.read_text(encoding="utf-8").splitlines():
         # "迈向/v  充满/v" -> "迈向充满": keep each word, drop its tag
-        line = _clean("".join(word.rsplit("/", 1)[0] for word in raw.split()))
+        line = clean_text("".join(word.rsplit("/", 1)[0] for word in raw.split()))
         if not line:
             continue
         headline = _is_headline(line)
@@ -107,7 +107,7 @@ def _read_user_file(path: Path) -> list:
             raise ValueError(f"{path}:{n}: a .jsonl line must be a JSON object with a string "
                              f"field 'text'")
         domain = record.get("domain")
-        if domain is not None and not (isinstance(domain, str) and _DOMAIN.fullmatch(domain)):
+        if domain is not None and not (isinstance(domain, str) and DOMAIN_NAME.fullmatch(domain)):
             raise ValueError(f"{path}:{n}: domain={domain!r}: must be letters, digits, '.', '_' "
                              f"or '-', starting with a letter or digit")
         docs.append((domain, record["text"]))
@@ -143,7 +143,7 @@ def _domain_of(file: Path, given: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._") or "default"
 
 
-def _user_sources(paths: list[str]) -> list[dict]:
+def user_sources(paths: list[str]) -> list[dict]:
     sources = []
     for given in paths:
         path = Path(given).expanduser()
@@ -169,19 +169,19 @@ def _user_sources(paths: list[str]) -> list[dict]:
 # --- cleaning and splitting --------------------------------------------------------------
 
 
-def _clean(text: str) -> str:
+def clean_text(text: str) -> str:
     """NFKC (full-width digits and letters become ASCII), single spaces, no near-empty lines."""
     lines = (" ".join(line.split()) for line in unicodedata.normalize("NFKC", text).splitlines())
     return "\n".join(line for line in lines if sum(c.isalnum() for c in line) >= MIN_LINE_ALNUM)
 
 
-def _detect_lang(text: str) -> str:
+def detect_lang(text: str) -> str:
     """Two tags, as in the paper's bilingual mix: mostly CJK is "zh", anything else "en"."""
     letters = sum(c.isalpha() for c in text)
     return "zh" if len(_CJK.findall(text)) >= ZH_SHARE * max(letters, 1) else "en"
 
 
-def _unit_hash(seed: int, text: str) -> float:
+def unit_hash(seed: int, text: str) -> float:
     """A number in [0, 1) fixed by the text alone: no document's split depends on the others."""
     digest = hashlib.blake2b(f"{seed}\n{text}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2**64
@@ -191,7 +191,7 @@ def _split(docs: list[tuple[str, str, str]], val_fraction: float, seed: int) -> 
     """is_val per (lang, domain, text) document: hash below val_fraction. A language or a
     domain with 2+ documents always has one in val (its lowest hash) and one in train (its
     highest), however small it is."""
-    u = [_unit_hash(seed, text) for _, _, text in docs]
+    u = [unit_hash(seed, text) for _, _, text in docs]
     is_val = [x < val_fraction for x in u]
     groups: dict[tuple[str, str], list[int]] = {}
     for i, (lang, domain, _) in enumerate(docs):
@@ -244,7 +244,7 @@ def prepare_corpus(paths: list[str] | None = None, cache_dir: str | Path | None 
     if paths is not None and not paths:
         raise ValueError("paths: empty; give .txt or .jsonl files or folders (None: the demo)")
     paths = None if paths is None else [str(path) for path in paths]
-    sources = _demo_sources() if paths is None else _user_sources(paths)
+    sources = _demo_sources() if paths is None else user_sources(paths)
     settings = {"format": FORMAT, "val_fraction": val_fraction, "seed": seed,
                 "min_doc_chars": MIN_DOC_CHARS, "min_line_alnum": MIN_LINE_ALNUM}
     key = hashlib.sha256(json.dumps([sources, settings], sort_keys=True).encode()).hexdigest()
@@ -262,7 +262,7 @@ def prepare_corpus(paths: list[str] | None = None, cache_dir: str | Path | None 
     folder.mkdir(parents=True, exist_ok=True)
     stats, domains, content_hash = _write_splits(folder, docs, _split(docs, val_fraction, seed))
     manifest = {"sources": sources, "settings": settings, "dropped": dropped, "stats": stats,
-                "domains": domains, "content_sha256": content_hash, "cleaning": _clean.__doc__}
+                "domains": domains, "content_sha256": content_hash, "cleaning": clean_text.__doc__}
     files.write_json(manifest_path, manifest)
     return Corpus(folder, manifest)
 
@@ -276,7 +276,7 @@ def _read_documents(sources: list[dict]) -> tuple[list[tuple[str, str, str]], di
         for item in _READERS[source["reader"]](Path(source["path"])):
             # a JSONL line may name its own domain; other documents take their source's
             domain, text = item if isinstance(item, tuple) else (None, item)
-            text = _clean(text)
+            text = clean_text(text)
             if len(text) < MIN_DOC_CHARS:
                 dropped["too_short"] += 1
                 continue
@@ -285,7 +285,7 @@ def _read_documents(sources: list[dict]) -> tuple[list[tuple[str, str, str]], di
                 dropped["duplicates"] += 1
                 continue
             seen.add(text)
-            docs.append((source.get("lang") or _detect_lang(text), domain or source["domain"],
+            docs.append((source.get("lang") or detect_lang(text), domain or source["domain"],
                          text))
     for given in dict.fromkeys(source["given"] for source in sources if "given" in source):
         if not usable[given]:

@@ -94,6 +94,10 @@ class MoE(nn.Module):
         self.aux: dict[str, torch.Tensor] = {}
         self.register_buffer("load_E", torch.zeros(E, dtype=torch.long), persistent=False)
         self.register_buffer("dropped_E", torch.zeros(E, dtype=torch.long), persistent=False)
+        # The one seam for parallelism, set from outside: a callable (moe, x_SD, count_E) -> y_SD
+        # that replaces `experts` (expert parallelism sends each pair to the rank holding its
+        # expert and back, minimoe/expert_parallel.py); None runs this layer's own experts.
+        self.expert_runner = None
         self.init_weights()
 
     @torch.no_grad()
@@ -154,7 +158,11 @@ class MoE(nn.Module):
         gate_S = routing.weight_TK.reshape(-1)[order_S].to(x.dtype) * self.cfg.expert_scale
 
         x_SD = x_TD[token_S]  # one gather of every routed token, already in expert order
-        y_SD = self.experts(x_SD, kept_E).to(x.dtype) * gate_S[:, None]  # bf16 under autocast
+        if self.expert_runner is None:
+            y_SD = self.experts(x_SD, kept_E)
+        else:
+            y_SD = self.expert_runner(self, x_SD, kept_E)
+        y_SD = y_SD.to(x.dtype) * gate_S[:, None]  # bf16 under autocast
         out_TD = x_TD.new_zeros(n_tokens, D).index_add(0, token_S, y_SD)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
@@ -170,21 +178,7 @@ class MoE(nn.Module):
 
     def experts(self, x_SD: torch.Tensor, count_E: torch.Tensor) -> torch.Tensor:
         """Run expert e on its slice of x_SD (rows sorted by expert, count_E[e] of them)."""
-        if _grouped_mm_usable(x_SD, self.w_gate_EDF):
-            # one kernel per projection for all experts (torch >= 2.10; CPU kernel checked here)
-            offs_E = count_E.cumsum(0).to(torch.int32)  # where each expert's rows end
-            x_SD = x_SD.to(self.w_gate_EDF.dtype)
-            h_SF = (F.silu(F.grouped_mm(x_SD, self.w_gate_EDF, offs=offs_E))
-                    * F.grouped_mm(x_SD, self.w_up_EDF, offs=offs_E))
-            return F.grouped_mm(h_SF, self.w_down_EFD, offs=offs_E)
-        # A loop over experts (not tokens): matmuls on views of the sorted tokens, no copies.
-        # unbind, not w[e]: the backward of w[e] writes a full (E, D, F) zero tensor per
-        # expert, unbind's stacks the E gradients once.
-        outs = []
-        weights = zip(self.w_gate_EDF.unbind(0), self.w_up_EDF.unbind(0), self.w_down_EFD.unbind(0))
-        for x_ND, (w_gate_DF, w_up_DF, w_down_FD) in zip(x_SD.split(count_E.tolist()), weights):
-            outs.append((F.silu(x_ND @ w_gate_DF) * (x_ND @ w_up_DF)) @ w_down_FD)
-        return torch.cat(outs)
+        return expert_ffn(x_SD, count_E, self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD)
 
     # --- auxiliary losses and statistics -----------------------------------------------
     def _record_aux(self, r: Routing):
@@ -226,6 +220,27 @@ class MoE(nn.Module):
         return torch.where(is_in_TE, p_in_TE, p_out_TE).sum(0)
 
 
+def expert_ffn(x_SD: torch.Tensor, count_E: torch.Tensor, w_gate_EDF: torch.Tensor,
+               w_up_EDF: torch.Tensor, w_down_EFD: torch.Tensor) -> torch.Tensor:
+    """SwiGLU expert e on rows count_E[e] of x_SD (sorted by expert), for any stack of E experts:
+    a layer's own, or the slice one expert-parallel rank holds."""
+    if _grouped_mm_usable(x_SD, w_gate_EDF):
+        # one kernel per projection for all experts (torch >= 2.10; CPU kernel checked here)
+        offs_E = count_E.cumsum(0).to(torch.int32)  # where each expert's rows end
+        x_SD = x_SD.to(w_gate_EDF.dtype)
+        h_SF = (F.silu(F.grouped_mm(x_SD, w_gate_EDF, offs=offs_E))
+                * F.grouped_mm(x_SD, w_up_EDF, offs=offs_E))
+        return F.grouped_mm(h_SF, w_down_EFD, offs=offs_E)
+    # A loop over experts (not tokens): matmuls on views of the sorted tokens, no copies.
+    # unbind, not w[e]: the backward of w[e] writes a full (E, D, F) zero tensor per
+    # expert, unbind's stacks the E gradients once.
+    outs = []
+    weights = zip(w_gate_EDF.unbind(0), w_up_EDF.unbind(0), w_down_EFD.unbind(0))
+    for x_ND, (w_gate_DF, w_up_DF, w_down_FD) in zip(x_SD.split(count_E.tolist()), weights):
+        outs.append((F.silu(x_ND @ w_gate_DF) * (x_ND @ w_up_DF)) @ w_down_FD)
+    return torch.cat(outs)
+
+
 def _grouped_mm_usable(x_SD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
     """torch's grouped matmul wants 16-byte-aligned strides and one of GROUPED_MM_DTYPES, and
     knows no autocast; we use only its CPU kernel, the one tested here (on CUDA it needs bf16
@@ -233,6 +248,8 @@ def _grouped_mm_usable(x_SD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
     if not (GROUPED_MM and hasattr(F, "grouped_mm")) or x_SD.device.type != "cpu":
         return False
     if torch.is_autocast_enabled("cpu") or not w_EDF.is_contiguous() or len(x_SD) == 0:
+        return False
+    if torch.compiler.is_compiling():  # torch 2.13's meta kernel of grouped_mm takes bf16 only
         return False
     if w_EDF.dtype not in GROUPED_MM_DTYPES:  # float64 would raise inside the kernel
         return False

@@ -49,6 +49,9 @@ class ByteTokenizer:
             ends += [i + 1] * len(data)
         return ids, ends
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(text) for text in texts]
+
     def decode(self, ids) -> str:
         pieces = (EOS.encode() if i == self.eos_id else bytes([i]) for i in ids)
         return b"".join(pieces).decode("utf-8", errors="replace")
@@ -71,11 +74,16 @@ class BPETokenizer:
         encoding = self._tokenizer.encode(text)  # a token holding part of a character ends with it
         return encoding.ids, [end for _, end in encoding.offsets]
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Many texts at once, on the tokenizers library's threads."""
+        return [encoding.ids for encoding in self._tokenizer.encode_batch(texts)]
+
     def decode(self, ids) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
-def _train_bpe(texts: list[str], vocab_size: int) -> str:
+def train_bpe(texts: list[str], vocab_size: int) -> str:
+    """A byte-level BPE trained on `texts`, as the tokenizers library's JSON."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -95,7 +103,7 @@ def load_tokenizer(corpus: Corpus, vocab_size: int = 2048, kind: str = "bpe"):
         raise ValueError(f"vocab_size {vocab_size}: must exceed 257 (256 bytes + {EOS})")
     path = corpus.path / f"tokenizer-bpe{vocab_size}.json"
     if not path.exists():
-        files.write_text(path, _train_bpe(corpus.texts("train"), vocab_size))
+        files.write_text(path, train_bpe(corpus.texts("train"), vocab_size))
     return BPETokenizer(path, name=f"bpe{vocab_size}-{corpus.hash[:8]}")
 
 
@@ -178,18 +186,19 @@ class TokenData:
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # x, and y = next token: (B, T)
 
     def train_batch(self, step: int, batch_size: int, seq_len: int, seed: int = 0,
-                    weights: dict[str, float] | None = None):
+                    weights: dict[str, float] | None = None, rows: slice | None = None):
         """Random windows that depend on (seed, step, batch_size, seq_len, weights) only: no
         iterator state, so a run resumed at step i sees exactly the batches of an unbroken run.
-        weights=None: windows anywhere in the stream, so each domain in proportion to its size."""
+        weights=None: windows anywhere in the stream, so each domain in proportion to its size.
+        rows: read only these rows of the batch (a data-parallel rank's share)."""
         tokens = self._array("train")
         if weights is not None:
-            return self._windows(tokens, self.mixed_starts(step, batch_size, seq_len, seed,
-                                                           weights)[0], seq_len)
-        generator = torch.Generator().manual_seed(_seed_for(seed, step))
-        high = max(len(tokens) - seq_len, 1)  # the last start whose target window still fits
-        starts = torch.randint(0, high, (batch_size,), generator=generator).tolist()
-        return self._windows(tokens, starts, seq_len)
+            starts = self.mixed_starts(step, batch_size, seq_len, seed, weights)[0]
+        else:
+            generator = torch.Generator().manual_seed(_seed_for(seed, step))
+            high = max(len(tokens) - seq_len, 1)  # the last start whose target window still fits
+            starts = torch.randint(0, high, (batch_size,), generator=generator).tolist()
+        return self._windows(tokens, starts if rows is None else starts[rows], seq_len)
 
     def mixed_starts(self, step: int, batch_size: int, seq_len: int, seed: int,
                      weights: dict[str, float]) -> tuple[list[int], list[str]]:

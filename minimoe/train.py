@@ -9,6 +9,14 @@ the batch of step i is a pure function of (seed, i, the domain weights in force)
 rate a function of i, and the model, optimizer, RNG state and domain weights are restored from
 the checkpoint. The domain mix (`mix`, minimoe/mixing.py) is "size" by default: the batches
 minimoe always drew.
+
+Under torchrun the same loop runs on every rank (minimoe/dist.py): the model is wrapped by
+FSDP2 (default) or DDP, optionally with expert parallelism; each rank takes its rows of step
+i's batch, so the run reproduces one process's; gradients are reduced once per step (not per
+micro-batch); checkpoints go through torch.distributed.checkpoint (minimoe/checkpoint.py);
+the log, the progress bar, the plots and the consolidated model file come from rank 0. The
+MoE auxiliary losses are computed over each rank's own tokens (Megatron's default "aux_loss"),
+so with a balance coefficient an MoE run differs slightly from one process's.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from minimoe import checkpoint as ckpt
+from minimoe import dist
 from minimoe import files
 from minimoe import mixing
 from minimoe.evaluate import evaluate
@@ -57,10 +66,15 @@ class TrainConfig:
     mix_every: int = 50  # dynamic: steps between weight updates
     mix_eta: float = 1.0  # dynamic: the step size eta of the update
     mix_reference: str = ""  # dynamic: reference losses, a JSON file or a run folder
+    # the layout under torchrun (minimoe/dist.py); a run may resume under another layout
+    parallel: str = "fsdp"  # "fsdp" (FSDP2) or "ddp"
+    ep: int = 1  # expert-parallel ranks: each holds n_experts / ep experts of every MoE layer
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    compile: bool = False  # torch.compile each block
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
-                     "ckpt_every", "log_every", "mix_every"):
+                     "ckpt_every", "log_every", "mix_every", "ep"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"TrainConfig.{name}={value!r}: must be a positive integer")
@@ -68,6 +82,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr={self.lr!r}: must be positive")
         if self.warmup_steps < 0:
             raise ValueError(f"TrainConfig.warmup_steps={self.warmup_steps}: must be >= 0")
+        if self.parallel not in dist.MODES:
+            raise ValueError(f"TrainConfig.parallel={self.parallel!r}: must be one of "
+                             f"{', '.join(dist.MODES)}")
         if not self.mix_eta > 0:
             raise ValueError(f"TrainConfig.mix_eta={self.mix_eta!r}: must be positive")
         try:
@@ -111,6 +128,9 @@ def moe_losses(model, logits, tc: TrainConfig) -> tuple[torch.Tensor, dict[str, 
     return tc.aux.total(model, logits)
 
 
+LAYOUT_FIELDS = ("parallel", "ep", "activation_checkpointing", "compile")  # not the run's identity
+
+
 @dataclass
 class RunResult:
     out_dir: Path
@@ -128,17 +148,20 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
     If out_dir holds a checkpoint of this same run, training resumes from it. `meta` (stage,
     data, parent run...) goes to run.json; `on_step(step, record)` is called after each step.
     """
+    dist.init_from_env(tc.device)  # torchrun's process group; nothing in one process
     weights, references = _start_mix(tc, data)  # weights None: in proportion to size
     dynamic = references is not None
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if tc.batch_size % dist.world_size():
+        raise ValueError(f"TrainConfig.batch_size={tc.batch_size}: must be divisible by the "
+                         f"{dist.world_size()} ranks (each takes an equal share of every batch)")
     run = {"train": dataclasses.asdict(tc), "model": model.cfg.to_dict(), **(meta or {})}
-    _check_same_run(out_dir, run)
-    files.write_text(out_dir / "config.json", model.cfg.to_json())
-    files.write_json(out_dir / "run.json", run)
+    dist.main_only(lambda: _start_folder(out_dir, run, model.cfg))
+    main = dist.is_main()
 
-    device = torch.device(tc.device)
+    device = dist.device_for(tc.device)
     model.to(device).train()
+    parallel = _parallelize(model, tc, device)
     optimizer = make_optimizer(model, tc)
     step, tokens, train_time = 0, 0, 0.0
     latest = ckpt.latest_checkpoint(out_dir)
@@ -149,14 +172,17 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
     else:
         torch.manual_seed(tc.seed)
     log_path = out_dir / "log.jsonl"
-    history = _truncate_log(log_path, step)
+    history = dist.main_only(lambda: _truncate_log(log_path, step))
     if step >= tc.steps and (out_dir / "model.safetensors").exists():  # finished earlier
         return RunResult(out_dir, step, tokens, train_time, _final_val(history), history)
     if step == 0 and not any("val_loss" in r for r in history):
-        history.append(_log(log_path, {"step": 0, "tokens": 0, **evaluate(model, data, tc)}))
+        history.append(_log(log_path, {"step": 0, "tokens": 0, **_evaluate(model, data, tc)},
+                            main))
 
-    bar = _progress(tc.steps, step, progress)
+    bar = _progress(tc.steps, step, progress and main)
     last_good = latest
+    autocast = tc.bf16 and not parallel.mixed_precision  # FSDP2 casts by its policy instead
+    own_rows = dist.row_slice(tc.batch_size) if dist.is_distributed() else None  # this rank's
     while step < tc.steps:
         t0 = time.perf_counter()
         lr = lr_at(step, tc)
@@ -165,20 +191,24 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
         loss_sum, parts_sum = 0.0, {}
         for micro in range(tc.grad_accum):
             x, y = data.train_batch(step * tc.grad_accum + micro, tc.batch_size, tc.seq_len,
-                                    seed=tc.seed, weights=weights)
+                                    seed=tc.seed, weights=weights, rows=own_rows)
             x, y = x.to(device), y.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.bf16):
-                logits = model(x)
-                ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-                aux, parts = moe_losses(model, logits, tc)
-            ((ce + aux) / tc.grad_accum).backward()
+            with parallel.sync(last=micro == tc.grad_accum - 1):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    logits = parallel.module(x)
+                    ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                    aux, parts = moe_losses(model, logits, tc)
+                ((ce + aux) / tc.grad_accum).backward()
             loss_sum += ce.item() / tc.grad_accum
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / tc.grad_accum
+        if dist.is_distributed():  # the logged numbers are the global batch's
+            totals = dist.mean_over_ranks({"loss": loss_sum, **parts_sum})
+            loss_sum, parts_sum = totals.pop("loss"), totals
         if not math.isfinite(loss_sum):
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
             raise TrainingDiverged(f"step {step}: loss={loss_sum}; training stopped ({where})")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip).item()
+        grad_norm = parallel.clip_grad_norm_(tc.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -190,7 +220,7 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
         load = _expert_load(model)  # this step's last training batch, before evaluation routes more
         update = dynamic and step % tc.mix_every == 0 and step < tc.steps
         if step % tc.eval_every == 0 or step == tc.steps or update:
-            record.update(evaluate(model, data, tc))
+            record.update(_evaluate(model, data, tc))
         if weights is not None:
             record["mix"] = weights  # the weights this step's batches were drawn with
         if update:  # Sheared-LLaMA: from the next step on, more of the lagging domains
@@ -199,7 +229,7 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
             record["mix_next"] = weights
         if step % tc.log_every == 0 or "val_loss" in record or step == tc.steps:
             record["load"] = load
-            history.append(_log(log_path, record))
+            history.append(_log(log_path, record, main))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{record['tok_per_s']:.0f}")
@@ -212,10 +242,39 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
             last_good = ckpt.latest_checkpoint(out_dir)
     if bar is not None:
         bar.close()
-    ckpt.save_tensors(out_dir / "model.safetensors", ckpt.model_tensors(model))
-    plot_losses(history, out_dir / "loss.png", title=str((meta or {}).get("stage", out_dir.name)))
-    mixing.plot_weights(history, out_dir / "mix.png", title=f"domain weights ({tc.mix})")
+    ckpt.save_model_tensors(out_dir / "model.safetensors", model)
+    if main:
+        plot_losses(history, out_dir / "loss.png", title=str((meta or {}).get("stage", out_dir.name)))
+        mixing.plot_weights(history, out_dir / "mix.png", title=f"domain weights ({tc.mix})")
+    dist.barrier()
     return RunResult(out_dir, step, tokens, train_time, _final_val(history), history)
+
+
+def _evaluate(model, data, tc: TrainConfig) -> dict[str, float]:
+    """Validation losses; under torchrun each rank takes its rows of every batch."""
+    if not dist.is_distributed():
+        return evaluate(model, data, tc)
+    return dist.mean_over_ranks(evaluate(model, dist.RankRows(data), tc))
+
+
+def _parallelize(model, tc: TrainConfig, device: torch.device) -> dist.Parallel:
+    """The plan of tc under torchrun; in one process only checkpointing and compile, if asked."""
+    mesh = dist.build_mesh(tc.ep, device.type) if dist.is_distributed() else None
+    if mesh is None and tc.ep > 1:
+        raise ValueError(f"TrainConfig.ep={tc.ep}: expert parallelism needs torchrun with a "
+                         f"multiple of {tc.ep} processes")
+    return dist.parallelize(model, mesh, tc.parallel, mixed_precision=tc.bf16 and mesh is not None
+                            and tc.parallel == "fsdp",
+                            activation_checkpointing=tc.activation_checkpointing,
+                            compile=tc.compile)
+
+
+def _start_folder(out_dir: Path, run: dict, cfg):
+    """Check that out_dir holds nothing or this run, then write its config and run files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_run(out_dir, run)
+    files.write_text(out_dir / "config.json", cfg.to_json())
+    files.write_json(out_dir / "run.json", run)
 
 
 def _start_mix(tc: TrainConfig, data) -> tuple[dict | None, dict | None]:
@@ -248,10 +307,13 @@ def _check_same_run(out_dir: Path, run: dict):
                              "choose another --out")
         return
     old = ckpt.read_json(path)
-    if isinstance(old.get("train"), dict):  # runs from before data mixing: the default mix
-        mix_defaults = {k: v for k, v in dataclasses.asdict(TrainConfig()).items()
-                        if k.startswith("mix")}
-        old["train"] = {**mix_defaults, **old["train"]}
+    if isinstance(old.get("train"), dict):  # runs from before a field existed: its default
+        old["train"] = {**dataclasses.asdict(TrainConfig()), **old["train"]}
+    run = {**run, "train": dict(run["train"])}
+    for key in LAYOUT_FIELDS:  # a run resumes under any layout
+        for train in (old.get("train"), run["train"]):
+            if isinstance(train, dict):
+                train.pop(key, None)
     for key in ("model", "train", "stage", "data", "init_from"):
         if json.dumps(old.get(key), sort_keys=True) != json.dumps(run.get(key), sort_keys=True):
             raise ValueError(f"out={out_dir}: holds a different run ({key} differs); "
@@ -259,22 +321,32 @@ def _check_same_run(out_dir: Path, run: dict):
 
 
 def _truncate_log(path: Path, step: int) -> list[dict]:
-    """Keep the log records up to `step` (a resumed run re-logs what came after)."""
+    """Keep the log records up to `step` (a resumed run re-logs what came after). A line torn
+    by a kill in the middle of its write ends the log."""
     if not path.exists():
         return []
-    records = [r for r in files.read_jsonl(path) if r["step"] <= step]
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if record["step"] <= step:
+            records.append(record)
     files.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return records
 
 
-def _log(path: Path, record: dict) -> dict:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+def _log(path: Path, record: dict, write: bool = True) -> dict:
+    if write:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
     return record
 
 
 def _expert_load(model):
-    return expert_load(model).tolist() if model.cfg.is_moe else None
+    """Pairs per expert of the last forward, summed over the ranks."""
+    return dist.sum_over_ranks(expert_load(model)).tolist() if model.cfg.is_moe else None
 
 
 def _progress(total: int, start: int, enabled: bool):

@@ -19,6 +19,10 @@ smoe/utils/expert_construction/convert_llama_moe.py). Attention, norms, embeddin
 head and the MLPs of layers that
 stay dense are copied unchanged.
 (Conversion to and from transformers' Mixtral lives in minimoe/interop.py.)
+
+`upcycle_checkpoint` does what `upcycle` does between safetensors files, one tensor in memory at
+a time (the largest: one layer's stacked experts, E x D x F), so a 16B checkpoint becomes the
+8x16B one on a machine that holds neither model.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from minimoe.config import ModelConfig
 from minimoe.model import Transformer, build_model
 from minimoe.moe import router_init_std
+from minimoe.stream import SafetensorsSource, write_safetensors
 
 LAYER_CHOICES = {"all": 1, "every-other": 2}  # -> moe_layer_freq (layer i is MoE when i % freq == 0)
 MOE_OPTIONS = ("gate", "router_noise", "capacity_factor", "expert_scale")
@@ -61,6 +66,55 @@ def upcycle(dense: Transformer, n_experts: int = 8, top_k: int = 2, layers: str 
     all_neurons = torch.arange(dense.cfg.d_ffn)
     experts = {i: [all_neurons] * n_experts for i in _moe_layer_ids(cfg)}
     return _build_moe(dense, cfg, experts, {}, router_init_std(router_std, router_init), seed)
+
+
+def upcycle_checkpoint(src_path, dense_cfg: ModelConfig, out_path, n_experts: int = 8,
+                       top_k: int = 2, layers: str = "all", router_std: float = 0.02,
+                       router_init: str = "std", seed: int = 0,
+                       **moe_options) -> tuple[ModelConfig, int]:
+    """`upcycle` from one .safetensors file into another, streamed: the same tensors bit for
+    bit (the routers from the same generator, in layer order). Returns the MoE config and the
+    bytes written."""
+    cfg = _moe_config(dense_cfg, n_experts, top_k, layers, moe_options)
+    source = SafetensorsSource(src_path)
+    for name, t in _stored_tensors(dense_cfg).items():
+        if name not in source or source.shape(name) != tuple(t.shape):
+            found = source.shape(name) if name in source else "no such tensor"
+            raise ValueError(f"{src_path}: {name} must have shape {tuple(t.shape)} for the "
+                             f"dense config, found {found}")
+    generator = torch.Generator().manual_seed(seed)  # as _build_moe draws them
+    std = router_init_std(router_std, router_init)
+    routers = {i: torch.randn(n_experts, cfg.d_model, generator=generator) * std
+               for i in _moe_layer_ids(cfg)}
+
+    def produce(name: str) -> torch.Tensor:
+        if name in source:  # attention, norms, embeddings, head, MLPs that stay dense
+            return source[name]
+        _, layer, _, rest = name.split(".", 3)  # layers.{i}.mlp.{rest}
+        mlp = f"layers.{layer}.mlp."
+        if rest == "router.weight":
+            return routers[int(layer)].to(source.dtype(mlp + "gate_proj.weight"))
+        if rest == "router_noise.weight":
+            return torch.zeros(n_experts, cfg.d_model, dtype=source.dtype(mlp + "gate_proj.weight"))
+        dense = {"w_gate_EDF": "gate_proj", "w_up_EDF": "up_proj", "w_down_EFD": "down_proj"}[rest]
+        weight = source[f"{mlp}{dense}.weight"].T  # (F, D) -> (D, F); down: (D, F) -> (F, D)
+        return weight.unsqueeze(0).expand(n_experts, -1, -1).contiguous()  # every expert a copy
+
+    def dtype_of(name: str) -> torch.dtype:
+        if name in source:
+            return source.dtype(name)
+        return source.dtype(name.split(".mlp.")[0] + ".mlp.gate_proj.weight")
+
+    specs = {name: (dtype_of(name), tuple(t.shape)) for name, t in _stored_tensors(cfg).items()}
+    return cfg, write_safetensors(out_path, specs, produce, metadata={"format": "pt"})
+
+
+def _stored_tensors(cfg: ModelConfig) -> dict:
+    """Names and shapes of a model file (meta tensors; a tied head is stored once)."""
+    tensors = build_model(cfg, device="meta").state_dict()
+    if cfg.tie_embeddings:
+        tensors.pop("lm_head.weight")
+    return tensors
 
 
 # --- LLaMA-MoE expert construction ------------------------------------------------------------

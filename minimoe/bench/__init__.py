@@ -2,11 +2,14 @@
 same process, printed as ratios. Never a timed test: CI does not run these, and the library
 never imports this package (the CLI loads it only for `minimoe bench`).
 
-    train.py   our training step against transformers' Llama
-    moe.py     our MoE layer against the FLOP-equal dense MLP and transformers' Mixtral
-    grow.py    streamed Scale-Up of a real-size checkpoint: GB/s and peak memory
-    sim.py     the vectorised layout search against a plain loop
-    generate.py  KV-cached greedy generation against transformers' Llama generate()
+    train.py    our training step against transformers' Llama, and its model FLOP/s against
+                the fp32 GEMM peak measured in the same process
+    moe.py      our MoE layer against the FLOP-equal dense MLP and transformers' Mixtral
+    grow.py     streamed Scale-Up of a real-size checkpoint: GB/s and peak memory
+    upcycle.py  streamed Scale-Out of a real-size checkpoint: GB/s and peak memory
+    dist.py     tokens/s of one process against 2 gloo ranks (torchrun)
+    sim.py      the vectorised layout search against a plain loop
+    generate.py KV-cached greedy generation against transformers' Llama generate()
 
 Each benchmark is a function taking the parsed CLI args and printing its table; `BENCHES`
 maps the CLI name to it.
@@ -30,12 +33,29 @@ def timeit(fn, warmup: int = 2, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def peak_resident_gb() -> float:
+    """Peak resident memory of this process since the last reset (VmHWM), in GB."""
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kb * 1024 / 1e9
+
+
+def reset_peak_resident():
+    try:  # Linux: writing 5 to clear_refs resets VmHWM, so one phase can be measured alone
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 # the benchmarks import `timeit` from here, so they are registered after it is defined
+from minimoe.bench.dist import bench_dist  # noqa: E402
 from minimoe.bench.generate import bench_generate  # noqa: E402
 from minimoe.bench.grow import bench_grow  # noqa: E402
 from minimoe.bench.moe import bench_moe  # noqa: E402
 from minimoe.bench.sim import bench_sim  # noqa: E402
 from minimoe.bench.train import bench_train  # noqa: E402
+from minimoe.bench.upcycle import bench_upcycle  # noqa: E402
 
-BENCHES = {"train": bench_train, "moe": bench_moe, "grow": bench_grow, "sim": bench_sim,
-           "generate": bench_generate}
+BENCHES = {"train": bench_train, "moe": bench_moe, "grow": bench_grow, "upcycle": bench_upcycle,
+           "dist": bench_dist, "sim": bench_sim, "generate": bench_generate}

@@ -12,25 +12,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from minimoe.bench import peak_resident_gb, reset_peak_resident
 from minimoe.config import get_preset
 from minimoe.grow import grow_checkpoint, grow_tensor
 from minimoe.model import build_model
 from minimoe.stream import SafetensorsSource, write_safetensors
-
-
-def _vm_hwm_gb() -> float:
-    """Peak resident memory of this process (VmHWM), in GB."""
-    with open("/proc/self/status") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    return kb * 1024 / 1e9
-
-
-def _reset_vm_hwm():
-    try:  # Linux: writing 5 to clear_refs resets VmHWM, so one phase can be measured alone
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def bench_grow(args):
@@ -59,12 +45,12 @@ def bench_grow(args):
         src_bytes = write_safetensors(tmp / "src.safetensors", specs, random_tensor)
         src_s = time.perf_counter() - t0
 
-        _reset_vm_hwm()
+        reset_peak_resident()
         t0 = time.perf_counter()
         plan, written = grow_checkpoint(tmp / "src.safetensors", source, target,
                                         tmp / "out.safetensors", method="aki-pro")
         grow_s = time.perf_counter() - t0
-        peak = _vm_hwm_gb()
+        peak = peak_resident_gb()
 
         # the result opens with safetensors and holds the target's shapes; one tensor rechecked
         expected = build_model(target, device="meta").state_dict()

@@ -25,6 +25,7 @@ import math
 from pathlib import Path
 
 from minimoe import checkpoint as ckpt
+from minimoe import dist
 from minimoe import files
 from minimoe.config import get_preset
 from minimoe.flops import flops_per_token
@@ -58,8 +59,7 @@ def _stage_record(name: str, run_dir: Path, seq_len: int) -> dict:
 def run_pipeline(pc: RecipeConfig, out, progress: bool = True) -> dict:
     """Run (or resume) every stage and write the report; returns the report's numbers."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_pipeline_folder(out, pc)
+    dist.main_only(lambda: _check_pipeline_folder(out, pc))  # under torchrun: rank 0 writes
     spec = data_spec(None, pc.vocab_size, "bpe")
     warm = max(1, pc.prep_steps // 10)
 
@@ -95,20 +95,24 @@ def run_pipeline(pc: RecipeConfig, out, progress: bool = True) -> dict:
               "scaled-out MoE (5-scale-out)": out / "5-scale-out",
               "MoE from scratch, equal tokens (6-scratch)": out / "6-scratch",
               f"MoE from scratch, equal compute (step {equal_step})": equal_dir}
-    evaluation = {label: evaluate_run(run, limit=pc.eval_examples, ppl_chars=pc.eval_chars,
-                                      seed=pc.seed, cache=True, progress=progress)
-                  for label, run in models.items() if (run / "model.safetensors").exists()}
-    # LLaMA-MoE's routing by domain: upcycled experts start identical, so what they specialise
-    # in grows during the scale-out stage; the from-scratch MoE for comparison
+    # LLaMA-MoE's routing by domain, at the start and the end of scale-out, and for the MoE
+    # from scratch
     routed = {"upcycled, start of scale-out (4-upcycled)": out / "4-upcycled",
               "upcycled, end of scale-out (5-scale-out)": out / "5-scale-out",
               "MoE from scratch (6-scratch)": out / "6-scratch"}
-    specialisation = {label: specialisation_run(run, out / "report" / "experts" / run.name,
-                                                batch_size=pc.batch_size, seq_len=pc.seq_len,
-                                                title=label)
-                      for label, run in routed.items()}
-    return write_pipeline_report(out / "report", dataclasses.asdict(pc), stages, transitions,
-                                 evaluation, specialisation)
+
+    def report():  # evaluation, routing and the report: one process (rank 0 under torchrun)
+        evaluation = {label: evaluate_run(run, limit=pc.eval_examples, ppl_chars=pc.eval_chars,
+                                          seed=pc.seed, cache=True, progress=progress)
+                      for label, run in models.items() if (run / "model.safetensors").exists()}
+        specialisation = {label: specialisation_run(run, out / "report" / "experts" / run.name,
+                                                    batch_size=pc.batch_size, seq_len=pc.seq_len,
+                                                    title=label)
+                          for label, run in routed.items()}
+        return write_pipeline_report(out / "report", dataclasses.asdict(pc), stages, transitions,
+                                     evaluation, specialisation)
+
+    return dist.main_only(report)
 
 
 EVAL_ONLY = ("eval_examples", "eval_chars")  # RecipeConfig fields that change no training
@@ -116,6 +120,7 @@ EVAL_ONLY = ("eval_examples", "eval_chars")  # RecipeConfig fields that change n
 
 def _check_pipeline_folder(out: Path, pc: RecipeConfig):
     """A pipeline folder belongs to one RecipeConfig; a different one is refused."""
+    out.mkdir(parents=True, exist_ok=True)
     path = out / "pipeline.json"
     settings = dataclasses.asdict(pc)
     if path.exists():

@@ -4,27 +4,34 @@ A run folder remembers its data (`run.json` -> "data": paths, tokenizer, vocabul
 later stage grown from it (scale-up, scale-out, continued pretraining) sees exactly the same
 token stream and validation set, and validation losses compare across stages. The same record
 lets `evaluate_run` score a run on tasks made from that data's held-out split.
+
+Under torchrun every rank runs the same stage: training is distributed (minimoe/train.py), a
+transformation between runs and the data caches are made by rank 0 alone (`dist.main_only`),
+and the other ranks read what it wrote.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 
 from minimoe import checkpoint as ckpt
 from minimoe import experts
+from minimoe import dist
 from minimoe import files
 from minimoe import mixing
 from minimoe.config import ModelConfig, get_preset
 from minimoe.data import prepare_corpus
 from minimoe.evaluate import evaluate, load_tasks, run_tasks
-from minimoe.grow import grow_model, growth_report, plan_growth
+from minimoe.grow import grow_checkpoint, grow_model, growth_report, plan_growth
 from minimoe.model import build_model
+from minimoe.shards import is_shard_folder, load_shards
 from minimoe.tasks import FORMAT as TASKS_FORMAT
 from minimoe.tokens import load_data, load_tokenizer
 from minimoe.train import RunResult, TrainConfig, train
-from minimoe.upcycle import scale_out
+from minimoe.upcycle import scale_out, upcycle_checkpoint
 
 
 def data_spec(paths=None, vocab_size: int = 2048, tokenizer: str = "bpe") -> dict:
@@ -33,8 +40,18 @@ def data_spec(paths=None, vocab_size: int = 2048, tokenizer: str = "bpe") -> dic
 
 
 def load_run_data(spec: dict):
-    """(TokenData, tokenizer) for a data spec (the demo corpus when paths is None)."""
-    return load_data(spec["paths"], vocab_size=spec["vocab_size"], tokenizer=spec["tokenizer"])
+    """(TokenData, tokenizer) for a data spec: the demo corpus when paths is None, a folder of
+    pre-tokenised shards (`minimoe tokenize`), or text files and folders."""
+    paths = spec["paths"]
+    if paths and len(paths) == 1 and is_shard_folder(paths[0]):
+        return load_shards(paths[0])
+
+    def load():
+        return load_data(paths, vocab_size=spec["vocab_size"], tokenizer=spec["tokenizer"])
+
+    if dist.is_distributed():  # rank 0 builds the corpus and token caches; the others read them
+        dist.main_only(lambda: load() and None)
+    return load()
 
 
 def run_data_spec(run_dir) -> dict:
@@ -167,7 +184,10 @@ def transform_run(src, out, transform, meta: dict, tc: TrainConfig | None = None
     A finished `out` is not redone; its report is returned. `tc` sets the validation batches
     (batch size, sequence length, count), so the losses compare with the runs around it.
     """
-    src, out = Path(src), Path(out)
+    return dist.main_only(lambda: _transform_run(Path(src), Path(out), transform, meta, tc))
+
+
+def _transform_run(src: Path, out: Path, transform, meta: dict, tc) -> dict:
     report_path = out / "transform.json"
     request = {**meta, "source": str(src.resolve())}
     if (out / "model.safetensors").exists():  # done before: fine if it is the same request
@@ -220,3 +240,62 @@ def scale_out_run(src, out, method: str = "upcycle", n_experts: int = 8, top_k: 
     meta = {"stage": "scale-out", "method": method, "n_experts": n_experts, "top_k": top_k,
             "seed": seed, "options": options}
     return transform_run(src, out, transform, meta, tc)
+
+
+# --- the same transformations streamed, for full-size checkpoints ---------------------------
+def stream_run(src, out, meta: dict, write) -> dict:
+    """A transformation of run `src`'s model file into run `out`, one tensor in memory at a
+    time: `write(src_file, src_cfg, out_file) -> (new config, bytes written, report extras)`.
+    No validation loss is measured (that needs the model in memory). A finished `out`
+    (transform.json written last) is not redone."""
+    return dist.main_only(lambda: _stream_run(Path(src), Path(out), meta, write))
+
+
+def _stream_run(src: Path, out: Path, meta: dict, write) -> dict:
+    report_path = out / "transform.json"
+    request = {**meta, "source": str(src.resolve()), "streamed": True}
+    if report_path.exists():
+        old = ckpt.read_json(report_path)
+        if any(old.get(k) != v for k, v in request.items()):
+            raise ValueError(f"--out={out}: already holds a different model; choose another folder")
+        return old
+    src_cfg = ckpt.read_config(src)
+    spec = ckpt.read_json(src / "run.json").get("data") if (src / "run.json").exists() else None
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    cfg, written, extra = write(ckpt.model_file(src), src_cfg, out / "model.safetensors")
+    seconds = time.perf_counter() - t0
+    report = {**request, **extra, "val_before": None, "val_after": None,
+              "params_before": src_cfg.param_counts(), "params_after": cfg.param_counts(),
+              "bytes_written": written, "seconds": seconds}
+    files.write_text(out / "config.json", cfg.to_json())
+    files.write_json(out / "run.json", {**meta, "data": spec, "init_from": str(src.resolve())})
+    files.write_json(report_path, report)
+    return report
+
+
+def stream_scale_out_run(src, out, n_experts: int = 8, top_k: int = 2, seed: int = 0,
+                         **options) -> dict:
+    """Sparse upcycling of a run's model file, streamed (what scale_out_run's "upcycle" makes)."""
+    def write(path, cfg, out_path):
+        moe, written = upcycle_checkpoint(path, cfg, out_path, n_experts, top_k, seed=seed,
+                                          **options)
+        return moe, written, {}
+
+    meta = {"stage": "scale-out", "method": "upcycle", "n_experts": n_experts, "top_k": top_k,
+            "seed": seed, "options": options}
+    return stream_run(src, out, meta, write)
+
+
+def stream_grow_run(src, target: str, out, method: str = "aki-pro", depth: str | None = None,
+                    mapping: str = "cyclic", seed: int = 0, kv: str = "keep") -> dict:
+    """Scale-Up of a run's model file to a preset's shape, streamed (what grow_run makes)."""
+    def write(path, cfg, out_path):
+        shape = get_preset(target).replace(vocab_size=cfg.vocab_size)
+        plan, written = grow_checkpoint(path, cfg, shape, out_path, method=method, depth=depth,
+                                        mapping=mapping, seed=seed, kv=kv)
+        return plan.target, written, {"growth": growth_report(plan)}
+
+    meta = {"stage": "scale-up", "method": method, "target": target, "depth": depth,
+            "mapping": mapping, "seed": seed, "kv": kv}
+    return stream_run(src, out, meta, write)

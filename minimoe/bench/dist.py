@@ -1,0 +1,111 @@
+"""bench dist: tokens/s of a training step of toy-small in one process against 2 gloo ranks
+under torchrun (FSDP2 and DDP), the same global batch; the ratio is what distribution costs
+(or gains) on this machine. One process uses every core for its matmuls; each rank gets an
+equal share of them (OMP_NUM_THREADS), so on a single machine the ideal ratio is 1.0.
+
+The step is the training loop's own pieces (dist.parallelize, the rows of a rank, one
+gradient reduction, DTensor-aware clipping, AdamW) on random tokens, timed after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from minimoe import dist
+from minimoe.config import get_preset
+from minimoe.model import build_model
+from minimoe.train import TrainConfig, make_optimizer
+
+
+def _step_times(mode: str, batch: int, seq: int, steps: int) -> list[float]:
+    """Seconds per training step on this process (one of the ranks under torchrun)."""
+    dist.init_from_env()
+    torch.manual_seed(0)
+    cfg = get_preset("toy-small")
+    model = build_model(cfg)
+    mesh = dist.build_mesh(1) if dist.is_distributed() else None
+    parallel = dist.parallelize(model, mesh, mode)
+    optimizer = make_optimizer(model, TrainConfig())
+    generator = torch.Generator().manual_seed(1)
+    times = []
+    for step in range(steps):
+        x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=generator)
+        x, y = dist.rows(x[:, :-1]), dist.rows(x[:, 1:])
+        t0 = time.perf_counter()
+        with parallel.sync(last=True):
+            logits = parallel.module(x)
+            F.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
+        parallel.clip_grad_norm_(1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    dist.barrier()
+    return times
+
+
+def _worker(argv):
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", default="fsdp")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--seq", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--out")
+    a = p.parse_args(argv)
+    times = _step_times(a.mode, a.batch, a.seq, a.steps)
+    if dist.is_main():
+        Path(a.out).write_text(json.dumps(times))
+    dist.shutdown()
+
+
+def _launch(ranks: int, mode: str, batch: int, seq: int, steps: int, threads: int) -> float:
+    """Median seconds per step (after 3 warm-up steps) of a fresh process or torchrun job."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "times.json"
+        worker = ["-m", "minimoe.bench.dist", "--mode", mode, "--batch", str(batch), "--seq",
+                  str(seq), "--steps", str(steps), "--out", str(out)]
+        if ranks > 1:
+            worker = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                      "--rdzv-backend", "c10d", "--rdzv-endpoint", "localhost:0", *worker]
+        done = subprocess.run([sys.executable, *worker], env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"bench dist: {' '.join(worker)} failed:\n{done.stderr[-3000:]}")
+        times = json.loads(out.read_text())
+    return statistics.median(times[3:])
+
+
+def bench_dist(args):
+    batch, seq = (8, 128) if args.quick else (16, 256)
+    steps = 8 if args.quick else 20
+    cores = os.cpu_count() or 1
+    tokens = batch * seq
+    print(f"bench dist: toy-small AdamW step, global batch {batch} x {seq} tokens, {cores} cores "
+          f"(one process: {cores} threads; 2 ranks: {max(1, cores // 2)} each), gloo")
+    one = tokens / _launch(1, "fsdp", batch, seq, steps, cores)
+    print(f"  1 process        {one:10,.0f} tokens/s")
+    # on a shared machine a process's threads wait for one another at every kernel, so one
+    # thread is the steadier reference: what each rank gets
+    single = tokens / _launch(1, "fsdp", batch, seq, steps, 1)
+    print(f"  1 process, 1 thread {single:7,.0f} tokens/s")
+    result = {"one_process": one, "one_thread": single}
+    for mode in ("fsdp", "ddp"):
+        two = tokens / _launch(2, mode, batch, seq, steps, max(1, cores // 2))
+        result[mode] = two
+        print(f"  2 ranks, {mode:5s}   {two:10,.0f} tokens/s   ratio {two / one:.2f} to 1 process, "
+              f"{two / single:.2f} to 1 thread")
+    return result
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])

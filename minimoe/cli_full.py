@@ -1,0 +1,59 @@
+"""The full-size commands of `minimoe`: tokenize (text of any size into shards), dry-run (a
+launch recipe's parallel plan on meta tensors) and launch-args (what scaling/launch.sh runs).
+Each is a pair, declare the arguments and run, that cli.COMMANDS lists."""
+
+from __future__ import annotations
+
+import json
+
+from minimoe import dist
+from minimoe.recipes.config import RECIPES
+from minimoe.recipes.dry_run import dry_run, dry_run_report
+from minimoe.recipes.launch import launch_args, load_launch_recipe
+from minimoe.shards import SHARD_TOKENS, tokenize
+
+
+def add_tokenize(p):
+    p.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help=".txt/.jsonl files or folders, streamed (one domain per file or folder)")
+    p.add_argument("--out", required=True, help="shard folder; then `pretrain --data OUT`")
+    p.add_argument("--tokenizer", default="bpe",
+                   help="bpe (trained here on a sample of the text), byte, or a tokenizer.json")
+    p.add_argument("--vocab-size", type=int, default=RECIPES["toy"].vocab_size, help="for bpe")
+    p.add_argument("--val-fraction", type=float, default=0.03)
+    p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file")
+    p.add_argument("--seed", type=int, default=0, help="the train/val split's hash")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_tokenize(args):
+    m = dist.main_only(lambda: tokenize(args.data, args.out, args.tokenizer, args.vocab_size,
+                                        args.val_fraction, args.seed, args.shard_tokens,
+                                        progress=not args.no_progress))
+    n_shards = (sum(len(e) for e in m["shards"]["train"].values())
+                + sum(len(e) for langs in m["shards"]["val"].values() for e in langs.values()))
+    domains = ", ".join(f"{d} {n:,}" for d, n in m["tokens_by_domain"]["train"].items())
+    print(f"{args.out}: {m['tokens']['train']:,} training + {m['tokens']['val']:,} validation "
+          f"tokens in {n_shards} {m['dtype']} shards (vocabulary {m['vocab_size']:,}; "
+          f"training tokens by domain: {domains}); train with --data {args.out}")
+
+
+def add_dry_run(p):
+    p.add_argument("recipe", help="a full-size launch recipe, e.g. scaling/full/aquilamoe-8x16b.toml")
+    p.add_argument("--ranks", type=int, help="gloo ranks to spawn (default 2 x the recipe's ep)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run_dry_run(args):
+    result = dry_run(args.recipe, args.ranks)
+    print(json.dumps(result, indent=2) if args.json else dry_run_report(result))
+
+
+def add_launch_args(p):
+    p.add_argument("recipe", help="a full-size launch recipe (scaling/full/)")
+    p.add_argument("step", choices=["prepare", "train", "node"],
+                   help="the minimoe arguments of a step, or the recipe's nodes (launch.sh)")
+
+
+def run_launch_args(args):
+    print(launch_args(load_launch_recipe(args.recipe), args.step))

@@ -1,0 +1,318 @@
+"""Distribution wrapped around the model from outside, on PyTorch's own engine (as torchtitan
+keeps `parallelize` apart from its models: torchtitan/models/llama3/infra/parallelize.py).
+
+    init_from_env()    torchrun's RANK / WORLD_SIZE / LOCAL_RANK -> one process group, nccl on
+                       CUDA, gloo on CPU. Outside torchrun (or with WORLD_SIZE=1) nothing is
+                       initialised and every helper below is a no-op: one process runs exactly
+                       the code it ran before distribution existed.
+    build_mesh(ep)     the DeviceMesh ("dp", "ep"): ep ranks share the experts of each MoE layer
+                       (E/ep each), dp groups of them replicate that; all dp x ep ranks hold
+                       different rows of the batch (expert parallelism borrows data-parallel
+                       ranks, as in GShard and torchtitan).
+    parallelize(...)   per block: activation checkpointing, torch.compile, then expert
+                       parallelism (minimoe/expert_parallel.py), then FSDP2 `fully_shard` per
+                       block and on the root (or DDP); returns a `Parallel`.
+
+The global batch of step i is one process's batch: every rank draws the same
+`train_batch(step, ...)` and keeps its own rows (`rows`), each rank's loss is the mean over its
+rows, and FSDP/DDP average the gradients over the ranks, so they equal one process's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+
+from minimoe.expert_parallel import EXPERT_WEIGHTS, apply_expert_parallel
+from minimoe.moe import MoE
+
+MODES = ("fsdp", "ddp")
+
+
+# --- the process group ------------------------------------------------------------------
+def init_from_env(device: str = "cpu") -> None:
+    """Join torchrun's process group (idempotent); nothing to do in a single process."""
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    options = {"store": _attempt_store()} if _agent_store() else {}
+    if options:
+        options.update(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank())
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank()), **options)
+    else:
+        dist.init_process_group("gloo", **options)
+
+
+def _agent_store() -> bool:
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def _attempt_store():
+    """torchrun's own store under a prefix of this attempt. A job that torchrun restarts
+    (--max-restarts) reuses the agent's store, where the dead attempt's gloo/NCCL addresses
+    are still written: without the prefix the new ranks may dial those and fail (pytorch
+    issue #167288, "connect returned Connection refused" after a restart)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                          int(os.environ["WORLD_SIZE"]), is_master=False)
+    return dist.PrefixStore(f"minimoe/attempt_{attempt}", store)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def device_for(name: str) -> torch.device:
+    """The device of this rank: "cuda" means the GPU torchrun's LOCAL_RANK names."""
+    if name == "cuda" and is_distributed():
+        return torch.device("cuda", local_rank())
+    return torch.device(name)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+_inside_main_only = False
+
+
+def main_only(fn):
+    """Run fn() on rank 0 only (a check, a write); every rank returns its result or raises its
+    error, so the ranks never wait on one that failed. fn must not use the other ranks: a
+    main_only inside it just runs (rank 0 is alone there)."""
+    global _inside_main_only
+    if not is_distributed() or _inside_main_only:
+        return fn()
+    box = [None]
+    if is_main():
+        _inside_main_only = True
+        try:
+            box = [(True, fn())]
+        except Exception as err:  # re-raised on every rank below
+            box = [(False, err)]
+        finally:
+            _inside_main_only = False
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+# --- data and numbers -------------------------------------------------------------------
+def row_slice(n: int) -> slice:
+    """This rank's rows of a global batch of n: rank r of w takes the r-th of w equal slices."""
+    w = world_size()
+    if n % w:
+        raise ValueError(f"batch_size={n}: must be divisible by the {w} ranks")
+    return slice(rank() * n // w, (rank() + 1) * n // w)
+
+
+def rows(batch: torch.Tensor) -> torch.Tensor:
+    return batch[row_slice(len(batch))]
+
+
+class RankRows:
+    """The data as one rank evaluates it: its rows of every validation batch (the rest of the
+    data's interface unchanged), so the ranks share each batch and the mean over ranks is the
+    batch's mean."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __getattr__(self, name):
+        return getattr(self.data, name)
+
+    def val_batches(self, batch_size: int, seq_len: int, n_batches: int | None = None,
+                    lang: str | None = None):
+        return [(rows(x), rows(y))
+                for x, y in self.data.val_batches(batch_size, seq_len, n_batches, lang)]
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each number averaged over the ranks (every rank gets the same result)."""
+    if not is_distributed() or not values:
+        return values
+    names = sorted(values)
+    t = torch.tensor([values[k] for k in names], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    return dict(zip(names, (t / world_size()).tolist()))
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    if not is_distributed():
+        return t
+    t = t.to(_comm_device()).clone()
+    dist.all_reduce(t)
+    return t.cpu()
+
+
+def _comm_device() -> torch.device:
+    return torch.device("cuda", local_rank()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+# --- the mesh and the plan --------------------------------------------------------------
+def build_mesh(ep: int = 1, device_type: str = "cpu") -> DeviceMesh:
+    """The ("dp", "ep") mesh over every rank; ep must divide the world size."""
+    w = world_size()
+    if not isinstance(ep, int) or ep < 1 or w % ep:
+        raise ValueError(f"ep={ep!r}: must be a positive divisor of the {w} ranks")
+    return init_device_mesh(device_type, (w // ep, ep), mesh_dim_names=("dp", "ep"))
+
+
+@dataclass
+class Parallel:
+    """What the training step needs of a (possibly) distributed model."""
+
+    model: nn.Module  # the model itself (FSDP2 shards it in place: its FQNs do not change)
+    module: nn.Module  # what a step calls: the DDP wrapper, or the model
+    mode: str  # "single", "fsdp" or "ddp"
+    mixed_precision: bool = False  # FSDP2 casts to bf16 itself: no autocast on top
+
+    def sync(self, last: bool):
+        """Context of one micro-batch's forward + backward: gradients are reduced on the last
+        micro-batch of a step only (DDP's no_sync, FSDP2's set_requires_gradient_sync)."""
+        if self.mode == "fsdp":
+            self.model.set_requires_gradient_sync(last)
+        elif self.mode == "ddp" and not last:
+            return self.module.no_sync()
+        return contextlib.nullcontext()
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Clip to a global norm; with FSDP2 the gradients are DTensors, on two meshes when
+        experts are parallel, so each mesh's norm is reduced first, then combined."""
+        if self.mode != "fsdp":
+            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+        by_mesh: dict = {}
+        for p in self.model.parameters():
+            if p.grad is not None:
+                by_mesh.setdefault(p.grad.device_mesh, []).append(p)
+        squares = []
+        for params in by_mesh.values():
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+            squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
+        total = torch.stack(squares).sum().sqrt()
+        for params in by_mesh.values():  # one call per mesh: DTensor ops stay on one mesh
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total.item()
+
+
+def parallelize(model: nn.Module, mesh: DeviceMesh | None, mode: str = "fsdp",
+                mixed_precision: bool = False, activation_checkpointing: bool = False,
+                compile: bool = False) -> Parallel:
+    """Apply the parallel plan to `model` in place, in torchtitan's order: activation
+    checkpointing and compile per block, expert parallelism, then FSDP2 (per block, then the
+    root) or DDP. mesh=None: one process (only checkpointing and compile apply).
+
+    mixed_precision (FSDP2): bf16 compute with fp32 master weights and fp32 gradient
+    reduction, MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32).
+    """
+    if mode not in MODES:
+        raise ValueError(f"parallel={mode!r}: must be one of {', '.join(MODES)}")
+    for block in model.layers:
+        if activation_checkpointing:
+            checkpoint_block(block)
+        if compile:
+            block.compile()
+    if mesh is None:
+        return Parallel(model, model, "single")
+    ep = mesh["ep"].size()
+    if ep > 1:
+        if mode != "fsdp":
+            raise ValueError(f"ep={ep}: expert parallelism runs with parallel='fsdp' only "
+                             "(DDP would average different experts' gradients)")
+        apply_expert_parallel(model, mesh["ep"])
+    if mode == "ddp":
+        first = next(model.parameters())
+        ids = [local_rank()] if first.is_cuda else None
+        # on the meta device (a dry run) there are no values to broadcast from rank 0
+        ddp = DistributedDataParallel(model, device_ids=ids, init_sync=not first.is_meta)
+        return Parallel(model, ddp, "ddp")
+    _fully_shard(model, mesh, mixed_precision)
+    return Parallel(model, model, "fsdp", mixed_precision)
+
+
+def _fully_shard(model: nn.Module, mesh: DeviceMesh, mixed_precision: bool):
+    """FSDP2 per block, then the root (embedding, final norm, LM head). With expert
+    parallelism, a MoE layer's experts form their own FSDP2 unit over the "dp" mesh (the
+    replicas of the same experts) and everything else is sharded over all ranks."""
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    policy = bf16 if mixed_precision else MixedPrecisionPolicy()
+    ep = mesh["ep"].size()
+    # every rank: mesh["dp"] is all of them when ep == 1; else a 1-D mesh over the world
+    everyone = mesh["dp"] if ep == 1 else init_device_mesh(
+        mesh.device_type, (mesh.size(),), mesh_dim_names=("dp_ep",))
+    for block in model.layers:
+        if ep > 1 and isinstance(block.mlp, MoE):
+            _shard_experts(block.mlp, mesh, everyone, policy)
+        fully_shard(block, mesh=everyone, mp_policy=policy)
+    fully_shard(model, mesh=everyone, mp_policy=policy)
+
+
+def _shard_experts(moe: MoE, mesh: DeviceMesh, everyone: DeviceMesh, policy):
+    # router, noise and shared expert first, over every rank: their gradients are a mean over
+    # all the data, so they must not fall into the experts' unit below
+    for child in (moe.router, moe.router_noise, moe.shared):
+        if child is not None:
+            fully_shard(child, mesh=everyone, mp_policy=policy)
+    dim = expert_shard_dim(tuple(getattr(moe, EXPERT_WEIGHTS[0]).to_local().shape),
+                           mesh["dp"].size())
+    unit = fully_shard(moe, mesh=mesh["dp"], mp_policy=policy,
+                       shard_placement_fn=lambda param: Shard(dim))
+    # Each rank's expert gradient already sums the tokens of its whole EP group (the
+    # all-to-all's backward), so the mean over the data divides by all dp x ep ranks
+    # (torchtitan: set_gradient_divide_factor).
+    unit.set_gradient_divide_factor(float(mesh.size()))
+
+
+def expert_shard_dim(local_shape: tuple[int, ...], dp: int) -> int:
+    """The dim FSDP2 shards a rank's stacked experts on over dp replicas: 0 (the experts) when
+    they divide evenly, else 1 (D), as torchtitan does when dp x ep exceeds the expert count."""
+    return 0 if local_shape[0] % dp == 0 or local_shape[1] % dp else 1
+
+
+def checkpoint_block(block: nn.Module) -> None:
+    """Activation checkpointing of one block: its forward keeps only its input and recomputes
+    the rest in backward (torch.utils.checkpoint, non-reentrant). The module tree and the
+    parameter names stay as they are."""
+    forward = block.forward
+
+    def recomputed(*args):
+        if not torch.is_grad_enabled():  # evaluation: nothing to save
+            return forward(*args)
+        return checkpoint(forward, *args, use_reentrant=False)
+
+    block.forward = recomputed

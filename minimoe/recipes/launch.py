@@ -1,0 +1,221 @@
+"""Full-size launch recipes (scaling/full/*.toml): one run of the paper each, its layout, and the
+`minimoe` commands that run it under torchrun (scaling/launch.sh runs them).
+
+A recipe names a stage (pretrain, scale-up or scale-out), the model shape, where it grows from,
+the training budget of arXiv 2408.06567 Table 3 (tokens, learning rate, batch) and a layout:
+GPUs, FSDP2 or DDP, expert-parallel ranks, micro-batch, activation checkpointing. The layout is
+what the cost simulator recommends among the layouts this torchrun path runs (`engine_plan`):
+data parallel over every GPU (FSDP2 = ZeRO-3, or DDP = ZeRO-0) with expert parallelism inside
+it; no tensor or pipeline parallelism, which `minimoe plan`'s overall fastest layout may use
+(shown beside it by `minimoe dry-run`). The simulator counts bytes as FSDP2 stores them
+(`FSDP2_BYTES`): the fp32 shard is the master weight, so 4 (weights) + 4 (gradients) + 8 (Adam
+m, v) bytes per parameter, the bf16 copy existing only for the block being computed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minimoe.config import get_preset
+from minimoe.sim.cost import Options, simulate
+from minimoe.sim.hardware import get_device
+from minimoe.sim.layout import Layout, Workload
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+STAGES = ("pretrain", "scale-up", "scale-out")
+FSDP2_BYTES = dict(weight_bytes=4, grad_bytes=4, optimizer_bytes=8)
+MICRO_BATCHES = (1, 2, 4, 8)
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    tokens_b: float  # training tokens, billions (Table 3)
+    batch_tokens: int  # tokens per optimizer step (Table 3's "12M" = 12 x 2^20)
+    seq_len: int
+    lr: float
+    warmup: int = 2000  # not in the paper: our choice
+    eval_every: int = 1000
+    ckpt_every: int = 500
+    bf16: bool = True
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    gpus: int  # what the run uses: whole nodes, at most cluster_gpus
+    cluster_gpus: int = 0  # the cluster the paper names (0: gpus)
+    gpus_per_node: int = 8
+    gpu: str = "h100"
+    parallel: str = "fsdp"
+    ep: int = 1
+    micro_batch: int = 1
+    activation_checkpointing: bool = False
+    compile: bool = False
+    device: str = "cuda"  # cpu: the same launch on gloo (tests, a laptop)
+
+    def sim_layout(self) -> Layout:
+        return Layout(tp=1, pp=1, dp=self.gpus, ep=self.ep, zero=3 if self.parallel == "fsdp" else 0,
+                      micro_batch=self.micro_batch,
+                      recompute="full" if self.activation_checkpointing else "none")
+
+
+@dataclass(frozen=True)
+class LaunchRecipe:
+    name: str
+    stage: str
+    preset: str  # the shape this run trains
+    out: str
+    train: TrainPlan
+    layout: LayoutPlan
+    source: str = ""  # scale-up / scale-out: the run it grows from
+    data: str = ""  # pretrain: a shard folder of `minimoe tokenize`
+    method: str = ""  # scale-up: aki-pro ...; scale-out: upcycle
+    kv: str = "keep"  # scale-up: mean-pool when the target has fewer KV groups
+    experts: int = 8
+    top_k: int = 2
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def model_config(self):
+        """The shape trained: the preset, or for scale-out from a dense preset, that preset
+        upcycled into `experts` experts, top-`top_k`."""
+        cfg = get_preset(self.preset)
+        if self.stage == "scale-out" and not cfg.is_moe:
+            cfg = cfg.replace(n_experts=self.experts, top_k=self.top_k)
+        return cfg
+
+    @property
+    def workload(self) -> Workload:
+        return Workload.from_tokens(self.model_config, self.train.batch_tokens, self.train.seq_len)
+
+    @property
+    def steps(self) -> int:
+        return round(self.train.tokens_b * 1e9 / self.train.batch_tokens)
+
+    @property
+    def grad_accum(self) -> int:
+        return self.workload.global_batch // (self.layout.gpus * self.layout.micro_batch)
+
+
+def load_launch_recipe(path) -> LaunchRecipe:
+    """A recipe file, checked: every key known, the stage's own keys given, the layout valid."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such recipe file")
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a valid TOML file ({err})") from None
+    sections = {"train": TrainPlan, "layout": LayoutPlan}
+    parts = {}
+    for key, cls in sections.items():
+        given = table.pop(key, None)
+        if not isinstance(given, dict):
+            raise ValueError(f"{path}: [{key}] is missing")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise ValueError(f"{path}: [{key}] {unknown[0]}: unknown key; allowed: {', '.join(known)}")
+        parts[key] = cls(**given)
+    if "from" in table:
+        table["source"] = table.pop("from")
+    known = {f.name for f in dataclasses.fields(LaunchRecipe)} - {"train", "layout", "extra"}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ValueError(f"{path}: {unknown[0]}: unknown key; allowed: {', '.join(sorted(known))}")
+    recipe = LaunchRecipe(**table, **parts)
+    _check(recipe, path)
+    return recipe
+
+
+def _check(r: LaunchRecipe, path: Path):
+    if r.stage not in STAGES:
+        raise ValueError(f"{path}: stage={r.stage!r}: must be one of {', '.join(STAGES)}")
+    needs = {"pretrain": ("data",), "scale-up": ("source", "method"), "scale-out": ("source",)}
+    for key in needs[r.stage]:
+        if not getattr(r, key):
+            raise ValueError(f"{path}: {key}: a {r.stage} recipe needs it")
+    cfg = r.model_config
+    if r.stage == "scale-out" and (cfg.n_experts, cfg.top_k) != (r.experts, r.top_k):
+        raise ValueError(f"{path}: experts={r.experts}, top_k={r.top_k}: preset {r.preset} has "
+                         f"{cfg.n_experts} experts, top-{cfg.top_k}")
+    if r.layout.parallel not in ("fsdp", "ddp"):
+        raise ValueError(f"{path}: [layout] parallel={r.layout.parallel!r}: must be fsdp or ddp")
+    w, layout = r.workload, r.layout
+    simulate(w, layout.sim_layout(), get_device(layout.gpu), Options(**FSDP2_BYTES))  # the rules
+    if layout.gpus % layout.gpus_per_node:
+        raise ValueError(f"{path}: [layout] gpus={layout.gpus}: must be whole nodes of "
+                         f"{layout.gpus_per_node}")
+
+
+def engine_plan(recipe: LaunchRecipe):
+    """The fastest layout that fits among those this torchrun path runs, on whole nodes of the
+    recipe's cluster (ties: fewer GPUs): (LayoutPlan, SimResult)."""
+    w, layout = recipe.workload, recipe.layout
+    device, options = get_device(layout.gpu), Options(**FSDP2_BYTES)
+    cluster = layout.cluster_gpus or layout.gpus
+    n_experts = w.cfg.n_experts
+    best = None
+    for gpus in range(layout.gpus_per_node, cluster + 1, layout.gpus_per_node):
+        for parallel, ep, mb, ac in itertools.product(
+                ("fsdp", "ddp"), range(1, max(n_experts, 1) + 1), MICRO_BATCHES, (False, True)):
+            if (n_experts % ep if n_experts else ep > 1) or (parallel == "ddp" and ep > 1):
+                continue  # expert parallelism splits the experts, under FSDP2 only (dist.py)
+            plan = dataclasses.replace(layout, gpus=gpus, parallel=parallel, ep=ep,
+                                       micro_batch=mb, activation_checkpointing=ac)
+            try:
+                result = simulate(w, plan.sim_layout(), device, options)
+            except ValueError:  # a rule of minimoe.sim.layout: something does not divide
+                continue
+            if result.fits and (best is None or result.time["step_time"]
+                                < best[1].time["step_time"]):
+                best = (plan, result)
+    if best is None:
+        raise ValueError(f"{recipe.name}: no data-parallel layout on up to {cluster} "
+                         f"{layout.gpu} GPUs fits this model and divides its batch")
+    return best
+
+
+# --- the commands -------------------------------------------------------------------------------
+def commands(r: LaunchRecipe) -> dict[str, list[str] | None]:
+    """`minimoe` arguments of the recipe's two steps: "prepare" (one process, streamed; None
+    for a pretraining run) and "train" (every rank under torchrun)."""
+    init = f"{r.out}-init"
+    prepare = None
+    if r.stage == "scale-up":
+        prepare = ["scale-up", "--from", r.source, "--to", r.preset, "--method", r.method,
+                   "--kv", r.kv, "--stream", "--out", init]
+    elif r.stage == "scale-out":
+        prepare = ["scale-out", "--from", r.source, "--experts", str(r.experts), "--top-k",
+                   str(r.top_k), "--stream", "--out", init]
+    t, layout = r.train, r.layout
+    start = (["--preset", r.preset, "--data", r.data] if r.stage == "pretrain"
+             else ["--init", init])
+    train = ["pretrain", *start, "--out", r.out, "--steps", str(r.steps),
+             "--batch-size", str(layout.gpus * layout.micro_batch),
+             "--grad-accum", str(r.grad_accum), "--seq-len", str(t.seq_len), "--lr", str(t.lr),
+             "--warmup", str(t.warmup), "--eval-every", str(t.eval_every),
+             "--ckpt-every", str(t.ckpt_every), "--device", layout.device,
+             "--parallel", layout.parallel,
+             "--ep", str(layout.ep)]
+    train += ["--bf16"] * t.bf16 + ["--activation-checkpointing"] * layout.activation_checkpointing
+    train += ["--compile"] * layout.compile
+    return {"prepare": prepare, "train": train}
+
+
+def launch_args(r: LaunchRecipe, step: str) -> str:
+    """What scaling/launch.sh reads: a step's arguments, shell-quoted, or "node" (the GPUs per
+    node, the node count and the run's name)."""
+    if step == "node":
+        return f"{r.layout.gpus_per_node} {r.layout.gpus // r.layout.gpus_per_node} {r.name}"
+    if step not in ("prepare", "train"):
+        raise ValueError(f"step={step!r}: must be prepare, train or node")
+    argv = commands(r)[step]
+    return "" if argv is None else shlex.join(argv)

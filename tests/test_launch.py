@@ -1,0 +1,121 @@
+"""Full-size launch recipes (scaling/full/), their launcher and the dry run.
+
+Invariants: each recipe carries the layout the simulator recommends among those the torchrun
+path runs, and its batch adds up; the launcher's commands parse; the dry run's measured model
+states per rank equal FSDP2's placement rule and the simulator's estimate (within 5%); the one
+launch script runs a recipe end to end under torchrun (tiny models, gloo)."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from minimoe.cli import build_parser
+from minimoe.recipes.dry_run import dry_run, states
+from minimoe.recipes.launch import commands, engine_plan, load_launch_recipe
+from minimoe.shards import tokenize
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "scaling" / "full").glob("*.toml"))
+
+
+def test_the_paper_runs_have_recipes():
+    names = {path.stem for path in RECIPES}
+    assert {"aquila-1.8b", "aquila-8x1.8b", "aquila-7b", "aquila-16b", "aquilamoe-8x16b"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_a_recipe_carries_the_recommended_layout_and_its_batch_adds_up(path):
+    recipe = load_launch_recipe(path)
+    best, _ = engine_plan(recipe)
+    assert best == recipe.layout, f"{path.name}: engine_plan now recommends {best}"
+    layout, train = recipe.layout, recipe.train
+    assert layout.gpus * layout.micro_batch * recipe.grad_accum * train.seq_len == train.batch_tokens
+    for argv in commands(recipe).values():
+        if argv is not None:
+            build_parser().parse_args(argv)  # every command the launcher runs parses
+
+
+def _recipe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+TOY = """
+name = "{name}"
+stage = "{stage}"
+preset = "{preset}"
+{where}
+out = "{out}"
+experts = 4
+[train]
+tokens_b = 3.84e-7   # 3 steps of 4 sequences of 32
+batch_tokens = 128
+seq_len = 32
+lr = 1e-3
+warmup = 1
+eval_every = 3
+ckpt_every = 3
+bf16 = false
+[layout]
+gpus = 2
+gpus_per_node = 2
+parallel = "{parallel}"
+ep = {ep}
+micro_batch = 1
+device = "cpu"
+"""
+
+
+def test_the_dry_run_measures_what_the_simulator_estimates(tmp_path):
+    path = _recipe(tmp_path / "moe.toml", TOY.format(
+        name="toy-moe", stage="scale-out", preset="toy-large", where='from = "runs/x"',
+        out="runs/y", parallel="fsdp", ep=2).replace("gpus = 2\n", "gpus = 8\n")
+        .replace("batch_tokens = 128", "batch_tokens = 256"))
+    r = dry_run(path)
+    assert r["ranks"] == 4 and r["gpus"] == 8
+    assert r["measured"] == r["rule_here"]  # FSDP2 placed every shard by the rule
+    for here, sim in (("measured", "sim_here"), ("rule_full", "sim_full")):
+        assert states(r[here]) == pytest.approx(states(r[sim]), rel=0.05), here
+        for part in ("weights", "grads", "optimizer"):
+            assert r[here][part] == pytest.approx(r[sim][part], rel=0.05), (here, part)
+    assert r["rule_full"]["params"] * 2 == pytest.approx(r["measured"]["params"], rel=0.01)
+
+
+def _launch(step, recipe, env):
+    return subprocess.run(["bash", str(ROOT / "scaling" / "launch.sh"), step, str(recipe)],
+                          cwd=env["WORK"], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_the_launch_script_runs_recipes_under_torchrun(tmp_path):
+    """A tiny dense run from shards (DDP), then its streamed upcycling into 4 experts and the
+    MoE's training with 2 expert-parallel ranks (FSDP2), all through scaling/launch.sh."""
+    import sys
+
+    corpus = tmp_path / "text"
+    corpus.mkdir()
+    words = "the quick brown fox jumps over the lazy dog and runs far away".split()
+    docs = [" ".join(words[(i + j) % len(words)] for j in range(60)) + f" {i}" for i in range(80)]
+    (corpus / "a.txt").write_text("\n\n".join(docs))
+    tokenize([str(corpus)], tmp_path / "shards", vocab_size=300, val_fraction=0.2, progress=False)
+    dense = _recipe(tmp_path / "dense.toml", TOY.format(
+        name="toy-dense", stage="pretrain", preset="tiny", where=f'data = "{tmp_path / "shards"}"',
+        out=tmp_path / "dense", parallel="ddp", ep=1))
+    moe = _recipe(tmp_path / "moe.toml", TOY.format(
+        name="toy-moe", stage="scale-out", preset="tiny", where=f'from = "{tmp_path / "dense"}"',
+        out=tmp_path / "moe", parallel="fsdp", ep=2))
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "RDZV_ENDPOINT": "localhost:0", "WORK": str(tmp_path), "MAX_RESTARTS": "0"}
+    for step, recipe in (("prepare", dense), ("train", dense), ("prepare", moe), ("train", moe)):
+        done = _launch(step, recipe, env)
+        assert done.returncode == 0, (step, recipe.name, done.stdout[-2000:], done.stderr[-4000:])
+    for run in ("dense", "moe"):
+        log = [json.loads(line) for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log if "loss" in r] == [3]
+        assert (tmp_path / run / "model.safetensors").exists()
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert config["n_experts"] == 4 and config["vocab_size"] == 300
+    assert json.loads((tmp_path / "moe-init" / "transform.json").read_text())["streamed"]
