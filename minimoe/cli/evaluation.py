@@ -1,5 +1,5 @@
 """The `minimoe eval` and `minimoe generate` commands: their arguments and what they call.
-(cli.py's command table lists them; the work is in minimoe/evaluate.py and minimoe/generate.py.)
+(minimoe/cli/main.py's command table lists them; the work is in minimoe/evaluate.py and minimoe/generate.py.)
 
     minimoe eval --ckpt runs/x [runs/y ...] --tasks cloze-en,cloze-zh,ppl,my_task.jsonl [--json]
     minimoe generate --ckpt runs/x --prompt "In the beginning" [--temperature 0.8 --top-p 0.9]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from minimoe import checkpoint as ckpt
 from minimoe import dist
-from minimoe.cli_full import (
+from minimoe.cli.full_size import (
     add_dry_run,
     add_launch_args,
     add_tokenize,
@@ -24,8 +24,8 @@ from minimoe.cli_full import (
     run_launch_args,
     run_tokenize,
 )
-from minimoe.cli_train import add_train_options, train_config
-from minimoe.cli_eval import add_eval, add_generate, run_eval, run_generate
+from minimoe.cli.train_options import add_train_options, train_config
+from minimoe.cli.evaluation import add_eval, add_generate, run_eval, run_generate
 from minimoe.config import PRESETS, get_preset
 from minimoe.flops import ATTENTION, RECOMPUTE, check_report, flops_report
 from minimoe.grow import DEPTHS, KV_OPTIONS, MAPPINGS, METHODS

@@ -1,6 +1,6 @@
 """The full-size commands of `minimoe`: tokenize (text of any size into shards), dry-run (a
 launch recipe's parallel plan on meta tensors) and launch-args (what scaling/launch.sh runs).
-Each is a pair, declare the arguments and run, that cli.COMMANDS lists."""
+Each is a pair, declare the arguments and run, that minimoe/cli/main.py COMMANDS lists."""
 
 from __future__ import annotations
 
