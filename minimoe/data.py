@@ -95,23 +95,24 @@ def _read_user_file(path: Path) -> list:
         raise ValueError(f"{path}: not UTF-8 text") from None
     if path.suffix == ".txt":
         return re.split(r"\n\s*\n", text)  # blank lines separate documents
-    docs = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise ValueError(f"{path}:{n}: a .jsonl line must be a JSON object with a string "
-                             f"field 'text'")
-        domain = record.get("domain")
-        if domain is not None and not (isinstance(domain, str) and DOMAIN_NAME.fullmatch(domain)):
-            raise ValueError(f"{path}:{n}: domain={domain!r}: must be letters, digits, '.', '_' "
-                             f"or '-', starting with a letter or digit")
-        docs.append((domain, record["text"]))
-    return docs
+    return [jsonl_record(line, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1)
+            if line.strip()]
+
+
+def jsonl_record(line: str, where: str) -> tuple[str | None, str]:
+    """(domain or None, text) of one .jsonl line: a JSON object with a string field "text" and
+    an optional "domain"; `where` (file:line) names it in the error."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise ValueError(f"{where}: a .jsonl line must be a JSON object with a string field 'text'")
+    domain = record.get("domain")
+    if domain is not None and not (isinstance(domain, str) and DOMAIN_NAME.fullmatch(domain)):
+        raise ValueError(f"{where}: domain={domain!r}: must be letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    return domain, record["text"]
 
 
 _READERS = {"kjv": _kjv_chapters, "peoples_daily": _peoples_daily_articles,

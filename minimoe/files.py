@@ -13,6 +13,11 @@ import os
 import sys
 from pathlib import Path
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 
 @contextlib.contextmanager
 def atomic_write(path):
@@ -52,6 +57,17 @@ def read_json(path, error=ValueError) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise error(f"{path}: not valid JSON ({err})") from None
+
+
+def read_toml(path) -> dict:
+    """A TOML file as a dict; a missing or malformed file is one ValueError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a valid TOML file ({err})") from None
 
 
 def read_jsonl(path) -> list[dict]:

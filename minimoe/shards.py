@@ -38,7 +38,8 @@ import numpy as np
 from tqdm import tqdm
 
 from minimoe import files
-from minimoe.data import DOMAIN_NAME, MIN_DOC_CHARS, clean_text, detect_lang, unit_hash, user_sources
+from minimoe.data import (MIN_DOC_CHARS, clean_text, detect_lang, jsonl_record, unit_hash,
+                          user_sources)
 from minimoe.tokens import BPETokenizer, ByteTokenizer, TokenData, train_bpe
 
 FORMAT = "minimoe-shards"
@@ -104,20 +105,8 @@ def _jsonl_documents(path: Path):
 def _jsonl_records(path: Path):
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{n}: a .jsonl line must be a JSON object with a string "
-                                 "field 'text'")
-            domain = record.get("domain")
-            if domain is not None and not (isinstance(domain, str) and DOMAIN_NAME.fullmatch(domain)):
-                raise ValueError(f"{path}:{n}: domain={domain!r}: must be letters, digits, '.', "
-                                 "'_' or '-', starting with a letter or digit")
-            yield domain, record["text"]
+            if line.strip():
+                yield jsonl_record(line, f"{path}:{n}")
 
 
 def documents(sources: list[dict], stats: dict | None = None, bar=None):

@@ -20,6 +20,11 @@ from __future__ import annotations
 import statistics
 import time
 
+import torch
+
+from minimoe.model import build_model
+from minimoe.stream import write_safetensors
+
 
 def timeit(fn, warmup: int = 2, repeats: int = 5) -> float:
     """Median wall time of fn() in seconds, after warm-up calls."""
@@ -31,6 +36,24 @@ def timeit(fn, warmup: int = 2, repeats: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def write_random_checkpoint(cfg, path) -> tuple[int, float]:
+    """A safetensors file of `cfg`'s tensors, random bf16 (unit norms), written one tensor at a
+    time (as a real-size source checkpoint, never whole in memory): (bytes, seconds)."""
+    specs = {name: (torch.bfloat16, tuple(t.shape))
+             for name, t in build_model(cfg, device="meta").state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+
+    def random_tensor(name):
+        shape = specs[name][1]
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, dtype=torch.bfloat16)
+        return torch.empty(shape, dtype=torch.bfloat16).normal_(0, 0.02, generator=generator)
+
+    t0 = time.perf_counter()
+    written = write_safetensors(path, specs, random_tensor)
+    return written, time.perf_counter() - t0
 
 
 def peak_resident_gb() -> float:

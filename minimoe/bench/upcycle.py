@@ -13,10 +13,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from minimoe.bench import peak_resident_gb, reset_peak_resident
+from minimoe.bench import peak_resident_gb, reset_peak_resident, write_random_checkpoint
 from minimoe.config import get_preset
 from minimoe.model import build_model
-from minimoe.stream import write_safetensors
 from minimoe.upcycle import upcycle_checkpoint
 
 LIMIT_GB = 4.0
@@ -30,19 +29,7 @@ def bench_upcycle(args):
         source = source.replace(vocab_size=32000, n_layers=4)
     tmp = Path(tempfile.mkdtemp(prefix="minimoe-bench-upcycle-"))
     try:
-        specs = {name: (torch.bfloat16, tuple(t.shape))
-                 for name, t in build_model(source, device="meta").state_dict().items()}
-        generator = torch.Generator().manual_seed(0)
-
-        def random_tensor(name):
-            shape = specs[name][1]
-            if name.endswith("norm.weight"):
-                return torch.ones(shape, dtype=torch.bfloat16)
-            return torch.empty(shape, dtype=torch.bfloat16).normal_(0, 0.02, generator=generator)
-
-        t0 = time.perf_counter()
-        src_bytes = write_safetensors(tmp / "dense.safetensors", specs, random_tensor)
-        src_s = time.perf_counter() - t0
+        src_bytes, src_s = write_random_checkpoint(source, tmp / "dense.safetensors")
 
         reset_peak_resident()
         t0 = time.perf_counter()

@@ -14,7 +14,6 @@ import os
 import sys
 from pathlib import Path
 
-from minimoe import checkpoint as ckpt
 from minimoe import dist
 from minimoe.cli.full_size import (
     add_dry_run,

@@ -6,12 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from minimoe import files
 from minimoe.train import TrainConfig
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 
 @dataclass(frozen=True)
@@ -75,12 +71,7 @@ def get_recipe(name: str) -> RecipeConfig:
 
 def load_recipe(path) -> RecipeConfig:
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such recipe file")
-    try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a valid TOML file ({err})") from None
+    table = files.read_toml(path)
     base = get_recipe(str(table.pop("preset", "toy")))
     fields = {f.name: f.type for f in dataclasses.fields(RecipeConfig)}
     for key, value in table.items():

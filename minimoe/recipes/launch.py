@@ -20,15 +20,11 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from minimoe import files
 from minimoe.config import get_preset
 from minimoe.sim.cost import Options, simulate
 from minimoe.sim.hardware import get_device
 from minimoe.sim.layout import Layout, Workload
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 STAGES = ("pretrain", "scale-up", "scale-out")
 FSDP2_BYTES = dict(weight_bytes=4, grad_bytes=4, optimizer_bytes=8)
@@ -107,12 +103,7 @@ class LaunchRecipe:
 def load_launch_recipe(path) -> LaunchRecipe:
     """A recipe file, checked: every key known, the stage's own keys given, the layout valid."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such recipe file")
-    try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a valid TOML file ({err})") from None
+    table = files.read_toml(path)
     sections = {"train": TrainPlan, "layout": LayoutPlan}
     parts = {}
     for key, cls in sections.items():
