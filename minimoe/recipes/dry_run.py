@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 from minimoe import dist
+from minimoe import files
 from minimoe.expert_parallel import EXPERT_WEIGHTS
 from minimoe.model import build_model
 from minimoe.moe import MoE
@@ -82,7 +83,7 @@ def _rank(rank: int, world: int, port: int, recipe_path: str, out: str):
     held["grads"] = sum(_local_bytes(p.grad, False) for p in params)
     held["optimizer"] = sum(_local_bytes(v, False) for state in optimizer.state.values()
                             for v in state.values() if torch.is_tensor(v) and v.dim() > 0)
-    Path(out, f"rank_{rank}.json").write_text(json.dumps(held))
+    files.write_json(Path(out, f"rank_{rank}.json"), held)
     dist.shutdown()
 
 

@@ -199,7 +199,7 @@ def _write_results(out: Path, kind: str, rows, curves, settings, runs, shapes=No
         table = table.rename(columns={"width only": f"{wide} (width only)", "at init": f"{large} at init",
                                       "final": f"{large} after training",
                                       "paper width only": "paper M(24, 4096)", "paper at init": "paper M(32, 4096)"})
-    table.to_csv(out / f"{kind}.csv", index=False)
+    files.write_text(out / f"{kind}.csv", table.to_csv(index=False))
     shown = table.astype(object).where(table.notna(), None)  # empty cells print as "-"
     md = [f"# {kind} experiment", "", shown.to_markdown(index=False, floatfmt=".3f", missingval="-"), ""]
     plot_curves(curves, out / "loss_vs_tokens.png", "tokens", f"{kind}: validation loss")

@@ -143,7 +143,7 @@ def write_pipeline_report(out: Path, settings: dict, stages: list[dict], transit
                      "model FLOPs": f"{s['flops']:.3g}", "val loss at start": round(first["val_loss"], 3),
                      "val loss at end": round(final["val_loss"], 3), "data mix": s.get("mix", "")})
     table = pd.DataFrame(rows)
-    table.to_csv(out / "stages.csv", index=False)
+    files.write_text(out / "stages.csv", table.to_csv(index=False))
     trans = pd.DataFrame([{"transformation": name, "params before": human(r["params_before"]["total"]),
                            "params after": human(r["params_after"]["total"]),
                            **{f"{k} before": round(v, 3) for k, v in r["val_before"].items()},
