@@ -128,15 +128,20 @@ def test_files_are_small_and_the_readme_counts_the_library():
         f"README says the library is {printed:,} lines; it is {total:,} in {len(library)} files"
 
 
+# the development notes beside the repository, which a user who clones minimoe does not have
+# (written in pieces, so this file does not name them either)
+OUTSIDE_NOTES = [name + ".md" for name in ("METHOD", "PEERS", "COSTSIM", "THROUGHPUT")] + ["../" + "shared"]
+
+
 def test_the_product_never_sends_readers_outside_it():
     root = PACKAGE.parent
     offenders = []
     for pattern in ("minimoe/**/*.py", "tests/*.py", "sims/**/*.toml", "scaling/**/*", "notebooks/*.ipynb",
                     "docs/*.md", "README.md"):
         for path in root.glob(pattern):
-            if path.is_file() and path.name != "test_layout.py":
+            if path.is_file():
                 text = path.read_text(encoding="utf-8", errors="replace")
-                for marker in ("METHOD.md", "PEERS.md", "COSTSIM.md", "THROUGHPUT.md", "../shared"):
+                for marker in OUTSIDE_NOTES:
                     if marker in text:
                         offenders.append(f"{path.relative_to(root)}: {marker}")
     assert not offenders, offenders
