@@ -19,6 +19,8 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+from minimoe.checks import check_fields
+
 GATES = ("softmax-topk", "topk-softmax")
 
 
@@ -50,31 +52,13 @@ class ModelConfig:
     expert_scale: float = 1.0  # expert outputs are multiplied by this (LLaMA-MoE uses N/k)
 
     def __post_init__(self):
-        positive = ("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ffn",
-                    "max_seq_len", "top_k", "moe_layer_freq")
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                _fail(name, value, "must be a positive integer")
-        for name in ("n_experts", "expert_d_ffn", "shared_d_ffn"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                _fail(name, value, "must be a non-negative integer")
-        for name in ("rope_theta", "norm_eps", "init_std"):
-            if not getattr(self, name) > 0:
-                _fail(name, getattr(self, name), "must be positive")
+        check_fields("ModelConfig", self, RULES)
         if self.d_model % self.n_heads:
             _fail("d_model", self.d_model, f"must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             _fail("n_heads", self.n_heads, f"must be divisible by n_kv_heads={self.n_kv_heads}")
         if self.n_experts and self.top_k > self.n_experts:
             _fail("top_k", self.top_k, f"must be <= n_experts={self.n_experts}")
-        if self.gate not in GATES:
-            _fail("gate", self.gate, f"must be one of {', '.join(GATES)}")
-        if self.capacity_factor < 0:
-            _fail("capacity_factor", self.capacity_factor, "must be >= 0 (0 means dropless)")
-        if self.expert_scale <= 0:
-            _fail("expert_scale", self.expert_scale, "must be positive")
         if self.n_experts and not self.expert_d_ffn:  # upcycling: every expert is the MLP
             object.__setattr__(self, "expert_d_ffn", self.d_ffn)
 
@@ -138,6 +122,16 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+RULES = {  # ModelConfig's field rules (minimoe/checks.py); capacity_factor 0 means dropless
+    **dict.fromkeys(("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ffn",
+                     "max_seq_len", "top_k", "moe_layer_freq"), "int>0"),
+    **dict.fromkeys(("n_experts", "expert_d_ffn", "shared_d_ffn"), "int>=0"),
+    **dict.fromkeys(("rope_theta", "norm_eps", "init_std", "expert_scale"), ">0"),
+    "capacity_factor": ">=0", "gate": GATES, "qkv_bias": "bool", "tie_embeddings": "bool",
+    "router_noise": "bool",
+}
 
 
 def _fail(field: str, value, rule: str):

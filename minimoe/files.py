@@ -66,7 +66,9 @@ def read_toml(path) -> dict:
         raise ValueError(f"{path}: no such file")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path}: not a valid TOML file ({err})") from None
 
 

@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minimoe.checks import check_fields
 from minimoe.config import ModelConfig
 
 GROUPED_MM = True  # False forces the per-expert loop (benchmarks, debugging)
@@ -348,9 +349,8 @@ class AuxLossConfig:
     cv2: float = 0.0
 
     def __post_init__(self):
-        if self.max_z_on not in ("router", "lm_head"):
-            raise ValueError(f"AuxLossConfig.max_z_on={self.max_z_on!r}: "
-                             "must be 'router' or 'lm_head'")
+        check_fields("AuxLossConfig", self, {**dict.fromkeys(("balance", "z", "max_z", "cv2"), ">=0"),
+                                             "max_z_on": ("router", "lm_head")})
 
     def total(self, model: nn.Module, logits: torch.Tensor | None = None):
         """(loss to add to the LM loss, {name: raw uncoefficiented value as a float} to log)."""

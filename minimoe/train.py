@@ -37,6 +37,7 @@ from minimoe import checkpoint as ckpt
 from minimoe import dist
 from minimoe import files
 from minimoe import mixing
+from minimoe.checks import check_fields
 from minimoe.evaluate import evaluate
 from minimoe.moe import AuxLossConfig, expert_load
 
@@ -73,20 +74,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
-                     "ckpt_every", "log_every", "mix_every", "ep"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"TrainConfig.{name}={value!r}: must be a positive integer")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr={self.lr!r}: must be positive")
-        if self.warmup_steps < 0:
-            raise ValueError(f"TrainConfig.warmup_steps={self.warmup_steps}: must be >= 0")
-        if self.parallel not in dist.MODES:
-            raise ValueError(f"TrainConfig.parallel={self.parallel!r}: must be one of "
-                             f"{', '.join(dist.MODES)}")
-        if not self.mix_eta > 0:
-            raise ValueError(f"TrainConfig.mix_eta={self.mix_eta!r}: must be positive")
+        check_fields("TrainConfig", self, TRAIN_RULES)
         try:
             mixing.parse_mix(self.mix)  # the domains are checked against the data in train()
         except ValueError as err:
@@ -97,6 +85,15 @@ class TrainConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len * self.grad_accum
+
+
+TRAIN_RULES = {  # minimoe/checks.py
+    **dict.fromkeys(("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
+                     "ckpt_every", "log_every", "mix_every", "ep"), "int>0"),
+    **dict.fromkeys(("lr", "mix_eta"), ">0"), "warmup_steps": "int>=0", "min_lr_ratio": "[0, 1]",
+    **dict.fromkeys(("beta1", "beta2"), "[0, 1)"), **dict.fromkeys(("weight_decay", "grad_clip"), ">=0"),
+    "parallel": dist.MODES, **dict.fromkeys(("bf16", "activation_checkpointing", "compile"), "bool"),
+}
 
 
 class TrainingDiverged(ValueError):

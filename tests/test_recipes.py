@@ -29,7 +29,9 @@ def recipe_base(path: Path) -> str:
 
 @pytest.mark.parametrize("text, message", [
     ('preset = "toy"\nstepz = 3\n', "stepz: unknown key"),
-    ('preset = "toy"\nsteps = "many"\n', "steps='many': must be an integer"),
+    ('preset = "toy"\nsteps = "many"\n', "RecipeConfig.steps='many': must be a positive integer"),
+    ('preset = "toy"\nprep_steps = 0\n', "RecipeConfig.prep_steps=0: must be a positive integer"),
+    ('preset = "toy"\nlr = -1e-3\n', "RecipeConfig.lr=-0.001: must be positive"),
     ('preset = "nope"\n', "preset='nope': unknown recipe"),
     ('steps = [\n', "not a valid TOML file"),
 ])

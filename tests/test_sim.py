@@ -312,7 +312,7 @@ BAD = {
                               'layout={tp=3, dp=32}\n', "phases[0].layout.tp=3: must divide"),
     "no baseline": ('[[phases]]\nname="a"\nmodel_size_b=7\ntokens_b=1\ndevices=8\n'
                     'peak_tflops=1\ntokens_per_day_b=1\n', "baseline: missing"),
-    "bad toml": ("[[phases]\n", "invalid TOML"),
+    "bad toml": ("[[phases]\n", "not a valid TOML file"),
 }
 _BASELINE = '[baseline]\nname="s"\nmodel_size_b=7\ndevices=8\npeak_tflops=1\ntokens_per_day_b=1\n'
 

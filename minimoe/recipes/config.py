@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minimoe import files
+from minimoe.checks import check_fields
 from minimoe.train import TrainConfig
 
 
@@ -33,6 +34,14 @@ class RecipeConfig:
     eval_chars: int = 10_000  # validation characters per language for bits per byte
     eval_batches: int = 8  # validation batches per evaluation (fewer: faster, noisier)
     seed: int = 0
+
+    def __post_init__(self):
+        check_fields("RecipeConfig", self, {
+            **dict.fromkeys(("n_experts", "top_k", "prep_steps", "scale_up_steps", "scale_out_steps",
+                             "steps", "batch_size", "seq_len", "vocab_size", "eval_every",
+                             "eval_examples", "eval_chars", "eval_batches"), "int>0"),
+            "seed": "int>=0", "lr": ">0", "cpt_lr": ">0",
+            **dict.fromkeys(("small", "large", "scale_up_method"), "str")})
 
     @property
     def total_steps(self) -> int:
@@ -73,12 +82,11 @@ def load_recipe(path) -> RecipeConfig:
     path = Path(path)
     table = files.read_toml(path)
     base = get_recipe(str(table.pop("preset", "toy")))
-    fields = {f.name: f.type for f in dataclasses.fields(RecipeConfig)}
-    for key, value in table.items():
+    fields = [f.name for f in dataclasses.fields(RecipeConfig)]
+    for key in table:
         if key not in fields:
             raise ValueError(f"{path}: {key}: unknown key; allowed: preset, {', '.join(fields)}")
-        expected = type(getattr(base, key))
-        if type(value) is not expected and not (expected is float and type(value) is int):
-            kind = {int: "an integer", float: "a number", str: "a string"}[expected]
-            raise ValueError(f"{path}: {key}={value!r}: must be {kind}")
-    return dataclasses.replace(base, **table)
+    try:
+        return dataclasses.replace(base, **table)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None

@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from minimoe.checks import check_fields
+
 GB = 1e9
 TFLOPS = 1e12
 
@@ -35,18 +37,7 @@ class Device:
     sources: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
-        for name in ("peak_flops", "hbm_bytes", "hbm_bw", "intra_node_bw", "inter_node_bw",
-                     "power_w", "gpus_per_node"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"device {self.name}.{name}={getattr(self, name)!r}: "
-                                 "must be positive")
-        if self.price_per_hour < 0:
-            raise ValueError(f"device {self.name}.price_per_hour={self.price_per_hour!r}: "
-                             "must be >= 0")
-        for name in ("intra_node_eff", "inter_node_eff"):
-            if not 0 < getattr(self, name) <= 1:
-                raise ValueError(f"device {self.name}.{name}={getattr(self, name)!r}: "
-                                 "must be in (0, 1]")
+        check_fields(f"device {self.name}", self, DEVICE_RULES)
 
     def replace(self, **changes) -> "Device":
         sources = dict(self.sources)
@@ -61,6 +52,12 @@ class Device:
                 for f in dataclasses.fields(self) if f.name not in ("name", "sources")]
 
 
+DEVICE_RULES = {  # minimoe/checks.py
+    **dict.fromkeys(("peak_flops", "hbm_bytes", "hbm_bw", "intra_node_bw", "inter_node_bw",
+                     "power_w"), ">0"),
+    "gpus_per_node": "int>0", "price_per_hour": ">=0", "intra_node_eff": "(0, 1]",
+    "inter_node_eff": "(0, 1]",
+}
 _CALCULON = "Calculon (calculon-ai/calculon) systems/h100_80g_nvl8.json link efficiency"
 _GK = "glennklockwood.com/garden/processors/"
 _IB_NDR = "ConnectX-7 NDR 400 Gb/s = 50 GB/s, one NIC per GPU on HGX/DGX H100 nodes (NVIDIA DGX H100 user guide)"

@@ -8,9 +8,9 @@ naming the key, the value and the rule. docs/simulator.md explains each term the
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
+from minimoe.checks import check_fields
 from minimoe.flops import ATTENTION
 
 # Llama 3 (arXiv 2407.21783 §3.3.4): 419 unexpected interruptions in a 54-day snapshot of
@@ -75,20 +75,11 @@ class Options:
     pue: float = 1.0  # data-centre power usage effectiveness applied to GPU board power
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            _check(f.name, getattr(self, f.name), f.type)
-        for name, (low, high) in _RANGES.items():
-            value = getattr(self, name)
-            if not (low[0] < value if low[1] == "(" else low[0] <= value) or \
-                    not (value <= high[0] if high[1] == "]" else value < high[0]):
-                raise ValueError(f"options.{name}={value!r}: must be in "
-                                 f"{low[1]}{low[0]}, {high[0]}{high[1]}")
+        check_fields("options", self, {f.name: RULES.get(f.name, f.type.replace("float", ""))
+                                       for f in dataclasses.fields(self)})
         if self.imbalance_log and self.imbalance != 1.0:
             raise ValueError(f"options.imbalance_log={self.imbalance_log!r}: give imbalance or "
                              "imbalance_log, not both")
-        if self.attention not in ATTENTION:
-            raise ValueError(f"options.attention={self.attention!r}: must be one of "
-                             f"{', '.join(ATTENTION)}")
 
     def replace(self, **changes) -> "Options":
         """A copy with `changes`; an unknown name is a ValueError listing the known ones."""
@@ -99,36 +90,15 @@ class Options:
         return dataclasses.replace(self, **changes)
 
 
-_INF = math.inf
-_RANGES = {  # name: ((low, "(" exclusive or "[" inclusive), (high, "]" or ")"))
-    "gemm_efficiency": ((0, "("), (1, "]")), "hbm_efficiency": ((0, "("), (1, "]")),
-    "memory_usable": ((0, "("), (1, "]")), "imbalance": ((1, "["), (_INF, ")")),
-    **{name: ((0, "["), (1, "]")) for name in OVERLAPS},
-    "latency_intra_us": ((0, "["), (_INF, ")")), "latency_inter_us": ((0, "["), (_INF, ")")),
-    "virtual_stages": ((1, "["), (_INF, ")")),
-    **{name: ((0, "("), (_INF, ")")) for name in ("weight_bytes", "grad_bytes", "act_bytes",
-                                                   "comm_bytes", "checkpoint_minutes",
-                                                   "checkpoint_gbs")},
-    "optimizer_bytes": ((0, "["), (_INF, ")")),
-    "failures_per_gpu_day": ((0, "["), (_INF, ")")), "restart_minutes": ((0, "["), (_INF, ")")),
-    "pue": ((1, "["), (_INF, ")")),
+RULES = {  # minimoe/checks.py; a field not named here need only have its type
+    **dict.fromkeys(("gemm_efficiency", "hbm_efficiency", "memory_usable"), "(0, 1]"),
+    **dict.fromkeys(OVERLAPS, "[0, 1]"), "imbalance": "[1, inf)", "pue": "[1, inf)",
+    **dict.fromkeys(("latency_intra_us", "latency_inter_us", "optimizer_bytes",
+                     "failures_per_gpu_day", "restart_minutes"), "[0, inf)"),
+    **dict.fromkeys(("weight_bytes", "grad_bytes", "act_bytes", "comm_bytes",
+                     "checkpoint_minutes", "checkpoint_gbs"), "(0, inf)"),
+    "virtual_stages": "int[1, inf)", "attention": ATTENTION,
 }
-
-
-def _check(name, value, annotation):
-    """The type of an Options field: a finite number (not a bool), an int, a bool or a str."""
-    kind = str(annotation)
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise ValueError(f"options.{name}={value!r}: must be true or false")
-    elif kind == "str":
-        if not isinstance(value, str):
-            raise ValueError(f"options.{name}={value!r}: must be a string")
-    elif kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"options.{name}={value!r}: must be an integer")
-    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"options.{name}={value!r}: must be a finite number")
 
 
 def parse_assignments(pairs: list[str], base: Options = Options()) -> Options:

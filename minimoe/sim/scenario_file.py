@@ -15,9 +15,10 @@ value and the rule.
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 
+from minimoe import files
+from minimoe.checks import check
 from minimoe.config import ModelConfig, get_preset
 from minimoe.flops import flops_per_token
 from minimoe.sim.cost import SECONDS_PER_DAY, simulate
@@ -27,10 +28,6 @@ from minimoe.sim.hardware import CATALOGUE, TFLOPS, Device, device_from_table, g
 from minimoe.sim.scenario import PhaseResult, ScenarioResult, sweep
 from minimoe.sim.search import search_layouts
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 TOP_KEYS = {"title", "source", "notes", "phases", "baseline", "devices", "options", "sweep"}
 PHASE_KEYS = {"name", "preset", "model", "model_size_b", "seq_len", "tokens_b", "devices", "gpu",
@@ -44,15 +41,8 @@ def _number(table, key, where, positive=True, integer=False, required=True):
         if required:
             raise ValueError(f"{where}.{key}: missing")
         return None
-    value = table[key]
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind):
-        raise ValueError(f"{where}.{key}={value!r}: must be {'an integer' if integer else 'a number'}")
-    if not math.isfinite(value):
-        raise ValueError(f"{where}.{key}={value!r}: must be finite")
-    if positive and not value > 0:
-        raise ValueError(f"{where}.{key}={value!r}: must be positive")
-    return value
+    check(where, key, table[key], ("int" if integer else "") + (">0" if positive else ""))
+    return table[key]
 
 
 def _model(table, where) -> tuple[ModelConfig | None, str, float | None]:
@@ -256,14 +246,7 @@ def parse_scenario(data: dict, origin: str = "scenario", folder: Path = Path("."
 def load_scenario(path: str | Path) -> ScenarioResult:
     """Read a TOML scenario file and account it; errors are one-line ValueErrors."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such scenario file")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: invalid TOML: {err}") from None
+    data = files.read_toml(path)
     return parse_scenario(data, origin=str(path), folder=path.parent)
 
 

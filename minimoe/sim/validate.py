@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from minimoe import files
 from minimoe.config import ModelConfig, get_preset
 from minimoe.flops import RECOMPUTE, flops_per_token
 from minimoe.sim.cost import TIME_PARTS, SimResult, WorkloadStats, price, simulate
@@ -33,10 +34,6 @@ from minimoe.sim.options import Options
 from minimoe.sim.search import search_layouts
 from minimoe.tables import fmt_value
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
 
 FAMILIES = {"a100": "ampere", "a800": "ampere", "h100": "hopper", "h800": "hopper",
             "h200": "hopper", "b200": "blackwell"}
@@ -92,16 +89,12 @@ class Run:
 def load_runs(folder: str | Path) -> list[Run]:
     """Every run of every *.toml in `folder`, validated (one-line ValueErrors)."""
     folder = Path(folder)
-    files = sorted(folder.glob("*.toml"))
-    if not files:
+    paths = sorted(folder.glob("*.toml"))
+    if not paths:
         raise ValueError(f"{folder}: no validation files (*.toml)")
     runs = []
-    for path in files:
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-            raise ValueError(f"{path}: not a valid TOML file ({err})") from None
-        runs += _file_runs(data, path)
+    for path in paths:
+        runs += _file_runs(files.read_toml(path), path)
     return runs
 
 

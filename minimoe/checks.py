@@ -1,0 +1,65 @@
+"""One way to check a value against its rule, and one error line naming the field, value and rule.
+
+Every config dataclass (ModelConfig, TrainConfig, AuxLossConfig, Device, Options) checks its
+fields here in `__post_init__`, and the scenario reader checks table values here, so a rule is
+written once and reads the same everywhere: `ModelConfig.d_ffn=0: must be a positive integer`.
+
+A rule is a string: `"bool"`, `"str"`, or a range of numbers, `">0"`, `">=0"`, `">=1"`,
+`"(0, 1]"`, `"[0, 1]"`, `""` (any finite number), prefixed with `int` for integers
+(`"int>0"`, `"int>=0"`); or a tuple of the allowed values.
+"""
+
+from __future__ import annotations
+
+import math
+
+_OPEN = {">": True, ">=": False}  # lower bound exclusive?
+
+
+def problem(value, rule) -> str | None:
+    """What is wrong with `value` under `rule`, as "must be ..."; None when nothing is."""
+    if isinstance(rule, tuple):
+        return None if value in rule else f"must be one of {', '.join(map(str, rule))}"
+    if rule in ("bool", "str"):
+        kind, text = (bool, "true or false") if rule == "bool" else (str, "a string")
+        return None if isinstance(value, kind) else f"must be {text}"
+    integer = rule.startswith("int")
+    low, low_open, high, high_open, text = _range(rule.removeprefix("int").replace(" ", ""),
+                                                  integer)
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
+            or not math.isfinite(value):
+        return f"must be {text if integer else 'a finite number'}"
+    inside = (value > low if low_open else value >= low) and \
+        (value < high if high_open else value <= high)
+    return None if inside else f"must be {text}"
+
+
+def check(owner: str, name: str, value, rule) -> None:
+    """Raise `ValueError("owner.name=value: must be ...")` unless `value` obeys `rule`."""
+    text = problem(value, rule)
+    if text:
+        raise ValueError(f"{owner}.{name}={value!r}: {text}")
+
+
+def check_fields(owner: str, obj, rules: dict) -> None:
+    """`check` every field of a dataclass named in `rules` (field name -> rule)."""
+    for name, rule in rules.items():
+        check(owner, name, getattr(obj, name), rule)
+
+
+def _range(rule: str, integer: bool):
+    """(low, low exclusive?, high, high exclusive?, how the rule reads) of a range rule."""
+    if rule == "":
+        return -math.inf, True, math.inf, True, "an integer" if integer else "a finite number"
+    if rule[0] in "([":
+        low, high = rule[1:-1].split(",")
+        text = f"{'an integer ' if integer else ''}in {rule[0]}{low}, {high}{rule[-1]}"
+        return float(low), rule[0] == "(", float(high), rule[-1] == ")", text
+    op = rule[:2] if rule[1] == "=" else rule[:1]
+    low = float(rule[len(op):])
+    if integer:
+        text = {(">", 0): "a positive integer", (">=", 0): "a non-negative integer",
+                (">=", 1): "a positive integer"}.get((op, low), f"an integer {op} {low:g}")
+    else:
+        text = "positive" if (op, low) == (">", 0) else f"{op} {low:g}"
+    return low, _OPEN[op], math.inf, True, text
