@@ -9,7 +9,7 @@ A run folder looks like this:
       ckpt/step_000100/      a resumable training checkpoint, written by one process as
           model.safetensors    weights
           optim.safetensors    AdamW moments (flattened: optim.{param name}.{exp_avg,...})
-          rng.safetensors      torch RNG state (router noise is the only randomness in a step)
+          rng.safetensors      RNG state: torch CPU, and the GPU stream where CUDA ran (router noise)
           state.json           step, tokens seen, optimizer hyper-parameters
                              or by several ranks (torchrun) with torch.distributed.checkpoint:
           .metadata, __R_0.distcp   DCP: model and optimizer, each rank writing its own shards
@@ -226,14 +226,14 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
         _barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-        save_tensors(tmp / f"rng_{dist.get_rank()}.safetensors", {"torch": torch.get_rng_state()})
+        save_tensors(tmp / f"rng_{dist.get_rank()}.safetensors", rng_state())
         extra = {"format": "dcp", "world_size": dist.get_world_size()}
         _barrier()  # every rank's shards are on disk before the folder gets its name
     else:
         save_tensors(tmp / "model.safetensors", model_tensors(model))
         moments, hyper = _flatten_optimizer(model, optimizer)
         save_tensors(tmp / "optim.safetensors", moments)
-        save_tensors(tmp / "rng.safetensors", {"torch": torch.get_rng_state()})
+        save_tensors(tmp / "rng.safetensors", rng_state())
         extra = {"optimizer": hyper}
     if main:
         files.write_json(tmp / "state.json", {**state, "step": step, **extra})
@@ -271,8 +271,25 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
             _unflatten_optimizer(model, optimizer, moments, state["optimizer"],
                                  path / "optim.safetensors")
         rng = path / "rng.safetensors"
-    torch.set_rng_state(load_tensors(rng)["torch"])
+    set_rng_state(load_tensors(rng))
     return state
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """The RNG streams a step draws from: torch's CPU stream and, once CUDA is in use, the
+    current GPU's (router noise draws on the device its logits live on)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]):
+    """Restore `rng_state()`'s streams; a GPU stream is skipped where no GPU is (the run goes on
+    on the CPU, whose stream is restored)."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def _dcp_load(state: dict, path: Path, no_dist: bool = False):

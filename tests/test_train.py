@@ -154,3 +154,24 @@ def test_logged_expert_load_is_the_training_batch_routing(tmp_path):
     x, _ = data.train_batch(0, tc.batch_size, tc.seq_len, seed=tc.seed)
     replay(x)
     assert logged["load"] == expert_load(replay).tolist()
+
+
+def test_the_rng_state_restores_the_cpu_stream_and_skips_a_gpu_stream_where_none_is():
+    state = ckpt.rng_state()
+    expected = torch.randn(5)
+    if not torch.cuda.is_available():
+        assert set(state) == {"torch"}  # no GPU stream is written where CUDA never ran
+        state = {**state, "cuda": torch.zeros(16, dtype=torch.uint8)}  # as a GPU run wrote it
+    ckpt.set_rng_state(state)
+    assert torch.equal(torch.randn(5), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_rng_state_carries_the_gpu_stream_router_noise_draws_from():
+    torch.randn(1, device="cuda")  # CUDA in use
+    state = ckpt.rng_state()
+    assert "cuda" in state
+    expected = torch.randn(8, device="cuda")
+    torch.randn(100, device="cuda")  # the stream moves on
+    ckpt.set_rng_state(state)
+    assert torch.equal(torch.randn(8, device="cuda"), expected)
