@@ -36,7 +36,9 @@ def test_array_and_scalar_verdicts_agree_layout_by_layout():
 @pytest.mark.parametrize("field, layout, words", [
     ("tp", Layout(tp=3, dp=1), "must divide n_heads=32"),
     ("pp", Layout(pp=5), "must divide n_layers=24"),
-    ("ep", Layout(dp=2, ep=4), "must divide dp=2 and n_experts=8"),
+    ("ep", Layout(dp=2, ep=4), "with etp = tp: ep must divide dp=2"),
+    ("ep", Layout(dp=8, ep=3), "must divide n_experts=8"),
+    ("ep", Layout(tp=2, dp=2, ep=8, etp=1), "ep x etp must divide tp x dp"),
     ("zero", Layout(zero=4), "must be 0, 1, 2 or 3"),
     ("recompute", Layout(recompute="some"), "must be one of none, selective, full"),
     ("micro_batch", Layout(dp=5), "divide the global batch of 48 sequences"),
@@ -48,6 +50,11 @@ def test_each_rule_names_its_field_value_and_rule(field, layout, words):
     assert words in str(err.value)
 
 
+def test_an_expert_tensor_parallel_degree_below_zero_is_refused():
+    with pytest.raises(ValueError, match=r"layout.etp=-1: must be 0 \(= tp\) or a positive integer"):
+        check_layout(Layout(tp=2, dp=4, etp=-1), MOE)
+
+
 def test_the_search_space_is_defined_once():
     axes = search_axes(MOE, 64)
     grid = candidate_grid(MOE, 64, fixed_gpus=True)
@@ -55,6 +62,8 @@ def test_the_search_space_is_defined_once():
     assert {int(v) for v in grid["ep"]} == set(axes["ep"]) == {1, 2, 4, 8}
     looped = list(iter_layouts(MOE, 64))
     assert {lay.micro_batch for lay in looped} <= set(axes["mb"])
+    assert {lay.etp for lay in looped} == {0, 1}  # Megatron's default and MoE Parallel Folding
+    assert not any(lay.etp == 1 and lay.tp == 1 for lay in looped)  # no layout counted twice
 
 
 def test_no_valid_layout_names_the_batch_rule(capsys):

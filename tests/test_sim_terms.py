@@ -134,3 +134,53 @@ def test_imbalance_from_a_histogram_and_a_run_log(tmp_path):
     assert load_from_log(tmp_path) == [[3, 1], [2, 2]]  # the last histogram logged
     with pytest.raises(ValueError, match=r"load\[0\]=\[0, 0\]: no tokens routed"):
         imbalance_factor([[0, 0]])
+
+
+# --- expert tensor parallel (MoE Parallel Folding, arXiv 2504.14960) ------------------------
+MOE_WORK = Workload.from_tokens(PRESETS["aquilamoe-8x16b"], 64 * 4096)
+
+
+def test_etp_equal_to_tp_is_the_default_layout():
+    default = simulate(MOE_WORK, Layout(tp=4, pp=2, dp=32, ep=8), H100)
+    explicit = simulate(MOE_WORK, Layout(tp=4, pp=2, dp=32, ep=8, etp=4), H100)
+    assert explicit.time == default.time and explicit.memory == default.memory
+    assert explicit.layout.label() == default.layout.label()  # etp shown only where it folds
+
+
+def test_folded_experts_split_over_ep_x_etp_and_lose_their_tp_collectives():
+    cfg = MOE_WORK.cfg
+    opt = Options(latency_intra_us=0, latency_inter_us=0)
+    tp4 = simulate(MOE_WORK, Layout(tp=4, pp=2, dp=32, ep=8), H100, opt)
+    etp1 = simulate(MOE_WORK, Layout(tp=4, pp=2, dp=32, ep=8, etp=1), H100, opt)
+    # expert weights per GPU: experts / (pp x ep x etp) over the expert data parallel
+    # tp x dp / (ep x etp) under ZeRO-1 (only the optimizer states are sharded)
+    experts = cfg.param_counts()["experts"]
+    dense = tp4.memory["weights"] - 2 * experts / (2 * 8 * 4)
+    assert etp1.memory["weights"] - dense == pytest.approx(2 * experts / (2 * 8 * 1))
+    # every layer is an MoE layer, and its experts' collectives move the dispatched tokens, top_k
+    # copies: with tp 4 they are top_k x the attention's; with etp 1 they are gone
+    assert cfg.top_k == 2 and not cfg.shared_d_ffn
+    assert etp1.time["tp_comm"] == pytest.approx(tp4.time["tp_comm"] / (1 + cfg.top_k), rel=1e-12)
+    # the EP group is strided by etp, not tp: 8 EP peers share a node instead of 2, so less of
+    # the all-to-all crosses the network
+    assert etp1.time["ep_comm"] < tp4.time["ep_comm"]
+
+
+def test_folding_lets_ep_span_tensor_parallel_ranks():
+    # ep 8 on dp 4 breaks Megatron's default rule (ep | dp) but folds into tp x dp = 8 with etp 1
+    with pytest.raises(ValueError, match="with etp = tp: ep must divide dp=4"):
+        simulate(MOE_WORK, Layout(tp=2, pp=8, dp=4, ep=8), H100)
+    r = simulate(MOE_WORK, Layout(tp=2, pp=8, dp=4, ep=8, etp=1), H100)
+    assert r.layout.label().startswith("tp2 pp8 dp4 ep8 etp1")
+
+
+def test_a_shared_expert_keeps_the_dense_tp_collectives_under_folding():
+    cfg = PRESETS["aquilamoe-8x16b"].replace(shared_d_ffn=5120)
+    work = Workload.from_tokens(cfg, 64 * 4096)
+    opt = Options(latency_intra_us=0, latency_inter_us=0)
+    tp4 = simulate(work, Layout(tp=4, pp=2, dp=32, ep=8), H100, opt)
+    etp1 = simulate(work, Layout(tp=4, pp=2, dp=32, ep=8, etp=1), H100, opt)
+    # per layer: attention 1, shared expert 1, routed experts top_k (0 with etp 1), in units of
+    # the attention's collectives
+    assert etp1.time["tp_comm"] == pytest.approx(tp4.time["tp_comm"] * 2 / (2 + cfg.top_k),
+                                                 rel=1e-12)

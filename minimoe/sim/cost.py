@@ -27,9 +27,11 @@ gives every formula with its source; in short:
 * Goodput (minimoe.sim.options.goodput): checkpoints and failures turn training days into
   wall-clock days; `SimResult.run` reports wall-clock days.
 
-Not modelled (so a user knows what to add): context parallelism, FP8, offload, a separate
-expert-tensor-parallel degree (experts use TP, Megatron's default), the embedding's stage
-imbalance beyond the LM head, network contention between concurrent collectives.
+Experts may have their own tensor-parallel degree (`Layout.etp`, MoE Parallel Folding): their
+weights split over EP x ETP, their MLP collectives in the ETP group, the EP group strided by ETP.
+
+Not modelled (so a user knows what to add): context parallelism, FP8, offload, the embedding's
+stage imbalance beyond the LM head, network contention between concurrent collectives.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class WorkloadStats:
         self.lm_fwd = rows["lm_head"].forward
         self.model_per_token = flops_per_token(cfg, s, attention=opt.attention).model
         self.expert_d_ffn = cfg.expert_d_ffn or cfg.d_ffn
+        self.shared_d_ffn = cfg.shared_d_ffn
         # {ep: busiest rank / mean} measured from a run's routing, or {} (Options.imbalance)
         self.imbalance_by_ep = {} if not (opt.imbalance_log and cfg.is_moe) else imbalance_by_ep(
             histograms_from_log(opt.imbalance_log), cfg.n_experts, "options.imbalance_log")
@@ -134,17 +137,20 @@ def _roofline(st_bytes, peak, hbm, M, K, N):
     return np.maximum(1.0, (peak / hbm) / intensity)
 
 
-def price(st: WorkloadStats, dev: Device, opt: Options, tp, pp, dp, ep, zero, mb, rc) -> dict:
+def price(st: WorkloadStats, dev: Device, opt: Options, tp, pp, dp, ep, zero, mb, rc,
+          etp=None) -> dict:
     """Every formula, elementwise over arrays (or scalars) of layouts; rc is the index of the
-    recompute level in minimoe.flops.RECOMPUTE (0 none, 1 selective, 2 full).
+    recompute level in minimoe.flops.RECOMPUTE (0 none, 1 selective, 2 full), etp the experts'
+    tensor-parallel degree (None: etp = tp).
 
     Returns a dict of arrays: n_gpus, n_micro, the memory parts (bytes per GPU), `fits`, the time
     parts of TIME_PARTS (seconds per step), step_time, tokens_per_s, mfu and cost_per_mtok.
     Call it only on layouts minimoe.sim.layout.valid_layouts accepts: elsewhere the numbers are
     defined but meaningless.
     """
-    tp, pp, dp, ep, zero, mb, rc = (np.asarray(x, dtype=np.float64)
-                                    for x in (tp, pp, dp, ep, zero, mb, rc))
+    etp = tp if etp is None else etp
+    tp, pp, dp, ep, zero, mb, rc, etp = (np.asarray(x, dtype=np.float64)
+                                         for x in (tp, pp, dp, ep, zero, mb, rc, etp))
     h, s, gpn, b = st.d, st.s, dev.gpus_per_node, opt.act_bytes
     n_gpus = tp * pp * dp
     n_micro = st.global_batch / (dp * mb)  # micro-batches per step (valid where integral)
@@ -156,8 +162,10 @@ def price(st: WorkloadStats, dev: Device, opt: Options, tp, pp, dp, ep, zero, mb
     # --- memory per GPU, bytes -----------------------------------------------------------------
     vocab = st.V * h * np.where(pp == 1, st.vocab_mats, 1)  # first stage embeds, last has the head
     p_dense = (layers * st.layer_params + vocab) / tp
-    p_expert = st.expert_params / pp / (ep * tp)  # expert TP = TP (Megatron's default ETP)
-    dp_expert = dp / ep
+    # experts: split over EP x ETP, replicated over the expert data parallel of the stage's
+    # tp x dp ranks (dp / ep with etp = tp)
+    p_expert = st.expert_params / pp / (ep * etp)
+    dp_expert = tp * dp / (ep * etp)
     for name, nbytes, stage in (("weights", opt.weight_bytes, 3), ("grads", opt.grad_bytes, 2),
                                 ("optimizer", opt.optimizer_bytes, 1)):
         out[name] = nbytes * (p_dense / np.where(zero >= stage, dp, 1)
@@ -177,9 +185,11 @@ def price(st: WorkloadStats, dev: Device, opt: Options, tp, pp, dp, ep, zero, mb
     ceiling = dev.peak_flops * opt.gemm_efficiency
     if opt.gemm_roofline:
         hbm = dev.hbm_bw * opt.hbm_efficiency
-        per_expert = tokens * st.top_k * ep / max(st.n_experts, 1) * st.capacity  # rows per expert
+        # rows per local expert: the tokens of the ETP group (each rank holds tokens / tp) that
+        # pick it
+        per_expert = tokens / tp * etp * st.top_k * ep / max(st.n_experts, 1) * st.capacity
         slow_rest = _roofline(b, ceiling, hbm, tokens, h, h / tp)
-        slow_expert = _roofline(b, ceiling, hbm, per_expert, h, st.expert_d_ffn / tp)
+        slow_expert = _roofline(b, ceiling, hbm, per_expert, h, st.expert_d_ffn / etp)
         slow_lm = _roofline(b, ceiling, hbm, tokens, h, st.V / tp)
     else:
         slow_rest = slow_expert = slow_lm = 1.0
@@ -210,13 +220,23 @@ def price(st: WorkloadStats, dev: Device, opt: Options, tp, pp, dp, ep, zero, mb
     extra = np.where(rc == 2, 2, 0)  # full recompute repeats the forward's collectives
     # TP with sequence parallel: 2 all-gathers + 2 reduce-scatters per layer forward, the same
     # in backward (Korthikanti 2022 §4.2.2); bytes: what 4 ring all-reduces move, 2 (t-1)/t each
-    bw, alpha = link(tp)
-    t_tp = (layers * (4 + extra) * (tp - 1) / tp * tokens * h * b / bw
-            + layers * 2 * (4 + extra) * (tp - 1) * alpha)
+    # In an MoE layer the routed experts' pair runs in the ETP group on the dispatched tokens,
+    # top_k copies of the group's etp x tokens / tp (Megatron's all-to-all dispatcher gathers
+    # after the all-to-all): none with etp = 1. A shared expert is a dense MLP on TP
+    # (Megatron's SharedExpertMLP) and keeps the dense pair
+    def tp_collectives(group, n, group_tokens):
+        bw, alpha = link(group)
+        return n * ((group - 1) / group * group_tokens * h * b / bw + 2 * (group - 1) * alpha)
+
+    half = 2 + extra / 2  # a layer's collectives: half around attention, half around the MLP
+    dense_halves = 2 * layers - moe_layers + (moe_layers if st.shared_d_ffn else 0)
+    t_tp = (tp_collectives(tp, half * dense_halves, tokens)
+            + tp_collectives(etp, half * moe_layers,
+                             tokens / tp * etp * st.top_k * st.capacity))
     # EP all-to-all: dispatch + combine forward, mirrored backward (DeepEP README); a rank's
     # peers on its own node go over NVLink, the rest over the NIC, both at once; the busiest
     # rank receives `imbalance` x the mean
-    local = np.clip(np.floor(gpn / tp), 1, ep)  # EP peers per node (self included)
+    local = np.clip(np.floor(gpn / etp), 1, ep)  # EP peers per node (self included)
     volume = (moe_layers * (4 + extra) * (tokens / tp) * st.top_k * h * b * st.capacity
               * imbalance)
     intra_bw, alpha_intra = link(np.ones_like(tp))
@@ -336,5 +356,6 @@ def simulate(workload: Workload, layout: Layout, device: Device,
     check_layout(layout, workload)
     st = WorkloadStats(workload, options)
     values = price(st, device, options, layout.tp, layout.pp, layout.dp, layout.ep,
-                   layout.zero, layout.micro_batch, RECOMPUTE.index(layout.recompute))
+                   layout.zero, layout.micro_batch, RECOMPUTE.index(layout.recompute),
+                   layout.expert_tp)
     return priced_result(st, device, options, layout, values)

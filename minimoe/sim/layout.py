@@ -28,13 +28,22 @@ class Layout:
     zero: int = 1  # 0 DDP, 1 optimizer states sharded, 2 + gradients, 3 + weights (= FSDP)
     micro_batch: int = 1  # sequences per micro-batch per data-parallel rank
     recompute: str = "none"  # "none", "selective" (attention core) or "full" (every layer)
+    # expert tensor parallel: the experts' own TP degree, their EP x ETP groups folded over the
+    # tp x dp ranks of a stage (MoE Parallel Folding, arXiv 2504.14960 §3; Megatron's
+    # --expert-tensor-parallel-size). 0 means etp = tp, Megatron's default
+    etp: int = 0
 
     @property
     def n_gpus(self) -> int:
         return self.tp * self.pp * self.dp
 
+    @property
+    def expert_tp(self) -> int:
+        return self.etp or self.tp
+
     def label(self) -> str:
-        return (f"tp{self.tp} pp{self.pp} dp{self.dp} ep{self.ep} zero{self.zero} "
+        fold = f" etp{self.etp}" if self.etp and self.etp != self.tp else ""
+        return (f"tp{self.tp} pp{self.pp} dp{self.dp} ep{self.ep}{fold} zero{self.zero} "
                 f"mb{self.micro_batch} rc-{self.recompute}")
 
 
@@ -62,14 +71,16 @@ class Workload:
 class LayoutColumns:
     """A layout's fields as numbers, scalars or equal-length arrays: what the rules test."""
 
-    def __init__(self, tp, pp, dp, ep, zero, micro_batch, recompute):
+    def __init__(self, tp, pp, dp, ep, zero, micro_batch, recompute, etp=None):
         self.tp, self.pp, self.dp, self.ep = tp, pp, dp, ep
         self.zero, self.micro_batch, self.recompute = zero, micro_batch, recompute  # recompute: index
+        self.etp = tp if etp is None else etp
 
     @classmethod
     def of(cls, layout: Layout) -> "LayoutColumns":
         rc = RECOMPUTE.index(layout.recompute) if layout.recompute in RECOMPUTE else -1
-        return cls(layout.tp, layout.pp, layout.dp, layout.ep, layout.zero, layout.micro_batch, rc)
+        return cls(layout.tp, layout.pp, layout.dp, layout.ep, layout.zero, layout.micro_batch, rc,
+                   layout.expert_tp)
 
 
 @dataclass(frozen=True)
@@ -96,9 +107,10 @@ LAYOUT_RULES = (
     ("tp", lambda st, c: (st.n_heads % c.tp == 0) & (st.n_kv_heads % c.tp == 0),
      "must divide n_heads={n_heads} and n_kv_heads={n_kv_heads}"),
     ("pp", lambda st, c: st.n_layers % c.pp == 0, "must divide n_layers={n_layers}"),
-    ("ep", lambda st, c: (c.dp % c.ep == 0) & ((st.n_experts % c.ep == 0) if st.n_experts
-                                                else (c.ep == 1)),
-     "must divide dp={dp} and n_experts={n_experts} (1 for a dense model)"),
+    ("ep", lambda st, c: ((c.tp * c.dp) % (c.ep * c.etp) == 0)
+     & ((st.n_experts % c.ep == 0) if st.n_experts else (c.ep == 1)),
+     "must divide n_experts={n_experts} (1 for a dense model), and ep x etp must divide tp x dp "
+     "(with etp = tp: ep must divide dp={dp})"),
     ("zero", lambda st, c: (c.zero >= 0) & (c.zero <= 3), "must be 0, 1, 2 or 3"),
     ("recompute", lambda st, c: (c.recompute >= 0) & (c.recompute < len(RECOMPUTE)),
      "must be one of " + ", ".join(RECOMPUTE)),
@@ -128,11 +140,12 @@ def rule_text(name: str, st: Divisibles, dp=None) -> str:
 def check_layout(layout: Layout, workload: Workload, n_gpus: int | None = None,
                  where: str = "layout") -> None:
     """Raise ValueError naming the first field of `layout` that cannot work."""
-    for name in ("tp", "pp", "dp", "ep", "micro_batch", "zero"):
+    for name in ("tp", "pp", "dp", "ep", "micro_batch", "zero", "etp"):
         value = getattr(layout, name)
-        smallest = 0 if name == "zero" else 1
+        smallest = 0 if name in ("zero", "etp") else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
-            rule = "must be 0, 1, 2 or 3" if name == "zero" else "must be a positive integer"
+            rule = {"zero": "must be 0, 1, 2 or 3", "etp": "must be 0 (= tp) or a positive "
+                    "integer"}.get(name, "must be a positive integer")
             raise ValueError(f"{where}.{name}={value!r}: {rule}")
     if n_gpus is not None and layout.n_gpus != n_gpus:
         raise ValueError(f"{where}.dp={layout.dp!r}: tp x pp x dp = {layout.n_gpus} must equal "

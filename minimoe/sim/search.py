@@ -1,8 +1,8 @@
 """Layout search: price every way to cut a model over up to N GPUs, return the fastest and cheapest.
 
-The grid (GPU count in whole nodes x tp x pp x ep x ZeRO stage x micro-batch x recompute) is
-priced in one vectorised pass of minimoe.sim.cost's `price`: no Python loop per layout, so a
-search over ~10^6 candidates takes well under a second (`minimoe bench sim`). `search_axes` is
+The grid (GPU count in whole nodes x tp x pp x ep x ZeRO stage x micro-batch x recompute x
+expert tensor parallel) is priced in one vectorised pass of minimoe.sim.cost's `price`: no
+Python loop per layout, so a search over ~10^6 candidates takes well under a second (`minimoe bench sim`). `search_axes` is
 the one definition of the space; `iter_layouts` is the plain loop over it, which the tests
 compare the grid against.
 
@@ -55,13 +55,16 @@ def search_axes(workload: Workload, max_gpus: int) -> dict[str, list[int]]:
 
     tp up to 16 (two NVLink domains at most), pp over the divisors of the layer count, ep over
     the divisors of the expert count (1 for a dense model), every ZeRO stage, micro-batches of
-    1-8 sequences and the three recompute levels (indices into minimoe.flops.RECOMPUTE).
+    1-8 sequences, the three recompute levels (indices into minimoe.flops.RECOMPUTE) and, for
+    an MoE, the experts' tensor parallel as Megatron's default (etp 0: = tp) or folded (etp 1,
+    MoE Parallel Folding's choice; intermediate degrees are left to `simulate`).
     """
     cfg = workload.cfg
     return {"tp": [t for t in (1, 2, 4, 8, 16) if t <= max_gpus],
             "pp": _divisors(cfg.n_layers, 64),
             "ep": _divisors(cfg.n_experts, 64) if cfg.n_experts else [1],
-            "zero": [0, 1, 2, 3], "mb": [1, 2, 4, 8], "rc": list(range(len(RECOMPUTE)))}
+            "zero": [0, 1, 2, 3], "mb": [1, 2, 4, 8], "rc": list(range(len(RECOMPUTE))),
+            "etp": [0, 1] if cfg.n_experts else [0]}
 
 
 def candidate_grid(workload: Workload, max_gpus: int, gpus_per_node: int = 8,
@@ -81,7 +84,9 @@ def candidate_grid(workload: Workload, max_gpus: int, gpus_per_node: int = 8,
     mesh = np.meshgrid(*[np.asarray(v, dtype=np.int64) for v in axes.values()], indexing="ij")
     grid = {k: m.ravel() for k, m in zip(axes, mesh)}
     grid["dp"] = grid["n"] // (grid["tp"] * grid["pp"])
-    grid["whole"] = grid["n"] % (grid["tp"] * grid["pp"]) == 0  # tp x pp divides the GPU count
+    # tp x pp divides the GPU count, and etp 1 is not tp 1 again
+    grid["whole"] = (grid["n"] % (grid["tp"] * grid["pp"]) == 0) & ~((grid["etp"] == 1)
+                                                                    & (grid["tp"] == 1))
     return grid
 
 
@@ -99,7 +104,8 @@ def search_layouts(workload: Workload, device: Device, max_gpus: int,
     st = WorkloadStats(workload, options)
     g = candidate_grid(workload, max_gpus, device.gpus_per_node, fixed_gpus)
     dp = np.maximum(g["dp"], 1)
-    columns = (g["tp"], g["pp"], dp, g["ep"], g["zero"], g["mb"], g["rc"])
+    columns = (g["tp"], g["pp"], dp, g["ep"], g["zero"], g["mb"], g["rc"],
+               np.where(g["etp"] == 0, g["tp"], g["etp"]))
     failures = rule_failures(st, LayoutColumns(*columns))
     values = {k: np.empty(g["n"].size, dtype=np.float64) for k in _KEEP}
     # chunks of 2^15 layouts: numpy's temporaries stay in cache, which is 3-5x faster than
@@ -117,7 +123,7 @@ def search_layouts(workload: Workload, device: Device, max_gpus: int,
     def layout_at(i) -> Layout:
         return Layout(tp=int(g["tp"][i]), pp=int(g["pp"][i]), dp=int(dp[i]), ep=int(g["ep"][i]),
                       zero=int(g["zero"][i]), micro_batch=int(g["mb"][i]),
-                      recompute=RECOMPUTE[int(g["rc"][i])])
+                      recompute=RECOMPUTE[int(g["rc"][i])], etp=int(g["etp"][i]))
 
     fastest = cheapest = None
     table = []
@@ -184,10 +190,10 @@ def plan_frame(search: SearchResult, tokens: float | None = None):
 def iter_layouts(workload: Workload, n_gpus: int):
     """Plain loop over the valid layouts on exactly n_gpus (for tests of the vectorised grid)."""
     axes = search_axes(workload, n_gpus)
-    for tp, pp, ep, zero, mb, rc in itertools.product(*axes.values()):
-        if n_gpus % (tp * pp):
+    for tp, pp, ep, zero, mb, rc, etp in itertools.product(*axes.values()):
+        if n_gpus % (tp * pp) or (etp == 1 and tp == 1):
             continue
-        layout = Layout(tp, pp, n_gpus // (tp * pp), ep, zero, mb, RECOMPUTE[rc])
+        layout = Layout(tp, pp, n_gpus // (tp * pp), ep, zero, mb, RECOMPUTE[rc], etp)
         try:
             check_layout(layout, workload, n_gpus)
         except ValueError:

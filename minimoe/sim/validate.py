@@ -39,7 +39,7 @@ FAMILIES = {"a100": "ampere", "a800": "ampere", "h100": "hopper", "h800": "hoppe
             "h200": "hopper", "b200": "blackwell"}
 RUN_KEYS = {"name", "kind", "set", "model", "preset", "gpu", "devices", "seq_len", "global_batch",
             "batch_tokens", "layout", "virtual_stages", "measured", "measured_unit", "flops",
-            "peak_tflops_source", "wallclock", "options"}
+            "peak_tflops_source", "wallclock", "options", "variant_of"}
 FILE_KEYS = RUN_KEYS - {"name", "measured"} | {"title", "source", "runs", "devices"}
 UNITS = ("tflops_per_gpu", "mfu", "tokens_per_day_b")
 EFFICIENCY_GRID = np.round(np.arange(0.30, 0.951, 0.01), 2)
@@ -84,6 +84,7 @@ class Run:
     devices: int
     measured_tokens_per_s: float
     wallclock: bool
+    variant_of: str = ""  # the run this one changes (a layout): its speed-up is compared too
 
 
 def load_runs(folder: str | Path) -> list[Run]:
@@ -162,7 +163,7 @@ def _run(t: dict, where: str, catalogue: dict, source: str) -> Run:
                cfg=cfg, device=device, family=FAMILIES.get(device.name, device.name),
                workload=workload, layout=layout, options=options,
                devices=devices, measured_tokens_per_s=tokens_per_s,
-               wallclock=bool(t.get("wallclock", False)))
+               wallclock=bool(t.get("wallclock", False)), variant_of=str(t.get("variant_of", "")))
 
 
 def predict(run: Run, gemm_efficiency: float | None = None) -> SimResult:
@@ -196,7 +197,7 @@ def fit_efficiency(runs: list[Run]) -> dict[str, float]:
                 opt = r.options.replace(gemm_efficiency=float(eff))
                 lay = r.layout
                 out = price(st, r.device, opt, lay.tp, lay.pp, lay.dp, lay.ep, lay.zero,
-                            lay.micro_batch, RECOMPUTE.index(lay.recompute))
+                            lay.micro_batch, RECOMPUTE.index(lay.recompute), lay.expert_tp)
                 errors.append(abs(math.log(float(out["tokens_per_s"]) / r.measured_tokens_per_s)))
             scores.append(statistics.median(errors))
         fitted[family] = float(EFFICIENCY_GRID[int(np.argmin(scores))])
@@ -211,6 +212,7 @@ class Validation:
     slowdown: dict | None  # AquilaMoE 16B -> 8x16B, predicted against measured
     breakdown: dict  # AquilaMoE phase -> time parts in seconds per step
     sensitivity: list[dict]
+    variants: list[dict]  # a run's speed-up over the run it varies, measured and predicted
 
 
 def validate(folder: str | Path) -> Validation:
@@ -244,7 +246,16 @@ def validate(folder: str | Path) -> Validation:
     breakdown = {n: {k: r.time[k] for k in TIME_PARTS} | {"tokens_per_step": r.tokens_per_step}
                  for n, (_, r, _) in aquila.items()}
     slowdown, sensitivity = _slowdown(aquila)
-    return Validation(rows, fitted, summary, slowdown, breakdown, sensitivity)
+    variants = []
+    for run, result, _ in (v for v in results.values() if v[0].variant_of):
+        if run.variant_of not in results:
+            raise ValueError(f"{run.name}: variant_of={run.variant_of!r}: no run of that name")
+        base, base_result, _ = results[run.variant_of]
+        variants.append({"run": run.name, "of": base.name,
+                         "measured": run.measured_tokens_per_s / base.measured_tokens_per_s,
+                         "predicted": predicted_tokens_per_s(run, result)
+                         / predicted_tokens_per_s(base, base_result)})
+    return Validation(rows, fitted, summary, slowdown, breakdown, sensitivity, variants)
 
 
 def _slowdown(aquila: dict) -> tuple[dict | None, list[dict]]:
@@ -301,6 +312,10 @@ def validation_text(v: Validation) -> str:
     not_fitting = [r["run"] for r in v.rows if not r["fits"]]
     if not_fitting:
         lines.append(f"over the memory model's budget (time still predicted): {', '.join(not_fitting)}")
+    if v.variants:
+        lines += ["", "speed-up of a run over the run it varies:"]
+        lines += [f"  {r['run']} over {r['of']}: measured {r['measured']:.3f}x, predicted "
+                  f"{r['predicted']:.3f}x" for r in v.variants]
     if v.slowdown:
         s = v.slowdown
         lines += ["", f"AquilaMoE {s['dense']} -> {s['moe']} on the same devices: measured "
@@ -319,4 +334,4 @@ def validation_json(v: Validation) -> str:
     summary = {f"{group} {kind}": s for (group, kind), s in v.summary.items()}
     return json.dumps({"runs": v.rows, "fitted": v.fitted, "summary": summary,
                        "slowdown": v.slowdown, "sensitivity": v.sensitivity,
-                       "breakdown": v.breakdown}, indent=2)
+                       "breakdown": v.breakdown, "variants": v.variants}, indent=2)
