@@ -5,13 +5,16 @@ keeps `parallelize` apart from its models: torchtitan/models/llama3/infra/parall
                        CUDA, gloo on CPU. Outside torchrun (or with WORLD_SIZE=1) nothing is
                        initialised and every helper below is a no-op: one process runs exactly
                        the code it ran before distribution existed.
-    build_mesh(ep)     the DeviceMesh ("dp", "ep"): ep ranks share the experts of each MoE layer
+    build_mesh(ep, tp) the DeviceMesh ("dp", "ep"): ep ranks share the experts of each MoE layer
                        (E/ep each), dp groups of them replicate that; all dp x ep ranks hold
                        different rows of the batch (expert parallelism borrows data-parallel
-                       ranks, as in GShard and torchtitan).
-    parallelize(...)   per block: activation checkpointing, torch.compile, then expert
-                       parallelism (minimoe/expert_parallel.py), then FSDP2 `fully_shard` per
-                       block and on the root (or DDP); returns a `Parallel`.
+                       ranks, as in GShard and torchtitan). With tp > 1 (a dense model) the
+                       mesh is ("dp", "tp"): tp consecutive ranks split each matrix and see the
+                       same rows.
+    parallelize(...)   per block: activation checkpointing, torch.compile, then tensor or
+                       expert parallelism (minimoe/tensor_parallel.py, expert_parallel.py),
+                       then FSDP2 `fully_shard` per block and on the root over "dp" (or DDP);
+                       returns a `Parallel`.
 
 The global batch of step i is one process's batch: every rank draws the same
 `train_batch(step, ...)` and keeps its own rows (`rows`), each rank's loss is the mean over its
@@ -35,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from minimoe.expert_parallel import EXPERT_WEIGHTS, apply_expert_parallel
 from minimoe.moe import MoE
+from minimoe.tensor_parallel import apply_tensor_parallel
 
 MODES = ("fsdp", "ddp")
 
@@ -133,16 +137,17 @@ def main_only(fn):
 
 
 # --- data and numbers -------------------------------------------------------------------
-def row_slice(n: int) -> slice:
-    """This rank's rows of a global batch of n: rank r of w takes the r-th of w equal slices."""
-    w = world_size()
+def row_slice(n: int, tp: int = 1) -> slice:
+    """This rank's rows of a global batch of n: rank r of w takes the r-th of w equal slices;
+    with tensor parallelism the tp ranks of a group share one slice of w / tp."""
+    w, r = world_size() // tp, rank() // tp
     if n % w:
-        raise ValueError(f"batch_size={n}: must be divisible by the {w} ranks")
-    return slice(rank() * n // w, (rank() + 1) * n // w)
+        raise ValueError(f"batch_size={n}: must be divisible by the {w} data-parallel ranks")
+    return slice(r * n // w, (r + 1) * n // w)
 
 
-def rows(batch: torch.Tensor) -> torch.Tensor:
-    return batch[row_slice(len(batch))]
+def rows(batch: torch.Tensor, tp: int = 1) -> torch.Tensor:
+    return batch[row_slice(len(batch), tp)]
 
 
 class RankRows:
@@ -150,15 +155,15 @@ class RankRows:
     data's interface unchanged), so the ranks share each batch and the mean over ranks is the
     batch's mean."""
 
-    def __init__(self, data):
-        self.data = data
+    def __init__(self, data, tp: int = 1):
+        self.data, self.tp = data, tp
 
     def __getattr__(self, name):
         return getattr(self.data, name)
 
     def val_batches(self, batch_size: int, seq_len: int, n_batches: int | None = None,
                     lang: str | None = None):
-        return [(rows(x), rows(y))
+        return [(rows(x, self.tp), rows(y, self.tp))
                 for x, y in self.data.val_batches(batch_size, seq_len, n_batches, lang)]
 
 
@@ -185,12 +190,24 @@ def _comm_device() -> torch.device:
 
 
 # --- the mesh and the plan --------------------------------------------------------------
-def build_mesh(ep: int = 1, device_type: str = "cpu") -> DeviceMesh:
-    """The ("dp", "ep") mesh over every rank; ep must divide the world size."""
+def build_mesh(ep: int = 1, device_type: str = "cpu", tp: int = 1) -> DeviceMesh:
+    """The ("dp", "ep") mesh over every rank, or ("dp", "tp") with tensor parallelism; ep and
+    tp must divide the world size, and one of them is 1."""
     w = world_size()
-    if not isinstance(ep, int) or ep < 1 or w % ep:
-        raise ValueError(f"ep={ep!r}: must be a positive divisor of the {w} ranks")
+    for name, size in (("ep", ep), ("tp", tp)):
+        if not isinstance(size, int) or size < 1 or w % size:
+            raise ValueError(f"{name}={size!r}: must be a positive divisor of the {w} ranks")
+    if tp > 1:
+        if ep > 1:
+            raise ValueError(f"tp={tp}, ep={ep}: tensor parallelism runs dense models, expert "
+                             "parallelism MoEs; one of them must be 1")
+        return init_device_mesh(device_type, (w // tp, tp), mesh_dim_names=("dp", "tp"))
     return init_device_mesh(device_type, (w // ep, ep), mesh_dim_names=("dp", "ep"))
+
+
+def mesh_size(mesh: DeviceMesh | None, name: str) -> int:
+    """The size of the mesh's dimension `name`, 1 where it has none."""
+    return mesh[name].size() if mesh is not None and name in mesh.mesh_dim_names else 1
 
 
 @dataclass
@@ -249,7 +266,11 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, mode: str = "fsdp",
             block.compile()
     if mesh is None:
         return Parallel(model, model, "single")
-    ep = mesh["ep"].size()
+    ep, tp = mesh_size(mesh, "ep"), mesh_size(mesh, "tp")
+    if tp > 1:
+        if mode != "fsdp":
+            raise ValueError(f"tp={tp}: tensor parallelism runs with parallel='fsdp' only")
+        apply_tensor_parallel(model, mesh["tp"])
     if ep > 1:
         if mode != "fsdp":
             raise ValueError(f"ep={ep}: expert parallelism runs with parallel='fsdp' only "
@@ -271,8 +292,9 @@ def _fully_shard(model: nn.Module, mesh: DeviceMesh, mixed_precision: bool):
     replicas of the same experts) and everything else is sharded over all ranks."""
     bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     policy = bf16 if mixed_precision else MixedPrecisionPolicy()
-    ep = mesh["ep"].size()
-    # every rank: mesh["dp"] is all of them when ep == 1; else a 1-D mesh over the world
+    ep = mesh_size(mesh, "ep")
+    # mesh["dp"]: every rank when ep == tp == 1, the data-parallel replicas of a tensor-parallel
+    # split when tp > 1; with experts parallel, a 1-D mesh over the world
     everyone = mesh["dp"] if ep == 1 else init_device_mesh(
         mesh.device_type, (mesh.size(),), mesh_dim_names=("dp_ep",))
     for block in model.layers:

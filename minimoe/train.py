@@ -70,6 +70,7 @@ class TrainConfig:
     # the layout under torchrun (minimoe/dist.py); a run may resume under another layout
     parallel: str = "fsdp"  # "fsdp" (FSDP2) or "ddp"
     ep: int = 1  # expert-parallel ranks: each holds n_experts / ep experts of every MoE layer
+    tp: int = 1  # tensor-parallel ranks: each holds 1 / tp of every matrix (a dense model)
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     compile: bool = False  # torch.compile each block
 
@@ -89,7 +90,7 @@ class TrainConfig:
 
 TRAIN_RULES = {  # minimoe/checks.py
     **dict.fromkeys(("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
-                     "ckpt_every", "log_every", "mix_every", "ep"), "int>0"),
+                     "ckpt_every", "log_every", "mix_every", "ep", "tp"), "int>0"),
     **dict.fromkeys(("lr", "mix_eta"), ">0"), "warmup_steps": "int>=0", "min_lr_ratio": "[0, 1]",
     **dict.fromkeys(("beta1", "beta2"), "[0, 1)"), **dict.fromkeys(("weight_decay", "grad_clip"), ">=0"),
     "parallel": dist.MODES, **dict.fromkeys(("bf16", "activation_checkpointing", "compile"), "bool"),
@@ -125,7 +126,7 @@ def moe_losses(model, logits, tc: TrainConfig) -> tuple[torch.Tensor, dict[str, 
     return tc.aux.total(model, logits)
 
 
-LAYOUT_FIELDS = ("parallel", "ep", "activation_checkpointing", "compile")  # not the run's identity
+LAYOUT_FIELDS = ("parallel", "ep", "tp", "activation_checkpointing", "compile")  # not the run's identity
 
 
 @dataclass
@@ -179,7 +180,7 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
     bar = _progress(tc.steps, step, progress and main)
     last_good = latest
     autocast = tc.bf16 and not parallel.mixed_precision  # FSDP2 casts by its policy instead
-    own_rows = dist.row_slice(tc.batch_size) if dist.is_distributed() else None  # this rank's
+    own_rows = dist.row_slice(tc.batch_size, tc.tp) if dist.is_distributed() else None  # this rank's
     while step < tc.steps:
         t0 = time.perf_counter()
         lr = lr_at(step, tc)
@@ -251,15 +252,16 @@ def _evaluate(model, data, tc: TrainConfig) -> dict[str, float]:
     """Validation losses; under torchrun each rank takes its rows of every batch."""
     if not dist.is_distributed():
         return evaluate(model, data, tc)
-    return dist.mean_over_ranks(evaluate(model, dist.RankRows(data), tc))
+    return dist.mean_over_ranks(evaluate(model, dist.RankRows(data, tc.tp), tc))
 
 
 def _parallelize(model, tc: TrainConfig, device: torch.device) -> dist.Parallel:
     """The plan of tc under torchrun; in one process only checkpointing and compile, if asked."""
-    mesh = dist.build_mesh(tc.ep, device.type) if dist.is_distributed() else None
-    if mesh is None and tc.ep > 1:
-        raise ValueError(f"TrainConfig.ep={tc.ep}: expert parallelism needs torchrun with a "
-                         f"multiple of {tc.ep} processes")
+    mesh = dist.build_mesh(tc.ep, device.type, tc.tp) if dist.is_distributed() else None
+    for name in ("ep", "tp"):
+        if mesh is None and getattr(tc, name) > 1:
+            raise ValueError(f"TrainConfig.{name}={getattr(tc, name)}: needs torchrun with a "
+                             f"multiple of {getattr(tc, name)} processes")
     return dist.parallelize(model, mesh, tc.parallel, mixed_precision=tc.bf16 and mesh is not None
                             and tc.parallel == "fsdp",
                             activation_checkpointing=tc.activation_checkpointing,

@@ -1,6 +1,6 @@
 """What tests/test_dist.py runs in its processes (one, or several under torchrun).
 
-    python tests/dist_worker.py train OUT [--parallel fsdp|ddp] [--ep N] [--moe] [--kill-at S]
+    python tests/dist_worker.py train OUT [--parallel fsdp|ddp] [--ep N] [--tp N] [--moe] [--kill-at S]
                                           [--kill-rank R] [--device cpu|cuda] [--bf16]
     python tests/dist_worker.py ep [--device cpu|cuda]
 
@@ -35,7 +35,7 @@ def train(args):
     # ranks is not one process's (every other loss is a mean over tokens)
     tc = TrainConfig(steps=6, batch_size=4, seq_len=32, grad_accum=2, warmup_steps=2,
                      eval_every=3, eval_batches=2, ckpt_every=2, log_every=1,
-                     parallel=args.parallel, ep=args.ep, device=args.device, bf16=args.bf16,
+                     parallel=args.parallel, ep=args.ep, tp=args.tp, device=args.device, bf16=args.bf16,
                      aux=AuxLossConfig(balance=0.0))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     with open(f"{args.out}.attempts", "a") as f:  # beside the run folder: which attempts ran
@@ -108,6 +108,7 @@ if __name__ == "__main__":
     parser.add_argument("out", nargs="?")
     parser.add_argument("--parallel", default="fsdp")
     parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--moe", action="store_true")
     parser.add_argument("--kill-at", type=int, default=0)
     parser.add_argument("--kill-rank", type=int, default=-1)

@@ -2,8 +2,8 @@
 subprocess, tests/dist_worker.py in each process). Where 2 CUDA GPUs are present the same tests
 run with nccl and bf16; without them those cases are skipped with the reason.
 
-Invariants: FSDP2 and DDP give one process's loss trajectory on the same global batch; an
-expert-parallel MoE computes one process's outputs and gradients; checkpoints move between 2
+Invariants: FSDP2, DDP and tensor parallelism give one process's loss trajectory on the same
+global batch; an expert-parallel MoE computes one process's outputs and gradients; checkpoints move between 2
 ranks and 1 process with the losses unchanged; a rank killed under torchrun --max-restarts
 resumes from the last checkpoint with no step lost or repeated.
 """
@@ -92,6 +92,26 @@ def _assert_same(losses, reference, device):
 def test_data_parallel_gives_the_one_process_trajectory(tmp_path, device, one_process, parallel):
     _torchrun("train", str(tmp_path / "run"), "--parallel", parallel, *_device_args(device))
     _assert_same(_losses(tmp_path / "run"), one_process, device)
+
+
+def test_tensor_parallel_gives_the_one_process_trajectory(tmp_path, device, one_process):
+    """2 ranks splitting every matrix (tp 2, Megatron's column/row pairs as DTensors) see the
+    same rows and train as one process; the final model is consolidated whole."""
+    _torchrun("train", str(tmp_path / "run"), "--tp", "2", *_device_args(device))
+    _assert_same(_losses(tmp_path / "run"), one_process, device)
+    final = ckpt.load_tensors(tmp_path / "run" / "model.safetensors")
+    assert final["layers.0.attn.q_proj.weight"].shape == (64, 64)  # whole, not a rank's half
+
+
+def test_a_tensor_parallel_checkpoint_resumes_in_one_process_and_back(tmp_path, device, one_process):
+    run, args = tmp_path / "run", _device_args(device)
+    _torchrun("train", str(run), "--tp", "2", "--kill-at", "3", *args, expect_ok=False)
+    assert ckpt.is_sharded(ckpt.latest_checkpoint(run))
+    _one("train", str(run), "--kill-at", "5", *args, expect_ok=False)  # DCP resharded to 1
+    assert ckpt.latest_checkpoint(run).name == "step_000004"
+    _torchrun("train", str(run), "--tp", "2", *args)  # safetensors split again over tp
+    assert [r["step"] for r in _log(run) if "loss" in r] == list(range(1, 7))
+    _assert_same(_losses(run), one_process, device)
 
 
 def test_expert_parallel_moe_equals_one_process_moe(device):
@@ -185,3 +205,24 @@ def test_activation_checkpointing_recomputes_each_block_in_backward():
         with torch.no_grad():
             model(x)
         assert len(calls) == expected + 1  # evaluation saves nothing, recomputes nothing
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (dict(n_experts=4), "tensor parallelism runs dense models"),
+    (dict(n_kv_heads=1), "tp=2: must divide n_kv_heads=1"),
+    (dict(d_ffn=175), "tp=2: must divide d_ffn=175"),
+    (dict(tie_embeddings=True), "tied embeddings cannot be"),
+])
+def test_a_model_tensor_parallelism_cannot_split_is_refused_by_name(cfg, message):
+    from minimoe.config import get_preset
+    from minimoe.tensor_parallel import check_tensor_parallel
+
+    with pytest.raises(ValueError, match=message):
+        check_tensor_parallel(get_preset("tiny").replace(**cfg), 2)
+
+
+def test_tensor_parallel_outside_torchrun_is_one_line(tmp_path, capsys):
+    assert main(["pretrain", "--preset", "tiny", "--out", str(tmp_path / "r"), "--steps", "1",
+                 "--tp", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("TrainConfig.tp=2: needs torchrun with a multiple of 2 processes")

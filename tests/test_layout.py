@@ -16,7 +16,7 @@ FLOORS = {
     "notebook": 0, "shards": 0,
     "model": 1, "moe": 1, "flops": 1,
     "grow": 2, "stream": 2, "upcycle": 2, "interop": 2, "checkpoint": 2, "sim": 2,
-    "train": 3, "evaluate": 3, "generate": 3, "dist": 3, "expert_parallel": 3, "experts": 3,
+    "train": 3, "evaluate": 3, "generate": 3, "dist": 3, "expert_parallel": 3, "tensor_parallel": 3, "experts": 3,
     "recipes": 4,
     "cli": 5, "__main__": 5, "__init__": 5,
 }

@@ -34,6 +34,8 @@ def add_train_options(p):
                    help="FSDP2 (with --bf16: bf16 compute, fp32 master weights and reduction) or DDP")
     g.add_argument("--ep", type=int, default=TRAIN_DEFAULTS["ep"],
                    help="expert-parallel ranks: each holds experts/ep experts of every MoE layer")
+    g.add_argument("--tp", type=int, default=TRAIN_DEFAULTS["tp"],
+                   help="tensor-parallel ranks: each holds 1/tp of every matrix (dense models)")
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block's activations in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile each block")
@@ -46,6 +48,6 @@ def train_config(args) -> TrainConfig:
                        log_every=args.log_every, seed=args.seed,
                        bf16=args.bf16, device=args.device, mix=args.mix, mix_every=args.mix_every,
                        mix_eta=args.mix_eta, mix_reference=args.mix_reference,
-                       parallel=args.parallel, ep=args.ep,
+                       parallel=args.parallel, ep=args.ep, tp=args.tp,
                        activation_checkpointing=args.activation_checkpointing,
                        compile=args.compile)
