@@ -40,6 +40,7 @@ from minimoe import mixing
 from minimoe.checks import check_fields
 from minimoe.evaluate import evaluate
 from minimoe.moe import AuxLossConfig, expert_load
+from minimoe.tensor_parallel import check_tensor_parallel
 
 
 @dataclass
@@ -257,6 +258,8 @@ def _evaluate(model, data, tc: TrainConfig) -> dict[str, float]:
 
 def _parallelize(model, tc: TrainConfig, device: torch.device) -> dist.Parallel:
     """The plan of tc under torchrun; in one process only checkpointing and compile, if asked."""
+    if tc.tp > 1:
+        check_tensor_parallel(model.cfg, tc.tp, tc.seq_len)
     mesh = dist.build_mesh(tc.ep, device.type, tc.tp) if dist.is_distributed() else None
     for name in ("ep", "tp"):
         if mesh is None and getattr(tc, name) > 1:

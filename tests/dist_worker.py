@@ -1,6 +1,6 @@
 """What tests/test_dist.py runs in its processes (one, or several under torchrun).
 
-    python tests/dist_worker.py train OUT [--parallel fsdp|ddp] [--ep N] [--tp N] [--moe] [--kill-at S]
+    python tests/dist_worker.py train OUT [--parallel fsdp|ddp] [--ep N] [--tp N] [--vocab V] [--moe] [--kill-at S]
                                           [--kill-rank R] [--device cpu|cuda] [--bf16]
     python tests/dist_worker.py ep [--device cpu|cuda]
 
@@ -46,7 +46,8 @@ def train(args):
         if step == args.kill_at and first_attempt and args.kill_rank in (-1, dist.rank()):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    pretrain(cfg, args.out, tc, data_spec(vocab_size=512), progress=False, on_step=on_step)
+    pretrain(cfg.replace(vocab_size=args.vocab), args.out, tc, data_spec(vocab_size=args.vocab),
+             progress=False, on_step=on_step)
 
 
 def expert_parallel(args):
@@ -109,6 +110,7 @@ if __name__ == "__main__":
     parser.add_argument("--parallel", default="fsdp")
     parser.add_argument("--ep", type=int, default=1)
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--moe", action="store_true")
     parser.add_argument("--kill-at", type=int, default=0)
     parser.add_argument("--kill-rank", type=int, default=-1)

@@ -103,6 +103,14 @@ def test_tensor_parallel_gives_the_one_process_trajectory(tmp_path, device, one_
     assert final["layers.0.attn.q_proj.weight"].shape == (64, 64)  # whole, not a rank's half
 
 
+def test_tensor_parallel_with_a_vocabulary_tp_does_not_divide(tmp_path, device):
+    """511 tokens do not split in 2: the embedding and the LM head stay whole on each rank
+    (the blocks are still split), and the trajectory is still one process's."""
+    _one("train", str(tmp_path / "one"), "--vocab", "511", *_device_args(device))
+    _torchrun("train", str(tmp_path / "tp"), "--tp", "2", "--vocab", "511", *_device_args(device))
+    _assert_same(_losses(tmp_path / "tp"), _losses(tmp_path / "one"), device)
+
+
 def test_a_tensor_parallel_checkpoint_resumes_in_one_process_and_back(tmp_path, device, one_process):
     run, args = tmp_path / "run", _device_args(device)
     _torchrun("train", str(run), "--tp", "2", "--kill-at", "3", *args, expect_ok=False)
@@ -219,6 +227,15 @@ def test_a_model_tensor_parallelism_cannot_split_is_refused_by_name(cfg, message
 
     with pytest.raises(ValueError, match=message):
         check_tensor_parallel(get_preset("tiny").replace(**cfg), 2)
+
+
+def test_sequence_parallel_needs_tp_to_divide_the_sequence():
+    from minimoe.config import get_preset
+    from minimoe.tensor_parallel import check_tensor_parallel
+
+    check_tensor_parallel(get_preset("tiny"), 2, seq_len=32)
+    with pytest.raises(ValueError, match=r"tp=2: must divide seq_len=33 \(sequence parallelism\)"):
+        check_tensor_parallel(get_preset("tiny"), 2, seq_len=33)
 
 
 def test_tensor_parallel_outside_torchrun_is_one_line(tmp_path, capsys):
