@@ -70,6 +70,21 @@ def splits_vocabulary(cfg, tp: int) -> bool:
     return cfg.vocab_size % tp == 0
 
 
+def tp_shard_dims(cfg, tp: int) -> dict[str, int]:
+    """Which dim of each parameter the plan splits over tp, by the name's ending (a block's)
+    or whole name: columns are dim 0 of a Linear's weight and its bias, rows dim 1; the
+    embedding splits its vocabulary rows (dim 0). What is not named stays whole."""
+    dims = {}
+    for name, style in block_plan().items():
+        if isinstance(style, ColwiseParallel):
+            dims.update({f"{name}.weight": 0, f"{name}.bias": 0})
+        elif isinstance(style, RowwiseParallel):
+            dims[f"{name}.weight"] = 1
+    if splits_vocabulary(cfg, tp):
+        dims.update({"embed.weight": 0, "lm_head.weight": 0})
+    return dims
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Split every block, the embedding and the LM head over `tp_mesh`, in place (parameter
     names unchanged; the split ones become DTensors)."""

@@ -32,7 +32,7 @@ def test_a_recipe_carries_the_recommended_layout_and_its_batch_adds_up(path):
     best, _ = engine_plan(recipe)
     assert best == recipe.layout, f"{path.name}: engine_plan now recommends {best}"
     layout, train = recipe.layout, recipe.train
-    assert layout.gpus * layout.micro_batch * recipe.grad_accum * train.seq_len == train.batch_tokens
+    assert layout.dp * layout.micro_batch * recipe.grad_accum * train.seq_len == train.batch_tokens
     for argv in commands(recipe).values():
         if argv is not None:
             build_parser().parse_args(argv)  # every command the launcher runs parses
@@ -64,6 +64,7 @@ gpus = 2
 gpus_per_node = 2
 parallel = "{parallel}"
 ep = {ep}
+tp = {tp}
 micro_batch = 1
 device = "cpu"
 """
@@ -72,7 +73,7 @@ device = "cpu"
 def test_the_dry_run_measures_what_the_simulator_estimates(tmp_path):
     path = _recipe(tmp_path / "moe.toml", TOY.format(
         name="toy-moe", stage="scale-out", preset="toy-large", where='from = "runs/x"',
-        out="runs/y", parallel="fsdp", ep=2).replace("gpus = 2\n", "gpus = 8\n")
+        out="runs/y", parallel="fsdp", ep=2, tp=1).replace("gpus = 2\n", "gpus = 8\n")
         .replace("batch_tokens = 128", "batch_tokens = 256"))
     r = dry_run(path)
     assert r["ranks"] == 4 and r["gpus"] == 8
@@ -81,6 +82,22 @@ def test_the_dry_run_measures_what_the_simulator_estimates(tmp_path):
         assert states(r[here]) == pytest.approx(states(r[sim]), rel=0.05), here
         for part in ("weights", "grads", "optimizer"):
             assert r[here][part] == pytest.approx(r[sim][part], rel=0.05), (here, part)
+    assert r["rule_full"]["params"] * 2 == pytest.approx(r["measured"]["params"], rel=0.01)
+
+
+def test_the_dry_run_of_a_tensor_parallel_recipe(tmp_path):
+    """tp 2 inside each node of 2: the blocks' matrices, the embedding and the LM head split
+    over tp, then sharded by FSDP2 over the gpus / tp replicas; the norms stay whole."""
+    path = _recipe(tmp_path / "dense.toml", TOY.format(
+        name="toy-tp", stage="pretrain", preset="toy-large", where='data = "shards"',
+        out="runs/y", parallel="fsdp", ep=1, tp=2).replace("gpus = 2\n", "gpus = 8\n")
+        .replace("batch_tokens = 128", "batch_tokens = 256"))
+    r = dry_run(path)
+    assert r["ranks"] == 4 and r["gpus"] == 8
+    assert r["measured"] == r["rule_here"]  # DTensor and FSDP2 placed every shard by the rule
+    for here, sim in (("measured", "sim_here"), ("rule_full", "sim_full")):
+        assert states(r[here]) == pytest.approx(states(r[sim]), rel=0.05), here
+    # twice the replicas (dp 4 against 2) hold half as much each
     assert r["rule_full"]["params"] * 2 == pytest.approx(r["measured"]["params"], rel=0.01)
 
 
@@ -102,10 +119,10 @@ def test_the_launch_script_runs_recipes_under_torchrun(tmp_path):
     tokenize([str(corpus)], tmp_path / "shards", vocab_size=300, val_fraction=0.2, progress=False)
     dense = _recipe(tmp_path / "dense.toml", TOY.format(
         name="toy-dense", stage="pretrain", preset="tiny", where=f'data = "{tmp_path / "shards"}"',
-        out=tmp_path / "dense", parallel="ddp", ep=1))
+        out=tmp_path / "dense", parallel="ddp", ep=1, tp=1))
     moe = _recipe(tmp_path / "moe.toml", TOY.format(
         name="toy-moe", stage="scale-out", preset="tiny", where=f'from = "{tmp_path / "dense"}"',
-        out=tmp_path / "moe", parallel="fsdp", ep=2))
+        out=tmp_path / "moe", parallel="fsdp", ep=2, tp=1))
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
            "RDZV_ENDPOINT": "localhost:0", "WORK": str(tmp_path), "MAX_RESTARTS": "0"}

@@ -184,3 +184,22 @@ def test_a_shared_expert_keeps_the_dense_tp_collectives_under_folding():
     # the attention's collectives
     assert etp1.time["tp_comm"] == pytest.approx(tp4.time["tp_comm"] * 2 / (2 + cfg.top_k),
                                                  rel=1e-12)
+
+
+def test_an_unpadded_vocabulary_tp_does_not_divide_stays_whole_on_each_rank():
+    cfg = PRESETS["aquila-16b"]  # 151,851 tokens: odd
+    work = Workload.from_tokens(cfg, 64 * 4096)
+    lay = Layout(tp=2, dp=32, zero=1)
+    opt = Options(gemm_roofline=False, memory_bound_work=False)
+    padded = simulate(work, lay, H100, opt)
+    whole = simulate(work, lay, H100, opt.replace(pad_vocab=False))
+    vocab_params = 2 * cfg.vocab_size * cfg.d_model  # embedding and LM head
+    assert whole.memory["weights"] - padded.memory["weights"] == pytest.approx(
+        2 * vocab_params / 2)  # bf16, half of it more per rank
+    # each rank computes the whole LM head: its 3 x 2hV FLOPs per token, once more than its half
+    lm = 3 * 2 * cfg.d_model * cfg.vocab_size * (64 * 4096 / 32) / 2
+    assert whole.time["compute"] - padded.time["compute"] == pytest.approx(lm / (0.5 * 989.4e12))
+    # a vocabulary tp divides is split either way
+    even = Workload.from_tokens(cfg.replace(vocab_size=151_852), 64 * 4096)
+    assert simulate(even, lay, H100, opt).time == simulate(even, lay, H100,
+                                                             opt.replace(pad_vocab=False)).time

@@ -40,7 +40,7 @@ def run_tokenize(args):
 
 def add_dry_run(p):
     p.add_argument("recipe", help="a full-size launch recipe, e.g. scaling/full/aquilamoe-8x16b.toml")
-    p.add_argument("--ranks", type=int, help="gloo ranks to spawn (default 2 x the recipe's ep)")
+    p.add_argument("--ranks", type=int, help="gloo ranks to spawn (default 2 x the recipe's ep x tp)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

@@ -6,11 +6,11 @@ spawned here; every rank applies the recipe's plan with the training code's own
 takes one AdamW step, all on meta tensors, then measures what it holds: parameters, weights,
 gradients and optimizer moments (the bytes of its local shards, FSDP2's padding included).
 That is set beside the cost simulator's estimate for the same layout (minimoe.sim.cost,
-`simulate(...).memory`, with FSDP2's byte counts: minimoe.recipes.launch.FSDP2_BYTES).
+`simulate(...).memory`, priced as this path runs: minimoe.recipes.launch.ENGINE_OPTIONS).
 
 A run of 1,024 ranks cannot be spawned on one machine, so the group has few ranks: the
-recipe's expert-parallel degree times 2 (each expert group's weights split over 2 replicas,
-as the recipe splits them over gpus / ep), or 2 for a dense model. FSDP2 places every shard
+recipe's expert- and tensor-parallel degrees times 2 (each group's weights split over 2
+replicas, as the recipe splits them over gpus / ep or gpus / tp), or 2 for a plain dense model. FSDP2 places every shard
 by one rule (torch.chunk: ceil(rows / ranks) per rank, the last ranks padded), so the dry run
 checks that the rule gives exactly what the ranks measured, then evaluates the same rule for
 the recipe's own number of ranks, beside the simulator at that size.
@@ -34,18 +34,19 @@ from minimoe import files
 from minimoe.expert_parallel import EXPERT_WEIGHTS
 from minimoe.model import build_model
 from minimoe.moe import MoE
-from minimoe.recipes.launch import FSDP2_BYTES, engine_plan, load_launch_recipe
-from minimoe.sim.cost import Options, simulate
+from minimoe.recipes.launch import ENGINE_OPTIONS, engine_plan, load_launch_recipe
+from minimoe.sim.cost import simulate
 from minimoe.sim.hardware import get_device
 from minimoe.sim.search import plan
+from minimoe.tensor_parallel import tp_shard_dims
 from minimoe.train import TrainConfig, make_optimizer
 
 PARTS = ("weights", "grads", "optimizer")
 FP32 = 4  # FSDP2 keeps fp32 shards; bf16 exists only for the block being computed
 
 
-def local_ranks(ep: int) -> int:
-    return 2 * ep
+def local_ranks(ep: int, tp: int = 1) -> int:
+    return 2 * ep * tp
 
 
 def _free_port() -> int:
@@ -70,7 +71,7 @@ def _rank(rank: int, world: int, port: int, recipe_path: str, out: str):
     recipe = load_launch_recipe(recipe_path)
     layout = recipe.layout
     model = build_model(recipe.model_config, device="meta")
-    dist.parallelize(model, dist.build_mesh(layout.ep), layout.parallel,
+    dist.parallelize(model, dist.build_mesh(layout.ep, tp=layout.tp), layout.parallel,
                      mixed_precision=recipe.train.bf16 and layout.parallel == "fsdp",
                      activation_checkpointing=layout.activation_checkpointing)
     params = list(model.parameters())
@@ -90,16 +91,22 @@ def _rank(rank: int, world: int, port: int, recipe_path: str, out: str):
 def fsdp_rule(recipe, ranks: int) -> dict[str, int]:
     """Parameters and bytes of the fullest rank when `ranks` ranks run the recipe's plan, by
     FSDP2's placement rule: ceil(rows / group) of each parameter's sharded dim, the group being
-    every rank (or, for experts split over ep ranks, the ranks / ep replicas of each group)."""
+    every rank (or, for experts split over ep ranks, the ranks / ep replicas of each group),
+    after tensor parallelism has split its dim (tp_shard_dims) over tp, the group then being
+    the ranks / tp replicas."""
     layout = recipe.layout
     model = build_model(recipe.model_config, device="meta")
     experts = {id(getattr(m, name)) for m in model.modules() if isinstance(m, MoE)
                for name in EXPERT_WEIGHTS} if layout.ep > 1 else set()
+    split = tp_shard_dims(model.cfg, layout.tp) if layout.tp > 1 else {}
     fsdp = layout.parallel == "fsdp"
     numel = 0
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         shape = list(p.shape)
-        group = ranks if fsdp else 1
+        group = ranks // layout.tp if fsdp else 1
+        tp_dim = split.get(name, split.get(name.split(".", 2)[-1]))
+        if tp_dim is not None:
+            shape[tp_dim] //= layout.tp
         dim = 0
         if id(p) in experts:
             shape[0] //= layout.ep
@@ -114,17 +121,19 @@ def fsdp_rule(recipe, ranks: int) -> dict[str, int]:
 def simulated(recipe, ranks: int) -> dict[str, float]:
     """The simulator's memory per GPU for the recipe's layout on `ranks` GPUs."""
     layout = recipe.layout.sim_layout()
-    layout = type(layout)(**{**layout.__dict__, "dp": ranks})
+    layout = type(layout)(**{**layout.__dict__, "dp": ranks // recipe.layout.tp})
     return simulate(recipe.workload, layout, get_device(recipe.layout.gpu),
-                    Options(**FSDP2_BYTES)).memory
+                    ENGINE_OPTIONS).memory
 
 
 def dry_run(recipe_path, ranks: int | None = None) -> dict:
     """Spawn the ranks, measure them, and compare; returns every figure (bytes per rank)."""
     recipe = load_launch_recipe(recipe_path)
-    ranks = ranks or local_ranks(recipe.layout.ep)
-    if ranks % recipe.layout.ep:
-        raise ValueError(f"ranks={ranks}: must be a multiple of the recipe's ep={recipe.layout.ep}")
+    ranks = ranks or local_ranks(recipe.layout.ep, recipe.layout.tp)
+    for name in ("ep", "tp"):
+        if ranks % getattr(recipe.layout, name):
+            raise ValueError(f"ranks={ranks}: must be a multiple of the recipe's "
+                             f"{name}={getattr(recipe.layout, name)}")
     with tempfile.TemporaryDirectory(prefix="minimoe-dry-run-") as tmp:
         os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks
         mp.start_processes(_rank, args=(ranks, _free_port(), str(recipe_path), tmp), nprocs=ranks,
@@ -138,7 +147,7 @@ def dry_run(recipe_path, ranks: int | None = None) -> dict:
     layout, sim = engine_plan(recipe)
     full = plan(recipe.workload.cfg, get_device(recipe.layout.gpu), recipe.layout.cluster_gpus
                 or recipe.layout.gpus, recipe.train.batch_tokens, recipe.train.seq_len,
-                options=Options(**FSDP2_BYTES))
+                options=ENGINE_OPTIONS)
     result["engine_plan_matches"] = layout == recipe.layout
     result["plan_fastest"] = (full.fastest.layout.label(), full.fastest.n_gpus,
                               full.fastest.time["step_time"], sim.time["step_time"])

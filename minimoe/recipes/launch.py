@@ -3,13 +3,16 @@
 
 A recipe names a stage (pretrain, scale-up or scale-out), the model shape, where it grows from,
 the training budget of arXiv 2408.06567 Table 3 (tokens, learning rate, batch) and a layout:
-GPUs, FSDP2 or DDP, expert-parallel ranks, micro-batch, activation checkpointing. The layout is
-what the cost simulator recommends among the layouts this torchrun path runs (`engine_plan`):
-data parallel over every GPU (FSDP2 = ZeRO-3, or DDP = ZeRO-0) with expert parallelism inside
-it; no tensor or pipeline parallelism, which `minimoe plan`'s overall fastest layout may use
-(shown beside it by `minimoe dry-run`). The simulator counts bytes as FSDP2 stores them
-(`FSDP2_BYTES`): the fp32 shard is the master weight, so 4 (weights) + 4 (gradients) + 8 (Adam
-m, v) bytes per parameter, the bf16 copy existing only for the block being computed.
+GPUs, FSDP2 or DDP, tensor- and expert-parallel ranks, micro-batch, activation checkpointing.
+The layout is what the cost simulator recommends among the layouts this torchrun path runs
+(`engine_plan`): data parallel over every GPU (FSDP2 = ZeRO-3, or DDP = ZeRO-0), with tensor
+and sequence parallelism inside a node for a dense model (FSDP2 only) or expert parallelism
+for an MoE; no pipeline parallelism, which `minimoe plan`'s overall fastest layout may use
+(shown beside it by `minimoe dry-run`). The simulator prices this path as it runs
+(`ENGINE_OPTIONS`): bytes as FSDP2 stores them, the fp32 shard being the master weight, so
+4 (weights) + 4 (gradients) + 8 (Adam m, v) bytes per parameter, the bf16 copy existing only
+for the block being computed; and a vocabulary that tp does not divide left whole on each tp
+rank (minimoe/tensor_parallel.py), not padded as Megatron's.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from minimoe.config import get_preset
 from minimoe.sim.cost import Options, simulate
 from minimoe.sim.hardware import get_device
 from minimoe.sim.layout import Layout, Workload
+from minimoe.tensor_parallel import check_tensor_parallel
 
 STAGES = ("pretrain", "scale-up", "scale-out")
-FSDP2_BYTES = dict(weight_bytes=4, grad_bytes=4, optimizer_bytes=8)
+ENGINE_OPTIONS = Options(weight_bytes=4, grad_bytes=4, optimizer_bytes=8, pad_vocab=False)
 MICRO_BATCHES = (1, 2, 4, 8)
 
 
@@ -51,13 +55,19 @@ class LayoutPlan:
     gpu: str = "h100"
     parallel: str = "fsdp"
     ep: int = 1
+    tp: int = 1  # tensor parallel (with sequence parallel), a dense model under FSDP2
     micro_batch: int = 1
     activation_checkpointing: bool = False
     compile: bool = False
     device: str = "cuda"  # cpu: the same launch on gloo (tests, a laptop)
 
+    @property
+    def dp(self) -> int:
+        return self.gpus // self.tp
+
     def sim_layout(self) -> Layout:
-        return Layout(tp=1, pp=1, dp=self.gpus, ep=self.ep, zero=3 if self.parallel == "fsdp" else 0,
+        return Layout(tp=self.tp, pp=1, dp=self.dp, ep=self.ep,
+                      zero=3 if self.parallel == "fsdp" else 0,
                       micro_batch=self.micro_batch,
                       recompute="full" if self.activation_checkpointing else "none")
 
@@ -97,7 +107,7 @@ class LaunchRecipe:
 
     @property
     def grad_accum(self) -> int:
-        return self.workload.global_batch // (self.layout.gpus * self.layout.micro_batch)
+        return self.workload.global_batch // (self.layout.dp * self.layout.micro_batch)
 
 
 def load_launch_recipe(path) -> LaunchRecipe:
@@ -139,8 +149,16 @@ def _check(r: LaunchRecipe, path: Path):
                          f"{cfg.n_experts} experts, top-{cfg.top_k}")
     if r.layout.parallel not in ("fsdp", "ddp"):
         raise ValueError(f"{path}: [layout] parallel={r.layout.parallel!r}: must be fsdp or ddp")
+    if r.layout.tp > 1:
+        try:
+            check_tensor_parallel(cfg, r.layout.tp, r.train.seq_len)
+        except ValueError as err:
+            raise ValueError(f"{path}: [layout] {err}") from None
+        if r.layout.parallel != "fsdp" or r.layout.tp > r.layout.gpus_per_node:
+            raise ValueError(f"{path}: [layout] tp={r.layout.tp}: runs with parallel = \"fsdp\", "
+                             f"inside a node of {r.layout.gpus_per_node}")
     w, layout = r.workload, r.layout
-    simulate(w, layout.sim_layout(), get_device(layout.gpu), Options(**FSDP2_BYTES))  # the rules
+    simulate(w, layout.sim_layout(), get_device(layout.gpu), ENGINE_OPTIONS)  # the rules
     if layout.gpus % layout.gpus_per_node:
         raise ValueError(f"{path}: [layout] gpus={layout.gpus}: must be whole nodes of "
                          f"{layout.gpus_per_node}")
@@ -150,16 +168,17 @@ def engine_plan(recipe: LaunchRecipe):
     """The fastest layout that fits among those this torchrun path runs, on whole nodes of the
     recipe's cluster (ties: fewer GPUs): (LayoutPlan, SimResult)."""
     w, layout = recipe.workload, recipe.layout
-    device, options = get_device(layout.gpu), Options(**FSDP2_BYTES)
+    device, options = get_device(layout.gpu), ENGINE_OPTIONS
     cluster = layout.cluster_gpus or layout.gpus
     n_experts = w.cfg.n_experts
     best = None
     for gpus in range(layout.gpus_per_node, cluster + 1, layout.gpus_per_node):
-        for parallel, ep, mb, ac in itertools.product(
-                ("fsdp", "ddp"), range(1, max(n_experts, 1) + 1), MICRO_BATCHES, (False, True)):
-            if (n_experts % ep if n_experts else ep > 1) or (parallel == "ddp" and ep > 1):
-                continue  # expert parallelism splits the experts, under FSDP2 only (dist.py)
-            plan = dataclasses.replace(layout, gpus=gpus, parallel=parallel, ep=ep,
+        for parallel, ep, tp, mb, ac in itertools.product(
+                ("fsdp", "ddp"), range(1, max(n_experts, 1) + 1), _tensor_parallel(recipe),
+                MICRO_BATCHES, (False, True)):
+            if (n_experts % ep if n_experts else ep > 1) or (parallel == "ddp" and ep * tp > 1):
+                continue  # experts split by ep, matrices by tp, under FSDP2 only (dist.py)
+            plan = dataclasses.replace(layout, gpus=gpus, parallel=parallel, ep=ep, tp=tp,
                                        micro_batch=mb, activation_checkpointing=ac)
             try:
                 result = simulate(w, plan.sim_layout(), device, options)
@@ -169,9 +188,22 @@ def engine_plan(recipe: LaunchRecipe):
                                 < best[1].time["step_time"]):
                 best = (plan, result)
     if best is None:
-        raise ValueError(f"{recipe.name}: no data-parallel layout on up to {cluster} "
+        raise ValueError(f"{recipe.name}: no layout of this torchrun path on up to {cluster} "
                          f"{layout.gpu} GPUs fits this model and divides its batch")
     return best
+
+
+def _tensor_parallel(recipe: LaunchRecipe) -> list[int]:
+    """The tp degrees engine_plan tries: inside a node, where the model splits (dense only)."""
+    degrees = [1]
+    for tp in (2, 4, 8):
+        try:
+            check_tensor_parallel(recipe.model_config, tp, recipe.train.seq_len)
+        except ValueError:
+            continue
+        if tp <= recipe.layout.gpus_per_node:
+            degrees.append(tp)
+    return degrees
 
 
 # --- the commands -------------------------------------------------------------------------------
@@ -190,12 +222,12 @@ def commands(r: LaunchRecipe) -> dict[str, list[str] | None]:
     start = (["--preset", r.preset, "--data", r.data] if r.stage == "pretrain"
              else ["--init", init])
     train = ["pretrain", *start, "--out", r.out, "--steps", str(r.steps),
-             "--batch-size", str(layout.gpus * layout.micro_batch),
+             "--batch-size", str(layout.dp * layout.micro_batch),
              "--grad-accum", str(r.grad_accum), "--seq-len", str(t.seq_len), "--lr", str(t.lr),
              "--warmup", str(t.warmup), "--eval-every", str(t.eval_every),
              "--ckpt-every", str(t.ckpt_every), "--device", layout.device,
              "--parallel", layout.parallel,
-             "--ep", str(layout.ep)]
+             "--ep", str(layout.ep), "--tp", str(layout.tp)]
     train += ["--bf16"] * t.bf16 + ["--activation-checkpointing"] * layout.activation_checkpointing
     train += ["--compile"] * layout.compile
     return {"prepare": prepare, "train": train}

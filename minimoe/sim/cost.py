@@ -161,7 +161,9 @@ def price(st: WorkloadStats, dev: Device, opt: Options, tp, pp, dp, ep, zero, mb
 
     # --- memory per GPU, bytes -----------------------------------------------------------------
     vocab = st.V * h * np.where(pp == 1, st.vocab_mats, 1)  # first stage embeds, last has the head
-    p_dense = (layers * st.layer_params + vocab) / tp
+    # the vocabulary's split: tp, or 1 where tp does not divide an unpadded vocabulary
+    vocab_tp = tp if opt.pad_vocab else np.where(st.V % tp == 0, tp, 1)
+    p_dense = layers * st.layer_params / tp + vocab / vocab_tp
     # experts: split over EP x ETP, replicated over the expert data parallel of the stage's
     # tp x dp ranks (dp / ep with etp = tp)
     p_expert = st.expert_params / pp / (ep * etp)
@@ -174,7 +176,7 @@ def price(st: WorkloadStats, dev: Device, opt: Options, tp, pp, dp, ep, zero, mb
     kept = np.where(rc == 0, full_layer, np.where(rc == 1, full_layer - tokens * st.act_core / tp,
                                                   tokens * st.act_input / tp))
     rebuilt = np.where(rc == 2, full_layer, 0.0)  # full recompute rebuilds one layer at a time
-    logits = 4 * tokens * st.V / tp  # fp32 logits for the cross-entropy, last stage
+    logits = 4 * tokens * st.V / vocab_tp  # fp32 logits for the cross-entropy, last stage
     first = layers * kept * np.minimum(n_micro, pp) + rebuilt
     last = layers * kept + rebuilt + logits
     out["activations"] = np.maximum(first, last)
@@ -190,13 +192,14 @@ def price(st: WorkloadStats, dev: Device, opt: Options, tp, pp, dp, ep, zero, mb
         per_expert = tokens / tp * etp * st.top_k * ep / max(st.n_experts, 1) * st.capacity
         slow_rest = _roofline(b, ceiling, hbm, tokens, h, h / tp)
         slow_expert = _roofline(b, ceiling, hbm, per_expert, h, st.expert_d_ffn / etp)
-        slow_lm = _roofline(b, ceiling, hbm, tokens, h, st.V / tp)
+        slow_lm = _roofline(b, ceiling, hbm, tokens, h, st.V / vocab_tp)
     else:
         slow_rest = slow_expert = slow_lm = 1.0
     forward = st.core_fwd + st.rest_fwd * slow_rest + st.expert_fwd * slow_expert  # per token
     recompute = np.where(rc == 1, st.core_fwd, np.where(rc == 2, forward, 0))
     seconds = tokens / tp / ceiling  # per FLOP of one token's work on this rank
-    t_compute = seconds * (layers * (3 * forward + recompute) + 3 * st.lm_fwd * slow_lm)
+    t_compute = seconds * (layers * (3 * forward + recompute)
+                           + 3 * st.lm_fwd * slow_lm * tp / vocab_tp)
     # the busiest EP rank's load over the mean: the layer waits for it (1 where ep = 1)
     imbalance = np.where(ep > 1, opt.imbalance, 1.0)
     for degree, factor in st.imbalance_by_ep.items():
@@ -205,7 +208,7 @@ def price(st: WorkloadStats, dev: Device, opt: Options, tp, pp, dp, ep, zero, mb
     t_imbalance = seconds * layers * expert_passes * st.expert_fwd * slow_expert * (imbalance - 1)
     if opt.memory_bound_work:
         membound = (layers * (st.membound_fwd * (1 + (rc == 2)) + st.membound_bwd)
-                    + st.membound_loss)
+                    + st.membound_loss * tp / vocab_tp)
         t_memory = tokens / tp * membound / (dev.hbm_bw * opt.hbm_efficiency)
     else:
         t_memory = 0.0

@@ -65,6 +65,9 @@ class Options:
     act_bytes: float = 2  # bf16 activations
     comm_bytes: float = 2  # gradients and weights travel in bf16
     flash_attention: bool = True  # no s x s score matrix is stored (SDPA, FlashAttention)
+    # Megatron pads the vocabulary to a multiple of 128 x tp, so tp always splits it; False: a
+    # vocabulary tp does not divide stays whole on each tp rank (minimoe's torchrun path)
+    pad_vocab: bool = True
     memory_usable: float = 0.9  # assumption: share of HBM left after CUDA context and fragmentation
     attention: str = "causal"  # FLOP convention of the reported model FLOPs and MFU
     # --- goodput: days of training -> wall-clock days ----------------------------------------
