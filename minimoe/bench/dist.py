@@ -1,5 +1,5 @@
 """bench dist: tokens/s of a training step of toy-small in one process against 2 gloo ranks
-under torchrun (FSDP2 and DDP), the same global batch; the ratio is what distribution costs
+under torchrun (FSDP2, DDP, and FSDP2 with tensor + sequence parallel 2), the same global batch; the ratio is what distribution costs
 (or gains) on this machine. One process uses every core for its matmuls; each rank gets an
 equal share of them (OMP_NUM_THREADS), so on a single machine the ideal ratio is 1.0.
 
@@ -34,14 +34,15 @@ def _step_times(mode: str, batch: int, seq: int, steps: int) -> list[float]:
     torch.manual_seed(0)
     cfg = get_preset("toy-small")
     model = build_model(cfg)
-    mesh = dist.build_mesh(1) if dist.is_distributed() else None
-    parallel = dist.parallelize(model, mesh, mode)
+    tp = 2 if mode == "tp" else 1  # both ranks split every matrix and read the same rows
+    mesh = dist.build_mesh(1, tp=tp) if dist.is_distributed() else None
+    parallel = dist.parallelize(model, mesh, "fsdp" if mode == "tp" else mode)
     optimizer = make_optimizer(model, TrainConfig())
     generator = torch.Generator().manual_seed(1)
     times = []
     for step in range(steps):
         x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=generator)
-        x, y = dist.rows(x[:, :-1]), dist.rows(x[:, 1:])
+        x, y = dist.rows(x[:, :-1], tp), dist.rows(x[:, 1:], tp)
         t0 = time.perf_counter()
         with parallel.sync(last=True):
             logits = parallel.module(x)
@@ -99,7 +100,7 @@ def bench_dist(args):
     single = tokens / _launch(1, "fsdp", batch, seq, steps, 1)
     print(f"  1 process, 1 thread {single:7,.0f} tokens/s")
     result = {"one_process": one, "one_thread": single}
-    for mode in ("fsdp", "ddp"):
+    for mode in ("fsdp", "ddp", "tp"):
         two = tokens / _launch(2, mode, batch, seq, steps, max(1, cores // 2))
         result[mode] = two
         print(f"  2 ranks, {mode:5s}   {two:10,.0f} tokens/s   ratio {two / one:.2f} to 1 process, "
