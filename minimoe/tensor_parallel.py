@@ -34,7 +34,6 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from minimoe.moe import MoE
 
 def block_plan() -> dict:
     """Each block's split: sequence shards between the pairs, whole sequences inside them."""
@@ -91,7 +90,6 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     tp = tp_mesh.size()
     check_tensor_parallel(model.cfg, tp)
     for block in model.layers:
-        assert not isinstance(block.mlp, MoE)
         parallelize_module(block, tp_mesh, block_plan())
     vocab = splits_vocabulary(model.cfg, tp)
     parallelize_module(model, tp_mesh, {
