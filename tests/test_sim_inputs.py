@@ -28,6 +28,10 @@ SCENARIOS = {
                          "options.pue=nan: must be a finite number"),
     "phase option of the wrong type": (SIMULATED + 'options = {imbalance = "much"}\n' + BASELINE,
                                        "phases[0].options.imbalance='much': must be a finite number"),
+    "a device figure of the wrong type": ('[devices.x]\nbase = "h100"\nhbm_gb = "lots"\n' + PHASE
+                                          + BASELINE, "devices.x.hbm_gb='lots': must be a finite number"),
+    "a sweep MFU over 1": (PHASE + BASELINE + '[sweep]\nphase = "a"\ntokens_b = [1]\nmfu = [1.5]\n'
+                           'mfu_phases = ["a"]\n', "sweep.mfu[0]=1.5: must be in (0, 1]"),
     "measured figure without a prediction": (PHASE + "measured_tokens_per_day_b = 3\n" + BASELINE,
                                              "phases[0].measured_tokens_per_day_b: only used with simulate"),
 }

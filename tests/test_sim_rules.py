@@ -51,7 +51,7 @@ def test_each_rule_names_its_field_value_and_rule(field, layout, words):
 
 
 def test_an_expert_tensor_parallel_degree_below_zero_is_refused():
-    with pytest.raises(ValueError, match=r"layout.etp=-1: must be 0 \(= tp\) or a positive integer"):
+    with pytest.raises(ValueError, match=r"layout.etp=-1: must be a non-negative integer"):
         check_layout(Layout(tp=2, dp=4, etp=-1), MOE)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from minimoe.checks import check_fields
+from minimoe.checks import check, check_fields
 
 GB = 1e9
 TFLOPS = 1e12
@@ -167,8 +167,7 @@ def device_from_table(name: str, table: dict, where: str,
     values = {}
     for key, value in table.items():
         attr, unit = DEVICE_KEYS[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}.{key}={value!r}: must be a number")
+        check(where, key, value, "")
         values[attr] = value * unit
     try:
         if base is not None:

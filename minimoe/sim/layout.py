@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from minimoe.checks import check_fields
 from minimoe.config import ModelConfig
 from minimoe.flops import RECOMPUTE
 
@@ -140,13 +141,8 @@ def rule_text(name: str, st: Divisibles, dp=None) -> str:
 def check_layout(layout: Layout, workload: Workload, n_gpus: int | None = None,
                  where: str = "layout") -> None:
     """Raise ValueError naming the first field of `layout` that cannot work."""
-    for name in ("tp", "pp", "dp", "ep", "micro_batch", "zero", "etp"):
-        value = getattr(layout, name)
-        smallest = 0 if name in ("zero", "etp") else 1
-        if isinstance(value, bool) or not isinstance(value, int) or value < smallest:
-            rule = {"zero": "must be 0, 1, 2 or 3", "etp": "must be 0 (= tp) or a positive "
-                    "integer"}.get(name, "must be a positive integer")
-            raise ValueError(f"{where}.{name}={value!r}: {rule}")
+    check_fields(where, layout, {**dict.fromkeys(("tp", "pp", "dp", "ep", "micro_batch"), "int>0"),
+                                 "zero": "int>=0", "etp": "int>=0"})
     if n_gpus is not None and layout.n_gpus != n_gpus:
         raise ValueError(f"{where}.dp={layout.dp!r}: tp x pp x dp = {layout.n_gpus} must equal "
                          f"the {n_gpus} GPUs")

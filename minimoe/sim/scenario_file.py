@@ -262,9 +262,6 @@ def _sweep_from_table(result, table) -> list[dict]:
         if not isinstance(values, list) or not values:
             raise ValueError(f"sweep.{key}={values!r}: must be a non-empty list")
         for i, v in enumerate(values):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"sweep.{key}[{i}]={v!r}: must be positive")
-            if key == "mfu" and v > 1:
-                raise ValueError(f"sweep.{key}[{i}]={v!r}: must be <= 1")
+            check("sweep", f"{key}[{i}]", v, "(0, 1]" if key == "mfu" else ">0")
     return sweep(result, table["phase"], [t * 1e9 for t in table["tokens_b"]], table["mfu"],
                  list(table["mfu_phases"]))

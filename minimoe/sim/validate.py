@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from minimoe import files
+from minimoe.checks import check
 from minimoe.config import ModelConfig, get_preset
 from minimoe.flops import RECOMPUTE, flops_per_token
 from minimoe.sim.cost import TIME_PARTS, SimResult, WorkloadStats, price, simulate
@@ -151,8 +152,7 @@ def _run(t: dict, where: str, catalogue: dict, source: str) -> Run:
     if unit not in UNITS or definition not in SOURCE_FLOPS:
         raise ValueError(f"{where}: measured_unit={unit!r} / flops={definition!r}: must be one "
                          f"of {', '.join(UNITS)} / {', '.join(SOURCE_FLOPS)}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{where}.measured={value!r}: must be a positive number")
+    check(where, "measured", value, ">0")
     if unit == "tokens_per_day_b":
         tokens_per_s = value * 1e9 / 86400
     else:
