@@ -70,12 +70,16 @@ device = "cpu"
 """
 
 
+def _eight_gpu_recipe(path: Path, **fields) -> Path:
+    """toy-large under FSDP2 on 8 GPUs (nodes of 2), a step of 8 sequences of 32 tokens."""
+    text = TOY.format(preset="toy-large", out="runs/y", parallel="fsdp", **fields)
+    return _recipe(path, text.replace("gpus = 2\n", "gpus = 8\n")
+                   .replace("batch_tokens = 128", "batch_tokens = 256"))
+
+
 def test_the_dry_run_measures_what_the_simulator_estimates(tmp_path):
-    path = _recipe(tmp_path / "moe.toml", TOY.format(
-        name="toy-moe", stage="scale-out", preset="toy-large", where='from = "runs/x"',
-        out="runs/y", parallel="fsdp", ep=2, tp=1).replace("gpus = 2\n", "gpus = 8\n")
-        .replace("batch_tokens = 128", "batch_tokens = 256"))
-    r = dry_run(path)
+    r = dry_run(_eight_gpu_recipe(tmp_path / "moe.toml", name="toy-moe", stage="scale-out",
+                                  where='from = "runs/x"', ep=2, tp=1))
     assert r["ranks"] == 4 and r["gpus"] == 8
     assert r["measured"] == r["rule_here"]  # FSDP2 placed every shard by the rule
     for here, sim in (("measured", "sim_here"), ("rule_full", "sim_full")):
@@ -88,11 +92,8 @@ def test_the_dry_run_measures_what_the_simulator_estimates(tmp_path):
 def test_the_dry_run_of_a_tensor_parallel_recipe(tmp_path):
     """tp 2 inside each node of 2: the blocks' matrices, the embedding and the LM head split
     over tp, then sharded by FSDP2 over the gpus / tp replicas; the norms stay whole."""
-    path = _recipe(tmp_path / "dense.toml", TOY.format(
-        name="toy-tp", stage="pretrain", preset="toy-large", where='data = "shards"',
-        out="runs/y", parallel="fsdp", ep=1, tp=2).replace("gpus = 2\n", "gpus = 8\n")
-        .replace("batch_tokens = 128", "batch_tokens = 256"))
-    r = dry_run(path)
+    r = dry_run(_eight_gpu_recipe(tmp_path / "dense.toml", name="toy-tp", stage="pretrain",
+                                  where='data = "shards"', ep=1, tp=2))
     assert r["ranks"] == 4 and r["gpus"] == 8
     assert r["measured"] == r["rule_here"]  # DTensor and FSDP2 placed every shard by the rule
     for here, sim in (("measured", "sim_here"), ("rule_full", "sim_full")):

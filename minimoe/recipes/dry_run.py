@@ -104,6 +104,8 @@ def fsdp_rule(recipe, ranks: int) -> dict[str, int]:
     for name, p in model.named_parameters():
         shape = list(p.shape)
         group = ranks // layout.tp if fsdp else 1
+        # tp_shard_dims names the root's parameters whole ("embed.weight") and a block's from
+        # inside the block ("attn.q_proj.weight" of "layers.3.attn.q_proj.weight")
         tp_dim = split.get(name, split.get(name.split(".", 2)[-1]))
         if tp_dim is not None:
             shape[tp_dim] //= layout.tp
