@@ -11,6 +11,7 @@ A rule is a string: `"bool"`, `"str"`, or a range of numbers, `">0"`, `">=0"`, `
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 _OPEN = {">": True, ">=": False}  # lower bound exclusive?
@@ -63,3 +64,23 @@ def _range(rule: str, integer: bool):
     else:
         text = "positive" if (op, low) == (">", 0) else f"{op} {low:g}"
     return low, _OPEN[op], math.inf, True, text
+
+
+def known_keys(where: str, table, allowed) -> dict:
+    """`table`, once it is a table whose keys are all in `allowed`; else one line naming the
+    first unknown key and listing the allowed ones. `where` prefixes the key ("runs[0]").
+    Every file reader (recipes, scenarios, validation runs, devices) calls it at the door."""
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}={table!r}: must be a table")
+    for key in table:
+        if key not in allowed:
+            prefix = f"{where}." if where and not where.endswith(": ") else where
+            raise ValueError(f"{prefix}{key}: unknown key; allowed: {', '.join(sorted(allowed))}")
+    return table
+
+
+def from_table(cls, table, where: str, **given):
+    """A dataclass from a TOML/JSON table: unknown keys refused, then the class's own field
+    rules (its __post_init__ calls check_fields), each a one-line ValueError."""
+    known_keys(where, table, {f.name for f in dataclasses.fields(cls)} - set(given))
+    return cls(**table, **given)

@@ -70,7 +70,7 @@ PLAN = ["plan", "--preset", "aquila-1.8b", "--gpus", "8"]
     (["--tokens-b", "inf"], "--tokens-b=inf: must be a positive, finite number"),
     (["--set", "gemm_efficiency=high"], "options.gemm_efficiency='high': must be a finite number"),
     (["--set", "imbalance=0.5"], "options.imbalance=0.5: must be in [1, inf)"),
-    (["--set", "colour=red"], "options.colour: unknown option"),
+    (["--set", "colour=red"], "options.colour: unknown key"),
     (["--set", "noequals"], "--set 'noequals': must be key=value"),
 ])
 def test_bad_plan_arguments(extra, expected, capsys):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minimoe import files
-from minimoe.checks import check_fields
+from minimoe.checks import check_fields, known_keys
 from minimoe.train import TrainConfig
 
 
@@ -82,10 +82,7 @@ def load_recipe(path) -> RecipeConfig:
     path = Path(path)
     table = files.read_toml(path)
     base = get_recipe(str(table.pop("preset", "toy")))
-    fields = [f.name for f in dataclasses.fields(RecipeConfig)]
-    for key in table:
-        if key not in fields:
-            raise ValueError(f"{path}: {key}: unknown key; allowed: preset, {', '.join(fields)}")
+    known_keys(f"{path}: ", table, {f.name for f in dataclasses.fields(RecipeConfig)})
     try:
         return dataclasses.replace(base, **table)
     except ValueError as err:

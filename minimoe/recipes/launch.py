@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minimoe import files
+from minimoe.checks import from_table
 from minimoe.config import get_preset
 from minimoe.sim.cost import Options, simulate
 from minimoe.sim.hardware import get_device
@@ -120,18 +121,10 @@ def load_launch_recipe(path) -> LaunchRecipe:
         given = table.pop(key, None)
         if not isinstance(given, dict):
             raise ValueError(f"{path}: [{key}] is missing")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(given) - known)
-        if unknown:
-            raise ValueError(f"{path}: [{key}] {unknown[0]}: unknown key; allowed: {', '.join(known)}")
-        parts[key] = cls(**given)
+        parts[key] = from_table(cls, given, f"{path}: [{key}]")
     if "from" in table:
         table["source"] = table.pop("from")
-    known = {f.name for f in dataclasses.fields(LaunchRecipe)} - {"train", "layout", "extra"}
-    unknown = sorted(set(table) - known)
-    if unknown:
-        raise ValueError(f"{path}: {unknown[0]}: unknown key; allowed: {', '.join(sorted(known))}")
-    recipe = LaunchRecipe(**table, **parts)
+    recipe = from_table(LaunchRecipe, table, f"{path}: ", extra={}, **parts)
     _check(recipe, path)
     return recipe
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from minimoe.checks import check, check_fields
+from minimoe.checks import check, check_fields, known_keys
 
 GB = 1e9
 TFLOPS = 1e12
@@ -161,9 +161,7 @@ def device_from_table(name: str, table: dict, where: str,
     """
     table = dict(table)
     base = table.pop("base", None)
-    for key in table:
-        if key not in DEVICE_KEYS:
-            raise ValueError(f"{where}.{key}: unknown key; allowed: base, {', '.join(DEVICE_KEYS)}")
+    known_keys(where, table, set(DEVICE_KEYS) | {"base"})
     values = {}
     for key, value in table.items():
         attr, unit = DEVICE_KEYS[key]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from minimoe.checks import check_fields
+from minimoe.checks import check_fields, known_keys
 from minimoe.flops import ATTENTION
 
 # Llama 3 (arXiv 2407.21783 §3.3.4): 419 unexpected interruptions in a 54-day snapshot of
@@ -86,10 +86,7 @@ class Options:
 
     def replace(self, **changes) -> "Options":
         """A copy with `changes`; an unknown name is a ValueError listing the known ones."""
-        known = [f.name for f in dataclasses.fields(self)]
-        for key in changes:
-            if key not in known:
-                raise ValueError(f"options.{key}: unknown option; allowed: {', '.join(known)}")
+        known_keys("options", changes, {f.name for f in dataclasses.fields(self)})
         return dataclasses.replace(self, **changes)
 
 

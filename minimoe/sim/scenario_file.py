@@ -18,7 +18,7 @@ import dataclasses
 from pathlib import Path
 
 from minimoe import files
-from minimoe.checks import check
+from minimoe.checks import check, from_table, known_keys
 from minimoe.config import ModelConfig, get_preset
 from minimoe.flops import flops_per_token
 from minimoe.sim.cost import SECONDS_PER_DAY, simulate
@@ -76,11 +76,7 @@ def _model(table, where) -> tuple[ModelConfig | None, str, float | None]:
 
 
 def _phase(table, where, catalogue, options, folder, tokens_default=None) -> tuple[PhaseResult, list]:
-    if not isinstance(table, dict):
-        raise ValueError(f"{where}={table!r}: must be a table")
-    for key in table:
-        if key not in PHASE_KEYS:
-            raise ValueError(f"{where}.{key}: unknown key; allowed: {', '.join(sorted(PHASE_KEYS))}")
+    known_keys(where, table, PHASE_KEYS)
     notes = []
     name = table.get("name", where)
     if not isinstance(name, str):
@@ -168,14 +164,7 @@ def _simulated(table, where, cfg, device, devices, seq_len, options):
     except ValueError as err:
         raise ValueError(f"{where}.{err}") from None
     if "layout" in table:
-        if not isinstance(table["layout"], dict):
-            raise ValueError(f"{where}.layout: must be a table (tp, pp, dp, ep, zero, ...)")
-        fields = dict(table["layout"])
-        known = {f.name for f in dataclasses.fields(Layout)}
-        for key in fields:
-            if key not in known:
-                raise ValueError(f"{where}.layout.{key}: unknown key; allowed: {', '.join(sorted(known))}")
-        layout = Layout(**fields)
+        layout = from_table(Layout, table["layout"], f"{where}.layout")
         check_layout(layout, workload, devices, where=f"{where}.layout")
         result = simulate(workload, layout, device, options)
         if not result.fits:
@@ -204,9 +193,7 @@ def _options(table: dict, where: str, base: Options, folder: Path) -> Options:
 
 def parse_scenario(data: dict, origin: str = "scenario", folder: Path = Path(".")) -> ScenarioResult:
     """Account a scenario given as a dict (what tomllib returns)."""
-    for key in data:
-        if key not in TOP_KEYS:
-            raise ValueError(f"{key}: unknown key; allowed: {', '.join(sorted(TOP_KEYS))}")
+    known_keys("", data, TOP_KEYS)
     for key in ("devices", "options", "baseline", "sweep"):
         if key in data and not isinstance(data[key], dict):
             raise ValueError(f"{key}={data[key]!r}: must be a table")
@@ -251,9 +238,7 @@ def load_scenario(path: str | Path) -> ScenarioResult:
 
 
 def _sweep_from_table(result, table) -> list[dict]:
-    for key in table:
-        if key not in SWEEP_KEYS:
-            raise ValueError(f"sweep.{key}: unknown key; allowed: {', '.join(sorted(SWEEP_KEYS))}")
+    known_keys("sweep", table, SWEEP_KEYS)
     for key in ("phase", "tokens_b", "mfu", "mfu_phases"):
         if key not in table:
             raise ValueError(f"sweep.{key}: missing")

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from minimoe import files
-from minimoe.checks import check
+from minimoe.checks import check, known_keys
 from minimoe.config import ModelConfig, get_preset
 from minimoe.flops import RECOMPUTE, flops_per_token
 from minimoe.sim.cost import TIME_PARTS, SimResult, WorkloadStats, price, simulate
@@ -101,9 +101,7 @@ def load_runs(folder: str | Path) -> list[Run]:
 
 
 def _file_runs(data: dict, path: Path) -> list[Run]:
-    for key in data:
-        if key not in FILE_KEYS:
-            raise ValueError(f"{path}: {key}: unknown key; allowed: {', '.join(sorted(FILE_KEYS))}")
+    known_keys(f"{path}: ", data, FILE_KEYS)
     catalogue = dict(CATALOGUE)
     for name, table in data.get("devices", {}).items():
         catalogue[name.lower()] = device_from_table(name.lower(), table, f"{path}: devices.{name}")
@@ -111,9 +109,7 @@ def _file_runs(data: dict, path: Path) -> list[Run]:
     runs = []
     for i, table in enumerate(data.get("runs", [])):
         where = f"{path.name}: runs[{i}]"
-        for key in table:
-            if key not in RUN_KEYS:
-                raise ValueError(f"{where}.{key}: unknown key; allowed: {', '.join(sorted(RUN_KEYS))}")
+        known_keys(where, table, RUN_KEYS)
         merged = {**defaults, **table,
                   "layout": {**defaults.get("layout", {}), **table.get("layout", {})},
                   "options": {**defaults.get("options", {}), **table.get("options", {})}}
