@@ -1,28 +1,16 @@
-"""What the experts learned: which experts each domain's tokens are routed to.
+"""What the experts learned: which experts each domain's tokens are routed to (LLaMA-MoE's
+routing analysis, arXiv 2406.16554 §5). Per MoE layer, over each domain's validation windows:
 
-LLaMA-MoE (Zhu et al. 2024, arXiv 2406.16554) shows, per layer, the share of each dataset's
-tokens that every expert receives, and finds experts specialising by domain in the deep
-layers. This module measures the same thing on an MoE run: the validation windows of each
-domain go through the model, every MoE layer's router choices (the top-k of its logits, as
-MoE.route picks them; no noise at evaluation) are counted by domain, and
+  expert_given_domain[d][e]  share of domain d's token-expert pairs sent to expert e (a row sums to 1)
+  domain_given_expert[d][e]  share of expert e's pairs that came from domain d
+  js                         Jensen-Shannon divergence between the domains' rows / log2(domains):
+                             0 when the router ignores the domain, 1 when each has its own experts
+  top_tokens[e]              the tokens sent to expert e most often
 
-  expert_given_domain[d][e]   share of domain d's token-expert pairs that went to expert e
-                              (LLaMA-MoE's figure; a row sums to 1)
-  domain_given_expert[d][e]   share of expert e's pairs that came from domain d (every
-                              domain contributes the same number of tokens)
-  js                          the Jensen-Shannon divergence between the domains' rows, with
-                              equal weights, in bits and divided by log2(domains): 0 when the
-                              router ignores the domain, 1 when each domain has experts of
-                              its own
-  top_tokens[e]               the tokens routed to expert e most often, each with the share
-                              of its occurrences that went there
-
-and, for one sentence, `token_routes` gives the experts of each of its tokens (the routing
-drawings of notebooks/03_scale_out.ipynb).
-
-Upcycled experts start identical and the router random, so the score measures how much
-specialisation continued pretraining has grown (arXiv 2408.06567 §2.3; Komatsuzaki et al.
-2023). Counting is routing only: a capacity limit may drop pairs after the choice.
+`token_routes` gives the experts of each token of one sentence. A random router already sends
+hidden states that differ (two languages) to different experts, so an upcycled MoE does not
+start at 0: what training grows is the change from there. Counting is routing only (the top-k
+of the clean logits); a capacity limit may drop pairs after the choice.
 """
 
 from __future__ import annotations
