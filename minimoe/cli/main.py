@@ -26,7 +26,7 @@ from minimoe.cli.full_size import (
 from minimoe.cli.train_options import add_train_options, train_config
 from minimoe.cli.evaluation import add_eval, add_generate, run_eval, run_generate
 from minimoe.config import PRESETS, get_preset
-from minimoe.flops import ATTENTION, RECOMPUTE, check_report, flops_report
+from minimoe.flops import ATTENTION, RECOMPUTE, flops_report
 from minimoe.grow import DEPTHS, KV_OPTIONS, MAPPINGS, METHODS
 from minimoe.recipes import experiments
 from minimoe.recipes.config import RECIPES, get_recipe
@@ -221,6 +221,7 @@ def _add_flops(p):
 def _run_flops(args):
     cfg = get_preset(args.preset)
     if args.check:
+        from minimoe.bench.flops_check import check_report  # torch and fvcore: only here
         print(check_report(cfg, args.preset, args.seq or min(64, cfg.max_seq_len)))
         return
     print(flops_report(cfg, args.preset, args.seq, args.attention, args.recompute,
