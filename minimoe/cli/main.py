@@ -47,7 +47,9 @@ from minimoe.sim.scenario_file import load_scenario
 from minimoe.sim.options import parse_assignments
 from minimoe.sim.plots import plot_validation
 from minimoe.sim.search import plan, plan_report
-from minimoe.sim.validate import validate, validation_json, validation_text
+from minimoe.sim.aquilamoe import aquilamoe_table
+from minimoe.sim.report import validation_json, validation_text
+from minimoe.sim.validate import validate
 from minimoe.tables import info_table
 from minimoe.upcycle import LAYER_CHOICES, SCALE_OUT_METHODS
 
@@ -273,13 +275,16 @@ def _run_plan(args):
 def _add_validate(p):
     p.add_argument("folder", nargs="?", default="sims/validation",
                    help="validation files (default: sims/validation)")
+    p.add_argument("--cv", action="store_true", help="also predict each source from the constants "
+                   "fitted on the others (leave one source out)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot-dir", help="also write validation.png and aquilamoe_breakdown.png here")
 
 
 def _run_validate(args):
-    result = validate(args.folder)
-    print(validation_json(result) if args.json else validation_text(result))
+    result = validate(args.folder, cv=args.cv)
+    aquila = aquilamoe_table(result.predicted)
+    print(validation_json(result, aquila) if args.json else validation_text(result, aquila))
     if args.plot_dir:
         for path in plot_validation(result, Path(args.plot_dir)):
             print(f"wrote {path}", file=sys.stderr)
