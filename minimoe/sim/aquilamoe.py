@@ -6,13 +6,11 @@ so a reader sees how much of the measured 2.80x any one assumption carries.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from minimoe.sim.scenario import savings_factors
 from minimoe.sim.search import search_layouts
-from minimoe.sim.validate import corner_speeds
+from minimoe.sim.cost import corner_speeds
 
 TOKENS_B = {"dense 7B": 3600, "dense 16B": 1200, "moe": 545, "baseline": 5345}  # Table 6
 ROUTING = {  # label -> options: the toy run's measured routing, balanced, and an assumption
@@ -34,8 +32,9 @@ def aquilamoe_table(predicted: dict) -> list[dict] | None:
         return None
     (prep_run, prep, prep_opt), = [v for k, v in dense.items() if k != moe[0].device.name]
     up_run, up, up_opt = dense[moe[0].device.name]
-    speed = {"dense 7B": corner_speeds(prep_run, prep.layout, prep_opt) * prep.goodput["goodput"],
-             "dense 16B": corner_speeds(up_run, up.layout, up_opt) * up.goodput["goodput"]}
+    speed = {name: corner_speeds(r.workload, res.layout, r.device, o) * res.goodput["goodput"]
+             for name, (r, res, o) in (("dense 7B", (prep_run, prep, prep_opt)),
+                                       ("dense 16B", (up_run, up, up_opt)))}
     moe_run, moe_result, moe_opt = moe
     rows = []
     for label, routing in ROUTING.items():
@@ -45,8 +44,8 @@ def aquilamoe_table(predicted: dict) -> list[dict] | None:
                                  fixed_gpus=True).fastest
         for layout_name, layout in (("BAAI's FlagScale recipe", moe_run.layout),
                                     ("fastest found", fastest.layout)):
-            run = dataclasses.replace(moe_run, layout=layout, options=opt)
-            speed["moe"] = corner_speeds(run, layout, opt) * moe_result.goodput["goodput"]
+            speed["moe"] = (corner_speeds(moe_run.workload, layout, moe_run.device, opt)
+                            * moe_result.goodput["goodput"])
             days = {k: TOKENS_B[k] * 1e9 / (speed["moe" if k == "baseline" else k] * 86400)
                     for k in TOKENS_B}
             peak = {k: (prep_run if k == "dense 7B" else moe_run) for k in TOKENS_B}

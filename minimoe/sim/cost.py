@@ -19,7 +19,7 @@ from minimoe.sim.layout import Layout, Workload, WorkloadStats, check_layout
 from minimoe.sim.options import Options, goodput
 
 __all__ = ["Layout", "Workload", "Options", "WorkloadStats", "price", "SimResult",
-           "priced_result", "simulate", "interval", "SECONDS_PER_DAY", "PF_DAY", "TIME_PARTS"]
+           "priced_result", "simulate", "corner_speeds", "SECONDS_PER_DAY", "PF_DAY", "TIME_PARTS"]
 
 SECONDS_PER_DAY = 86400.0
 PF_DAY = 1e15 * SECONDS_PER_DAY  # FLOPs in one petaFLOP/s-day (EleutherAI, Transformer Math 101)
@@ -293,12 +293,14 @@ def simulate(workload: Workload, layout: Layout, device: Device,
     check_options(options, device)
     st = WorkloadStats(workload, options)
     result = priced_result(st, device, options, layout, price(st, device, options, layout.columns()))
-    return dataclasses.replace(result, interval=interval(workload, layout, device, options))
+    speeds = corner_speeds(workload, layout, device, options)
+    return dataclasses.replace(result, interval=(float(speeds.min()), float(speeds.max())))
 
 
-def interval(workload: Workload, layout: Layout, device: Device, options: Options) -> tuple:
-    """(low, high) tokens/s of a layout over every combination of the ends of the options'
-    uncertain ranges (docs/simulator.md "Intervals")."""
-    speeds = [float(price(WorkloadStats(workload, o), device, o, layout.columns())["tokens_per_s"])
-              for o in options.corners()]
-    return min(speeds), max(speeds)
+def corner_speeds(workload: Workload, layout: Layout, device: Device, options: Options) -> np.ndarray:
+    """Tokens/s of a layout at the options, then at every corner of their uncertain ranges
+    (Options.corners; docs/simulator.md "Intervals"). Predictions that share their uncertain
+    inputs share corners, so a ratio of two (a speed-up, a slowdown, a savings factor) is taken
+    corner by corner: element 0 is the prediction, the range its interval."""
+    return np.array([float(price(WorkloadStats(workload, o), device, o, layout.columns())
+                           ["tokens_per_s"]) for o in [options] + options.corners()])

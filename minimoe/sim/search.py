@@ -1,14 +1,13 @@
 """Layout search: price every way to cut a model over up to N GPUs in one vectorised pass of
 minimoe.sim.cost.price, and return the fastest and the cheapest (which may leave GPUs idle),
 each with its interval; when nothing can run, which rule or memory figure stands in the way.
-`search_axes` defines the space once; `iter_layouts` is the plain loop the tests compare with.
+`search_axes` defines the space once (minimoe.bench.sim loops over it, for the tests).
 Calculon's `llm-optimal-execution` does the same for dense models (docs/simulator.md "Search").
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -19,9 +18,9 @@ import pandas as pd
 
 from minimoe.config import ModelConfig
 from minimoe.flops import RECOMPUTE
-from minimoe.sim.cost import (Options, SimResult, WorkloadStats, check_options, interval, price,
-                              priced_result)
-from minimoe.sim.layout import Layout, Workload, check_layout, rule_failures, rule_text
+from minimoe.sim.cost import (Options, SimResult, WorkloadStats, check_options, corner_speeds,
+                              price, priced_result)
+from minimoe.sim.layout import Layout, Workload, rule_failures, rule_text
 from minimoe.sim.hardware import Device
 from minimoe.tables import fmt_value
 
@@ -129,7 +128,8 @@ def search_layouts(workload: Workload, device: Device, max_gpus: int,
         layout = layout_at(i)
         result = priced_result(st, device, options, layout,
                                price(st, device, options, layout.columns()))
-        return dataclasses.replace(result, interval=interval(workload, layout, device, options))
+        speeds = corner_speeds(workload, layout, device, options)
+        return dataclasses.replace(result, interval=(float(speeds.min()), float(speeds.max())))
 
     fastest = cheapest = None
     table = []
@@ -189,20 +189,6 @@ def plan_frame(search: SearchResult, tokens: float | None = None):
             col.update({f"run: {k}": v for k, v in r.run(tokens).items()})
         columns[name] = col
     return pd.DataFrame(columns)
-
-
-def iter_layouts(workload: Workload, n_gpus: int):
-    """Plain loop over the valid layouts on exactly n_gpus (for tests of the vectorised grid)."""
-    axes = search_axes(workload, n_gpus)
-    for tp, cp, pp, ep, zero, mb, rc, etp in itertools.product(*axes.values()):
-        if n_gpus % (tp * cp * pp) or (etp == 1 and tp == 1):
-            continue
-        layout = Layout(tp, pp, n_gpus // (tp * cp * pp), ep, zero, mb, RECOMPUTE[rc], etp, cp)
-        try:
-            check_layout(layout, workload, n_gpus)
-        except ValueError:
-            continue
-        yield layout
 
 
 def plan(cfg: ModelConfig, device: Device, gpus: int, batch_tokens: int,

@@ -1,12 +1,7 @@
-"""The simulator against published, measured training runs (`minimoe validate`, sims/validation/).
-
-Each file of sims/validation/ holds the `[[runs]]` of one source; keys at the top of a file are
-defaults for its runs. A measured figure is turned back into tokens per second with the
-source's own FLOP formula (`SOURCE_FLOPS`). Two constants are fitted, each on every published
-source alone (`calibrate`); the simulator predicts with their median over sources and an
-interval from their range, and `cv` predicts each source with the constants of the others.
-docs/simulator.md "Validation" says what is fitted and how the figures are read.
-"""
+"""The simulator against published, measured training runs (`minimoe validate`, sims/validation/:
+one file per source, its top-level keys defaults for its runs). Measured figures are turned back
+into tokens/s with the source's own FLOP formula; two constants are fitted (`calibrate`), and
+`validate(cv=True)` predicts each source from the others. docs/simulator.md "Validation"."""
 
 from __future__ import annotations
 
@@ -20,10 +15,10 @@ import numpy as np
 import pandas as pd
 
 from minimoe import files
-from minimoe.checks import check, known_keys
+from minimoe.checks import check, from_table, known_keys
 from minimoe.config import ModelConfig
 from minimoe.flops import flops_per_token
-from minimoe.sim.cost import SimResult, WorkloadStats, price, simulate
+from minimoe.sim.cost import SimResult, WorkloadStats, corner_speeds, price, simulate
 from minimoe.sim.hardware import CATALOGUE, Device, device_from_table, get_device
 from minimoe.sim.layout import Layout, Workload, check_layout, model_config
 from minimoe.sim.options import Options
@@ -127,7 +122,7 @@ def _run(t: dict, where: str, catalogue: dict, source: str) -> Run:
     except ValueError as err:
         raise ValueError(f"{where}.{err}") from None
     workload = Workload(cfg, seq, t.get("global_batch") or need("batch_tokens") // seq)
-    layout = Layout(**t["layout"]) if {"tp", "dp"} & set(t["layout"]) else None
+    layout = from_table(Layout, t["layout"], f"{where}.layout") if {"tp", "dp"} & set(t["layout"]) else None
     devices = need("devices")
     if layout is not None:
         check_layout(layout, workload, devices, where=f"{where}.layout")
@@ -150,7 +145,7 @@ def _run(t: dict, where: str, catalogue: dict, source: str) -> Run:
 # --- fitting: two constants, their spread across sources --------------------------------------
 @dataclass(frozen=True)
 class Calibration:
-    """Each published source's score (median |log error| of its runs) over the grids of
+    """Each published source's score (mean |log error| of its runs) over the grids of
     gemm_efficiency x straggler_sigma, and the constants the simulator takes from them: sigma
     minimising the summed scores of the sources whose runs span 10x in node count (elsewhere
     sigma only trades against the efficiency), each source's best efficiency at that sigma."""
@@ -222,15 +217,6 @@ def predict(run: Run, options: Options) -> SimResult:
     return best
 
 
-def corner_speeds(run: Run, layout: Layout, options: Options) -> np.ndarray:
-    """Tokens/s of `layout` at the options themselves, then at every corner of their uncertain
-    ranges (Options.corners). Runs that share their uncertain inputs share corners, so a ratio
-    of two (a speed-up, a slowdown, a savings factor) is taken corner by corner: its element 0
-    is the prediction, its range the interval."""
-    return np.array([float(price(WorkloadStats(run.workload, o), run.device, o, layout.columns())
-                           ["tokens_per_s"]) for o in [options] + options.corners()])
-
-
 def _row(run: Run, result: SimResult, opt: Options) -> dict:
     share = result.goodput["goodput"] if run.wallclock else 1.0
     low, high = (x * share / run.devices for x in result.interval)
@@ -279,8 +265,8 @@ def _variants(predicted: dict) -> list[dict]:
         if run.variant_of not in predicted:
             raise ValueError(f"{run.name}: variant_of={run.variant_of!r}: no run of that name")
         base, base_result, base_opt = predicted[run.variant_of]
-        ratio = (corner_speeds(run, result.layout, opt)
-                 / corner_speeds(base, base_result.layout, base_opt))
+        ratio = (corner_speeds(run.workload, result.layout, run.device, opt)
+                 / corner_speeds(base.workload, base_result.layout, base.device, base_opt))
         out.append({"run": run.name, "of": base.name,
                     "measured": run.measured_tokens_per_s / base.measured_tokens_per_s,
                     "predicted": float(ratio[0]), "low": float(ratio.min()),
