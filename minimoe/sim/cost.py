@@ -302,5 +302,10 @@ def corner_speeds(workload: Workload, layout: Layout, device: Device, options: O
     (Options.corners; docs/simulator.md "Intervals"). Predictions that share their uncertain
     inputs share corners, so a ratio of two (a speed-up, a slowdown, a savings factor) is taken
     corner by corner: element 0 is the prediction, the range its interval."""
-    return np.array([float(price(WorkloadStats(workload, o), device, o, layout.columns())
-                           ["tokens_per_s"]) for o in [options] + options.corners()])
+    stats = {}  # a corner rebuilds the per-token figures only if it changes what they read
+    speeds = []
+    for o in [options] + options.corners():
+        key = tuple(getattr(o, k) for k in WorkloadStats.READS)
+        st = stats.setdefault(key, stats.get(key) or WorkloadStats(workload, o))
+        speeds.append(float(price(st, device, o, layout.columns())["tokens_per_s"]))
+    return np.array(speeds)

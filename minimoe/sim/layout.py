@@ -113,6 +113,8 @@ class WorkloadStats:
     """The per-token and per-layer figures of a workload that `minimoe.sim.cost.price` reads,
     computed once per (workload, options) and shared by every layout priced."""
 
+    READS = ("act_bytes", "pad_to_capacity", "attention", "imbalance_log", "flash_attention", "dtype")
+
     def __init__(self, w: Workload, opt):
         cfg, s, b = w.cfg, w.seq_len, opt.act_bytes
         self.workload, self.cfg, self.s, self.global_batch = w, cfg, s, w.global_batch
