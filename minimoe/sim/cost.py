@@ -285,24 +285,29 @@ def check_options(opt: Options, dev: Device) -> None:
                          "(peak_fp8_tflops)")
 
 
-def simulate(workload: Workload, layout: Layout, device: Device,
-             options: Options = Options()) -> SimResult:
-    """Price one layout, with its interval. Raises ValueError if the layout cannot run; check
+def simulate(workload: Workload, layout: Layout, device: Device, options: Options = Options(),
+             with_interval: bool = True) -> SimResult:
+    """Price one layout, with its interval unless `with_interval` is False (a caller that prices
+    thousands of layouts and keeps one). Raises ValueError if the layout cannot run; check
     `.fits` for memory."""
     check_layout(layout, workload)
     check_options(options, device)
     st = WorkloadStats(workload, options)
     result = priced_result(st, device, options, layout, price(st, device, options, layout.columns()))
-    speeds = corner_speeds(workload, layout, device, options)
+    if not with_interval:
+        return result
+    speeds = corner_speeds(workload, layout, device, options, st)
     return dataclasses.replace(result, interval=(float(speeds.min()), float(speeds.max())))
 
 
-def corner_speeds(workload: Workload, layout: Layout, device: Device, options: Options) -> np.ndarray:
+def corner_speeds(workload: Workload, layout: Layout, device: Device, options: Options,
+                  st: WorkloadStats | None = None) -> np.ndarray:
     """Tokens/s of a layout at the options, then at every corner of their uncertain ranges
     (Options.corners; docs/simulator.md "Intervals"). Predictions that share their uncertain
     inputs share corners, so a ratio of two (a speed-up, a slowdown, a savings factor) is taken
     corner by corner: element 0 is the prediction, the range its interval."""
-    stats = {}  # a corner rebuilds the per-token figures only if it changes what they read
+    stats = {} if st is None else {tuple(getattr(options, k) for k in WorkloadStats.READS): st}
+    # a corner rebuilds the per-token figures only if it changes what they read
     speeds = []
     for o in [options] + options.corners():
         key = tuple(getattr(o, k) for k in WorkloadStats.READS)
