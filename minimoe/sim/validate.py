@@ -293,6 +293,22 @@ class Validation:
         return {FAMILIES.get(r["device"], r["device"]): eff for r in self.rows
                 if r["set"] == "published"}
 
+    @property
+    def slowdown(self) -> dict | None:
+        """AquilaMoE's 16B -> 8x16B on the same chips: tokens/s measured and predicted, and the
+        ratio of their FLOPs per token alone."""
+        aquila = [x for x in self.predicted.values() if x[0].set == "aquilamoe"]
+        moe = next((x for x in aquila if x[0].kind == "moe"), None)
+        dense = next((x for x in aquila if moe and x[0].kind == "dense"
+                      and x[0].device == moe[0].device), None)
+        if dense is None:
+            return None
+        (d, d_result, _), (m, m_result, _) = dense, moe
+        return {"dense": d.name, "moe": m.name,
+                "measured": d.measured_tokens_per_s / m.measured_tokens_per_s,
+                "predicted": d_result.tokens_per_s / m_result.tokens_per_s,
+                "flop_ratio": m_result.model_flops_per_token / d_result.model_flops_per_token}
+
 
 def validate(folder: str | Path, cv: bool = False) -> Validation:
     """Fit on the published runs, predict every run; with `cv`, predict each published source
