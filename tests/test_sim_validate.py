@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from minimoe.cli import main
-from minimoe.sim.aquilamoe import aquilamoe_table
+from minimoe.sim.report import aquilamoe_table
 from minimoe.sim.options import Options
 from minimoe.sim.scenario_file import load_scenario
 from minimoe.sim.validate import load_runs, validate
@@ -127,7 +127,7 @@ def test_table6_predicted_beside_transcribed():
 
 def test_the_simulator_imports_neither_torch_nor_fvcore():
     code = ("import sys; import minimoe.sim.validate, minimoe.sim.scenario_file, "
-            "minimoe.sim.report, minimoe.sim.aquilamoe, minimoe.sim.plots; "
+            "minimoe.sim.report, minimoe.sim.plots; "
             "print(sorted(m for m in ('torch', 'fvcore') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -47,8 +47,7 @@ from minimoe.sim.scenario_file import load_scenario
 from minimoe.sim.options import parse_assignments
 from minimoe.sim.plots import plot_validation
 from minimoe.sim.search import plan, plan_report
-from minimoe.sim.aquilamoe import aquilamoe_table
-from minimoe.sim.report import validation_json, validation_text
+from minimoe.sim.report import aquilamoe_table, validation_json, validation_text
 from minimoe.sim.validate import validate
 from minimoe.tables import info_table
 from minimoe.upcycle import LAYER_CHOICES, SCALE_OUT_METHODS

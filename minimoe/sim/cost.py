@@ -1,9 +1,6 @@
 """The cost model: memory per GPU, step time and the price of a training run under a layout.
-
-One function, `price`, holds the step: written on numpy arrays, it prices one layout
-(`simulate`) or 10^5-10^6 layouts at once (minimoe.sim.search). Kernels and collectives are
-timed in minimoe.sim.kernels; docs/simulator.md derives every term and gives its source.
-"""
+One function on numpy arrays, `price`, prices one layout (`simulate`) or 10^5-10^6 at once
+(minimoe.sim.search); docs/simulator.md "The step" derives every term and gives its source."""
 
 from __future__ import annotations
 

@@ -13,13 +13,9 @@ QUERY_TILE = 128  # queries per flash-attention thread block (FlashAttention-2 �
 
 
 def gemm_seconds(M, K, N, dev, peak, eff, hbm_eff, count=1, nbytes=2):
-    """`count` GEMMs (M x K) @ (K x N) in one launch (a grouped GEMM for count > 1).
-
-    Output tiles run in waves of one tile per SM, each at `eff` of the SM's share of `peak`
-    (tile and wave quantisation), plus a tile's epilogue: writing its output at the SM's share
-    of HBM bandwidth. The better tile orientation is taken, as cuBLAS's heuristic would; a GEMM
-    whose operands take longer to stream from HBM runs at that speed instead (the roofline).
-    """
+    """`count` GEMMs (M x K) @ (K x N) in one launch (grouped for count > 1): output tiles in
+    waves of one per SM at `eff` of the SM's share of `peak`, each then writing its output at
+    the SM's share of HBM bandwidth; or the HBM time of the operands if longer (the roofline)."""
     hbm = dev.hbm_bw * hbm_eff
     per_tile = (2 * TILE[0] * TILE[1] * K / (eff * peak / dev.sms)
                 + TILE[0] * TILE[1] * nbytes / (hbm / dev.sms))
@@ -30,13 +26,9 @@ def gemm_seconds(M, K, N, dev, peak, eff, hbm_eff, count=1, nbytes=2):
 
 
 def flash_seconds(queries, keys, heads, head_dim, dev, eff, backward=False):
-    """Flash attention of `heads` x `queries` queries, each over `keys` keys on average.
-
-    Matrix work 4 x head_dim per score forward (QK^T, PV), 2.5 x that backward (five GEMMs for
-    two: FlashAttention-2 §3.2), in waves of QUERY_TILE-query blocks; and one exp per score
-    (recomputed backward) at the special-function rate, which FlashAttention-2 does not hide
-    behind the matrix units (FlashAttention-3 §3.1: 989 TFLOPS of matmul, 3.9 of exp on H100).
-    """
+    """Flash attention of `heads` x `queries` queries over `keys` keys each on average: matrix
+    work 4 x head_dim per score forward, 2.5 x that backward (FlashAttention-2 §3.2), in waves of
+    query tiles; plus one exp per score at the special-function rate (FlashAttention-3 §3.1)."""
     work = (2.5 if backward else 1.0) * 4 * head_dim * keys
     tiles = heads * np.ceil(queries / QUERY_TILE)
     matrix = np.ceil(tiles / dev.sms) * QUERY_TILE * work / (eff * dev.peak_flops / dev.sms)
@@ -64,14 +56,9 @@ def allreduce_seconds(nbytes, n, nodes, bw, lat_in, lat_out):
 
 
 def dispatch_bytes(tokens, row_bytes, ep, local, n_experts, top_k, dispatcher, node_limit):
-    """(NVLink bytes, network bytes) one rank sends in one all-to-all of an MoE layer.
-
-    `local` of the `ep` ranks share the sender's node. "alltoall" (Megatron's alltoall
-    dispatcher) sends one copy per (token, chosen expert) to the rank holding it. "deepep"
-    (DeepEP, Megatron's flex dispatcher) sends one copy per destination node over the network
-    and fans it out over NVLink there; with `node_limit` M a token reaches at most M nodes
-    (DeepSeek-V3's node-limited routing, arXiv 2412.19437 §2.1.2).
-    """
+    """(NVLink bytes, network bytes) one rank sends in one all-to-all, `local` of the `ep` ranks
+    on its node: "alltoall" one copy per (token, chosen expert); "deepep" one per destination
+    node, fanned out over NVLink there, at most `node_limit` nodes a token (docs/simulator.md)."""
     copies = tokens * top_k * row_bytes
     if dispatcher == "alltoall":
         return copies * (local - 1) / ep, copies * (ep - local) / ep

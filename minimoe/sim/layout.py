@@ -1,10 +1,6 @@
-"""Parallel layouts, the workload they cut, and which layouts can run.
-
-A `Layout` says how a model is cut over GPUs; `Workload` is a model, its sequence length and
-global batch; `WorkloadStats` the per-token figures the cost model reads. `LAYOUT_RULES` is the
-one list of what makes a layout valid, evaluated on arrays of layouts by the search
-(`rule_failures`) and on one layout by `check_layout`, which names the field, value and rule.
-"""
+"""Parallel layouts (`Layout`), the workload they cut (`Workload`, and `WorkloadStats`, the
+per-token figures the cost model reads), and `LAYOUT_RULES`, the one list of what makes a layout
+valid: evaluated on arrays by the search, on one layout by `check_layout`."""
 
 from __future__ import annotations
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import tomllib
+
 from dataclasses import dataclass, field
 
 from minimoe.checks import check, check_fields, known_keys
+from minimoe.files import tomllib
 from minimoe.flops import ATTENTION
 
 # Llama 3 (arXiv 2407.21783 §3.3.4): 419 unexpected interruptions in 54 days on 16,384 H100s

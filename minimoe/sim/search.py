@@ -44,15 +44,10 @@ def _divisors(n: int, cap: int) -> list[int]:
 
 
 def search_axes(workload: Workload, max_gpus: int) -> dict[str, list[int]]:
-    """The values each layout field takes in a search: the one definition of the space.
-
-    tp up to 16 (two NVLink domains at most), context parallel where sequences are long (at
-    least 4,096 tokens per rank), pp over the divisors of the layer count (even stages), ep
-    over the divisors of the expert count (1 for a dense model), every ZeRO stage,
-    micro-batches of 1-8 sequences, the three recompute levels (indices into
-    minimoe.flops.RECOMPUTE) and, for an MoE, the experts' tensor parallel as Megatron's
-    default (etp 0: = tp) or folded (etp 1, MoE Parallel Folding's choice).
-    """
+    """The values each layout field takes in a search, the one definition of the space: tp to 16,
+    cp where ranks keep >= 4,096 tokens, pp dividing the layers (even stages), ep the experts,
+    every ZeRO stage, micro-batches of 1-8, the three recompute levels (indices into
+    minimoe.flops.RECOMPUTE), and for an MoE etp = tp (0) or folded (1)."""
     cfg = workload.cfg
     return {"tp": [t for t in (1, 2, 4, 8, 16) if t <= max_gpus],
             "cp": [c for c in (1, 2, 4, 8) if workload.seq_len // c >= 4096 or c == 1],
@@ -64,11 +59,8 @@ def search_axes(workload: Workload, max_gpus: int) -> dict[str, list[int]]:
 
 def candidate_grid(workload: Workload, max_gpus: int, gpus_per_node: int = 8,
                    fixed_gpus: bool = False) -> dict[str, np.ndarray]:
-    """Every combination of GPU count and the values of `search_axes`, as flat arrays.
-
-    GPU counts run over whole nodes up to `max_gpus` (only `max_gpus` if `fixed_gpus`), so the
-    cheapest layout may leave GPUs idle when that costs less per token.
-    """
+    """Every combination of a GPU count (whole nodes up to `max_gpus`, or only `max_gpus`) and
+    the values of `search_axes`, as flat arrays."""
     if fixed_gpus or max_gpus < gpus_per_node:
         counts = [max_gpus]
     else:
@@ -183,7 +175,8 @@ def plan_frame(search: SearchResult, tokens: float | None = None):
         col.update({f"  {k} (s)": v for k, v in r.time.items() if k != "step_time"})
         col.update({f"memory {'total' if k == 'memory' else k} (GB)": v / 1e9
                     for k, v in r.memory.items()})
-        col.update({"tokens/s": r.tokens_per_s, "tokens/day (B)": r.tokens_per_day / 1e9,
+        col.update({"tokens/s": r.tokens_per_s, "tokens/s, uncertain inputs' range":
+                    f"{r.interval[0]:,.0f}-{r.interval[1]:,.0f}", "tokens/day (B)": r.tokens_per_day / 1e9,
                     "MFU": r.mfu})
         if tokens:
             col.update({f"run: {k}": v for k, v in r.run(tokens).items()})
