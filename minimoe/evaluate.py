@@ -1,21 +1,8 @@
-"""Evaluation: validation loss, perplexity and bits per byte, multiple-choice and generative tasks.
-
-The paper follows OpenCompass (AquilaMoE §3.3, Tables 4-5): discriminative tasks join the
-context with each candidate and pick the most likely one; generative tasks let the model
-complete the answer. The tasks themselves (files, built-in ones) are in minimoe/tasks.py.
-
-- Multiple choice is scored as lm-evaluation-harness scores it: `acc` picks the choice of the
-  highest total log-likelihood, `acc_norm` the highest log-likelihood per character of the
-  choice (its "acc_norm"), both with the standard error of the mean.
-- The join: context + choice is tokenized as one text, and a token belongs to the choice when
-  its text ends inside the choice (character offsets from the tokenizer). Every token is scored
-  exactly once, whatever the tokenizer merges at the join, and a token the join merges (the
-  context's last characters with the choice's first) counts for the choice, so a choice's score
-  always covers all of its characters. (Encoding the context alone and taking the tail, as
-  lm-evaluation-harness does, can hand such a token to the context instead.)
-- Bits per byte: the summed negative log-likelihood of whole documents, in bits, over their
-  UTF-8 bytes: unlike loss per token it compares models with different tokenizers.
-- Every text starts after the end-of-text token, as every document does in the training stream.
+"""Evaluation: validation loss, perplexity and bits per byte, multiple-choice and generative
+tasks (the tasks themselves: minimoe/tasks.py), scored as lm-evaluation-harness scores them:
+`acc` by total log-likelihood, `acc_norm` per character of the choice, each with its standard
+error. Every text starts after the tokenizer's start token, as a document does in the training
+stream. Where and why we differ from lm-evaluation-harness at the join: docs/method.md#evaluation.
 """
 
 from __future__ import annotations
@@ -63,10 +50,11 @@ def evaluate(model, data, tc, n_batches: int | None = None) -> dict[str, float]:
 
 # --- log-likelihoods --------------------------------------------------------------------
 def join_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
-    """(eos + context + continuation as one text's tokens, how many of them precede the
-    continuation's): the first token whose text ends past the context is the continuation's."""
+    """(start + context + continuation as one text's tokens, how many of them precede the
+    continuation's): the first token whose text ends past the context is the continuation's, so
+    every token is scored once and a token merged across the join counts for the continuation."""
     ids, ends = tokenizer.encode_with_ends(context + continuation)
-    return [tokenizer.eos_id] + ids, 1 + bisect.bisect_right(ends, len(context))
+    return [tokenizer.start_id] + ids, 1 + bisect.bisect_right(ends, len(context))
 
 
 @torch.inference_mode()
@@ -167,7 +155,7 @@ def document_nll(model, tokenizer, docs: list[str], batch_size: int = 32) -> lis
     L = model.cfg.max_seq_len
     requests, owner = [], []
     for d, text in enumerate(docs):
-        full = [tokenizer.eos_id] + tokenizer.encode(text)
+        full = [tokenizer.start_id] + tokenizer.encode(text)
         for a in range(1, len(full), L):  # targets full[a:b]
             b = min(a + L, len(full))
             s = max(0, b - 1 - L)
@@ -185,7 +173,7 @@ def ppl_documents(corpus, chars: int) -> dict[tuple[str, str], list[str]]:
     documents in file order until `chars` characters (at least one)."""
     groups = {}
     for lang in corpus.langs:
-        for domain in corpus.manifest["domains"]["val"]:
+        for domain in corpus.val_domains:
             taken, docs = 0, []
             for text in corpus.texts("val", lang=lang, domain=domain):
                 if docs and taken >= chars:

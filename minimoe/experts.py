@@ -34,9 +34,8 @@ from pathlib import Path
 import torch
 
 from minimoe import files
-from minimoe.data import prepare_corpus
 from minimoe.moe import MoE, Routing
-from minimoe.tokens import TokenData, load_tokenizer
+from minimoe.tokens import TokenData
 
 
 def domain_batches(data: TokenData, batch_size: int = 8, seq_len: int = 128,
@@ -46,12 +45,6 @@ def domain_batches(data: TokenData, batch_size: int = 8, seq_len: int = 128,
         raise ValueError("data: no domain has validation documents")
     return {domain: [x for x, _ in data.val_batches(batch_size, seq_len, n_batches, lang=domain)]
             for domain in data.val_domains}
-
-
-def run_data(paths: list[str] | None, spec: dict) -> TokenData:
-    """Token data of `paths` (None: the demo corpus) in the tokenizer of a run's data spec."""
-    tokenizer = load_tokenizer(prepare_corpus(spec["paths"]), spec["vocab_size"], spec["tokenizer"])
-    return TokenData.build(prepare_corpus(paths), tokenizer)
 
 
 @torch.no_grad()

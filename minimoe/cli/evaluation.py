@@ -17,7 +17,7 @@ from minimoe import checkpoint as ckpt
 from minimoe import files
 from minimoe.evaluate import load_tasks, results_table, run_tasks
 from minimoe.generate import check_sampling, generate_text
-from minimoe.recipes.stages import EVAL_TASKS, run_corpus, run_data_spec
+from minimoe.recipes.stages import EVAL_TASKS, run_corpus, run_tokenizer
 
 
 def add_eval(p):
@@ -43,7 +43,7 @@ def run_eval(args):
                          "must be positive")
     prepared = []
     for run in args.ckpt:  # every run's data and every task checked before any scoring
-        corpus, tokenizer = run_corpus(run_data_spec(run))
+        corpus, tokenizer = run_corpus(run)
         ckpt.model_file(run)
         prepared.append((run, corpus, tokenizer, load_tasks(names, corpus, args.limit, args.seed)))
     columns = {}
@@ -86,7 +86,7 @@ def run_generate(args):
     if args.num_samples <= 0:
         raise ValueError(f"--num-samples={args.num_samples}: must be a positive integer")
     stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
-    _, tokenizer = run_corpus(run_data_spec(args.ckpt))
+    tokenizer = run_tokenizer(args.ckpt)
     model, _ = ckpt.load_model(args.ckpt)
     texts = generate_text(model, tokenizer, [args.prompt] * args.num_samples, args.max_new_tokens,
                           args.temperature, args.top_p, stops, args.seed,
