@@ -290,9 +290,12 @@ def _write_arrays(folder: Path, corpus: Corpus, tokenizer) -> dict:
             "domain_ranges": ranges, "stored_as": stored_as}
 
 
-def load_data(paths: list[str] | None = None, vocab_size: int = 2048, tokenizer: str = "bpe",
-              cache_dir: str | Path | None = None, val_fraction: float = 0.03, seed: int = 0):
-    """Corpus -> tokenizer -> token arrays in one call; returns (TokenData, tokenizer)."""
+def load_data(paths: list[str] | None = None, vocab_size: int = 2048,
+              tokenizer: str | Tokenizer = "bpe", cache_dir: str | Path | None = None,
+              val_fraction: float = 0.03, seed: int = 0):
+    """Corpus -> tokenizer ("bpe", "byte", or one given) -> token arrays in one call; returns
+    (TokenData, tokenizer)."""
     corpus = prepare_corpus(paths, cache_dir, val_fraction, seed)
-    tok = load_tokenizer(corpus, vocab_size, tokenizer)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(corpus, vocab_size,
+                                                                           tokenizer)
     return TokenData.build(corpus, tok), tok
