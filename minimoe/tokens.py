@@ -75,18 +75,15 @@ class Tokenizer:
             "bos_token": self.bos, "clean_up_tokenization_spaces": False})
 
     @classmethod
-    def load(cls, folder) -> Tokenizer:
-        """The tokenizer of a folder `save` wrote (a run's) or transformers did (a Hub model's)."""
+    def load(cls, folder, eos: str = EOS, bos: str | None = None) -> Tokenizer:
+        """The tokenizer of a folder `save` wrote (a run's) or transformers did (a Hub model's):
+        tokenizer_config.json's eos_token and bos_token ("..." or {"content": "..."}) win."""
         folder = Path(folder)
         config_path = folder / TOKENIZER_FILES[1]
         config = files.read_json(config_path) if config_path.exists() else {}
-        eos, bos = (_content(config.get(key)) for key in ("eos_token", "bos_token"))
-        return cls((folder / TOKENIZER_FILES[0]).read_text(encoding="utf-8"), eos or EOS, bos)
-
-
-def _content(token):
-    """A special token as tokenizer_config.json spells it: a string, or {"content": ...}."""
-    return token.get("content") if isinstance(token, dict) else token
+        eos, bos = ((t.get("content") if isinstance(t, dict) else t) for t in
+                    (config.get("eos_token") or eos, config.get("bos_token", bos)))
+        return cls((folder / TOKENIZER_FILES[0]).read_text(encoding="utf-8"), eos, bos)
 
 
 def byte_tokenizer() -> Tokenizer:

@@ -2,7 +2,9 @@
 AutoModelForCausalLM and AutoTokenizer alone and gives our logits and our tokens; a checkpoint
 transformers wrote (save_pretrained, random weights, a real tokenizer) imports into a run that
 grows, upcycles, trains, evaluates and exports back unchanged; what a format cannot hold is
-refused by name. (Shard runs, task export and TensorBoard: test_interop_runs.py.)"""
+refused by name. A run trained on `minimoe tokenize` shards is evaluated, generated from,
+analysed and reported on like any other; training curves reach TensorBoard; the corpus cache is
+keyed on content; lm-evaluation-harness scores exported tasks exactly as `minimoe eval` does."""
 
 import json
 import shutil
@@ -14,9 +16,11 @@ from minimoe import checkpoint as ckpt
 from minimoe.cli import main
 from minimoe.data import prepare_corpus
 from minimoe.interop import config_from_hf
-from minimoe.recipes.stages import data_spec, pretrain, scale_out_run
+from minimoe.recipes.stages import (data_spec, evaluate_run, mix_used, pretrain, scale_out_run,
+                                    specialisation_run)
+from minimoe.shards import tokenize
 from minimoe.tokens import EOS, Tokenizer, train_bpe
-from minimoe.train import TrainConfig
+from minimoe.train import TrainConfig, read_log
 from minimoe.upcycle import upcycle
 
 transformers = pytest.importorskip("transformers")
@@ -24,8 +28,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 TEXTS = ["And God said, Let there be light: and there was light. In 1998, 12 tribes.",
          "新华社北京1月1日电 中华人民共和国主席江泽民发表了1998年新年讲话。"]
-TINY_TC = TrainConfig(steps=4, batch_size=4, seq_len=32, warmup_steps=1, eval_every=4,
-                      eval_batches=1, ckpt_every=4, log_every=2)
+TINY_TC = TrainConfig(steps=4, batch_size=4, seq_len=32, warmup_steps=1, eval_every=2,
+                      eval_batches=1, ckpt_every=4, log_every=1)
 SMALL_EVAL = TrainConfig(batch_size=2, seq_len=32, eval_batches=1)  # a transformation's val loss
 
 
@@ -44,11 +48,22 @@ def _logits(model, ids):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny dense run on the demo corpus: QKV bias, our byte-level BPE."""
-    out = tmp_path_factory.mktemp("runs") / "dense"
-    pretrain("tiny", out, TINY_TC, data_spec(vocab_size=512), progress=False)
-    return out
+def shards(tmp_path_factory):
+    """A tiny run (QKV bias, a byte-level BPE) trained on shards of real English and Chinese."""
+    root = tmp_path_factory.mktemp("shards")
+    corpus = prepare_corpus()
+    for lang in ("en", "zh"):
+        docs = corpus.texts("train", lang)[:40]
+        (root / f"{lang}.txt").write_text("\n\n".join(d[:2000] for d in docs) + "\n")
+    tokenize([str(root / "en.txt"), str(root / "zh.txt")], root / "shards", vocab_size=400,
+             val_fraction=0.25, progress=False)
+    pretrain("tiny", root / "run", TINY_TC, data_spec([str(root / "shards")]), progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(shards):
+    return shards / "run"
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +232,85 @@ def test_import_refuses_what_minimoe_cannot_represent(text, tmp_path, capsys):
              "no model.safetensors", "pickle")
     with pytest.raises(ValueError, match="shared_expert_intermediate_size=8: must be 0"):
         config_from_hf(transformers.AutoConfig.for_model("qwen2_moe", shared_expert_intermediate_size=8))
+
+
+# --- runs from shards, TensorBoard, the corpus cache, lm-evaluation-harness --------------------
+def test_a_shard_run_evaluates_generates_and_routes(shards, tmp_path, capsys):
+    run = shards / "run"
+    assert (run / "tokenizer.json").read_text() == (shards / "shards" / "tokenizer.json").read_text()
+    assert main(["eval", "--ckpt", str(run), "--tasks", "cloze-zh,complete-en,ppl",
+                 "--limit", "4", "--ppl-chars", "1000", "--json", "--no-progress"]) == 0
+    results = json.loads(capsys.readouterr().out)[str(run)]
+    assert results["cloze-zh"]["n"] == 4 and results["ppl"]["metrics"]["bpb zh"] > 0
+    assert main(["generate", "--ckpt", str(run), "--prompt", "And God", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("And God")
+    moe = tmp_path / "moe"
+    scale_out_run(run, moe, n_experts=4, top_k=2, tc=TrainConfig(batch_size=2, seq_len=32,
+                                                                 eval_batches=1))
+    assert main(["experts", "--ckpt", str(moe), "--batches", "1", "--batch-size", "2",
+                 "--seq-len", "32"]) == 0
+    assert "domains en, zh" in capsys.readouterr().out
+    # what the pipeline's report reads of a run
+    assert evaluate_run(run, tasks=("cloze-en",), limit=2)["cloze-en"]["n"] == 2
+    assert "en" in mix_used(run, read_log(run))
+    assert specialisation_run(moe, tmp_path / "experts", batch_size=2, seq_len=32,
+                              n_batches=1)["domains"] == ["en", "zh"]
+
+
+def test_training_curves_reach_tensorboard(shards, tmp_path):
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator",
+        reason="the tensorboard extra is not installed")
+    assert main(["pretrain", "--preset", "tiny", "--data", str(shards / "shards"), "--out",
+                 str(tmp_path / "run"), "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+                 "--eval-every", "1", "--log-every", "1", "--mix", "en=0.4,zh=0.6",
+                 "--tensorboard", str(tmp_path / "tb"), "--no-progress"]) == 0
+    board = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
+    board.Reload()
+    log = read_log(tmp_path / "run")
+    for key in ("loss", "val_loss", "mix/en"):
+        logged = [(r["step"], r[key] if "/" not in key else r["mix"]["en"]) for r in log
+                  if key in r or ("/" in key and "mix" in r)]
+        assert [(e.step, pytest.approx(e.value)) for e in board.Scalars(key)] == logged
+
+
+def test_the_corpus_cache_is_keyed_on_content(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINIMOE_CACHE", str(tmp_path / "cache"))
+    docs = [f"Document {i}: " + "the same words again and again, " * 4 for i in range(6)]
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "text.txt").write_text("\n\n".join(docs))
+    first = prepare_corpus([str(tmp_path / "a" / "text.txt")], val_fraction=0.3)
+    built = (first.path / "train.jsonl").stat().st_mtime_ns
+    moved = prepare_corpus([str(tmp_path / "b" / "text.txt")], val_fraction=0.3)  # another place
+    assert moved.path == first.path and (moved.path / "train.jsonl").stat().st_mtime_ns == built
+    (tmp_path / "b" / "text.txt").write_text("\n\n".join(docs[:5]))
+    assert prepare_corpus([str(tmp_path / "b" / "text.txt")], val_fraction=0.3).path != first.path
+
+
+def test_lm_eval_scores_the_exported_tasks_as_minimoe_eval_does(shards, tmp_path, capsys):
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness (the harness extra) "
+                                                    "is not installed")
+    pytest.importorskip("transformers")
+    from lm_eval.tasks import TaskManager
+
+    run, tasks = shards / "run", "cloze-en,cloze-zh,ppl"
+    assert main(["export", "--ckpt", str(run), "--out", str(tmp_path / "hf")]) == 0
+    args = ["eval", "--ckpt", str(run), "--tasks", tasks, "--limit", "8", "--ppl-chars", "600"]
+    assert main([*args, "--export-tasks", str(tmp_path / "tasks")]) == 0
+    capsys.readouterr()
+    assert main([*args, "--json", "--no-progress"]) == 0
+    ours = json.loads(capsys.readouterr().out)[str(run)]
+    names = ["minimoe_cloze-en", "minimoe_cloze-zh", "minimoe_ppl", "minimoe_ppl-zh"]
+    theirs = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={tmp_path / 'hf'},dtype=float32", tasks=names,
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks")), batch_size=8,
+        device="cpu")["results"]
+    for lang in ("en", "zh"):
+        for metric in ("acc", "acc_norm"):
+            assert theirs[f"minimoe_cloze-{lang}"][f"{metric},none"] == ours[f"cloze-{lang}"]["metrics"][metric]
+            assert theirs[f"minimoe_cloze-{lang}"][f"{metric}_stderr,none"] == pytest.approx(
+                ours[f"cloze-{lang}"]["stderr"][metric])
+    for name, key in (("minimoe_ppl", "bpb"), ("minimoe_ppl-zh", "bpb zh")):
+        assert theirs[name]["bits_per_byte,none"] == pytest.approx(ours["ppl"]["metrics"][key], rel=1e-6)
+    shutil.rmtree(tmp_path / "hf")
