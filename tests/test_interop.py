@@ -7,7 +7,6 @@ analysed and reported on like any other; training curves reach TensorBoard; the 
 keyed on content; lm-evaluation-harness scores exported tasks exactly as `minimoe eval` does."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -16,8 +15,8 @@ from minimoe import checkpoint as ckpt
 from minimoe.cli import main
 from minimoe.data import prepare_corpus
 from minimoe.interop import config_from_hf
-from minimoe.recipes.stages import (data_spec, evaluate_run, mix_used, pretrain, scale_out_run,
-                                    specialisation_run)
+from minimoe.recipes.stages import (data_spec, evaluate_run, mix_used, pretrain, run_data,
+                                    scale_out_run, specialisation_run)
 from minimoe.shards import tokenize
 from minimoe.tokens import EOS, Tokenizer, train_bpe
 from minimoe.train import TrainConfig, read_log
@@ -160,7 +159,7 @@ def _hub_checkpoint(folder, model_type: str, texts: list[str], tie: bool = False
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, max_shard_size="200KB")  # an index and several files
     tokenizer.save_pretrained(folder)
     return model.eval(), AutoTokenizer.from_pretrained(folder)
 
@@ -178,8 +177,9 @@ def test_import_equals_the_checkpoint_and_exports_back(model_type, tie, config, 
         with torch.no_grad():
             for layer in hf.model.layers:
                 layer.self_attn.o_proj.bias.zero_()
-        hf.save_pretrained(tmp_path / "hub")
+        hf.save_pretrained(tmp_path / "hub", max_shard_size="200KB")
     run = tmp_path / "run"
+    assert (tmp_path / "hub" / "model.safetensors.index.json").exists()
     assert main(["import", "--hf", str(tmp_path / "hub"), "--out", str(run),
                  "--data", str(text)]) == 0
     tok = Tokenizer.load(run)
@@ -197,6 +197,11 @@ def test_import_equals_the_checkpoint_and_exports_back(model_type, tie, config, 
         return
     # the imported run in the chain: upcycled, it equals the dense model at init; it trains
     # on the user's text in its own tokenizer, is scored and generates
+    tokenize([str(text)], tmp_path / "shards", str(tmp_path / "hub"), val_fraction=0.2,
+             progress=False)  # text of any size: shards in the checkpoint's tokenizer
+    assert main(["import", "--hf", str(tmp_path / "hub"), "--out", str(tmp_path / "run2"),
+                 "--data", str(tmp_path / "shards")]) == 0
+    assert run_data(tmp_path / "run2")[0].n_tokens() > 0
     report = scale_out_run(run, tmp_path / "moe", n_experts=4, top_k=2, tc=SMALL_EVAL)
     assert report["val_before"] == report["val_after"]
     moe, _ = ckpt.load_model(tmp_path / "moe")
@@ -227,7 +232,9 @@ def test_import_refuses_what_minimoe_cannot_represent(text, tmp_path, capsys):
     config.pop("rope_scaling", None)
     config["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
     (tmp_path / "hub" / "config.json").write_text(json.dumps(config))
-    shutil.move(tmp_path / "hub" / "model.safetensors", tmp_path / "hub" / "pytorch_model.bin")
+    for weights in [*(tmp_path / "hub").glob("*.safetensors*")]:  # only a pickle left
+        weights.unlink()
+    (tmp_path / "hub" / "pytorch_model.bin").write_bytes(b"")
     _refused(capsys, ["import", "--hf", tmp_path / "hub", "--out", tmp_path / "b"],
              "no model.safetensors", "pickle")
     with pytest.raises(ValueError, match="shared_expert_intermediate_size=8: must be 0"):
@@ -242,6 +249,17 @@ def test_a_shard_run_evaluates_generates_and_routes(shards, tmp_path, capsys):
                  "--limit", "4", "--ppl-chars", "1000", "--json", "--no-progress"]) == 0
     results = json.loads(capsys.readouterr().out)[str(run)]
     assert results["cloze-zh"]["n"] == 4 and results["ppl"]["metrics"]["bpb zh"] > 0
+    # the tasks written for lm-evaluation-harness are the same tasks: scored from their files,
+    # they give the built-in tasks' numbers
+    assert main(["eval", "--ckpt", str(run), "--tasks", "cloze-zh,complete-en", "--limit", "4",
+                 "--export-tasks", str(tmp_path / "tasks")]) == 0
+    assert "--include_path" in capsys.readouterr().out
+    files = [str(tmp_path / "tasks" / f"{t}.jsonl") for t in ("cloze-zh", "complete-en")]
+    assert main(["eval", "--ckpt", str(run), "--tasks", ",".join(files), "--json",
+                 "--no-progress"]) == 0
+    again = json.loads(capsys.readouterr().out)[str(run)]
+    assert [again[t]["metrics"] for t in ("cloze-zh", "complete-en")] == \
+        [results[t]["metrics"] for t in ("cloze-zh", "complete-en")]
     assert main(["generate", "--ckpt", str(run), "--prompt", "And God", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("And God")
     moe = tmp_path / "moe"
@@ -313,4 +331,3 @@ def test_lm_eval_scores_the_exported_tasks_as_minimoe_eval_does(shards, tmp_path
                 ours[f"cloze-{lang}"]["stderr"][metric])
     for name, key in (("minimoe_ppl", "bpb"), ("minimoe_ppl-zh", "bpb zh")):
         assert theirs[name]["bits_per_byte,none"] == pytest.approx(ours["ppl"]["metrics"][key], rel=1e-6)
-    shutil.rmtree(tmp_path / "hf")

@@ -53,8 +53,7 @@ def load_run_data(spec: dict, tokenizer: Tokenizer | None = None):
             raise ValueError(f"--data {shards}: tokenised by {tok.name}, not by the run's "
                              f"tokenizer {tokenizer.name}; tokenize it with --tokenizer RUN")
         return data, tok
-    if tokenizer is None and spec["tokenizer"] == "run":
-        raise ValueError("data: tokenizer 'run' needs the run folder's tokenizer.json")
+    assert tokenizer is not None or spec["tokenizer"] != "run", "the run's tokenizer is needed"
 
     def load():
         return load_data(spec["paths"], spec["vocab_size"], tokenizer or spec["tokenizer"])
