@@ -1,16 +1,7 @@
-"""What the experts learned: which experts each domain's tokens are routed to (LLaMA-MoE's
-routing analysis, arXiv 2406.16554 §5). Per MoE layer, over each domain's validation windows:
-
-  expert_given_domain[d][e]  share of domain d's token-expert pairs sent to expert e (a row sums to 1)
-  domain_given_expert[d][e]  share of expert e's pairs that came from domain d
-  js                         Jensen-Shannon divergence between the domains' rows / log2(domains):
-                             0 when the router ignores the domain, 1 when each has its own experts
-  top_tokens[e]              the tokens sent to expert e most often
-
-`token_routes` gives the experts of each token of one sentence. A random router already sends
-hidden states that differ (two languages) to different experts, so an upcycled MoE does not
-start at 0: what training grows is the change from there. Counting is routing only (the top-k
-of the clean logits); a capacity limit may drop pairs after the choice.
+"""What the experts learned: the share of each domain's tokens every expert of every MoE layer
+receives (LLaMA-MoE's heatmaps, arXiv 2406.16554), a Jensen-Shannon specialisation score, each
+expert's top tokens, and the experts of each token of a sentence (`token_routes`). Definitions:
+docs/method.md#what-the-experts-specialise-in.
 """
 
 from __future__ import annotations
@@ -22,9 +13,8 @@ from pathlib import Path
 import torch
 
 from minimoe import files
-from minimoe.data import prepare_corpus
 from minimoe.moe import MoE, Routing
-from minimoe.tokens import TokenData, load_tokenizer
+from minimoe.tokens import TokenData
 
 
 def domain_batches(data: TokenData, batch_size: int = 8, seq_len: int = 128,
@@ -34,12 +24,6 @@ def domain_batches(data: TokenData, batch_size: int = 8, seq_len: int = 128,
         raise ValueError("data: no domain has validation documents")
     return {domain: [x for x, _ in data.val_batches(batch_size, seq_len, n_batches, lang=domain)]
             for domain in data.val_domains}
-
-
-def run_data(paths: list[str] | None, spec: dict) -> TokenData:
-    """Token data of `paths` (None: the demo corpus) in the tokenizer of a run's data spec."""
-    tokenizer = load_tokenizer(prepare_corpus(spec["paths"]), spec["vocab_size"], spec["tokenizer"])
-    return TokenData.build(prepare_corpus(paths), tokenizer)
 
 
 @torch.no_grad()

@@ -16,13 +16,13 @@ FLOORS = {
     "config": 0, "checks": 0, "files": 0, "data": 0, "tokens": 0, "tables": 0, "mixing": 0, "tasks": 0,
     "notebook": 0, "shards": 0,
     "model": 1, "moe": 1, "flops": 1,
-    "grow": 2, "stream": 2, "upcycle": 2, "interop": 2, "checkpoint": 2, "sim": 2,
+    "grow": 2, "stream": 2, "upcycle": 2, "interop": 2, "checkpoint": 2, "sim": 2, "hub": 3,
     "train": 3, "evaluate": 3, "generate": 3, "dist": 3, "expert_parallel": 3, "tensor_parallel": 3, "experts": 3,
     "recipes": 4,
     "cli": 5, "__main__": 5, "__init__": 5,
 }
 # the only modules a function body may import: heavy, optional at run time
-LAZY_OK = ("matplotlib", "transformers", "minimoe.bench", "fvcore")
+LAZY_OK = ("matplotlib", "transformers", "minimoe.bench", "fvcore", "torch.utils.tensorboard")
 
 
 def _modules():

@@ -3,6 +3,7 @@
     main.py           the command table, argument parsing, one-line errors and exit codes
     train_options.py  the options of the one training loop, shared by every command that trains
     evaluation.py     `minimoe eval` and `minimoe generate`
+    hub.py            `minimoe export` and `minimoe import` (Hugging Face folders)
     full_size.py      `minimoe tokenize`, `dry-run` and `launch-args`
 
 No logic of its own: every command calls the package.

@@ -1,11 +1,6 @@
-"""The `minimoe eval` and `minimoe generate` commands: their arguments and what they call.
-(minimoe/cli/main.py's command table lists them; the work is in minimoe/evaluate.py and minimoe/generate.py.)
-
-    minimoe eval --ckpt runs/x [runs/y ...] --tasks cloze-en,cloze-zh,ppl,my_task.jsonl [--json]
-    minimoe generate --ckpt runs/x --prompt "In the beginning" [--temperature 0.8 --top-p 0.9]
-
-A bad task file is refused, naming its file and line, before any model is scored, so nothing
-is printed or written for a half-evaluated set of tasks.
+"""`minimoe eval` (score runs on tasks; or write the tasks for lm-evaluation-harness) and
+`minimoe generate`; the work is in minimoe/evaluate.py and minimoe/generate.py. Every task and
+every run is checked before any scoring, so nothing is written for a half-evaluated set.
 """
 
 from __future__ import annotations
@@ -15,9 +10,9 @@ import math
 
 from minimoe import checkpoint as ckpt
 from minimoe import files
-from minimoe.evaluate import load_tasks, results_table, run_tasks
+from minimoe.evaluate import export_tasks, load_tasks, results_table, run_tasks
 from minimoe.generate import check_sampling, generate_text
-from minimoe.recipes.stages import EVAL_TASKS, run_corpus, run_data_spec
+from minimoe.recipes.stages import EVAL_TASKS, run_corpus, run_tokenizer
 
 
 def add_eval(p):
@@ -33,6 +28,8 @@ def add_eval(p):
     p.add_argument("--seed", type=int, default=0, help="picks the built-in tasks' examples")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--out", metavar="FILE", help="also write the results as JSON into FILE")
+    p.add_argument("--export-tasks", metavar="DIR", help="instead of scoring, write the run's "
+                   "tasks as JSONL and lm-evaluation-harness task YAMLs into DIR")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -43,9 +40,18 @@ def run_eval(args):
                          "must be positive")
     prepared = []
     for run in args.ckpt:  # every run's data and every task checked before any scoring
-        corpus, tokenizer = run_corpus(run_data_spec(run))
+        corpus, tokenizer = run_corpus(run)
         ckpt.model_file(run)
         prepared.append((run, corpus, tokenizer, load_tasks(names, corpus, args.limit, args.seed)))
+    if args.export_tasks:
+        run, corpus, tokenizer, tasks = prepared[0]
+        written = export_tasks(tasks, tokenizer, ckpt.read_config(run), corpus, args.export_tasks,
+                               args.ppl_chars)
+        names = ",".join(f"minimoe_{p.stem}" for p in written if p.suffix == ".yaml")
+        print(f"{args.export_tasks}: {len(written)} files; score them on an export of {run}:\n"
+              f"lm_eval --model hf --model_args pretrained=EXPORTED --include_path "
+              f"{args.export_tasks} --tasks {names}")
+        return
     columns = {}
     for run, corpus, tokenizer, tasks in prepared:
         model, _ = ckpt.load_model(run)
@@ -86,7 +92,7 @@ def run_generate(args):
     if args.num_samples <= 0:
         raise ValueError(f"--num-samples={args.num_samples}: must be a positive integer")
     stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
-    _, tokenizer = run_corpus(run_data_spec(args.ckpt))
+    tokenizer = run_tokenizer(args.ckpt)
     model, _ = ckpt.load_model(args.ckpt)
     texts = generate_text(model, tokenizer, [args.prompt] * args.num_samples, args.max_new_tokens,
                           args.temperature, args.top_p, stops, args.seed,

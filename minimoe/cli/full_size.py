@@ -18,7 +18,8 @@ def add_tokenize(p):
                    help=".txt/.jsonl files or folders, streamed (one domain per file or folder)")
     p.add_argument("--out", required=True, help="shard folder; then `pretrain --data OUT`")
     p.add_argument("--tokenizer", default="bpe",
-                   help="bpe (trained here on a sample of the text), byte, or a tokenizer.json")
+                   help="bpe (trained here on a sample of the text), byte, a tokenizer.json, "
+                        "or a folder holding one (a run, a Hugging Face checkpoint)")
     p.add_argument("--vocab-size", type=int, default=RECIPES["toy"].vocab_size, help="for bpe")
     p.add_argument("--val-fraction", type=float, default=0.03)
     p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file")

@@ -23,8 +23,9 @@ from minimoe.cli.full_size import (
     run_launch_args,
     run_tokenize,
 )
-from minimoe.cli.train_options import add_train_options, train_config
+from minimoe.cli.train_options import add_train_options, tensorboard_dir, train_config
 from minimoe.cli.evaluation import add_eval, add_generate, run_eval, run_generate
+from minimoe.cli.hub import add_export, add_import, run_export, run_import
 from minimoe.config import PRESETS, get_preset
 from minimoe.flops import ATTENTION, RECOMPUTE, flops_report
 from minimoe.grow import DEPTHS, KV_OPTIONS, MAPPINGS, METHODS
@@ -86,14 +87,16 @@ def _add_pretrain(p):
 
 
 def _run_pretrain(args):
-    tc = train_config(args)
+    tc, board = train_config(args), tensorboard_dir(args)
     if args.init:
         if args.data:
             raise ValueError("--data: a continued run uses the data of --init's run")
-        result = continue_pretraining(args.init, args.out, tc, progress=not args.no_progress)
+        result = continue_pretraining(args.init, args.out, tc, progress=not args.no_progress,
+                                      tensorboard=board)
     else:
         spec = data_spec(args.data, args.vocab_size, args.tokenizer)
-        result = pretrain(args.preset, args.out, tc, spec, progress=not args.no_progress)
+        result = pretrain(args.preset, args.out, tc, spec, progress=not args.no_progress,
+                          tensorboard=board)
     val = ", ".join(f"{k}={v:.3f}" for k, v in result.final_val.items())
     print(f"{result.out_dir}: {result.steps} steps, {result.tokens:,} tokens, "
           f"{result.train_time:.0f} s of training; {val}")
@@ -350,6 +353,9 @@ COMMANDS = {
              add_eval, run_eval),
     "generate": ("continue a prompt with a run's model, greedy or sampled", add_generate,
                  run_generate),
+    "export": ("write a run as a Hugging Face transformers checkpoint", add_export, run_export),
+    "import": ("make a run of a Hugging Face checkpoint, to grow, upcycle or train it",
+               add_import, run_import),
     "bench": ("speed benchmarks, printed as measured ratios", _add_bench, _run_bench),
 }
 
