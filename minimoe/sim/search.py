@@ -58,9 +58,11 @@ def search_axes(workload: Workload, max_gpus: int) -> dict[str, list[int]]:
 
 
 def candidate_grid(workload: Workload, max_gpus: int, gpus_per_node: int = 8,
-                   fixed_gpus: bool = False) -> dict[str, np.ndarray]:
-    """Every combination of a GPU count (whole nodes up to `max_gpus`, or only `max_gpus`) and
-    the values of `search_axes`, as flat arrays."""
+                   fixed_gpus: bool = False) -> tuple[dict[str, np.ndarray], int]:
+    """The candidates of a search: every combination of a GPU count (whole nodes up to
+    `max_gpus`, or only `max_gpus`) and the values of `search_axes`. Returns the combinations
+    whose tp x cp x pp divides the GPU count (etp 1 with tp 1 is etp = tp again, dropped), as
+    flat arrays with their dp, and the number of all combinations."""
     if fixed_gpus or max_gpus < gpus_per_node:
         counts = [max_gpus]
     else:
@@ -68,13 +70,22 @@ def candidate_grid(workload: Workload, max_gpus: int, gpus_per_node: int = 8,
         if counts[-1] != max_gpus:
             counts.append(max_gpus)
     axes = {"n": counts, **search_axes(workload, max_gpus)}
-    mesh = np.meshgrid(*[np.asarray(v, dtype=np.int64) for v in axes.values()], indexing="ij")
-    grid = {k: m.ravel() for k, m in zip(axes, mesh)}
-    model_parallel = grid["tp"] * grid["cp"] * grid["pp"]
-    grid["dp"] = grid["n"] // model_parallel
-    # tp x cp x pp divides the GPU count, and etp 1 is not tp 1 again
-    grid["whole"] = (grid["n"] % model_parallel == 0) & ~((grid["etp"] == 1) & (grid["tp"] == 1))
-    return grid
+
+    def mesh(keys):
+        grids = np.meshgrid(*[np.asarray(axes[k], dtype=np.int64) for k in keys], indexing="ij")
+        return {k: m.ravel() for k, m in zip(keys, grids)}
+
+    # the GPU split first (a few thousand rows), then the rest of the axes on the whole splits
+    outer, inner = mesh(("n", "tp", "cp", "pp")), mesh(("ep", "zero", "mb", "rc", "etp"))
+    whole = outer["n"] % (outer["tp"] * outer["cp"] * outer["pp"]) == 0
+    outer = {k: v[whole] for k, v in outer.items()}
+    size = inner["ep"].size
+    grid = {**{k: np.repeat(v, size) for k, v in outer.items()},
+            **{k: np.tile(v, whole.sum()) for k, v in inner.items()}}
+    keep = ~((grid["etp"] == 1) & (grid["tp"] == 1))
+    grid = {k: v[keep] for k, v in grid.items()}
+    grid["dp"] = grid["n"] // (grid["tp"] * grid["cp"] * grid["pp"])
+    return grid, int(np.prod([len(v) for v in axes.values()]))
 
 
 _KEEP = ("step_time", "memory", "n_gpus", "fits", "cost_per_mtok", "tokens_per_s", "mfu")
@@ -90,29 +101,24 @@ def search_layouts(workload: Workload, device: Device, max_gpus: int,
     check_options(options, device)
     t0 = time.perf_counter()
     st = WorkloadStats(workload, options)
-    g = candidate_grid(workload, max_gpus, device.gpus_per_node, fixed_gpus)
-    dp = np.maximum(g["dp"], 1)
-    columns = dict(tp=g["tp"], cp=g["cp"], pp=g["pp"], dp=dp, ep=g["ep"], zero=g["zero"],
-                   mb=g["mb"], rc=g["rc"], etp=np.where(g["etp"] == 0, g["tp"], g["etp"]),
-                   first=0, last=0)
-    failures = rule_failures(workload, SimpleNamespace(**columns))
-    values = {k: np.empty(g["n"].size, dtype=np.float64) for k in _KEEP}
-    # chunks of 2^15 layouts: numpy's temporaries stay in cache, which is 3-5x faster than
-    # one pass over the whole grid (and the same numbers)
-    for lo in range(0, g["n"].size, _CHUNK):
-        part = slice(lo, lo + _CHUNK)
-        chunk = price(st, device, options, SimpleNamespace(
-            **{k: v[part] if isinstance(v, np.ndarray) else v for k, v in columns.items()}))
-        for k in _KEEP:
-            values[k][part] = chunk[k]
-    whole = g["whole"] & (g["dp"] >= 1)
-    valid = whole & ~np.logical_or.reduce(list(failures.values()))
-    feasible = valid & (values["fits"] > 0)
-    idx = np.flatnonzero(feasible)
+    g, n_candidates = candidate_grid(workload, max_gpus, device.gpus_per_node, fixed_gpus)
+    g["etp"] = np.where(g["etp"] == 0, g["tp"], g["etp"])
+    failures = rule_failures(workload, SimpleNamespace(**g, first=0, last=0))
+    valid = ~np.logical_or.reduce(list(failures.values()))
+    n_valid = int(valid.sum())
+    g = {k: v[valid] for k, v in g.items()}
+    # priced in chunks of 2^15 layouts: numpy's temporaries then stay in cache, 3-5x faster
+    # than one pass over them all
+    parts = [price(st, device, options, SimpleNamespace(
+        **{k: v[lo:lo + _CHUNK] for k, v in g.items()}, first=0, last=0))
+        for lo in range(0, n_valid, _CHUNK)]
+    values = {k: np.concatenate([np.broadcast_to(p[k], p["n_gpus"].shape) for p in parts])
+              if parts else np.empty(0) for k in _KEEP}
+    idx = np.flatnonzero(values["fits"] > 0)
 
     def layout_at(i) -> Layout:
-        return Layout(tp=int(g["tp"][i]), pp=int(g["pp"][i]), dp=int(dp[i]), ep=int(g["ep"][i]),
-                      zero=int(g["zero"][i]), micro_batch=int(g["mb"][i]),
+        return Layout(tp=int(g["tp"][i]), pp=int(g["pp"][i]), dp=int(g["dp"][i]),
+                      ep=int(g["ep"][i]), zero=int(g["zero"][i]), micro_batch=int(g["mb"][i]),
                       recompute=RECOMPUTE[int(g["rc"][i])], etp=int(g["etp"][i]),
                       cp=int(g["cp"][i]))
 
@@ -137,31 +143,31 @@ def search_layouts(workload: Workload, device: Device, max_gpus: int,
                         ("step_time", "tokens_per_s", "mfu", "cost_per_mtok")})
             row["memory_GB"] = float(values["memory"][i]) / 1e9
             table.append(row)
-    why = "" if idx.size else _why_none(workload, device, options, max_gpus, whole, valid,
-                                         failures, values["memory"])
-    return SearchResult(n_candidates=int(g["n"].size), n_valid=int(valid.sum()),
+    why = "" if idx.size else _why_none(workload, device, options, max_gpus, failures,
+                                         values["memory"])
+    return SearchResult(n_candidates=n_candidates, n_valid=n_valid,
                         n_feasible=int(idx.size), seconds=time.perf_counter() - t0,
                         attention=options.attention,
                         fastest=fastest, cheapest=cheapest, table=table, why_none=why,
                         options=dataclasses.asdict(options))
 
 
-def _why_none(workload, device, options, max_gpus, whole, valid, failures, memory) -> str:
-    """What stands in the way when no candidate is feasible: the rules, or memory."""
-    if valid.any():
-        need = float(memory[valid].min())
-        return (f"memory: {int(valid.sum()):,} layouts divide evenly, but the smallest needs "
-                f"{need / 1e9:.1f} GB per GPU and one {device.name} has "
+def _why_none(workload, device, options, max_gpus, failures, memory) -> str:
+    """What stands in the way when no candidate is feasible: memory (`memory` of the valid
+    layouts), or the rules (`failures` over the layouts whose tp x cp x pp divides the GPUs)."""
+    if memory.size:
+        return (f"memory: {memory.size:,} layouts divide evenly, but the smallest needs "
+                f"{memory.min() / 1e9:.1f} GB per GPU and one {device.name} has "
                 f"{options.memory_usable * device.hbm_bytes / 1e9:.1f} GB usable "
                 f"(memory_usable={options.memory_usable}); use more GPUs or a larger device")
-    if not whole.any():
+    n = next(iter(failures.values())).size
+    if not n:
         return f"gpus={max_gpus}: no tp x cp x pp of the search divides it"
     # the rules that reject every candidate on their own, else the one that rejects the most
-    blocking = [n for n, f in failures.items() if f[whole].all()]
-    names = blocking or [max(failures, key=lambda n: int(failures[n][whole].sum()))]
-    return "; ".join(f"{n}: {rule_text(n, workload)} (rejects "
-                     f"{int(failures[n][whole].sum()):,} of {int(whole.sum()):,} layouts)"
-                     for n in names)
+    blocking = [k for k, f in failures.items() if f.all()]
+    names = blocking or [max(failures, key=lambda k: int(failures[k].sum()))]
+    return "; ".join(f"{k}: {rule_text(k, workload)} (rejects {int(failures[k].sum()):,} of "
+                     f"{n:,} layouts)" for k in names)
 
 
 def plan_frame(search: SearchResult, tokens: float | None = None):
