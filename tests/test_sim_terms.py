@@ -13,8 +13,8 @@ from minimoe.config import PRESETS, ModelConfig
 from minimoe.sim.cost import Layout, Options, Workload, simulate
 from minimoe.sim.hardware import get_device
 from minimoe.sim.imbalance import histograms_from_log, imbalance_factor
-from minimoe.sim.kernels import (BASE_LATENCY, TILE, allreduce_seconds, dispatch_bytes,
-                                 flash_seconds, gemm_seconds, ring_seconds)
+from minimoe.sim.kernels import (BASE_LATENCY, LAUNCH, TILE_K0, allreduce_seconds, dispatch_bytes,
+                                 flash_seconds, gemm_seconds, ring_seconds, train_gemm_seconds)
 from minimoe.sim.options import goodput
 
 H100, A100 = get_device("h100"), get_device("a100")
@@ -23,31 +23,45 @@ EFF, HBM = 0.7, 0.8
 PLAIN = Options(latency_intra_us=0, latency_inter_us=0, overlap_dp=False, straggler_sigma=0.0)
 
 
+# OpenXLA's measured H100 bf16 GEMMs (xla/service/gpu/model/matmul_interpolator_data.h, sm_90):
+# (batch, m, n, k) -> TFLOP/s; the model's K0 and launch are fitted to its 43 largest
+XLA_H100 = {(1, 4096, 4096, 4096): 783.3, (1, 2048, 2048, 2048): 632.0, (1, 4096, 512, 4096): 650.0,
+            (4, 4096, 4096, 512): 619.9, (1, 4096, 1024, 1024): 488.1, (2, 4096, 1024, 4096): 750.6}
+
+
 def test_a_gemm_runs_in_waves_of_tiles():
-    per_tile = (2 * TILE[0] * TILE[1] * 4096 / (EFF * H100.peak_flops / 132)
-                + TILE[0] * TILE[1] * 2 / (H100.hbm_bw * HBM / 132))
-    wave = (512, 33 * 256)  # 4 x 33 output tiles: one per SM
+    for (count, m, n, k), measured in XLA_H100.items():  # main loop at 0.857 of peak (the fit)
+        t = gemm_seconds(m, k, n, H100, H100.peak_flops, 0.857, HBM, count)
+        assert 2 * count * m * n * k / t / 1e12 == pytest.approx(measured, rel=0.1)
+    per_tile = 2 * 128 * 256 * (4096 + TILE_K0) / (EFF * H100.peak_flops / 132)
+    wave = (512, 33 * 256)  # 4 x 33 output tiles of 128 x 256: one per SM
     t = gemm_seconds(wave[0], 4096, wave[1], H100, H100.peak_flops, EFF, HBM)
-    assert t == pytest.approx(per_tile, rel=1e-12)
-    # one column more needs a second wave; fewer rows still fill 128-row tiles (tile quantisation)
+    assert t == pytest.approx(per_tile + LAUNCH, rel=1e-12)
+    # one column more needs a second wave of 128 x 256 tiles, or three of 4 x 67 tiles of 128 x 128
+    # that are half as long; fewer rows still fill 128-row tiles (tile quantisation)
     assert gemm_seconds(512, 4096, wave[1] + 1, H100, H100.peak_flops, EFF, HBM) == pytest.approx(
-        2 * per_tile, rel=1e-12)
+        1.5 * per_tile + LAUNCH, rel=1e-12)
     assert gemm_seconds(500, 4096, wave[1], H100, H100.peak_flops, EFF, HBM) == pytest.approx(t)
     # three experts in one grouped launch fill the wave together
     assert gemm_seconds(512, 4096, 11 * 256, H100, H100.peak_flops, EFF, HBM, count=3) \
-        == pytest.approx(per_tile)
+        == pytest.approx(t)
     # 64 rows against a wide weight stream it at HBM speed (the roofline)
     streamed = (64 * 8192 + 8192 * 32768 + 64 * 32768) * 2 / (H100.hbm_bw * HBM)
-    assert gemm_seconds(64, 8192, 32768, H100, H100.peak_flops, EFF, HBM) == pytest.approx(streamed)
+    assert gemm_seconds(64, 8192, 32768, H100, H100.peak_flops, EFF, HBM) == pytest.approx(
+        streamed + LAUNCH)
+    # backward: the input's gradient and the weight's, whose inner dimension is the tokens
+    fwd, bwd = train_gemm_seconds(512, 4096, 8192, H100, H100.peak_flops, EFF, HBM)
+    assert bwd == pytest.approx(gemm_seconds(512, 8192, 4096, H100, H100.peak_flops, EFF, HBM)
+                                + gemm_seconds(4096, 512, 8192, H100, H100.peak_flops, EFF, HBM))
 
 
 def test_flash_attention_pays_its_exponentials():
     queries, keys, heads, hd = 4096, 2048, 132, 128  # 132 x 32 query tiles: 32 full waves
     matrix = 32 * 128 * 4 * hd * keys / (EFF * H100.peak_flops / 132)
     exps = heads * queries * keys / 3.9e12  # FlashAttention-3 §3.1: 3.9 TFLOPS of exp on H100
-    assert flash_seconds(queries, keys, heads, hd, H100, EFF) == pytest.approx(matrix + exps)
+    assert flash_seconds(queries, keys, heads, hd, H100, EFF) == pytest.approx(matrix + exps + LAUNCH)
     assert flash_seconds(queries, keys, heads, hd, H100, EFF, backward=True) == pytest.approx(
-        2.5 * matrix + exps)
+        2.5 * matrix + exps + LAUNCH)
     # an A100 has twice the H100's exp per matrix FLOP (16 exp and 1,024 FMA per clock per SM;
     # the H100 2,048 FMA): its exponentials weigh less
     share = {d.name: heads * queries * keys / d.exp_per_s / flash_seconds(queries, keys, heads, hd, d, EFF)

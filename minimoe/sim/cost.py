@@ -11,7 +11,7 @@ import numpy as np
 
 from minimoe.sim.hardware import Device
 from minimoe.sim.kernels import (BASE_LATENCY, allreduce_seconds, dispatch_bytes, flash_seconds,
-                                 gemm_seconds, ring_seconds)
+                                 gemm_seconds, ring_seconds, train_gemm_seconds)
 from minimoe.sim.layout import Layout, Workload, WorkloadStats, check_layout
 from minimoe.sim.options import Options, goodput
 
@@ -73,37 +73,43 @@ def price(st: WorkloadStats, dev: Device, opt: Options, c, efficiency=None) -> d
     # --- compute of one micro-batch: GEMMs by shape, attention, memory-bound kernels ----------
     peak = dev.peak_fp8_flops if opt.dtype == "fp8" else dev.peak_flops
 
-    def gemm(M, K, N, count=1):
-        return gemm_seconds(M, K, N, dev, peak, eff, opt.hbm_efficiency, count)
+    full = rc == 2  # full recompute runs every forward again before its backward
 
-    attn = gemm(tokens, h, (st.q + 2 * st.kv) / tp) + gemm(tokens, st.q / tp, h)
-    mlp = gemm(tokens, h, 2 * st.d_ffn / tp) + gemm(tokens, st.d_ffn / tp, h)  # gate+up, down
+    def gemms(*shapes):  # a weight's GEMMs, forward, backward and the recomputed forward
+        f, b = zip(*(train_gemm_seconds(*shape[:3], dev, peak, eff, opt.hbm_efficiency,
+                                        *shape[3:]) for shape in shapes))
+        return sum(f) * (1 + full) + sum(b)
+
+    attn = gemms((tokens, h, (st.q + 2 * st.kv) / tp), (tokens, st.q / tp, h))
+    mlp = gemms((tokens, h, 2 * st.d_ffn / tp), (tokens, st.d_ffn / tp, h))  # gate+up, down
     # rows of each local expert: the ETP group's dispatched tokens (top_k copies) over its experts
     E = max(st.n_experts, 1)
     rows = tokens / tp * etp * st.top_k * ep / E * st.capacity
-    experts = (gemm(rows, h, 2 * st.expert_d_ffn / etp, E / ep)
-               + gemm(rows, st.expert_d_ffn / etp, h, E / ep))
-    moe = gemm(tokens, h, st.n_experts) + (
-        gemm(tokens, h, 2 * st.shared_d_ffn / tp) + gemm(tokens, st.shared_d_ffn / tp, h)
+    experts = gemms((rows, h, 2 * st.expert_d_ffn / etp, E / ep),
+                    (rows, st.expert_d_ffn / etp, h, E / ep))
+    moe = gemms((tokens, h, st.n_experts)) + (
+        gemms((tokens, h, 2 * st.shared_d_ffn / tp), (tokens, st.shared_d_ffn / tp, h))
         if st.shared_d_ffn else 0.0)
     heads = st.n_heads / tp * mb
     if opt.flash_attention:  # causal: each rank's balanced chunks see s/2 keys on average
         core_f, core_b = (flash_seconds(s / cp, s / 2, heads, st.head_dim, dev, eff, bwd)
                           for bwd in (False, True))
     else:  # the full square as two batched GEMMs per head (Megatron 2021), backward twice
-        core_f = (gemm(s, st.head_dim, s, heads) + gemm(s, s, st.head_dim, heads))
+        core_f = sum(gemm_seconds(*shape, dev, peak, eff, opt.hbm_efficiency, heads)
+                     for shape in ((s, st.head_dim, s), (s, s, st.head_dim)))
         core_b = 2 * core_f
-    passes = 3 + (rc == 2)  # forward, two backward GEMMs, and the forward again under full recompute
-    recompute_core = np.where(rc >= 1, core_f, 0.0)
-    dense_layer = passes * (attn + mlp) + core_f + core_b + recompute_core
-    moe_layer = passes * (attn + moe + experts) + core_f + core_b + recompute_core
+    core = core_f * (1 + (rc >= 1)) + core_b  # selective and full recompute redo the forward
+    dense_layer = attn + mlp + core
+    moe_layer = attn + moe + experts + core
     imbalance = np.where(ep > 1, opt.imbalance, 1.0)  # the busiest EP rank over the mean
     for degree, factor in st.imbalance_by_ep.items():
         imbalance = np.where(ep == degree, factor, imbalance)
     imbalance = np.minimum(imbalance, st.imbalance_cap)
     hbm = dev.hbm_bw * opt.hbm_efficiency
     membound = (1 + st.membound_fwd_share * (rc == 2)) * tokens / tp / hbm
-    lm_head = 3 * gemm(tokens, h, st.V / vocab_tp) + tokens * st.membound_loss / vocab_tp / hbm
+    # the LM head is not recomputed (Megatron recomputes the transformer layers only)
+    lm_head = (sum(train_gemm_seconds(tokens, h, st.V / vocab_tp, dev, peak, eff, opt.hbm_efficiency))
+               + tokens * st.membound_loss / vocab_tp / hbm)
 
     # --- communication of one micro-batch, one layer ------------------------------------------
     nvlink, nic = dev.intra_node_bw * dev.intra_node_eff, dev.inter_node_bw * dev.inter_node_eff
@@ -118,12 +124,14 @@ def price(st: WorkloadStats, dev: Device, opt: Options, c, efficiency=None) -> d
 
     pairs = 2 + (rc == 2)  # an all-gather + reduce-scatter pair forward and backward (+ recompute)
     # TP with sequence parallel: a pair around attention and around the MLP (Korthikanti 2022
-    # §4.2.2); in an MoE layer the routed experts' pair runs in the ETP group on the dispatched
-    # tokens, top_k copies (none with etp = 1); a shared expert keeps the dense pair
+    # §4.2.2), which overlap_tp hides behind those GEMMs (Transformer Engine's userbuffers); in an
+    # MoE layer the routed experts' pair runs in the ETP group on the dispatched tokens, top_k
+    # copies (none with etp = 1), in the token dispatcher, which nothing overlaps (Megatron's
+    # gather_from_sequence_parallel_region); a shared expert keeps the dense pair
     tp_pair = 2 * ring_seconds(tokens * h * b, tp, *group(tp), lat_in, lat_out)
-    etp_pair = 2 * ring_seconds(rows * E / ep * h * b, etp, *group(etp), lat_in, lat_out)
+    etp_pair = pairs * 2 * ring_seconds(rows * E / ep * h * b, etp, *group(etp), lat_in, lat_out)
     tp_dense = pairs * 2 * tp_pair
-    tp_moe = pairs * ((1 + bool(st.shared_d_ffn)) * tp_pair + etp_pair)
+    tp_moe = pairs * (1 + bool(st.shared_d_ffn)) * tp_pair
     # CP: ring attention passes K and V around the cp ranks forward, K, V and their gradients
     # backward, overlapped with the attention it feeds (Megatron / Transformer Engine)
     kv_bytes = 2 * tokens * st.kv / tp * b
@@ -156,10 +164,11 @@ def price(st: WorkloadStats, dev: Device, opt: Options, c, efficiency=None) -> d
         n_moe = np.maximum(n - front, 0) * share
         n_dense = n - n_moe
         busy = n_dense * dense_layer + n_moe * moe_layer + head * lm_head
-        gemms = n_dense * passes * (attn + mlp) + n_moe * passes * (attn + moe + experts)
-        return {"compute": busy, "imbalance": n_moe * passes * experts * (imbalance - 1),
+        matmuls = n_dense * (attn + mlp) + n_moe * (attn + moe)  # TE's linear layers
+        return {"compute": busy, "imbalance": n_moe * experts * (imbalance - 1),
                 "memory_bound": membound * (n_dense * st.membound_dense + n_moe * st.membound_moe),
-                "tp_comm": exposed(n_dense * tp_dense + n_moe * tp_moe, gemms, opt.overlap_tp),
+                "tp_comm": exposed(n_dense * tp_dense + n_moe * tp_moe, matmuls, opt.overlap_tp)
+                + n_moe * etp_pair,
                 "cp_comm": n * cp_exposed,
                 "ep_comm": exposed(n_moe * ep_comm, np.where(n_micro > 1, busy, 0), opt.overlap_ep),
                 "pp_comm": exposed(pp_comm, busy, opt.overlap_pp)}

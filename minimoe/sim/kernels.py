@@ -1,5 +1,5 @@
 """How long one kernel or one collective takes: a GEMM by its shape (tiles, waves, the HBM
-roofline), flash attention (its matrix work and its exponentials), ring and tree collectives,
+roofline, forward and backward), flash attention (its matrix work and its exponentials), ring and tree collectives,
 and the MoE all-to-all as each dispatcher sends it. Written on numpy arrays (many layouts at
 once); docs/simulator.md "Kernels and collectives" gives each formula with its source.
 """
@@ -8,21 +8,33 @@ from __future__ import annotations
 
 import numpy as np
 
-TILE = (128, 256)  # output tile of cuBLAS's most efficient bf16 kernels (NVIDIA, Matrix Multiplication Background §2.3)
+TILES = ((128, 256), (256, 128), (128, 128))  # cuBLAS's Hopper/Ampere bf16 output tiles
 QUERY_TILE = 128  # queries per flash-attention thread block (FlashAttention-2 §3.3)
+# Fitted to the 43 GEMMs of >= 2^33 multiply-adds in OpenXLA's measured H100 table
+# (xla/service/gpu/model/matmul_interpolator_data.h, sm_90 bf16; rms error 3.5%): a tile's
+# prologue and epilogue cost as much as 145 more steps of its K loop, a kernel 4.3 us
+TILE_K0, LAUNCH = 145, 4.3e-6
 
 
 def gemm_seconds(M, K, N, dev, peak, eff, hbm_eff, count=1, nbytes=2):
     """`count` GEMMs (M x K) @ (K x N) in one launch (grouped for count > 1): output tiles in
-    waves of one per SM at `eff` of the SM's share of `peak`, each then writing its output at
-    the SM's share of HBM bandwidth; or the HBM time of the operands if longer (the roofline)."""
-    hbm = dev.hbm_bw * hbm_eff
-    per_tile = (2 * TILE[0] * TILE[1] * K / (eff * peak / dev.sms)
-                + TILE[0] * TILE[1] * nbytes / (hbm / dev.sms))
-    waves = np.minimum(*(np.ceil(count * np.ceil(M / tm) * np.ceil(N / tn) / dev.sms)
-                         for tm, tn in (TILE, TILE[::-1])))
-    streamed = count * (M * K + K * N + M * N) * nbytes / hbm
-    return np.maximum(waves * per_tile, streamed)
+    waves of one per SM, each running K + TILE_K0 steps at `eff` of the SM's share of `peak`,
+    the tile shape that takes fewest waves; or the HBM time of the operands if longer (the
+    roofline); plus the launch."""
+    def tiled(tm, tn):
+        waves = np.ceil(count * np.ceil(M / tm) * np.ceil(N / tn) / dev.sms)
+        return waves * 2 * tm * tn * (K + TILE_K0) / (eff * peak / dev.sms)
+
+    streamed = count * (M * K + K * N + M * N) * nbytes / (dev.hbm_bw * hbm_eff)
+    return np.maximum(np.minimum.reduce([tiled(*t) for t in TILES]), streamed) + LAUNCH
+
+
+def train_gemm_seconds(M, K, N, dev, peak, eff, hbm_eff, count=1):
+    """(forward, backward) of a weight's GEMM on M tokens: forward (M x K) @ (K x N); backward
+    the input's gradient (M x N) @ (N x K) and the weight's (K x M) @ (M x N), whose inner
+    dimension is the tokens (few per expert in a fine-grained MoE)."""
+    args = (dev, peak, eff, hbm_eff, count)
+    return gemm_seconds(M, K, N, *args), gemm_seconds(M, N, K, *args) + gemm_seconds(K, M, N, *args)
 
 
 def flash_seconds(queries, keys, heads, head_dim, dev, eff, backward=False):
@@ -32,7 +44,7 @@ def flash_seconds(queries, keys, heads, head_dim, dev, eff, backward=False):
     work = (2.5 if backward else 1.0) * 4 * head_dim * keys
     tiles = heads * np.ceil(queries / QUERY_TILE)
     matrix = np.ceil(tiles / dev.sms) * QUERY_TILE * work / (eff * dev.peak_flops / dev.sms)
-    return matrix + heads * queries * keys / dev.exp_per_s
+    return matrix + heads * queries * keys / dev.exp_per_s + LAUNCH
 
 
 BASE_LATENCY = 8.4e-6  # NCCL's base latency of a ring or tree, Simple protocol (src/graph/tuning.cc)
