@@ -9,13 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from minimoe.cli import main
 from minimoe.sim.report import aquilamoe_table
 from minimoe.sim.options import Options
 from minimoe.sim.scenario_file import load_scenario
-from minimoe.sim.validate import load_runs, validate
+from minimoe.sim.validate import EFFICIENCY_GRID, SIGMA_GRID, load_runs, validate
 
 SIMS = Path(__file__).resolve().parent.parent / "sims"
 
@@ -50,8 +51,14 @@ def test_each_source_is_fitted_alone_and_left_out_of_its_own_prediction(result):
     for source in published:
         left = cal.constants(leave_out=source)
         sigma = left["straggler_sigma"][0]
-        others = [cal.efficiency(s, sigma) for s in published if s != source]
-        assert left["gemm_efficiency"] == (statistics.median(others), min(others), max(others))
+        others = [s for s in published if s != source]
+        central, low, high = left["gemm_efficiency"]
+        assert central == statistics.median(cal.efficiency(s, sigma) for s in others)
+        # the range holds about 80% of the other sources' runs' own efficiencies, sources equal
+        j = int(np.argmin(abs(SIGMA_GRID - sigma)))
+        inside = [np.mean((low <= e) & (e <= high)) for e in
+                  (EFFICIENCY_GRID[np.argmin(abs(cal.errors[s][:, :, j]), axis=1)] for s in others)]
+        assert 0.6 <= np.mean(inside) <= 0.95 and low < central < high
     for row in result.cv_rows:
         assert row["gemm_efficiency"] == cal.constants(leave_out=row["source"])["gemm_efficiency"][0]
 

@@ -18,8 +18,8 @@ from minimoe.flops import ATTENTION
 LLAMA3_FAILURES_PER_GPU_DAY = 419 / (54 * 16384)
 # Fitted by `minimoe validate` on sims/validation (tests/test_sim_validate.py checks that it
 # still fits these): the central value, and the range the sources' own fits span
-GEMM_EFFICIENCY, GEMM_EFFICIENCY_RANGE = 0.70, [0.67, 0.77]
-STRAGGLER_SIGMA, STRAGGLER_SIGMA_RANGE = 0.0, [0.0, 0.014]
+GEMM_EFFICIENCY, GEMM_EFFICIENCY_RANGE = 0.70, [0.646, 0.757]
+STRAGGLER_SIGMA, STRAGGLER_SIGMA_RANGE = 0.0, [0.0, 0.016]
 DISPATCHERS = ("alltoall", "deepep")
 DTYPES = ("bf16", "fp8")
 
@@ -35,7 +35,9 @@ class Options:
     flash_attention: bool = True  # no s x s score matrix in HBM (FlashAttention, SDPA)
     attention: str = "causal"  # FLOP convention of the reported model FLOPs and MFU
     # --- MoE -------------------------------------------------------------------------------
-    imbalance: float = 1.0  # busiest expert-parallel rank / mean (1.0: balanced or dropped)
+    # busiest expert-parallel rank / mean (1.0: balanced or dropped); uncertain up to 1.25 unless
+    # set (an assumed aux-loss router: docs/simulator.md "Intervals")
+    imbalance: float = 1.0
     imbalance_log: str = ""  # or measured: a minimoe run's log, its routing per EP degree
     pad_to_capacity: bool = False  # expert buffers padded to the capacity factor (GShard)
     dispatcher: str = "alltoall"  # or "deepep": one copy per node, NVLink fan-out (DeepEP)
@@ -75,7 +77,8 @@ class Options:
     pue: float = 1.0  # data-centre power usage effectiveness applied to GPU board power
     # --- what the interval spans: option -> [low, high] -------------------------------------
     uncertain: dict = field(default_factory=lambda: {
-        "gemm_efficiency": GEMM_EFFICIENCY_RANGE, "straggler_sigma": STRAGGLER_SIGMA_RANGE})
+        "gemm_efficiency": GEMM_EFFICIENCY_RANGE, "straggler_sigma": STRAGGLER_SIGMA_RANGE,
+        "imbalance": [1.0, 1.25]})
 
     def __post_init__(self):
         check_fields("options", self, RULES)
@@ -92,18 +95,22 @@ class Options:
 
     def replace(self, **changes) -> "Options":
         """A copy with `changes`; an unknown name is a ValueError listing the known ones. A value
-        set here is no longer uncertain unless `changes` also gives its range; `uncertain`
+        set here is no longer uncertain (its range becomes [value, value], so that predictions
+        from one base keep the same corners) unless `changes` also gives its range; `uncertain`
         adds ranges to the ones already there."""
         known_keys("options", changes, {f.name for f in dataclasses.fields(self)})
-        uncertain = {k: v for k, v in self.uncertain.items() if k not in changes}
+        uncertain = {k: [changes[k]] * 2 if k in changes else v for k, v in self.uncertain.items()}
         uncertain.update(changes.pop("uncertain", {}) or {})
         return dataclasses.replace(self, **changes, uncertain=uncertain)
 
     def corners(self) -> list["Options"]:
-        """These options at every combination of the ends of the uncertain ranges."""
+        """These options at every combination of the ends of the uncertain ranges (a measured
+        routing, imbalance_log, keeps the imbalance at its value: the same corners, repeated)."""
         keys = list(self.uncertain)
-        return [dataclasses.replace(self, **dict(zip(keys, ends)))
-                for ends in itertools.product(*(self.uncertain[k] for k in keys))]
+        ends = [[self.imbalance] * 2 if k == "imbalance" and self.imbalance_log else self.uncertain[k]
+                for k in keys]
+        return [dataclasses.replace(self, **dict(zip(keys, values)))
+                for values in itertools.product(*ends)]
 
 
 RULES = {  # minimoe/checks.py: every field but `uncertain`

@@ -105,8 +105,8 @@ def validation_text(v: Validation, aquila: list[dict] | None = None) -> str:
     lines += [f"  gemm_efficiency {v.calibration.efficiency(s, sigma):.2f}  ({n} runs) {s}"
               for s, n in v.calibration.runs.items()]
     lines += [f"the simulator takes gemm_efficiency {c['gemm_efficiency'][0]:.3f} "
-              f"[{c['gemm_efficiency'][1]:.2f}, {c['gemm_efficiency'][2]:.2f}] (median, range over "
-              f"the sources), straggler_sigma {sigma:.3f} [{c['straggler_sigma'][1]:.3f}, "
+              f"[{c['gemm_efficiency'][1]:.2f}, {c['gemm_efficiency'][2]:.2f}] (the sources' median; "
+              f"10th-90th percentile of the runs' own, sources weighing equally), straggler_sigma {sigma:.3f} [{c['straggler_sigma'][1]:.3f}, "
               f"{c['straggler_sigma'][2]:.3f}] (pooled over the sources whose runs span 10x in "
               "nodes; range leaving each out)", ""] + _summary_lines(v)
     not_fitting = [r["run"] for r in v.rows if not r["fits"]]

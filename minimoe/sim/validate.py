@@ -31,7 +31,7 @@ RUN_KEYS = {"name", "kind", "set", "model", "preset", "gpu", "devices", "seq_len
             "peak_tflops_source", "wallclock", "options", "variant_of"}
 FILE_KEYS = RUN_KEYS - {"name", "measured"} | {"title", "source", "runs", "devices"}
 UNITS = ("tflops_per_gpu", "mfu", "tokens_per_day_b")
-EFFICIENCY_GRID = np.round(np.arange(0.40, 0.951, 0.01), 2)
+EFFICIENCY_GRID = np.round(np.arange(0.30, 1.201, 0.005), 3)
 SIGMA_GRID = np.round(np.arange(0.0, 0.0801, 0.002), 3)
 
 
@@ -142,39 +142,52 @@ def _run(t: dict, where: str, catalogue: dict, source: str) -> Run:
                wallclock=bool(t.get("wallclock", False)), variant_of=str(t.get("variant_of", "")))
 
 
-# --- fitting: two constants, their spread across sources --------------------------------------
+# --- fitting: two constants, and where a new source's efficiency may fall -------------------
 @dataclass(frozen=True)
 class Calibration:
-    """Each published source's score (mean |log error| of its runs) over the grids of
-    gemm_efficiency x straggler_sigma, and the constants the simulator takes from them: sigma
-    minimising the summed scores of the sources whose runs span 10x in node count (elsewhere
-    sigma only trades against the efficiency), each source's best efficiency at that sigma."""
+    """Each published run's log error over the grids of gemm_efficiency x straggler_sigma, and
+    the constants the simulator takes from them: sigma minimising the summed scores (mean |log
+    error| of a source's runs) of the sources whose runs span 10x in node count (elsewhere sigma
+    only trades against the efficiency), each source's best efficiency at that sigma, and each
+    run's own."""
 
-    scores: dict  # source -> (efficiencies, sigmas) array
-    runs: dict  # source -> runs fitted
+    errors: dict  # source -> (runs, efficiencies, sigmas) array of log(predicted / measured)
     node_span: dict  # source -> most nodes / fewest nodes among its runs
 
+    @property
+    def runs(self) -> dict:
+        return {s: len(e) for s, e in self.errors.items()}
+
     def constants(self, leave_out: str | None = None) -> dict:
-        """{name: (central, low, high)} from the sources but `leave_out`: the efficiency's median
-        and range over the sources; sigma's pooled fit, its range from leaving each one out."""
-        sources = [s for s in self.scores if s != leave_out]
+        """{name: (central, low, high)} from the sources but `leave_out`. The efficiency: the
+        median of the sources' own, and the 10th to 90th percentile of the runs' own (each
+        source weighing as much as another), the range 80% of runs fall in; sigma: its pooled
+        fit, its range from leaving each source out."""
+        sources = [s for s in self.errors if s != leave_out]
         sigma = self._sigma(sources)
         spread = [self._sigma([s for s in sources if s != out]) for out in sources] \
             if len(sources) > 1 else []
-        eff = [self.efficiency(s, sigma) for s in sources]
-        return {"gemm_efficiency": (statistics.median(eff), min(eff), max(eff)),
+        j = int(np.argmin(np.abs(SIGMA_GRID - sigma)))
+        own = [EFFICIENCY_GRID[np.argmin(np.abs(self.errors[s][:, :, j]), axis=1)] for s in sources]
+        runs, weights = np.concatenate(own), np.concatenate([np.full(len(e), 1 / len(e)) for e in own])
+        order = np.argsort(runs)
+        cumulative = (np.cumsum(weights[order]) - weights[order] / 2) / weights.sum()
+        low, high = np.interp([0.1, 0.9], cumulative, runs[order])
+        central = statistics.median(self.efficiency(s, sigma) for s in sources)
+        return {"gemm_efficiency": (central, round(float(low), 3), round(float(high), 3)),
                 "straggler_sigma": (sigma, min([sigma] + spread), max([sigma] + spread))}
 
     def _sigma(self, sources) -> float:
         spanning = [s for s in sources if self.node_span[s] >= 10]
         if not spanning:
             return 0.0
-        return float(SIGMA_GRID[int(np.argmin(sum(self.scores[s].min(axis=0) for s in spanning)))])
+        scores = sum(np.abs(self.errors[s]).mean(axis=0).min(axis=0) for s in spanning)
+        return float(SIGMA_GRID[int(np.argmin(scores))])
 
     def efficiency(self, source: str, sigma: float) -> float:
         """The efficiency `source`'s own runs imply at straggler sigma `sigma`."""
         j = int(np.argmin(np.abs(SIGMA_GRID - sigma)))
-        return float(EFFICIENCY_GRID[int(np.argmin(self.scores[source][:, j]))])
+        return float(EFFICIENCY_GRID[int(np.argmin(np.abs(self.errors[source][:, :, j]).mean(axis=0)))])
 
     def options(self, base: Options, leave_out: str | None = None) -> Options:
         """`base` with the constants: central values, and their ranges as uncertain inputs."""
@@ -192,19 +205,18 @@ def _speeds(run: Run) -> np.ndarray:
 
 
 def calibrate(runs: list[Run]) -> Calibration:
-    """Score every (efficiency, sigma) pair on each published source's runs. Stragglers scale a
+    """Every published run's log error at every (efficiency, sigma) pair. Stragglers scale a
     step by 1 + sigma sqrt(2 ln nodes), so a pair's speeds follow from the efficiency's alone."""
-    scores, counts, span = {}, {}, {}
+    errors, span = {}, {}
     for source in sorted({r.source for r in runs if r.set == "published"}):
         chosen = [r for r in runs if r.source == source and r.set == "published" and r.layout]
         speeds = np.array([_speeds(r) for r in chosen])  # (runs, efficiencies)
         nodes = np.array([math.ceil(r.devices / r.device.gpus_per_node) for r in chosen])
         spread = np.sqrt(2 * np.log(np.maximum(nodes, 1)))[:, None, None] * SIGMA_GRID
         measured = np.array([r.measured_tokens_per_s for r in chosen])[:, None, None]
-        error = np.abs(np.log(speeds[:, :, None] / (1 + spread) / measured))
-        scores[source], counts[source] = np.mean(error, axis=0), len(chosen)
+        errors[source] = np.log(speeds[:, :, None] / (1 + spread) / measured)
         span[source] = nodes.max() / nodes.min()
-    return Calibration(scores, counts, span)
+    return Calibration(errors, span)
 
 
 def predict(run: Run, options: Options) -> SimResult:
