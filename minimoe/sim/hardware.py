@@ -88,23 +88,19 @@ def device_from_table(name: str, table: dict, where: str,
     table = dict(table)
     base, sources = table.pop("base", None), table.pop("sources", None)
     known_keys(where, table, set(DEVICE_KEYS))
-    values = {}
     for key, value in table.items():
-        attr, unit = DEVICE_KEYS[key]
         check(where, key, value, "")
-        values[attr] = value * unit
-    given = {DEVICE_KEYS[k][0]: text for k, text in (sources or {}).items()}
+    values = {DEVICE_KEYS[k][0]: v * DEVICE_KEYS[k][1] for k, v in table.items()}
+    missing = [k for k in REQUIRED if DEVICE_KEYS[k][0] not in values]
+    if base is None and missing:
+        raise ValueError(f"{where}.{missing[0]}: missing (or give base = \"h100\")")
     try:
         if base is not None:
             return get_device(base, catalogue).replace(name=name, **values)
-        missing = [k for k in REQUIRED if DEVICE_KEYS[k][0] not in values]
-        if missing:
-            raise ValueError(f"{where}.{missing[0]}: missing (or give base = \"h100\")")
+        given = {DEVICE_KEYS[k][0]: text for k, text in (sources or {}).items()}
         return Device(name=name, sources=given or {k: "scenario file" for k in values}, **values)
     except ValueError as err:
-        if str(err).startswith(where):
-            raise
-        raise ValueError(f"{where}: {err}") from None
+        raise ValueError(f"{where}: {str(err).removeprefix(where + ': ')}") from None
 
 
 CATALOGUE: dict[str, Device] = {

@@ -25,10 +25,9 @@ def imbalance_factor(load: list[list[float]], ranks: int | None = None, where: s
             raise ValueError(f"{where}[{i}]: {len(layer)} experts do not split over {groups} ranks")
         size = len(layer) // groups
         per_group = [sum(layer[g * size:(g + 1) * size]) for g in range(groups)]
-        mean = sum(per_group) / groups
-        if mean == 0:
+        if not sum(per_group):
             raise ValueError(f"{where}[{i}]={layer!r}: no tokens routed")
-        factors.append(max(per_group) / mean)
+        factors.append(max(per_group) * groups / sum(per_group))
     return sum(factors) / len(factors)
 
 
@@ -45,19 +44,14 @@ def imbalance_by_ep(histograms: list[list[list[float]]], n_experts: int,
 
 
 def histograms_from_log(path: str | Path) -> list[list[list[float]]]:
-    """Every `load` histogram a minimoe run logged, in step order (its log.jsonl, or the run
-    directory); the training loop logs one every `log_every` steps and at each validation."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "log.jsonl"
+    """Every `load` histogram a minimoe run logged (its log.jsonl, or the run directory)."""
+    path = Path(path) / "log.jsonl" if Path(path).is_dir() else Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such run log")
-    found = []
     try:
         with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip() and json.loads(line).get("load"):
-                    found.append(json.loads(line)["load"])
+            found = [record["load"] for line in f if line.strip()
+                     for record in [json.loads(line)] if record.get("load")]
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not a JSON-lines log ({err})") from None
     if not found:

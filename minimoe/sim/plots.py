@@ -69,9 +69,7 @@ def plot_validation(v, out_dir: Path) -> list[Path]:
     ax.set_ylabel("predicted MFU" + (" (each source left out)" if v.cv_rows else ""))
     ax.legend(fontsize=8)
     paths = [save_figure(fig, out_dir / "validation.png")]
-    breakdown = {name: {k: result.time[k] for k in result.time if k != "step_time"}
-                 | {"tokens_per_step": result.tokens_per_step}
-                 for name, (run, result, _) in v.predicted.items() if run.set == "aquilamoe"}
+    breakdown = v.breakdown
     if breakdown:
         fig, ax = plt.subplots(figsize=(8.5, 4))
         names = list(breakdown)

@@ -129,17 +129,11 @@ def validation_text(v: Validation, aquila: list[dict] | None = None) -> str:
                                    else x) for k, x in row.items()} for row in aquila])
         with pd.option_context("display.width", 250, "display.max_columns", 30):
             lines.append(shown.set_index(["routing", "layout"]).to_string())
-    breakdown = aquilamoe_breakdown(v)
+    breakdown = v.breakdown
     if breakdown:
         lines += ["", "AquilaMoE phases, seconds per step by term:",
                   pd.DataFrame(breakdown).drop(index="tokens_per_step").T.map(fmt_value).to_string()]
     return "\n".join(lines)
-
-
-def aquilamoe_breakdown(v: Validation) -> dict:
-    """AquilaMoE phase -> its time parts (seconds per step) and tokens per step."""
-    return {name: {k: result.time[k] for k in TIME_PARTS} | {"tokens_per_step": result.tokens_per_step}
-            for name, (run, result, _) in v.predicted.items() if run.set == "aquilamoe"}
 
 
 def validation_json(v: Validation, aquila: list[dict] | None = None) -> str:
@@ -150,4 +144,4 @@ def validation_json(v: Validation, aquila: list[dict] | None = None) -> str:
                        "summary": summary(v.summary), "cv_runs": v.cv_rows,
                        "cv_summary": summary(v.cv_summary), "ranks": v.ranks,
                        "cv_ranks": v.cv_ranks, "variants": v.variants, "aquilamoe": aquila,
-                       "breakdown": aquilamoe_breakdown(v)}, indent=2)
+                       "breakdown": v.breakdown}, indent=2)

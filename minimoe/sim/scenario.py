@@ -53,16 +53,12 @@ class PhaseResult:
         return self.gpus * self.peak_flops / TFLOPS * self.days
 
     @property
-    def capacity_pf_days(self) -> float:
-        return self.capacity_tflops_days / 1000
-
-    @property
     def model_pf_days(self) -> float | None:
         return None if self.flops_per_token is None else self.tokens * self.flops_per_token / PF_DAY
 
     @property
     def implied_mfu(self) -> float | None:
-        return None if self.model_pf_days is None else self.model_pf_days / self.capacity_pf_days
+        return None if self.model_pf_days is None else self.model_pf_days * 1000 / self.capacity_tflops_days
 
     @property
     def cost_usd(self) -> float | None:
@@ -84,7 +80,7 @@ class PhaseResult:
                     "prediction error": self.tokens_per_day / self.measured_tokens_per_day - 1}),
                 "days": self.days, "GPU-days": self.gpu_days,
                 "capacity (TFLOPS-days)": self.capacity_tflops_days,
-                "capacity (PF-days)": self.capacity_pf_days,
+                "capacity (PF-days)": self.capacity_tflops_days / 1000,
                 "model FLOPs (PF-days)": self.model_pf_days, "FLOPs from": self.flops_method,
                 "implied MFU": self.implied_mfu, "energy (MWh)":
                     None if self.energy_kwh is None else self.energy_kwh / 1000,

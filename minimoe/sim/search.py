@@ -1,9 +1,6 @@
 """Layout search: price every way to cut a model over up to N GPUs in one vectorised pass of
-minimoe.sim.cost.price, and return the fastest and the cheapest (which may leave GPUs idle),
-each with its interval; when nothing can run, which rule or memory figure stands in the way.
-`search_axes` defines the space once (minimoe.bench.sim loops over it, for the tests).
-Calculon's `llm-optimal-execution` does the same for dense models (docs/simulator.md "Search").
-"""
+minimoe.sim.cost.price; the fastest and the cheapest with their intervals, or what stands in the
+way (docs/simulator.md "Which layouts are valid"; Calculon's llm-optimal-execution, dense only)."""
 
 from __future__ import annotations
 
@@ -202,15 +199,11 @@ def plan_report(search: SearchResult, name: str, tokens: float | None = None,
                 as_json: bool = False) -> str:
     """The text (or JSON) `minimoe plan` prints."""
     if as_json:
-        out = {"model": name, "n_candidates": search.n_candidates, "n_valid": search.n_valid,
-               "n_feasible": search.n_feasible, "seconds": search.seconds, "top": search.table}
-        for key in ("fastest", "cheapest"):
-            r = getattr(search, key)
-            out[key] = None if r is None else {**r.to_dict(), "run": r.run(tokens) if tokens else None}
-        out["why_none"] = search.why_none or None
-        out["options"] = search.options
-        return json.dumps(out, indent=2)
-
+        return json.dumps({"model": name, **{k: getattr(search, k) for k in (
+            "n_candidates", "n_valid", "n_feasible", "seconds")}, "top": search.table, **{
+            k: None if r is None else {**r.to_dict(), "run": r.run(tokens) if tokens else None}
+            for k, r in (("fastest", search.fastest), ("cheapest", search.cheapest))},
+            "why_none": search.why_none or None, "options": search.options}, indent=2)
     head = (f"{name}: {search.n_candidates:,} candidate layouts, {search.n_valid:,} valid, "
             f"{search.n_feasible:,} fit in memory; searched in {search.seconds:.2f} s\n"
             f"MFU = model FLOPs (attention core counted {search.attention}) / peak; time uses "
@@ -220,13 +213,8 @@ def plan_report(search: SearchResult, name: str, tokens: float | None = None,
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         best = plan_frame(search, tokens).map(fmt_value).to_string()
         top = pd.DataFrame(search.table).set_index("layout").map(fmt_value).to_string()
-    return "\n".join([head, "", best, "", dominant_terms(search.fastest), "",
+    time = search.fastest.time  # the three largest parts: which terms the answer hangs on
+    parts = sorted(((v, k) for k, v in time.items() if k != "step_time"), reverse=True)[:3]
+    shares = ", ".join(f"{k.replace('_', ' ')} {v / time['step_time']:.0%}" for v, k in parts if v > 0)
+    return "\n".join([head, "", best, "", f"where the fastest layout's step goes: {shares}", "",
                       "fastest feasible layouts:", top])
-
-
-def dominant_terms(result: SimResult, n: int = 3) -> str:
-    """Which parts of the step dominate the answer: the largest shares of the step time."""
-    step = result.time["step_time"]
-    parts = sorted(((v, k) for k, v in result.time.items() if k != "step_time"), reverse=True)
-    shares = ", ".join(f"{k.replace('_', ' ')} {v / step:.0%}" for v, k in parts[:n] if v > 0)
-    return f"where the fastest layout's step goes: {shares}"

@@ -18,7 +18,7 @@ from minimoe import files
 from minimoe.checks import check, from_table, known_keys
 from minimoe.config import ModelConfig
 from minimoe.flops import flops_per_token
-from minimoe.sim.cost import SimResult, WorkloadStats, corner_speeds, price, simulate
+from minimoe.sim.cost import TIME_PARTS, SimResult, WorkloadStats, corner_speeds, price, simulate
 from minimoe.sim.hardware import CATALOGUE, Device, device_from_table, get_device
 from minimoe.sim.layout import Layout, Workload, check_layout, model_config
 from minimoe.sim.options import Options
@@ -297,6 +297,12 @@ class Validation:
     cv_rows: list[dict] | None = None  # each published source predicted from the others
     cv_summary: dict | None = None
     cv_ranks: dict | None = None
+
+    @property
+    def breakdown(self) -> dict:
+        """AquilaMoE phase -> its time parts (seconds per step) and tokens per step."""
+        return {name: {k: result.time[k] for k in TIME_PARTS} | {"tokens_per_step": result.tokens_per_step}
+                for name, (run, result, _) in self.predicted.items() if run.set == "aquilamoe"}
 
     @property
     def fitted(self) -> dict:
