@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-TILES = ((128, 256), (256, 128), (128, 128))  # cuBLAS's Hopper/Ampere bf16 output tiles
 QUERY_TILE = 128  # queries per flash-attention thread block (FlashAttention-2 §3.3)
 # Fitted to the 43 GEMMs of >= 2^33 multiply-adds in OpenXLA's measured H100 table
 # (xla/service/gpu/model/matmul_interpolator_data.h, sm_90 bf16; rms error 3.5%): a tile's
@@ -21,12 +20,12 @@ def gemm_seconds(M, K, N, dev, peak, eff, hbm_eff, count=1, nbytes=2):
     waves of one per SM, each running K + TILE_K0 steps at `eff` of the SM's share of `peak`,
     the tile shape that takes fewest waves; or the HBM time of the operands if longer (the
     roofline); plus the launch."""
-    def tiled(tm, tn):
-        waves = np.ceil(count * np.ceil(M / tm) * np.ceil(N / tn) / dev.sms)
-        return waves * 2 * tm * tn * (K + TILE_K0) / (eff * peak / dev.sms)
-
+    rows, cols = np.ceil(M / 128), np.ceil(N / 128)  # output elements of the waves of cuBLAS's
+    area = np.minimum(np.minimum(np.ceil(count * rows * np.ceil(N / 256) / dev.sms),  # bf16 tiles:
+                                 np.ceil(count * np.ceil(M / 256) * cols / dev.sms)) * 32768,  # 128 x
+                      np.ceil(count * rows * cols / dev.sms) * 16384)  # 256, 256 x 128, 128 x 128
     streamed = count * (M * K + K * N + M * N) * nbytes / (dev.hbm_bw * hbm_eff)
-    return np.maximum(np.minimum.reduce([tiled(*t) for t in TILES]), streamed) + LAUNCH
+    return np.maximum(area * 2 * (K + TILE_K0) / (eff * peak / dev.sms), streamed) + LAUNCH
 
 
 def train_gemm_seconds(M, K, N, dev, peak, eff, hbm_eff, count=1):
