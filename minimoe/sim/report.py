@@ -1,8 +1,7 @@
-"""What `minimoe validate` prints (text or JSON): each run against its measurement with its
-interval, the fitted constants, the errors in-sample and leaving each source out, the ranks,
-the speed-ups of runs that vary one another; and AquilaMoE's 8x16B phase under every
-combination of its unknowns (routing, layout), with its slowdown against the 16B and the
-savings factors of Table 6 (arXiv 2408.06567 §4.3), each with its interval."""
+"""What `minimoe validate` prints (text or JSON): the runs, constants, errors, ranks and
+speed-ups of minimoe.sim.validate; and AquilaMoE's 8x16B phase under every combination of its
+unknowns (routing, layout): its slowdown against the 16B and Table 6's savings factors (arXiv
+2408.06567 §4.3), each with its interval."""
 
 from __future__ import annotations
 
@@ -78,13 +77,10 @@ def _summary_lines(v: Validation) -> list[str]:
     lines = [f"{'':16s} {'in-sample':>38s}   {'leave one source out':>38s}",
              f"{'runs':16s}" + f"{'n':>4s} {'median':>8s} {'max':>8s} {'<=10%':>6s} {'cover':>6s}   " * 2]
     for key, s in v.summary.items():
-        cv = (v.cv_summary or {}).get(key)
-        cells = [f"{s['n']:4d} {s['median_abs_error']:8.1%} {s['max_abs_error']:8.1%} "
-                 f"{s['within_10']:6d} {s['coverage']:6.0%}"]
-        if cv:
-            cells.append(f"{cv['n']:4d} {cv['median_abs_error']:8.1%} {cv['max_abs_error']:8.1%} "
-                         f"{cv['within_10']:6d} {cv['coverage']:6.0%}")
-        elif key[0] != "published":
+        cells = [f"{x['n']:4d} {x['median_abs_error']:8.1%} {x['max_abs_error']:8.1%} "
+                 f"{x['within_10']:6d} {x['coverage']:6.0%}"
+                 for x in (s, (v.cv_summary or {}).get(key)) if x]
+        if key[0] != "published":
             cells.append("(predicted, never fitted)")
         lines.append(f"{key[0] + ' ' + key[1]:16s}" + "   ".join(cells))
     return lines
