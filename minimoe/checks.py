@@ -11,6 +11,7 @@ A rule is a string: `"bool"`, `"str"`, or a range of numbers, `">0"`, `">=0"`, `
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 
@@ -36,10 +37,27 @@ def problem(value, rule) -> str | None:
 
 
 def check(owner: str, name: str, value, rule) -> None:
-    """Raise `ValueError("owner.name=value: must be ...")` unless `value` obeys `rule`."""
+    """Raise `ValueError("owner.name=value: must be ...")` unless `value` obeys `rule` (an
+    owner ending in ": ", a file's name, is followed by the name alone)."""
     text = problem(value, rule)
     if text:
-        raise ValueError(f"{owner}.{name}={value!r}: {text}")
+        owner = owner if owner.endswith(": ") else f"{owner}."
+        raise ValueError(f"{owner}{name}={value!r}: {text}")
+
+
+def option(rule):
+    """An argparse `type` for a number option: its text parsed and held to `rule` at the door,
+    or argparse's one line, exit 2: `argument --lr: 'nan': must be positive`."""
+    def parse(text: str):
+        try:
+            value = int(text) if rule.startswith("int") else float(text)
+        except ValueError:
+            value = text
+        why = problem(value, rule)
+        if why:
+            raise argparse.ArgumentTypeError(f"{text!r}: {why}")
+        return value
+    return parse
 
 
 def check_fields(owner: str, obj, rules: dict) -> None:

@@ -124,10 +124,13 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-RULES = {  # ModelConfig's field rules (minimoe/checks.py); capacity_factor 0 means dropless
-    **dict.fromkeys(("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ffn",
-                     "max_seq_len", "top_k", "moe_layer_freq"), "int>0"),
-    **dict.fromkeys(("n_experts", "expert_d_ffn", "shared_d_ffn"), "int>=0"),
+RULES = {  # ModelConfig's field rules (minimoe/checks.py); capacity_factor 0 means dropless;
+    # the bounds, far above any published model, keep a size from overflowing memory arithmetic
+    **dict.fromkeys(("vocab_size", "max_seq_len"), "int[1, 16777216]"),
+    **dict.fromkeys(("n_layers", "n_heads", "n_kv_heads", "top_k", "moe_layer_freq"),
+                    "int[1, 4096]"),
+    **dict.fromkeys(("d_model", "d_ffn"), "int[1, 1048576]"),
+    "n_experts": "int[0, 4096]", **dict.fromkeys(("expert_d_ffn", "shared_d_ffn"), "int[0, 1048576]"),
     **dict.fromkeys(("rope_theta", "norm_eps", "init_std", "expert_scale"), ">0"),
     "capacity_factor": ">=0", "gate": GATES, "qkv_bias": "bool", "tie_embeddings": "bool",
     "router_noise": "bool",

@@ -148,6 +148,12 @@ def user_sources(paths: list[str]) -> list[dict]:
     sources = []
     for given in paths:
         path = Path(given).expanduser()
+        if not str(given).strip():
+            raise ValueError("--data='': give .txt or .jsonl files or folders (an empty path "
+                             "would read every text file under the working folder)")
+        if path.exists() and not (path.is_dir() or path.is_file()):
+            raise ValueError(f"{given}: not a regular file or folder (a pipe or a device is "
+                             "never read: it may not end)")
         if not path.exists():
             raise ValueError(f"{given}: no such file or folder (give .txt or .jsonl files, "
                              f"or folders of them)")

@@ -1,8 +1,9 @@
-"""Files that are whole or absent: every file minimoe writes goes through `atomic_write`.
+"""Files whole or absent, read through their rules, and a run folder held by one process.
 
-A file is written under a temporary name beside its destination, flushed to disk, and renamed
-into place (`os.replace` is atomic on POSIX and Windows), so a reader, or a run killed at any
-instant, sees the old file or the new one and never half of one.
+Every file minimoe writes goes through `atomic_write` (a temporary name, fsync, rename), so a
+reader or a run killed at any instant sees the old file or the new one, never half of one.
+Every JSON file it reads is one object or a one-line error; a JSON-lines log may end in a line
+torn by a kill. A command that writes a run holds `RunLock` on it, as git holds index.lock.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import sys
+import time
 from pathlib import Path
 
 try:
@@ -30,6 +33,9 @@ def atomic_write(path):
         with open(tmp, "rb+") as f:  # the bytes reach the disk before the name does
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # a full disk or a size limit says which file it was writing
+        err.filename = err.filename or str(path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -49,14 +55,17 @@ def write_json(path, obj) -> None:
 
 
 def read_json(path, error=ValueError) -> dict:
-    """A JSON file, or `error` naming the file and what is wrong with it."""
+    """A JSON object from a file, or `error` naming the file and what is wrong with it."""
     path = Path(path)
     if not path.exists():
         raise error(f"{path}: missing")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise error(f"{path}: not valid JSON ({err})") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise error(f"{path}: not valid JSON ({str(err)[:80]})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: must hold a JSON object, not {type(data).__name__}")
+    return data
 
 
 def read_toml(path) -> dict:
@@ -68,14 +77,101 @@ def read_toml(path) -> dict:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: not a valid TOML file ({err})") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: not a valid TOML file ({str(err)[:80]})") from None
 
 
 def read_jsonl(path) -> list[dict]:
-    """Every record of a JSON-lines file (blank lines skipped)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Every record (a JSON object) of a JSON-lines file, blank lines skipped. A last line with
+    no line break that does not parse was torn by a kill in its write: it is left out."""
+    path = Path(path)
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            if n == len(lines):  # torn
+                break
+            record = None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{n}: must be a JSON object on one line")
+        records.append(record)
+    return records
+
+
+def check_writable(path) -> None:
+    """Refuse a file we could not write, before the work that would fill it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; give a file name")
+    probe = path.with_name(f".{path.name}.{os.getpid()}.probe")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot write here ({err.strerror})") from None
+
+
+class RunLock:
+    """`folder` held by this process, as git holds a lock file: `<folder>.lock` created with
+    O_CREAT | O_EXCL, holding the holder's pid, host and command. A second process is refused
+    with one line naming the holder; the lock of a process that has died (a kill) is taken
+    over with a message. Released on exit, also on an error or Ctrl-C."""
+
+    def __init__(self, folder, command: str):
+        folder = Path(folder).resolve()
+        self.path, self.folder = folder.with_name(folder.name + ".lock"), folder
+        self.text = f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%d %H:%M:%S')} {command}\n"
+
+    def __enter__(self):
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.folder.exists() and not self.folder.is_dir():
+                raise ValueError(f"out={self.folder}: is a file, not a folder")
+            self._take() or self._take_over()
+        except OSError as err:
+            raise ValueError(f"out={self.folder}: cannot write here ({err.strerror})") from None
+        return self
+
+    def _take(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(self.text)
+        return True
+
+    def _take_over(self):
+        holder = self.path.read_text(errors="replace").strip()
+        pid, host = (holder.split() + ["", ""])[:2]
+        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+            print(f"minimoe: taking over {self.path} from pid {pid}, which is no longer "
+                  "running", file=sys.stderr)
+            self.path.unlink(missing_ok=True)  # two takers racing here: one O_EXCL wins
+            if self._take():
+                return
+            holder = self.path.read_text(errors="replace").strip()
+        raise ValueError(f"out={self.folder}: in use by pid {holder} (the lock {self.path}); "
+                         "wait for it, or delete the lock if that process is gone")
+
+    def __exit__(self, *_):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def save_figure(fig, path) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from minimoe.checks import check
 from minimoe.model import KVCache
 
 
@@ -25,7 +26,9 @@ def pick_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float = 
     (nucleus sampling, Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration")."""
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
-    probs_BV = (logits_BV.float() / temperature).softmax(dim=-1)
+    # shifted to a maximum of 0 before the division: a tiny temperature gives -inf, never nan
+    logits_BV = logits_BV.double()  # float64: a temperature as small as 1e-300 stays nonzero
+    probs_BV = ((logits_BV - logits_BV.amax(dim=-1, keepdim=True)) / temperature).softmax(dim=-1)
     if top_p < 1.0:
         sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
         before_BV = sorted_BV.cumsum(dim=-1) - sorted_BV  # mass of the tokens ranked above
@@ -35,12 +38,9 @@ def pick_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float = 
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float):
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
-    if not temperature >= 0:
-        raise ValueError(f"temperature={temperature}: must be >= 0 (0 is greedy)")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p}: must be in (0, 1]")
+    for name, value, rule in (("max_new_tokens", max_new_tokens, "int>0"),
+                              ("temperature", temperature, ">=0"), ("top_p", top_p, "(0, 1]")):
+        check("generate", name, value, rule)
 
 
 @torch.inference_mode()  # a little faster than no_grad: no version counters

@@ -203,6 +203,7 @@ def _tokenizer(kind: str, vocab_size: int, sources, out: Path, val_fraction, see
         path = Path(kind)
         if not path.is_file():
             raise ValueError(f"tokenizer={kind!r}: must be bpe, byte or a tokenizer.json file")
+        BPETokenizer(path, name=path.stem)  # a bad file is refused under its own name
         shutil.copyfile(path, out / "tokenizer.json")
     digest = hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()[:8]
     stem = f"bpe{vocab_size}" if kind == "bpe" else Path(kind).stem

@@ -62,9 +62,15 @@ class BPETokenizer:
     common Chinese characters) become single tokens, so sequences are ~3x shorter than bytes."""
 
     def __init__(self, path: Path, name: str):
-        self._tokenizer = Tokenizer.from_file(str(path))
+        try:
+            self._tokenizer = Tokenizer.from_file(str(path))
+        except Exception as err:  # the tokenizers library raises plain Exception (and panics)
+            raise ValueError(f"{path}: not a tokenizer file of the tokenizers library "
+                             f"({str(err).splitlines()[0][:100]})") from None
         self.name = name
         self.vocab_size = self._tokenizer.get_vocab_size()
+        if max(self._tokenizer.get_vocab().values(), default=0) >= self.vocab_size:
+            raise ValueError(f"{path}: token ids reach past its vocabulary of {self.vocab_size}")
         self.eos_id = self._tokenizer.token_to_id(EOS)
 
     def encode(self, text: str) -> list[int]:

@@ -37,7 +37,7 @@ from minimoe import checkpoint as ckpt
 from minimoe import dist
 from minimoe import files
 from minimoe import mixing
-from minimoe.checks import check_fields
+from minimoe.checks import check_fields, problem
 from minimoe.evaluate import evaluate
 from minimoe.moe import AuxLossConfig, expert_load
 from minimoe.tensor_parallel import check_tensor_parallel
@@ -77,6 +77,10 @@ class TrainConfig:
 
     def __post_init__(self):
         check_fields("TrainConfig", self, TRAIN_RULES)
+        if str(self.device).split(":")[0] not in ("cpu", "cuda") or (
+                self.device.startswith("cuda") and not torch.cuda.is_available()):
+            raise ValueError(f"TrainConfig.device={self.device!r}: must be cpu, or cuda where "
+                             "a GPU is")
         try:
             mixing.parse_mix(self.mix)  # the domains are checked against the data in train()
         except ValueError as err:
@@ -89,9 +93,11 @@ class TrainConfig:
         return self.batch_size * self.seq_len * self.grad_accum
 
 
-TRAIN_RULES = {  # minimoe/checks.py
-    **dict.fromkeys(("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
-                     "ckpt_every", "log_every", "mix_every", "ep", "tp"), "int>0"),
+TRAIN_RULES = {  # minimoe/checks.py; bounds on what multiplies into memory
+    **dict.fromkeys(("steps", "grad_accum", "eval_every", "eval_batches", "ckpt_every",
+                     "log_every", "mix_every"), "int>0"),
+    "batch_size": "int[1, 1048576]", "seq_len": "int[1, 1048576]", "seed": "int>=0",
+    **dict.fromkeys(("ep", "tp"), "int[1, 65536]"),
     **dict.fromkeys(("lr", "mix_eta"), ">0"), "warmup_steps": "int>=0", "min_lr_ratio": "[0, 1]",
     **dict.fromkeys(("beta1", "beta2"), "[0, 1)"), **dict.fromkeys(("weight_decay", "grad_clip"), ">=0"),
     "parallel": dist.MODES, **dict.fromkeys(("bf16", "activation_checkpointing", "compile"), "bool"),
@@ -167,7 +173,7 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
     if latest is not None:
         state = ckpt.load_checkpoint(latest, model, optimizer)
         step, tokens, train_time = state["step"], state["tokens"], state["train_time"]
-        weights = state.get("mix_weights", weights)
+        weights = _resumed_weights(state, latest, tc, weights)
     else:
         torch.manual_seed(tc.seed)
     log_path = out_dir / "log.jsonl"
@@ -249,6 +255,22 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
     return RunResult(out_dir, step, tokens, train_time, _final_val(history), history)
 
 
+def _resumed_weights(state: dict, path: Path, tc: TrainConfig, weights):
+    """The domain weights a checkpoint resumes with, once its state fits this run."""
+    where = f"{path / 'state.json'}: "
+    if state["step"] > tc.steps or state["tokens"] != state["step"] * tc.tokens_per_step:
+        raise ValueError(f"{where}step={state['step']}, tokens={state['tokens']}: this run has "
+                         f"{tc.steps} steps of {tc.tokens_per_step} tokens")
+    saved = state.get("mix_weights")
+    fits = saved is None if weights is None else (
+        isinstance(saved, dict) and sorted(saved) == sorted(weights)
+        and all(problem(w, "[0, 1]") is None for w in saved.values()))
+    if not fits:
+        raise ValueError(f"{where}mix_weights={saved!r}: must weigh the run's domains "
+                         f"({', '.join(weights or {}) or 'none: a size mix'}) in [0, 1]")
+    return saved
+
+
 def _evaluate(model, data, tc: TrainConfig) -> dict[str, float]:
     """Validation losses; under torchrun each rank takes its rows of every batch."""
     if not dist.is_distributed():
@@ -323,18 +345,14 @@ def _check_same_run(out_dir: Path, run: dict):
 
 
 def _truncate_log(path: Path, step: int) -> list[dict]:
-    """Keep the log records up to `step` (a resumed run re-logs what came after). A line torn
-    by a kill in the middle of its write ends the log."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if record["step"] <= step:
-            records.append(record)
+    """Keep the log records up to `step` (a resumed run re-logs what came after); a last line
+    torn by a kill is dropped (files.read_jsonl), a record without its step refused."""
+    records = files.read_jsonl(path) if path.exists() else []
+    for n, record in enumerate(records):
+        if problem(record.get("step"), "int>=0"):
+            raise ValueError(f"{path}: record {n + 1}: step={record.get('step')!r}: must be a "
+                             "step number")
+    records = [r for r in records if r["step"] <= step]
     files.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return records
 

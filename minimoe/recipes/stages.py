@@ -22,6 +22,7 @@ from minimoe import experts
 from minimoe import dist
 from minimoe import files
 from minimoe import mixing
+from minimoe.checks import check
 from minimoe.config import ModelConfig, get_preset
 from minimoe.data import prepare_corpus
 from minimoe.evaluate import evaluate, load_tasks, run_tasks
@@ -35,7 +36,8 @@ from minimoe.upcycle import scale_out, upcycle_checkpoint
 
 
 def data_spec(paths=None, vocab_size: int = 2048, tokenizer: str = "bpe") -> dict:
-    paths = [str(Path(p).resolve()) for p in paths] if paths else None
+    # '' kept as it is, refused by the reader: resolved, it would be the working folder
+    paths = [str(Path(p).resolve()) if str(p).strip() else "" for p in paths] if paths else None
     return {"paths": paths, "vocab_size": vocab_size, "tokenizer": tokenizer}
 
 
@@ -43,7 +45,7 @@ def load_run_data(spec: dict):
     """(TokenData, tokenizer) for a data spec: the demo corpus when paths is None, a folder of
     pre-tokenised shards (`minimoe tokenize`), or text files and folders."""
     paths = spec["paths"]
-    if paths and len(paths) == 1 and is_shard_folder(paths[0]):
+    if paths and len(paths) == 1 and paths[0] and is_shard_folder(paths[0]):
         return load_shards(paths[0])
 
     def load():
@@ -55,10 +57,19 @@ def load_run_data(spec: dict):
 
 
 def run_data_spec(run_dir) -> dict:
-    meta = ckpt.read_json(Path(run_dir) / "run.json")
-    if "data" not in meta:
-        raise ckpt.CheckpointError(f"{run_dir}/run.json: has no data spec (not a minimoe run?)")
-    return meta["data"]
+    """run.json's data spec, held to the rules `data_spec` writes it by."""
+    where = f"{Path(run_dir) / 'run.json'}: data"
+    spec = ckpt.read_json(Path(run_dir) / "run.json").get("data")
+    if not isinstance(spec, dict):
+        raise ckpt.CheckpointError(f"{where}={spec!r}: must be a table (not a minimoe run?)")
+    paths = spec.get("paths")
+    if paths is not None and not (isinstance(paths, list) and paths and all(
+            isinstance(p, str) and p.strip() for p in paths)):
+        raise ckpt.CheckpointError(f"{where}.paths={paths!r}: must be null (the demo corpus) "
+                                   "or a list of paths")
+    check(where, "vocab_size", spec.get("vocab_size"), "int[258, 16777216]")
+    check(where, "tokenizer", spec.get("tokenizer"), ("bpe", "byte"))
+    return spec
 
 
 def pretrain(cfg: ModelConfig | str, out, tc: TrainConfig, spec: dict | None = None,
@@ -188,23 +199,44 @@ def transform_run(src, out, transform, meta: dict, tc: TrainConfig | None = None
 
 
 def _transform_run(src: Path, out: Path, transform, meta: dict, tc) -> dict:
-    report_path = out / "transform.json"
     request = {**meta, "source": str(src.resolve())}
-    if (out / "model.safetensors").exists():  # done before: fine if it is the same request
-        old = ckpt.read_json(report_path) if report_path.exists() else {}
-        if any(old.get(k) != v for k, v in request.items()):
-            raise ValueError(f"--out={out}: already holds a different model; choose another folder")
-        return old
+    done = _finished(out, request)
+    if done:
+        return done
     model, src_meta = ckpt.load_model(src)
+    _start(out, request)
     torch.manual_seed(0)
     new_model, extra = transform(model)
-    spec = src_meta.get("data")
+    spec = run_data_spec(src) if src_meta else None
     before, after = (validation_loss(m, spec, tc) if spec else None for m in (model, new_model))
-    report = {**request, **extra, "val_before": before, "val_after": after,
+    report = {**request, **extra, "val_before": before, "val_after": after, "finished": True,
               "params_before": model.cfg.param_counts(), "params_after": new_model.cfg.param_counts()}
     ckpt.save_model(out, new_model, {**meta, "data": spec, "init_from": str(src.resolve())})
-    files.write_json(report_path, report)
+    files.write_json(out / "transform.json", report)  # last: the stage is finished
     return report
+
+
+def _finished(out: Path, request: dict) -> dict | None:
+    """The report of a finished transformation of this request in `out` (nothing is redone),
+    else None. A folder holding anything else (another run, other files) is refused."""
+    path = out / "transform.json"
+    if path.exists():
+        old = ckpt.read_json(path)
+        if any(old.get(k) != v for k, v in request.items()):
+            raise ValueError(f"--out={out}: holds another transformation; choose another folder")
+        return old if old.get("finished", True) else None
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out={out}: not empty and holds no transformation (another run, or "
+                         "other files); choose another folder")
+    return None
+
+
+def _start(out: Path, request: dict):
+    """`out` claimed for the request, a half-written transformation of it (a kill) cleared."""
+    for name in ("config.json", "model.safetensors", "run.json"):
+        (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    files.write_json(out / "transform.json", {**request, "finished": False})
 
 
 def grow_run(src, target: str, out, method: str = "aki-pro", depth: str | None = None,
@@ -229,10 +261,7 @@ def scale_out_run(src, out, method: str = "upcycle", n_experts: int = 8, top_k: 
     def transform(dense):
         calib = None
         if method.startswith("split-importance"):
-            spec = ckpt.read_json(Path(src) / "run.json").get("data")
-            if spec is None:
-                raise ValueError(f"--from={src}: its run.json names no data to calibrate on")
-            data, _ = load_run_data(spec)
+            data, _ = load_run_data(run_data_spec(src))
             seq_len = min(128, dense.cfg.max_seq_len)
             calib = [data.train_batch(step, 8, seq_len, seed=seed) for step in range(calib_batches)]
         return scale_out(dense, method, n_experts, top_k, calib, seed, **options), {}
@@ -252,25 +281,22 @@ def stream_run(src, out, meta: dict, write) -> dict:
 
 
 def _stream_run(src: Path, out: Path, meta: dict, write) -> dict:
-    report_path = out / "transform.json"
     request = {**meta, "source": str(src.resolve()), "streamed": True}
-    if report_path.exists():
-        old = ckpt.read_json(report_path)
-        if any(old.get(k) != v for k, v in request.items()):
-            raise ValueError(f"--out={out}: already holds a different model; choose another folder")
-        return old
     src_cfg = ckpt.read_config(src)
-    spec = ckpt.read_json(src / "run.json").get("data") if (src / "run.json").exists() else None
-    out.mkdir(parents=True, exist_ok=True)
+    spec = run_data_spec(src) if (src / "run.json").exists() else None
+    done = _finished(out, request)
+    if done:
+        return done
+    _start(out, request)
     t0 = time.perf_counter()
     cfg, written, extra = write(ckpt.model_file(src), src_cfg, out / "model.safetensors")
     seconds = time.perf_counter() - t0
-    report = {**request, **extra, "val_before": None, "val_after": None,
+    report = {**request, **extra, "val_before": None, "val_after": None, "finished": True,
               "params_before": src_cfg.param_counts(), "params_after": cfg.param_counts(),
               "bytes_written": written, "seconds": seconds}
     files.write_text(out / "config.json", cfg.to_json())
     files.write_json(out / "run.json", {**meta, "data": spec, "init_from": str(src.resolve())})
-    files.write_json(report_path, report)
+    files.write_json(out / "transform.json", report)
     return report
 
 

@@ -13,9 +13,10 @@ which is how the cost model uses a run's routing (`Options.imbalance_log`).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
+
+from minimoe import files
 
 
 def imbalance_factor(load: list[list[float]], ranks: int | None = None, where: str = "load") -> float:
@@ -65,14 +66,7 @@ def histograms_from_log(path: str | Path) -> list[list[list[float]]]:
         path = path / "log.jsonl"
     if not path.is_file():
         raise ValueError(f"{path}: no such run log")
-    found = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip() and json.loads(line).get("load"):
-                    found.append(json.loads(line)["load"])
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a JSON-lines log ({err})") from None
+    found = [r["load"] for r in files.read_jsonl(path) if r.get("load")]
     if not found:
         raise ValueError(f"{path}: no record has a 'load' histogram (a dense run?)")
     return found
