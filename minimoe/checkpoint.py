@@ -300,7 +300,8 @@ def _check_state(state: dict, path: Path) -> dict:
     if not (isinstance(hyper, dict) and isinstance(hyper.get("param_groups"), list)
             and isinstance(hyper.get("group_params"), list)
             and all(isinstance(g, dict) for g in hyper["param_groups"])
-            and all(isinstance(n, list) for n in hyper["group_params"])):
+            and all(isinstance(n, list) and all(isinstance(x, str) for x in n)
+                    for n in hyper["group_params"])):
         raise CheckpointError(f"{where}optimizer: must hold param_groups and group_params lists")
     return state
 

@@ -41,7 +41,7 @@ def check(owner: str, name: str, value, rule) -> None:
     owner ending in ": ", a file's name, is followed by the name alone)."""
     text = problem(value, rule)
     if text:
-        owner = owner if owner.endswith(": ") else f"{owner}."
+        owner = owner if not owner or owner.endswith(": ") else f"{owner}."
         raise ValueError(f"{owner}{name}={value!r}: {text}")
 
 
@@ -100,5 +100,11 @@ def known_keys(where: str, table, allowed) -> dict:
 def from_table(cls, table, where: str, **given):
     """A dataclass from a TOML/JSON table: unknown keys refused, then the class's own field
     rules (its __post_init__ calls check_fields), each a one-line ValueError."""
-    known_keys(where, table, {f.name for f in dataclasses.fields(cls)} - set(given))
+    fields = dataclasses.fields(cls)
+    known_keys(where, table, {f.name for f in fields} - set(given))
+    for f in fields:
+        if f.name not in table and f.name not in given and f.default is dataclasses.MISSING \
+                and f.default_factory is dataclasses.MISSING:
+            prefix = f"{where}." if where and not where.endswith(": ") else where
+            raise ValueError(f"{prefix}{f.name}: missing")
     return cls(**table, **given)

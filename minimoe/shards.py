@@ -38,6 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 from minimoe import files
+from minimoe.checks import check, problem
 from minimoe.data import (MIN_DOC_CHARS, clean_text, detect_lang, jsonl_record, unit_hash,
                           user_sources)
 from minimoe.tokens import BPETokenizer, ByteTokenizer, TokenData, train_bpe
@@ -228,8 +229,8 @@ def tokenize(paths: list[str], out, tokenizer: str = "bpe", vocab_size: int = 20
                "sample_chars": sample_chars, "min_doc_chars": MIN_DOC_CHARS}
     out = Path(out)
     if is_shard_folder(out):
-        manifest = files.read_json(out / "manifest.json")
-        if manifest["request"] != request:
+        manifest = read_manifest(out)
+        if manifest.get("request") != request:
             raise ValueError(f"out={out}: holds shards of another request; choose another --out")
         return manifest
     _claim(out, request)
@@ -323,7 +324,7 @@ def is_shard_folder(path) -> bool:
 def load_shards(folder) -> tuple[TokenData, object]:
     """(TokenData over the shards' memory maps, the tokenizer) of a `tokenize` folder."""
     folder = Path(folder)
-    manifest = files.read_json(folder / "manifest.json")
+    manifest = read_manifest(folder)
     tok = (ByteTokenizer() if manifest["tokenizer_kind"] == "byte"
            else BPETokenizer(folder / "tokenizer.json", manifest["tokenizer"]))
     dtype = np.dtype(manifest["dtype"])
@@ -347,4 +348,31 @@ def load_shards(folder) -> tuple[TokenData, object]:
     for name in sorted({d for d, _ in val}):
         arrays[f"val_{name}"] = ConcatTokens([p for (d, _), ps in val.items() if d == name
                                               for p in ps])
-    return TokenData(folder, arrays, manifest["tokenizer"], ranges, {s: s for s in arrays}), tok
+    return TokenData(folder, arrays, manifest["tokenizer"], ranges, {s: s for s in arrays},
+                     manifest["vocab_size"]), tok
+
+
+def read_manifest(folder: Path) -> dict:
+    """manifest.json held to its rules: every shard a file inside the folder whose size is its
+    token count, train shards for each domain, validation shards."""
+    m, where = files.read_json(folder / "manifest.json"), f"{folder / 'manifest.json'}: "
+    for key, rule in (("format", (FORMAT,)), ("dtype", ("uint16", "uint32")), ("tokenizer", "str"),
+                      ("tokenizer_kind", ("byte", "file")), ("vocab_size", "int[1, 4294967296]")):
+        check(where, key, m.get(key), rule)
+    shards, domains = m.get("shards"), m.get("domains")
+    if not (isinstance(domains, list) and domains and all(isinstance(d, str) for d in domains)
+            and isinstance(shards, dict) and isinstance(shards.get("train"), dict)
+            and sorted(shards["train"]) == sorted(domains) and isinstance(shards.get("val"), dict)
+            and shards["val"] and all(isinstance(v, dict) and v for v in shards["val"].values())):
+        raise ValueError(f"{where}domains, shards: must list the domains, train shards for each "
+                         "and validation shards")
+    lists = [*shards["train"].values(), *(e for v in shards["val"].values() for e in v.values())]
+    root, size = folder.resolve(), np.dtype(m["dtype"]).itemsize
+    for entry in (e for entries in lists for e in (entries if isinstance(entries, list) else [0])):
+        file = entry.get("file") if isinstance(entry, dict) else None
+        path = (root / file).resolve() if isinstance(file, str) else root
+        if root not in path.parents or problem(entry.get("tokens"), "int>=0") \
+                or not path.is_file() or path.stat().st_size != entry["tokens"] * size:
+            raise ValueError(f"{where}shard {entry!r}: must name a file in the folder that "
+                             "holds its tokens")
+    return m

@@ -141,6 +141,7 @@ class TokenData:
     tokenizer_name: str
     domain_ranges: dict[str, tuple[int, int]]  # [start, end) of each domain in train
     stored_as: dict[str, str]  # split -> the split whose file holds its tokens
+    vocab_size: int = 0  # every id read must be below it (0: not checked)
 
     @classmethod
     def build(cls, corpus: Corpus, tokenizer) -> TokenData:
@@ -154,7 +155,7 @@ class TokenData:
                   for split in set(meta["stored_as"].values())}
         arrays = {split: stored[source] for split, source in meta["stored_as"].items()}
         ranges = {domain: tuple(bounds) for domain, bounds in meta["domain_ranges"].items()}
-        return cls(folder, arrays, meta["tokenizer"], ranges, meta["stored_as"])
+        return cls(folder, arrays, meta["tokenizer"], ranges, meta["stored_as"], meta["vocab_size"])
 
     @property
     def langs(self) -> list[str]:
@@ -182,12 +183,15 @@ class TokenData:
             raise ValueError(f"split {split!r}: must be one of {sorted(self.arrays)}")
         return self.arrays[split]
 
-    @staticmethod
-    def _windows(tokens: np.ndarray, starts, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _windows(self, tokens: np.ndarray, starts, seq_len: int):
+        """(x, y) of the windows at `starts`: (B, T) each, y the next tokens."""
         if len(tokens) < seq_len + 1:
             raise ValueError(f"seq_len {seq_len}: needs {seq_len + 1} tokens, this split has "
                              f"{len(tokens)}")
         rows = np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64)  # (B, T+1)
+        if self.vocab_size and rows.max() >= self.vocab_size:  # files on disk: not trusted
+            raise ValueError(f"{self.path}: token id {rows.max()} is past the vocabulary of "
+                             f"{self.vocab_size} (tokens and tokenizer disagree)")
         rows = torch.from_numpy(rows)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # x, and y = next token: (B, T)
 

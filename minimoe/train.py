@@ -346,12 +346,16 @@ def _check_same_run(out_dir: Path, run: dict):
 
 def _truncate_log(path: Path, step: int) -> list[dict]:
     """Keep the log records up to `step` (a resumed run re-logs what came after); a last line
-    torn by a kill is dropped (files.read_jsonl), a record without its step refused."""
+    torn by a kill is dropped (files.read_jsonl), a record not of this loop refused."""
     records = files.read_jsonl(path) if path.exists() else []
-    for n, record in enumerate(records):
-        if problem(record.get("step"), "int>=0"):
-            raise ValueError(f"{path}: record {n + 1}: step={record.get('step')!r}: must be a "
-                             "step number")
+    for n, r in enumerate(records, 1):
+        mix = r.get("mix") or {}
+        numbers = [v for k, v in r.items() if k in ("loss", "lr") or k.startswith("val_")]
+        if problem(r.get("step"), "int>=0") or problem(r.get("tokens"), "int>=0") \
+                or not isinstance(mix, dict) or any(isinstance(v, bool) or not isinstance(
+                    v, (int, float)) for v in numbers + list(mix.values())):
+            raise ValueError(f"{path}: record {n} is not a training log record (step, tokens "
+                             "and numbers)")
     records = [r for r in records if r["step"] <= step]
     files.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return records

@@ -22,7 +22,7 @@ from minimoe import experts
 from minimoe import dist
 from minimoe import files
 from minimoe import mixing
-from minimoe.checks import check
+from minimoe.checks import check, problem
 from minimoe.config import ModelConfig, get_preset
 from minimoe.data import prepare_corpus
 from minimoe.evaluate import evaluate, load_tasks, run_tasks
@@ -224,11 +224,26 @@ def _finished(out: Path, request: dict) -> dict | None:
         old = ckpt.read_json(path)
         if any(old.get(k) != v for k, v in request.items()):
             raise ValueError(f"--out={out}: holds another transformation; choose another folder")
-        return old if old.get("finished", True) else None
+        return _report(old, path) if old.get("finished", True) else None
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out={out}: not empty and holds no transformation (another run, or "
                          "other files); choose another folder")
     return None
+
+
+def _report(old: dict, path: Path) -> dict:
+    """A finished transformation's report, held to what its readers take from it."""
+    counts = [old.get(k) for k in ("params_before", "params_after")]
+    losses = [old.get(k, "missing") for k in ("val_before", "val_after")]
+    growth = old.get("growth", {"depth": ""})
+    if not (all(isinstance(c, dict) and not problem(c.get("total"), "int>=0")
+                and not problem(c.get("active"), "int>=0") for c in counts)
+            and all(v is None or isinstance(v, dict) and not problem(v.get("val_loss"), "")
+                    and all(not problem(x, "") for x in v.values()) for v in losses)
+            and isinstance(growth, dict) and isinstance(growth.get("depth"), str)):
+        raise ckpt.CheckpointError(f"{path}: not what a transformation reports (parameter "
+                                   "counts, validation losses); choose another folder")
+    return old
 
 
 def _start(out: Path, request: dict):

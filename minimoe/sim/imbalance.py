@@ -67,6 +67,8 @@ def histograms_from_log(path: str | Path) -> list[list[list[float]]]:
     if not path.is_file():
         raise ValueError(f"{path}: no such run log")
     found = [r["load"] for r in files.read_jsonl(path) if r.get("load")]
+    for n, load in enumerate(found):
+        imbalance_factor(load, where=f"{path}: load of record {n + 1}")
     if not found:
         raise ValueError(f"{path}: no record has a 'load' histogram (a dense run?)")
     return found
