@@ -16,6 +16,7 @@ import dataclasses
 import math
 
 _OPEN = {">": True, ">=": False}  # lower bound exclusive?
+SEED = "int[0, 4294967295]"  # what every seed option and field takes (torch, numpy: 32 bits)
 
 
 def problem(value, rule) -> str | None:

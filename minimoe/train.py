@@ -7,8 +7,7 @@ a JSONL log, a loss plot, and atomic safetensors checkpoints from which a killed
 with bit-identical losses. Resume is exact because nothing in a step depends on hidden state:
 the batch of step i is a pure function of (seed, i, the domain weights in force), the learning
 rate a function of i, and the model, optimizer, RNG state and domain weights are restored from
-the checkpoint. The domain mix (`mix`, minimoe/mixing.py) is "size" by default: the batches
-minimoe always drew.
+the checkpoint, each file read through its rules (docs/method.md, "Run folders").
 
 Under torchrun the same loop runs on every rank (minimoe/dist.py): the model is wrapped by
 FSDP2 (default) or DDP, optionally with expert parallelism; each rank takes its rows of step
@@ -37,7 +36,7 @@ from minimoe import checkpoint as ckpt
 from minimoe import dist
 from minimoe import files
 from minimoe import mixing
-from minimoe.checks import check_fields, problem
+from minimoe.checks import SEED, check_fields, problem
 from minimoe.evaluate import evaluate
 from minimoe.moe import AuxLossConfig, expert_load
 from minimoe.tensor_parallel import check_tensor_parallel
@@ -94,9 +93,9 @@ class TrainConfig:
 
 
 TRAIN_RULES = {  # minimoe/checks.py; bounds on what multiplies into memory
-    **dict.fromkeys(("steps", "grad_accum", "eval_every", "eval_batches", "ckpt_every",
-                     "log_every", "mix_every"), "int>0"),
-    "batch_size": "int[1, 1048576]", "seq_len": "int[1, 1048576]", "seed": "int>=0",
+    **dict.fromkeys(("steps", "eval_every", "ckpt_every", "log_every", "mix_every"), "int>0"),
+    **dict.fromkeys(("batch_size", "seq_len", "grad_accum", "eval_batches"), "int[1, 1048576]"),
+    "seed": SEED,
     **dict.fromkeys(("ep", "tp"), "int[1, 65536]"),
     **dict.fromkeys(("lr", "mix_eta"), ">0"), "warmup_steps": "int>=0", "min_lr_ratio": "[0, 1]",
     **dict.fromkeys(("beta1", "beta2"), "[0, 1)"), **dict.fromkeys(("weight_decay", "grad_clip"), ">=0"),

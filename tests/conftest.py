@@ -13,6 +13,11 @@ os.environ["MINIMOE_NOTEBOOK_QUICK"] = "1"
 
 import pytest  # noqa: E402  (the fixtures below; the settings above come first)
 
+def fuzz_examples(default: int) -> int:
+    """Hypothesis examples of a fuzzing test: small in CI, MINIMOE_FUZZ_EXAMPLES for a long hunt."""
+    return int(os.environ.get("MINIMOE_FUZZ_EXAMPLES", default))
+
+
 TINY_RUN = ["--preset", "tiny", "--vocab-size", "512", "--steps", "2", "--batch-size", "2",
             "--seq-len", "16", "--eval-every", "2", "--ckpt-every", "1", "--no-progress"]
 

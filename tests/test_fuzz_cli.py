@@ -2,6 +2,8 @@
 case is refused with one line on stderr naming the problem and exit code 2, never a traceback,
 never a silent success. Run folders are copied from the session's tiny runs and then spoiled."""
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -262,3 +264,51 @@ def test_faults_a_command_survives(argv, spoil, runs, capsys):
         spoil(run)
     code, _, err = _cli(_argv(argv, run, moe, folder), capsys)
     assert code == 0 and "Traceback" not in err, err
+
+
+# --- any value to any option (hypothesis): success, or one line and exit 2 -------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from conftest import fuzz_examples  # noqa: E402
+from minimoe.cli import build_parser  # noqa: E402
+
+WEIRD = ["nan", "inf", "-inf", "-1", "0", "-0", "1.5", "1e999", "99999999999999999999", "0x10",
+         "", " ", "abc", "None", "../..", "/dev/null", "\u00e9\u4e2d", "--", "1,2", "=", "a=b,c"]
+BASES = {  # a cheap, valid call of each command (cheap also when the fuzzed value is valid)
+    "pretrain": ["pretrain", "--preset", "tiny", "--vocab-size", "512", "--steps", "1",
+                 "--batch-size", "1", "--seq-len", "8", "--no-progress", "--out", "{dir}/o"],
+    "generate": GENERATE, "eval": EVAL,
+    "experts": ["experts", "--ckpt", "{moe}", "--batches", "1", "--batch-size", "2", "--seq-len",
+                "16", "--out", "{dir}/e"],
+    "scale-out": SCALE_OUT,
+    "scale-up": ["scale-up", "--from", "{run}", "--to", "tiny-large", "--stream", "--out", "{dir}/g"],
+    "tokenize": [*TOKENIZE, "--tokenizer", "byte"],
+    "flops": ["flops", "--preset", "tiny"], "plan": ["plan", "--preset", "tiny", "--gpus", "8"],
+    "info": ["info", "--preset", "tiny"], "simulate": ["simulate", "sims/aquilamoe_table6.toml"],
+}
+SLOW_IF_VALID = {"--steps", "--warmup", "--eval-every", "--ckpt-every", "--log-every"}
+
+
+def _options(command: str) -> list[str]:
+    sub = next(a for a in build_parser(command)._actions if a.dest == "command")
+    return sorted(s for a in sub.choices[command]._actions if a.nargs != 0
+                  for s in a.option_strings if s.startswith("--") and s not in SLOW_IF_VALID)
+
+
+OPTIONS = [(command, option) for command in BASES for option in _options(command)]
+
+
+@settings(max_examples=fuzz_examples(30), deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.sampled_from(OPTIONS), st.sampled_from(WEIRD))
+def test_any_value_to_any_option(tiny_run, tiny_moe_run, tmp_path_factory, option, value):
+    (command, flag), folder = option, tmp_path_factory.mktemp("fuzz")
+    _text(folder)
+    argv = _argv(BASES[command], tiny_run, tiny_moe_run, folder)
+    argv = [a.replace(f"{tiny_run}/a.txt", f"{folder}/a.txt") for a in argv] + [flag, value]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(argv)
+    lines = err.getvalue().strip().splitlines()
+    assert code == 0 or (code == 2 and len(lines) == 1), (argv, code, err.getvalue())

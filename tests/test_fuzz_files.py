@@ -7,7 +7,6 @@ import contextlib
 import io
 import json
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -17,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import TINY_RUN
+from conftest import TINY_RUN, fuzz_examples
 from minimoe import checkpoint as ckpt
 from minimoe.cli import main
 from minimoe.mixing import load_references
@@ -30,7 +29,7 @@ from minimoe.tasks import load_task_file
 from minimoe.tokens import BPETokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-FUZZ = settings(max_examples=int(os.environ.get("MINIMOE_FUZZ_EXAMPLES", "12")), deadline=None,
+FUZZ = settings(max_examples=fuzz_examples(12), deadline=None,
                 derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 

@@ -15,7 +15,7 @@ import math
 
 from minimoe import checkpoint as ckpt
 from minimoe import files
-from minimoe.checks import option
+from minimoe.checks import SEED, option
 from minimoe.evaluate import load_tasks, results_table, run_tasks
 from minimoe.generate import generate_text
 from minimoe.recipes.stages import EVAL_TASKS, run_corpus, run_data_spec
@@ -31,7 +31,7 @@ def add_eval(p):
     p.add_argument("--ppl-chars", type=option("int[1, 1000000000]"), default=20_000,
                    help="ppl: validation characters per language and domain")
     p.add_argument("--batch-size", type=option("int[1, 65536]"), default=32)
-    p.add_argument("--seed", type=option("int>=0"), default=0, help="picks the built-in tasks' examples")
+    p.add_argument("--seed", type=option(SEED), default=0, help="picks the built-in tasks' examples")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--out", metavar="FILE", help="also write the results as JSON into FILE")
     p.add_argument("--no-progress", action="store_true")
@@ -77,7 +77,7 @@ def add_generate(p):
                    "this much probability (nucleus sampling)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the completion before TEXT (repeatable; '\\n' is a line break)")
-    p.add_argument("--seed", type=option("int>=0"), default=0)
+    p.add_argument("--seed", type=option(SEED), default=0)
     p.add_argument("--num-samples", type=option("int[1, 4096]"), default=1, help="completions, one batch")
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from minimoe import dist
-from minimoe.checks import option
+from minimoe.checks import SEED, option
 from minimoe.recipes.config import RECIPES
 from minimoe.recipes.dry_run import dry_run, dry_run_report
 from minimoe.recipes.launch import launch_args, load_launch_recipe
@@ -25,7 +25,7 @@ def add_tokenize(p):
     p.add_argument("--val-fraction", type=option("(0, 0.5)"), default=0.03)
     p.add_argument("--shard-tokens", type=option("int[1, 2147483648]"), default=SHARD_TOKENS,
                    help="tokens per shard file")
-    p.add_argument("--seed", type=option("int>=0"), default=0, help="the train/val split's hash")
+    p.add_argument("--seed", type=option(SEED), default=0, help="the train/val split's hash")
     p.add_argument("--no-progress", action="store_true")
 
 

@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 
-from minimoe.files import RunLock
+from minimoe.files import run_lock
 
 DESCRIPTION = """\
 Grow language models the EfficientScale way (AquilaMoE, arXiv 2408.06567): pretrain a small
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
             quiet = None if dist.is_main() else open(os.devnull, "w")
         out = getattr(args, "out", None) or (name == "experts" and f"{args.ckpt}/experts")
         locked = name in WRITES_RUN and os.environ.get("RANK", "0") == "0"
-        with RunLock(out, " ".join(["minimoe", *argv])) if locked else contextlib.nullcontext():
+        with run_lock(out, " ".join(["minimoe", *argv])) if locked else contextlib.nullcontext():
             with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
                 _functions(name)[1](args)
     except KeyboardInterrupt:

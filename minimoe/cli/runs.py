@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from minimoe import checks
 from minimoe.checks import option
 from minimoe.cli.train_options import add_train_options, train_config
 from minimoe.config import PRESETS
@@ -17,7 +18,7 @@ from minimoe.recipes.stages import (continue_pretraining, data_spec, grow_run, p
                                     stream_scale_out_run)
 from minimoe.upcycle import LAYER_CHOICES, SCALE_OUT_METHODS
 
-SEED = option("int>=0")
+SEED = option(checks.SEED)
 
 
 def add_pretrain(p):

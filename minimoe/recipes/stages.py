@@ -28,7 +28,7 @@ from minimoe.data import prepare_corpus
 from minimoe.evaluate import evaluate, load_tasks, run_tasks
 from minimoe.grow import grow_checkpoint, grow_model, growth_report, plan_growth
 from minimoe.model import build_model
-from minimoe.shards import is_shard_folder, load_shards
+from minimoe.shards import is_shard_folder, load_shards, read_manifest
 from minimoe.tasks import FORMAT as TASKS_FORMAT
 from minimoe.tokens import load_data, load_tokenizer
 from minimoe.train import RunResult, TrainConfig, train
@@ -38,14 +38,30 @@ from minimoe.upcycle import scale_out, upcycle_checkpoint
 def data_spec(paths=None, vocab_size: int = 2048, tokenizer: str = "bpe") -> dict:
     # '' kept as it is, refused by the reader: resolved, it would be the working folder
     paths = [str(Path(p).resolve()) if str(p).strip() else "" for p in paths] if paths else None
-    return {"paths": paths, "vocab_size": vocab_size, "tokenizer": tokenizer}
+    spec = {"paths": paths, "vocab_size": vocab_size, "tokenizer": tokenizer}
+    if _shard_folder(paths):  # what the run's token ids mean: a run resumes on these alone
+        spec["shards"] = _shards_identity(paths[0])
+    return spec
+
+
+def _shard_folder(paths) -> bool:
+    return bool(paths and len(paths) == 1 and paths[0] and is_shard_folder(paths[0]))
+
+
+def _shards_identity(folder) -> dict:
+    m = read_manifest(Path(folder))  # the tokenizer's name holds its file's digest
+    return {"tokenizer": m["tokenizer"],
+            "train_tokens": sum(e["tokens"] for es in m["shards"]["train"].values() for e in es)}
 
 
 def load_run_data(spec: dict):
     """(TokenData, tokenizer) for a data spec: the demo corpus when paths is None, a folder of
     pre-tokenised shards (`minimoe tokenize`), or text files and folders."""
     paths = spec["paths"]
-    if paths and len(paths) == 1 and paths[0] and is_shard_folder(paths[0]):
+    if _shard_folder(paths):
+        if spec.get("shards", _shards_identity(paths[0])) != _shards_identity(paths[0]):
+            raise ValueError(f"--data={paths[0]}: re-tokenised since the run began ({spec['shards']}"
+                             f" then, {_shards_identity(paths[0])} now); its token ids differ")
         return load_shards(paths[0])
 
     def load():
