@@ -53,6 +53,7 @@ class ModelConfig:
 
     def __post_init__(self):
         check_fields("ModelConfig", self, RULES)
+        check_fields("ModelConfig", self, BOUNDS)
         if self.d_model % self.n_heads:
             _fail("d_model", self.d_model, f"must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -124,16 +125,18 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-RULES = {  # ModelConfig's field rules (minimoe/checks.py); capacity_factor 0 means dropless;
-    # the bounds, far above any published model, keep a size from overflowing memory arithmetic
-    **dict.fromkeys(("vocab_size", "max_seq_len"), "int[1, 16777216]"),
-    **dict.fromkeys(("n_layers", "n_heads", "n_kv_heads", "top_k", "moe_layer_freq"),
-                    "int[1, 4096]"),
-    **dict.fromkeys(("d_model", "d_ffn"), "int[1, 1048576]"),
-    "n_experts": "int[0, 4096]", **dict.fromkeys(("expert_d_ffn", "shared_d_ffn"), "int[0, 1048576]"),
+RULES = {  # ModelConfig's field rules (minimoe/checks.py); capacity_factor 0 means dropless
+    **dict.fromkeys(("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ffn",
+                     "max_seq_len", "top_k", "moe_layer_freq"), "int>0"),
+    **dict.fromkeys(("n_experts", "expert_d_ffn", "shared_d_ffn"), "int>=0"),
     **dict.fromkeys(("rope_theta", "norm_eps", "init_std", "expert_scale"), ">0"),
     "capacity_factor": ">=0", "gate": GATES, "qkv_bias": "bool", "tie_embeddings": "bool",
     "router_noise": "bool",
+}
+BOUNDS = {  # far above any published model: a size from a file cannot overflow memory arithmetic
+    **dict.fromkeys(("vocab_size", "max_seq_len"), "[0, 16777216]"),
+    **dict.fromkeys(("n_layers", "n_heads", "n_kv_heads", "n_experts", "top_k"), "[0, 4096]"),
+    **dict.fromkeys(("d_model", "d_ffn", "expert_d_ffn", "shared_d_ffn"), "[0, 1048576]"),
 }
 
 

@@ -115,7 +115,7 @@ CASES = [
     ("scale-out-router-std-zero", [*SCALE_OUT, "--router-std", "0"], None, "router"),
     ("scale-out-experts-0", ["scale-out", "--from", "{run}", "--experts", "0", "--out", "{dir}/m"], None, "experts"),
     ("scale-out-experts-huge", ["scale-out", "--from", "{run}", "--experts", BIG, "--out", "{dir}/m"], None, "experts"),
-    ("scale-out-top-k-over", ["scale-out", "--from", "{run}", "--experts", "4", "--top-k", "5", "--out", "{dir}/m"], None, "top"),
+    ("scale-out-top-k-over", ["scale-out", "--from", "{run}", "--experts", "4", "--top-k", "5", "--out", "{dir}/m"], None, "top_k"),
     ("scale-out-scale-nan", ["scale-out", "--from", "{run}", "--method", "split-random", "--scale", "nan",
                              "--out", "{dir}/m"], None, "scale"),
     ("scale-out-calib-huge", ["scale-out", "--from", "{run}", "--method", "split-importance",

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import importlib
 import os
+import re
 import signal
 import sys
 
@@ -51,6 +52,8 @@ WRITES_RUN = {"pipeline", "pretrain", "tokenize", "scale-up", "scale-out", "expe
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors: one line, exit 2
+        ruled = re.fullmatch(r"argument (?:\S+/)?(\S+): '(.*)': (must .*)", message, re.DOTALL)
+        message = f"{ruled[1]}={ruled[2]}: {ruled[3]}" if ruled else message  # checks.option's
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
 

@@ -146,8 +146,6 @@ def add_scale_out(p):
 
 def run_scale_out(args):
     options = dict(layers=args.layers, router_std=args.router_std, router_init=args.router_init)
-    if args.top_k > args.experts:
-        raise ValueError(f"--top-k={args.top_k}: must be at most --experts={args.experts}")
     if args.scale is not None:
         if args.method == "upcycle":
             raise ValueError("--scale: only the split-* methods scale expert outputs")

@@ -77,7 +77,7 @@ def run_data_spec(run_dir) -> dict:
     where = f"{Path(run_dir) / 'run.json'}: data"
     spec = ckpt.read_json(Path(run_dir) / "run.json").get("data")
     if not isinstance(spec, dict):
-        raise ckpt.CheckpointError(f"{where}={spec!r}: must be a table (not a minimoe run?)")
+        raise ckpt.CheckpointError(f"{where}={spec!r}: names no data (not a minimoe run?)")
     paths = spec.get("paths")
     if paths is not None and not (isinstance(paths, list) and paths and all(
             isinstance(p, str) and p.strip() for p in paths)):
@@ -220,13 +220,13 @@ def _transform_run(src: Path, out: Path, transform, meta: dict, tc) -> dict:
     if done:
         return done
     model, src_meta = ckpt.load_model(src)
-    _start(out, request)
     torch.manual_seed(0)
     new_model, extra = transform(model)
-    spec = run_data_spec(src) if src_meta else None
+    spec = run_data_spec(src) if src_meta.get("data") is not None else None
     before, after = (validation_loss(m, spec, tc) if spec else None for m in (model, new_model))
     report = {**request, **extra, "val_before": before, "val_after": after, "finished": True,
               "params_before": model.cfg.param_counts(), "params_after": new_model.cfg.param_counts()}
+    _start(out, request)
     ckpt.save_model(out, new_model, {**meta, "data": spec, "init_from": str(src.resolve())})
     files.write_json(out / "transform.json", report)  # last: the stage is finished
     return report
@@ -239,7 +239,8 @@ def _finished(out: Path, request: dict) -> dict | None:
     if path.exists():
         old = ckpt.read_json(path)
         if any(old.get(k) != v for k, v in request.items()):
-            raise ValueError(f"--out={out}: holds another transformation; choose another folder")
+            raise ValueError(f"--out={out}: already holds another transformation; choose "
+                             "another folder")
         return _report(old, path) if old.get("finished", True) else None
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out={out}: not empty and holds no transformation (another run, or "
@@ -314,13 +315,18 @@ def stream_run(src, out, meta: dict, write) -> dict:
 def _stream_run(src: Path, out: Path, meta: dict, write) -> dict:
     request = {**meta, "source": str(src.resolve()), "streamed": True}
     src_cfg = ckpt.read_config(src)
-    spec = run_data_spec(src) if (src / "run.json").exists() else None
+    has_data = (src / "run.json").exists() and ckpt.read_json(src / "run.json").get("data")
+    spec = run_data_spec(src) if has_data is not None else None
     done = _finished(out, request)
     if done:
         return done
     _start(out, request)
     t0 = time.perf_counter()
-    cfg, written, extra = write(ckpt.model_file(src), src_cfg, out / "model.safetensors")
+    try:
+        cfg, written, extra = write(ckpt.model_file(src), src_cfg, out / "model.safetensors")
+    except Exception:  # refused (a bad tensor, a full disk): the claim goes, nothing is kept
+        (out / "transform.json").unlink()
+        raise
     seconds = time.perf_counter() - t0
     report = {**request, **extra, "val_before": None, "val_after": None, "finished": True,
               "params_before": src_cfg.param_counts(), "params_after": cfg.param_counts(),

@@ -42,8 +42,9 @@ def _number(table, key, where, positive=True, integer=False, required=True):
             raise ValueError(f"{where}.{key}: missing")
         return None
     # bounded: products and quotients of these stay finite, so no factor prints as nan or inf
-    low = ("1" if integer else "1e-9") if positive else "-1e15"
-    check(where, key, table[key], f"{'int' if integer else ''}[{low}, 1e15]")
+    check(where, key, table[key], ("int" if integer else "") + (">0" if positive else ""))
+    # bounded: products and quotients of these stay finite, so no factor prints as nan or inf
+    check(where, key, table[key], "[1e-9, 1e15]" if positive else "[-1e15, 1e15]")
     return table[key]
 
 
@@ -252,6 +253,7 @@ def _sweep_from_table(result, table) -> list[dict]:
         if not isinstance(values, list) or not values:
             raise ValueError(f"sweep.{key}={values!r}: must be a non-empty list")
         for i, v in enumerate(values):
+            check("sweep", f"{key}[{i}]", v, "(0, 1]" if key == "mfu" else ">0")
             check("sweep", f"{key}[{i}]", v, "[1e-9, 1]" if key == "mfu" else "[1e-9, 1e15]")
     return sweep(result, table["phase"], [t * 1e9 for t in table["tokens_b"]], table["mfu"],
                  list(table["mfu_phases"]))
