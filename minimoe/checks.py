@@ -1,13 +1,7 @@
-"""One way to check a value against its rule, and one error line naming the field, value and rule.
-
-Every config dataclass (ModelConfig, TrainConfig, AuxLossConfig, Device, Options) checks its
-fields here in `__post_init__`, and the scenario reader checks table values here, so a rule is
-written once and reads the same everywhere: `ModelConfig.d_ffn=0: must be a positive integer`.
-
-A rule is a string: `"bool"`, `"str"`, or a range of numbers, `">0"`, `">=0"`, `">=1"`,
-`"(0, 1]"`, `"[0, 1]"`, `""` (any finite number), prefixed with `int` for integers
-(`"int>0"`, `"int>=0"`); or a tuple of the allowed values.
-"""
+"""One way to check a value against its rule, and one error line naming the field, the value and
+the rule (`ModelConfig.d_ffn=0: must be a positive integer`), for every config dataclass, every
+file reader and every CLI option. A rule: "bool", "str", a tuple of allowed values, or a range
+of numbers, ">0", ">=0", "(0, 1]", "[0, 1]", "" (any finite number), "int" before it for integers."""
 
 from __future__ import annotations
 

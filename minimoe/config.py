@@ -1,17 +1,6 @@
-"""Model configuration: one validated dataclass and a table of named presets.
-
-Every model in minimoe, dense or Mixture-of-Experts, toy or full size, is described by a
-`ModelConfig`. A config with `n_experts == 0` is dense; with `n_experts > 0` the MLP of each
-MoE layer (see `is_moe_layer`) is a top-k router over `n_experts` SwiGLU experts.
-
-The full-size presets follow Table 3 of the AquilaMoE paper (arXiv 2408.06567). Where the
-sources disagree the paper's Table 3 value is the preset and the other value gets its own
-preset name (docs/method.md, "Model shapes"):
-  * 7B KV groups: 32 in Table 3 (`aquila-7b`) vs 8 in the project README
-    (github.com/FlagAI-Open/Aquila-MoE, README.md) (`aquila-7b-kv8`).
-  * 16B FFN width: 20480 in Table 3 (`aquila-16b`) vs 17920 in the published Hugging Face
-    config.json of BAAI/AquilaDense-16B (`aquila-16b-hf`).
-"""
+"""Model configuration: one validated dataclass, `ModelConfig` (dense when n_experts == 0, else
+a top-k router over SwiGLU experts in each MoE layer), and the named presets: the paper's
+Table 3 shapes (where sources disagree: docs/method.md, "Model shapes") and toy shapes."""
 
 from __future__ import annotations
 

@@ -228,8 +228,7 @@ class Corpus:
 def prepare_corpus(paths: list[str] | None = None, cache_dir: str | Path | None = None,
                    val_fraction: float = 0.03, seed: int = 0) -> Corpus:
     """Clean, deduplicate, tag and split the demo corpus (paths=None) or your files, once."""
-    if not 0 < val_fraction < 0.5:
-        raise ValueError(f"val_fraction {val_fraction}: must be between 0 and 0.5")
+    assert 0 < val_fraction < 0.5
     if isinstance(paths, (str, Path)):
         paths = [paths]
     if paths is not None and not paths:

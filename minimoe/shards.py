@@ -1,29 +1,6 @@
-"""Pre-tokenised shards for text of any size: `minimoe tokenize --data PATH --out shards/`.
-
-The demo pipeline (data.py, tokens.py) holds the corpus in memory; this streams it instead.
-Each document is read on its own (a .txt paragraph, a .jsonl line), cleaned by the corpus rules
-(data.py: NFKC, whitespace, short lines and documents), given its domain (the file, top-level
-folder or JSONL field, as in data.py) and language, put in train or val by its own hash, and
-tokenised in batches into flat binary shards, each document followed by <|endoftext|>:
-
-    shards/
-      manifest.json                  written last: tokenizer, vocabulary, dtype, every shard and
-                                     its tokens, tokens per split / domain / language, documents
-      tokenizer.json                 the BPE trained here, or the file given with --tokenizer
-      train/<domain>/00000.bin ...   a domain's training tokens, shard after shard
-      val/<domain>/<lang>/00000.bin
-
-Ids are uint16, or uint32 when the vocabulary has more than 65,536 entries (the paper's 151,851
-does). Memory stays bounded: a few batches of documents and one write buffer per (split, domain,
-language). What is not done at this scale: exact deduplication (a set of every document grows
-with the corpus; deduplicate upstream, e.g. with MinHash) and the demo's guarantee of a
-validation document for every domain (the hash decides; the manifest counts what each got).
-
-`load_shards` returns the same TokenData as tokens.py, its arrays memory maps over the shards,
-so `--data shards/` trains with the same batch rule (step i's batch a pure function of the
-seed, i and the domain weights). The training stream is the domains' shards one after
-another, so each domain is one range of it.
-"""
+"""Pre-tokenised shards for text of any size (`minimoe tokenize --data PATH --out shards/`),
+streamed in bounded memory, read back as the same TokenData as tokens.py (memory maps), so
+`--data shards/` trains by the same batch rule. Layout and limits: docs/method.md, "Data"."""
 
 from __future__ import annotations
 
@@ -196,8 +173,7 @@ def _tokenizer(kind: str, vocab_size: int, sources, out: Path, val_fraction, see
     if kind == "byte":
         return ByteTokenizer(), "byte"
     if kind == "bpe":
-        if vocab_size <= 257:
-            raise ValueError(f"vocab_size={vocab_size}: must exceed 257 (256 bytes + eos)")
+        assert vocab_size > 257  # the door's rule: 256 bytes + eos
         texts = _sample_texts(sources, val_fraction, seed, sample_chars)
         if not texts:
             raise ValueError("--data: no training document to train the tokenizer on")
@@ -221,10 +197,7 @@ def tokenize(paths: list[str], out, tokenizer: str = "bpe", vocab_size: int = 20
              sample_chars: int = 200_000_000, progress: bool = True) -> dict:
     """Stream `paths` (.txt/.jsonl files or folders) into shards in `out`; returns the manifest.
     A finished folder of the same request is returned as it is; an interrupted one is redone."""
-    if not 0 < val_fraction < 0.5:
-        raise ValueError(f"val_fraction={val_fraction}: must be between 0 and 0.5")
-    if not isinstance(shard_tokens, int) or shard_tokens <= 0:
-        raise ValueError(f"shard_tokens={shard_tokens!r}: must be a positive integer")
+    assert 0 < val_fraction < 0.5 and shard_tokens > 0  # the door (the CLI) holds its rules
     sources = user_sources([str(p) for p in paths])
     request = {"sources": sources, "tokenizer": tokenizer, "vocab_size": vocab_size,
                "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,

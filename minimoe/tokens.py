@@ -103,10 +103,8 @@ def load_tokenizer(corpus: Corpus, vocab_size: int = 2048, kind: str = "bpe"):
     """The byte fallback, or a BPE trained on the training split only (cached in the corpus)."""
     if kind == "byte":
         return ByteTokenizer()
-    if kind != "bpe":
-        raise ValueError(f"tokenizer {kind!r}: must be 'bpe' or 'byte'")
-    if vocab_size <= 257:
-        raise ValueError(f"vocab_size {vocab_size}: must exceed 257 (256 bytes + {EOS})")
+    assert kind == "bpe", kind
+    assert vocab_size > 257  # the doors (CLI, run.json, recipes) hold it: 256 bytes + eos
     path = corpus.path / f"tokenizer-bpe{vocab_size}.json"
     if not path.exists():
         files.write_text(path, train_bpe(corpus.texts("train"), vocab_size))

@@ -330,8 +330,6 @@ def _check_same_run(out_dir: Path, run: dict):
                              "choose another --out")
         return
     old = ckpt.read_json(path)
-    if isinstance(old.get("train"), dict):  # runs from before a field existed: its default
-        old["train"] = {**dataclasses.asdict(TrainConfig()), **old["train"]}
     run = {**run, "train": dict(run["train"])}
     for key in LAYOUT_FIELDS:  # a run resumes under any layout
         for train in (old.get("train"), run["train"]):

@@ -1,12 +1,6 @@
-"""The `minimoe eval` and `minimoe generate` commands: their arguments and what they call.
-(minimoe/cli/main.py's command table lists them; the work is in minimoe/evaluate.py and minimoe/generate.py.)
-
-    minimoe eval --ckpt runs/x [runs/y ...] --tasks cloze-en,cloze-zh,ppl,my_task.jsonl [--json]
-    minimoe generate --ckpt runs/x --prompt "In the beginning" [--temperature 0.8 --top-p 0.9]
-
-A bad task file is refused, naming its file and line, before any model is scored, so nothing
-is printed or written for a half-evaluated set of tasks.
-"""
+"""`minimoe eval` and `minimoe generate` (the work: minimoe/evaluate.py, generate.py). Every run's
+data and every task file is checked before any model is scored, so nothing is printed or
+written for a half-evaluated set."""
 
 from __future__ import annotations
 

@@ -82,8 +82,6 @@ def add_experiment(p):
 
 def run_experiment(args):
     recipe = get_recipe("tiny" if args.quick else args.preset)
-    if args.dense_run and not Path(args.dense_run, "config.json").is_file():
-        raise ValueError(f"--dense-run={args.dense_run}: not a run folder (no config.json)")
     if args.name == "scale-up":
         experiments.scale_up_experiment(args.out, recipe, progress=not args.no_progress)
     else:

@@ -1,14 +1,6 @@
-"""Running one stage: load the data a run was made with, build or load its model, train it.
-
-A run folder remembers its data (`run.json` -> "data": paths, tokenizer, vocabulary size), so a
-later stage grown from it (scale-up, scale-out, continued pretraining) sees exactly the same
-token stream and validation set, and validation losses compare across stages. The same record
-lets `evaluate_run` score a run on tasks made from that data's held-out split.
-
-Under torchrun every rank runs the same stage: training is distributed (minimoe/train.py), a
-transformation between runs and the data caches are made by rank 0 alone (`dist.main_only`),
-and the other ranks read what it wrote.
-"""
+"""Running one stage: load the data a run was made with (run.json's "data", so every later
+stage sees the same tokens and validation set), build or load its model, train or transform
+it. Under torchrun a transformation and the data caches are made by rank 0 alone."""
 
 from __future__ import annotations
 
@@ -204,13 +196,9 @@ def specialisation_run(run_dir, out=None, paths=None, batch_size: int = 8, seq_l
 
 # --- transformations between runs: load, transform, measure, save ---------------------------
 def transform_run(src, out, transform, meta: dict, tc: TrainConfig | None = None) -> dict:
-    """Apply a pure model transformation to run `src` and save the result as run `out`.
-
-    The validation loss before and after goes into out/transform.json, the numbers of the
-    paper's Tables 1 and 2 (for a transformation that preserves the function, they are equal).
-    A finished `out` is not redone; its report is returned. `tc` sets the validation batches
-    (batch size, sequence length, count), so the losses compare with the runs around it.
-    """
+    """Run `src`'s model transformed into run `out`, with the validation loss before and after
+    in out/transform.json (Tables 1 and 2; equal when the function is kept) on `tc`'s batches.
+    A finished `out` is not redone: its report is returned."""
     return dist.main_only(lambda: _transform_run(Path(src), Path(out), transform, meta, tc))
 
 
