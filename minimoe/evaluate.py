@@ -1,21 +1,8 @@
-"""Evaluation: validation loss, perplexity and bits per byte, multiple-choice and generative tasks.
-
-The paper follows OpenCompass (AquilaMoE §3.3, Tables 4-5): discriminative tasks join the
-context with each candidate and pick the most likely one; generative tasks let the model
-complete the answer. The tasks themselves (files, built-in ones) are in minimoe/tasks.py.
-
-- Multiple choice is scored as lm-evaluation-harness scores it: `acc` picks the choice of the
-  highest total log-likelihood, `acc_norm` the highest log-likelihood per character of the
-  choice (its "acc_norm"), both with the standard error of the mean.
-- The join: context + choice is tokenized as one text, and a token belongs to the choice when
-  its text ends inside the choice (character offsets from the tokenizer). Every token is scored
-  exactly once, whatever the tokenizer merges at the join, and a token the join merges (the
-  context's last characters with the choice's first) counts for the choice, so a choice's score
-  always covers all of its characters. (Encoding the context alone and taking the tail, as
-  lm-evaluation-harness does, can hand such a token to the context instead.)
-- Bits per byte: the summed negative log-likelihood of whole documents, in bits, over their
-  UTF-8 bytes: unlike loss per token it compares models with different tokenizers.
-- Every text starts after the end-of-text token, as every document does in the training stream.
+"""Evaluation: validation loss, perplexity and bits per byte, multiple-choice and generative
+tasks (the tasks themselves: minimoe/tasks.py), scored as lm-evaluation-harness scores them:
+`acc` by total log-likelihood, `acc_norm` per character of the choice, each with its standard
+error. Every text starts after the tokenizer's start token, as a document does in the training
+stream. Where and why we differ from lm-evaluation-harness at the join: docs/method.md#evaluation.
 """
 
 from __future__ import annotations
@@ -29,7 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from minimoe.generate import generate_text
-from minimoe.tasks import Task, resolve_task
+from minimoe.tasks import Task, export_task, export_texts, resolve_task
 
 PPL = "ppl"  # the task name of perplexity and bits per byte on the validation split
 
@@ -63,10 +50,12 @@ def evaluate(model, data, tc, n_batches: int | None = None) -> dict[str, float]:
 
 # --- log-likelihoods --------------------------------------------------------------------
 def join_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], int]:
-    """(eos + context + continuation as one text's tokens, how many of them precede the
-    continuation's): the first token whose text ends past the context is the continuation's."""
+    """(start + context + continuation as one text's tokens, how many of them precede the
+    continuation's): the first token whose text ends past the context is the continuation's, so
+    every token is scored once and a token merged across the join counts for the continuation.
+    White space ending the context counts with the continuation (lm-evaluation-harness moves it)."""
     ids, ends = tokenizer.encode_with_ends(context + continuation)
-    return [tokenizer.eos_id] + ids, 1 + bisect.bisect_right(ends, len(context))
+    return [tokenizer.start_id] + ids, 1 + bisect.bisect_right(ends, len(context.rstrip()))
 
 
 @torch.inference_mode()
@@ -143,14 +132,21 @@ def score_generation(model, tokenizer, task: Task, batch_size: int = 32) -> dict
         groups.setdefault(ex.stop, []).append(i)
     outputs = [""] * len(task.examples)
     for stop, members in groups.items():
-        longest = max(len(tokenizer.encode(" " + task.examples[i].answer)) for i in members)
         texts = generate_text(model, tokenizer, [task.examples[i].context for i in members],
-                              max_new_tokens=min(longest + 4, model.cfg.max_seq_len // 2),
+                              max_new_tokens=answer_tokens(tokenizer, [task.examples[i] for i in
+                                                                       members], model.cfg),
                               stop=list(stop), batch_size=batch_size, truncate=True)
         for i, text in zip(members, texts):
             outputs[i] = text
     em = [float(out.strip() == ex.answer.strip()) for out, ex in zip(outputs, task.examples)]
     return _result(task, {"em": em}, {"em": 0.0}, samples=outputs[:5])
+
+
+def answer_tokens(tokenizer, examples: list, cfg) -> int:
+    """The new tokens a completion may take: the longest answer's, 4 more, at most half the
+    context."""
+    longest = max(len(tokenizer.encode(" " + ex.answer)) for ex in examples)
+    return min(longest + 4, cfg.max_seq_len // 2)
 
 
 def _result(task: Task, hits: dict[str, list[float]], chance: dict, **extra) -> dict:
@@ -167,7 +163,7 @@ def document_nll(model, tokenizer, docs: list[str], batch_size: int = 32) -> lis
     L = model.cfg.max_seq_len
     requests, owner = [], []
     for d, text in enumerate(docs):
-        full = [tokenizer.eos_id] + tokenizer.encode(text)
+        full = [tokenizer.start_id] + tokenizer.encode(text)
         for a in range(1, len(full), L):  # targets full[a:b]
             b = min(a + L, len(full))
             s = max(0, b - 1 - L)
@@ -185,7 +181,7 @@ def ppl_documents(corpus, chars: int) -> dict[tuple[str, str], list[str]]:
     documents in file order until `chars` characters (at least one)."""
     groups = {}
     for lang in corpus.langs:
-        for domain in corpus.manifest["domains"]["val"]:
+        for domain in corpus.val_domains:
             taken, docs = 0, []
             for text in corpus.texts("val", lang=lang, domain=domain):
                 if docs and taken >= chars:
@@ -202,11 +198,9 @@ def score_ppl(model, tokenizer, corpus, chars: int = 20_000, batch_size: int = 3
     perplexity per token; chance is the uniform model: log2(V) bits per token, perplexity V."""
     groups = ppl_documents(corpus, chars)
     sums: dict[str, list[float]] = {}  # name -> [nll nats, tokens, bytes]
-    langs_domains = {lang: [d for (lg, d) in groups if lg == lang] for lang, _ in groups}
     for (lang, domain), docs in groups.items():
-        names = ["", lang] + ([domain] if len(langs_domains[lang]) > 1 else [])
         for text, (nll, count) in zip(docs, document_nll(model, tokenizer, docs, batch_size)):
-            for name in names:
+            for name in _ppl_names(groups, lang, domain):
                 total = sums.setdefault(name, [0.0, 0, 0])
                 total[0] += nll
                 total[1] += count
@@ -221,6 +215,32 @@ def score_ppl(model, tokenizer, corpus, chars: int = 20_000, batch_size: int = 3
     n_docs = sum(len(docs) for docs in groups.values())
     return {"task": PPL, "kind": PPL, "n": n_docs, "source": "the validation split",
             "metrics": metrics, "stderr": {}, "chance": chance, "tokens": count}
+
+
+def _ppl_names(groups: dict, lang: str, domain: str) -> list[str]:
+    """The figures a (language, domain) group counts in: all (""), its language, and its
+    domain where the language has several."""
+    several = sum(lg == lang for lg, _ in groups) > 1
+    return ["", lang] + ([domain] if several else [])
+
+
+def export_tasks(tasks: list, tokenizer, cfg, corpus, folder, ppl_chars: int = 20_000) -> list:
+    """Tasks (as load_tasks gives them) written for lm-evaluation-harness (tasks.export_task):
+    bits per byte as rolling tasks ppl, ppl-<lang> and ppl-<domain>, minimoe's figures."""
+    written = []
+    for task in tasks:
+        if task != PPL:
+            max_new = answer_tokens(tokenizer, task.examples, cfg) if task.kind == "generate" else 0
+            written += export_task(task, folder, tokenizer.bos or tokenizer.eos, max_new)
+            continue
+        named: dict[str, list[str]] = {}
+        groups = ppl_documents(corpus, ppl_chars)
+        for (lang, domain), docs in groups.items():
+            for name in _ppl_names(groups, lang, domain):
+                named.setdefault(f"{PPL}-{name}" if name else PPL, []).extend(docs)
+        for name, docs in named.items():
+            written += export_texts(name, docs, folder)
+    return written
 
 
 # --- several tasks, one table ---------------------------------------------------------------

@@ -1,28 +1,7 @@
-"""What the experts learned: which experts each domain's tokens are routed to.
-
-LLaMA-MoE (Zhu et al. 2024, arXiv 2406.16554) shows, per layer, the share of each dataset's
-tokens that every expert receives, and finds experts specialising by domain in the deep
-layers. This module measures the same thing on an MoE run: the validation windows of each
-domain go through the model, every MoE layer's router choices (the top-k of its logits, as
-MoE.route picks them; no noise at evaluation) are counted by domain, and
-
-  expert_given_domain[d][e]   share of domain d's token-expert pairs that went to expert e
-                              (LLaMA-MoE's figure; a row sums to 1)
-  domain_given_expert[d][e]   share of expert e's pairs that came from domain d (every
-                              domain contributes the same number of tokens)
-  js                          the Jensen-Shannon divergence between the domains' rows, with
-                              equal weights, in bits and divided by log2(domains): 0 when the
-                              router ignores the domain, 1 when each domain has experts of
-                              its own
-  top_tokens[e]               the tokens routed to expert e most often, each with the share
-                              of its occurrences that went there
-
-and, for one sentence, `token_routes` gives the experts of each of its tokens (the routing
-drawings of notebooks/03_scale_out.ipynb).
-
-Upcycled experts start identical and the router random, so the score measures how much
-specialisation continued pretraining has grown (arXiv 2408.06567 §2.3; Komatsuzaki et al.
-2023). Counting is routing only: a capacity limit may drop pairs after the choice.
+"""What the experts learned: the share of each domain's tokens every expert of every MoE layer
+receives (LLaMA-MoE's heatmaps, arXiv 2406.16554), a Jensen-Shannon specialisation score, each
+expert's top tokens, and the experts of each token of a sentence (`token_routes`). Definitions:
+docs/method.md#what-the-experts-specialise-in.
 """
 
 from __future__ import annotations
@@ -34,9 +13,8 @@ from pathlib import Path
 import torch
 
 from minimoe import files
-from minimoe.data import prepare_corpus
 from minimoe.moe import MoE, Routing
-from minimoe.tokens import TokenData, load_tokenizer
+from minimoe.tokens import TokenData
 
 
 def domain_batches(data: TokenData, batch_size: int = 8, seq_len: int = 128,
@@ -46,12 +24,6 @@ def domain_batches(data: TokenData, batch_size: int = 8, seq_len: int = 128,
         raise ValueError("data: no domain has validation documents")
     return {domain: [x for x, _ in data.val_batches(batch_size, seq_len, n_batches, lang=domain)]
             for domain in data.val_domains}
-
-
-def run_data(paths: list[str] | None, spec: dict) -> TokenData:
-    """Token data of `paths` (None: the demo corpus) in the tokenizer of a run's data spec."""
-    tokenizer = load_tokenizer(prepare_corpus(spec["paths"]), spec["vocab_size"], spec["tokenizer"])
-    return TokenData.build(prepare_corpus(paths), tokenizer)
 
 
 @torch.no_grad()

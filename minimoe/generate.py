@@ -120,7 +120,7 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64
         return any(s in text for s in stop)
 
     room = model.cfg.max_seq_len - max_new_tokens
-    encoded = [[tokenizer.eos_id] + tokenizer.encode(p) for p in prompts]
+    encoded = [[tokenizer.start_id] + tokenizer.encode(p) for p in prompts]
     if truncate and room > 0:
         encoded = [ids[-room:] for ids in encoded]
     texts = []

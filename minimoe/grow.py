@@ -58,7 +58,7 @@ import torch
 
 from minimoe.config import ModelConfig
 from minimoe.model import Transformer, build_model
-from minimoe.stream import SafetensorsSource, write_safetensors
+from minimoe.stream import transform_file
 
 METHODS = ("fpi", "aki", "aki-pro")
 DEPTHS = ("stack", "stack-top", "interpolate", "identity")
@@ -312,13 +312,6 @@ def _read(plan: GrowthPlan, source, layer: int, rest: str) -> torch.Tensor:
 
 
 # --- whole models and checkpoints -------------------------------------------------------------
-def target_specs(plan: GrowthPlan, dtype_of) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """{name: (dtype, shape)} of the target, in model order; shapes come from a model built on
-    the meta device (nothing is allocated), dtypes from `dtype_of(source name)`."""
-    shapes = build_model(plan.target, device="meta").state_dict()
-    return {name: (dtype_of(source_name(plan, name)), tuple(t.shape)) for name, t in shapes.items()}
-
-
 def grow_state_dict(plan: GrowthPlan, source: Mapping[str, torch.Tensor]
                     ) -> dict[str, torch.Tensor]:
     names = build_model(plan.target, device="meta").state_dict()
@@ -356,18 +349,10 @@ def growth_report(plan: GrowthPlan, val_before: dict | None = None,
 
 def grow_checkpoint(src_path, src_cfg: ModelConfig, tgt_cfg: ModelConfig, out_path,
                     **options) -> tuple[GrowthPlan, int]:
-    """Grow a .safetensors checkpoint into another, one tensor in memory at a time.
-
-    `options` are plan_growth's. Returns the plan and the bytes written.
-    """
+    """Grow a .safetensors checkpoint into another with the same `grow_tensor`, one tensor in
+    memory at a time. `options` are plan_growth's. Returns the plan and the bytes written."""
     plan = plan_growth(src_cfg, tgt_cfg, **options)
-    source = SafetensorsSource(src_path)
-    for name, t in build_model(src_cfg, device="meta").state_dict().items():
-        if name not in source or source.shape(name) != tuple(t.shape):
-            found = source.shape(name) if name in source else "no such tensor"
-            raise ValueError(f"{src_path}: {name} must have shape {tuple(t.shape)} for the "
-                             f"source config, found {found}")
-    specs = target_specs(plan, source.dtype)
-    written = write_safetensors(out_path, specs, lambda name: grow_tensor(plan, name, source),
-                                metadata={"format": "pt"})
+    written = transform_file(src_path, src_cfg, out_path, plan.target,
+                             lambda name, source: grow_tensor(plan, name, source),
+                             lambda source, name: source.dtype(source_name(plan, name)))
     return plan, written

@@ -4,7 +4,6 @@ streamed in bounded memory, read back as the same TokenData as tokens.py (memory
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import json
 import os
@@ -18,7 +17,7 @@ from minimoe import files
 from minimoe.checks import check, problem
 from minimoe.data import (MIN_DOC_CHARS, clean_text, detect_lang, jsonl_record, unit_hash,
                           user_sources)
-from minimoe.tokens import BPETokenizer, ByteTokenizer, TokenData, train_bpe
+from minimoe.tokens import TokenData, Tokenizer, byte_tokenizer, train_bpe
 
 FORMAT = "minimoe-shards"
 SHARD_TOKENS = 1 << 27  # 134M tokens: 256 MB of uint16 per shard
@@ -169,27 +168,28 @@ def _sample_texts(sources: list[dict], val_fraction: float, seed: int, sample_ch
 
 
 def _tokenizer(kind: str, vocab_size: int, sources, out: Path, val_fraction, seed, sample_chars):
-    """("byte" | trained "bpe" | a tokenizers JSON file) -> (tokenizer, its manifest entry)."""
+    """"byte", a BPE trained here ("bpe"), a tokenizers JSON file, or the tokenizer of a folder
+    (a run, or a Hugging Face checkpoint) -> the tokenizer, saved into `out`."""
     if kind == "byte":
-        return ByteTokenizer(), "byte"
-    if kind == "bpe":
+        tok = byte_tokenizer()
+    elif kind == "bpe":
         assert vocab_size > 257  # the door's rule: 256 bytes + eos
         texts = _sample_texts(sources, val_fraction, seed, sample_chars)
         if not texts:
             raise ValueError("--data: no training document to train the tokenizer on")
-        files.write_text(out / "tokenizer.json", train_bpe(texts, vocab_size))
+        tok = Tokenizer(train_bpe(texts, vocab_size))
+    elif Path(kind).is_dir():
+        tok = Tokenizer.load(kind)
+    elif Path(kind).is_file():
+        try:
+            tok = Tokenizer(Path(kind).read_text(encoding="utf-8"))
+        except ValueError as err:  # refused under its own name
+            raise ValueError(f"{kind}: {err}") from None
     else:
-        path = Path(kind)
-        if not path.is_file():
-            raise ValueError(f"tokenizer={kind!r}: must be bpe, byte or a tokenizer.json file")
-        BPETokenizer(path, name=path.stem)  # a bad file is refused under its own name
-        shutil.copyfile(path, out / "tokenizer.json")
-    digest = hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()[:8]
-    stem = f"bpe{vocab_size}" if kind == "bpe" else Path(kind).stem
-    tok = BPETokenizer(out / "tokenizer.json", name=f"{stem}-{digest}")
-    if tok.eos_id is None:
-        raise ValueError(f"tokenizer={kind!r}: has no <|endoftext|> token to end documents with")
-    return tok, "file"
+        raise ValueError(f"tokenizer={kind!r}: must be bpe, byte, a tokenizer.json file or a "
+                         "folder holding one (a run, a Hugging Face checkpoint)")
+    tok.save(out)
+    return tok
 
 
 def tokenize(paths: list[str], out, tokenizer: str = "bpe", vocab_size: int = 2048,
@@ -209,7 +209,7 @@ def tokenize(paths: list[str], out, tokenizer: str = "bpe", vocab_size: int = 20
             raise ValueError(f"out={out}: holds shards of another request; choose another --out")
         return manifest
     _claim(out, request)
-    tok, kind = _tokenizer(tokenizer, vocab_size, sources, out, val_fraction, seed, sample_chars)
+    tok = _tokenizer(tokenizer, vocab_size, sources, out, val_fraction, seed, sample_chars)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     writers: dict[tuple, ShardWriter] = {}
     counts = {"documents": {}, "dropped": {}}
@@ -223,7 +223,7 @@ def tokenize(paths: list[str], out, tokenizer: str = "bpe", vocab_size: int = 20
                 _write_batch(batch, tok, writers, out, dtype, shard_tokens, val_fraction, seed, counts)
                 batch = []
         _write_batch(batch, tok, writers, out, dtype, shard_tokens, val_fraction, seed, counts)
-    manifest = _manifest(request, tok, kind, dtype, writers, counts)
+    manifest = _manifest(request, tok, dtype, writers, counts)
     files.write_json(out / "manifest.json", manifest)
     (out / "tokenize.json").unlink()
     return manifest
@@ -249,12 +249,12 @@ def _write_batch(batch, tok, writers, out, dtype, shard_tokens, val_fraction, se
         key = ("train", domain) if split == "train" else ("val", domain, lang)
         if key not in writers:
             writers[key] = ShardWriter(out, "/".join(key), dtype, shard_tokens)
-        writers[key].add(ids + [tok.eos_id])
+        writers[key].add(tok.document(ids))
         docs = counts["documents"].setdefault(split, {})
         docs[domain] = docs.get(domain, 0) + 1
 
 
-def _manifest(request, tok, kind, dtype, writers, counts) -> dict:
+def _manifest(request, tok, dtype, writers, counts) -> dict:
     shards = {"train": {}, "val": {}}
     for key, writer in writers.items():
         entries = writer.close()
@@ -276,7 +276,7 @@ def _manifest(request, tok, kind, dtype, writers, counts) -> dict:
     for langs in shards["val"].values():
         for lang, entries in langs.items():
             by_lang[f"val_{lang}"] = by_lang.get(f"val_{lang}", 0) + tokens(entries)
-    return {"format": FORMAT, "request": request, "tokenizer": tok.name, "tokenizer_kind": kind,
+    return {"format": FORMAT, "request": request, "tokenizer": tok.name,
             "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "dtype": np.dtype(dtype).name,
             "domains": list(shards["train"]), "shards": shards,
             "tokens": {"train": sum(by_split["train"].values()),
@@ -300,8 +300,10 @@ def load_shards(folder) -> tuple[TokenData, object]:
     """(TokenData over the shards' memory maps, the tokenizer) of a `tokenize` folder."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    tok = (ByteTokenizer() if manifest["tokenizer_kind"] == "byte"
-           else BPETokenizer(folder / "tokenizer.json", manifest["tokenizer"]))
+    tok = Tokenizer.load(folder)
+    if tok.name != manifest["tokenizer"]:
+        raise ValueError(f"{folder}: its tokenizer.json ({tok.name}) is not the one its shards "
+                         f"were made with ({manifest['tokenizer']})")
     dtype = np.dtype(manifest["dtype"])
 
     def maps(entries):
@@ -323,8 +325,7 @@ def load_shards(folder) -> tuple[TokenData, object]:
     for name in sorted({d for d, _ in val}):
         arrays[f"val_{name}"] = ConcatTokens([p for (d, _), ps in val.items() if d == name
                                               for p in ps])
-    return TokenData(folder, arrays, manifest["tokenizer"], ranges, {s: s for s in arrays},
-                     manifest["vocab_size"]), tok
+    return TokenData(folder, arrays, tok, ranges, {s: s for s in arrays}), tok
 
 
 def read_manifest(folder: Path) -> dict:
@@ -332,7 +333,7 @@ def read_manifest(folder: Path) -> dict:
     token count, train shards for each domain, validation shards."""
     m, where = files.read_json(folder / "manifest.json"), f"{folder / 'manifest.json'}: "
     for key, rule in (("format", (FORMAT,)), ("dtype", ("uint16", "uint32")), ("tokenizer", "str"),
-                      ("tokenizer_kind", ("byte", "file")), ("vocab_size", "int[1, 4294967296]")):
+                      ("vocab_size", "int[1, 4294967296]")):
         check(where, key, m.get(key), rule)
     shards, domains = m.get("shards"), m.get("domains")
     if not (isinstance(domains, list) and domains and all(isinstance(d, str) for d in domains)
@@ -351,3 +352,44 @@ def read_manifest(folder: Path) -> dict:
             raise ValueError(f"{where}shard {entry!r}: must name a file in the folder that "
                              "holds its tokens")
     return m
+
+
+class ShardTexts:
+    """A shard folder's validation documents decoded back to text (the tokenizer is lossless on
+    cleaned text), the first VAL_CHARS characters of each domain and language: what `minimoe
+    eval`'s built-in tasks and bits per byte read (a Corpus's langs, val_domains, texts)."""
+
+    def __init__(self, folder):
+        manifest = read_manifest(Path(folder))
+        self.tokenizer = Tokenizer.load(folder)
+        self.docs = {(domain, lang): _decoded(self.tokenizer, ConcatTokens(
+            [np.memmap(Path(folder) / e["file"], dtype=manifest["dtype"], mode="r") for e in entries]))
+            for domain, langs in manifest["shards"]["val"].items() for lang, entries in langs.items()}
+        self.langs = sorted({lang for _, lang in self.docs})
+        self.val_domains = list(dict.fromkeys(domain for domain, _ in self.docs))
+
+    def texts(self, split: str, lang: str | None = None, domain: str | None = None) -> list[str]:
+        assert split == "val", "a shard folder keeps the text of its validation split only"
+        return [text for (d, lg), texts in self.docs.items() if lang in (None, lg)
+                and domain in (None, d) for text in texts]
+
+
+VAL_CHARS = 1_000_000
+
+
+def _decoded(tok, tokens: ConcatTokens) -> list[str]:
+    """Whole documents ([bos] ids eos) from the start of `tokens`, until VAL_CHARS characters."""
+    docs, at, chars, block = [], 0, 0, 1 << 16
+    while at < len(tokens) and chars < VAL_CHARS:
+        ids = tokens[at:at + block]
+        ends = np.flatnonzero(ids == tok.eos_id)
+        if not len(ends) and at + block < len(tokens):
+            block *= 2  # a document longer than the block: read more
+            continue
+        for start, end in zip([0, *(ends[:-1] + 1)], ends):
+            docs.append(tok.decode(ids[start + (ids[start] == tok.bos_id):end].tolist()))
+            chars += len(docs[-1])
+            if chars >= VAL_CHARS:
+                break
+        at += int(ends[-1]) + 1 if len(ends) else len(ids)
+    return docs

@@ -22,7 +22,9 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
+from minimoe.config import ModelConfig
 from minimoe.files import atomic_write
+from minimoe.model import build_model
 
 _DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
                 torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
@@ -95,3 +97,30 @@ def write_safetensors(path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]
             f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
             del tensor
     return 8 + len(blob) + offset
+
+
+def stored_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The tensors of a model file of `cfg`, in model order (meta tensors: nothing allocated;
+    a tied LM head is stored once, as the embedding)."""
+    tensors = build_model(cfg, device="meta").state_dict()
+    if cfg.tie_embeddings:
+        tensors.pop("lm_head.weight")
+    return {name: tuple(t.shape) for name, t in tensors.items()}
+
+
+def transform_file(src_path, src_cfg: ModelConfig, out_path, tgt_cfg: ModelConfig,
+                   make: Callable, dtype_of: Callable) -> int:
+    """Write the model file of `tgt_cfg` tensor by tensor, `make(name, source)` reading the few
+    tensors of `src_path` it needs (`source` reads on demand), so neither model is ever in
+    memory. The source's shapes are checked against `src_cfg` first. Returns the bytes written.
+    This is the whole of "streamed": growth and upcycling run the same per-tensor functions on
+    a state dict in memory (minimoe/grow.py, minimoe/upcycle.py)."""
+    source = SafetensorsSource(src_path)
+    for name, shape in stored_shapes(src_cfg).items():
+        if name not in source or source.shape(name) != shape:
+            found = source.shape(name) if name in source else "no such tensor"
+            raise ValueError(f"{src_path}: {name} must have shape {shape} for the source "
+                             f"config, found {found}")
+    specs = {name: (dtype_of(source, name), shape) for name, shape in stored_shapes(tgt_cfg).items()}
+    return write_safetensors(out_path, specs, lambda name: make(name, source),
+                             metadata={"format": "pt"})

@@ -1,22 +1,16 @@
-"""Evaluation tasks: JSONL task files, and the built-in tasks made from the held-out split.
+"""Evaluation tasks: JSONL task files, the built-in tasks made from the held-out split, and
+both written out for lm-evaluation-harness (`export_tasks`).
 
-The paper evaluates the OpenCompass way (AquilaMoE §3.3, Tables 4-5): a discriminative ("ppl")
-task joins the context with each candidate and picks the most likely; a generative ("gen")
-task lets the model write the answer. A task file holds one example per line, either
+A task file holds one example per line (the shape of HellaSwag, ARC or PIQA after renaming):
 
     {"context": "...", "choices": ["...", "..."], "answer": 1}     multiple choice
     {"context": "...", "answer": "...", "stop": ["\\n"]}            generation, exact match
 
-(the shape of HellaSwag, ARC or PIQA after renaming their fields; "stop" is optional). A choice
-is scored as written, so it usually starts with the space that joins it to the context.
-
-Built-in tasks, made from the held-out (validation) documents of each language of a corpus,
-their answers decided by the data itself, the same examples for every seed-0 run:
-
-    cloze-<lang>     HellaSwag-style next sentence: the true sentence after a context, among 3
-                     others of similar length drawn from other documents (chance 25%)
-    complete-<lang>  the last word of a sentence (en; LAMBADA-style) or its last two
-                     characters (zh), written greedily and scored by exact match
+A choice is scored as written, so it usually starts with the space that joins it to the
+context. Built in, from each language's held-out documents (the same examples for every seed-0
+run): `cloze-<lang>`, HellaSwag-style, the true next sentence among 4 of similar length from
+other documents; `complete-<lang>`, the last word of a sentence (en) or its last two
+characters (zh), written greedily. Provenance and choices: docs/method.md#evaluation.
 """
 
 from __future__ import annotations
@@ -24,10 +18,12 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-FORMAT = 1  # bump when the built-in tasks or their scoring change: cached results are redone
+from minimoe import files
+
+FORMAT = 2  # bump when the built-in tasks or their scoring change: cached results are redone
 N_CHOICES = 4  # the cloze's candidates, as HellaSwag's four endings
 # At most this much text before the sentence (whole sentences), and the cloze's sentences:
 # long enough to mean something, short enough to fit a toy model's context and keep
@@ -241,3 +237,54 @@ def _built(name: str, kind: str, examples: list, lang: str) -> Task:
     if not examples:
         raise ValueError(f"task {name!r}: the {lang!r} validation documents give no examples")
     return Task(name, kind, examples, f"the validation split ({lang})")
+
+
+# --- the tasks as lm-evaluation-harness reads them ----------------------------------------------
+def export_task(task: Task, folder, start: str, max_gen_toks: int = 0) -> list[Path]:
+    """task.jsonl and an lm-evaluation-harness task YAML (minimoe_<name>) that scores it as
+    minimoe does: every text after the tokenizer's start token `start` (written into the prompt,
+    which lm-evaluation-harness then leaves as it is), the choice joined as written
+    (`target_delimiter: ""`), a completion cut at the example's stop strings and stripped.
+    Generation takes one set of stop strings per task and `max_gen_toks` new tokens."""
+    if task.kind == "choice":
+        fields = {"output_type": "multiple_choice", "doc_to_choice": "choices",
+                   "doc_to_target": "answer", "target_delimiter": ""}
+        metrics = ["acc", "acc_norm"]
+    else:
+        stops = {ex.stop for ex in task.examples}
+        if len(stops) > 1:
+            raise ValueError(f"task {task.name!r}: its examples stop at different strings; "
+                             "lm-evaluation-harness takes one set per task")
+        fields = {"output_type": "generate_until", "doc_to_target": "answer",
+                   "generation_kwargs": {"until": list(stops.pop()), "do_sample": False,
+                                         "max_gen_toks": max_gen_toks},
+                   "filter_list": [{"name": "strip", "filter": [{"function": "remove_whitespace"},
+                                                                {"function": "take_first"}]}]}
+        metrics = ["exact_match"]
+    lines = [json.dumps(asdict(ex), ensure_ascii=False) for ex in task.examples]
+    return _write_harness_task(Path(folder), task.name, lines, start + "{{context}}", fields,
+                               metrics)
+
+
+def export_texts(name: str, texts: list[str], folder) -> list[Path]:
+    """Documents as an lm-evaluation-harness rolling log-likelihood task (bits per byte: the
+    harness starts each document after its prefix token, bos or else eos, as minimoe does)."""
+    lines = [json.dumps({"text": text}, ensure_ascii=False) for text in texts]
+    fields = {"output_type": "loglikelihood_rolling", "doc_to_target": "text"}
+    return _write_harness_task(Path(folder), name, lines, "", fields,
+                               ["byte_perplexity", "bits_per_byte"])
+
+
+def _write_harness_task(folder: Path, name: str, lines: list[str], text: str, fields: dict,
+                        metrics: list[str]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    data, spec = folder / f"{name}.jsonl", folder / f"{name}.yaml"
+    files.write_text(data, "\n".join(lines) + "\n")
+    config = {"task": f"minimoe_{name}", "dataset_path": "json",
+              "dataset_kwargs": {"data_files": {"test": str(data.resolve())}}, "test_split": "test",
+              "doc_to_text": text, **fields, "metric_list": [{"metric": m} for m in metrics],
+              "metadata": {"version": FORMAT}}
+    # JSON scalars are YAML: one key per line, each value as JSON
+    files.write_text(spec, "".join(f"{k}: {json.dumps(v, ensure_ascii=False)}\n"
+                                   for k, v in config.items()))
+    return [data, spec]

@@ -1,13 +1,7 @@
-"""Tokens: the tokenizer (byte-level BPE trained on the training split) and batches.
-
-corpus (data.py) -> tokenizer -> token memmaps (`TokenData`) -> batches that are pure functions
-of (seed, step) and, when domains are mixed, of the domain weights in force (minimoe/mixing.py),
-so a resumed run sees exactly the batches of an unbroken one.
-
-The training stream holds each domain's documents together, so a domain is a range of it;
-meta.json records the ranges and the tokens per split and domain. Validation has one split
-per language (`val_en`) and per domain (`val_en-kjv`); a domain split whose tokens equal a
-language's is stored once and named twice.
+"""Tokens: the tokenizer (a tokenizers-library JSON: byte-level BPE trained on the training
+split, bytes, or an imported checkpoint's) and batches that are pure functions of (seed, step)
+and the domain weights in force (minimoe/mixing.py), so a resumed run sees an unbroken run's.
+The training stream holds each domain's documents together (meta.json: the ranges).
 """
 
 from __future__ import annotations
@@ -19,78 +13,106 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tokenizers
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
 from minimoe import files
 from minimoe.data import Corpus, prepare_corpus
 
-EOS = "<|endoftext|>"  # separates documents in the token stream
+EOS = "<|endoftext|>"  # ends every document (and starts one, where a tokenizer has no BOS)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # a run folder's, as HF names them
 
 
-# --- tokenizers: encode(text) -> list[int], decode(ids) -> str, vocab_size, eos_id, name,
-# and encode_with_ends(text) -> (ids, the character index where each token's text ends) ---
+class Tokenizer:
+    """A tokenizers-library tokenizer and the tokens around a document: each is stored as
+    [bos] + text + [eos] and scored after `start_id` (bos, else eos: lm-evaluation-harness's
+    prefix token). `name` holds a digest of the JSON: token caches are keyed on content."""
 
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens plus one end-of-text id: nothing to train, nothing unknown."""
-
-    name, vocab_size, eos_id = "byte", 257, 256
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
-        ids, ends = [], []
-        for i, char in enumerate(text):  # every byte of a character ends where it ends
-            data = char.encode("utf-8")
-            ids += data
-            ends += [i + 1] * len(data)
-        return ids, ends
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [self.encode(text) for text in texts]
-
-    def decode(self, ids) -> str:
-        pieces = (EOS.encode() if i == self.eos_id else bytes([i]) for i in ids)
-        return b"".join(pieces).decode("utf-8", errors="replace")
-
-
-class BPETokenizer:
-    """Byte-level BPE, as in GPT-2: any text encodes, and frequent byte runs (English words,
-    common Chinese characters) become single tokens, so sequences are ~3x shorter than bytes."""
-
-    def __init__(self, path: Path, name: str):
-        try:
-            self._tokenizer = Tokenizer.from_file(str(path))
-        except Exception as err:  # the tokenizers library raises plain Exception (and panics)
-            raise ValueError(f"{path}: not a tokenizer file of the tokenizers library "
-                             f"({str(err).splitlines()[0][:100]})") from None
-        self.name = name
+    def __init__(self, json_text: str, eos: str = EOS, bos: str | None = None):
+        try:  # the tokenizers library raises plain Exception on a bad file
+            self._tokenizer = tokenizers.Tokenizer.from_str(json_text)
+            kind = json.loads(json_text)["model"]["type"].lower()
+        except Exception as err:
+            raise ValueError(f"not a tokenizer of the tokenizers library ({str(err)[:100]})") \
+                from None
+        self.json, self.eos, self.bos = json_text, eos, None if bos == eos else bos
         self.vocab_size = self._tokenizer.get_vocab_size()
-        if max(self._tokenizer.get_vocab().values(), default=0) >= self.vocab_size:
-            raise ValueError(f"{path}: token ids reach past its vocabulary of {self.vocab_size}")
-        self.eos_id = self._tokenizer.token_to_id(EOS)
+        if max(self._tokenizer.get_vocab().values(), default=0) >= self.vocab_size or not all(
+                isinstance(t, str) for t in (eos, bos or "")):
+            raise ValueError(f"token ids past its vocabulary of {self.vocab_size}, or eos/bos "
+                             "not names of tokens")
+        self.eos_id = self._tokenizer.token_to_id(eos)
+        self.bos_id = None if self.bos is None else self._tokenizer.token_to_id(self.bos)
+        for token, found in ((eos, self.eos_id), (self.bos, self.bos_id)):
+            if token is not None and found is None:
+                raise ValueError(f"tokenizer: has no token {token!r} to end or start documents with")
+        self.name = f"{kind}{self.vocab_size}-{hashlib.sha256(json_text.encode()).hexdigest()[:8]}"
+
+    @property
+    def start_id(self) -> int:
+        return self.eos_id if self.bos_id is None else self.bos_id
 
     def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text).ids
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
 
     def encode_with_ends(self, text: str) -> tuple[list[int], list[int]]:
-        encoding = self._tokenizer.encode(text)  # a token holding part of a character ends with it
+        """ids, and the character index where each token's text ends (a token holding part of a
+        character ends with it)."""
+        encoding = self._tokenizer.encode(text, add_special_tokens=False)
         return encoding.ids, [end for _, end in encoding.offsets]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Many texts at once, on the tokenizers library's threads."""
-        return [encoding.ids for encoding in self._tokenizer.encode_batch(texts)]
+        return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def document(self, ids: list[int]) -> list[int]:
+        """A document's tokens as the training stream holds them."""
+        return ([] if self.bos_id is None else [self.bos_id]) + ids + [self.eos_id]
 
     def decode(self, ids) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=False)
 
+    def save(self, folder):
+        """tokenizer.json as it is, and a tokenizer_config.json whose class keeps it so
+        (transformers' own Llama and Qwen2 classes rebuild its pre-tokenizer)."""
+        files.write_text(Path(folder) / TOKENIZER_FILES[0], self.json)
+        files.write_json(Path(folder) / TOKENIZER_FILES[1], {
+            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos,
+            "bos_token": self.bos, "clean_up_tokenization_spaces": False})
+
+    @classmethod
+    def load(cls, folder, eos: str = EOS, bos: str | None = None) -> Tokenizer:
+        """The tokenizer of a folder `save` wrote (a run's) or transformers did (a Hub model's):
+        tokenizer_config.json's eos_token and bos_token ("..." or {"content": "..."}) win."""
+        folder = Path(folder)
+        config_path = folder / TOKENIZER_FILES[1]
+        config = files.read_json(config_path) if config_path.exists() else {}
+        eos, bos = ((t.get("content") if isinstance(t, dict) else t) for t in
+                    (config.get("eos_token") or eos, config.get("bos_token", bos)))
+        try:
+            return cls((folder / TOKENIZER_FILES[0]).read_text(encoding="utf-8"), eos, bos)
+        except ValueError as err:
+            raise ValueError(f"{folder / TOKENIZER_FILES[0]}: {err}") from None
+
+
+def byte_tokenizer() -> Tokenizer:
+    """UTF-8 bytes as tokens 0-255 plus EOS (256): a byte-level BPE without merges, so nothing
+    to train and nothing unknown."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2's bytes_to_unicode
+    others = [b for b in range(256) if b not in printable]
+    char = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+    tokenizer = tokenizers.Tokenizer(models.BPE({char[b]: b for b in range(256)}, []))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([EOS])
+    return Tokenizer(tokenizer.to_str())
+
 
 def train_bpe(texts: list[str], vocab_size: int) -> str:
     """A byte-level BPE trained on `texts`, as the tokenizers library's JSON."""
-    tokenizer = Tokenizer(models.BPE())
+    tokenizer = tokenizers.Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
@@ -99,16 +121,16 @@ def train_bpe(texts: list[str], vocab_size: int) -> str:
     return tokenizer.to_str()
 
 
-def load_tokenizer(corpus: Corpus, vocab_size: int = 2048, kind: str = "bpe"):
-    """The byte fallback, or a BPE trained on the training split only (cached in the corpus)."""
+def load_tokenizer(corpus: Corpus, vocab_size: int = 2048, kind: str = "bpe") -> Tokenizer:
+    """The byte tokenizer, or a BPE trained on the training split only (cached in the corpus)."""
     if kind == "byte":
-        return ByteTokenizer()
+        return byte_tokenizer()
     assert kind == "bpe", kind
     assert vocab_size > 257  # the doors (CLI, run.json, recipes) hold it: 256 bytes + eos
     path = corpus.path / f"tokenizer-bpe{vocab_size}.json"
     if not path.exists():
         files.write_text(path, train_bpe(corpus.texts("train"), vocab_size))
-    return BPETokenizer(path, name=f"bpe{vocab_size}-{corpus.hash[:8]}")
+    return Tokenizer(path.read_text(encoding="utf-8"))
 
 
 # --- token arrays and batches ------------------------------------------------------------
@@ -118,8 +140,7 @@ def _encode_all(tokenizer, texts: list[str], split: str) -> np.ndarray:
     """Every document followed by eos, so the model learns where a document ends."""
     ids: list[int] = []
     for text in tqdm(texts, desc=f"tokenizing {split}", unit="doc", delay=3, leave=False):
-        ids += tokenizer.encode(text)
-        ids.append(tokenizer.eos_id)
+        ids += tokenizer.document(tokenizer.encode(text))
     return np.asarray(ids, dtype=np.int64)
 
 
@@ -136,10 +157,9 @@ class TokenData:
 
     path: Path
     arrays: dict[str, np.ndarray]
-    tokenizer_name: str
+    tokenizer: Tokenizer
     domain_ranges: dict[str, tuple[int, int]]  # [start, end) of each domain in train
     stored_as: dict[str, str]  # split -> the split whose file holds its tokens
-    vocab_size: int = 0  # every id read must be below it (0: not checked)
 
     @classmethod
     def build(cls, corpus: Corpus, tokenizer) -> TokenData:
@@ -153,7 +173,7 @@ class TokenData:
                   for split in set(meta["stored_as"].values())}
         arrays = {split: stored[source] for split, source in meta["stored_as"].items()}
         ranges = {domain: tuple(bounds) for domain, bounds in meta["domain_ranges"].items()}
-        return cls(folder, arrays, meta["tokenizer"], ranges, meta["stored_as"], meta["vocab_size"])
+        return cls(folder, arrays, tokenizer, ranges, meta["stored_as"])
 
     @property
     def langs(self) -> list[str]:
@@ -187,9 +207,9 @@ class TokenData:
             raise ValueError(f"seq_len {seq_len}: needs {seq_len + 1} tokens, this split has "
                              f"{len(tokens)}")
         rows = np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64)  # (B, T+1)
-        if self.vocab_size and rows.max() >= self.vocab_size:  # files on disk: not trusted
+        if rows.max() >= self.tokenizer.vocab_size:  # ids from files on disk: not trusted
             raise ValueError(f"{self.path}: token id {rows.max()} is past the vocabulary of "
-                             f"{self.vocab_size} (tokens and tokenizer disagree)")
+                             f"{self.tokenizer.vocab_size} (tokens and tokenizer disagree)")
         rows = torch.from_numpy(rows)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # x, and y = next token: (B, T)
 
@@ -279,9 +299,12 @@ def _write_arrays(folder: Path, corpus: Corpus, tokenizer) -> dict:
             "domain_ranges": ranges, "stored_as": stored_as}
 
 
-def load_data(paths: list[str] | None = None, vocab_size: int = 2048, tokenizer: str = "bpe",
-              cache_dir: str | Path | None = None, val_fraction: float = 0.03, seed: int = 0):
-    """Corpus -> tokenizer -> token arrays in one call; returns (TokenData, tokenizer)."""
+def load_data(paths: list[str] | None = None, vocab_size: int = 2048,
+              tokenizer: str | Tokenizer = "bpe", cache_dir: str | Path | None = None,
+              val_fraction: float = 0.03, seed: int = 0):
+    """Corpus -> tokenizer ("bpe", "byte", or one given) -> token arrays in one call; returns
+    (TokenData, tokenizer)."""
     corpus = prepare_corpus(paths, cache_dir, val_fraction, seed)
-    tok = load_tokenizer(corpus, vocab_size, tokenizer)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(corpus, vocab_size,
+                                                                           tokenizer)
     return TokenData.build(corpus, tok), tok

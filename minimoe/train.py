@@ -1,21 +1,16 @@
 """The one continuous-pretraining loop, used by every stage: preparation, the grown dense model,
-the MoE, and the from-scratch baseline.
+the MoE, and the from-scratch baseline: AdamW, warmup then cosine, clipping and accumulation,
+bf16 autocast, MoE auxiliary losses, validation per language and domain, a JSONL log (and
+TensorBoard, if asked), a loss plot, and atomic checkpoints from which a killed run resumes
+with bit-identical losses: the batch of step i is a pure function of (seed, i, the domain
+weights in force), and model, optimizer, RNG and weights are restored from the checkpoint,
+each file read through its rules (docs/method.md, "Run folders").
 
-AdamW, linear warmup then cosine decay, gradient clipping and accumulation, optional bf16
-autocast, MoE auxiliary losses, validation every N steps (overall and per language), a tqdm bar,
-a JSONL log, a loss plot, and atomic safetensors checkpoints from which a killed run resumes
-with bit-identical losses. Resume is exact because nothing in a step depends on hidden state:
-the batch of step i is a pure function of (seed, i, the domain weights in force), the learning
-rate a function of i, and the model, optimizer, RNG state and domain weights are restored from
-the checkpoint, each file read through its rules (docs/method.md, "Run folders").
-
-Under torchrun the same loop runs on every rank (minimoe/dist.py): the model is wrapped by
-FSDP2 (default) or DDP, optionally with expert parallelism; each rank takes its rows of step
-i's batch, so the run reproduces one process's; gradients are reduced once per step (not per
-micro-batch); checkpoints go through torch.distributed.checkpoint (minimoe/checkpoint.py);
-the log, the progress bar, the plots and the consolidated model file come from rank 0. The
-MoE auxiliary losses are computed over each rank's own tokens (Megatron's default "aux_loss"),
-so with a balance coefficient an MoE run differs slightly from one process's.
+Under torchrun the same loop runs on every rank (minimoe/dist.py): FSDP2 or DDP, optionally
+expert or tensor parallel; each rank takes its rows of step i's batch, so the run reproduces
+one process's; gradients are reduced once per step; checkpoints go through
+torch.distributed.checkpoint; the log, plots and the consolidated model come from rank 0. The
+MoE auxiliary losses are computed over each rank's own tokens (Megatron's default "aux_loss").
 """
 
 from __future__ import annotations
@@ -36,9 +31,10 @@ from minimoe import checkpoint as ckpt
 from minimoe import dist
 from minimoe import files
 from minimoe import mixing
-from minimoe.checks import SEED, check_fields, problem
+from minimoe.checks import SEED, check_fields
 from minimoe.evaluate import evaluate
 from minimoe.moe import AuxLossConfig, expert_load
+from minimoe.run_files import log_records, resumed_weights
 from minimoe.tensor_parallel import check_tensor_parallel
 
 
@@ -146,11 +142,12 @@ class RunResult:
 
 
 def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progress: bool = True,
-          on_step=None) -> RunResult:
+          on_step=None, tensorboard=None) -> RunResult:
     """Continue pretraining `model` on `data` for tc.steps steps, checkpointing into out_dir.
 
     If out_dir holds a checkpoint of this same run, training resumes from it. `meta` (stage,
-    data, parent run...) goes to run.json; `on_step(step, record)` is called after each step.
+    data, parent run...) goes to run.json; `on_step(step, record)` is called after each step;
+    `tensorboard`: a folder that also gets every logged number (torch's SummaryWriter).
     """
     dist.init_from_env(tc.device)  # torchrun's process group; nothing in one process
     weights, references = _start_mix(tc, data)  # weights None: in proportion to size
@@ -160,7 +157,7 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
         raise ValueError(f"TrainConfig.batch_size={tc.batch_size}: must be divisible by the "
                          f"{dist.world_size()} ranks (each takes an equal share of every batch)")
     run = {"train": dataclasses.asdict(tc), "model": model.cfg.to_dict(), **(meta or {})}
-    dist.main_only(lambda: _start_folder(out_dir, run, model.cfg))
+    dist.main_only(lambda: _start_folder(out_dir, run, model.cfg, data.tokenizer))
     main = dist.is_main()
 
     device = dist.device_for(tc.device)
@@ -172,16 +169,17 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
     if latest is not None:
         state = ckpt.load_checkpoint(latest, model, optimizer)
         step, tokens, train_time = state["step"], state["tokens"], state["train_time"]
-        weights = _resumed_weights(state, latest, tc, weights)
+        weights = resumed_weights(state, latest, tc.steps, tc.tokens_per_step, weights)
     else:
         torch.manual_seed(tc.seed)
     log_path = out_dir / "log.jsonl"
     history = dist.main_only(lambda: _truncate_log(log_path, step))
+    board = _board(tensorboard, step) if tensorboard and main else None
     if step >= tc.steps and (out_dir / "model.safetensors").exists():  # finished earlier
         return RunResult(out_dir, step, tokens, train_time, _final_val(history), history)
     if step == 0 and not any("val_loss" in r for r in history):
         history.append(_log(log_path, {"step": 0, "tokens": 0, **_evaluate(model, data, tc)},
-                            main))
+                            main, board))
 
     bar = _progress(tc.steps, step, progress and main)
     last_good = latest
@@ -233,7 +231,7 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
             record["mix_next"] = weights
         if step % tc.log_every == 0 or "val_loss" in record or step == tc.steps:
             record["load"] = load
-            history.append(_log(log_path, record, main))
+            history.append(_log(log_path, record, main, board))
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{record['tok_per_s']:.0f}")
@@ -246,28 +244,14 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
             last_good = ckpt.latest_checkpoint(out_dir)
     if bar is not None:
         bar.close()
+    if board is not None:
+        board.close()
     ckpt.save_model_tensors(out_dir / "model.safetensors", model)
     if main:
         plot_losses(history, out_dir / "loss.png", title=str((meta or {}).get("stage", out_dir.name)))
         mixing.plot_weights(history, out_dir / "mix.png", title=f"domain weights ({tc.mix})")
     dist.barrier()
     return RunResult(out_dir, step, tokens, train_time, _final_val(history), history)
-
-
-def _resumed_weights(state: dict, path: Path, tc: TrainConfig, weights):
-    """The domain weights a checkpoint resumes with, once its state fits this run."""
-    where = f"{path / 'state.json'}: "
-    if state["step"] > tc.steps or state["tokens"] != state["step"] * tc.tokens_per_step:
-        raise ValueError(f"{where}step={state['step']}, tokens={state['tokens']}: this run has "
-                         f"{tc.steps} steps of {tc.tokens_per_step} tokens")
-    saved = state.get("mix_weights")
-    fits = saved is None if weights is None else (
-        isinstance(saved, dict) and sorted(saved) == sorted(weights)
-        and all(problem(w, "[0, 1]") is None for w in saved.values()))
-    if not fits:
-        raise ValueError(f"{where}mix_weights={saved!r}: must weigh the run's domains "
-                         f"({', '.join(weights or {}) or 'none: a size mix'}) in [0, 1]")
-    return saved
 
 
 def _evaluate(model, data, tc: TrainConfig) -> dict[str, float]:
@@ -292,12 +276,18 @@ def _parallelize(model, tc: TrainConfig, device: torch.device) -> dist.Parallel:
                             compile=tc.compile)
 
 
-def _start_folder(out_dir: Path, run: dict, cfg):
-    """Check that out_dir holds nothing or this run, then write its config and run files."""
+def _start_folder(out_dir: Path, run: dict, cfg, tokenizer):
+    """Check that out_dir holds nothing or this run, then write its config, run and tokenizer
+    files (a run folder holds its tokenizer: eval, generate and export read it)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_same_run(out_dir, run)
+    held = out_dir / "tokenizer.json"
+    if held.exists() and held.read_text(encoding="utf-8") != tokenizer.json:
+        raise ValueError(f"out={out_dir}: holds a run of another tokenizer than the data's "
+                         f"{tokenizer.name}; choose another --out")
     files.write_text(out_dir / "config.json", cfg.to_json())
     files.write_json(out_dir / "run.json", run)
+    tokenizer.save(out_dir)
 
 
 def _start_mix(tc: TrainConfig, data) -> tuple[dict | None, dict | None]:
@@ -342,27 +332,31 @@ def _check_same_run(out_dir: Path, run: dict):
 
 
 def _truncate_log(path: Path, step: int) -> list[dict]:
-    """Keep the log records up to `step` (a resumed run re-logs what came after); a last line
-    torn by a kill is dropped (files.read_jsonl), a record not of this loop refused."""
-    records = files.read_jsonl(path) if path.exists() else []
-    for n, r in enumerate(records, 1):
-        mix = r.get("mix") or {}
-        numbers = [v for k, v in r.items() if k in ("loss", "lr") or k.startswith("val_")]
-        if problem(r.get("step"), "int>=0") or problem(r.get("tokens"), "int>=0") \
-                or not isinstance(mix, dict) or any(isinstance(v, bool) or not isinstance(
-                    v, (int, float)) for v in numbers + list(mix.values())):
-            raise ValueError(f"{path}: record {n} is not a training log record (step, tokens "
-                             "and numbers)")
+    """Keep the log records up to `step` (a resumed run re-logs what came after)."""
+    records = log_records(path)
     records = [r for r in records if r["step"] <= step]
     files.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return records
 
 
-def _log(path: Path, record: dict, write: bool = True) -> dict:
+def _log(path: Path, record: dict, write: bool = True, board=None) -> dict:
     if write:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+    if board is not None:  # the record's numbers, and the domain weights as mix/<domain>
+        numbers = {**record, **{f"mix/{d}": w for d, w in (record.get("mix") or {}).items()}}
+        for key, value in numbers.items():
+            if isinstance(value, (int, float)) and key != "step":
+                board.add_scalar(key, value, record["step"])
     return record
+
+
+def _board(folder, step: int):
+    """TensorBoard's writer (the optional extra `tensorboard`); a resumed run's later steps
+    are purged, as log.jsonl's are."""
+    from torch.utils.tensorboard import SummaryWriter  # optional: imports `tensorboard`
+
+    return SummaryWriter(str(folder), purge_step=step + 1)
 
 
 def _expert_load(model):

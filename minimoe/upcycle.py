@@ -1,31 +1,20 @@
-"""Scale-Out: turn a dense model into a Mixture of Experts.
+"""Scale-Out: turn a dense model into a Mixture of Experts (pure functions: a new model back).
 
-Two ways to build the experts from a dense SwiGLU MLP (all pure functions: they return a new
-model and leave the dense one untouched):
+  upcycle  Sparse Upcycling (Komatsuzaki et al. 2022) as AquilaMoE does it (arXiv 2408.06567
+           §2.3): every expert an exact copy of the dense MLP, a new random router. The combine
+           weights of a token sum to 1, so the MoE computes what the dense model did.
+  split    LLaMA-MoE's expert construction (arXiv 2406.16554): the FFN's d_ffn neurons divided
+           into n_experts experts (randomly, by balanced k-means, or by gradient importance),
+           so the MoE keeps the dense parameter count and k / n_experts of its compute.
 
-  upcycle  Sparse Upcycling (Komatsuzaki et al. 2022), as AquilaMoE does it (arXiv 2408.06567 §2.3):
-           every expert is an exact copy of the dense MLP, the router is new and random.
-           Since the combine weights of a token sum to 1, the model computes exactly what
-           the dense one did until the experts drift apart in training.
-  split    LLaMA-MoE's expert construction (arXiv 2406.16554; pjlab-sys4nlp/llama-moe,
-           smoe/utils/expert_construction/expert_split.py): the FFN's
-           d_ffn intermediate neurons are divided into n_experts experts of d_ffn/n_experts
-           neurons each (randomly, by balanced k-means, or by gradient importance), so the
-           MoE has the dense model's parameter count and k/n_experts of its compute.
-
-For every expert, neuron j of the dense MLP is row j of gate_proj and up_proj and column j of
-down_proj; an expert made of neurons idx is those rows and columns (LLaMA-MoE's
-smoe/utils/expert_construction/convert_llama_moe.py). Attention, norms, embeddings, the LM
-head and the MLPs of layers that
-stay dense are copied unchanged.
-(Conversion to and from transformers' Mixtral lives in minimoe/interop.py.)
-
-`upcycle_checkpoint` does what `upcycle` does between safetensors files, one tensor in memory at
-a time (the largest: one layer's stacked experts, E x D x F), so a 16B checkpoint becomes the
-8x16B one on a machine that holds neither model.
+Both end in one per-tensor function, `expert_tensor`, run on a state dict in memory
+(`build_moe`) or between model files one tensor at a time (`upcycle_checkpoint`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +22,7 @@ import torch.nn.functional as F
 from minimoe.config import ModelConfig
 from minimoe.model import Transformer, build_model
 from minimoe.moe import router_init_std
-from minimoe.stream import SafetensorsSource, write_safetensors
+from minimoe.stream import transform_file
 
 LAYER_CHOICES = {"all": 1, "every-other": 2}  # -> moe_layer_freq (layer i is MoE when i % freq == 0)
 MOE_OPTIONS = ("gate", "router_noise", "capacity_factor", "expert_scale")
@@ -63,58 +52,30 @@ def upcycle(dense: Transformer, n_experts: int = 8, top_k: int = 2, layers: str 
     moe_options: gate, router_noise, capacity_factor, expert_scale (ModelConfig fields).
     """
     cfg = _moe_config(dense.cfg, n_experts, top_k, layers, moe_options)
-    all_neurons = torch.arange(dense.cfg.d_ffn)
-    experts = {i: [all_neurons] * n_experts for i in _moe_layer_ids(cfg)}
-    return _build_moe(dense, cfg, experts, {}, router_init_std(router_std, router_init), seed)
+    return build_moe(_upcycle_plan(cfg, router_init_std(router_std, router_init), seed), dense)
 
 
 def upcycle_checkpoint(src_path, dense_cfg: ModelConfig, out_path, n_experts: int = 8,
                        top_k: int = 2, layers: str = "all", router_std: float = 0.02,
                        router_init: str = "std", seed: int = 0,
                        **moe_options) -> tuple[ModelConfig, int]:
-    """`upcycle` from one .safetensors file into another, streamed: the same tensors bit for
-    bit (the routers from the same generator, in layer order). Returns the MoE config and the
-    bytes written."""
+    """`upcycle` from one .safetensors file into another through the same `expert_tensor`, one
+    tensor in memory at a time. Returns the MoE config and the bytes written."""
     cfg = _moe_config(dense_cfg, n_experts, top_k, layers, moe_options)
-    source = SafetensorsSource(src_path)
-    for name, t in _stored_tensors(dense_cfg).items():
-        if name not in source or source.shape(name) != tuple(t.shape):
-            found = source.shape(name) if name in source else "no such tensor"
-            raise ValueError(f"{src_path}: {name} must have shape {tuple(t.shape)} for the "
-                             f"dense config, found {found}")
-    generator = torch.Generator().manual_seed(seed)  # as _build_moe draws them
-    std = router_init_std(router_std, router_init)
-    routers = {i: torch.randn(n_experts, cfg.d_model, generator=generator) * std
-               for i in _moe_layer_ids(cfg)}
+    plan = _upcycle_plan(cfg, router_init_std(router_std, router_init), seed)
 
-    def produce(name: str) -> torch.Tensor:
-        if name in source:  # attention, norms, embeddings, head, MLPs that stay dense
-            return source[name]
-        _, layer, _, rest = name.split(".", 3)  # layers.{i}.mlp.{rest}
-        mlp = f"layers.{layer}.mlp."
-        if rest == "router.weight":
-            return routers[int(layer)].to(source.dtype(mlp + "gate_proj.weight"))
-        if rest == "router_noise.weight":
-            return torch.zeros(n_experts, cfg.d_model, dtype=source.dtype(mlp + "gate_proj.weight"))
-        dense = {"w_gate_EDF": "gate_proj", "w_up_EDF": "up_proj", "w_down_EFD": "down_proj"}[rest]
-        weight = source[f"{mlp}{dense}.weight"].T  # (F, D) -> (D, F); down: (D, F) -> (F, D)
-        return weight.unsqueeze(0).expand(n_experts, -1, -1).contiguous()  # every expert a copy
+    def dtype_of(source, name):  # a new tensor takes the dtype of its layer's dense MLP
+        return source.dtype(name if name in source else name.split(".mlp.")[0] + ".mlp.gate_proj.weight")
 
-    def dtype_of(name: str) -> torch.dtype:
-        if name in source:
-            return source.dtype(name)
-        return source.dtype(name.split(".mlp.")[0] + ".mlp.gate_proj.weight")
-
-    specs = {name: (dtype_of(name), tuple(t.shape)) for name, t in _stored_tensors(cfg).items()}
-    return cfg, write_safetensors(out_path, specs, produce, metadata={"format": "pt"})
+    written = transform_file(src_path, dense_cfg, out_path, cfg,
+                             lambda name, source: expert_tensor(plan, name, source), dtype_of)
+    return cfg, written
 
 
-def _stored_tensors(cfg: ModelConfig) -> dict:
-    """Names and shapes of a model file (meta tensors; a tied head is stored once)."""
-    tensors = build_model(cfg, device="meta").state_dict()
-    if cfg.tie_embeddings:
-        tensors.pop("lm_head.weight")
-    return tensors
+def _upcycle_plan(cfg: ModelConfig, router_std: float, seed: int) -> "ExpertPlan":
+    every_neuron = torch.arange(cfg.d_ffn)
+    return ExpertPlan(cfg, {i: [every_neuron] * cfg.n_experts for i in _moe_layer_ids(cfg)}, {},
+                      _routers(cfg, router_std, seed))
 
 
 # --- LLaMA-MoE expert construction ------------------------------------------------------------
@@ -179,7 +140,8 @@ def split(dense: Transformer, n_experts: int, top_k: int, method: str = "random"
                 experts[i] = [_top_neurons(s, expert_d_ffn) for s in scores[i]]
             else:
                 shared[i], experts[i] = residual_split(scores[i], expert_d_ffn, shared_d_ffn)
-    return _build_moe(dense, cfg, experts, shared, router_init_std(router_std, router_init), seed)
+    routers = _routers(cfg, router_init_std(router_std, router_init), seed)
+    return build_moe(ExpertPlan(cfg, experts, shared, routers), dense)
 
 
 def balanced_kmeans(points_ND: torch.Tensor, n_clusters: int, n_iter: int = 20,
@@ -323,32 +285,58 @@ def _moe_layer_ids(cfg: ModelConfig) -> list[int]:
     return [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
 
 
+def _routers(cfg: ModelConfig, router_std: float, seed: int) -> dict[int, torch.Tensor]:
+    """Each MoE layer's new router weight (E, D), N(0, router_std), drawn in layer order."""
+    generator = torch.Generator().manual_seed(seed)
+    return {i: torch.randn(cfg.n_experts, cfg.d_model, generator=generator) * router_std
+            for i in _moe_layer_ids(cfg)}
+
+
+@dataclass(frozen=True)
+class ExpertPlan:
+    """Where every MoE tensor comes from: per MoE layer, the dense FFN neurons that expert e
+    takes (experts[layer][e]) and the shared expert takes (shared[layer]), and the new router."""
+
+    cfg: ModelConfig
+    experts: dict
+    shared: dict
+    routers: dict
+
+
+_EXPERT_WEIGHTS = {"w_gate_EDF": "gate_proj", "w_up_EDF": "up_proj", "w_down_EFD": "down_proj"}
+
+
+def expert_tensor(plan: ExpertPlan, name: str, dense: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """MoE tensor `name`, cut from the tensors of the dense model (`dense`: a state dict, or a
+    model file read on demand). An expert made of neurons idx is rows idx of gate_proj and
+    up_proj and columns idx of down_proj (LLaMA-MoE's convert_llama_moe.py), stored (in, out)."""
+    if name in dense:  # attention, norms, embeddings, head, MLPs that stay dense
+        return dense[name]
+    _, layer, _, rest = name.split(".", 3)  # layers.{i}.mlp.{rest}
+    i, mlp = int(layer), f"layers.{layer}.mlp."
+    dtype = dense[mlp + "gate_proj.weight"].dtype
+    if rest == "router.weight":
+        return plan.routers[i].to(dtype)
+    if rest == "router_noise.weight":  # W_noise starts at zero (minimoe/moe.py)
+        return torch.zeros(plan.cfg.n_experts, plan.cfg.d_model, dtype=dtype)
+    if rest.startswith("shared."):
+        proj = rest.split(".")[1]
+        weight, idx = dense[f"{mlp}{proj}.weight"], plan.shared[i]
+        return weight[:, idx] if proj == "down_proj" else weight[idx]
+    proj = _EXPERT_WEIGHTS[rest]
+    weight = dense[f"{mlp}{proj}.weight"]
+    if proj == "down_proj":  # (D, F) columns -> (F_e, D)
+        return torch.stack([weight[:, idx].T for idx in plan.experts[i]])
+    return torch.stack([weight[idx].T for idx in plan.experts[i]])  # (F, D) rows -> (D, F_e)
+
+
 @torch.no_grad()
-def _build_moe(dense: Transformer, cfg: ModelConfig, experts: dict, shared: dict,
-               router_std: float, seed: int) -> Transformer:
-    """A new MoE Transformer: dense weights copied, MoE layers' experts cut from the dense MLP
-    by neuron index (experts[layer][e], shared[layer]), routers N(0, router_std)."""
+def build_moe(plan: ExpertPlan, dense: Transformer) -> Transformer:
+    """A new MoE Transformer whose every tensor is `expert_tensor` of the dense model's."""
     ref = next(dense.parameters())
     with torch.random.fork_rng(devices=[]):  # the throwaway init must not move the global RNG
-        moe = build_model(cfg, device=ref.device, dtype=ref.dtype)
-    dense_sd, moe_sd = dense.state_dict(), moe.state_dict()
-    for name, tensor in moe_sd.items():
-        if name in dense_sd:
-            tensor.copy_(dense_sd[name])
-    generator = torch.Generator().manual_seed(seed)
-    for i in _moe_layer_ids(cfg):
-        mlp, layer = dense.layers[i].mlp, moe.layers[i].mlp
-        w_gate, w_up, w_down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
-        for e, idx in enumerate(experts[i]):
-            layer.w_gate_EDF[e] = w_gate[idx].T  # (F, D) rows -> (D, F)
-            layer.w_up_EDF[e] = w_up[idx].T
-            layer.w_down_EFD[e] = w_down[:, idx].T  # (D, F) columns -> (F, D)
-        if layer.shared is not None:
-            layer.shared.gate_proj.weight.copy_(w_gate[shared[i]])
-            layer.shared.up_proj.weight.copy_(w_up[shared[i]])
-            layer.shared.down_proj.weight.copy_(w_down[:, shared[i]])
-        router = torch.randn(cfg.n_experts, cfg.d_model, generator=generator) * router_std
-        layer.router.weight.copy_(router)
-        if layer.router_noise is not None:
-            layer.router_noise.weight.zero_()
+        moe = build_model(plan.cfg, device=ref.device, dtype=ref.dtype)
+    source = dense.state_dict()
+    for name, tensor in moe.state_dict().items():
+        tensor.copy_(expert_tensor(plan, name, source))
     return moe.train(dense.training)

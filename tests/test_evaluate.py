@@ -15,7 +15,7 @@ from minimoe.evaluate import (join_tokens, load_tasks, loglikelihoods, results_t
 from minimoe.model import build_model
 from minimoe.recipes.stages import data_spec, pretrain
 from minimoe.tasks import BUILTIN, WORD_STOPS, load_task_file, resolve_task
-from minimoe.tokens import ByteTokenizer, load_tokenizer
+from minimoe.tokens import byte_tokenizer, load_tokenizer
 from minimoe.train import TrainConfig
 
 
@@ -59,7 +59,7 @@ def test_a_token_merged_at_the_join_counts_once_for_the_continuation(demo):
     (ctx, _), = loglikelihoods(model, [(ids[:n_context], 1)])
     assert n_all == len(ids) - 1 and n_cont == len(ids) - n_context
     assert ctx + cont == pytest.approx(whole, abs=1e-6)
-    byte_ids, byte_n = join_tokens(ByteTokenizer(), "中", "国")  # three bytes per character
+    byte_ids, byte_n = join_tokens(byte_tokenizer(), "中", "国")  # three bytes per character
     assert byte_n == 4 and len(byte_ids) == 7
 
 
@@ -76,7 +76,7 @@ def small_corpus(tmp_path_factory):
 
 
 def test_a_uniform_model_over_bytes_gives_exactly_8_bits_per_byte(small_corpus):
-    tok = ByteTokenizer()
+    tok = byte_tokenizer()
     model = Uniform(tok.vocab_size, allowed=256, max_seq_len=32)  # every byte, never eos
     result = score_ppl(model, tok, small_corpus, chars=10_000)
     for key in ("bpb", "bpb en", "bpb zh"):
@@ -122,7 +122,7 @@ def _write_tasks(folder):
 
 
 def test_a_model_that_memorised_a_task_scores_100_percent(tmp_path):
-    tok = ByteTokenizer()
+    tok = byte_tokenizer()
     choice, gen = (load_task_file(p) for p in _write_tasks(tmp_path))
     assert (choice.kind, gen.kind, len(choice.examples)) == ("choice", "generate", 8)
     texts = [[tok.eos_id] + tok.encode(f"The {n} is {c}.") for n, c in zip(NAMES, COLOURS)]

@@ -13,13 +13,8 @@ import torch
 
 from minimoe.cli import main
 from minimoe.config import PRESETS, ModelConfig
-from minimoe.flops import (
-    flop_unit,
-    flops_per_token,
-    fvcore_analysis,
-    fvcore_check,
-    megatron_flops_per_token,
-)
+from minimoe.bench.flops_check import fvcore_analysis, fvcore_check
+from minimoe.flops import flop_unit, flops_per_token, megatron_flops_per_token
 
 # Published shapes (Llama 2, Touvron et al. 2023, Table 1 / its config.json; Mixtral-8x7B's
 # config.json): untied, no QKV bias.

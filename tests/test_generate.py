@@ -7,7 +7,7 @@ import torch
 from minimoe.config import get_preset
 from minimoe.generate import cut_at_stop, generate, generate_text, pick_next
 from minimoe.model import KVCache, build_model
-from minimoe.tokens import ByteTokenizer
+from minimoe.tokens import byte_tokenizer
 
 # init_std 0.2: logits far enough apart that float rounding cannot flip a greedy choice
 DENSE = get_preset("tiny").replace(vocab_size=300, init_std=0.2)
@@ -76,7 +76,7 @@ def test_sampling_rules():
 def test_stop_strings_cut_the_completion():
     assert cut_at_stop("abc.def\nx", [".", "\n"]) == "abc"
     assert cut_at_stop("abc", ["z"]) == "abc"
-    tok = ByteTokenizer()
+    tok = byte_tokenizer()
     model = _model(get_preset("tiny").replace(vocab_size=tok.vocab_size, init_std=0.2))
     free = generate_text(model, tok, ["In the beginning"], max_new_tokens=20)[0]
     assert len(free) >= 6

@@ -6,9 +6,7 @@ import torch
 from minimoe.config import get_preset
 from types import SimpleNamespace
 
-from minimoe.interop import (config_from_hf, export_llama_state_dict, export_qwen2_state_dict,
-                             hf_llama_config, hf_mixtral_config, hf_qwen2_config,
-                             import_llama_state_dict, import_qwen2_state_dict)
+from minimoe.interop import config_from_hf, convert, hf_config, hf_model
 from minimoe.model import build_model
 
 transformers = pytest.importorskip("transformers")
@@ -42,12 +40,6 @@ def test_init_std_sets_the_weights_std():
             assert w.std().item() == pytest.approx(init_std, rel=0.05)
 
 
-HF_DENSE = {  # architecture -> (model class name, config, export, import)
-    "llama": ("LlamaForCausalLM", hf_llama_config, export_llama_state_dict, import_llama_state_dict),
-    "qwen2": ("Qwen2ForCausalLM", hf_qwen2_config, export_qwen2_state_dict, import_qwen2_state_dict),
-}
-
-
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
 @pytest.mark.parametrize("changes", [
     dict(n_heads=8, n_kv_heads=2, qkv_bias=True, init_std=0.01),  # GQA + QKV bias: Aquila
@@ -55,37 +47,38 @@ HF_DENSE = {  # architecture -> (model class name, config, export, import)
 ])
 def test_equals_transformers_both_ways(architecture, changes):
     torch.manual_seed(0)
-    model_class, make_config, export, import_ = HF_DENSE[architecture]
     cfg = get_preset("tiny").replace(**changes)
     ours = build_model(cfg).eval()
     with torch.no_grad():  # non-trivial norms and biases, so a swapped tensor would show
         for name, p in ours.named_parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
-    hf = getattr(transformers, model_class)(make_config(cfg)).eval()
-    hf.load_state_dict(export(ours.state_dict()), strict=True)
+    hf = hf_model(ours, architecture).eval()
+    assert type(hf).__name__ == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[architecture]
     idx = torch.randint(0, cfg.vocab_size, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-5, rtol=0)
         # and back: a fresh model of ours loaded from HF's weights and config
-        back = build_model(config_from_hf(hf.config)).eval()
-        back.load_state_dict(import_(hf.state_dict()), strict=True)
+        back_cfg = config_from_hf(hf.config)
+        back = build_model(back_cfg).eval()
+        back.load_state_dict(convert(hf.state_dict(), back_cfg, architecture, to_hf=False), strict=True)
         torch.testing.assert_close(back(idx), hf(idx).logits, atol=1e-5, rtol=0)
     # every field read back, init_std (initializer_range) included; Qwen2 always has QKV bias
-    assert config_from_hf(hf.config) == cfg.replace(qkv_bias=cfg.qkv_bias or architecture == "qwen2")
+    assert back_cfg == cfg.replace(qkv_bias=cfg.qkv_bias or architecture == "qwen2")
 
 
 def test_qwen2_has_no_o_proj_bias_where_llama_needs_one():
     cfg = get_preset("tiny")  # qkv_bias=True
-    assert "model.layers.0.self_attn.o_proj.bias" in export_llama_state_dict(build_model(cfg).state_dict())
-    qwen2 = export_qwen2_state_dict(build_model(cfg).state_dict())
+    sd = build_model(cfg).state_dict()
+    assert "model.layers.0.self_attn.o_proj.bias" in convert(sd, cfg, "llama", to_hf=True)
+    qwen2 = convert(sd, cfg, "qwen2", to_hf=True)
     assert "model.layers.0.self_attn.o_proj.bias" not in qwen2
     assert "model.layers.0.self_attn.q_proj.bias" in qwen2
 
 
 def test_mixtral_config_reads_back():
     cfg = get_preset("tiny").replace(qkv_bias=False, n_experts=4, top_k=2, init_std=0.03)
-    assert config_from_hf(hf_mixtral_config(cfg)) == cfg
+    assert config_from_hf(hf_config(cfg, "mixtral")) == cfg
 
 
 def _llama(**changes):
@@ -120,16 +113,16 @@ def test_config_from_hf_reads_transformers_4_rope_fields():
 
 
 def test_config_from_hf_refuses_a_qwen2_sliding_window():
-    hf_config = hf_qwen2_config(get_preset("tiny"))
-    hf_config.use_sliding_window = True
+    qwen2 = hf_config(get_preset("tiny"), "qwen2")
+    qwen2.use_sliding_window = True
     with pytest.raises(ValueError, match=r"use_sliding_window=True: must be False"):
-        config_from_hf(hf_config)
+        config_from_hf(qwen2)
 
 
 def test_nonzero_o_proj_bias_is_refused():
     cfg = get_preset("tiny")
-    hf = transformers.LlamaForCausalLM(hf_llama_config(cfg))
+    hf = transformers.LlamaForCausalLM(hf_config(cfg, "llama"))
     sd = hf.state_dict()
     sd["model.layers.0.self_attn.o_proj.bias"] = torch.ones_like(sd["model.layers.0.self_attn.o_proj.bias"])
-    with pytest.raises(ValueError, match="o_proj"):
-        import_llama_state_dict(sd)
+    with pytest.raises(ValueError, match="o_proj.bias: nonzero"):
+        convert(sd, cfg, "llama", to_hf=False)

@@ -271,13 +271,13 @@ def test_equals_transformers_mixtral_sparse_block(implementation):
     pytest.importorskip("transformers")
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    from minimoe.interop import hf_mixtral_config
+    from minimoe.interop import hf_config
 
     torch.manual_seed(0)
     cfg = TINY_MOE.replace(n_experts=8, expert_d_ffn=32)
     ours = MoE(cfg).eval()
     ours.router.weight.data.normal_(0, 0.5)
-    hf_cfg = hf_mixtral_config(cfg)
+    hf_cfg = hf_config(cfg, "mixtral")
     hf_cfg._experts_implementation = implementation
     block = MixtralSparseMoeBlock(hf_cfg).eval()
     with torch.no_grad():

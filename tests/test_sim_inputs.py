@@ -34,6 +34,16 @@ SCENARIOS = {
                            'mfu_phases = ["a"]\n', "sweep.mfu[0]=1.5: must be in (0, 1]"),
     "measured figure without a prediction": (PHASE + "measured_tokens_per_day_b = 3\n" + BASELINE,
                                              "phases[0].measured_tokens_per_day_b: only used with simulate"),
+    "an uncertain input without its range": ('[options]\nuncertain = {imbalance = 1.2}\n' + PHASE
+                                             + BASELINE, "options.uncertain.imbalance=1.2: must be [low, high]"),
+    "an uncertain input that is no option": ('[options]\nuncertain = {colour = [1, 2]}\n' + PHASE
+                                             + BASELINE, "options.uncertain.colour: unknown key"),
+    "an overlap given as a share": ('[options]\noverlap_tp = 0.5\n' + PHASE + BASELINE,
+                                    "options.overlap_tp=0.5: must be true or false"),
+    "latent attention, refused by name": (SIMULATED.replace('preset="aquila-1.8b"',
+                                                            'model={preset="aquila-1.8b", kv_lora_rank=512}')
+                                          + BASELINE, "phases[0].model.kv_lora_rank: multi-head latent "
+                                          "attention (MLA) is not in the simulator's step model"),
 }
 
 
@@ -85,6 +95,17 @@ def test_plan_takes_scenario_options_and_says_which_it_used(capsys):
     default = json.loads(capsys.readouterr().out)
     # a lower GEMM efficiency makes the same model slower on the same GPUs
     assert out["fastest"]["tokens_per_s"] < default["fastest"]["tokens_per_s"]
+
+
+def test_plan_marks_an_input_uncertain_and_widens_the_interval(capsys):
+    assert main(PLAN + ["--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)["fastest"]
+    assert main(PLAN + ["--set", "uncertain.latency_inter_us=[0, 100]", "--json"]) == 0
+    wide = json.loads(capsys.readouterr().out)
+    assert wide["options"]["uncertain"]["latency_inter_us"] == [0, 100]
+    low, high = wide["fastest"]["interval"]
+    assert low <= wide["fastest"]["tokens_per_s"] <= high
+    assert high - low >= plain["interval"][1] - plain["interval"][0]
 
 
 def test_plan_says_which_terms_dominate(capsys):

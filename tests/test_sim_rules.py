@@ -9,20 +9,23 @@ import pytest
 
 from minimoe.cli import main
 from minimoe.config import PRESETS
-from minimoe.sim.layout import (LAYOUT_RULES, Divisibles, Layout, LayoutColumns, Workload,
-                                check_layout, valid_layouts)
+from types import SimpleNamespace
+
+from minimoe.bench.sim import iter_layouts
+from minimoe.sim.layout import LAYOUT_RULES, Layout, Workload, check_layout, rule_failures
 from minimoe.sim.hardware import get_device
-from minimoe.sim.search import candidate_grid, iter_layouts, search_axes, search_layouts
+from minimoe.sim.search import candidate_grid, search_axes, search_layouts
 
 MOE = Workload.from_tokens(PRESETS["aquila-8x1.8b"], 48 * 2048)
 
 
 def test_array_and_scalar_verdicts_agree_layout_by_layout():
-    facts = Divisibles.of(MOE)
     fields = list(itertools.product((1, 2, 3, 4, 8), (1, 2, 5, 6), (1, 2, 3, 8), (1, 2, 4, 8),
                                     (0, 3, 4), (1, 2, 4)))
     tp, pp, dp, ep, zero, mb = (np.array(col) for col in zip(*fields))
-    verdict = valid_layouts(facts, LayoutColumns(tp, pp, dp, ep, zero, mb, np.zeros_like(tp)))
+    columns = SimpleNamespace(tp=tp, pp=pp, dp=dp, ep=ep, zero=zero, mb=mb, rc=np.zeros_like(tp),
+                              etp=tp, cp=np.ones_like(tp), first=0, last=0)
+    verdict = ~np.logical_or.reduce(list(rule_failures(MOE, columns).values()))
     for i, (t, p, d, e, z, m) in enumerate(fields):
         try:
             check_layout(Layout(t, p, d, e, z, m), MOE)
@@ -35,10 +38,12 @@ def test_array_and_scalar_verdicts_agree_layout_by_layout():
 
 @pytest.mark.parametrize("field, layout, words", [
     ("tp", Layout(tp=3, dp=1), "must divide n_heads=32"),
-    ("pp", Layout(pp=5), "must divide n_layers=24"),
-    ("ep", Layout(dp=2, ep=4), "with etp = tp: ep must divide dp=2"),
+    ("pp", Layout(pp=5), "must split n_layers=24"),
+    ("ep", Layout(dp=2, ep=4), "with etp = tp: ep must divide cp x dp=2"),
+    ("cp", Layout(dp=1, cp=3), "2 x cp must divide seq_len=2048"),
+    ("pp", Layout(pp=4, pp_first=7, pp_last=6), "must split n_layers=24"),
     ("ep", Layout(dp=8, ep=3), "must divide n_experts=8"),
-    ("ep", Layout(tp=2, dp=2, ep=8, etp=1), "ep x etp must divide tp x dp"),
+    ("ep", Layout(tp=2, dp=2, ep=8, etp=1), "ep x etp must divide tp x cp x dp"),
     ("zero", Layout(zero=4), "must be 0, 1, 2 or 3"),
     ("recompute", Layout(recompute="some"), "must be one of none, selective, full"),
     ("micro_batch", Layout(dp=5), "divide the global batch of 48 sequences"),
@@ -59,6 +64,7 @@ def test_the_search_space_is_defined_once():
     axes = search_axes(MOE, 64)
     grid = candidate_grid(MOE, 64, fixed_gpus=True)
     assert grid["tp"].size == np.prod([len(v) for v in axes.values()])
+    assert axes["cp"] == [1]  # sequences of 2,048: no context parallel
     assert {int(v) for v in grid["ep"]} == set(axes["ep"]) == {1, 2, 4, 8}
     looped = list(iter_layouts(MOE, 64))
     assert {lay.micro_batch for lay in looped} <= set(axes["mb"])

@@ -5,8 +5,7 @@ import torch
 
 from minimoe.config import get_preset
 from minimoe.model import build_model
-from minimoe.interop import (export_mixtral_state_dict, hf_mixtral_config,
-                             import_mixtral_state_dict, mixtral_from_moe)
+from minimoe.interop import check_format, convert, hf_config, hf_model
 from minimoe.upcycle import balanced_kmeans, residual_split, split, taylor_importance, upcycle
 
 TINY = get_preset("tiny")  # d_ffn 176 = 8 x 22
@@ -177,8 +176,8 @@ def test_split_refuses_bad_input(dense, kwargs, match):
 def test_mixtral_logits_equal_ours_both_ways(dense, idx, make):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    if make == "upcycle":
-        moe = upcycle(dense, n_experts=4, top_k=2, router_std=0.5)
+    if make == "upcycle":  # LLaMA-MoE's gate: the same weights as Mixtral's, in another order
+        moe = upcycle(dense, n_experts=4, top_k=2, router_std=0.5, gate="topk-softmax")
         with torch.no_grad():  # the experts differ, as after training, so a swap would show
             for block in moe.layers:
                 block.mlp.w_up_EDF.add_(torch.randn_like(block.mlp.w_up_EDF) * 0.02)
@@ -189,13 +188,13 @@ def test_mixtral_logits_equal_ours_both_ways(dense, idx, make):
         nobias = build_model(TINY.replace(qkv_bias=False))
         moe = split(nobias, n_experts=4, top_k=2, router_std=0.5)
     moe.eval()
-    hf = mixtral_from_moe(moe).eval()
+    hf = hf_model(moe, "mixtral").eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, moe(idx), atol=1e-5, rtol=0)
         # and back: a Mixtral with its own random weights, imported into ours
-        other = transformers.MixtralForCausalLM(hf_mixtral_config(moe.cfg)).eval()
+        other = transformers.MixtralForCausalLM(hf_config(moe.cfg, "mixtral")).eval()
         ours = build_model(moe.cfg).eval()
-        ours.load_state_dict(import_mixtral_state_dict(other.state_dict(), moe.cfg), strict=True)
+        ours.load_state_dict(convert(other.state_dict(), moe.cfg, "mixtral", to_hf=False), strict=True)
         torch.testing.assert_close(ours(idx), other(idx).logits, atol=1e-5, rtol=0)
 
 
@@ -204,32 +203,31 @@ def test_mixtral_state_dict_names_and_shapes(dense):
     for block in moe.layers:
         for proj in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj):
             proj.bias.data.zero_()
-    hf_sd = export_mixtral_state_dict(moe.state_dict(), moe.cfg)
+    hf_sd = convert(moe.state_dict(), moe.cfg, "mixtral", to_hf=True)
     F_, D = TINY.d_ffn, TINY.d_model
     assert hf_sd["model.layers.1.mlp.experts.gate_up_proj"].shape == (4, 2 * F_, D)
     assert hf_sd["model.layers.1.mlp.experts.down_proj"].shape == (4, D, F_)
     assert hf_sd["model.layers.1.mlp.gate.weight"].shape == (4, D)
     assert not any(k.endswith("q_proj.bias") for k in hf_sd)
     moe.layers[0].attn.q_proj.bias.data.fill_(0.1)
-    with pytest.raises(ValueError, match="QKV bias"):
-        export_mixtral_state_dict(moe.state_dict(), moe.cfg)
+    with pytest.raises(ValueError, match="q_proj.bias: nonzero, and mixtral has no such tensor"):
+        convert(moe.state_dict(), moe.cfg, "mixtral", to_hf=True)
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(layers="every-other"), "moe_layer_freq"),
-    (dict(gate="topk-softmax"), "gate"),
-    (dict(capacity_factor=1.25), "capacity_factor"),
-    (dict(router_noise=True), "router_noise"),
+@pytest.mark.parametrize("kwargs, field, formats", [
+    (dict(layers="every-other"), "moe_layer_freq", ["mixtral"]),  # Qwen2-MoE holds dense layers
+    (dict(capacity_factor=1.25), "capacity_factor", ["mixtral", "qwen2_moe"]),
+    (dict(router_noise=True), "router_noise", ["mixtral", "qwen2_moe"]),
 ])
-def test_mixtral_refuses_what_it_cannot_express(dense, kwargs, field):
+def test_mixtral_refuses_what_it_cannot_express(dense, kwargs, field, formats):
     moe = upcycle(dense, n_experts=4, top_k=2, **kwargs)
-    with pytest.raises(ValueError, match=field):
-        hf_mixtral_config(moe.cfg)
-    with pytest.raises(ValueError, match=field):
-        export_mixtral_state_dict(moe.state_dict(), moe.cfg)
+    for fmt in formats:
+        with pytest.raises(ValueError, match=field):
+            check_format(moe.cfg, fmt)
     shared = split(dense, 4, 2, method="importance-shared", calib=_calib(n_batches=1))
-    with pytest.raises(ValueError, match="shared_d_ffn"):
-        hf_mixtral_config(shared.cfg)
+    for fmt in ("mixtral", "qwen2_moe"):
+        with pytest.raises(ValueError, match="shared_d_ffn"):
+            hf_config(shared.cfg, fmt)
 
 
 # --- the scale-out command ----------------------------------------------------------------------

@@ -11,21 +11,17 @@ import torch
 
 from minimoe.config import get_preset
 from minimoe.generate import generate
-from minimoe.interop import export_llama_state_dict, hf_llama_config
+from minimoe.interop import hf_model
 from minimoe.model import build_model
 
 
 def bench_generate(args):
     """Greedy generation of toy-large (random weights), batch 1, ours vs HF Llama."""
-    # transformers is imported here, not at the top: only this bench needs it
-    from transformers import LlamaForCausalLM
-
     torch.manual_seed(0)
     cfg = get_preset("toy-large")
     prompt_len, new_tokens = (32, 64) if args.quick else (32, 192)
     ours = build_model(cfg).eval()
-    theirs = LlamaForCausalLM(hf_llama_config(cfg)).eval()
-    theirs.load_state_dict(export_llama_state_dict(ours.state_dict()))
+    theirs = hf_model(ours, "llama").eval()  # transformers' LlamaForCausalLM, our weights
     prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len))
 
     def run_ours():

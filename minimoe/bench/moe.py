@@ -11,7 +11,7 @@ import torch
 import minimoe.moe as moe_module
 from minimoe.bench import timeit
 from minimoe.config import get_preset
-from minimoe.interop import hf_mixtral_config
+from minimoe.interop import hf_config
 from minimoe.moe import MLP
 
 
@@ -29,7 +29,7 @@ def bench_moe(args):
     ours, dense = moe_module.MoE(cfg), MLP(d_model, 2 * width)
     mixtral = {}
     for implementation in ("eager", "grouped_mm"):
-        hf_cfg = hf_mixtral_config(cfg)
+        hf_cfg = hf_config(cfg, "mixtral")
         hf_cfg._experts_implementation = implementation
         block = mixtral[implementation] = MixtralSparseMoeBlock(hf_cfg)
         with torch.no_grad():

@@ -6,9 +6,26 @@ import itertools
 
 from minimoe.bench import timeit
 from minimoe.config import get_preset
+from minimoe.flops import RECOMPUTE
 from minimoe.sim.cost import Workload, simulate
 from minimoe.sim.hardware import get_device
-from minimoe.sim.search import iter_layouts, search_layouts
+from minimoe.sim.layout import Layout, check_layout
+from minimoe.sim.search import search_axes, search_layouts
+
+
+def iter_layouts(workload: Workload, n_gpus: int):
+    """The plain loop over the valid layouts on exactly n_gpus: what the vectorised search must
+    agree with (tests/test_sim.py) and is measured against (`minimoe bench sim`)."""
+    axes = search_axes(workload, n_gpus)
+    for tp, cp, pp, ep, zero, mb, rc, etp in itertools.product(*axes.values()):
+        if n_gpus % (tp * cp * pp) or (etp == 1 and tp == 1):
+            continue
+        layout = Layout(tp, pp, n_gpus // (tp * cp * pp), ep, zero, mb, RECOMPUTE[rc], etp, cp)
+        try:
+            check_layout(layout, workload, n_gpus)
+        except ValueError:
+            continue
+        yield layout
 
 
 def bench_sim(args):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from minimoe.bench import timeit
 from minimoe.config import get_preset
 from minimoe.flops import flops_per_token
-from minimoe.interop import export_llama_state_dict, hf_llama_config
+from minimoe.interop import hf_model
 from minimoe.model import build_model
 from minimoe.upcycle import upcycle
 
@@ -23,16 +23,11 @@ GEMM_N = 2048  # a 2048^3 fp32 matmul (17 GFLOP): large enough for the BLAS kern
 
 def bench_train(args):
     """Tokens/s of one AdamW training step of toy-small, ours vs HF Llama, same weights."""
-    # transformers is imported here, not at the top: it takes seconds, and only this bench
-    # (not `minimoe bench sim`, say) needs it
-    from transformers import LlamaForCausalLM
-
     torch.manual_seed(0)
     cfg = get_preset("toy-small")
     batch, seq = (8, 128) if args.quick else (16, 256)
     ours = build_model(cfg)
-    theirs = LlamaForCausalLM(hf_llama_config(cfg))
-    theirs.load_state_dict(export_llama_state_dict(ours.state_dict()))
+    theirs = hf_model(ours, "llama")  # transformers' LlamaForCausalLM, our weights
     x = torch.randint(0, cfg.vocab_size, (batch, seq))
     y = torch.randint(0, cfg.vocab_size, (batch, seq))
 

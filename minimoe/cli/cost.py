@@ -7,14 +7,15 @@ from pathlib import Path
 
 from minimoe.checks import option
 from minimoe.config import PRESETS, get_preset
-from minimoe.flops import ATTENTION, RECOMPUTE, check_report, flops_report
+from minimoe.flops import ATTENTION, RECOMPUTE, flops_report
 from minimoe.sim.hardware import CATALOGUE, get_device
 from minimoe.sim.options import parse_assignments
 from minimoe.sim.plots import plot_validation
 from minimoe.sim.scenario import dumps
 from minimoe.sim.scenario_file import load_scenario
 from minimoe.sim.search import plan, plan_report
-from minimoe.sim.validate import validate, validation_json, validation_text
+from minimoe.sim.report import aquilamoe_table, validation_json, validation_text
+from minimoe.sim.validate import validate
 from minimoe.tables import info_table
 
 SEQ = option("int[1, 16777216]")
@@ -43,6 +44,7 @@ def add_flops(p):
 def run_flops(args):
     cfg = get_preset(args.preset)
     if args.check:
+        from minimoe.bench.flops_check import check_report  # torch and fvcore: only here
         print(check_report(cfg, args.preset, args.seq or min(64, cfg.max_seq_len)))
         return
     print(flops_report(cfg, args.preset, args.seq, args.attention, args.recompute,
@@ -91,11 +93,14 @@ def add_validate(p):
                    help="validation files (default: sims/validation)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--plot-dir", help="also write validation.png and aquilamoe_breakdown.png here")
+    p.add_argument("--cv", action="store_true", help="also predict each source from the constants "
+                   "fitted on the others (leave one source out)")
 
 
 def run_validate(args):
-    result = validate(args.folder)
-    print(validation_json(result) if args.json else validation_text(result))
+    result = validate(args.folder, cv=args.cv)
+    aquila = aquilamoe_table(result.predicted)
+    print(validation_json(result, aquila) if args.json else validation_text(result, aquila))
     if args.plot_dir:
         for path in plot_validation(result, Path(args.plot_dir)):
             print(f"wrote {path}", file=sys.stderr)

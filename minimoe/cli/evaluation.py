@@ -1,6 +1,7 @@
-"""`minimoe eval` and `minimoe generate` (the work: minimoe/evaluate.py, generate.py). Every run's
-data and every task file is checked before any model is scored, so nothing is printed or
-written for a half-evaluated set."""
+"""`minimoe eval` (score runs on tasks; or write the tasks for lm-evaluation-harness) and
+`minimoe generate`; the work is in minimoe/evaluate.py and minimoe/generate.py. Every task and
+every run is checked before any scoring, so nothing is written for a half-evaluated set.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import math
 from minimoe import checkpoint as ckpt
 from minimoe import files
 from minimoe.checks import SEED, option
-from minimoe.evaluate import load_tasks, results_table, run_tasks
+from minimoe.evaluate import export_tasks, load_tasks, results_table, run_tasks
 from minimoe.generate import generate_text
-from minimoe.recipes.stages import EVAL_TASKS, run_corpus, run_data_spec
+from minimoe.recipes.stages import EVAL_TASKS, run_corpus, run_tokenizer
 
 
 def add_eval(p):
@@ -21,13 +22,17 @@ def add_eval(p):
     p.add_argument("--tasks", default=",".join(EVAL_TASKS),
                    help="comma-separated: cloze-en, cloze-zh, complete-en, complete-zh, ppl, "
                         "or .jsonl task files (format: minimoe/tasks.py)")
-    p.add_argument("--limit", type=option("int[1, 1000000]"), default=100, help="examples per task (the first ones)")
+    p.add_argument("--limit", type=option("int[1, 1000000]"), default=100,
+                   help="examples per task (the first ones)")
     p.add_argument("--ppl-chars", type=option("int[1, 1000000000]"), default=20_000,
                    help="ppl: validation characters per language and domain")
     p.add_argument("--batch-size", type=option("int[1, 65536]"), default=32)
-    p.add_argument("--seed", type=option(SEED), default=0, help="picks the built-in tasks' examples")
+    p.add_argument("--seed", type=option(SEED), default=0,
+                   help="picks the built-in tasks' examples")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--out", metavar="FILE", help="also write the results as JSON into FILE")
+    p.add_argument("--export-tasks", metavar="DIR", help="instead of scoring, write the run's "
+                   "tasks as JSONL and lm-evaluation-harness task YAMLs into DIR")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -37,9 +42,18 @@ def run_eval(args):
         files.check_writable(args.out)
     prepared = []
     for run in args.ckpt:  # every run's data and every task checked before any scoring
-        corpus, tokenizer = run_corpus(run_data_spec(run))
+        corpus, tokenizer = run_corpus(run)
         ckpt.model_file(run)
         prepared.append((run, corpus, tokenizer, load_tasks(names, corpus, args.limit, args.seed)))
+    if args.export_tasks:
+        run, corpus, tokenizer, tasks = prepared[0]
+        written = export_tasks(tasks, tokenizer, ckpt.read_config(run), corpus, args.export_tasks,
+                               args.ppl_chars)
+        names = ",".join(f"minimoe_{p.stem}" for p in written if p.suffix == ".yaml")
+        print(f"{args.export_tasks}: {len(written)} files; score them on an export of {run}:\n"
+              f"lm_eval --model hf --model_args pretrained=EXPORTED --include_path "
+              f"{args.export_tasks} --tasks {names}")
+        return
     columns = {}
     for run, corpus, tokenizer, tasks in prepared:
         model, _ = ckpt.load_model(run)
@@ -77,7 +91,7 @@ def add_generate(p):
 
 def run_generate(args):
     stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
-    _, tokenizer = run_corpus(run_data_spec(args.ckpt))
+    tokenizer = run_tokenizer(args.ckpt)
     model, _ = ckpt.load_model(args.ckpt)
     texts = generate_text(model, tokenizer, [args.prompt] * args.num_samples, args.max_new_tokens,
                           args.temperature, args.top_p, stops, args.seed,

@@ -19,7 +19,8 @@ def add_tokenize(p):
                    help=".txt/.jsonl files or folders, streamed (one domain per file or folder)")
     p.add_argument("--out", required=True, help="shard folder; then `pretrain --data OUT`")
     p.add_argument("--tokenizer", default="bpe",
-                   help="bpe (trained here on a sample of the text), byte, or a tokenizer.json")
+                   help="bpe (trained here on a sample of the text), byte, a tokenizer.json, "
+                        "or a folder holding one (a run, a Hugging Face checkpoint)")
     p.add_argument("--vocab-size", type=option("int[258, 16777216]"),
                    default=RECIPES["toy"].vocab_size, help="for bpe")
     p.add_argument("--val-fraction", type=option("(0, 0.5)"), default=0.03)

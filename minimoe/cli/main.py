@@ -45,6 +45,9 @@ COMMANDS = {
     "eval": ("score runs on tasks: cloze, completion, bits per byte, .jsonl task files",
              "minimoe.cli.evaluation"),
     "generate": ("continue a prompt with a run's model, greedy or sampled", "minimoe.cli.evaluation"),
+    "export": ("write a run as a Hugging Face transformers checkpoint", "minimoe.cli.hub"),
+    "import": ("make a run of a Hugging Face checkpoint, to grow, upcycle or train it",
+               "minimoe.cli.hub"),
     "bench": ("speed benchmarks, printed as measured ratios", "minimoe.bench"),  # beside the library
 }
 WRITES_RUN = {"pipeline", "pretrain", "tokenize", "scale-up", "scale-out", "experiment", "experts"}

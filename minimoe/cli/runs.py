@@ -8,7 +8,7 @@ from pathlib import Path
 
 from minimoe import checks
 from minimoe.checks import option
-from minimoe.cli.train_options import add_train_options, train_config
+from minimoe.cli.train_options import add_train_options, tensorboard_dir, train_config
 from minimoe.config import PRESETS
 from minimoe.grow import DEPTHS, KV_OPTIONS, MAPPINGS, METHODS
 from minimoe.recipes import experiments, pipeline
@@ -35,17 +35,19 @@ def add_pretrain(p):
 
 
 def run_pretrain(args):
-    tc = train_config(args)
+    tc, board = train_config(args), tensorboard_dir(args)
     if args.init:
         for name in ("data", "tokenizer", "vocab_size"):
             if getattr(args, name) is not None:
                 raise ValueError(f"--{name.replace('_', '-')}: a continued run keeps the data "
                                  "and tokenizer of --init's run")
-        result = continue_pretraining(args.init, args.out, tc, progress=not args.no_progress)
+        result = continue_pretraining(args.init, args.out, tc, progress=not args.no_progress,
+                                      tensorboard=board)
     else:
         spec = data_spec(args.data, args.vocab_size or RECIPES["toy"].vocab_size,
                          args.tokenizer or "bpe")
-        result = pretrain(args.preset, args.out, tc, spec, progress=not args.no_progress)
+        result = pretrain(args.preset, args.out, tc, spec, progress=not args.no_progress,
+                          tensorboard=board)
     val = ", ".join(f"{k}={v:.3f}" for k, v in result.final_val.items())
     print(f"{result.out_dir}: {result.steps} steps, {result.tokens:,} tokens, "
           f"{result.train_time:.0f} s of training; {val}")

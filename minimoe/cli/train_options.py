@@ -4,6 +4,7 @@ fields, their defaults and rules written once, in the dataclass (minimoe/train.p
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 from minimoe.checks import option
 from minimoe.train import TRAIN_RULES, TrainConfig
@@ -24,6 +25,8 @@ def add_train_options(p):
     g.add_argument("--bf16", action="store_true", help="bf16 autocast (for GPUs: slow on AVX2 CPUs)")
     g.add_argument("--device", default=TRAIN_DEFAULTS["device"], help="cpu, cuda or cuda:N")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--tensorboard", metavar="DIR", help="also write the training curves here "
+                   "(torch's SummaryWriter; needs the tensorboard extra)")
     g.add_argument("--mix", default=TRAIN_DEFAULTS["mix"], help="domain mix: size (in proportion "
                    "to size), en-kjv=0.3,zh-pd1998=0.7 (static) or dynamic (Sheared-LLaMA)")
     g.add_argument("--mix-reference", default=TRAIN_DEFAULTS["mix_reference"], metavar="PATH",
@@ -38,6 +41,14 @@ def add_train_options(p):
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block's activations in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile each block")
+
+
+def tensorboard_dir(args) -> str | None:
+    """--tensorboard, refused at the door where the tensorboard package is missing."""
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError(f"--tensorboard={args.tensorboard}: needs the tensorboard package "
+                         "(pip install 'minimoe[tensorboard]')")
+    return args.tensorboard
 
 
 def train_config(args) -> TrainConfig:

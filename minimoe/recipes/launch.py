@@ -190,7 +190,7 @@ def engine_plan(recipe: LaunchRecipe):
             plan = dataclasses.replace(layout, gpus=gpus, parallel=parallel, ep=ep, tp=tp,
                                        micro_batch=mb, activation_checkpointing=ac)
             try:
-                result = simulate(w, plan.sim_layout(), device, options)
+                result = simulate(w, plan.sim_layout(), device, options, with_interval=False)
             except ValueError:  # a rule of minimoe.sim.layout: something does not divide
                 continue
             if result.fits and (best is None or result.time["step_time"]

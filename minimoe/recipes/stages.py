@@ -1,6 +1,10 @@
-"""Running one stage: load the data a run was made with (run.json's "data", so every later
-stage sees the same tokens and validation set), build or load its model, train or transform
-it. Under torchrun a transformation and the data caches are made by rank 0 alone."""
+"""Running one stage: load the data a run was made with, build or load its model, train it.
+
+A run folder remembers its data (`run.json` -> "data": paths, tokenizer kind, vocabulary size)
+and holds its tokenizer (tokenizer.json), so a stage grown from it sees the same token stream
+and validation set, and eval, generate and experts read it as it was trained. Under torchrun
+every rank runs the stage; transformations and data caches are made by rank 0 (`dist.main_only`).
+"""
 
 from __future__ import annotations
 
@@ -14,30 +18,28 @@ from minimoe import experts
 from minimoe import dist
 from minimoe import files
 from minimoe import mixing
-from minimoe.checks import check, problem
+from minimoe import run_files
 from minimoe.config import ModelConfig, get_preset
 from minimoe.data import prepare_corpus
 from minimoe.evaluate import evaluate, load_tasks, run_tasks
 from minimoe.grow import grow_checkpoint, grow_model, growth_report, plan_growth
 from minimoe.model import build_model
-from minimoe.shards import is_shard_folder, load_shards, read_manifest
+from minimoe.shards import ShardTexts, is_shard_folder, load_shards, read_manifest
 from minimoe.tasks import FORMAT as TASKS_FORMAT
-from minimoe.tokens import load_data, load_tokenizer
+from minimoe.tokens import TOKENIZER_FILES, TokenData, Tokenizer, load_data
 from minimoe.train import RunResult, TrainConfig, train
 from minimoe.upcycle import scale_out, upcycle_checkpoint
 
 
 def data_spec(paths=None, vocab_size: int = 2048, tokenizer: str = "bpe") -> dict:
+    """paths None: the demo corpus. tokenizer: "bpe" or "byte" (made from the data), or "run":
+    the one the run folder holds (an imported checkpoint's)."""
     # '' kept as it is, refused by the reader: resolved, it would be the working folder
     paths = [str(Path(p).resolve()) if str(p).strip() else "" for p in paths] if paths else None
     spec = {"paths": paths, "vocab_size": vocab_size, "tokenizer": tokenizer}
-    if _shard_folder(paths):  # what the run's token ids mean: a run resumes on these alone
+    if _shard_folder(spec):  # what the run's token ids mean: a run resumes on these alone
         spec["shards"] = _shards_identity(paths[0])
     return spec
-
-
-def _shard_folder(paths) -> bool:
-    return bool(paths and len(paths) == 1 and paths[0] and is_shard_folder(paths[0]))
 
 
 def _shards_identity(folder) -> dict:
@@ -46,18 +48,30 @@ def _shards_identity(folder) -> dict:
             "train_tokens": sum(e["tokens"] for es in m["shards"]["train"].values() for e in es)}
 
 
-def load_run_data(spec: dict):
-    """(TokenData, tokenizer) for a data spec: the demo corpus when paths is None, a folder of
-    pre-tokenised shards (`minimoe tokenize`), or text files and folders."""
+def _shard_folder(spec: dict) -> str | None:
     paths = spec["paths"]
-    if _shard_folder(paths):
-        if spec.get("shards", _shards_identity(paths[0])) != _shards_identity(paths[0]):
-            raise ValueError(f"--data={paths[0]}: re-tokenised since the run began ({spec['shards']}"
-                             f" then, {_shards_identity(paths[0])} now); its token ids differ")
-        return load_shards(paths[0])
+    return paths[0] if paths and len(paths) == 1 and paths[0] and is_shard_folder(paths[0]) \
+        else None
+
+
+def load_run_data(spec: dict, tokenizer: Tokenizer | None = None):
+    """(TokenData, tokenizer) for a data spec: the demo corpus when paths is None, a folder of
+    pre-tokenised shards (`minimoe tokenize`), or text files and folders, tokenised by
+    `tokenizer` (a run's own) or the spec's."""
+    shards = _shard_folder(spec)
+    if shards:
+        if spec.get("shards", _shards_identity(shards)) != _shards_identity(shards):
+            raise ValueError(f"--data={shards}: re-tokenised since the run began "
+                             f"({spec['shards']} then, {_shards_identity(shards)} now)")
+        data, tok = load_shards(shards)
+        if tokenizer is not None and tokenizer.name != tok.name:
+            raise ValueError(f"--data {shards}: tokenised by {tok.name}, not by the run's "
+                             f"tokenizer {tokenizer.name}; tokenize it with --tokenizer RUN")
+        return data, tok
+    assert tokenizer is not None or spec["tokenizer"] != "run", "the run's tokenizer is needed"
 
     def load():
-        return load_data(paths, vocab_size=spec["vocab_size"], tokenizer=spec["tokenizer"])
+        return load_data(spec["paths"], spec["vocab_size"], tokenizer or spec["tokenizer"])
 
     if dist.is_distributed():  # rank 0 builds the corpus and token caches; the others read them
         dist.main_only(lambda: load() and None)
@@ -66,23 +80,26 @@ def load_run_data(spec: dict):
 
 def run_data_spec(run_dir) -> dict:
     """run.json's data spec, held to the rules `data_spec` writes it by."""
-    where = f"{Path(run_dir) / 'run.json'}: data"
-    spec = ckpt.read_json(Path(run_dir) / "run.json").get("data")
-    if not isinstance(spec, dict):
-        raise ckpt.CheckpointError(f"{where}={spec!r}: names no data (not a minimoe run?)")
-    paths = spec.get("paths")
-    if paths is not None and not (isinstance(paths, list) and paths and all(
-            isinstance(p, str) and p.strip() for p in paths)):
-        raise ckpt.CheckpointError(f"{where}.paths={paths!r}: must be null (the demo corpus) "
-                                   "or a list of paths")
-    check(where, "vocab_size", spec.get("vocab_size"), "int[258, 16777216]")
-    check(where, "tokenizer", spec.get("tokenizer"), ("bpe", "byte"))
-    return spec
+    path = Path(run_dir) / "run.json"
+    return run_files.data_spec(ckpt.read_json(path).get("data"), f"{path}: data")
+
+
+def run_tokenizer(run_dir) -> Tokenizer:
+    """The tokenizer a run folder holds; a model saved without one (an experiment's init-*),
+    its data's."""
+    if (Path(run_dir) / TOKENIZER_FILES[0]).exists():
+        return Tokenizer.load(run_dir)
+    return load_run_data(run_data_spec(run_dir))[1]
+
+
+def run_data(run_dir):
+    """(TokenData, tokenizer) of a run: its data in its tokenizer."""
+    return load_run_data(run_data_spec(run_dir), run_tokenizer(run_dir))
 
 
 def pretrain(cfg: ModelConfig | str, out, tc: TrainConfig, spec: dict | None = None,
-             progress: bool = True, on_step=None, snapshots: dict[int, Path] | None = None
-             ) -> RunResult:
+             progress: bool = True, on_step=None, snapshots: dict[int, Path] | None = None,
+             tensorboard=None) -> RunResult:
     """Train a freshly initialised model (the preparation phase, or a from-scratch baseline).
     snapshots {step: folder}: also save the model as it is after that step (a run folder of its
     own, e.g. the baseline when it has spent a given compute)."""
@@ -99,37 +116,38 @@ def pretrain(cfg: ModelConfig | str, out, tc: TrainConfig, spec: dict | None = N
             ckpt.save_model(snapshots[step], model, {"stage": "snapshot", "step": step,
                                                      "tokens": record["tokens"], "data": spec,
                                                      "init_from": str(Path(out).resolve())})
+            tok.save(snapshots[step])
         if on_step is not None:
             on_step(step, record)
 
-    return train(model, data, tc, out, meta=meta, progress=progress, on_step=step_done)
+    return train(model, data, tc, out, meta, progress, step_done, tensorboard)
 
 
 def continue_pretraining(init_from, out, tc: TrainConfig, stage: str = "continue",
-                         progress: bool = True, on_step=None) -> RunResult:
+                         progress: bool = True, on_step=None, tensorboard=None) -> RunResult:
     """Continue training the model of another run (grown, upcycled, or pretrained)."""
     init_from = Path(init_from)
     model, _ = ckpt.load_model(init_from)
-    spec = run_data_spec(init_from)
-    data, _ = load_run_data(spec)
-    meta = {"stage": stage, "data": spec, "init_from": str(init_from.resolve())}
-    return train(model, data, tc, out, meta=meta, progress=progress, on_step=on_step)
+    data, _ = run_data(init_from)
+    meta = {"stage": stage, "data": run_data_spec(init_from), "init_from": str(init_from.resolve())}
+    return train(model, data, tc, out, meta, progress, on_step, tensorboard)
 
 
 def validation_loss(model, spec: dict, tc: TrainConfig | None = None) -> dict[str, float]:
-    """Validation losses of a model on a run's data (overall and per language)."""
-    data, _ = load_run_data(spec)
-    return evaluate(model, data, tc or TrainConfig())
+    """Validation losses of a model on a data spec's data (overall and per language)."""
+    return evaluate(model, load_run_data(spec)[0], tc or TrainConfig())
 
 
 # --- evaluation of a run on tasks made from its data ----------------------------------------
 EVAL_TASKS = ("cloze-en", "cloze-zh", "complete-en", "complete-zh", "ppl")
 
 
-def run_corpus(spec: dict):
-    """(Corpus, tokenizer) of a data spec: the documents the built-in tasks are made from."""
-    corpus = prepare_corpus(spec["paths"])
-    return corpus, load_tokenizer(corpus, spec["vocab_size"], spec["tokenizer"])
+def run_corpus(run_dir):
+    """(the documents the built-in tasks are made from, the run's tokenizer): the corpus's
+    held-out split, or a shard folder's validation shards decoded."""
+    shards = _shard_folder(run_data_spec(run_dir))
+    texts = ShardTexts(shards) if shards else prepare_corpus(run_data_spec(run_dir)["paths"])
+    return texts, run_tokenizer(run_dir)
 
 
 def evaluate_run(run_dir, tasks=EVAL_TASKS, limit: int = 100, ppl_chars: int = 20_000,
@@ -139,8 +157,7 @@ def evaluate_run(run_dir, tasks=EVAL_TASKS, limit: int = 100, ppl_chars: int = 2
     cache=True keeps them in run_dir/eval.json and reuses them while the model file and the
     settings are the same (the pipeline's and the experiments' re-runs)."""
     run_dir = Path(run_dir)
-    spec = run_data_spec(run_dir)
-    corpus, tokenizer = run_corpus(spec)
+    corpus, tokenizer = run_corpus(run_dir)
     loaded = load_tasks(list(tasks), corpus, limit, seed)  # a bad task fails before any work
     weights = ckpt.model_file(run_dir).stat()
     settings = {"tasks": list(tasks), "limit": limit, "ppl_chars": ppl_chars, "seed": seed,
@@ -163,7 +180,7 @@ def evaluate_run(run_dir, tasks=EVAL_TASKS, limit: int = 100, ppl_chars: int = 2
 def mix_used(run_dir, history: list[dict]) -> str:
     """The domain mix a training run drew its batches with, in words (mixing.describe)."""
     mix = ckpt.read_json(Path(run_dir) / "run.json").get("train", {}).get("mix", mixing.SIZE)
-    data, _ = load_run_data(run_data_spec(run_dir))
+    data, _ = run_data(run_dir)
     return mixing.describe(mix, history, data.domain_tokens())
 
 
@@ -183,13 +200,12 @@ def specialisation_run(run_dir, out=None, paths=None, batch_size: int = 8, seq_l
         if old.get("settings") == settings:
             return old
     model, _ = ckpt.load_model(run_dir)
-    spec = run_data_spec(run_dir)
-    data = experts.run_data(paths or spec["paths"], spec)
+    tokenizer = run_tokenizer(run_dir)  # other text, or the run's data, in its tokenizer
+    data = TokenData.build(prepare_corpus(paths), tokenizer) if paths else run_data(run_dir)[0]
     batches = experts.domain_batches(data, batch_size, min(seq_len, model.cfg.max_seq_len),
                                      n_batches)
     result = experts.expert_specialisation(model, batches) | {"settings": settings,
                                                                "folder": out.name}
-    _, tokenizer = load_run_data(spec)
     experts.write_specialisation(result, out, tokenizer, title=title or str(run_dir))
     return result
 
@@ -211,11 +227,15 @@ def _transform_run(src: Path, out: Path, transform, meta: dict, tc) -> dict:
     torch.manual_seed(0)
     new_model, extra = transform(model)
     spec = run_data_spec(src) if src_meta.get("data") is not None else None
-    before, after = (validation_loss(m, spec, tc) if spec else None for m in (model, new_model))
+    data = run_data(src)[0] if spec else None
+    before, after = (evaluate(m, data, tc or TrainConfig()) if spec else None
+                     for m in (model, new_model))
     report = {**request, **extra, "val_before": before, "val_after": after, "finished": True,
               "params_before": model.cfg.param_counts(), "params_after": new_model.cfg.param_counts()}
     _start(out, request)
     ckpt.save_model(out, new_model, {**meta, "data": spec, "init_from": str(src.resolve())})
+    if spec:
+        data.tokenizer.save(out)
     files.write_json(out / "transform.json", report)  # last: the stage is finished
     return report
 
@@ -229,31 +249,16 @@ def _finished(out: Path, request: dict) -> dict | None:
         if any(old.get(k) != v for k, v in request.items()):
             raise ValueError(f"--out={out}: already holds another transformation; choose "
                              "another folder")
-        return _report(old, path) if old.get("finished", True) else None
+        return run_files.transform_report(old, path) if old.get("finished", True) else None
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"--out={out}: not empty and holds no transformation (another run, or "
                          "other files); choose another folder")
     return None
 
 
-def _report(old: dict, path: Path) -> dict:
-    """A finished transformation's report, held to what its readers take from it."""
-    counts = [old.get(k) for k in ("params_before", "params_after")]
-    losses = [old.get(k, "missing") for k in ("val_before", "val_after")]
-    growth = old.get("growth", {"depth": ""})
-    if not (all(isinstance(c, dict) and not problem(c.get("total"), "int>=0")
-                and not problem(c.get("active"), "int>=0") for c in counts)
-            and all(v is None or isinstance(v, dict) and not problem(v.get("val_loss"), "")
-                    and all(not problem(x, "") for x in v.values()) for v in losses)
-            and isinstance(growth, dict) and isinstance(growth.get("depth"), str)):
-        raise ckpt.CheckpointError(f"{path}: not what a transformation reports (parameter "
-                                   "counts, validation losses); choose another folder")
-    return old
-
-
 def _start(out: Path, request: dict):
     """`out` claimed for the request, a half-written transformation of it (a kill) cleared."""
-    for name in ("config.json", "model.safetensors", "run.json"):
+    for name in ("config.json", "model.safetensors", "run.json", *TOKENIZER_FILES):
         (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     files.write_json(out / "transform.json", {**request, "finished": False})
@@ -281,7 +286,7 @@ def scale_out_run(src, out, method: str = "upcycle", n_experts: int = 8, top_k: 
     def transform(dense):
         calib = None
         if method.startswith("split-importance"):
-            data, _ = load_run_data(run_data_spec(src))
+            data, _ = run_data(src)
             seq_len = min(128, dense.cfg.max_seq_len)
             calib = [data.train_batch(step, 8, seq_len, seed=seed) for step in range(calib_batches)]
         return scale_out(dense, method, n_experts, top_k, calib, seed, **options), {}
@@ -309,6 +314,8 @@ def _stream_run(src: Path, out: Path, meta: dict, write) -> dict:
     if done:
         return done
     _start(out, request)
+    if spec:
+        run_tokenizer(src).save(out)
     t0 = time.perf_counter()
     try:
         cfg, written, extra = write(ckpt.model_file(src), src_cfg, out / "model.safetensors")

@@ -1,162 +1,49 @@
-"""The cost model: memory per GPU, step time and the price of a training run under a parallel layout.
-
-One function, `price`, holds every formula. It is written on numpy arrays, so the same code
-prices one layout (`simulate`, on 0-d arrays) and a grid of 10^5-10^6 layouts at once
-(minimoe.sim.search). `WorkloadStats` holds the per-token numbers it needs; the layouts and
-their rules live in minimoe.sim.layout, the knobs in minimoe.sim.options. docs/simulator.md
-gives every formula with its source; in short:
-
-* Memory: bf16 weights, fp32 gradients, fp32 master + Adam m and v, 2 + 4 + 12 = 18 B/param as
-  Megatron (megatron/training/theoretical_memory_usage.py; 16 with bf16 gradients, the ZeRO
-  paper's K = 12, arXiv 1910.02054 §3.1). ZeRO-1/2/3 shard optimizer states, then gradients,
-  then weights over data parallel; experts are split over EP and sharded over dp / ep.
-  Activations: Korthikanti et al. 2022 (arXiv 2205.05198 §4) for this architecture, divided by
-  TP (sequence parallel). The first stage holds min(m, p) micro-batches (1F1B).
-* Time of one micro-batch on the slowest pipeline stage (the one with the LM head):
-  - compute: each GEMM group at the roofline min(gemm_efficiency x peak, intensity x HBM
-    bandwidth) (Williams et al. 2009), the attention core at the compute ceiling (flash);
-  - imbalance: the expert GEMMs again x (imbalance - 1): the layer waits for its busiest
-    expert-parallel rank (a factor given, or measured per EP degree from a run's routing);
-  - memory_bound: bytes the FLOP count leaves out (norms, SwiGLU, rotary, residuals, MoE
-    permute/unpermute, router top-k, the cross-entropy over the vocabulary) at HBM speed;
-  - tp_comm, ep_comm, pp_comm: latency x ring steps + bytes / link bandwidth, NVLink inside a
-    node and the NIC across (the EP all-to-all split into its on-node and off-node parts),
-    each exposed by (1 - overlap of its kind).
-  A step = (m + (p - 1) / v) micro-batches (bubble (p - 1) / (v m), Narayanan 2021 §2.2) +
-  exposed data-parallel reduce-scatter/all-gather + the optimizer update at HBM speed.
-* Goodput (minimoe.sim.options.goodput): checkpoints and failures turn training days into
-  wall-clock days; `SimResult.run` reports wall-clock days.
-
-Experts may have their own tensor-parallel degree (`Layout.etp`, MoE Parallel Folding): their
-weights split over EP x ETP, their MLP collectives in the ETP group, the EP group strided by ETP.
-
-Not modelled (so a user knows what to add): context parallelism, FP8, offload, the embedding's
-stage imbalance beyond the LM head, network contention between concurrent collectives.
-"""
+"""The cost model: memory per GPU, step time and the price of a training run under a layout.
+One function on numpy arrays, `price`, prices one layout (`simulate`) or 10^5-10^6 at once
+(minimoe.sim.search); docs/simulator.md "The step" derives every term and gives its source."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from minimoe.flops import RECOMPUTE, flops_per_token
 from minimoe.sim.hardware import Device
-from minimoe.sim.imbalance import histograms_from_log, imbalance_by_ep
-from minimoe.sim.layout import Layout, Workload, check_layout
-from minimoe.sim.options import OVERLAPS, Options, goodput
+from minimoe.sim.kernels import (BASE_LATENCY, allreduce_seconds, dispatch_bytes, flash_seconds,
+                                 gemm_seconds, ring_seconds)
+from minimoe.sim.layout import Layout, Workload, WorkloadStats, check_layout
+from minimoe.sim.options import Options, goodput
 
-__all__ = ["Layout", "Workload", "Options", "OVERLAPS", "WorkloadStats", "price", "SimResult",
-           "priced_result", "simulate", "SECONDS_PER_DAY", "PF_DAY"]
+__all__ = ["Layout", "Workload", "Options", "WorkloadStats", "price", "SimResult",
+           "priced_result", "simulate", "corner_speeds", "SECONDS_PER_DAY", "PF_DAY", "TIME_PARTS"]
 
 SECONDS_PER_DAY = 86400.0
 PF_DAY = 1e15 * SECONDS_PER_DAY  # FLOPs in one petaFLOP/s-day (EleutherAI, Transformer Math 101)
-TIME_PARTS = ("compute", "imbalance", "memory_bound", "tp_comm", "ep_comm", "pp_comm", "bubble",
-              "dp_comm", "optimizer_step")
+TIME_PARTS = ("compute", "imbalance", "memory_bound", "tp_comm", "cp_comm", "ep_comm", "pp_comm",
+              "bubble", "dp_comm", "optimizer_step", "stragglers")
+_STAGE_PARTS = TIME_PARTS[:7]  # what one micro-batch spends on one stage
 
 
-class WorkloadStats:
-    """Per-token, per-layer numbers of a workload that every formula of `price` needs (floats).
-
-    Built once per (workload, options); `price` then evaluates any number of layouts with it.
-    """
-
-    def __init__(self, w: Workload, opt: Options):
-        cfg, s = w.cfg, w.seq_len
-        count = flops_per_token(cfg, s, attention="causal", pad_to_capacity=opt.pad_to_capacity)
-        rows = {r.component: r for r in count.rows}
-        L = cfg.n_layers
-        self.n_layers, self.n_moe, self.d, self.V = L, cfg.n_moe_layers, cfg.d_model, cfg.vocab_size
-        self.s, self.global_batch, self.top_k = s, w.global_batch, cfg.top_k
-        self.n_heads, self.n_kv_heads, self.n_experts = cfg.n_heads, cfg.n_kv_heads, cfg.n_experts
-        self.capacity = cfg.capacity_factor if (opt.pad_to_capacity and cfg.capacity_factor) else 1.0
-        # forward FLOPs per token per layer (hardware: capacity padding included), split into
-        # the attention core, the expert GEMMs and the rest (projections, dense MLP, router)
-        self.core_fwd = rows["attn_core"].forward / L
-        if not opt.flash_attention:  # an unfused kernel computes the whole masked square
-            full = flops_per_token(cfg, s, attention="full", pad_to_capacity=opt.pad_to_capacity)
-            self.core_fwd = next(r for r in full.rows if r.component == "attn_core").forward / L
-        layer_total = sum(r.forward for r in count.rows if r.in_layers)
-        pad = (count.hardware - count.model) / 3  # extra expert FLOPs per forward, if padded
-        self.expert_fwd = (sum(r.forward for r in count.rows if r.component.startswith("expert")
-                               or r.component.startswith("shared")) + pad) / L
-        self.rest_fwd = (layer_total - rows["attn_core"].forward + pad) / L - self.expert_fwd
-        self.lm_fwd = rows["lm_head"].forward
-        self.model_per_token = flops_per_token(cfg, s, attention=opt.attention).model
-        self.expert_d_ffn = cfg.expert_d_ffn or cfg.d_ffn
-        self.shared_d_ffn = cfg.shared_d_ffn
-        # {ep: busiest rank / mean} measured from a run's routing, or {} (Options.imbalance)
-        self.imbalance_by_ep = {} if not (opt.imbalance_log and cfg.is_moe) else imbalance_by_ep(
-            histograms_from_log(opt.imbalance_log), cfg.n_experts, "options.imbalance_log")
-        # parameters
-        counts = cfg.param_counts()
-        self.expert_params = counts["experts"]  # all layers
-        self.layer_params = (counts["total"] - counts["experts"] - counts["embedding"]
-                             - counts["lm_head"]) / L  # non-expert, incl. router and norms
-        self.vocab_mats = 1 if cfg.tie_embeddings else 2
-        # activation bytes per token per layer (the backward's saved tensors, see module doc)
-        b, h, a = opt.act_bytes, cfg.d_model, cfg.n_heads
-        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        core = 4 * a  # flash keeps a fp32 log-sum-exp per head and query
-        if not opt.flash_attention:
-            core += b * a * s  # the softmax probabilities, one row of s per head
-        attn = b * (2 * h + 2 * q + 2 * kv) + core  # norm in, QKV in, Q, K, V, output
-        dense = b * (2 * h + 3 * cfg.d_ffn)  # norm in, MLP in, gate, up, silu(gate)*up
-        moe = (b * 2 * h + 4 * cfg.n_experts  # norm in, router in, fp32 router logits
-               + cfg.top_k * b * (2 * h + 3 * self.expert_d_ffn)  # k copies: in, gate, up, act, out
-               + b * 3 * cfg.shared_d_ffn)
-        self.act_core = core
-        self.act_layer = attn + (self.n_moe * moe + (L - self.n_moe) * dense) / L
-        self.act_input = b * h
-        # memory-bound bytes per token per layer, forward and backward (docs/simulator.md
-        # "Memory-bound work"): each elementwise kernel reads its inputs and writes its output once
-        k, f, fe, E = cfg.top_k, cfg.d_ffn, self.expert_d_ffn, cfg.n_experts
-        common_fwd = 2 * 2 * h + 2 * 3 * h + 2 * (q + kv)  # 2 RMSNorms, 2 residual adds, rotary
-        common_bwd = 2 * 3 * h + 2 * (q + kv)
-        moe_fwd = k * 3 * fe + 3 * cfg.shared_d_ffn + 2 * (k + 1) * h  # SwiGLU x k, permutes
-        moe_bwd = k * 5 * fe + 5 * cfg.shared_d_ffn + 2 * (k + 1) * h
-        moe_router = 4 * 4 * E  # fp32 logits: softmax and top-k read and write them (+ bwd)
-        share = self.n_moe / L
-        self.membound_fwd = b * (common_fwd + share * moe_fwd + (1 - share) * 3 * f) \
-            + share * moe_router / 2
-        self.membound_bwd = b * (common_bwd + share * moe_bwd + (1 - share) * 5 * f) \
-            + share * moe_router / 2
-        # cross-entropy per token on the last stage: the logits read twice forward (max,
-        # exp-sum), read and written backward, plus Megatron's fp32 upcast written and read
-        self.membound_loss = 4 * b * cfg.vocab_size + 8 * cfg.vocab_size
-        if not opt.flash_attention:  # the s x s scores go through HBM: written by QK^T, read
-            # and written by the softmax, read by AV (4 forward); 6 backward (Dao et al. 2022 §2.2)
-            self.membound_fwd += 4 * b * a * s
-            self.membound_bwd += 6 * b * a * s
-
-
-def _roofline(st_bytes, peak, hbm, M, K, N):
-    """Slowdown of a GEMM (M x K) @ (K x N) below the compute ceiling: max(1, ridge / intensity),
-    intensity = 2MKN / (bytes of A, B and C) (Williams et al. 2009, "Roofline")."""
-    intensity = 2 * M * K * N / (st_bytes * (M * K + K * N + M * N))
-    return np.maximum(1.0, (peak / hbm) / intensity)
-
-
-def price(st: WorkloadStats, dev: Device, opt: Options, tp, pp, dp, ep, zero, mb, rc,
-          etp=None) -> dict:
-    """Every formula, elementwise over arrays (or scalars) of layouts; rc is the index of the
-    recompute level in minimoe.flops.RECOMPUTE (0 none, 1 selective, 2 full), etp the experts'
-    tensor-parallel degree (None: etp = tp).
-
-    Returns a dict of arrays: n_gpus, n_micro, the memory parts (bytes per GPU), `fits`, the time
-    parts of TIME_PARTS (seconds per step), step_time, tokens_per_s, mfu and cost_per_mtok.
-    Call it only on layouts minimoe.sim.layout.valid_layouts accepts: elsewhere the numbers are
-    defined but meaningless.
-    """
-    etp = tp if etp is None else etp
-    tp, pp, dp, ep, zero, mb, rc, etp = (np.asarray(x, dtype=np.float64)
-                                         for x in (tp, pp, dp, ep, zero, mb, rc, etp))
-    h, s, gpn, b = st.d, st.s, dev.gpus_per_node, opt.act_bytes
-    n_gpus = tp * pp * dp
+def price(st: WorkloadStats, dev: Device, opt: Options, c, efficiency=None) -> dict:
+    """Every formula, elementwise over layout columns `c` (Layout.columns' names, scalars or
+    arrays). Returns arrays: n_gpus, n_micro, the memory parts (bytes per GPU), `fits`, the
+    TIME_PARTS (seconds per step), step_time, tokens_per_s, mfu and cost_per_mtok. Call it only
+    on layouts minimoe.sim.layout.rule_failures accepts: elsewhere the numbers mean nothing.
+    `efficiency`, an array, replaces opt.gemm_efficiency and broadcasts (the fit's grid)."""
+    eff = opt.gemm_efficiency if efficiency is None else efficiency
+    tp, cp, pp, dp, ep, zero, mb, rc, etp, first, last = (
+        np.asarray(getattr(c, k), dtype=np.float64)
+        for k in ("tp", "cp", "pp", "dp", "ep", "zero", "mb", "rc", "etp", "first", "last"))
+    h, s, gpn, b, L = st.d, st.s, dev.gpus_per_node, opt.act_bytes, st.n_layers
+    n_gpus = tp * cp * pp * dp
     n_micro = st.global_batch / (dp * mb)  # micro-batches per step (valid where integral)
-    layers = st.n_layers / pp  # per stage
-    moe_layers = st.n_moe / pp
-    tokens = mb * s  # tokens in one micro-batch on one data-parallel rank
+    middle = pp - (first > 0) - (last > 0)  # stages that split the other layers evenly
+    even = (L - first - last) / np.maximum(middle, 1)
+    first, last = np.where(first > 0, first, even), np.where(last > 0, last, even)
+    layers = first  # the first stage holds the most micro-batches in flight (1F1B)
+    tokens = mb * s / cp  # tokens of one micro-batch on one rank
+    dp_dense = dp * cp  # the gradients of the dense weights are reduced over dp x cp
     out = {"n_gpus": n_gpus, "n_micro": n_micro}
 
     # --- memory per GPU, bytes -----------------------------------------------------------------
@@ -165,119 +52,156 @@ def price(st: WorkloadStats, dev: Device, opt: Options, tp, pp, dp, ep, zero, mb
     vocab_tp = tp if opt.pad_vocab else np.where(st.V % tp == 0, tp, 1)
     p_dense = layers * st.layer_params / tp + vocab / vocab_tp
     # experts: split over EP x ETP, replicated over the expert data parallel of the stage's
-    # tp x dp ranks (dp / ep with etp = tp)
+    # tp x cp x dp ranks (dp x cp / ep with etp = tp)
     p_expert = st.expert_params / pp / (ep * etp)
-    dp_expert = tp * dp / (ep * etp)
+    dp_expert = tp * cp * dp / (ep * etp)
     for name, nbytes, stage in (("weights", opt.weight_bytes, 3), ("grads", opt.grad_bytes, 2),
                                 ("optimizer", opt.optimizer_bytes, 1)):
-        out[name] = nbytes * (p_dense / np.where(zero >= stage, dp, 1)
+        out[name] = nbytes * (p_dense / np.where(zero >= stage, dp_dense, 1)
                               + p_expert / np.where(zero >= stage, dp_expert, 1))
     full_layer = tokens * st.act_layer / tp
     kept = np.where(rc == 0, full_layer, np.where(rc == 1, full_layer - tokens * st.act_core / tp,
                                                   tokens * st.act_input / tp))
     rebuilt = np.where(rc == 2, full_layer, 0.0)  # full recompute rebuilds one layer at a time
     logits = 4 * tokens * st.V / vocab_tp  # fp32 logits for the cross-entropy, last stage
-    first = layers * kept * np.minimum(n_micro, pp) + rebuilt
-    last = layers * kept + rebuilt + logits
-    out["activations"] = np.maximum(first, last)
+    head_first = layers * kept * np.minimum(n_micro, pp) + rebuilt
+    head_last = last * kept + rebuilt + logits
+    out["activations"] = np.maximum(head_first, head_last)
     out["memory"] = out["weights"] + out["grads"] + out["optimizer"] + out["activations"]
     out["fits"] = out["memory"] <= opt.memory_usable * dev.hbm_bytes
 
-    # --- compute: GEMMs at the roofline, per micro-batch on the slowest stage ------------------
-    ceiling = dev.peak_flops * opt.gemm_efficiency
-    if opt.gemm_roofline:
-        hbm = dev.hbm_bw * opt.hbm_efficiency
-        # rows per local expert: the tokens of the ETP group (each rank holds tokens / tp) that
-        # pick it
-        per_expert = tokens / tp * etp * st.top_k * ep / max(st.n_experts, 1) * st.capacity
-        slow_rest = _roofline(b, ceiling, hbm, tokens, h, h / tp)
-        slow_expert = _roofline(b, ceiling, hbm, per_expert, h, st.expert_d_ffn / etp)
-        slow_lm = _roofline(b, ceiling, hbm, tokens, h, st.V / vocab_tp)
-    else:
-        slow_rest = slow_expert = slow_lm = 1.0
-    forward = st.core_fwd + st.rest_fwd * slow_rest + st.expert_fwd * slow_expert  # per token
-    recompute = np.where(rc == 1, st.core_fwd, np.where(rc == 2, forward, 0))
-    seconds = tokens / tp / ceiling  # per FLOP of one token's work on this rank
-    t_compute = seconds * (layers * (3 * forward + recompute)
-                           + 3 * st.lm_fwd * slow_lm * tp / vocab_tp)
-    # the busiest EP rank's load over the mean: the layer waits for it (1 where ep = 1)
-    imbalance = np.where(ep > 1, opt.imbalance, 1.0)
+    # --- compute of one micro-batch: GEMMs by shape, attention, memory-bound kernels ----------
+    peak = dev.peak_fp8_flops if opt.dtype == "fp8" else dev.peak_flops
+
+    def gemm(M, K, N, count=1):
+        return gemm_seconds(M, K, N, dev, peak, eff, opt.hbm_efficiency, count)
+
+    attn = gemm(tokens, h, (st.q + 2 * st.kv) / tp) + gemm(tokens, st.q / tp, h)
+    mlp = gemm(tokens, h, 2 * st.d_ffn / tp) + gemm(tokens, st.d_ffn / tp, h)  # gate+up, down
+    # rows of each local expert: the ETP group's dispatched tokens (top_k copies) over its experts
+    E = max(st.n_experts, 1)
+    rows = tokens / tp * etp * st.top_k * ep / E * st.capacity
+    experts = (gemm(rows, h, 2 * st.expert_d_ffn / etp, E / ep)
+               + gemm(rows, st.expert_d_ffn / etp, h, E / ep))
+    moe = gemm(tokens, h, st.n_experts) + (
+        gemm(tokens, h, 2 * st.shared_d_ffn / tp) + gemm(tokens, st.shared_d_ffn / tp, h)
+        if st.shared_d_ffn else 0.0)
+    heads = st.n_heads / tp * mb
+    if opt.flash_attention:  # causal: each rank's balanced chunks see s/2 keys on average
+        core_f, core_b = (flash_seconds(s / cp, s / 2, heads, st.head_dim, dev, eff, bwd)
+                          for bwd in (False, True))
+    else:  # the full square as two batched GEMMs per head (Megatron 2021), backward twice
+        core_f = (gemm(s, st.head_dim, s, heads) + gemm(s, s, st.head_dim, heads))
+        core_b = 2 * core_f
+    passes = 3 + (rc == 2)  # forward, two backward GEMMs, and the forward again under full recompute
+    recompute_core = np.where(rc >= 1, core_f, 0.0)
+    dense_layer = passes * (attn + mlp) + core_f + core_b + recompute_core
+    moe_layer = passes * (attn + moe + experts) + core_f + core_b + recompute_core
+    imbalance = np.where(ep > 1, opt.imbalance, 1.0)  # the busiest EP rank over the mean
     for degree, factor in st.imbalance_by_ep.items():
         imbalance = np.where(ep == degree, factor, imbalance)
-    expert_passes = 3 + np.where(rc == 2, 1, 0)
-    t_imbalance = seconds * layers * expert_passes * st.expert_fwd * slow_expert * (imbalance - 1)
-    if opt.memory_bound_work:
-        membound = (layers * (st.membound_fwd * (1 + (rc == 2)) + st.membound_bwd)
-                    + st.membound_loss * tp / vocab_tp)
-        t_memory = tokens / tp * membound / (dev.hbm_bw * opt.hbm_efficiency)
-    else:
-        t_memory = 0.0
+    imbalance = np.minimum(imbalance, st.imbalance_cap)
+    hbm = dev.hbm_bw * opt.hbm_efficiency
+    membound = (1 + st.membound_fwd_share * (rc == 2)) * tokens / tp / hbm
+    lm_head = 3 * gemm(tokens, h, st.V / vocab_tp) + tokens * st.membound_loss / vocab_tp / hbm
 
-    # --- communication: latency x steps + bytes / bandwidth, exposed by (1 - overlap) ----------
-    def link(span):  # NVLink while the group fits in a node, else the NIC
-        inside = span <= gpn
-        return (np.where(inside, dev.intra_node_bw * dev.intra_node_eff,
-                         dev.inter_node_bw * dev.inter_node_eff),
-                np.where(inside, opt.latency_intra_us, opt.latency_inter_us) * 1e-6)
+    # --- communication of one micro-batch, one layer ------------------------------------------
+    nvlink, nic = dev.intra_node_bw * dev.intra_node_eff, dev.inter_node_bw * dev.inter_node_eff
+    lat_in, lat_out = opt.latency_intra_us * 1e-6, opt.latency_inter_us * 1e-6
 
-    extra = np.where(rc == 2, 2, 0)  # full recompute repeats the forward's collectives
-    # TP with sequence parallel: 2 all-gathers + 2 reduce-scatters per layer forward, the same
-    # in backward (Korthikanti 2022 §4.2.2); bytes: what 4 ring all-reduces move, 2 (t-1)/t each
-    # In an MoE layer the routed experts' pair runs in the ETP group on the dispatched tokens,
-    # top_k copies of the group's etp x tokens / tp (Megatron's all-to-all dispatcher gathers
-    # after the all-to-all): none with etp = 1. A shared expert is a dense MLP on TP
-    # (Megatron's SharedExpertMLP) and keeps the dense pair
-    def tp_collectives(group, n, group_tokens):
-        bw, alpha = link(group)
-        return n * ((group - 1) / group * group_tokens * h * b / bw + 2 * (group - 1) * alpha)
+    def group(n, stride=1):
+        """(nodes, bandwidth) of a collective over n ranks `stride` apart: NVLink inside a node;
+        across nodes one NIC per member on a node (NCCL runs a ring per NIC), up to NVLink."""
+        per_node = np.clip(gpn / stride, 1, n)
+        bw = np.where(stride * n <= gpn, nvlink, np.minimum(nvlink, per_node * nic))
+        return np.maximum(n / per_node, 1), bw
 
-    half = 2 + extra / 2  # a layer's collectives: half around attention, half around the MLP
-    dense_halves = 2 * layers - moe_layers + (moe_layers if st.shared_d_ffn else 0)
-    t_tp = (tp_collectives(tp, half * dense_halves, tokens)
-            + tp_collectives(etp, half * moe_layers,
-                             tokens / tp * etp * st.top_k * st.capacity))
-    # EP all-to-all: dispatch + combine forward, mirrored backward (DeepEP README); a rank's
-    # peers on its own node go over NVLink, the rest over the NIC, both at once; the busiest
-    # rank receives `imbalance` x the mean
-    local = np.clip(np.floor(gpn / etp), 1, ep)  # EP peers per node (self included)
-    volume = (moe_layers * (4 + extra) * (tokens / tp) * st.top_k * h * b * st.capacity
-              * imbalance)
-    intra_bw, alpha_intra = link(np.ones_like(tp))
-    inter_bw, alpha_inter = link(np.full_like(tp, gpn + 1))
-    t_ep = np.maximum(volume * (local - 1) / ep / intra_bw, volume * (ep - local) / ep / inter_bw)
-    t_ep = t_ep + moe_layers * (4 + extra) * (ep - 1) * np.where(ep > local, alpha_inter,
-                                                                 alpha_intra)
-    # PP: one activation forward and one gradient back per micro-batch per stage boundary,
-    # v times with interleaved stages
-    bw, alpha = link(n_gpus)
-    t_pp = np.where(pp > 1, opt.virtual_stages * (2 * tokens * h * b / tp / bw + 2 * alpha), 0)
-    exposed = {kind: 1 - getattr(opt, f"overlap_{kind}") for kind in ("tp", "ep", "dp", "pp")}
-    t_micro = (t_compute + t_imbalance + t_memory + exposed["tp"] * t_tp + exposed["ep"] * t_ep
-               + exposed["pp"] * t_pp)
-    bubble = (pp - 1) / opt.virtual_stages * t_micro
+    pairs = 2 + (rc == 2)  # an all-gather + reduce-scatter pair forward and backward (+ recompute)
+    # TP with sequence parallel: a pair around attention and around the MLP (Korthikanti 2022
+    # §4.2.2); in an MoE layer the routed experts' pair runs in the ETP group on the dispatched
+    # tokens, top_k copies (none with etp = 1); a shared expert keeps the dense pair
+    tp_pair = 2 * ring_seconds(tokens * h * b, tp, *group(tp), lat_in, lat_out)
+    etp_pair = 2 * ring_seconds(rows * E / ep * h * b, etp, *group(etp), lat_in, lat_out)
+    tp_dense = pairs * 2 * tp_pair
+    tp_moe = pairs * ((1 + bool(st.shared_d_ffn)) * tp_pair + etp_pair)
+    # CP: ring attention passes K and V around the cp ranks forward, K, V and their gradients
+    # backward, overlapped with the attention it feeds (Megatron / Transformer Engine)
+    kv_bytes = 2 * tokens * st.kv / tp * b
+    cp_comm = 3 * ring_seconds(cp * kv_bytes, cp, *group(cp, tp), lat_in, lat_out)
+    cp_exposed = np.maximum(cp_comm - core_f - core_b, 0) + opt.overlap_slowdown * np.minimum(
+        cp_comm, core_f + core_b)
+    # EP: dispatch + combine forward, mirrored backward (DeepEP README), + forward again under
+    # full recompute; the busiest rank moves `imbalance` x the mean
+    local = np.clip(np.floor(gpn / (etp * np.where(etp == tp, cp, 1))), 1, ep)  # EP ranks per node
+    a2a = 0.0
+    for row_bytes in ((1 + 4 / 128) if opt.dtype == "fp8" else b, b):  # dispatch, combine
+        nvl, net = dispatch_bytes(tokens / tp * st.capacity, h * row_bytes, ep, local,
+                                  st.n_experts, st.top_k, opt.dispatcher, opt.node_limit)
+        alpha = BASE_LATENCY + np.where(ep > local, lat_out, lat_in)  # every peer at once
+        a2a = a2a + np.where(ep > 1, np.maximum(nvl / nvlink, net / nic) + alpha, 0)
+    ep_comm = pairs * a2a * imbalance
+    # PP: an activation forward and a gradient back per micro-batch per stage (scattered over
+    # tp), v times with interleaved stages
+    neighbour = np.where(tp * cp * dp >= gpn, nic, nvlink)  # the next stage is tp x cp x dp ranks on
+    pp_comm = np.where(pp > 1, opt.virtual_stages * 2 * (tokens * h * b / tp / neighbour
+                                                         + BASE_LATENCY + lat_out), 0.0)
 
-    # DP: reduce-scatter gradients + all-gather weights (= one all-reduce) per step; ZeRO-3
-    # gathers the weights again in every micro-batch's forward and backward
-    def dp_volume(params, group):
-        per_pass = (group - 1) / group * params * opt.comm_bytes
-        return np.where(zero >= 3, (1 + 2 * n_micro) * per_pass, 2 * per_pass)
+    def exposed(comm, window, on):  # hidden up to the compute beside it, which it slows
+        hidden = np.minimum(comm, window) if on else 0.0
+        return comm - hidden + opt.overlap_slowdown * hidden
 
-    bw, alpha = link(tp * dp)
-    t_dp = ((dp_volume(p_dense, dp) + dp_volume(p_expert, dp_expert)) / bw
-            + (dp - 1) * alpha * np.where(zero >= 3, 1 + 2 * n_micro, 2))  # ring steps per pass
-    # the reduction can hide only behind compute that runs beside it: the last micro-batch's
-    # backward and the next step's first forward (one micro-batch), every micro-batch for ZeRO-3
-    hidden = opt.overlap_dp * t_dp
-    if opt.overlap_window:
-        busy = t_compute + t_imbalance + t_memory
-        hidden = np.minimum(hidden, busy * np.where(zero >= 3, n_micro, 1))
-    t_optimizer = (out["weights"] + out["grads"] + out["optimizer"]) / dev.hbm_bw
-    parts = dict(compute=n_micro * t_compute, imbalance=n_micro * t_imbalance,
-                 memory_bound=n_micro * t_memory, tp_comm=n_micro * exposed["tp"] * t_tp,
-                 ep_comm=n_micro * exposed["ep"] * t_ep, pp_comm=n_micro * exposed["pp"] * t_pp,
-                 bubble=bubble, dp_comm=t_dp - hidden, optimizer_step=t_optimizer)
+    share = st.n_moe / (L - st.front_dense)  # MoE layers among those after the front dense ones
+
+    def stage(n, head, front=0):  # one micro-batch on a stage of n layers (+ the LM head)
+        n_moe = np.maximum(n - front, 0) * share
+        n_dense = n - n_moe
+        busy = n_dense * dense_layer + n_moe * moe_layer + head * lm_head
+        gemms = n_dense * passes * (attn + mlp) + n_moe * passes * (attn + moe + experts)
+        return {"compute": busy, "imbalance": n_moe * passes * experts * (imbalance - 1),
+                "memory_bound": membound * (n_dense * st.membound_dense + n_moe * st.membound_moe),
+                "tp_comm": exposed(n_dense * tp_dense + n_moe * tp_moe, gemms, opt.overlap_tp),
+                "cp_comm": n * cp_exposed,
+                "ep_comm": exposed(n_moe * ep_comm, np.where(n_micro > 1, busy, 0), opt.overlap_ep),
+                "pp_comm": exposed(pp_comm, busy, opt.overlap_pp)}
+
+    stages = [stage(first, pp == 1, st.front_dense), stage(even, 0.0), stage(last, 1.0)]
+    t_first, t_mid, t_last = (sum(p.values()) for p in stages)
+    t_mid = np.where(pp > 2, t_mid, 0.0)
+    t_max = np.where(pp == 1, t_first, np.maximum(np.maximum(t_first, t_mid), t_last))
+    slowest = np.where((pp == 1) | (t_first >= t_max), 0, np.where(t_last >= t_max, 2, 1))
+    parts = {k: n_micro * np.choose(slowest, [p[k] for p in stages]) for k in _STAGE_PARTS}
+    total = np.where(pp == 1, t_first, t_first + (pp - 2) * t_mid + t_last)
+    parts["bubble"] = (total - t_max) / opt.virtual_stages  # fill and drain (Narayanan 2021 §2.2)
+
+    # --- data parallel: gradients reduced, weights gathered, in Megatron's buckets -------------
+    def dp_seconds(params, n, stride):  # each bucket pays its collective's latency
+        nodes, bw = group(n, stride)
+        buckets = np.maximum(np.ceil(params / np.maximum(4e7, 1e6 * n)), 1)  # Megatron's default
+        bucket = params / buckets
+        args = (n, nodes, bw, lat_in, lat_out)
+        reduce = buckets * np.where(zero >= 1, ring_seconds(bucket * opt.reduce_bytes, *args),
+                                    allreduce_seconds(bucket * opt.reduce_bytes, *args))
+        gather = buckets * ring_seconds(bucket * opt.weight_bytes, *args)
+        gathers = np.where(zero >= 3, 2 * n_micro, np.where(zero >= 1, 1, 0))  # ZeRO-3: fwd + bwd
+        return (n_micro if opt.reduce_every_micro_batch else 1) * reduce + gathers * gather
+
+    # the dense gradients' group is every tp-th rank (Megatron orders tp, cp, dp); the experts'
+    # every (ep x etp)-th of the tp x cp x dp block
+    t_dp = dp_seconds(p_dense, dp_dense, tp) + np.where(
+        st.expert_params > 0, dp_seconds(p_expert, dp_expert, ep * etp), 0)
+    # hidden behind one micro-batch (the last backward, the next step's first forward), or every
+    # micro-batch when the reduction or the gathers run in each of them
+    busy = parts["compute"] / n_micro
+    per_micro = (zero >= 3) | opt.reduce_every_micro_batch
+    parts["dp_comm"] = exposed(t_dp, busy * np.where(per_micro, n_micro, 1), opt.overlap_dp)
+    parts["optimizer_step"] = (out["weights"] + out["grads"] + out["optimizer"]) / dev.hbm_bw
+    base = n_micro * t_max + parts["bubble"] + parts["dp_comm"] + parts["optimizer_step"]
+    # every step waits for its slowest node: the expected maximum of n node times with jitter
+    # sigma (Gaussian, sqrt(2 ln n))
+    nodes = np.ceil(n_gpus / gpn)
+    parts["stragglers"] = base * opt.straggler_sigma * np.sqrt(2 * np.log(np.maximum(nodes, 1)))
     out.update(parts)
-    out["step_time"] = n_micro * t_micro + bubble + parts["dp_comm"] + t_optimizer
+    out["step_time"] = base + parts["stragglers"]
     tokens_step = st.global_batch * s
     out["tokens_per_s"] = tokens_step / out["step_time"]
     out["mfu"] = tokens_step * st.model_per_token / (n_gpus * dev.peak_flops * out["step_time"])
@@ -288,13 +212,10 @@ def price(st: WorkloadStats, dev: Device, opt: Options, tp, pp, dp, ep, zero, mb
 
 @dataclass(frozen=True)
 class SimResult:
-    """One layout priced: memory (bytes per GPU) and time (seconds per step) with throughput.
-
-    `time` holds the exposed seconds of each part of a step (TIME_PARTS, communication after
-    its overlap); they add up to `step_time`. `tokens_per_s` is the steady-state throughput;
-    `goodput` the share of wall-clock time that trains (checkpoints, failures and restarts),
-    which `run` applies.
-    """
+    """One layout priced: memory (bytes per GPU), time (seconds per step, TIME_PARTS adding up
+    to `step_time`), steady-state throughput, and `goodput`, the share of wall-clock time that
+    trains (checkpoints, failures), which `run` applies. `interval` is (low, high) tokens/s over
+    the ends of the options' uncertain ranges, None until `interval` fills it."""
 
     layout: Layout
     device: str
@@ -310,6 +231,7 @@ class SimResult:
     pue: float
     model_flops_per_token: float
     goodput: dict
+    interval: tuple | None = None
 
     @property
     def tokens_per_day(self) -> float:
@@ -353,12 +275,39 @@ def priced_result(st: WorkloadStats, dev: Device, opt: Options, layout: Layout,
                      goodput=goodput(opt, int(pick["n_gpus"]), pick["step_time"], states))
 
 
-def simulate(workload: Workload, layout: Layout, device: Device,
-             options: Options = Options()) -> SimResult:
-    """Price one layout. Raises ValueError if the layout cannot run; check `.fits` for memory."""
+def check_options(opt: Options, dev: Device) -> None:
+    """What the options ask of the device: FP8 GEMMs need an FP8 peak."""
+    if opt.dtype == "fp8" and not dev.peak_fp8_flops:
+        raise ValueError(f"options.dtype='fp8': device {dev.name} has no FP8 peak "
+                         "(peak_fp8_tflops)")
+
+
+def simulate(workload: Workload, layout: Layout, device: Device, options: Options = Options(),
+             with_interval: bool = True) -> SimResult:
+    """Price one layout, with its interval unless `with_interval` is False (a caller that prices
+    thousands of layouts and keeps one). Raises ValueError if the layout cannot run; check
+    `.fits` for memory."""
     check_layout(layout, workload)
+    check_options(options, device)
     st = WorkloadStats(workload, options)
-    values = price(st, device, options, layout.tp, layout.pp, layout.dp, layout.ep,
-                   layout.zero, layout.micro_batch, RECOMPUTE.index(layout.recompute),
-                   layout.expert_tp)
-    return priced_result(st, device, options, layout, values)
+    result = priced_result(st, device, options, layout, price(st, device, options, layout.columns()))
+    if not with_interval:
+        return result
+    speeds = corner_speeds(workload, layout, device, options, st)
+    return dataclasses.replace(result, interval=(float(speeds.min()), float(speeds.max())))
+
+
+def corner_speeds(workload: Workload, layout: Layout, device: Device, options: Options,
+                  st: WorkloadStats | None = None) -> np.ndarray:
+    """Tokens/s of a layout at the options, then at every corner of their uncertain ranges
+    (Options.corners; docs/simulator.md "Intervals"). Predictions that share their uncertain
+    inputs share corners, so a ratio of two (a speed-up, a slowdown, a savings factor) is taken
+    corner by corner: element 0 is the prediction, the range its interval."""
+    stats = {} if st is None else {tuple(getattr(options, k) for k in WorkloadStats.READS): st}
+    # a corner rebuilds the per-token figures only if it changes what they read
+    speeds = []
+    for o in [options] + options.corners():
+        key = tuple(getattr(o, k) for k in WorkloadStats.READS)
+        st = stats.setdefault(key, stats.get(key) or WorkloadStats(workload, o))
+        speeds.append(float(price(st, device, o, layout.columns())["tokens_per_s"]))
+    return np.array(speeds)

@@ -1,14 +1,6 @@
-"""Expert load imbalance from a routing histogram: how much longer an MoE layer takes because it
-waits for its busiest expert (or its busiest expert-parallel rank).
-
-A histogram is a list of layers, each a list of tokens per expert: what minimoe's training loop
-logs as `"load"` in a run's log.jsonl (minimoe.train), or what any router's counters give. The
-factor of one layer is max / mean; the layers run one after another, so the step's factor is
-the mean over layers. Grouping experts by rank (`ranks`) gives the busiest rank instead, which
-is what a grouped GEMM per rank waits for (experts are placed contiguously, Megatron's
-expert-parallel order). With every expert on one rank (ep = 1) the factor is 1: that rank does
-the same work however the tokens split. `imbalance_by_ep` gives the factor for every EP degree,
-which is how the cost model uses a run's routing (`Options.imbalance_log`).
+"""Expert load imbalance from routing histograms (a minimoe run's logged `load`, tokens per
+expert per layer): how much longer an MoE layer takes because it waits for its busiest expert
+or expert-parallel rank (docs/simulator.md "Expert load imbalance").
 """
 
 from __future__ import annotations
@@ -51,11 +43,6 @@ def imbalance_by_ep(histograms: list[list[list[float]]], n_experts: int,
                          f"{n_experts}")
     return {ep: sum(imbalance_factor(h, ranks=ep, where=where) for h in histograms) / len(histograms)
             for ep in range(1, n_experts + 1) if n_experts % ep == 0}
-
-
-def load_from_log(path: str | Path) -> list[list[float]]:
-    """The last `load` histogram a minimoe run logged (its log.jsonl, or the run directory)."""
-    return histograms_from_log(path)[-1]
 
 
 def histograms_from_log(path: str | Path) -> list[list[list[float]]]:

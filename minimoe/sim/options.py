@@ -1,127 +1,144 @@
-"""The cost model's knobs: every default a cited figure or a stated assumption.
-
-`Options` is what a scenario's `[options]` table, a phase's `options` and `minimoe plan --set`
-set. Each field is checked for its type and range on construction, so a wrong value is one line
-naming the key, the value and the rule. docs/simulator.md explains each term the options feed.
+"""The cost model's knobs (`Options`): what a scenario's `[options]`, a phase's `options` and
+`minimoe plan --set` set, each default a cited figure, a stated assumption or a constant
+`minimoe validate` fits (docs/simulator.md "Options"); and goodput, training days to wall-clock.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import itertools
 
-from minimoe.checks import check_fields, known_keys
+from dataclasses import dataclass, field
+
+from minimoe.checks import check, check_fields, known_keys
+from minimoe.files import tomllib
 from minimoe.flops import ATTENTION
 
-# Llama 3 (arXiv 2407.21783 §3.3.4): 419 unexpected interruptions in a 54-day snapshot of
-# pre-training on 16,384 H100 GPUs
+# Llama 3 (arXiv 2407.21783 §3.3.4): 419 unexpected interruptions in 54 days on 16,384 H100s
 LLAMA3_FAILURES_PER_GPU_DAY = 419 / (54 * 16384)
-OVERLAPS = ("overlap_tp", "overlap_ep", "overlap_dp", "overlap_pp")
+# Fitted by `minimoe validate` on sims/validation (tests/test_sim_validate.py checks that it
+# still fits these): the central value, and the range the sources' own fits span
+GEMM_EFFICIENCY, GEMM_EFFICIENCY_RANGE = 0.71, [0.68, 0.79]
+STRAGGLER_SIGMA, STRAGGLER_SIGMA_RANGE = 0.0, [0.0, 0.002]
+DISPATCHERS = ("alltoall", "deepep")
+DTYPES = ("bf16", "fp8")
 
 
 @dataclass(frozen=True)
 class Options:
-    """Knobs of the cost model (units in the names; see the module doc)."""
+    """Knobs of the cost model (units in the names)."""
 
-    # --- compute -------------------------------------------------------------------------------
-    # achievable share of peak on large GEMMs, the roofline's compute ceiling. 0.5 is the
-    # uncalibrated default; `minimoe validate` fits one value per device family on dense runs
-    gemm_efficiency: float = 0.5
-    gemm_roofline: bool = True  # a GEMM of low arithmetic intensity runs at HBM speed instead
-    # achievable share of HBM bandwidth for streaming kernels (assumption: STREAM-like kernels
-    # reach 80-90% of peak on HBM GPUs)
-    hbm_efficiency: float = 0.8
-    memory_bound_work: bool = True  # time the norms, activations, rotary, softmax, permutes...
-    # --- MoE -----------------------------------------------------------------------------------
-    # max / mean tokens of the busiest expert-parallel rank: 1.0 is perfect balance, the value
-    # for a capacity-factor-1 run that drops overflow. It applies where ep > 1: with every
-    # expert on one rank, that rank does the same work however the tokens split
-    imbalance: float = 1.0
-    # or measured: a minimoe run's folder or log.jsonl; its logged routing histograms give the
-    # factor of each EP degree (minimoe.sim.imbalance.imbalance_by_ep), so ep trades against it
-    imbalance_log: str = ""
-    pad_to_capacity: bool = False  # MoE buffers padded to capacity_factor (GShard style)
-    # --- communication: share of each kind hidden behind compute -----------------------------
-    # Megatron (2024) overlaps the data-parallel reduce-scatter / all-gather with backward and
-    # forward (--overlap-grad-reduce, --overlap-param-gather: all but the last bucket), leaves
-    # the TP collectives, the EP all-to-all and the 1F1B pipeline sends on the critical path
-    # (NVIDIA/Megatron-LM megatron/core/distributed and moe READMEs)
-    overlap_tp: float = 0.0
-    overlap_ep: float = 0.0
-    overlap_dp: float = 0.9
-    overlap_pp: float = 0.0
-    # the data-parallel reduction hides only behind the compute beside it (one micro-batch;
-    # every micro-batch under ZeRO-3), not behind the whole step
-    overlap_window: bool = True
-    # start-up latency of one collective step (assumption: the order of nccl-tests small-message
-    # latencies, a few us on NVLink and ~10 us across InfiniBand)
-    latency_intra_us: float = 5.0
-    latency_inter_us: float = 15.0
-    virtual_stages: int = 1  # interleaved 1F1B: bubble / v, v x the pipeline sends (Narayanan 2021)
-    # --- bytes ---------------------------------------------------------------------------------
+    # --- compute ---------------------------------------------------------------------------
+    gemm_efficiency: float = GEMM_EFFICIENCY  # share of an SM's peak a GEMM tile's main loop reaches
+    hbm_efficiency: float = 0.8  # assumption: STREAM-like kernels reach 80-90% of HBM peak
+    dtype: str = "bf16"  # "fp8": GEMMs at the device's FP8 peak, inputs cast (Transformer Engine)
+    flash_attention: bool = True  # no s x s score matrix in HBM (FlashAttention, SDPA)
+    attention: str = "causal"  # FLOP convention of the reported model FLOPs and MFU
+    # --- MoE -------------------------------------------------------------------------------
+    imbalance: float = 1.0  # busiest expert-parallel rank / mean (1.0: balanced or dropped)
+    imbalance_log: str = ""  # or measured: a minimoe run's log, its routing per EP degree
+    pad_to_capacity: bool = False  # expert buffers padded to the capacity factor (GShard)
+    dispatcher: str = "alltoall"  # or "deepep": one copy per node, NVLink fan-out (DeepEP)
+    node_limit: int = 0  # each token reaches at most this many nodes (0: no limit)
+    # --- communication ---------------------------------------------------------------------
+    # hidden behind the compute beside it (docs/simulator.md "Overlap"); Megatron overlaps the
+    # data-parallel reduction by default, the rest on request (--tp-comm-overlap, ...)
+    overlap_tp: bool = False
+    overlap_ep: bool = False
+    overlap_dp: bool = True
+    overlap_pp: bool = False
+    # compute lost while a collective overlaps it: its kernels hold SMs (DeepEP's normal
+    # kernels take 24 of an H800's 132, deepseek-ai/DeepEP README)
+    overlap_slowdown: float = 0.18
+    # one step of a collective inside a node and between nodes: NCCL's own tuning model for
+    # large messages (Simple protocol, src/graph/tuning.cc: NVLink 3.4 us, network 14 us)
+    latency_intra_us: float = 3.4
+    latency_inter_us: float = 14.0
+    virtual_stages: int = 1  # interleaved 1F1B (Narayanan 2021 §2.2)
+    reduce_bytes: float = 4  # gradients reduced in fp32 (Megatron with bf16; FSDP2 with fp32 reduce)
+    reduce_every_micro_batch: bool = False  # FSDP2's default: reduce-scatter after each backward
+    straggler_sigma: float = STRAGGLER_SIGMA  # step-time jitter across nodes (fitted)
+    # --- bytes -----------------------------------------------------------------------------
     weight_bytes: float = 2  # bf16
     grad_bytes: float = 4  # fp32 main gradients (Megatron); 2 for ZeRO's 16 B/param
     optimizer_bytes: float = 12  # fp32 master + Adam m + v (ZeRO's K = 12)
     act_bytes: float = 2  # bf16 activations
-    comm_bytes: float = 2  # gradients and weights travel in bf16
-    flash_attention: bool = True  # no s x s score matrix is stored (SDPA, FlashAttention)
     # Megatron pads the vocabulary to a multiple of 128 x tp, so tp always splits it; False: a
     # vocabulary tp does not divide stays whole on each tp rank (minimoe's torchrun path)
     pad_vocab: bool = True
     memory_usable: float = 0.9  # assumption: share of HBM left after CUDA context and fragmentation
-    attention: str = "causal"  # FLOP convention of the reported model FLOPs and MFU
-    # --- goodput: days of training -> wall-clock days ----------------------------------------
+    # --- goodput: days of training -> wall-clock days ---------------------------------------
     failures_per_gpu_day: float = LLAMA3_FAILURES_PER_GPU_DAY
     restart_minutes: float = 30.0  # assumption: detect, reschedule, reload a checkpoint
     checkpoint_minutes: float = 60.0  # assumption: interval between checkpoints
     checkpoint_gbs: float = 1.0  # assumption: GB/s each GPU writes its shard to storage
     pue: float = 1.0  # data-centre power usage effectiveness applied to GPU board power
+    # --- what the interval spans: option -> [low, high] -------------------------------------
+    uncertain: dict = field(default_factory=lambda: {
+        "gemm_efficiency": GEMM_EFFICIENCY_RANGE, "straggler_sigma": STRAGGLER_SIGMA_RANGE})
 
     def __post_init__(self):
-        check_fields("options", self, {f.name: RULES.get(f.name, f.type.replace("float", ""))
-                                       for f in dataclasses.fields(self)})
+        check_fields("options", self, RULES)
         if self.imbalance_log and self.imbalance != 1.0:
             raise ValueError(f"options.imbalance_log={self.imbalance_log!r}: give imbalance or "
                              "imbalance_log, not both")
+        known_keys("options.uncertain", self.uncertain, {k for k, rule in RULES.items()
+                                                         if not isinstance(rule, tuple) and rule != "str"})
+        for key, pair in self.uncertain.items():
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise ValueError(f"options.uncertain.{key}={pair!r}: must be [low, high]")
+            for value in pair:
+                check("options.uncertain", key, value, RULES[key])
 
     def replace(self, **changes) -> "Options":
-        """A copy with `changes`; an unknown name is a ValueError listing the known ones."""
+        """A copy with `changes`; an unknown name is a ValueError listing the known ones. A value
+        set here is no longer uncertain unless `changes` also gives its range; `uncertain`
+        adds ranges to the ones already there."""
         known_keys("options", changes, {f.name for f in dataclasses.fields(self)})
-        return dataclasses.replace(self, **changes)
+        uncertain = {k: v for k, v in self.uncertain.items() if k not in changes}
+        uncertain.update(changes.pop("uncertain", {}) or {})
+        return dataclasses.replace(self, **changes, uncertain=uncertain)
+
+    def corners(self) -> list["Options"]:
+        """These options at every combination of the ends of the uncertain ranges."""
+        keys = list(self.uncertain)
+        return [dataclasses.replace(self, **dict(zip(keys, ends)))
+                for ends in itertools.product(*(self.uncertain[k] for k in keys))]
 
 
-RULES = {  # minimoe/checks.py; a field not named here need only have its type
+RULES = {  # minimoe/checks.py: every field but `uncertain`
     **dict.fromkeys(("gemm_efficiency", "hbm_efficiency", "memory_usable"), "(0, 1]"),
-    **dict.fromkeys(OVERLAPS, "[0, 1]"), "imbalance": "[1, inf)", "pue": "[1, inf)",
-    **dict.fromkeys(("latency_intra_us", "latency_inter_us", "optimizer_bytes",
+    **dict.fromkeys(("overlap_tp", "overlap_ep", "overlap_dp", "overlap_pp", "flash_attention",
+                     "pad_to_capacity", "reduce_every_micro_batch", "pad_vocab"), "bool"),
+    "imbalance": "[1, inf)", "pue": "[1, inf)", "overlap_slowdown": "[0, 1]",
+    **dict.fromkeys(("latency_intra_us", "latency_inter_us", "optimizer_bytes", "straggler_sigma",
                      "failures_per_gpu_day", "restart_minutes"), "[0, inf)"),
-    **dict.fromkeys(("weight_bytes", "grad_bytes", "act_bytes", "comm_bytes",
+    **dict.fromkeys(("weight_bytes", "grad_bytes", "act_bytes", "reduce_bytes",
                      "checkpoint_minutes", "checkpoint_gbs"), "(0, inf)"),
-    "virtual_stages": "int[1, inf)", "attention": ATTENTION,
+    "virtual_stages": "int[1, inf)", "node_limit": "int>=0", "attention": ATTENTION,
+    "dtype": DTYPES, "dispatcher": DISPATCHERS, "imbalance_log": "str",
 }
 
 
 def parse_assignments(pairs: list[str], base: Options = Options()) -> Options:
-    """Options from `key=value` strings (`minimoe plan --set`): values read as TOML scalars
-    (0.4, 2, true, "causal"); a bare word is taken as a string."""
-    changes = {}
+    """Options from `key=value` strings (`minimoe plan --set`), each value read as TOML (0.4, 2,
+    true, "causal", [1.0, 1.3]; a bare word is a string); `uncertain.KEY=[low, high]` marks a
+    range."""
+    changes, uncertain = {}, {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set {pair!r}: must be key=value")
-        changes[key.strip()] = _scalar(text.strip())
-    return base.replace(**changes)
-
-
-def _scalar(text: str):
-    if text in ("true", "false"):
-        return text == "true"
-    for kind in (int, float):
         try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text.strip('"')
+            value = tomllib.loads(f"v = {text.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text.strip()
+        prefix, dot, name = key.strip().partition(".")
+        if dot and prefix == "uncertain":
+            uncertain[name] = value
+        else:
+            changes[key.strip()] = value
+    return base.replace(**changes, **({"uncertain": uncertain} if uncertain else {}))
 
 
 def goodput(opt: Options, n_gpus: int, step_seconds: float, state_bytes_per_gpu: float) -> dict:
@@ -138,5 +155,5 @@ def goodput(opt: Options, n_gpus: int, step_seconds: float, state_bytes_per_gpu:
     lost_s = opt.restart_minutes * 60 + interval_s / 2 + step_seconds
     failure_share = min(1.0, failures_per_s * lost_s)
     return {"goodput": (1 - checkpoint_share) * (1 - failure_share),
-            "checkpoint_share": checkpoint_share, "failure_share": failure_share,
-            "failures_per_day": failures_per_s * 86400}
+            "checkpoint_share": checkpoint_share, "failures_per_day": failures_per_s * 86400,
+            "failure_share": failure_share}

@@ -43,36 +43,46 @@ def plot_scenario(result, out_dir: Path) -> list[Path]:
 
 
 def plot_validation(v, out_dir: Path) -> list[Path]:
-    """Predicted against measured MFU per run; the AquilaMoE phases' step time by term."""
+    """Predicted against measured MFU per run, with its interval (leaving each source out where
+    the validation has it); the AquilaMoE phases' step time by term."""
     plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 5))
+    rows = v.cv_rows or v.rows
+    rows = rows + [r for r in v.rows if r["set"] != "published" and rows is v.cv_rows]
     markers = {("published", "dense"): "o", ("published", "moe"): "s",
                ("aquilamoe", "dense"): "^", ("aquilamoe", "moe"): "v"}
     for key, marker in markers.items():
-        rows = [r for r in v.rows if (r["set"], r["kind"]) == key]
-        if rows:
-            ax.scatter([r["measured MFU"] for r in rows], [r["predicted MFU"] for r in rows],
-                       marker=marker, label=f"{key[0]} {key[1]}")
-    top = max(max(r["measured MFU"], r["predicted MFU"]) for r in v.rows) * 1.1
+        chosen = [r for r in rows if (r["set"], r["kind"]) == key]
+        if chosen:
+            y = [r["predicted MFU"] for r in chosen]
+            scale = [r["predicted MFU"] / r["predicted tok/s/GPU"] for r in chosen]
+            err = [[yi - r["low"] * k for yi, r, k in zip(y, chosen, scale)],
+                   [r["high"] * k - yi for yi, r, k in zip(y, chosen, scale)]]
+            ax.errorbar([r["measured MFU"] for r in chosen], y, yerr=err, fmt=marker, ms=5,
+                        capsize=2, label=f"{key[0]} {key[1]}")
+    top = max(max(r["measured MFU"], r["predicted MFU"]) for r in rows) * 1.1
     ax.plot([0, top], [0, top], color="grey", lw=0.8)
     ax.fill_between([0, top], [0, 0.9 * top], [0, 1.1 * top], color="grey", alpha=0.15,
                     label="±10%")
     ax.set_xlabel("measured MFU (causal model FLOPs)")
-    ax.set_ylabel("predicted MFU")
+    ax.set_ylabel("predicted MFU" + (" (each source left out)" if v.cv_rows else ""))
     ax.legend(fontsize=8)
     paths = [save_figure(fig, out_dir / "validation.png")]
-    if v.breakdown:
+    breakdown = {name: {k: result.time[k] for k in result.time if k != "step_time"}
+                 | {"tokens_per_step": result.tokens_per_step}
+                 for name, (run, result, _) in v.predicted.items() if run.set == "aquilamoe"}
+    if breakdown:
         fig, ax = plt.subplots(figsize=(8.5, 4))
-        names = list(v.breakdown)
+        names = list(breakdown)
         bottom = [0.0] * len(names)
-        for part in [k for k in next(iter(v.breakdown.values())) if k != "tokens_per_step"]:
+        for part in [k for k in next(iter(breakdown.values())) if k != "tokens_per_step"]:
             # seconds per million tokens, so phases of different batch sizes compare
-            values = [v.breakdown[n][part] / v.breakdown[n]["tokens_per_step"] * 1e6 for n in names]
+            values = [breakdown[n][part] / breakdown[n]["tokens_per_step"] * 1e6 for n in names]
             ax.bar(names, values, bottom=bottom, label=part)
             bottom = [a + b for a, b in zip(bottom, values)]
-        rows = {r["run"]: r for r in v.rows}
-        measured = [1e6 / (rows[n]["measured tok/s/GPU"] * rows[n]["GPUs"]) for n in names]
+        by_run = {r["run"]: r for r in v.rows}
+        measured = [1e6 / (by_run[n]["measured tok/s/GPU"] * by_run[n]["GPUs"]) for n in names]
         ax.scatter(names, measured, marker="_", s=900, color="black", zorder=3,
                    label="measured (Table 6)")
         ax.set_ylabel("seconds per million tokens")

@@ -1,18 +1,7 @@
-"""The pipeline planner's accounting: training phases -> days, capacity, MFU and savings factors.
-
-A scenario is a chain of phases (preparation, scale-up, scale-out, or any chain) and a baseline
-(training the final model from scratch), each a `PhaseResult`: a model, the tokens it trains
-on, a cluster and a throughput. minimoe.sim.scenario_file reads them from TOML (sims/*.toml).
-
-The savings factors are the AquilaMoE paper's (arXiv 2408.06567 §4.3, Table 6 and the two
-equations after it):
-  TSF  = baseline days / sum of phase days, days = tokens / (tokens per day)
-  CPSF = baseline capacity / sum of phase capacities, capacity = devices x per-device peak x days
-The paper calls capacity "GFLOPS-days", but its "GFLOPS/Device" figures are TFLOPS (989.5 is the
-H100's dense BF16 peak, docs/simulator.md "Units"), so capacity is shown in TFLOPS-days (= the paper's
-numbers) and in PF-days. It measures reserved peak, not executed FLOPs: the model FLOPs and the
-implied MFU beside it show how much of that peak the training used.
-"""
+"""The planner's accounting: training phases -> days, capacity, MFU, and AquilaMoE's savings
+factors TSF and CPSF (arXiv 2408.06567 §4.3, Table 6; docs/simulator.md "Units" on its
+"GFLOPS-days", which are devices x peak TFLOPS x days: reserved peak, not executed FLOPs).
+minimoe.sim.scenario_file reads scenarios from TOML (sims/*.toml)."""
 
 from __future__ import annotations
 
@@ -47,6 +36,8 @@ class PhaseResult:
     power_w: float | None = None
     pue: float = 1.0  # data-centre overhead on the GPUs' board power
     measured_tokens_per_day: float | None = None  # a source's figure shown beside a prediction
+    # a prediction's tokens/day at its options, then at each corner of their uncertain ranges
+    corners: tuple | None = None
 
     @property
     def days(self) -> float:
@@ -86,6 +77,8 @@ class PhaseResult:
                 "GPUs": self.gpus, "device": self.device,
                 "peak/device (TFLOPS)": self.peak_flops / TFLOPS,
                 "tokens/day (B)": self.tokens_per_day / 1e9, "throughput": self.throughput,
+                **({} if self.corners is None else {
+                    "tokens/day range (B)": f"{min(self.corners) / 1e9:,.1f}-{max(self.corners) / 1e9:,.1f}"}),
                 **({} if self.measured_tokens_per_day is None else {
                     "measured tokens/day (B)": self.measured_tokens_per_day / 1e9,
                     "prediction error": self.tokens_per_day / self.measured_tokens_per_day - 1}),
@@ -100,13 +93,9 @@ class PhaseResult:
 
 def savings_factors(phase_times: list[float], phase_capacities: list[float], baseline_time: float,
                     baseline_capacity: float) -> tuple[float, float]:
-    """AquilaMoE's savings factors (arXiv 2408.06567 §4.3, Table 6), the baseline over the chain:
-
-    TSF  = baseline time / sum of the phases' times
-    CPSF = baseline capacity / sum of the phases' capacities, capacity = devices x peak x time
-    Any unit of time and capacity, the same for both sides. The scenario planner and the
-    pipeline report (which measures each stage's time) both call this.
-    """
+    """AquilaMoE's savings factors, the baseline over the chain: TSF = baseline time / sum of the
+    phases' times, CPSF = the same of capacities (devices x peak x time), in any one unit.
+    The scenario planner and the pipeline report (measured stage times) both call this."""
     return (baseline_time / sum(phase_times), baseline_capacity / sum(phase_capacities))
 
 
@@ -134,6 +123,21 @@ class ScenarioResult:
         return savings(self.phases, self.baseline)[1]
 
     @property
+    def factor_ranges(self) -> tuple[tuple, tuple] | None:
+        """((TSF low, high), (CPSF low, high)) over the corners of the uncertain inputs, taken
+        corner by corner where every prediction has the same corners; None with no prediction."""
+        everyone = self.phases + [self.baseline]
+        counts = {len(p.corners) for p in everyone if p.corners}
+        if len(counts) != 1:
+            return None
+        factors = [savings([dataclasses.replace(p, tokens_per_day=p.corners[i]) if p.corners
+                            else p for p in self.phases],
+                           dataclasses.replace(self.baseline, tokens_per_day=self.baseline.corners[i])
+                           if self.baseline.corners else self.baseline)
+                   for i in range(counts.pop())]
+        return tuple((min(f[j] for f in factors), max(f[j] for f in factors)) for j in (0, 1))
+
+    @property
     def measured_factors(self) -> tuple[float, float] | None:
         """(TSF, CPSF) from the measured throughputs given beside the predictions, when every
         phase and the baseline has one (sims/aquilamoe_predicted.toml); otherwise None."""
@@ -157,7 +161,9 @@ class ScenarioResult:
 
     def to_dict(self) -> dict:
         measured = self.measured_factors
+        ranges = self.factor_ranges
         return {"title": self.title, "tsf": self.tsf, "cpsf": self.cpsf,
+                "ranges": None if ranges is None else dict(zip(("tsf", "cpsf"), ranges)),
                 "measured": None if measured is None else dict(zip(("tsf", "cpsf"), measured)),
                 "phases": [p.row() for p in self.phases], "baseline": self.baseline.row(),
                 "notes": self.notes, "sweep": self.sweep}
@@ -173,6 +179,10 @@ class ScenarioResult:
                  f" = {self.tsf:.3f}",
                  f"compute savings factor CPSF = {self.baseline.capacity_tflops_days:,.0f} / "
                  f"{cap:,.0f} TFLOPS-days = {self.cpsf:.3f}", ""]
+        if self.factor_ranges is not None:
+            (tsf_lo, tsf_hi), (cpsf_lo, cpsf_hi) = self.factor_ranges
+            lines[-1:-1] = [f"over the uncertain inputs (docs/simulator.md \"Intervals\"): TSF "
+                            f"{tsf_lo:.3f}-{tsf_hi:.3f}, CPSF {cpsf_lo:.3f}-{cpsf_hi:.3f}"]
         if self.measured_factors is not None:
             tsf, cpsf = self.measured_factors
             lines[-1:-1] = [f"from the measured throughputs instead: TSF = {tsf:.3f}, "

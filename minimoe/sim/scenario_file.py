@@ -1,16 +1,7 @@
-"""The TOML scenario format (sims/*.toml): its keys, their validation, and how a file becomes a
-minimoe.sim.scenario.ScenarioResult.
-
-A scenario lists `[[phases]]` and a `[baseline]`. Each names a model (`preset`, an inline
-`[phases.model]` table, or only `model_size_b` as the paper's table gives), the tokens it trains
-on, a cluster (`devices` plus a catalogue `gpu` and/or a per-device `peak_tflops`), and a
-throughput: measured (`tokens_per_day_b`), assumed (`mfu`), or predicted by minimoe.sim.cost
-(`simulate = true`, optionally with a `layout`, and `measured_tokens_per_day_b` to show a
-source's figure and its savings factors beside the prediction). `[devices.NAME]` tables define devices (a
-catalogue `base` plus overrides, or every figure), `[options]` the cost model's Options, and
-`[sweep]` a sensitivity sweep. Every error is a one-line ValueError naming the key path, the
-value and the rule.
-"""
+"""The TOML scenario format (sims/*.toml) read into minimoe.sim.scenario's terms: `[[phases]]`
+and a `[baseline]`, each a model, its tokens, a cluster and a throughput (measured, an assumed
+MFU, or `simulate = true`); `[devices.NAME]`, `[options]` and a `[sweep]`. docs/simulator.md
+"Scenario files" lists the keys; every error is one line naming the key path, value and rule."""
 
 from __future__ import annotations
 
@@ -19,10 +10,10 @@ from pathlib import Path
 
 from minimoe import files
 from minimoe.checks import check, from_table, known_keys
-from minimoe.config import ModelConfig, get_preset
+from minimoe.config import ModelConfig
 from minimoe.flops import flops_per_token
-from minimoe.sim.cost import SECONDS_PER_DAY, simulate
-from minimoe.sim.layout import Layout, Workload, check_layout
+from minimoe.sim.cost import SECONDS_PER_DAY, corner_speeds, simulate
+from minimoe.sim.layout import Layout, Workload, check_layout, model_config
 from minimoe.sim.options import Options
 from minimoe.sim.hardware import CATALOGUE, TFLOPS, Device, device_from_table, get_device
 from minimoe.sim.scenario import PhaseResult, ScenarioResult, sweep
@@ -54,23 +45,12 @@ def _model(table, where) -> tuple[ModelConfig | None, str, float | None]:
     if "preset" in table and "model" in table:
         raise ValueError(f"{where}.model: give preset or an inline model, not both")
     cfg, label = None, None
-    if "preset" in table:
-        try:
-            cfg = get_preset(str(table["preset"]))
-        except ValueError as err:
-            raise ValueError(f"{where}.{err}") from None
-        label = table["preset"]
-    elif "model" in table:
-        if not isinstance(table["model"], dict):
-            raise ValueError(f"{where}.model: must be a table of ModelConfig fields")
-        fields = dict(table["model"])
-        base = fields.pop("preset", None)
-        try:
-            cfg = (get_preset(base).replace(**fields) if base else ModelConfig.from_dict(fields))
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{where}.model: {err}") from None
-        label = f"{base}+" if base else "inline"
-        label += f"L{cfg.n_layers} d{cfg.d_model}" + (f" {cfg.n_experts}E" if cfg.is_moe else "")
+    if "preset" in table or "model" in table:
+        cfg = model_config(table.get("preset"), table.get("model"), where)
+        base = table.get("preset") or (table["model"] or {}).get("preset")
+        label = table["preset"] if "preset" in table else (
+            (f"{base}+" if base else "inline")
+            + f"L{cfg.n_layers} d{cfg.d_model}" + (f" {cfg.n_experts}E" if cfg.is_moe else ""))
     if cfg is None and size is None:
         raise ValueError(f"{where}.model_size_b: missing (or give preset or model)")
     if size is not None:
@@ -107,6 +87,7 @@ def _phase(table, where, catalogue, options, folder, tokens_default=None) -> tup
             f"analytic, {options.attention} attention, s={seq_len}"
     else:
         per_token, method = 6 * size, "6ND, table size"
+    corners = None
     modes = [k for k in ("tokens_per_day_b", "mfu", "simulate") if k in table]
     if len(modes) != 1:
         raise ValueError(f"{where}: give exactly one of tokens_per_day_b, mfu, simulate "
@@ -124,10 +105,12 @@ def _phase(table, where, catalogue, options, folder, tokens_default=None) -> tup
         source = f"assumed MFU {mfu:.1%}"
     else:
         options = _options(table.get("options", {}), f"{where}.options", options, folder)
-        result = _simulated(table, where, cfg, device, devices, seq_len, options)
+        result, workload = _simulated(table, where, cfg, device, devices, seq_len, options)
         # wall-clock throughput (goodput applied); the phase reserves all its devices, so its
         # capacity counts them all, whether or not the layout uses them
         per_day = result.wallclock_tokens_per_day
+        corners = tuple(corner_speeds(workload, result.layout, device, options)
+                        * SECONDS_PER_DAY * result.goodput["goodput"])
         source = f"simulated, MFU {result.mfu:.1%}"
         notes.append(f"{name}: simulated layout {result.layout.label()} on {result.n_gpus} of "
                      f"{devices} GPUs, {result.memory['memory'] / 1e9:.1f} GB per GPU, step "
@@ -149,7 +132,8 @@ def _phase(table, where, catalogue, options, folder, tokens_default=None) -> tup
                          flops_method=method,
                          price_per_hour=device.price_per_hour if device else None,
                          power_w=device.power_w if device else None, pue=options.pue,
-                         measured_tokens_per_day=None if measured is None else measured * 1e9)
+                         measured_tokens_per_day=None if measured is None else measured * 1e9,
+                         corners=corners)
     return result, notes
 
 
@@ -177,7 +161,7 @@ def _simulated(table, where, cfg, device, devices, seq_len, options):
         result = search_layouts(workload, device, devices, options).fastest
         if result is None:
             raise ValueError(f"{where}: no layout of this model fits on {devices} {device.name}")
-    return result
+    return result, workload
 
 
 def _options(table: dict, where: str, base: Options, folder: Path) -> Options:

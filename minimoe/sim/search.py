@@ -1,33 +1,26 @@
-"""Layout search: price every way to cut a model over up to N GPUs, return the fastest and cheapest.
-
-The grid (GPU count in whole nodes x tp x pp x ep x ZeRO stage x micro-batch x recompute x
-expert tensor parallel) is priced in one vectorised pass of minimoe.sim.cost's `price`: no
-Python loop per layout, so a search over ~10^6 candidates takes well under a second (`minimoe bench sim`). `search_axes` is
-the one definition of the space; `iter_layouts` is the plain loop over it, which the tests
-compare the grid against.
-
-Like Calculon's `llm-optimal-execution` (calculon-ai/calculon, Isaev et al. SC'23), but
-MoE-aware (expert parallel) and with the GPU count free: the cheapest run may leave GPUs idle
-when that costs less per token. When nothing is valid or nothing fits, `why_none` says which
-rule or which memory figure stands in the way.
+"""Layout search: price every way to cut a model over up to N GPUs in one vectorised pass of
+minimoe.sim.cost.price, and return the fastest and the cheapest (which may leave GPUs idle),
+each with its interval; when nothing can run, which rule or memory figure stands in the way.
+`search_axes` defines the space once (minimoe.bench.sim loops over it, for the tests).
+Calculon's `llm-optimal-execution` does the same for dense models (docs/simulator.md "Search").
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 
 from minimoe.config import ModelConfig
 from minimoe.flops import RECOMPUTE
-from minimoe.sim.cost import Options, SimResult, WorkloadStats, price, priced_result
-from minimoe.sim.layout import (Layout, LayoutColumns, Workload, check_layout, rule_failures,
-                                rule_text)
+from minimoe.sim.cost import (Options, SimResult, WorkloadStats, check_options, corner_speeds,
+                              price, priced_result)
+from minimoe.sim.layout import Layout, Workload, rule_failures, rule_text
 from minimoe.sim.hardware import Device
 from minimoe.tables import fmt_value
 
@@ -51,16 +44,13 @@ def _divisors(n: int, cap: int) -> list[int]:
 
 
 def search_axes(workload: Workload, max_gpus: int) -> dict[str, list[int]]:
-    """The values each layout field takes in a search: the one definition of the space.
-
-    tp up to 16 (two NVLink domains at most), pp over the divisors of the layer count, ep over
-    the divisors of the expert count (1 for a dense model), every ZeRO stage, micro-batches of
-    1-8 sequences, the three recompute levels (indices into minimoe.flops.RECOMPUTE) and, for
-    an MoE, the experts' tensor parallel as Megatron's default (etp 0: = tp) or folded (etp 1,
-    MoE Parallel Folding's choice; intermediate degrees are left to `simulate`).
-    """
+    """The values each layout field takes in a search, the one definition of the space: tp to 16,
+    cp where ranks keep >= 4,096 tokens, pp dividing the layers (even stages), ep the experts,
+    every ZeRO stage, micro-batches of 1-8, the three recompute levels (indices into
+    minimoe.flops.RECOMPUTE), and for an MoE etp = tp (0) or folded (1)."""
     cfg = workload.cfg
     return {"tp": [t for t in (1, 2, 4, 8, 16) if t <= max_gpus],
+            "cp": [c for c in (1, 2, 4, 8) if workload.seq_len // c >= 4096 or c == 1],
             "pp": _divisors(cfg.n_layers, 64),
             "ep": _divisors(cfg.n_experts, 64) if cfg.n_experts else [1],
             "zero": [0, 1, 2, 3], "mb": [1, 2, 4, 8], "rc": list(range(len(RECOMPUTE))),
@@ -69,11 +59,8 @@ def search_axes(workload: Workload, max_gpus: int) -> dict[str, list[int]]:
 
 def candidate_grid(workload: Workload, max_gpus: int, gpus_per_node: int = 8,
                    fixed_gpus: bool = False) -> dict[str, np.ndarray]:
-    """Every combination of GPU count and the values of `search_axes`, as flat arrays.
-
-    GPU counts run over whole nodes up to `max_gpus` (only `max_gpus` if `fixed_gpus`), so the
-    cheapest layout may leave GPUs idle when that costs less per token.
-    """
+    """Every combination of a GPU count (whole nodes up to `max_gpus`, or only `max_gpus`) and
+    the values of `search_axes`, as flat arrays."""
     if fixed_gpus or max_gpus < gpus_per_node:
         counts = [max_gpus]
     else:
@@ -83,10 +70,10 @@ def candidate_grid(workload: Workload, max_gpus: int, gpus_per_node: int = 8,
     axes = {"n": counts, **search_axes(workload, max_gpus)}
     mesh = np.meshgrid(*[np.asarray(v, dtype=np.int64) for v in axes.values()], indexing="ij")
     grid = {k: m.ravel() for k, m in zip(axes, mesh)}
-    grid["dp"] = grid["n"] // (grid["tp"] * grid["pp"])
-    # tp x pp divides the GPU count, and etp 1 is not tp 1 again
-    grid["whole"] = (grid["n"] % (grid["tp"] * grid["pp"]) == 0) & ~((grid["etp"] == 1)
-                                                                    & (grid["tp"] == 1))
+    model_parallel = grid["tp"] * grid["cp"] * grid["pp"]
+    grid["dp"] = grid["n"] // model_parallel
+    # tp x cp x pp divides the GPU count, and etp 1 is not tp 1 again
+    grid["whole"] = (grid["n"] % model_parallel == 0) & ~((grid["etp"] == 1) & (grid["tp"] == 1))
     return grid
 
 
@@ -100,19 +87,22 @@ def search_layouts(workload: Workload, device: Device, max_gpus: int,
     """Price every candidate layout in one vectorised pass; return the fastest and cheapest."""
     if not isinstance(max_gpus, int) or max_gpus <= 0:
         raise ValueError(f"gpus={max_gpus!r}: must be a positive integer")
+    check_options(options, device)
     t0 = time.perf_counter()
     st = WorkloadStats(workload, options)
     g = candidate_grid(workload, max_gpus, device.gpus_per_node, fixed_gpus)
     dp = np.maximum(g["dp"], 1)
-    columns = (g["tp"], g["pp"], dp, g["ep"], g["zero"], g["mb"], g["rc"],
-               np.where(g["etp"] == 0, g["tp"], g["etp"]))
-    failures = rule_failures(st, LayoutColumns(*columns))
+    columns = dict(tp=g["tp"], cp=g["cp"], pp=g["pp"], dp=dp, ep=g["ep"], zero=g["zero"],
+                   mb=g["mb"], rc=g["rc"], etp=np.where(g["etp"] == 0, g["tp"], g["etp"]),
+                   first=0, last=0)
+    failures = rule_failures(workload, SimpleNamespace(**columns))
     values = {k: np.empty(g["n"].size, dtype=np.float64) for k in _KEEP}
     # chunks of 2^15 layouts: numpy's temporaries stay in cache, which is 3-5x faster than
     # one pass over the whole grid (and the same numbers)
     for lo in range(0, g["n"].size, _CHUNK):
         part = slice(lo, lo + _CHUNK)
-        chunk = price(st, device, options, *(c[part] for c in columns))
+        chunk = price(st, device, options, SimpleNamespace(
+            **{k: v[part] if isinstance(v, np.ndarray) else v for k, v in columns.items()}))
         for k in _KEEP:
             values[k][part] = chunk[k]
     whole = g["whole"] & (g["dp"] >= 1)
@@ -123,7 +113,15 @@ def search_layouts(workload: Workload, device: Device, max_gpus: int,
     def layout_at(i) -> Layout:
         return Layout(tp=int(g["tp"][i]), pp=int(g["pp"][i]), dp=int(dp[i]), ep=int(g["ep"][i]),
                       zero=int(g["zero"][i]), micro_batch=int(g["mb"][i]),
-                      recompute=RECOMPUTE[int(g["rc"][i])], etp=int(g["etp"][i]))
+                      recompute=RECOMPUTE[int(g["rc"][i])], etp=int(g["etp"][i]),
+                      cp=int(g["cp"][i]))
+
+    def result_at(i) -> SimResult:
+        layout = layout_at(i)
+        result = priced_result(st, device, options, layout,
+                               price(st, device, options, layout.columns()))
+        speeds = corner_speeds(workload, layout, device, options)
+        return dataclasses.replace(result, interval=(float(speeds.min()), float(speeds.max())))
 
     fastest = cheapest = None
     table = []
@@ -132,17 +130,15 @@ def search_layouts(workload: Workload, device: Device, max_gpus: int,
         by_time = idx[np.lexsort((values["memory"][idx], values["n_gpus"][idx],
                                   values["step_time"][idx]))]
         by_cost = idx[np.lexsort((values["step_time"][idx], values["cost_per_mtok"][idx]))]
-        fastest, cheapest = (priced_result(st, device, options, layout_at(i),
-                                           price(st, device, options, *(c[i] for c in columns)))
-                             for i in (by_time[0], by_cost[0]))
+        fastest, cheapest = result_at(by_time[0]), result_at(by_cost[0])
         for i in by_time[:top]:
             row = {"layout": layout_at(i).label(), "gpus": int(values["n_gpus"][i])}
             row.update({k: float(values[k][i]) for k in
                         ("step_time", "tokens_per_s", "mfu", "cost_per_mtok")})
             row["memory_GB"] = float(values["memory"][i]) / 1e9
             table.append(row)
-    why = "" if idx.size else _why_none(st, device, options, max_gpus, whole, valid, failures,
-                                         values["memory"])
+    why = "" if idx.size else _why_none(workload, device, options, max_gpus, whole, valid,
+                                         failures, values["memory"])
     return SearchResult(n_candidates=int(g["n"].size), n_valid=int(valid.sum()),
                         n_feasible=int(idx.size), seconds=time.perf_counter() - t0,
                         attention=options.attention,
@@ -150,7 +146,7 @@ def search_layouts(workload: Workload, device: Device, max_gpus: int,
                         options=dataclasses.asdict(options))
 
 
-def _why_none(st, device, options, max_gpus, whole, valid, failures, memory) -> str:
+def _why_none(workload, device, options, max_gpus, whole, valid, failures, memory) -> str:
     """What stands in the way when no candidate is feasible: the rules, or memory."""
     if valid.any():
         need = float(memory[valid].min())
@@ -159,11 +155,11 @@ def _why_none(st, device, options, max_gpus, whole, valid, failures, memory) -> 
                 f"{options.memory_usable * device.hbm_bytes / 1e9:.1f} GB usable "
                 f"(memory_usable={options.memory_usable}); use more GPUs or a larger device")
     if not whole.any():
-        return f"gpus={max_gpus}: no tp x pp of the search divides it"
+        return f"gpus={max_gpus}: no tp x cp x pp of the search divides it"
     # the rules that reject every candidate on their own, else the one that rejects the most
     blocking = [n for n, f in failures.items() if f[whole].all()]
     names = blocking or [max(failures, key=lambda n: int(failures[n][whole].sum()))]
-    return "; ".join(f"{n}: {rule_text(n, st, 'dp')} (rejects "
+    return "; ".join(f"{n}: {rule_text(n, workload)} (rejects "
                      f"{int(failures[n][whole].sum()):,} of {int(whole.sum()):,} layouts)"
                      for n in names)
 
@@ -179,26 +175,13 @@ def plan_frame(search: SearchResult, tokens: float | None = None):
         col.update({f"  {k} (s)": v for k, v in r.time.items() if k != "step_time"})
         col.update({f"memory {'total' if k == 'memory' else k} (GB)": v / 1e9
                     for k, v in r.memory.items()})
-        col.update({"tokens/s": r.tokens_per_s, "tokens/day (B)": r.tokens_per_day / 1e9,
+        col.update({"tokens/s": r.tokens_per_s, "tokens/s, uncertain inputs' range":
+                    f"{r.interval[0]:,.0f}-{r.interval[1]:,.0f}", "tokens/day (B)": r.tokens_per_day / 1e9,
                     "MFU": r.mfu})
         if tokens:
             col.update({f"run: {k}": v for k, v in r.run(tokens).items()})
         columns[name] = col
     return pd.DataFrame(columns)
-
-
-def iter_layouts(workload: Workload, n_gpus: int):
-    """Plain loop over the valid layouts on exactly n_gpus (for tests of the vectorised grid)."""
-    axes = search_axes(workload, n_gpus)
-    for tp, pp, ep, zero, mb, rc, etp in itertools.product(*axes.values()):
-        if n_gpus % (tp * pp) or (etp == 1 and tp == 1):
-            continue
-        layout = Layout(tp, pp, n_gpus // (tp * pp), ep, zero, mb, RECOMPUTE[rc], etp)
-        try:
-            check_layout(layout, workload, n_gpus)
-        except ValueError:
-            continue
-        yield layout
 
 
 def plan(cfg: ModelConfig, device: Device, gpus: int, batch_tokens: int,

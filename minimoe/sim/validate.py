@@ -1,21 +1,11 @@
-"""The simulator against published, measured training runs (`minimoe validate`, sims/validation/).
-
-Each file of sims/validation/ holds `[[runs]]` of one source: the model, the devices, the layout,
-the measured figure, and how the source counts FLOPs (`flops`). Keys at the top of a file are
-defaults for its runs (a top-level `layout` table is merged into each run's). A measured figure
-is turned back into tokens per second with the source's own FLOP formula (`SOURCE_FLOPS`), so
-every run is compared in one unit, and shown as MFU under one definition (minimoe.flops, causal).
-
-Fitting: at most one constant per device family, `gemm_efficiency`, fitted on the dense runs of
-published sources only (the median |log error| minimised over a grid). MoE runs and the
-AquilaMoE phases (`set = "aquilamoe"`) are predicted with it, never fitted; a family with no
-dense run (the paper's unnamed chip) uses the median of the fitted constants.
-"""
+"""The simulator against published, measured training runs (`minimoe validate`, sims/validation/:
+one file per source, its top-level keys defaults for its runs). Measured figures are turned back
+into tokens/s with the source's own FLOP formula; two constants are fitted (`calibrate`), and
+`validate(cv=True)` predicts each source from the others. docs/simulator.md "Validation"."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -25,16 +15,14 @@ import numpy as np
 import pandas as pd
 
 from minimoe import files
-from minimoe.checks import check, known_keys
-from minimoe.config import ModelConfig, get_preset
-from minimoe.flops import RECOMPUTE, flops_per_token
-from minimoe.sim.cost import TIME_PARTS, SimResult, WorkloadStats, price, simulate
+from minimoe.checks import check, from_table, known_keys
+from minimoe.config import ModelConfig
+from minimoe.flops import flops_per_token
+from minimoe.sim.cost import SimResult, WorkloadStats, corner_speeds, price, simulate
 from minimoe.sim.hardware import CATALOGUE, Device, device_from_table, get_device
-from minimoe.sim.layout import Layout, Workload, check_layout
+from minimoe.sim.layout import Layout, Workload, check_layout, model_config
 from minimoe.sim.options import Options
 from minimoe.sim.search import search_layouts
-from minimoe.tables import fmt_value
-
 
 FAMILIES = {"a100": "ampere", "a800": "ampere", "h100": "hopper", "h800": "hopper",
             "h200": "hopper", "b200": "blackwell"}
@@ -43,7 +31,8 @@ RUN_KEYS = {"name", "kind", "set", "model", "preset", "gpu", "devices", "seq_len
             "peak_tflops_source", "wallclock", "options", "variant_of"}
 FILE_KEYS = RUN_KEYS - {"name", "measured"} | {"title", "source", "runs", "devices"}
 UNITS = ("tflops_per_gpu", "mfu", "tokens_per_day_b")
-EFFICIENCY_GRID = np.round(np.arange(0.30, 0.951, 0.01), 2)
+EFFICIENCY_GRID = np.round(np.arange(0.40, 0.951, 0.01), 2)
+SIGMA_GRID = np.round(np.arange(0.0, 0.0801, 0.002), 3)
 
 
 def _narayanan_eq3(cfg: ModelConfig, s: int) -> float:
@@ -74,11 +63,10 @@ SOURCE_FLOPS = {  # how a source counts FLOPs per token
 class Run:
     name: str
     source: str
-    set: str  # "published" or "aquilamoe"
+    set: str  # "published" (calibration) or "aquilamoe" (predicted, never fitted)
     kind: str  # "dense" or "moe"
     cfg: ModelConfig
     device: Device
-    family: str
     workload: Workload
     layout: Layout | None  # None: the fastest layout the search finds
     options: Options
@@ -87,17 +75,18 @@ class Run:
     wallclock: bool
     variant_of: str = ""  # the run this one changes (a layout): its speed-up is compared too
 
+    @property
+    def group(self) -> str:
+        """Runs of one model on one cluster, which `minimoe plan` must rank."""
+        return f"{self.cfg.n_layers}x{self.cfg.d_model}/{self.cfg.n_experts}E on {self.devices} {self.device.name}"
+
 
 def load_runs(folder: str | Path) -> list[Run]:
     """Every run of every *.toml in `folder`, validated (one-line ValueErrors)."""
-    folder = Path(folder)
-    paths = sorted(folder.glob("*.toml"))
+    paths = sorted(Path(folder).glob("*.toml"))
     if not paths:
         raise ValueError(f"{folder}: no validation files (*.toml)")
-    runs = []
-    for path in paths:
-        runs += _file_runs(files.read_toml(path), path)
-    return runs
+    return [run for path in paths for run in _file_runs(files.read_toml(path), path)]
 
 
 def _file_runs(data: dict, path: Path) -> list[Run]:
@@ -131,21 +120,14 @@ def _run(t: dict, where: str, catalogue: dict, source: str) -> Run:
                       ("measured", "[1e-9, 1e15]")):
         if key in t:
             check(where, key, t[key], rule)
-    if "preset" in t:
-        cfg = get_preset(t["preset"])
-    else:
-        try:
-            cfg = ModelConfig.from_dict({"max_seq_len": seq, **need("model")})
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"{where}.model: {err}") from None
+    cfg = model_config(t.get("preset"), t.get("model"), where, seq)
     device = get_device(need("gpu"), catalogue)
     try:
         options = Options().replace(**t["options"], virtual_stages=t.get("virtual_stages", 1))
     except ValueError as err:
         raise ValueError(f"{where}.{err}") from None
-    batch = t.get("global_batch") or need("batch_tokens") // seq
-    workload = Workload(cfg, seq, batch)
-    layout = Layout(**t["layout"]) if {"tp", "dp"} & set(t["layout"]) else None
+    workload = Workload(cfg, seq, t.get("global_batch") or need("batch_tokens") // seq)
+    layout = from_table(Layout, t["layout"], f"{where}.layout") if {"tp", "dp"} & set(t["layout"]) else None
     devices = need("devices")
     if layout is not None:
         check_layout(layout, workload, devices, where=f"{where}.layout")
@@ -159,180 +141,195 @@ def _run(t: dict, where: str, catalogue: dict, source: str) -> Run:
     else:
         per_gpu = value * 1e12 if unit == "tflops_per_gpu" else value * need("peak_tflops_source") * 1e12
         tokens_per_s = per_gpu * devices / SOURCE_FLOPS[definition](cfg, seq)
-    kind = need("kind")
-    return Run(name=need("name"), source=source, set=t.get("set", "published"), kind=kind,
-               cfg=cfg, device=device, family=FAMILIES.get(device.name, device.name),
-               workload=workload, layout=layout, options=options,
+    return Run(name=need("name"), source=source, set=t.get("set", "published"), kind=need("kind"),
+               cfg=cfg, device=device, workload=workload, layout=layout, options=options,
                devices=devices, measured_tokens_per_s=tokens_per_s,
                wallclock=bool(t.get("wallclock", False)), variant_of=str(t.get("variant_of", "")))
 
 
-def predict(run: Run, gemm_efficiency: float | None = None) -> SimResult:
-    """The simulator's result for a run: its layout, or the fastest one found on its devices."""
-    opt = run.options if gemm_efficiency is None else run.options.replace(gemm_efficiency=gemm_efficiency)
+# --- fitting: two constants, their spread across sources --------------------------------------
+@dataclass(frozen=True)
+class Calibration:
+    """Each published source's score (mean |log error| of its runs) over the grids of
+    gemm_efficiency x straggler_sigma, and the constants the simulator takes from them: sigma
+    minimising the summed scores of the sources whose runs span 10x in node count (elsewhere
+    sigma only trades against the efficiency), each source's best efficiency at that sigma."""
+
+    scores: dict  # source -> (efficiencies, sigmas) array
+    runs: dict  # source -> runs fitted
+    node_span: dict  # source -> most nodes / fewest nodes among its runs
+
+    def constants(self, leave_out: str | None = None) -> dict:
+        """{name: (central, low, high)} from the sources but `leave_out`: the efficiency's median
+        and range over the sources; sigma's pooled fit, its range from leaving each one out."""
+        sources = [s for s in self.scores if s != leave_out]
+        sigma = self._sigma(sources)
+        spread = [self._sigma([s for s in sources if s != out]) for out in sources] \
+            if len(sources) > 1 else []
+        eff = [self.efficiency(s, sigma) for s in sources]
+        return {"gemm_efficiency": (statistics.median(eff), min(eff), max(eff)),
+                "straggler_sigma": (sigma, min([sigma] + spread), max([sigma] + spread))}
+
+    def _sigma(self, sources) -> float:
+        spanning = [s for s in sources if self.node_span[s] >= 10]
+        if not spanning:
+            return 0.0
+        return float(SIGMA_GRID[int(np.argmin(sum(self.scores[s].min(axis=0) for s in spanning)))])
+
+    def efficiency(self, source: str, sigma: float) -> float:
+        """The efficiency `source`'s own runs imply at straggler sigma `sigma`."""
+        j = int(np.argmin(np.abs(SIGMA_GRID - sigma)))
+        return float(EFFICIENCY_GRID[int(np.argmin(self.scores[source][:, j]))])
+
+    def options(self, base: Options, leave_out: str | None = None) -> Options:
+        """`base` with the constants: central values, and their ranges as uncertain inputs."""
+        c = self.constants(leave_out)
+        return base.replace(**{k: v[0] for k, v in c.items()},
+                            uncertain={k: [v[1], v[2]] for k, v in c.items()})
+
+
+def _speeds(run: Run) -> np.ndarray:
+    """Tokens/s of a run's layout at every efficiency of EFFICIENCY_GRID, no stragglers: the
+    grid broadcasts over the one layout in a single call of `price`."""
+    opt = run.options.replace(straggler_sigma=0.0)
+    return price(WorkloadStats(run.workload, opt), run.device, opt, run.layout.columns(),
+                 efficiency=EFFICIENCY_GRID)["tokens_per_s"]
+
+
+def calibrate(runs: list[Run]) -> Calibration:
+    """Score every (efficiency, sigma) pair on each published source's runs. Stragglers scale a
+    step by 1 + sigma sqrt(2 ln nodes), so a pair's speeds follow from the efficiency's alone."""
+    scores, counts, span = {}, {}, {}
+    for source in sorted({r.source for r in runs if r.set == "published"}):
+        chosen = [r for r in runs if r.source == source and r.set == "published" and r.layout]
+        speeds = np.array([_speeds(r) for r in chosen])  # (runs, efficiencies)
+        nodes = np.array([math.ceil(r.devices / r.device.gpus_per_node) for r in chosen])
+        spread = np.sqrt(2 * np.log(np.maximum(nodes, 1)))[:, None, None] * SIGMA_GRID
+        measured = np.array([r.measured_tokens_per_s for r in chosen])[:, None, None]
+        error = np.abs(np.log(speeds[:, :, None] / (1 + spread) / measured))
+        scores[source], counts[source] = np.mean(error, axis=0), len(chosen)
+        span[source] = nodes.max() / nodes.min()
+    return Calibration(scores, counts, span)
+
+
+def predict(run: Run, options: Options) -> SimResult:
+    """A run's result with its interval: its layout, or the fastest one found on its devices."""
     if run.layout is not None:
-        return simulate(run.workload, run.layout, run.device, opt)
-    best = search_layouts(run.workload, run.device, run.devices, opt).fastest
+        return simulate(run.workload, run.layout, run.device, options)
+    best = search_layouts(run.workload, run.device, run.devices, options).fastest
     if best is None:
         raise ValueError(f"{run.name}: no layout fits on {run.devices} {run.device.name}")
     return best
 
 
-def predicted_tokens_per_s(run: Run, result: SimResult) -> float:
-    return result.tokens_per_s * (result.goodput["goodput"] if run.wallclock else 1.0)
+def _row(run: Run, result: SimResult, opt: Options) -> dict:
+    share = result.goodput["goodput"] if run.wallclock else 1.0
+    low, high = (x * share / run.devices for x in result.interval)
+    per_token = flops_per_token(run.cfg, run.workload.seq_len, attention="causal").model
+    measured = run.measured_tokens_per_s / run.devices
+    predicted = result.tokens_per_s * share / run.devices
+    mfu = per_token / run.device.peak_flops
+    return {"run": run.name, "set": run.set, "kind": run.kind, "source": run.source,
+            "group": run.group, "device": run.device.name, "GPUs": run.devices,
+            "layout": result.layout.label(), "measured tok/s/GPU": measured,
+            "predicted tok/s/GPU": predicted, "low": low, "high": high,
+            "measured MFU": measured * mfu, "predicted MFU": predicted * mfu,
+            "error": predicted / measured - 1, "inside": bool(low <= measured <= high),
+            "fits": result.fits, "gemm_efficiency": opt.gemm_efficiency}
 
 
-def fit_efficiency(runs: list[Run]) -> dict[str, float]:
-    """One gemm_efficiency per device family, from its published dense runs (median |log error|)."""
-    fitted = {}
-    for family in sorted({r.family for r in runs}):
-        chosen = [r for r in runs if r.family == family and r.kind == "dense"
-                  and r.set == "published" and r.layout is not None]
-        if not chosen:
+def summarise(rows: list[dict]) -> dict:
+    """(set, kind) -> n, median and max |error|, within 10%, and the interval's coverage."""
+    out = {}
+    for key in sorted({(r["set"], r["kind"]) for r in rows}):
+        chosen = [r for r in rows if (r["set"], r["kind"]) == key]
+        errors = [abs(r["error"]) for r in chosen]
+        out[key] = {"n": len(errors), "median_abs_error": statistics.median(errors),
+                    "max_abs_error": max(errors), "within_10": sum(e <= 0.1 for e in errors),
+                    "coverage": sum(r["inside"] for r in chosen) / len(chosen)}
+    return out
+
+
+def rank_correlations(rows: list[dict]) -> dict:
+    """Spearman's rank correlation of predicted and measured speed in every group of two or more
+    runs of one model on one cluster (what `minimoe plan` must get right)."""
+    frame = pd.DataFrame([{k: r[k] for k in ("group", "measured tok/s/GPU", "predicted tok/s/GPU")}
+                          for r in rows])
+    return {group: (len(part), float(part["measured tok/s/GPU"].corr(part["predicted tok/s/GPU"],
+                                                                        method="spearman")))
+            for group, part in frame.groupby("group") if len(part) > 1}
+
+
+def _variants(predicted: dict) -> list[dict]:
+    """Each run's speed-up over the run it varies: measured, predicted, and its range over the
+    corners the pair shares."""
+    out = []
+    for run, result, opt in predicted.values():
+        if not run.variant_of:
             continue
-        cols = [(r, WorkloadStats(r.workload, r.options)) for r in chosen]
-        scores = []
-        for eff in EFFICIENCY_GRID:
-            errors = []
-            for r, st in cols:
-                opt = r.options.replace(gemm_efficiency=float(eff))
-                lay = r.layout
-                out = price(st, r.device, opt, lay.tp, lay.pp, lay.dp, lay.ep, lay.zero,
-                            lay.micro_batch, RECOMPUTE.index(lay.recompute), lay.expert_tp)
-                errors.append(abs(math.log(float(out["tokens_per_s"]) / r.measured_tokens_per_s)))
-            scores.append(statistics.median(errors))
-        fitted[family] = float(EFFICIENCY_GRID[int(np.argmin(scores))])
-    return fitted
+        if run.variant_of not in predicted:
+            raise ValueError(f"{run.name}: variant_of={run.variant_of!r}: no run of that name")
+        base, base_result, base_opt = predicted[run.variant_of]
+        ratio = (corner_speeds(run.workload, result.layout, run.device, opt)
+                 / corner_speeds(base.workload, base_result.layout, base.device, base_opt))
+        out.append({"run": run.name, "of": base.name,
+                    "measured": run.measured_tokens_per_s / base.measured_tokens_per_s,
+                    "predicted": float(ratio[0]), "low": float(ratio.min()),
+                    "high": float(ratio.max())})
+    return out
 
 
 @dataclass(frozen=True)
 class Validation:
-    rows: list[dict]
-    fitted: dict[str, float]
-    summary: dict  # (set, kind) -> {"n", "median_abs_error", "max_abs_error"}
-    slowdown: dict | None  # AquilaMoE 16B -> 8x16B, predicted against measured
-    breakdown: dict  # AquilaMoE phase -> time parts in seconds per step
-    sensitivity: list[dict]
+    rows: list[dict]  # in-sample: the constants fitted on every published source
+    calibration: Calibration
+    summary: dict  # (set, kind) -> summarise's figures
+    ranks: dict  # group -> (runs, Spearman)
     variants: list[dict]  # a run's speed-up over the run it varies, measured and predicted
+    predicted: dict  # run name -> (Run, SimResult, Options)
+    cv_rows: list[dict] | None = None  # each published source predicted from the others
+    cv_summary: dict | None = None
+    cv_ranks: dict | None = None
+
+    @property
+    def fitted(self) -> dict:
+        """The central gemm_efficiency, for each device family of the published runs."""
+        eff = self.calibration.constants()["gemm_efficiency"][0]
+        return {FAMILIES.get(r["device"], r["device"]): eff for r in self.rows
+                if r["set"] == "published"}
+
+    @property
+    def slowdown(self) -> dict | None:
+        """AquilaMoE's 16B -> 8x16B on the same chips: tokens/s measured and predicted, and the
+        ratio of their FLOPs per token alone."""
+        aquila = [x for x in self.predicted.values() if x[0].set == "aquilamoe"]
+        moe = next((x for x in aquila if x[0].kind == "moe"), None)
+        dense = next((x for x in aquila if moe and x[0].kind == "dense"
+                      and x[0].device == moe[0].device), None)
+        if dense is None:
+            return None
+        (d, d_result, _), (m, m_result, _) = dense, moe
+        return {"dense": d.name, "moe": m.name,
+                "measured": d.measured_tokens_per_s / m.measured_tokens_per_s,
+                "predicted": d_result.tokens_per_s / m_result.tokens_per_s,
+                "flop_ratio": m_result.model_flops_per_token / d_result.model_flops_per_token}
 
 
-def validate(folder: str | Path) -> Validation:
-    """Fit on the published dense runs, predict everything, and summarise the errors."""
+def validate(folder: str | Path, cv: bool = False) -> Validation:
+    """Fit on the published runs, predict every run; with `cv`, predict each published source
+    again with the constants of the others (leave one source out)."""
     runs = load_runs(folder)
-    fitted = fit_efficiency(runs)
-    default = statistics.median(fitted.values()) if fitted else None
-    rows, results = [], {}
+    calibration = calibrate(runs)
+    predicted = {}
     for run in runs:
-        eff = fitted.get(run.family, default)
-        result = predict(run, eff)
-        results[run.name] = (run, result, eff)
-        predicted = predicted_tokens_per_s(run, result)
-        per_token = flops_per_token(run.cfg, run.workload.seq_len, attention="causal").model
-        mfu = lambda tps: tps * per_token / (run.devices * run.device.peak_flops)  # noqa: E731
-        rows.append({"run": run.name, "set": run.set, "kind": run.kind, "device": run.device.name,
-                     "GPUs": run.devices, "layout": result.layout.label(),
-                     "gemm_efficiency": eff, "fitted on": "yes" if run.family in fitted and
-                     run.kind == "dense" and run.set == "published" else "no",
-                     "measured tok/s/GPU": run.measured_tokens_per_s / run.devices,
-                     "predicted tok/s/GPU": predicted / run.devices,
-                     "measured MFU": mfu(run.measured_tokens_per_s), "predicted MFU": mfu(predicted),
-                     "error": predicted / run.measured_tokens_per_s - 1,
-                     "fits": result.fits})
-    summary = {}
-    for key in sorted({(r["set"], r["kind"]) for r in rows}):
-        errors = [abs(r["error"]) for r in rows if (r["set"], r["kind"]) == key]
-        summary[key] = {"n": len(errors), "median_abs_error": statistics.median(errors),
-                        "max_abs_error": max(errors)}
-    aquila = {n: v for n, v in results.items() if v[0].set == "aquilamoe"}
-    breakdown = {n: {k: r.time[k] for k in TIME_PARTS} | {"tokens_per_step": r.tokens_per_step}
-                 for n, (_, r, _) in aquila.items()}
-    slowdown, sensitivity = _slowdown(aquila)
-    variants = []
-    for run, result, _ in (v for v in results.values() if v[0].variant_of):
-        if run.variant_of not in results:
-            raise ValueError(f"{run.name}: variant_of={run.variant_of!r}: no run of that name")
-        base, base_result, _ = results[run.variant_of]
-        variants.append({"run": run.name, "of": base.name,
-                         "measured": run.measured_tokens_per_s / base.measured_tokens_per_s,
-                         "predicted": predicted_tokens_per_s(run, result)
-                         / predicted_tokens_per_s(base, base_result)})
-    return Validation(rows, fitted, summary, slowdown, breakdown, sensitivity, variants)
-
-
-def _slowdown(aquila: dict) -> tuple[dict | None, list[dict]]:
-    """Tokens/s of the dense 16B over the 8x16B on the same devices, and what moves it."""
-    dense = [v for v in aquila.values() if v[0].kind == "dense" and v[0].device.name != "h800"]
-    moe = [v for v in aquila.values() if v[0].kind == "moe"]
-    if not dense or not moe:
-        return None, []
-    (d_run, d_res, eff), (m_run, m_res, _) = dense[-1], moe[-1]
-    measured = d_run.measured_tokens_per_s / m_run.measured_tokens_per_s
-    predicted = predicted_tokens_per_s(d_run, d_res) / predicted_tokens_per_s(m_run, m_res)
-    slowdown = {"dense": d_run.name, "moe": m_run.name, "measured": measured,
-                "predicted": predicted, "error": predicted / measured - 1,
-                "flop_ratio": m_res.model_flops_per_token / d_res.model_flops_per_token}
-    rows = []
-    balanced = {"imbalance_log": "", "imbalance": 1.0}
-    same = "the run's layout"
-    for label, change, dev_change, layout in (
-            ("routing balanced (imbalance 1.0)", balanced, {}, same),
-            ("imbalance 1.25", {**balanced, "imbalance": 1.25}, {}, same),
-            ("imbalance 2.0", {**balanced, "imbalance": 2.0}, {}, same),
-            ("the fastest layout found instead", {}, {}, None),
-            ("fastest layout, balanced routing", balanced, {}, None),
-            ("all-to-all fully hidden", {"overlap_ep": 1.0}, {}, same),
-            ("network bandwidth x 0.5", {}, {"inter_node_bw": 0.5}, same),
-            ("network bandwidth x 2", {}, {"inter_node_bw": 2.0}, same),
-            ("node links (NVLink) x 0.25", {}, {"intra_node_bw": 0.25}, same),
-            ("HBM 64 GB instead of 80", {}, {"hbm_bytes": 0.8}, same),
-            ("gemm_efficiency - 0.1", {"gemm_efficiency": eff - 0.1}, {}, same),
-            ("no memory-bound work", {"memory_bound_work": False}, {}, same)):
-        ratio = []
-        for run in (d_run, m_run):
-            device = run.device.replace(**{k: getattr(run.device, k) * v for k, v in dev_change.items()})
-            opt = run.options.replace(**{"gemm_efficiency": eff, **change})
-            res = predict(dataclasses.replace(run, device=device, options=opt,
-                                              layout=run.layout if layout == same else layout))
-            ratio.append(predicted_tokens_per_s(run, res))
-        rows.append({"change": label, "slowdown": ratio[0] / ratio[1]})
-    return slowdown, rows
-
-
-def validation_text(v: Validation) -> str:
-    """What `minimoe validate` prints: per run, the summary, the AquilaMoE slowdown and breakdown."""
-    frame = pd.DataFrame(v.rows).set_index("run")
-    with pd.option_context("display.width", 250, "display.max_columns", 30):
-        table = frame.drop(columns=["fits"]).map(fmt_value).to_string()
-    lines = ["Predicted against measured, per run (tokens/s per GPU; MFU = minimoe.flops causal "
-             "model FLOPs / peak, one definition for every source):", table, "",
-             "fitted gemm_efficiency per device family (dense published runs only): "
-             + ", ".join(f"{k} {x:.2f}" for k, x in v.fitted.items()), ""]
-    for (group, kind), s in v.summary.items():
-        lines.append(f"{group:9s} {kind:5s} runs: {s['n']:2d}  median |error| "
-                     f"{s['median_abs_error']:6.1%}   max |error| {s['max_abs_error']:6.1%}")
-    not_fitting = [r["run"] for r in v.rows if not r["fits"]]
-    if not_fitting:
-        lines.append(f"over the memory model's budget (time still predicted): {', '.join(not_fitting)}")
-    if v.variants:
-        lines += ["", "speed-up of a run over the run it varies:"]
-        lines += [f"  {r['run']} over {r['of']}: measured {r['measured']:.3f}x, predicted "
-                  f"{r['predicted']:.3f}x" for r in v.variants]
-    if v.slowdown:
-        s = v.slowdown
-        lines += ["", f"AquilaMoE {s['dense']} -> {s['moe']} on the same devices: measured "
-                  f"{s['measured']:.2f}x slower, predicted {s['predicted']:.2f}x "
-                  f"(error {s['error']:+.1%}; the FLOP ratio alone is {s['flop_ratio']:.2f}x)",
-                  "what moves the predicted slowdown (one input changed at a time):"]
-        lines += [f"  {r['change']:34s} {r['slowdown']:.2f}x" for r in v.sensitivity]
-    if v.breakdown:
-        lines += ["", "AquilaMoE phases, seconds per step by term:"]
-        parts = pd.DataFrame(v.breakdown).drop(index="tokens_per_step").T
-        lines.append(parts.map(fmt_value).to_string())
-    return "\n".join(lines)
-
-
-def validation_json(v: Validation) -> str:
-    summary = {f"{group} {kind}": s for (group, kind), s in v.summary.items()}
-    return json.dumps({"runs": v.rows, "fitted": v.fitted, "summary": summary,
-                       "slowdown": v.slowdown, "sensitivity": v.sensitivity,
-                       "breakdown": v.breakdown, "variants": v.variants}, indent=2)
+        opt = calibration.options(run.options)
+        predicted[run.name] = (run, predict(run, opt), opt)
+    rows = [_row(*v) for v in predicted.values()]
+    result = Validation(rows, calibration, summarise(rows), rank_correlations(rows),
+                        _variants(predicted), predicted)
+    if not cv:
+        return result
+    cv_rows = [_row(r, predict(r, o), o) for r in runs if r.set == "published"
+               for o in [calibration.options(r.options, leave_out=r.source)]]
+    return dataclasses.replace(result, cv_rows=cv_rows, cv_summary=summarise(cv_rows),
+                               cv_ranks=rank_correlations(cv_rows))

@@ -1,0 +1,72 @@
+"""How long one kernel or one collective takes: a GEMM by its shape (tiles, waves, the HBM
+roofline), flash attention (its matrix work and its exponentials), ring and tree collectives,
+and the MoE all-to-all as each dispatcher sends it. Written on numpy arrays (many layouts at
+once); docs/simulator.md "Kernels and collectives" gives each formula with its source.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+TILE = (128, 256)  # output tile of cuBLAS's most efficient bf16 kernels (NVIDIA, Matrix Multiplication Background §2.3)
+QUERY_TILE = 128  # queries per flash-attention thread block (FlashAttention-2 §3.3)
+
+
+def gemm_seconds(M, K, N, dev, peak, eff, hbm_eff, count=1, nbytes=2):
+    """`count` GEMMs (M x K) @ (K x N) in one launch (grouped for count > 1): output tiles in
+    waves of one per SM at `eff` of the SM's share of `peak`, each then writing its output at
+    the SM's share of HBM bandwidth; or the HBM time of the operands if longer (the roofline)."""
+    hbm = dev.hbm_bw * hbm_eff
+    per_tile = (2 * TILE[0] * TILE[1] * K / (eff * peak / dev.sms)
+                + TILE[0] * TILE[1] * nbytes / (hbm / dev.sms))
+    waves = np.minimum(*(np.ceil(count * np.ceil(M / tm) * np.ceil(N / tn) / dev.sms)
+                         for tm, tn in (TILE, TILE[::-1])))
+    streamed = count * (M * K + K * N + M * N) * nbytes / hbm
+    return np.maximum(waves * per_tile, streamed)
+
+
+def flash_seconds(queries, keys, heads, head_dim, dev, eff, backward=False):
+    """Flash attention of `heads` x `queries` queries over `keys` keys each on average: matrix
+    work 4 x head_dim per score forward, 2.5 x that backward (FlashAttention-2 §3.2), in waves of
+    query tiles; plus one exp per score at the special-function rate (FlashAttention-3 §3.1)."""
+    work = (2.5 if backward else 1.0) * 4 * head_dim * keys
+    tiles = heads * np.ceil(queries / QUERY_TILE)
+    matrix = np.ceil(tiles / dev.sms) * QUERY_TILE * work / (eff * dev.peak_flops / dev.sms)
+    return matrix + heads * queries * keys / dev.exp_per_s
+
+
+BASE_LATENCY = 8.4e-6  # NCCL's base latency of a ring or tree, Simple protocol (src/graph/tuning.cc)
+
+
+def ring_seconds(nbytes, n, nodes, bw, lat_in, lat_out):
+    """All-gather or reduce-scatter of an `nbytes` buffer over `n` ranks on `nodes` nodes in a
+    ring: each rank moves (n - 1)/n of it; the latency is NCCL's own model, a base plus a
+    per-step latency for each of the n - nodes steps inside nodes and nodes - 1 between them."""
+    steps = BASE_LATENCY + (n - nodes) * lat_in + (nodes - 1) * lat_out
+    return np.where(n > 1, (n - 1) / n * nbytes / bw + steps, 0.0)
+
+
+def allreduce_seconds(nbytes, n, nodes, bw, lat_in, lat_out):
+    """All-reduce as NCCL picks it by size: a ring (reduce-scatter + all-gather, latency linear in
+    the nodes) or a double binary tree (about the whole buffer twice, latency log2 of the nodes)."""
+    ring = 2 * ring_seconds(nbytes, n, nodes, bw, lat_in, lat_out) - BASE_LATENCY
+    tree = (2 * nbytes / bw + BASE_LATENCY
+            + 2 * ((n / nodes - 1) * lat_in + np.log2(np.maximum(nodes, 1)) * lat_out))
+    return np.where(n > 1, np.minimum(ring, tree), 0.0)
+
+
+def dispatch_bytes(tokens, row_bytes, ep, local, n_experts, top_k, dispatcher, node_limit):
+    """(NVLink bytes, network bytes) one rank sends in one all-to-all, `local` of the `ep` ranks
+    on its node: "alltoall" one copy per (token, chosen expert); "deepep" one per destination
+    node, fanned out over NVLink there, at most `node_limit` nodes a token (docs/simulator.md)."""
+    copies = tokens * top_k * row_bytes
+    if dispatcher == "alltoall":
+        return copies * (local - 1) / ep, copies * (ep - local) / ep
+    nodes = ep / local
+    missed = 1.0  # P(none of a token's top_k experts lives on a given other node)
+    for i in range(top_k):
+        missed = missed * np.maximum(n_experts - n_experts / nodes - i, 0) / (n_experts - i)
+    remote = (nodes - 1) * (1 - missed)
+    if node_limit:
+        remote = np.minimum(remote, node_limit)
+    return copies * (local - 1) / local, tokens * remote * row_bytes
