@@ -185,7 +185,7 @@ CASES = [
     ("generate-config-huge", GENERATE, lambda r: _json(r / "config.json", lambda c: c.update(d_model=2**40)),
      "d_model"),
     ("generate-run-json-list", GENERATE, _write("run.json", "[1, 2]"), "run.json"),
-    ("generate-run-data-garbage", GENERATE, lambda r: _json(r / "run.json", lambda m: m.update(data=7)), "data"),
+    ("eval-run-data-garbage", EVAL, lambda r: _json(r / "run.json", lambda m: m.update(data=7)), "data"),
     ("eval-run-data-paths-garbage", EVAL, lambda r: _json(
         r / "run.json", lambda m: m.update(data={**m["data"], "paths": [3]})), "paths"),
     ("scale-out-run-json-garbage", SCALE_OUT, _write("run.json", "\xff"), "run.json"),
