@@ -1,40 +1,16 @@
-"""Checkpoints on disk: safetensors tensors + JSON, written atomically, read with clear errors.
+"""Checkpoints on disk: safetensors tensors + JSON, written atomically, read through their rules.
 
-A run folder looks like this:
-
-    runs/small/
-      config.json            the ModelConfig
-      run.json               what produced the run (stage, train config, data, parent run)
-      model.safetensors      the final model (written when a stage finishes)
-      ckpt/step_000100/      a resumable training checkpoint, written by one process as
-          model.safetensors    weights
-          optim.safetensors    AdamW moments (flattened: optim.{param name}.{exp_avg,...})
-          rng.safetensors      RNG state: torch CPU, and the GPU stream where CUDA ran (router noise)
-          state.json           step, tokens seen, optimizer hyper-parameters
-                             or by several ranks (torchrun) with torch.distributed.checkpoint:
-          .metadata, __R_0.distcp   DCP: model and optimizer, each rank writing its own shards
-          rng_R.safetensors    each rank's RNG state
-          state.json           step, tokens seen, the world size that wrote it
-      ckpt/latest            the name of the newest complete checkpoint
-      log.jsonl, loss.png    written by the training loop
-
-Either format resumes in any layout: DCP reshards by parameter name (get_state_dict /
-set_state_dict key model and optimizer by FQN), so a checkpoint of 2 ranks resumes in one
-process and on 2 ranks again; a one-process checkpoint loads into a sharded model as a full
-state dict. The one-process format stays safetensors, so a run that never saw torchrun is
-unchanged (and readable without torch.distributed). The final model.safetensors is always the
-consolidated file, gathered one tensor at a time from the ranks (`save_model_tensors`).
-
-Atomicity: every file is written to a temporary name and renamed into place, and a checkpoint
-folder is renamed from `step_N.tmp` only once all its files are complete (with several ranks:
-after every rank has written its shards), so a run killed at any instant leaves the previous
-checkpoint intact and usable.
+One process writes safetensors, several ranks torch.distributed.checkpoint shards; either
+resumes in any layout, and the final model.safetensors is always the consolidated file. A
+checkpoint folder is renamed from step_N.tmp only once complete. The folder layout and what
+is checked on reading it: docs/method.md, "Run folders".
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -56,6 +32,7 @@ from minimoe import files
 from minimoe.config import ModelConfig
 from minimoe.files import atomic_write
 from minimoe.model import build_model
+from minimoe.run_files import STEP_NAME, checked_state, step_of
 from minimoe.stream import write_safetensors
 
 
@@ -94,9 +71,13 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path):
     """Copy tensors into the model, naming the first tensor that is missing or misshapen."""
-    expected = check_tensors(model, tensors, source)
+    check_tensors(model, tensors, source)
+    _copy(model, tensors)
+
+
+def _copy(model, tensors):
     with torch.no_grad():
-        for name, ref in expected.items():
+        for name, ref in model_tensors(model).items():
             ref.copy_(tensors[name])
 
 
@@ -110,6 +91,9 @@ def check_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sour
         if tuple(tensors[name].shape) != tuple(ref.shape):
             raise CheckpointError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, "
                                   f"the model expects {tuple(ref.shape)}")
+        if not tensors[name].is_floating_point() or not torch.isfinite(tensors[name]).all():
+            raise CheckpointError(f"{source}: tensor {name} ({tensors[name].dtype}) must hold "
+                                  "finite floating-point numbers")
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise CheckpointError(f"{source}: unexpected tensor {extra[0]} (a different architecture?)")
@@ -177,24 +161,46 @@ def load_model(run_dir: Path, device="cpu"):
                and is_sharded(latest))
     path = latest if sharded else model_file(run_dir)
     cfg = read_config(run_dir)
-    model = build_model(cfg, device=device)
     if sharded:  # an unfinished run of several ranks: its last DCP checkpoint, in one process
+        model = build_model(cfg, device=device)
         weights = {"model": get_model_state_dict(model)}
         _dcp_load(weights, path, no_dist=True)  # read by this process alone, whatever the rest do
         set_model_state_dict(model, weights["model"])
     else:
-        load_into(model, load_tensors(path), path)
+        tensors = load_tensors(path)  # checked on a model of no memory: the file, not
+        check_tensors(build_model(cfg, device="meta"), tensors, path)  # config.json, sizes it
+        model = build_model(cfg, device=device)
+        _copy(model, tensors)
     meta = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
     return model, meta
 
 
 # --- resumable training checkpoints -----------------------------------------------------
+_told: set[Path] = set()
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = Path(run_dir) / "ckpt" / "latest"
-    if not pointer.exists():
+    """The checkpoint ckpt/latest names, a folder of this run; with the pointer missing or
+    dangling (a kill between the rename and the pointer, a hand), the newest complete one,
+    said on stderr, never a restart from step 0 while a checkpoint exists."""
+    root = Path(run_dir) / "ckpt"
+    pointer = root / "latest"
+    name = pointer.read_bytes().decode(errors="replace").strip() if pointer.is_file() else None
+    if name is not None and not STEP_NAME.fullmatch(name):
+        raise CheckpointError(f"{pointer}: {name[:60]!r} must name a checkpoint of this run "
+                              "(step_NNNNNN); fix or delete it")
+    if name and (root / name / "state.json").is_file():
+        return root / name
+    done = [p for p in root.glob("step_*") if STEP_NAME.fullmatch(p.name)
+            and (p / "state.json").is_file()]
+    if not done:
         return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if path.is_dir() else None
+    newest = max(done, key=step_of)
+    if pointer not in _told:
+        _told.add(pointer)
+        print(f"minimoe: {pointer} is {'missing' if name is None else f'dangling ({name})'}; "
+              f"using {newest.name}, the newest complete checkpoint", file=sys.stderr)
+    return newest
 
 
 def is_sharded(path: Path) -> bool:
@@ -240,8 +246,9 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         files.write_text(ckpt_root / "latest", name)
-        for old in sorted(p for p in ckpt_root.glob("step_*")
-                          if p.is_dir() and p.suffix != ".tmp")[:-keep]:
+        older = sorted((p for p in ckpt_root.glob("step_*") if STEP_NAME.fullmatch(p.name)
+                        and step_of(p) < step), key=step_of)  # by step, never this one
+        for old in older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
 
@@ -250,7 +257,7 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore model, optimizer and RNG from a checkpoint folder of either format, into a
     model of any layout; returns its state.json."""
     path = Path(path)
-    state = read_json(path / "state.json")
+    state = checked_state(read_json(path / "state.json"), path, is_sharded(path))
     if is_sharded(path):
         model_sd, optim_sd = get_state_dict(model, optimizer)
         restored = {"model": model_sd, "optim": optim_sd}
@@ -271,7 +278,7 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
             _unflatten_optimizer(model, optimizer, moments, state["optimizer"],
                                  path / "optim.safetensors")
         rng = path / "rng.safetensors"
-    set_rng_state(load_tensors(rng))
+    set_rng_state(load_tensors(rng), rng)
     return state
 
 
@@ -284,10 +291,14 @@ def rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
-def set_rng_state(state: dict[str, torch.Tensor]):
+def set_rng_state(state: dict[str, torch.Tensor], source="rng state"):
     """Restore `rng_state()`'s streams; a GPU stream is skipped where no GPU is (the run goes on
     on the CPU, whose stream is restored)."""
-    torch.set_rng_state(state["torch"])
+    got, ref = state.get("torch"), torch.get_rng_state()
+    if got is None or got.dtype != ref.dtype or got.shape != ref.shape:
+        raise CheckpointError(f"{source}: tensor torch must be {ref.dtype} of shape "
+                              f"{tuple(ref.shape)}, not {None if got is None else got.dtype}")
+    torch.set_rng_state(got)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 

@@ -1,20 +1,16 @@
-"""One way to check a value against its rule, and one error line naming the field, value and rule.
-
-Every config dataclass (ModelConfig, TrainConfig, AuxLossConfig, Device, Options) checks its
-fields here in `__post_init__`, and the scenario reader checks table values here, so a rule is
-written once and reads the same everywhere: `ModelConfig.d_ffn=0: must be a positive integer`.
-
-A rule is a string: `"bool"`, `"str"`, or a range of numbers, `">0"`, `">=0"`, `">=1"`,
-`"(0, 1]"`, `"[0, 1]"`, `""` (any finite number), prefixed with `int` for integers
-(`"int>0"`, `"int>=0"`); or a tuple of the allowed values.
-"""
+"""One way to check a value against its rule, and one error line naming the field, the value and
+the rule (`ModelConfig.d_ffn=0: must be a positive integer`), for every config dataclass, every
+file reader and every CLI option. A rule: "bool", "str", a tuple of allowed values, or a range
+of numbers, ">0", ">=0", "(0, 1]", "[0, 1]", "" (any finite number), "int" before it for integers."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 
 _OPEN = {">": True, ">=": False}  # lower bound exclusive?
+SEED = "int[0, 4294967295]"  # what every seed option and field takes (torch, numpy: 32 bits)
 
 
 def problem(value, rule) -> str | None:
@@ -36,10 +32,27 @@ def problem(value, rule) -> str | None:
 
 
 def check(owner: str, name: str, value, rule) -> None:
-    """Raise `ValueError("owner.name=value: must be ...")` unless `value` obeys `rule`."""
+    """Raise `ValueError("owner.name=value: must be ...")` unless `value` obeys `rule` (an
+    owner ending in ": ", a file's name, is followed by the name alone)."""
     text = problem(value, rule)
     if text:
-        raise ValueError(f"{owner}.{name}={value!r}: {text}")
+        owner = owner if not owner or owner.endswith(": ") else f"{owner}."
+        raise ValueError(f"{owner}{name}={value!r}: {text}")
+
+
+def option(rule):
+    """An argparse `type` for a number option: its text parsed and held to `rule` at the door,
+    or argparse's one line, exit 2: `argument --lr: 'nan': must be positive`."""
+    def parse(text: str):
+        try:
+            value = int(text) if rule.startswith("int") else float(text)
+        except ValueError:
+            value = text
+        why = problem(value, rule)
+        if why:
+            raise argparse.ArgumentTypeError(f"{text!r}: {why}")
+        return value
+    return parse
 
 
 def check_fields(owner: str, obj, rules: dict) -> None:
@@ -82,5 +95,11 @@ def known_keys(where: str, table, allowed) -> dict:
 def from_table(cls, table, where: str, **given):
     """A dataclass from a TOML/JSON table: unknown keys refused, then the class's own field
     rules (its __post_init__ calls check_fields), each a one-line ValueError."""
-    known_keys(where, table, {f.name for f in dataclasses.fields(cls)} - set(given))
+    fields = dataclasses.fields(cls)
+    known_keys(where, table, {f.name for f in fields} - set(given))
+    for f in fields:
+        if f.name not in table and f.name not in given and f.default is dataclasses.MISSING \
+                and f.default_factory is dataclasses.MISSING:
+            prefix = f"{where}." if where and not where.endswith(": ") else where
+            raise ValueError(f"{prefix}{f.name}: missing")
     return cls(**table, **given)

@@ -1,17 +1,6 @@
-"""Model configuration: one validated dataclass and a table of named presets.
-
-Every model in minimoe, dense or Mixture-of-Experts, toy or full size, is described by a
-`ModelConfig`. A config with `n_experts == 0` is dense; with `n_experts > 0` the MLP of each
-MoE layer (see `is_moe_layer`) is a top-k router over `n_experts` SwiGLU experts.
-
-The full-size presets follow Table 3 of the AquilaMoE paper (arXiv 2408.06567). Where the
-sources disagree the paper's Table 3 value is the preset and the other value gets its own
-preset name (docs/method.md, "Model shapes"):
-  * 7B KV groups: 32 in Table 3 (`aquila-7b`) vs 8 in the project README
-    (github.com/FlagAI-Open/Aquila-MoE, README.md) (`aquila-7b-kv8`).
-  * 16B FFN width: 20480 in Table 3 (`aquila-16b`) vs 17920 in the published Hugging Face
-    config.json of BAAI/AquilaDense-16B (`aquila-16b-hf`).
-"""
+"""Model configuration: one validated dataclass, `ModelConfig` (dense when n_experts == 0, else
+a top-k router over SwiGLU experts in each MoE layer), and the named presets: the paper's
+Table 3 shapes (where sources disagree: docs/method.md, "Model shapes") and toy shapes."""
 
 from __future__ import annotations
 
@@ -56,6 +45,7 @@ class ModelConfig:
 
     def __post_init__(self):
         check_fields("ModelConfig", self, RULES)
+        check_fields("ModelConfig", self, BOUNDS)
         if self.d_model % self.n_heads and not self.d_head:
             _fail("d_model", self.d_model, f"must be divisible by n_heads={self.n_heads} "
                   "(or give d_head)")
@@ -136,6 +126,12 @@ RULES = {  # ModelConfig's field rules (minimoe/checks.py); capacity_factor 0 me
     **dict.fromkeys(("rope_theta", "norm_eps", "init_std", "expert_scale"), ">0"),
     "capacity_factor": ">=0", "gate": GATES, "qkv_bias": "bool", "tie_embeddings": "bool",
     "router_noise": "bool",
+}
+BOUNDS = {  # far above any published model: a size from a file cannot overflow memory arithmetic
+    **dict.fromkeys(("vocab_size", "max_seq_len"), "[0, 16777216]"),
+    **dict.fromkeys(("n_layers", "n_heads", "n_kv_heads", "n_experts", "top_k", "first_k_dense"),
+                    "[0, 4096]"),
+    **dict.fromkeys(("d_model", "d_ffn", "expert_d_ffn", "shared_d_ffn", "d_head"), "[0, 1048576]"),
 }
 
 

@@ -21,6 +21,7 @@ from minimoe import files
 
 FORMAT = 2  # bump when the cleaning rules change, so that old caches are rebuilt
 MIN_LINE_ALNUM = 2  # a line needs 2+ letters or digits: drops separators and page numbers
+MAX_LINE_CHARS = 10_000  # a longer line is cut (docs/method.md, "Data")
 MIN_DOC_CHARS = 64  # shorter documents are mostly captions and headings
 ZH_SHARE = 0.5  # a user document is "zh" when half or more of its letters are CJK ideographs
 SUFFIXES = (".txt", ".jsonl")
@@ -131,6 +132,12 @@ def user_sources(paths: list[str]) -> list[dict]:
     sources = []
     for given in paths:
         path = Path(given).expanduser()
+        if not str(given).strip():
+            raise ValueError("--data='': give .txt or .jsonl files or folders (an empty path "
+                             "would read every text file under the working folder)")
+        if path.exists() and not (path.is_dir() or path.is_file()):
+            raise ValueError(f"{given}: not a regular file or folder (a pipe or a device is "
+                             "never read: it may not end)")
         if not path.exists():
             raise ValueError(f"{given}: no such file or folder (give .txt or .jsonl files, "
                              f"or folders of them)")
@@ -156,7 +163,9 @@ def user_sources(paths: list[str]) -> list[dict]:
 def clean_text(text: str) -> str:
     """NFKC (full-width digits and letters become ASCII), single spaces, no near-empty lines."""
     lines = (" ".join(line.split()) for line in unicodedata.normalize("NFKC", text).splitlines())
-    return "\n".join(line for line in lines if sum(c.isalnum() for c in line) >= MIN_LINE_ALNUM)
+    pieces = (line[i:i + MAX_LINE_CHARS] for line in lines  # bounded tokenizer memory
+              for i in range(0, len(line), MAX_LINE_CHARS))
+    return "\n".join(p for p in pieces if sum(c.isalnum() for c in p) >= MIN_LINE_ALNUM)
 
 
 def detect_lang(text: str) -> str:
@@ -225,8 +234,7 @@ class Corpus:
 def prepare_corpus(paths: list[str] | None = None, cache_dir: str | Path | None = None,
                    val_fraction: float = 0.03, seed: int = 0) -> Corpus:
     """Clean, deduplicate, tag and split the demo corpus (paths=None) or your files, once."""
-    if not 0 < val_fraction < 0.5:
-        raise ValueError(f"val_fraction {val_fraction}: must be between 0 and 0.5")
+    assert 0 < val_fraction < 0.5
     if isinstance(paths, (str, Path)):
         paths = [paths]
     if paths is not None and not paths:

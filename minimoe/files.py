@@ -1,8 +1,9 @@
-"""Files that are whole or absent: every file minimoe writes goes through `atomic_write`.
+"""Files whole or absent, read through their rules, and a run folder held by one process.
 
-A file is written under a temporary name beside its destination, flushed to disk, and renamed
-into place (`os.replace` is atomic on POSIX and Windows), so a reader, or a run killed at any
-instant, sees the old file or the new one and never half of one.
+Every file minimoe writes goes through `atomic_write` (a temporary name, fsync, rename), so a
+reader or a run killed at any instant sees the old file or the new one, never half of one.
+Every JSON file it reads is one object or a one-line error; a JSON-lines log may end in a line
+torn by a kill. A command that writes a run holds `run_lock` on it, as git holds index.lock.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import sys
+import time
 from pathlib import Path
 
 try:
@@ -30,6 +33,9 @@ def atomic_write(path):
         with open(tmp, "rb+") as f:  # the bytes reach the disk before the name does
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # a full disk or a size limit says which file it was writing
+        err.filename = err.filename or str(path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -49,14 +55,17 @@ def write_json(path, obj) -> None:
 
 
 def read_json(path, error=ValueError) -> dict:
-    """A JSON file, or `error` naming the file and what is wrong with it."""
+    """A JSON object from a file, or `error` naming the file and what is wrong with it."""
     path = Path(path)
     if not path.exists():
         raise error(f"{path}: missing")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise error(f"{path}: not valid JSON ({err})") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise error(f"{path}: not valid JSON ({str(err)[:80]})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: must hold a JSON object, not {type(data).__name__}")
+    return data
 
 
 def read_toml(path) -> dict:
@@ -68,14 +77,93 @@ def read_toml(path) -> dict:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: not a valid TOML file ({err})") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: not a valid TOML file ({str(err)[:80]})") from None
 
 
 def read_jsonl(path) -> list[dict]:
-    """Every record of a JSON-lines file (blank lines skipped)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Every record (a JSON object) of a JSON-lines file, blank lines skipped. A last line with
+    no line break that does not parse was torn by a kill in its write: it is left out."""
+    path = Path(path)
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            if n == len(lines):  # torn
+                break
+            record = None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{n}: must be a JSON object on one line")
+        records.append(record)
+    return records
+
+
+def check_writable(path) -> None:
+    """Refuse a file we could not write, before the work that would fill it."""
+    path, probe = Path(path), Path(path).with_name(f".{Path(path).name}.{os.getpid()}.probe")
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "a folder, not a file")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot write here ({err.strerror})") from None
+
+
+@contextlib.contextmanager
+def run_lock(folder, command: str):
+    """`<folder>.lock` held while the block runs, as git holds index.lock: created with
+    O_CREAT | O_EXCL, holding pid, host, time and command. A live holder: one line naming it;
+    the lock of a process that died (a kill) is taken over, saying so."""
+    folder = Path(folder).resolve()
+    lock = folder.with_name(folder.name + ".lock")
+    me = f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%d %H:%M')} {command}"
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"out={folder}: is a file, not a folder")
+        if not _create(lock, me):
+            holder = lock.read_text(errors="replace").strip()
+            pid, host = (holder.split() + ["", ""])[:2]
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                print(f"minimoe: taking over {lock} from pid {pid}, no longer running",
+                      file=sys.stderr)
+                lock.unlink(missing_ok=True)  # two takers racing here: one O_EXCL wins
+            if not _create(lock, me):
+                raise ValueError(f"out={folder}: in use by pid {holder} (the lock {lock}); wait "
+                                 "for it, or delete the lock if that process is gone")
+    except OSError as err:
+        raise ValueError(f"out={folder}: cannot write here ({err.strerror})") from None
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _create(path: Path, text: str) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        pass
+    return True
 
 
 def save_figure(fig, path) -> Path:
@@ -92,10 +180,8 @@ def save_figure(fig, path) -> Path:
 
 
 def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (no display needed), except inside a
-    notebook: there the inline backend stays, or the notebook's own figures after a call that
-    plots to a file (a training run's loss.png) would never show. save_figure closes every
-    figure it writes, so a file's figure never shows in the notebook either."""
+    """matplotlib.pyplot on the file-only Agg backend, except inside a notebook, whose inline
+    backend stays (save_figure closes every figure it writes, so none shows twice)."""
     import matplotlib  # plotting commands only: matplotlib costs ~0.5 s to import
 
     if "matplotlib.pyplot" not in sys.modules or "inline" not in matplotlib.get_backend():

@@ -1,20 +1,13 @@
-"""Generation: greedy decoding or temperature / top-p sampling with a KV cache, and stop strings.
-
-The prompt runs through the model once (the prefill), filling the `KVCache` (minimoe/model.py)
-with every position's keys and values; each new token then costs a forward of one position.
-The MoE routes token by token, so it needs nothing special. Prompts of different lengths go in
-one batch, left-padded, as transformers pads them. `use_cache=False` runs the whole sequence
-every step instead, row by row: the reference the cached path is tested against.
-
-Text goes in and out through `generate_text`: every prompt starts after the end-of-text token
-(the training stream puts one before every document), and the output is cut at the first stop
-string, which it does not include (lm-evaluation-harness's `until`).
-"""
+"""Generation with a KV cache: greedy, or temperature / top-p sampling; prompts of different
+lengths left-padded in one batch; text in and out through `generate_text`, cut at the first
+stop string. `use_cache=False` recomputes the whole sequence every step: the reference the
+cached path is tested against. Provenance: docs/method.md, "Evaluation"."""
 
 from __future__ import annotations
 
 import torch
 
+from minimoe.checks import check
 from minimoe.model import KVCache
 
 
@@ -25,7 +18,9 @@ def pick_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float = 
     (nucleus sampling, Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration")."""
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
-    probs_BV = (logits_BV.float() / temperature).softmax(dim=-1)
+    # shifted to a maximum of 0 before the division: a tiny temperature gives -inf, never nan
+    logits_BV = logits_BV.double()  # float64: a temperature as small as 1e-300 stays nonzero
+    probs_BV = ((logits_BV - logits_BV.amax(dim=-1, keepdim=True)) / temperature).softmax(dim=-1)
     if top_p < 1.0:
         sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
         before_BV = sorted_BV.cumsum(dim=-1) - sorted_BV  # mass of the tokens ranked above
@@ -35,12 +30,9 @@ def pick_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float = 
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float):
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
-    if not temperature >= 0:
-        raise ValueError(f"temperature={temperature}: must be >= 0 (0 is greedy)")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p}: must be in (0, 1]")
+    for name, value, rule in (("max_new_tokens", max_new_tokens, "int>0"),
+                              ("temperature", temperature, ">=0"), ("top_p", top_p, "(0, 1]")):
+        check("generate", name, value, rule)
 
 
 @torch.inference_mode()  # a little faster than no_grad: no version counters

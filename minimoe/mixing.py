@@ -1,34 +1,16 @@
-"""Data mixing by domain: how much of each domain a training batch draws.
-
-AquilaMoE mixes its bilingual corpus "in specified proportions" (arXiv 2408.06567, on its
-training data); LLaMA-MoE (Zhu et al. 2024, arXiv 2406.16554) trains its experts with
-Sheared-LLaMA's dynamic batch loading (Xia et al. 2023, arXiv 2310.06694, "Dynamic batch
-loading"). Three mixes, written as `--mix`:
-
-  size                          windows anywhere in the stream: each domain in proportion to
-                                its tokens (the default, and the batches minimoe always drew)
-  en-kjv=0.3,zh-pd1998=0.7      static weights, normalised to sum 1
-  dynamic                       Sheared-LLaMA's rule, every `mix_every` steps:
-                                    w_d <- w_d * exp(eta * max(0, val_loss_d - ref_d)), normalised
-                                starting from the size proportions; the reference losses ref_d
-                                come from a JSON file {domain: loss} or from a run's last
-                                validation (its log.jsonl)
-
-The weights in force are the only state the mix adds: the batch of step i is a pure function
-of (seed, i, weights) (tokens.TokenData.train_batch), and the trainer keeps the weights in its
-checkpoints and its log, so a resumed run draws exactly the batches of an unbroken one.
-Sheared-LLaMA's code also blends a small uniform share into the weights after each update;
-the rule here is the one written above, without it.
-"""
+"""Data mixing by domain: how much of each domain a training batch draws (`--mix`): "size"
+(in proportion to tokens, the default), static weights ("en-kjv=0.3,zh-pd1998=0.7"), or
+"dynamic", Sheared-LLaMA's rule as LLaMA-MoE trains with it (docs/method.md, "Data mixing").
+The weights in force are the only state it adds; the trainer keeps them in checkpoint and log."""
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 
 from minimoe import files
+from minimoe.checks import problem
 
 SIZE, DYNAMIC = "size", "dynamic"
 _PAIR = re.compile(r"\s*([^=,\s]+)\s*=\s*([^=,\s]+)\s*")
@@ -58,10 +40,15 @@ def parse_mix(text: str) -> str | dict[str, float]:
         if domain in weights:
             raise ValueError(f"mix={text!r}: domain {domain!r} is given twice")
         weights[domain] = weight
-    total = sum(weights.values())
-    if total <= 0:
+    top = max(weights.values())
+    if top <= 0:
         raise ValueError(f"mix={text!r}: the weights sum to 0; at least one must be positive")
-    return {domain: weight / total for domain, weight in weights.items()}
+    return _normalised({domain: weight / top for domain, weight in weights.items()})
+
+
+def _normalised(weights: dict[str, float]) -> dict[str, float]:
+    total = math.fsum(weights.values())  # the largest is 1 by now: no overflow, no underflow to 0
+    return {domain: w / total for domain, w in weights.items()}
 
 
 def size_weights(domain_tokens: dict[str, int]) -> dict[str, float]:
@@ -90,10 +77,12 @@ def dynamic_update(weights: dict[str, float], val_losses: dict[str, float],
                    references: dict[str, float], eta: float) -> dict[str, float]:
     """One step of Sheared-LLaMA's rule: the domains furthest above their reference loss gain
     weight; a domain at or below its reference keeps its (relative) weight."""
-    raised = {domain: w * math.exp(eta * max(0.0, val_losses[domain] - references[domain]))
-              for domain, w in weights.items()}
-    total = sum(raised.values())
-    return {domain: w / total for domain, w in raised.items()}
+    # in log space, shifted by the largest: exp never overflows, however large eta * gap
+    logs = {domain: math.log(w) + eta * max(0.0, val_losses[domain] - references[domain])
+            for domain, w in weights.items() if w > 0}
+    top = max(logs.values())
+    return _normalised({domain: math.exp(logs[domain] - top) if domain in logs else 0.0
+                        for domain in weights})
 
 
 def load_references(source: str, domains: list[str]) -> dict[str, float]:
@@ -111,17 +100,14 @@ def load_references(source: str, domains: list[str]) -> dict[str, float]:
                              "in log.jsonl is needed")
         found = {key[4:]: value for key, value in records[-1].items() if key.startswith("val_")}
     elif path.is_file():
-        try:
-            found = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"mix_reference={source!r}: not JSON ({err.msg})") from None
-        if not isinstance(found, dict):
-            raise ValueError(f"mix_reference={source!r}: must hold a JSON object {{domain: loss}}")
+        found = files.read_json(path)
     else:
         raise ValueError(f"mix_reference={source!r}: no such file or run folder")
-    missing = [domain for domain in domains if not isinstance(found.get(domain), (int, float))]
-    if missing:
-        raise ValueError(f"mix_reference={source!r}: no reference loss for domain {missing[0]!r}")
+    for domain in domains:
+        why = problem(found.get(domain), ">=0")
+        if why:
+            raise ValueError(f"mix_reference={source!r}: the reference loss of domain "
+                             f"{domain!r} is {found.get(domain)!r}; {why}")
     return {domain: float(found[domain]) for domain in domains}
 
 

@@ -1,29 +1,6 @@
-"""Pre-tokenised shards for text of any size: `minimoe tokenize --data PATH --out shards/`.
-
-The demo pipeline (data.py, tokens.py) holds the corpus in memory; this streams it instead.
-Each document is read on its own (a .txt paragraph, a .jsonl line), cleaned by the corpus rules
-(data.py: NFKC, whitespace, short lines and documents), given its domain (the file, top-level
-folder or JSONL field, as in data.py) and language, put in train or val by its own hash, and
-tokenised in batches into flat binary shards, each document followed by <|endoftext|>:
-
-    shards/
-      manifest.json                  written last: tokenizer, vocabulary, dtype, every shard and
-                                     its tokens, tokens per split / domain / language, documents
-      tokenizer.json                 the BPE trained here, or the file given with --tokenizer
-      train/<domain>/00000.bin ...   a domain's training tokens, shard after shard
-      val/<domain>/<lang>/00000.bin
-
-Ids are uint16, or uint32 when the vocabulary has more than 65,536 entries (the paper's 151,851
-does). Memory stays bounded: a few batches of documents and one write buffer per (split, domain,
-language). What is not done at this scale: exact deduplication (a set of every document grows
-with the corpus; deduplicate upstream, e.g. with MinHash) and the demo's guarantee of a
-validation document for every domain (the hash decides; the manifest counts what each got).
-
-`load_shards` returns the same TokenData as tokens.py, its arrays memory maps over the shards,
-so `--data shards/` trains with the same batch rule (step i's batch a pure function of the
-seed, i and the domain weights). The training stream is the domains' shards one after
-another, so each domain is one range of it.
-"""
+"""Pre-tokenised shards for text of any size (`minimoe tokenize --data PATH --out shards/`),
+streamed in bounded memory, read back as the same TokenData as tokens.py (memory maps), so
+`--data shards/` trains by the same batch rule. Layout and limits: docs/method.md, "Data"."""
 
 from __future__ import annotations
 
@@ -37,6 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from minimoe import files
+from minimoe.checks import check, problem
 from minimoe.data import (MIN_DOC_CHARS, clean_text, detect_lang, jsonl_record, unit_hash,
                           user_sources)
 from minimoe.tokens import TokenData, Tokenizer, byte_tokenizer, train_bpe
@@ -79,15 +57,17 @@ def _txt_documents(path: Path):
     lines, size = [], 0
     try:
         with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    lines.append(line)
-                    size += len(line)
-                    if size < MAX_DOC_CHARS:
-                        continue
-                if lines:
-                    yield None, "".join(lines)
-                    lines, size = [], 0
+            for whole in f:  # a line over MAX_DOC_CHARS is cut into pieces of that size
+                for line in (whole[i:i + MAX_DOC_CHARS] for i in range(0, len(whole) or 1,
+                                                                        MAX_DOC_CHARS)):
+                    if line.strip():
+                        lines.append(line)
+                        size += len(line)
+                        if size < MAX_DOC_CHARS:
+                            continue
+                    if lines:
+                        yield None, "".join(lines)
+                        lines, size = [], 0
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text") from None
     if lines:
@@ -193,8 +173,7 @@ def _tokenizer(kind: str, vocab_size: int, sources, out: Path, val_fraction, see
     if kind == "byte":
         tok = byte_tokenizer()
     elif kind == "bpe":
-        if vocab_size <= 257:
-            raise ValueError(f"vocab_size={vocab_size}: must exceed 257 (256 bytes + eos)")
+        assert vocab_size > 257  # the door's rule: 256 bytes + eos
         texts = _sample_texts(sources, val_fraction, seed, sample_chars)
         if not texts:
             raise ValueError("--data: no training document to train the tokenizer on")
@@ -202,7 +181,10 @@ def _tokenizer(kind: str, vocab_size: int, sources, out: Path, val_fraction, see
     elif Path(kind).is_dir():
         tok = Tokenizer.load(kind)
     elif Path(kind).is_file():
-        tok = Tokenizer(Path(kind).read_text(encoding="utf-8"))
+        try:
+            tok = Tokenizer(Path(kind).read_text(encoding="utf-8"))
+        except ValueError as err:  # refused under its own name
+            raise ValueError(f"{kind}: {err}") from None
     else:
         raise ValueError(f"tokenizer={kind!r}: must be bpe, byte, a tokenizer.json file or a "
                          "folder holding one (a run, a Hugging Face checkpoint)")
@@ -215,18 +197,15 @@ def tokenize(paths: list[str], out, tokenizer: str = "bpe", vocab_size: int = 20
              sample_chars: int = 200_000_000, progress: bool = True) -> dict:
     """Stream `paths` (.txt/.jsonl files or folders) into shards in `out`; returns the manifest.
     A finished folder of the same request is returned as it is; an interrupted one is redone."""
-    if not 0 < val_fraction < 0.5:
-        raise ValueError(f"val_fraction={val_fraction}: must be between 0 and 0.5")
-    if not isinstance(shard_tokens, int) or shard_tokens <= 0:
-        raise ValueError(f"shard_tokens={shard_tokens!r}: must be a positive integer")
+    assert 0 < val_fraction < 0.5 and shard_tokens > 0  # the door (the CLI) holds its rules
     sources = user_sources([str(p) for p in paths])
     request = {"sources": sources, "tokenizer": tokenizer, "vocab_size": vocab_size,
                "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
                "sample_chars": sample_chars, "min_doc_chars": MIN_DOC_CHARS}
     out = Path(out)
     if is_shard_folder(out):
-        manifest = files.read_json(out / "manifest.json")
-        if manifest["request"] != request:
+        manifest = read_manifest(out)
+        if manifest.get("request") != request:
             raise ValueError(f"out={out}: holds shards of another request; choose another --out")
         return manifest
     _claim(out, request)
@@ -320,8 +299,11 @@ def is_shard_folder(path) -> bool:
 def load_shards(folder) -> tuple[TokenData, object]:
     """(TokenData over the shards' memory maps, the tokenizer) of a `tokenize` folder."""
     folder = Path(folder)
-    manifest = files.read_json(folder / "manifest.json")
+    manifest = read_manifest(folder)
     tok = Tokenizer.load(folder)
+    if tok.name != manifest["tokenizer"]:
+        raise ValueError(f"{folder}: its tokenizer.json ({tok.name}) is not the one its shards "
+                         f"were made with ({manifest['tokenizer']})")
     dtype = np.dtype(manifest["dtype"])
 
     def maps(entries):
@@ -346,13 +328,39 @@ def load_shards(folder) -> tuple[TokenData, object]:
     return TokenData(folder, arrays, tok, ranges, {s: s for s in arrays}), tok
 
 
+def read_manifest(folder: Path) -> dict:
+    """manifest.json held to its rules: every shard a file inside the folder whose size is its
+    token count, train shards for each domain, validation shards."""
+    m, where = files.read_json(folder / "manifest.json"), f"{folder / 'manifest.json'}: "
+    for key, rule in (("format", (FORMAT,)), ("dtype", ("uint16", "uint32")), ("tokenizer", "str"),
+                      ("vocab_size", "int[1, 4294967296]")):
+        check(where, key, m.get(key), rule)
+    shards, domains = m.get("shards"), m.get("domains")
+    if not (isinstance(domains, list) and domains and all(isinstance(d, str) for d in domains)
+            and isinstance(shards, dict) and isinstance(shards.get("train"), dict)
+            and sorted(shards["train"]) == sorted(domains) and isinstance(shards.get("val"), dict)
+            and shards["val"] and all(isinstance(v, dict) and v for v in shards["val"].values())):
+        raise ValueError(f"{where}domains, shards: must list the domains, train shards for each "
+                         "and validation shards")
+    lists = [*shards["train"].values(), *(e for v in shards["val"].values() for e in v.values())]
+    root, size = folder.resolve(), np.dtype(m["dtype"]).itemsize
+    for entry in (e for entries in lists for e in (entries if isinstance(entries, list) else [0])):
+        file = entry.get("file") if isinstance(entry, dict) else None
+        path = (root / file).resolve() if isinstance(file, str) else root
+        if root not in path.parents or problem(entry.get("tokens"), "int>=0") \
+                or not path.is_file() or path.stat().st_size != entry["tokens"] * size:
+            raise ValueError(f"{where}shard {entry!r}: must name a file in the folder that "
+                             "holds its tokens")
+    return m
+
+
 class ShardTexts:
     """A shard folder's validation documents decoded back to text (the tokenizer is lossless on
     cleaned text), the first VAL_CHARS characters of each domain and language: what `minimoe
     eval`'s built-in tasks and bits per byte read (a Corpus's langs, val_domains, texts)."""
 
     def __init__(self, folder):
-        manifest = files.read_json(Path(folder) / "manifest.json")
+        manifest = read_manifest(Path(folder))
         self.tokenizer = Tokenizer.load(folder)
         self.docs = {(domain, lang): _decoded(self.tokenizer, ConcatTokens(
             [np.memmap(Path(folder) / e["file"], dtype=manifest["dtype"], mode="r") for e in entries]))

@@ -31,15 +31,23 @@ class Tokenizer:
     prefix token). `name` holds a digest of the JSON: token caches are keyed on content."""
 
     def __init__(self, json_text: str, eos: str = EOS, bos: str | None = None):
-        self._tokenizer = tokenizers.Tokenizer.from_str(json_text)
+        try:  # the tokenizers library raises plain Exception on a bad file
+            self._tokenizer = tokenizers.Tokenizer.from_str(json_text)
+            kind = json.loads(json_text)["model"]["type"].lower()
+        except Exception as err:
+            raise ValueError(f"not a tokenizer of the tokenizers library ({str(err)[:100]})") \
+                from None
         self.json, self.eos, self.bos = json_text, eos, None if bos == eos else bos
         self.vocab_size = self._tokenizer.get_vocab_size()
+        if max(self._tokenizer.get_vocab().values(), default=0) >= self.vocab_size or not all(
+                isinstance(t, str) for t in (eos, bos or "")):
+            raise ValueError(f"token ids past its vocabulary of {self.vocab_size}, or eos/bos "
+                             "not names of tokens")
         self.eos_id = self._tokenizer.token_to_id(eos)
         self.bos_id = None if self.bos is None else self._tokenizer.token_to_id(self.bos)
         for token, found in ((eos, self.eos_id), (self.bos, self.bos_id)):
             if token is not None and found is None:
                 raise ValueError(f"tokenizer: has no token {token!r} to end or start documents with")
-        kind = json.loads(json_text)["model"]["type"].lower()
         self.name = f"{kind}{self.vocab_size}-{hashlib.sha256(json_text.encode()).hexdigest()[:8]}"
 
     @property
@@ -83,7 +91,10 @@ class Tokenizer:
         config = files.read_json(config_path) if config_path.exists() else {}
         eos, bos = ((t.get("content") if isinstance(t, dict) else t) for t in
                     (config.get("eos_token") or eos, config.get("bos_token", bos)))
-        return cls((folder / TOKENIZER_FILES[0]).read_text(encoding="utf-8"), eos, bos)
+        try:
+            return cls((folder / TOKENIZER_FILES[0]).read_text(encoding="utf-8"), eos, bos)
+        except ValueError as err:
+            raise ValueError(f"{folder / TOKENIZER_FILES[0]}: {err}") from None
 
 
 def byte_tokenizer() -> Tokenizer:
@@ -114,10 +125,8 @@ def load_tokenizer(corpus: Corpus, vocab_size: int = 2048, kind: str = "bpe") ->
     """The byte tokenizer, or a BPE trained on the training split only (cached in the corpus)."""
     if kind == "byte":
         return byte_tokenizer()
-    if kind != "bpe":
-        raise ValueError(f"tokenizer {kind!r}: must be 'bpe' or 'byte'")
-    if vocab_size <= 257:
-        raise ValueError(f"vocab_size {vocab_size}: must exceed 257 (256 bytes + {EOS})")
+    assert kind == "bpe", kind
+    assert vocab_size > 257  # the doors (CLI, run.json, recipes) hold it: 256 bytes + eos
     path = corpus.path / f"tokenizer-bpe{vocab_size}.json"
     if not path.exists():
         files.write_text(path, train_bpe(corpus.texts("train"), vocab_size))
@@ -192,12 +201,15 @@ class TokenData:
             raise ValueError(f"split {split!r}: must be one of {sorted(self.arrays)}")
         return self.arrays[split]
 
-    @staticmethod
-    def _windows(tokens: np.ndarray, starts, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _windows(self, tokens: np.ndarray, starts, seq_len: int):
+        """(x, y) of the windows at `starts`: (B, T) each, y the next tokens."""
         if len(tokens) < seq_len + 1:
             raise ValueError(f"seq_len {seq_len}: needs {seq_len + 1} tokens, this split has "
                              f"{len(tokens)}")
         rows = np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64)  # (B, T+1)
+        if rows.max() >= self.tokenizer.vocab_size:  # ids from files on disk: not trusted
+            raise ValueError(f"{self.path}: token id {rows.max()} is past the vocabulary of "
+                             f"{self.tokenizer.vocab_size} (tokens and tokenizer disagree)")
         rows = torch.from_numpy(rows)
         return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # x, and y = next token: (B, T)
 

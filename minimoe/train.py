@@ -3,7 +3,8 @@ the MoE, and the from-scratch baseline: AdamW, warmup then cosine, clipping and 
 bf16 autocast, MoE auxiliary losses, validation per language and domain, a JSONL log (and
 TensorBoard, if asked), a loss plot, and atomic checkpoints from which a killed run resumes
 with bit-identical losses: the batch of step i is a pure function of (seed, i, the domain
-weights in force), and model, optimizer, RNG and weights are restored from the checkpoint.
+weights in force), and model, optimizer, RNG and weights are restored from the checkpoint,
+each file read through its rules (docs/method.md, "Run folders").
 
 Under torchrun the same loop runs on every rank (minimoe/dist.py): FSDP2 or DDP, optionally
 expert or tensor parallel; each rank takes its rows of step i's batch, so the run reproduces
@@ -30,9 +31,10 @@ from minimoe import checkpoint as ckpt
 from minimoe import dist
 from minimoe import files
 from minimoe import mixing
-from minimoe.checks import check_fields
+from minimoe.checks import SEED, check_fields
 from minimoe.evaluate import evaluate
 from minimoe.moe import AuxLossConfig, expert_load
+from minimoe.run_files import log_records, resumed_weights
 from minimoe.tensor_parallel import check_tensor_parallel
 
 
@@ -70,6 +72,10 @@ class TrainConfig:
 
     def __post_init__(self):
         check_fields("TrainConfig", self, TRAIN_RULES)
+        if str(self.device).split(":")[0] not in ("cpu", "cuda") or (
+                self.device.startswith("cuda") and not torch.cuda.is_available()):
+            raise ValueError(f"TrainConfig.device={self.device!r}: must be cpu, or cuda where "
+                             "a GPU is")
         try:
             mixing.parse_mix(self.mix)  # the domains are checked against the data in train()
         except ValueError as err:
@@ -82,9 +88,11 @@ class TrainConfig:
         return self.batch_size * self.seq_len * self.grad_accum
 
 
-TRAIN_RULES = {  # minimoe/checks.py
-    **dict.fromkeys(("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
-                     "ckpt_every", "log_every", "mix_every", "ep", "tp"), "int>0"),
+TRAIN_RULES = {  # minimoe/checks.py; bounds on what multiplies into memory
+    **dict.fromkeys(("steps", "eval_every", "ckpt_every", "log_every", "mix_every"), "int>0"),
+    **dict.fromkeys(("batch_size", "seq_len", "grad_accum", "eval_batches"), "int[1, 1048576]"),
+    "seed": SEED,
+    **dict.fromkeys(("ep", "tp"), "int[1, 65536]"),
     **dict.fromkeys(("lr", "mix_eta"), ">0"), "warmup_steps": "int>=0", "min_lr_ratio": "[0, 1]",
     **dict.fromkeys(("beta1", "beta2"), "[0, 1)"), **dict.fromkeys(("weight_decay", "grad_clip"), ">=0"),
     "parallel": dist.MODES, **dict.fromkeys(("bf16", "activation_checkpointing", "compile"), "bool"),
@@ -161,7 +169,7 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
     if latest is not None:
         state = ckpt.load_checkpoint(latest, model, optimizer)
         step, tokens, train_time = state["step"], state["tokens"], state["train_time"]
-        weights = state.get("mix_weights", weights)
+        weights = resumed_weights(state, latest, tc.steps, tc.tokens_per_step, weights)
     else:
         torch.manual_seed(tc.seed)
     log_path = out_dir / "log.jsonl"
@@ -312,8 +320,6 @@ def _check_same_run(out_dir: Path, run: dict):
                              "choose another --out")
         return
     old = ckpt.read_json(path)
-    if isinstance(old.get("train"), dict):  # runs from before a field existed: its default
-        old["train"] = {**dataclasses.asdict(TrainConfig()), **old["train"]}
     run = {**run, "train": dict(run["train"])}
     for key in LAYOUT_FIELDS:  # a run resumes under any layout
         for train in (old.get("train"), run["train"]):
@@ -326,18 +332,9 @@ def _check_same_run(out_dir: Path, run: dict):
 
 
 def _truncate_log(path: Path, step: int) -> list[dict]:
-    """Keep the log records up to `step` (a resumed run re-logs what came after). A line torn
-    by a kill in the middle of its write ends the log."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if record["step"] <= step:
-            records.append(record)
+    """Keep the log records up to `step` (a resumed run re-logs what came after)."""
+    records = log_records(path)
+    records = [r for r in records if r["step"] <= step]
     files.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return records
 

@@ -241,4 +241,4 @@ def test_eval_and_generate_commands_run_on_a_tiny_run(tiny_run, tmp_path, capsys
     text = capsys.readouterr().out
     assert text.count("And God said") == 2 and "--- sample 2" in text
     assert main(["generate", "--ckpt", str(tiny_run), "--prompt", "x", "--top-p", "0"]) == 2
-    assert "top_p=0.0" in capsys.readouterr().err
+    assert "--top-p=0: must be in (0, 1]" in capsys.readouterr().err

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "minimoe"
 # floor of every library module: a module imports only from its own floor or below
 FLOORS = {
     "config": 0, "checks": 0, "files": 0, "data": 0, "tokens": 0, "tables": 0, "mixing": 0, "tasks": 0,
-    "notebook": 0, "shards": 0,
+    "notebook": 0, "shards": 0, "run_files": 0,
     "model": 1, "moe": 1, "flops": 1,
     "grow": 2, "stream": 2, "upcycle": 2, "interop": 2, "checkpoint": 2, "sim": 2, "hub": 3,
     "train": 3, "evaluate": 3, "generate": 3, "dist": 3, "expert_parallel": 3, "tensor_parallel": 3, "experts": 3,

@@ -32,7 +32,7 @@ def recipe_base(path: Path) -> str:
     ('preset = "toy"\nsteps = "many"\n', "RecipeConfig.steps='many': must be a positive integer"),
     ('preset = "toy"\nprep_steps = 0\n', "RecipeConfig.prep_steps=0: must be a positive integer"),
     ('preset = "toy"\nlr = -1e-3\n', "RecipeConfig.lr=-0.001: must be positive"),
-    ('preset = "nope"\n', "preset='nope': unknown recipe"),
+    ('preset = "nope"\n', "preset='nope': must be one of toy"),
     ('steps = [\n', "not a valid TOML file"),
 ])
 def test_a_bad_recipe_file_is_one_line_exit_2(tmp_path, capsys, text, message):

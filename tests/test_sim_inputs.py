@@ -74,10 +74,10 @@ PLAN = ["plan", "--preset", "aquila-1.8b", "--gpus", "8"]
 
 
 @pytest.mark.parametrize("extra, expected", [
-    (["--seq", "0"], "--seq=0: must be a positive number of tokens"),
-    (["--tokens-b", "-5"], "--tokens-b=-5.0: must be a positive, finite number"),
-    (["--tokens-b", "0"], "--tokens-b=0.0: must be a positive, finite number"),
-    (["--tokens-b", "inf"], "--tokens-b=inf: must be a positive, finite number"),
+    (["--seq", "0"], "--seq=0: must be an integer in [1, 16777216]"),
+    (["--tokens-b", "-5"], "--tokens-b=-5: must be positive"),
+    (["--tokens-b", "0"], "--tokens-b=0: must be positive"),
+    (["--tokens-b", "inf"], "--tokens-b=inf: must be a finite number"),
     (["--set", "gemm_efficiency=high"], "options.gemm_efficiency='high': must be a finite number"),
     (["--set", "imbalance=0.5"], "options.imbalance=0.5: must be in [1, inf)"),
     (["--set", "colour=red"], "options.colour: unknown key"),

@@ -115,16 +115,15 @@ def test_cli_errors_are_one_line_exit_2(finished_run, tmp_path, capsys):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(finished_run, tmp_path):
-    from minimoe.recipes.stages import continue_pretraining
+    from minimoe.recipes.stages import run_data_spec
 
-    model, _ = ckpt.load_model(finished_run)
-    bad = tmp_path / "bad"
-    with torch.no_grad():
+    model, _ = ckpt.load_model(finished_run)  # NaN weights in a file are refused at loading:
+    with torch.no_grad():  # here they come from memory, as a diverged update would make them
         model.lm_head.weight.fill_(float("nan"))
-    ckpt.save_model(bad, model, ckpt.read_json(finished_run / "run.json"))
+    data, _ = load_run_data(run_data_spec(finished_run))
     tc = TrainConfig(steps=3, batch_size=2, seq_len=16, eval_batches=1, ckpt_every=1)
     with pytest.raises(TrainingDiverged, match="step 0: loss=nan"):
-        continue_pretraining(bad, tmp_path / "cont", tc, progress=False)
+        train(model, data, tc, tmp_path / "cont", progress=False)
     assert ckpt.latest_checkpoint(tmp_path / "cont") is None
 
 

@@ -82,3 +82,13 @@ from minimoe.bench.upcycle import bench_upcycle  # noqa: E402
 
 BENCHES = {"train": bench_train, "moe": bench_moe, "grow": bench_grow, "upcycle": bench_upcycle,
            "dist": bench_dist, "sim": bench_sim, "generate": bench_generate}
+
+
+def add_bench(p):  # `minimoe bench NAME` (minimoe/cli/main.py loads this package only then)
+    p.add_argument("name", choices=list(BENCHES))
+    p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
+    p.add_argument("--compile", action="store_true", help="train: also torch.compile each block")
+
+
+def run_bench(args):
+    BENCHES[args.name](args)

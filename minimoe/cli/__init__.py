@@ -1,13 +1,6 @@
-"""The `minimoe` command (console script `minimoe`, and `python -m minimoe`).
-
-    main.py           the command table, argument parsing, one-line errors and exit codes
-    train_options.py  the options of the one training loop, shared by every command that trains
-    evaluation.py     `minimoe eval` and `minimoe generate`
-    hub.py            `minimoe export` and `minimoe import` (Hugging Face folders)
-    full_size.py      `minimoe tokenize`, `dry-run` and `launch-args`
-
-No logic of its own: every command calls the package.
-"""
+"""The `minimoe` command (console script `minimoe`, and `python -m minimoe`): main.py holds the
+command table and the one error boundary; runs.py, cost.py, evaluation.py, hub.py and
+full_size.py the commands, each declaring its options and calling the package."""
 
 from minimoe.cli.main import COMMANDS, build_parser, main
 

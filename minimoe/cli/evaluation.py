@@ -10,8 +10,9 @@ import math
 
 from minimoe import checkpoint as ckpt
 from minimoe import files
+from minimoe.checks import SEED, option
 from minimoe.evaluate import export_tasks, load_tasks, results_table, run_tasks
-from minimoe.generate import check_sampling, generate_text
+from minimoe.generate import generate_text
 from minimoe.recipes.stages import EVAL_TASKS, run_corpus, run_tokenizer
 
 
@@ -21,11 +22,13 @@ def add_eval(p):
     p.add_argument("--tasks", default=",".join(EVAL_TASKS),
                    help="comma-separated: cloze-en, cloze-zh, complete-en, complete-zh, ppl, "
                         "or .jsonl task files (format: minimoe/tasks.py)")
-    p.add_argument("--limit", type=int, default=100, help="examples per task (the first ones)")
-    p.add_argument("--ppl-chars", type=int, default=20_000,
+    p.add_argument("--limit", type=option("int[1, 1000000]"), default=100,
+                   help="examples per task (the first ones)")
+    p.add_argument("--ppl-chars", type=option("int[1, 1000000000]"), default=20_000,
                    help="ppl: validation characters per language and domain")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0, help="picks the built-in tasks' examples")
+    p.add_argument("--batch-size", type=option("int[1, 65536]"), default=32)
+    p.add_argument("--seed", type=option(SEED), default=0,
+                   help="picks the built-in tasks' examples")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--out", metavar="FILE", help="also write the results as JSON into FILE")
     p.add_argument("--export-tasks", metavar="DIR", help="instead of scoring, write the run's "
@@ -35,9 +38,8 @@ def add_eval(p):
 
 def run_eval(args):
     names = [name.strip() for name in args.tasks.split(",") if name.strip()]
-    if args.ppl_chars <= 0 or args.batch_size <= 0:
-        raise ValueError(f"--ppl-chars={args.ppl_chars}, --batch-size={args.batch_size}: "
-                         "must be positive")
+    if args.out:
+        files.check_writable(args.out)
     prepared = []
     for run in args.ckpt:  # every run's data and every task checked before any scoring
         corpus, tokenizer = run_corpus(run)
@@ -77,20 +79,17 @@ def finite(obj):
 def add_generate(p):
     p.add_argument("--ckpt", required=True, metavar="RUN", help="a run folder")
     p.add_argument("--prompt", required=True, help="the text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="sample from the top tokens holding "
+    p.add_argument("--max-new-tokens", type=option("int[1, 1048576]"), default=64)
+    p.add_argument("--temperature", type=option(">=0"), default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=option("(0, 1]"), default=1.0, help="sample from the top tokens holding "
                    "this much probability (nucleus sampling)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the completion before TEXT (repeatable; '\\n' is a line break)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=1, help="completions, one batch")
+    p.add_argument("--seed", type=option(SEED), default=0)
+    p.add_argument("--num-samples", type=option("int[1, 4096]"), default=1, help="completions, one batch")
 
 
 def run_generate(args):
-    check_sampling(args.max_new_tokens, args.temperature, args.top_p)
-    if args.num_samples <= 0:
-        raise ValueError(f"--num-samples={args.num_samples}: must be a positive integer")
     stops = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
     tokenizer = run_tokenizer(args.ckpt)
     model, _ = ckpt.load_model(args.ckpt)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 from minimoe import dist
+from minimoe.checks import SEED, option
 from minimoe.recipes.config import RECIPES
 from minimoe.recipes.dry_run import dry_run, dry_run_report
 from minimoe.recipes.launch import launch_args, load_launch_recipe
@@ -20,10 +21,12 @@ def add_tokenize(p):
     p.add_argument("--tokenizer", default="bpe",
                    help="bpe (trained here on a sample of the text), byte, a tokenizer.json, "
                         "or a folder holding one (a run, a Hugging Face checkpoint)")
-    p.add_argument("--vocab-size", type=int, default=RECIPES["toy"].vocab_size, help="for bpe")
-    p.add_argument("--val-fraction", type=float, default=0.03)
-    p.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file")
-    p.add_argument("--seed", type=int, default=0, help="the train/val split's hash")
+    p.add_argument("--vocab-size", type=option("int[258, 16777216]"),
+                   default=RECIPES["toy"].vocab_size, help="for bpe")
+    p.add_argument("--val-fraction", type=option("(0, 0.5)"), default=0.03)
+    p.add_argument("--shard-tokens", type=option("int[1, 2147483648]"), default=SHARD_TOKENS,
+                   help="tokens per shard file")
+    p.add_argument("--seed", type=option(SEED), default=0, help="the train/val split's hash")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -41,7 +44,8 @@ def run_tokenize(args):
 
 def add_dry_run(p):
     p.add_argument("recipe", help="a full-size launch recipe, e.g. scaling/full/aquilamoe-8x16b.toml")
-    p.add_argument("--ranks", type=int, help="gloo ranks to spawn (default 2 x the recipe's ep x tp)")
+    p.add_argument("--ranks", type=option("int[1, 64]"),
+                   help="gloo ranks to spawn (default 2 x the recipe's ep x tp)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from minimoe import files
 from minimoe.checks import check_fields, known_keys
+from minimoe.config import PRESETS
+from minimoe.grow import METHODS
 from minimoe.train import TrainConfig
 
 
@@ -38,10 +40,11 @@ class RecipeConfig:
     def __post_init__(self):
         check_fields("RecipeConfig", self, {
             **dict.fromkeys(("n_experts", "top_k", "prep_steps", "scale_up_steps", "scale_out_steps",
-                             "steps", "batch_size", "seq_len", "vocab_size", "eval_every",
+                             "steps", "batch_size", "seq_len", "eval_every",
                              "eval_examples", "eval_chars", "eval_batches"), "int>0"),
-            "seed": "int>=0", "lr": ">0", "cpt_lr": ">0",
-            **dict.fromkeys(("small", "large", "scale_up_method"), "str")})
+            "seed": "int>=0", "vocab_size": "int[258, 16777216]", "lr": ">0", "cpt_lr": ">0", "small": tuple(PRESETS),
+            "large": tuple(PRESETS), "scale_up_method": METHODS})
+        self.train_config(self.prep_steps, self.lr)  # batch rules now, not at the stage
 
     @property
     def total_steps(self) -> int:
@@ -81,7 +84,10 @@ def get_recipe(name: str) -> RecipeConfig:
 def load_recipe(path) -> RecipeConfig:
     path = Path(path)
     table = files.read_toml(path)
-    base = get_recipe(str(table.pop("preset", "toy")))
+    base = table.pop("preset", "toy")
+    if not isinstance(base, str) or base not in RECIPES:  # a file naming a file: a loop
+        raise ValueError(f"{path}: preset={base!r}: must be one of {', '.join(RECIPES)}")
+    base = RECIPES[base]
     known_keys(f"{path}: ", table, {f.name for f in dataclasses.fields(RecipeConfig)})
     try:
         return dataclasses.replace(base, **table)

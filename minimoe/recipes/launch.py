@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minimoe import files
-from minimoe.checks import from_table
+from minimoe.checks import check_fields, from_table
 from minimoe.config import get_preset
 from minimoe.sim.cost import Options, simulate
 from minimoe.sim.hardware import get_device
@@ -47,6 +47,15 @@ class TrainPlan:
     ckpt_every: int = 500
     bf16: bool = True
 
+    def __post_init__(self):
+        check_fields("train", self, {"tokens_b": ">0", "batch_tokens": "int[1, 1099511627776]",
+                                     "seq_len": "int[1, 16777216]", "lr": ">0",
+                                     "warmup": "int>=0", "eval_every": "int>0",
+                                     "ckpt_every": "int>0", "bf16": "bool"})
+        if self.tokens_b * 1e9 < self.batch_tokens or self.batch_tokens < self.seq_len:
+            raise ValueError(f"train: tokens_b={self.tokens_b}, batch_tokens={self.batch_tokens}, "
+                             f"seq_len={self.seq_len}: must make at least one step of a sequence")
+
 
 @dataclass(frozen=True)
 class LayoutPlan:
@@ -61,6 +70,13 @@ class LayoutPlan:
     activation_checkpointing: bool = False
     compile: bool = False
     device: str = "cuda"  # cpu: the same launch on gloo (tests, a laptop)
+
+    def __post_init__(self):
+        check_fields("layout", self, {
+            "gpus": "int[1, 1048576]", "cluster_gpus": "int[0, 1048576]", "gpu": "str",
+            **dict.fromkeys(("gpus_per_node", "ep", "tp", "micro_batch"), "int[1, 65536]"),
+            "parallel": ("fsdp", "ddp"), "device": ("cuda", "cpu"),
+            **dict.fromkeys(("activation_checkpointing", "compile"), "bool")})
 
     @property
     def dp(self) -> int:
@@ -89,6 +105,11 @@ class LaunchRecipe:
     top_k: int = 2
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        check_fields("", self, {**dict.fromkeys(("name", "preset", "out", "source", "data",
+                                                  "method", "kv"), "str"), "stage": STAGES,
+                                **dict.fromkeys(("experts", "top_k"), "int[1, 1024]")})
+
     @property
     def model_config(self):
         """The shape trained: the preset, or for scale-out from a dense preset, that preset
@@ -115,45 +136,40 @@ def load_launch_recipe(path) -> LaunchRecipe:
     """A recipe file, checked: every key known, the stage's own keys given, the layout valid."""
     path = Path(path)
     table = files.read_toml(path)
-    sections = {"train": TrainPlan, "layout": LayoutPlan}
-    parts = {}
-    for key, cls in sections.items():
-        given = table.pop(key, None)
-        if not isinstance(given, dict):
-            raise ValueError(f"{path}: [{key}] is missing")
-        parts[key] = from_table(cls, given, f"{path}: [{key}]")
-    if "from" in table:
-        table["source"] = table.pop("from")
-    recipe = from_table(LaunchRecipe, table, f"{path}: ", extra={}, **parts)
-    _check(recipe, path)
+    try:
+        parts = {}
+        for key, cls in {"train": TrainPlan, "layout": LayoutPlan}.items():
+            given = table.pop(key, None)
+            if not isinstance(given, dict):
+                raise ValueError(f"[{key}] is missing")
+            parts[key] = from_table(cls, given, f"[{key}]")
+        if "from" in table:
+            table["source"] = table.pop("from")
+        recipe = from_table(LaunchRecipe, table, "", extra={}, **parts)
+        _check(recipe)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
     return recipe
 
 
-def _check(r: LaunchRecipe, path: Path):
-    if r.stage not in STAGES:
-        raise ValueError(f"{path}: stage={r.stage!r}: must be one of {', '.join(STAGES)}")
+def _check(r: LaunchRecipe):
     needs = {"pretrain": ("data",), "scale-up": ("source", "method"), "scale-out": ("source",)}
     for key in needs[r.stage]:
         if not getattr(r, key):
-            raise ValueError(f"{path}: {key}: a {r.stage} recipe needs it")
+            raise ValueError(f"{key}: a {r.stage} recipe needs it")
     cfg = r.model_config
     if r.stage == "scale-out" and (cfg.n_experts, cfg.top_k) != (r.experts, r.top_k):
-        raise ValueError(f"{path}: experts={r.experts}, top_k={r.top_k}: preset {r.preset} has "
+        raise ValueError(f"experts={r.experts}, top_k={r.top_k}: preset {r.preset} has "
                          f"{cfg.n_experts} experts, top-{cfg.top_k}")
-    if r.layout.parallel not in ("fsdp", "ddp"):
-        raise ValueError(f"{path}: [layout] parallel={r.layout.parallel!r}: must be fsdp or ddp")
     if r.layout.tp > 1:
-        try:
-            check_tensor_parallel(cfg, r.layout.tp, r.train.seq_len)
-        except ValueError as err:
-            raise ValueError(f"{path}: [layout] {err}") from None
+        check_tensor_parallel(cfg, r.layout.tp, r.train.seq_len)
         if r.layout.parallel != "fsdp" or r.layout.tp > r.layout.gpus_per_node:
-            raise ValueError(f"{path}: [layout] tp={r.layout.tp}: runs with parallel = \"fsdp\", "
+            raise ValueError(f"[layout] tp={r.layout.tp}: runs with parallel = \"fsdp\", "
                              f"inside a node of {r.layout.gpus_per_node}")
     w, layout = r.workload, r.layout
     simulate(w, layout.sim_layout(), get_device(layout.gpu), ENGINE_OPTIONS)  # the rules
     if layout.gpus % layout.gpus_per_node:
-        raise ValueError(f"{path}: [layout] gpus={layout.gpus}: must be whole nodes of "
+        raise ValueError(f"[layout] gpus={layout.gpus}: must be whole nodes of "
                          f"{layout.gpus_per_node}")
 
 

@@ -18,12 +18,13 @@ from minimoe import experts
 from minimoe import dist
 from minimoe import files
 from minimoe import mixing
+from minimoe import run_files
 from minimoe.config import ModelConfig, get_preset
 from minimoe.data import prepare_corpus
 from minimoe.evaluate import evaluate, load_tasks, run_tasks
 from minimoe.grow import grow_checkpoint, grow_model, growth_report, plan_growth
 from minimoe.model import build_model
-from minimoe.shards import ShardTexts, is_shard_folder, load_shards
+from minimoe.shards import ShardTexts, is_shard_folder, load_shards, read_manifest
 from minimoe.tasks import FORMAT as TASKS_FORMAT
 from minimoe.tokens import TOKENIZER_FILES, TokenData, Tokenizer, load_data
 from minimoe.train import RunResult, TrainConfig, train
@@ -33,13 +34,24 @@ from minimoe.upcycle import scale_out, upcycle_checkpoint
 def data_spec(paths=None, vocab_size: int = 2048, tokenizer: str = "bpe") -> dict:
     """paths None: the demo corpus. tokenizer: "bpe" or "byte" (made from the data), or "run":
     the one the run folder holds (an imported checkpoint's)."""
-    paths = [str(Path(p).resolve()) for p in paths] if paths else None
-    return {"paths": paths, "vocab_size": vocab_size, "tokenizer": tokenizer}
+    # '' kept as it is, refused by the reader: resolved, it would be the working folder
+    paths = [str(Path(p).resolve()) if str(p).strip() else "" for p in paths] if paths else None
+    spec = {"paths": paths, "vocab_size": vocab_size, "tokenizer": tokenizer}
+    if _shard_folder(spec):  # what the run's token ids mean: a run resumes on these alone
+        spec["shards"] = _shards_identity(paths[0])
+    return spec
+
+
+def _shards_identity(folder) -> dict:
+    m = read_manifest(Path(folder))  # the tokenizer's name holds its file's digest
+    return {"tokenizer": m["tokenizer"],
+            "train_tokens": sum(e["tokens"] for es in m["shards"]["train"].values() for e in es)}
 
 
 def _shard_folder(spec: dict) -> str | None:
     paths = spec["paths"]
-    return paths[0] if paths and len(paths) == 1 and is_shard_folder(paths[0]) else None
+    return paths[0] if paths and len(paths) == 1 and paths[0] and is_shard_folder(paths[0]) \
+        else None
 
 
 def load_run_data(spec: dict, tokenizer: Tokenizer | None = None):
@@ -48,6 +60,9 @@ def load_run_data(spec: dict, tokenizer: Tokenizer | None = None):
     `tokenizer` (a run's own) or the spec's."""
     shards = _shard_folder(spec)
     if shards:
+        if spec.get("shards", _shards_identity(shards)) != _shards_identity(shards):
+            raise ValueError(f"--data={shards}: re-tokenised since the run began "
+                             f"({spec['shards']} then, {_shards_identity(shards)} now)")
         data, tok = load_shards(shards)
         if tokenizer is not None and tokenizer.name != tok.name:
             raise ValueError(f"--data {shards}: tokenised by {tok.name}, not by the run's "
@@ -64,10 +79,9 @@ def load_run_data(spec: dict, tokenizer: Tokenizer | None = None):
 
 
 def run_data_spec(run_dir) -> dict:
-    meta = ckpt.read_json(Path(run_dir) / "run.json")
-    if "data" not in meta:
-        raise ckpt.CheckpointError(f"{run_dir}/run.json: has no data spec (not a minimoe run?)")
-    return meta["data"]
+    """run.json's data spec, held to the rules `data_spec` writes it by."""
+    path = Path(run_dir) / "run.json"
+    return run_files.data_spec(ckpt.read_json(path).get("data"), f"{path}: data")
 
 
 def run_tokenizer(run_dir) -> Tokenizer:
@@ -198,38 +212,56 @@ def specialisation_run(run_dir, out=None, paths=None, batch_size: int = 8, seq_l
 
 # --- transformations between runs: load, transform, measure, save ---------------------------
 def transform_run(src, out, transform, meta: dict, tc: TrainConfig | None = None) -> dict:
-    """Apply a pure model transformation to run `src` and save the result as run `out`.
-
-    The validation loss before and after goes into out/transform.json, the numbers of the
-    paper's Tables 1 and 2 (for a transformation that preserves the function, they are equal).
-    A finished `out` is not redone; its report is returned. `tc` sets the validation batches
-    (batch size, sequence length, count), so the losses compare with the runs around it.
-    """
+    """Run `src`'s model transformed into run `out`, with the validation loss before and after
+    in out/transform.json (Tables 1 and 2; equal when the function is kept) on `tc`'s batches.
+    A finished `out` is not redone: its report is returned."""
     return dist.main_only(lambda: _transform_run(Path(src), Path(out), transform, meta, tc))
 
 
 def _transform_run(src: Path, out: Path, transform, meta: dict, tc) -> dict:
-    report_path = out / "transform.json"
     request = {**meta, "source": str(src.resolve())}
-    if (out / "model.safetensors").exists():  # done before: fine if it is the same request
-        old = ckpt.read_json(report_path) if report_path.exists() else {}
-        if any(old.get(k) != v for k, v in request.items()):
-            raise ValueError(f"--out={out}: already holds a different model; choose another folder")
-        return old
+    done = _finished(out, request)
+    if done:
+        return done
     model, src_meta = ckpt.load_model(src)
     torch.manual_seed(0)
     new_model, extra = transform(model)
-    spec = src_meta.get("data")
+    spec = run_data_spec(src) if src_meta.get("data") is not None else None
     data = run_data(src)[0] if spec else None
     before, after = (evaluate(m, data, tc or TrainConfig()) if spec else None
                      for m in (model, new_model))
-    report = {**request, **extra, "val_before": before, "val_after": after,
+    report = {**request, **extra, "val_before": before, "val_after": after, "finished": True,
               "params_before": model.cfg.param_counts(), "params_after": new_model.cfg.param_counts()}
+    _start(out, request)
     ckpt.save_model(out, new_model, {**meta, "data": spec, "init_from": str(src.resolve())})
     if spec:
         data.tokenizer.save(out)
-    files.write_json(report_path, report)
+    files.write_json(out / "transform.json", report)  # last: the stage is finished
     return report
+
+
+def _finished(out: Path, request: dict) -> dict | None:
+    """The report of a finished transformation of this request in `out` (nothing is redone),
+    else None. A folder holding anything else (another run, other files) is refused."""
+    path = out / "transform.json"
+    if path.exists():
+        old = ckpt.read_json(path)
+        if any(old.get(k) != v for k, v in request.items()):
+            raise ValueError(f"--out={out}: already holds another transformation; choose "
+                             "another folder")
+        return run_files.transform_report(old, path) if old.get("finished", True) else None
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out={out}: not empty and holds no transformation (another run, or "
+                         "other files); choose another folder")
+    return None
+
+
+def _start(out: Path, request: dict):
+    """`out` claimed for the request, a half-written transformation of it (a kill) cleared."""
+    for name in ("config.json", "model.safetensors", "run.json", *TOKENIZER_FILES):
+        (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    files.write_json(out / "transform.json", {**request, "finished": False})
 
 
 def grow_run(src, target: str, out, method: str = "aki-pro", depth: str | None = None,
@@ -274,27 +306,29 @@ def stream_run(src, out, meta: dict, write) -> dict:
 
 
 def _stream_run(src: Path, out: Path, meta: dict, write) -> dict:
-    report_path = out / "transform.json"
     request = {**meta, "source": str(src.resolve()), "streamed": True}
-    if report_path.exists():
-        old = ckpt.read_json(report_path)
-        if any(old.get(k) != v for k, v in request.items()):
-            raise ValueError(f"--out={out}: already holds a different model; choose another folder")
-        return old
     src_cfg = ckpt.read_config(src)
-    spec = ckpt.read_json(src / "run.json").get("data") if (src / "run.json").exists() else None
-    out.mkdir(parents=True, exist_ok=True)
-    if spec:
-        run_tokenizer(src).save(out)
+    has_data = (src / "run.json").exists() and ckpt.read_json(src / "run.json").get("data")
+    spec = run_data_spec(src) if has_data is not None else None
+    done = _finished(out, request)
+    if done:
+        return done
+    _start(out, request)
     t0 = time.perf_counter()
-    cfg, written, extra = write(ckpt.model_file(src), src_cfg, out / "model.safetensors")
+    try:
+        cfg, written, extra = write(ckpt.model_file(src), src_cfg, out / "model.safetensors")
+    except Exception:  # refused (a bad tensor, a full disk): the claim goes, nothing is kept
+        (out / "transform.json").unlink()
+        raise
     seconds = time.perf_counter() - t0
-    report = {**request, **extra, "val_before": None, "val_after": None,
+    report = {**request, **extra, "val_before": None, "val_after": None, "finished": True,
               "params_before": src_cfg.param_counts(), "params_after": cfg.param_counts(),
               "bytes_written": written, "seconds": seconds}
+    if spec:
+        run_tokenizer(src).save(out)
     files.write_text(out / "config.json", cfg.to_json())
     files.write_json(out / "run.json", {**meta, "data": spec, "init_from": str(src.resolve())})
-    files.write_json(report_path, report)
+    files.write_json(out / "transform.json", report)
     return report
 
 

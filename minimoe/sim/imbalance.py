@@ -5,9 +5,10 @@ or expert-parallel rank (docs/simulator.md "Expert load imbalance").
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
+
+from minimoe import files
 
 
 def imbalance_factor(load: list[list[float]], ranks: int | None = None, where: str = "load") -> float:
@@ -48,12 +49,9 @@ def histograms_from_log(path: str | Path) -> list[list[list[float]]]:
     path = Path(path) / "log.jsonl" if Path(path).is_dir() else Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such run log")
-    try:
-        with open(path, encoding="utf-8") as f:
-            found = [record["load"] for line in f if line.strip()
-                     for record in [json.loads(line)] if record.get("load")]
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a JSON-lines log ({err})") from None
+    found = [r["load"] for r in files.read_jsonl(path) if r.get("load")]
+    for n, load in enumerate(found):
+        imbalance_factor(load, where=f"{path}: load of record {n + 1}")
     if not found:
         raise ValueError(f"{path}: no record has a 'load' histogram (a dense run?)")
     return found

@@ -32,7 +32,10 @@ def _number(table, key, where, positive=True, integer=False, required=True):
         if required:
             raise ValueError(f"{where}.{key}: missing")
         return None
+    # bounded: products and quotients of these stay finite, so no factor prints as nan or inf
     check(where, key, table[key], ("int" if integer else "") + (">0" if positive else ""))
+    # bounded: products and quotients of these stay finite, so no factor prints as nan or inf
+    check(where, key, table[key], "[1e-9, 1e15]" if positive else "[-1e15, 1e15]")
     return table[key]
 
 
@@ -178,6 +181,9 @@ def _options(table: dict, where: str, base: Options, folder: Path) -> Options:
 def parse_scenario(data: dict, origin: str = "scenario", folder: Path = Path(".")) -> ScenarioResult:
     """Account a scenario given as a dict (what tomllib returns)."""
     known_keys("", data, TOP_KEYS)
+    for key in ("title", "source", "notes"):
+        if key in data:
+            check("", key, data[key], "str")
     for key in ("devices", "options", "baseline", "sweep"):
         if key in data and not isinstance(data[key], dict):
             raise ValueError(f"{key}={data[key]!r}: must be a table")
@@ -232,5 +238,6 @@ def _sweep_from_table(result, table) -> list[dict]:
             raise ValueError(f"sweep.{key}={values!r}: must be a non-empty list")
         for i, v in enumerate(values):
             check("sweep", f"{key}[{i}]", v, "(0, 1]" if key == "mfu" else ">0")
+            check("sweep", f"{key}[{i}]", v, "[1e-9, 1]" if key == "mfu" else "[1e-9, 1e15]")
     return sweep(result, table["phase"], [t * 1e9 for t in table["tokens_b"]], table["mfu"],
                  list(table["mfu_phases"]))

@@ -115,6 +115,11 @@ def _run(t: dict, where: str, catalogue: dict, source: str) -> Run:
         return t[key]
 
     seq = t.get("seq_len", 4096)
+    for key, rule in (("seq_len", "int[1, 16777216]"), ("global_batch", "int[1, 1073741824]"),
+                      ("batch_tokens", "int[1, 1099511627776]"), ("devices", "int[1, 1048576]"),
+                      ("measured", "[1e-9, 1e15]")):
+        if key in t:
+            check(where, key, t[key], rule)
     cfg = model_config(t.get("preset"), t.get("model"), where, seq)
     device = get_device(need("gpu"), catalogue)
     try:

@@ -1,0 +1,183 @@
+"""The commands that make runs: pretrain, pipeline, experiment, scale-up, scale-out, and experts
+(what an MoE run's experts specialise in). Every number an option takes is held to its rule
+as it is parsed (minimoe.checks.option); the work is in minimoe/recipes/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from minimoe import checks
+from minimoe.checks import option
+from minimoe.cli.train_options import add_train_options, tensorboard_dir, train_config
+from minimoe.config import PRESETS
+from minimoe.grow import DEPTHS, KV_OPTIONS, MAPPINGS, METHODS
+from minimoe.recipes import experiments, pipeline
+from minimoe.recipes.config import RECIPES, get_recipe
+from minimoe.recipes.stages import (continue_pretraining, data_spec, grow_run, pretrain,
+                                    scale_out_run, specialisation_run, stream_grow_run,
+                                    stream_scale_out_run)
+from minimoe.upcycle import LAYER_CHOICES, SCALE_OUT_METHODS
+
+SEED = option(checks.SEED)
+
+
+def add_pretrain(p):
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="a fresh model of this preset (see `minimoe info`)")
+    src.add_argument("--init", metavar="RUN", help="continue pretraining the model of a run")
+    p.add_argument("--out", required=True, help="run folder (resumed if it holds this run)")
+    p.add_argument("--data", nargs="+", metavar="PATH", help=".txt/.jsonl files or folders, or "
+                   "a shard folder of `minimoe tokenize` (default: the bilingual demo corpus)")
+    p.add_argument("--vocab-size", type=option("int[258, 16777216]"),
+                   help=f"BPE vocabulary (default {RECIPES['toy'].vocab_size})")
+    p.add_argument("--tokenizer", choices=["bpe", "byte"], help="default bpe")
+    add_train_options(p)
+
+
+def run_pretrain(args):
+    tc, board = train_config(args), tensorboard_dir(args)
+    if args.init:
+        for name in ("data", "tokenizer", "vocab_size"):
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')}: a continued run keeps the data "
+                                 "and tokenizer of --init's run")
+        result = continue_pretraining(args.init, args.out, tc, progress=not args.no_progress,
+                                      tensorboard=board)
+    else:
+        spec = data_spec(args.data, args.vocab_size or RECIPES["toy"].vocab_size,
+                         args.tokenizer or "bpe")
+        result = pretrain(args.preset, args.out, tc, spec, progress=not args.no_progress,
+                          tensorboard=board)
+    val = ", ".join(f"{k}={v:.3f}" for k, v in result.final_val.items())
+    print(f"{result.out_dir}: {result.steps} steps, {result.tokens:,} tokens, "
+          f"{result.train_time:.0f} s of training; {val}")
+
+
+def add_pipeline(p):
+    p.add_argument("--preset", default="toy", help=f"a recipe ({', '.join(RECIPES)}) or a "
+                   ".toml recipe file (scaling/); toy takes about 10 minutes, tiny under 1")
+    p.add_argument("--out", default="runs/pipeline", help="pipeline folder (resumed if re-run)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_pipeline(args):
+    summary = pipeline.run_pipeline(get_recipe(args.preset), args.out, progress=not args.no_progress)
+    f = summary["factors"]
+    print(f"report: {args.out}/report/report.md")
+    print(f"time savings {f['time_savings']:.2f}x, compute savings (model FLOPs) "
+          f"{f['compute_savings_model_flops']:.2f}x; final val loss "
+          f"{summary['stages'][-2]['val loss at end']:.3f} (EfficientScale) vs "
+          f"{summary['stages'][-1]['val loss at end']:.3f} (from scratch, same tokens), "
+          f"{f['scratch_val_loss_at_chain_flops']:.3f} (from scratch, same FLOPs)")
+
+
+def add_experiment(p):
+    p.add_argument("name", choices=["scale-up", "scale-out"],
+                   help="scale-up: Table 1 (initialisations); scale-out: dense vs upcycled vs split")
+    p.add_argument("--out", required=True, help="experiment folder (finished runs are kept)")
+    p.add_argument("--preset", default="experiment", help=f"a recipe ({', '.join(RECIPES)}) or a "
+                   ".toml recipe file (scaling/)")
+    p.add_argument("--quick", action="store_true", help="the tiny recipe: under 2 minutes")
+    p.add_argument("--dense-run", metavar="RUN", help="scale-out: start from this grown dense run")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_experiment(args):
+    recipe = get_recipe("tiny" if args.quick else args.preset)
+    if args.name == "scale-up":
+        experiments.scale_up_experiment(args.out, recipe, progress=not args.no_progress)
+    else:
+        experiments.scale_out_experiment(args.out, recipe, progress=not args.no_progress,
+                                         dense_run=args.dense_run)
+    table = Path(args.out) / f"{args.name}.md"
+    print(table)
+    print(table.read_text(encoding="utf-8").split("\n![")[0])
+
+
+def add_scale_up(p):
+    p.add_argument("--from", dest="src", required=True, metavar="RUN", help="the source run")
+    p.add_argument("--to", required=True, choices=PRESETS, metavar="PRESET",
+                   help="target shape (see `minimoe info`)")
+    p.add_argument("--method", choices=METHODS, default="aki-pro")
+    p.add_argument("--depth", choices=DEPTHS, help="default: interpolate for aki-pro, else stack")
+    p.add_argument("--mapping", choices=MAPPINGS, default="cyclic")
+    p.add_argument("--seed", type=SEED, default=0, help="for --mapping random")
+    p.add_argument("--kv", choices=KV_OPTIONS, default="keep",
+                   help="mean-pool: average KV heads when the target has fewer groups")
+    p.add_argument("--out", required=True, help="run folder for the grown model")
+    p.add_argument("--stream", action="store_true", help="full-size checkpoints: safetensors to "
+                   "safetensors one tensor at a time (no validation loss measured)")
+
+
+def run_scale_up(args):
+    grow = stream_grow_run if args.stream else grow_run
+    r = grow(args.src, args.to, args.out, args.method, args.depth, args.mapping, args.seed, args.kv)
+    _print_transform(args.out, r, f"{args.method}, depth {r['growth']['depth']}")
+
+
+def _print_transform(out, r: dict, what: str):
+    before, after = r["params_before"], r["params_after"]
+    loss = (f"; val loss {r['val_before']['val_loss']:.3f} -> {r['val_after']['val_loss']:.3f}"
+            if r["val_before"] else "")
+    print(f"{out}: {before['total']:,} -> {after['total']:,} parameters ({after['active']:,} "
+          f"active; {what}){loss}; report {out}/transform.json")
+
+
+def add_scale_out(p):
+    p.add_argument("--from", dest="src", required=True, metavar="RUN", help="the dense run")
+    p.add_argument("--experts", type=option("int[1, 1024]"), default=RECIPES["toy"].n_experts)
+    p.add_argument("--top-k", type=option("int[1, 1024]"), default=RECIPES["toy"].top_k)
+    p.add_argument("--method", choices=SCALE_OUT_METHODS, default="upcycle",
+                   help="upcycle: copies of the MLP (AquilaMoE); split-*: LLaMA-MoE's partitions")
+    p.add_argument("--layers", choices=list(LAYER_CHOICES), default="all",
+                   help="MLPs to convert: all (AquilaMoE) or every-other (Sparse Upcycling)")
+    p.add_argument("--router-std", type=option(">0"), default=0.02)
+    p.add_argument("--router-init", choices=["std", "variance"], default="std",
+                   help="variance: read --router-std as a variance (the paper's wording)")
+    p.add_argument("--scale", type=option(">0"), help="split-*: expert output scale "
+                   "(default experts/top-k)")
+    p.add_argument("--calib-batches", type=option("int[1, 10000]"), default=8,
+                   help="split-importance*: batches (8 x 128 tokens) of the run's training data")
+    p.add_argument("--seed", type=SEED, default=0, help="router init and random/cluster splits")
+    p.add_argument("--out", required=True, help="run folder for the MoE model")
+    p.add_argument("--stream", action="store_true", help="upcycle: safetensors to safetensors "
+                   "one tensor at a time, neither model in memory (no validation loss measured)")
+
+
+def run_scale_out(args):
+    options = dict(layers=args.layers, router_std=args.router_std, router_init=args.router_init)
+    if args.scale is not None:
+        if args.method == "upcycle":
+            raise ValueError("--scale: only the split-* methods scale expert outputs")
+        options["scale"] = args.scale
+    if args.stream:
+        if args.method != "upcycle":
+            raise ValueError(f"--stream: streams method upcycle only, not {args.method!r} "
+                             "(a split reads whole MLPs and calibration data)")
+        r = stream_scale_out_run(args.src, args.out, args.experts, args.top_k, args.seed, **options)
+    else:
+        r = scale_out_run(args.src, args.out, args.method, args.experts, args.top_k,
+                          args.calib_batches, args.seed, **options)
+    _print_transform(args.out, r, f"{args.method}, {args.experts} experts, top-{args.top_k}")
+
+
+def add_experts(p):
+    p.add_argument("--ckpt", required=True, metavar="RUN", help="an MoE run")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="files or folders to route, one "
+                   "domain per file or top-level folder (default: the run's data)")
+    p.add_argument("--out", help="output folder (default: RUN/experts)")
+    p.add_argument("--batches", type=option("int[1, 10000]"), default=4,
+                   help="validation batches per domain")
+    p.add_argument("--batch-size", type=option("int[1, 65536]"), default=8)
+    p.add_argument("--seq-len", type=option("int[1, 1048576]"), default=128)
+
+
+def run_experts(args):
+    out = Path(args.out) if args.out else Path(args.ckpt) / "experts"
+    result = specialisation_run(args.ckpt, out, args.data, args.batch_size, args.seq_len,
+                                args.batches)
+    for layer in result["layers"]:
+        print(f"layer {layer['layer']:3d}: Jensen-Shannon specialisation {layer['js']:.3f}")
+    print(f"mean {result['mean_js']:.3f} over {len(result['layers'])} MoE layers, domains "
+          f"{', '.join(result['domains'])}; wrote {out}/specialisation.json, "
+          "specialisation.png, top_tokens.md")
