@@ -221,7 +221,7 @@ def test_model_level_aux_losses_and_total():
     torch.testing.assert_close(loss, 0.001 * raw["balance"] + 0.01 * raw["max_z"])
     loss, parts = AuxLossConfig(balance=0, max_z=0.5, max_z_on="lm_head").total(model, logits)
     torch.testing.assert_close(loss, 0.5 * max_z_loss(logits))
-    assert parts["max_z"] == pytest.approx(logits.amax(-1).square().mean().item())
+    assert float(parts["max_z"]) == pytest.approx(logits.amax(-1).square().mean().item())
     loss.backward()
     assert model.lm_head.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="max_z_on"):

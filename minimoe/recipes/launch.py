@@ -30,6 +30,7 @@ from minimoe.sim.cost import Options, simulate
 from minimoe.sim.hardware import get_device
 from minimoe.sim.layout import Layout, Workload
 from minimoe.tensor_parallel import check_tensor_parallel
+from minimoe.train import TrainConfig
 
 STAGES = ("pretrain", "scale-up", "scale-out")
 ENGINE_OPTIONS = Options(weight_bytes=4, grad_bytes=4, optimizer_bytes=8, pad_vocab=False)
@@ -59,6 +60,7 @@ class LayoutPlan:
     tp: int = 1  # tensor parallel (with sequence parallel), a dense model under FSDP2
     micro_batch: int = 1
     activation_checkpointing: bool = False
+    reduce_every_micro_batch: bool = True  # FSDP2: gradients stay sharded (train.TrainConfig)
     compile: bool = False
     device: str = "cuda"  # cpu: the same launch on gloo (tests, a laptop)
 
@@ -197,6 +199,18 @@ def _tensor_parallel(recipe: LaunchRecipe) -> list[int]:
         if tp <= recipe.layout.gpus_per_node:
             degrees.append(tp)
     return degrees
+
+
+def train_config(r: LaunchRecipe) -> TrainConfig:
+    """The training run of a recipe, on each rank (the global batch is dp x micro-batch)."""
+    t, layout = r.train, r.layout
+    return TrainConfig(steps=r.steps, batch_size=layout.dp * layout.micro_batch,
+                       grad_accum=r.grad_accum, seq_len=t.seq_len, lr=t.lr, warmup_steps=t.warmup,
+                       eval_every=t.eval_every, ckpt_every=t.ckpt_every, device=layout.device,
+                       bf16=t.bf16, parallel=layout.parallel, ep=layout.ep, tp=layout.tp,
+                       activation_checkpointing=layout.activation_checkpointing,
+                       reduce_every_micro_batch=layout.reduce_every_micro_batch,
+                       compile=layout.compile, async_checkpoint=True)
 
 
 # --- the commands -------------------------------------------------------------------------------

@@ -71,8 +71,7 @@ def pretrain(cfg: ModelConfig | str, out, tc: TrainConfig, spec: dict | None = N
     spec = spec or data_spec()
     data, tok = load_run_data(spec)
     cfg = cfg.replace(vocab_size=tok.vocab_size)  # the tokenizer decides the vocabulary
-    torch.manual_seed(tc.seed)
-    model = build_model(cfg)
+    model = build_model(cfg, device="meta")  # train() draws it from tc.seed, rank by rank
     meta = {"stage": "pretrain", "data": spec, "init_from": None}
 
     def step_done(step, record):
@@ -83,18 +82,20 @@ def pretrain(cfg: ModelConfig | str, out, tc: TrainConfig, spec: dict | None = N
         if on_step is not None:
             on_step(step, record)
 
-    return train(model, data, tc, out, meta=meta, progress=progress, on_step=step_done)
+    return train(model, data, tc, out, meta=meta, progress=progress, on_step=step_done,
+                 init="seed")
 
 
 def continue_pretraining(init_from, out, tc: TrainConfig, stage: str = "continue",
                          progress: bool = True, on_step=None) -> RunResult:
     """Continue training the model of another run (grown, upcycled, or pretrained)."""
     init_from = Path(init_from)
-    model, _ = ckpt.load_model(init_from)
+    model = build_model(ckpt.read_config(init_from), device="meta")  # each rank reads its part
     spec = run_data_spec(init_from)
     data, _ = load_run_data(spec)
     meta = {"stage": stage, "data": spec, "init_from": str(init_from.resolve())}
-    return train(model, data, tc, out, meta=meta, progress=progress, on_step=on_step)
+    return train(model, data, tc, out, meta=meta, progress=progress, on_step=on_step,
+                 init=ckpt.model_file(init_from))
 
 
 def validation_loss(model, spec: dict, tc: TrainConfig | None = None) -> dict[str, float]:
