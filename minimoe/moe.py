@@ -145,10 +145,9 @@ class MoE(nn.Module):
         else:
             y_SD = self.expert_runner(self, x_SD, kept_E)
         y_SD = y_SD.to(x.dtype) * gate_S[:, None]  # bf16 under autocast
-        out_TD = x_TD.new_zeros(n_tokens, D).index_add(0, token_S, y_SD)
-        if self.shared is not None:
-            out_TD = out_TD + self.shared(x_TD)
-        return out_TD.view(B, T, D)
+        out = x.new_zeros(B, T, D)  # not a view: FSDP2 hooks a unit's output for backward
+        out.view(n_tokens, D).index_add_(0, token_S, y_SD)
+        return out if self.shared is None else out + self.shared(x)
 
     def _drop_over_capacity(self, order_S, expert_S, count_E, n_tokens):
         """Keep each expert's first `capacity` pairs in token order (Megatron's "position" policy)."""
@@ -251,7 +250,9 @@ def _grouped_mm_usable(x_SD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
         return False
     if torch.is_autocast_enabled(device) or not w_EDF.is_contiguous() or len(x_SD) == 0:
         return False
-    if torch.compiler.is_compiling():  # torch 2.13's meta kernel of grouped_mm takes bf16 only
+    # torch 2.13's meta kernel of grouped_mm, which compile and fake tensors run, takes bf16 only
+    if torch.compiler.is_compiling() or (isinstance(w_EDF, FakeTensor)
+                                         and w_EDF.dtype != torch.bfloat16):
         return False
     if w_EDF.dtype not in GROUPED_MM_DTYPES[device]:  # float64 would raise inside the kernel
         return False

@@ -38,6 +38,10 @@ def add_train_options(p):
                    help="tensor-parallel ranks: each holds 1/tp of every matrix (dense models)")
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block's activations in backward")
+    g.add_argument("--reduce-once", action="store_true", help="FSDP2: reduce gradients once per "
+                   "step, holding them whole until then (default: after every micro-batch)")
+    g.add_argument("--async-checkpoint", action="store_true",
+                   help="write checkpoints in the background while training goes on")
     g.add_argument("--compile", action="store_true", help="torch.compile each block")
 
 
@@ -50,4 +54,5 @@ def train_config(args) -> TrainConfig:
                        mix_eta=args.mix_eta, mix_reference=args.mix_reference,
                        parallel=args.parallel, ep=args.ep, tp=args.tp,
                        activation_checkpointing=args.activation_checkpointing,
-                       compile=args.compile)
+                       compile=args.compile, reduce_every_micro_batch=not args.reduce_once,
+                       async_checkpoint=args.async_checkpoint)

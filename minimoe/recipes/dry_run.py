@@ -32,7 +32,6 @@ import torch.distributed as torch_dist
 import torch.distributed.tensor._sharding_prop as sharding_prop
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-from torch.distributed._tools.mem_tracker import MemTracker
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from minimoe import dist
@@ -43,12 +42,10 @@ from minimoe.sim.hardware import get_device
 from minimoe.train import make_optimizer, plan, train_step
 
 # the tracker's categories, gathered into the parts a reader compares with the simulator
-PARTS = {"weights": ("Sharded Param", "Parameter", "Buffer"),
-         "working weights": ("Unsharded Param", "All Gather"),
-         "grads": ("Sharded Grad", "Unsharded Grad", "Gradient", "Reduce Scatter"),
-         "optimizer": ("OptState", "Optstate"),
-         "activations": ("Activation", "Inputs", "Input"),
-         "temporaries": ("Temp", "Other")}
+PARTS = {"weights": ("Sharded Param", "Buffer"), "working weights": ("Unsharded Param", "All Gather"),
+         "grads": ("Sharded Grad", "Unsharded Grad", "Reduce Scatter"),
+         "optimizer": ("OptState",), "activations": ("Activation", "Inputs"),
+         "temporaries": ("Temp",)}
 
 
 class PeakTracker(FSDPMemTracker):
@@ -66,12 +63,9 @@ def measure(parallel: dist.Parallel, optimizer, batch, tc) -> dict[str, int]:
     for p in parallel.model.parameters():
         p.grad = torch.zeros_like(p)  # what the earlier micro-batches leave
     optimizer.step()  # AdamW makes its states
-    micro = 1 if tc.reduce_every_micro_batch or tc.parallel != "fsdp" else 2
+    micro = 1 if tc.reduce_every_micro_batch else 2
     tc = dataclasses.replace(tc, grad_accum=micro)
-    tracker = (PeakTracker(parallel.model, optimizer) if parallel.mode == "fsdp"
-               else MemTracker())
-    if parallel.mode != "fsdp":
-        tracker.track_external(parallel.model, optimizer)
+    tracker = PeakTracker(parallel.model, optimizer)
     with tracker:
         train_step(parallel, optimizer, batch, tc)
     snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
@@ -106,15 +100,15 @@ def fake_world(world: int):
 def rehearse(recipe) -> dict[str, int]:
     """The recipe's step on a fake world: rank 0's peak bytes by category."""
     layout, cfg, tc = recipe.layout, recipe.model_config, train_config(recipe)
+    if layout.parallel != "fsdp":
+        raise ValueError(f"{recipe.name}: parallel={layout.parallel!r}: the rehearsal runs FSDP2 "
+                         "layouts (DDP's reducer is C++ and cannot run on fake tensors)")
     with fake_world(layout.gpus):
         mesh = dist.build_mesh(layout.ep, "cpu", layout.tp)
         model = build_model(cfg, device="meta")
-        if tc.parallel == "fsdp":  # sharded on meta, outside fake mode (it builds meshes)
-            parallel = plan(model, tc, mesh)
+        parallel = plan(model, tc, mesh)  # on meta, outside fake mode: it builds meshes
         with FakeTensorMode(allow_non_fake_inputs=True), _propagation_apart():
             model.to_empty(device="cpu")
-            if tc.parallel == "ddp":  # DDP wraps the materialised model
-                parallel = plan(model, tc, mesh)
             optimizer = make_optimizer(model, tc)
             shape = (layout.micro_batch, tc.seq_len)  # this rank's rows of a micro-batch
 

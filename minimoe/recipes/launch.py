@@ -33,7 +33,8 @@ from minimoe.tensor_parallel import check_tensor_parallel
 from minimoe.train import TrainConfig
 
 STAGES = ("pretrain", "scale-up", "scale-out")
-ENGINE_OPTIONS = Options(weight_bytes=4, grad_bytes=4, optimizer_bytes=8, pad_vocab=False)
+ENGINE_OPTIONS = Options(weight_bytes=4, grad_bytes=4, optimizer_bytes=8, reduce_bytes=4,
+                         memory_model="minimoe", reduce_every_micro_batch=True)
 MICRO_BATCHES = (1, 2, 4, 8)
 
 
@@ -160,20 +161,21 @@ def _check(r: LaunchRecipe, path: Path):
 
 
 def engine_plan(recipe: LaunchRecipe):
-    """The fastest layout that fits among those this torchrun path runs, on whole nodes of the
-    recipe's cluster (ties: fewer GPUs): (LayoutPlan, SimResult)."""
+    """The fastest layout that fits among those this torchrun path runs and `minimoe dry-run`
+    rehearses (FSDP2: DDP's reducer cannot run on fake tensors), on whole nodes of the recipe's
+    cluster (ties: fewer GPUs): (LayoutPlan, SimResult)."""
     w, layout = recipe.workload, recipe.layout
     device, options = get_device(layout.gpu), ENGINE_OPTIONS
     cluster = layout.cluster_gpus or layout.gpus
     n_experts = w.cfg.n_experts
     best = None
     for gpus in range(layout.gpus_per_node, cluster + 1, layout.gpus_per_node):
-        for parallel, ep, tp, mb, ac in itertools.product(
-                ("fsdp", "ddp"), range(1, max(n_experts, 1) + 1), _tensor_parallel(recipe),
-                MICRO_BATCHES, (False, True)):
-            if (n_experts % ep if n_experts else ep > 1) or (parallel == "ddp" and ep * tp > 1):
-                continue  # experts split by ep, matrices by tp, under FSDP2 only (dist.py)
-            plan = dataclasses.replace(layout, gpus=gpus, parallel=parallel, ep=ep, tp=tp,
+        for ep, tp, mb, ac in itertools.product(range(1, max(n_experts, 1) + 1),
+                                                _tensor_parallel(recipe), MICRO_BATCHES,
+                                                (False, True)):
+            if n_experts % ep if n_experts else ep > 1:
+                continue  # experts split by ep, matrices by tp (dist.py)
+            plan = dataclasses.replace(layout, gpus=gpus, parallel="fsdp", ep=ep, tp=tp,
                                        micro_batch=mb, activation_checkpointing=ac)
             try:
                 result = simulate(w, plan.sim_layout(), device, options)
@@ -225,18 +227,18 @@ def commands(r: LaunchRecipe) -> dict[str, list[str] | None]:
     elif r.stage == "scale-out":
         prepare = ["scale-out", "--from", r.source, "--experts", str(r.experts), "--top-k",
                    str(r.top_k), "--stream", "--out", init]
-    t, layout = r.train, r.layout
+    tc = train_config(r)
     start = (["--preset", r.preset, "--data", r.data] if r.stage == "pretrain"
              else ["--init", init])
-    train = ["pretrain", *start, "--out", r.out, "--steps", str(r.steps),
-             "--batch-size", str(layout.dp * layout.micro_batch),
-             "--grad-accum", str(r.grad_accum), "--seq-len", str(t.seq_len), "--lr", str(t.lr),
-             "--warmup", str(t.warmup), "--eval-every", str(t.eval_every),
-             "--ckpt-every", str(t.ckpt_every), "--device", layout.device,
-             "--parallel", layout.parallel,
-             "--ep", str(layout.ep), "--tp", str(layout.tp)]
-    train += ["--bf16"] * t.bf16 + ["--activation-checkpointing"] * layout.activation_checkpointing
-    train += ["--compile"] * layout.compile
+    train = ["pretrain", *start, "--out", r.out]
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "lr", "eval_every",
+                 "ckpt_every", "device", "parallel", "ep", "tp"):
+        train += [f"--{name.replace('_', '-')}", str(getattr(tc, name))]
+    train += ["--warmup", str(tc.warmup_steps)]
+    flags = {"bf16": tc.bf16, "activation-checkpointing": tc.activation_checkpointing,
+             "compile": tc.compile, "reduce-once": not tc.reduce_every_micro_batch,
+             "async-checkpoint": tc.async_checkpoint}
+    train += [f"--{flag}" for flag, on in flags.items() if on]
     return {"prepare": prepare, "train": train}
 
 

@@ -44,6 +44,7 @@ from minimoe.flops import RECOMPUTE, flops_per_token
 from minimoe.sim.hardware import Device
 from minimoe.sim.imbalance import histograms_from_log, imbalance_by_ep
 from minimoe.sim.layout import Layout, Workload, check_layout
+from minimoe.sim.memory import MemoryStats, memory
 from minimoe.sim.options import OVERLAPS, Options, goodput
 
 __all__ = ["Layout", "Workload", "Options", "OVERLAPS", "WorkloadStats", "price", "SimResult",
@@ -94,20 +95,9 @@ class WorkloadStats:
         self.layer_params = (counts["total"] - counts["experts"] - counts["embedding"]
                              - counts["lm_head"]) / L  # non-expert, incl. router and norms
         self.vocab_mats = 1 if cfg.tie_embeddings else 2
-        # activation bytes per token per layer (the backward's saved tensors, see module doc)
-        b, h, a = opt.act_bytes, cfg.d_model, cfg.n_heads
+        self.memory = MemoryStats(cfg, opt, counts, s)  # minimoe/sim/memory.py
+        b, h = opt.act_bytes, cfg.d_model
         q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        core = 4 * a  # flash keeps a fp32 log-sum-exp per head and query
-        if not opt.flash_attention:
-            core += b * a * s  # the softmax probabilities, one row of s per head
-        attn = b * (2 * h + 2 * q + 2 * kv) + core  # norm in, QKV in, Q, K, V, output
-        dense = b * (2 * h + 3 * cfg.d_ffn)  # norm in, MLP in, gate, up, silu(gate)*up
-        moe = (b * 2 * h + 4 * cfg.n_experts  # norm in, router in, fp32 router logits
-               + cfg.top_k * b * (2 * h + 3 * self.expert_d_ffn)  # k copies: in, gate, up, act, out
-               + b * 3 * cfg.shared_d_ffn)
-        self.act_core = core
-        self.act_layer = attn + (self.n_moe * moe + (L - self.n_moe) * dense) / L
-        self.act_input = b * h
         # memory-bound bytes per token per layer, forward and backward (docs/simulator.md
         # "Memory-bound work"): each elementwise kernel reads its inputs and writes its output once
         k, f, fe, E = cfg.top_k, cfg.d_ffn, self.expert_d_ffn, cfg.n_experts
@@ -159,29 +149,15 @@ def price(st: WorkloadStats, dev: Device, opt: Options, tp, pp, dp, ep, zero, mb
     tokens = mb * s  # tokens in one micro-batch on one data-parallel rank
     out = {"n_gpus": n_gpus, "n_micro": n_micro}
 
-    # --- memory per GPU, bytes -----------------------------------------------------------------
-    vocab = st.V * h * np.where(pp == 1, st.vocab_mats, 1)  # first stage embeds, last has the head
-    # the vocabulary's split: tp, or 1 where tp does not divide an unpadded vocabulary
+    # --- memory per GPU, bytes (minimoe/sim/memory.py) ---------------------------------------
     vocab_tp = tp if opt.pad_vocab else np.where(st.V % tp == 0, tp, 1)
-    p_dense = layers * st.layer_params / tp + vocab / vocab_tp
-    # experts: split over EP x ETP, replicated over the expert data parallel of the stage's
-    # tp x dp ranks (dp / ep with etp = tp)
+    # p_dense, p_expert: parameters per GPU before ZeRO (the data-parallel reduction's volume)
+    vocab_mats = np.where(pp == 1, st.vocab_mats, 1)  # the first stage embeds, the last projects
+    p_dense = layers * st.layer_params / tp + st.V * h * vocab_mats / vocab_tp
     p_expert = st.expert_params / pp / (ep * etp)
     dp_expert = tp * dp / (ep * etp)
-    for name, nbytes, stage in (("weights", opt.weight_bytes, 3), ("grads", opt.grad_bytes, 2),
-                                ("optimizer", opt.optimizer_bytes, 1)):
-        out[name] = nbytes * (p_dense / np.where(zero >= stage, dp, 1)
-                              + p_expert / np.where(zero >= stage, dp_expert, 1))
-    full_layer = tokens * st.act_layer / tp
-    kept = np.where(rc == 0, full_layer, np.where(rc == 1, full_layer - tokens * st.act_core / tp,
-                                                  tokens * st.act_input / tp))
-    rebuilt = np.where(rc == 2, full_layer, 0.0)  # full recompute rebuilds one layer at a time
-    logits = 4 * tokens * st.V / vocab_tp  # fp32 logits for the cross-entropy, last stage
-    first = layers * kept * np.minimum(n_micro, pp) + rebuilt
-    last = layers * kept + rebuilt + logits
-    out["activations"] = np.maximum(first, last)
-    out["memory"] = out["weights"] + out["grads"] + out["optimizer"] + out["activations"]
-    out["fits"] = out["memory"] <= opt.memory_usable * dev.hbm_bytes
+    out.update(memory(st.memory, opt, tp, pp, dp, ep, zero, mb, rc, etp, s, n_micro,
+                      opt.memory_usable * dev.hbm_bytes))
 
     # --- compute: GEMMs at the roofline, per micro-batch on the slowest stage ------------------
     ceiling = dev.peak_flops * opt.gemm_efficiency

@@ -69,6 +69,13 @@ class Options:
     # vocabulary tp does not divide stays whole on each tp rank (minimoe's torchrun path)
     pad_vocab: bool = True
     memory_usable: float = 0.9  # assumption: share of HBM left after CUDA context and fragmentation
+    # whose memory (minimoe/sim/memory.py): "megatron" (Megatron-LM, the published runs) or
+    # "minimoe" (this project's FSDP2 path, as `minimoe dry-run` measures it)
+    memory_model: str = "megatron"
+    # gradients reduce-scattered after every micro-batch (FSDP2's way, sharded between them)
+    # or once per step (Megatron's: held whole until then); and their bytes in the reduction
+    reduce_every_micro_batch: bool = False
+    reduce_bytes: float = 2
     attention: str = "causal"  # FLOP convention of the reported model FLOPs and MFU
     # --- goodput: days of training -> wall-clock days ----------------------------------------
     failures_per_gpu_day: float = LLAMA3_FAILURES_PER_GPU_DAY
@@ -98,6 +105,7 @@ RULES = {  # minimoe/checks.py; a field not named here need only have its type
     **dict.fromkeys(("weight_bytes", "grad_bytes", "act_bytes", "comm_bytes",
                      "checkpoint_minutes", "checkpoint_gbs"), "(0, inf)"),
     "virtual_stages": "int[1, inf)", "attention": ATTENTION,
+    "memory_model": ("megatron", "minimoe"), "reduce_bytes": "(0, inf)",
 }
 
 

@@ -1,0 +1,119 @@
+"""Memory per GPU of a training layout: what a rank holds at its peak, in bytes, on numpy arrays
+of layouts (minimoe/sim/cost.py's `price` calls `memory`). docs/simulator.md#memory gives the
+sources; `Options.memory_model` picks one of two engines:
+
+"megatron"  Megatron-LM (the published runs `minimoe validate` predicts): weights, gradients and
+            optimizer states sharded by ZeRO stage, activations by Korthikanti et al. 2022 §4.
+"minimoe"   this project's torchrun path (FSDP2, minimoe/dist.py) as `minimoe dry-run` tracks
+            it: fp32 shards of the states; the bytes autograd keeps per token and layer for
+            minimoe's model; the peak at the end of the LM head's backward, or, with
+            activation checkpointing, inside the first block recomputed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LOSS_CHUNK_LOGITS = 2**27  # minimoe.model.LOSS_CHUNK_LOGITS (the simulator imports no torch)
+PARTS = ("weights", "grads", "optimizer", "activations")
+
+
+class MemoryStats:
+    """Per-token and per-parameter numbers of a model the formulas need (floats)."""
+
+    def __init__(self, cfg, opt, param_counts: dict, seq_len: int):
+        h, hd = cfg.d_model, cfg.head_dim
+        q, kv, a, b = cfg.n_heads * hd, cfg.n_kv_heads * hd, cfg.n_heads, opt.act_bytes
+        self.L, self.n_moe, self.h, self.hd, self.V = cfg.n_layers, cfg.n_moe_layers, h, hd, cfg.vocab_size
+        self.vocab_mats = 1 if cfg.tie_embeddings else 2
+        self.expert_params = param_counts["experts"]
+        self.layer_params = (param_counts["total"] - param_counts["experts"]
+                             - param_counts["embedding"] - param_counts["lm_head"]) / cfg.n_layers
+        k, fe, E = cfg.top_k, cfg.expert_d_ffn or cfg.d_ffn, cfg.n_experts
+        # --- megatron: Korthikanti et al. 2022 §4, recounted for RMSNorm, GQA, SwiGLU, MoE
+        core = 4 * a + (0 if opt.flash_attention else b * a * seq_len)  # unfused: the scores
+        attn = b * (2 * h + 2 * q + 2 * kv) + core  # norm in, QKV in, Q, K, V, output
+        dense = b * (2 * h + 3 * cfg.d_ffn)  # norm in, MLP in, gate, up, silu(gate)*up
+        moe = (b * 2 * h + 4 * E + k * b * (2 * h + 3 * fe) + b * 3 * cfg.shared_d_ffn)
+        self.act_core = core
+        self.act_layer = attn + (self.n_moe * moe + (self.L - self.n_moe) * dense) / self.L
+        self.act_input = b * h
+        # --- minimoe: what autograd saves per token in minimoe/model.py and moe.py under FSDP2's
+        # bf16 compute, counted by the rehearsal's tracker: per norm its fp32 input, bf16 output
+        # and scale (8h + 4); rotary on Q and K and its cos/sin casts; SDPA's Q, K, V, output and
+        # fp32 log-sum-exp; o_proj's input; SwiGLU's gate, up, silu and product (8 f); an
+        # expert pair's gathered input, output and gated output (6h) with its SwiGLU (8 f)
+        scale = b / 2  # the counts are for bf16 (act_bytes 2); fp32 compute doubles them
+        common = 20 * h + 4 * kv + 4 * hd + 4 * a + 8
+        self.dense_layer = scale * (common + 8 * cfg.d_ffn)
+        self.moe_layer = scale * (common + k * (8 * fe + 6 * h + 30) + 8 * E + 12
+                                  + 8 * cfg.shared_d_ffn)
+        self.tp_whole = scale * (4 * h + 4 * hd)  # gathered from the sequence shards: not / tp
+        self.block_input, self.outside = scale * 2 * h, scale * 8 * h  # + the final norm, embedding
+        self.is_moe = bool(self.n_moe)
+
+
+def memory(ms: MemoryStats, opt, tp, pp, dp, ep, zero, mb, rc, etp, s, n_micro, usable) -> dict:
+    """{weights, grads, optimizer, activations, memory, fits} per GPU, elementwise."""
+    model = _minimoe if opt.memory_model == "minimoe" else _megatron
+    out = model(ms, opt, tp, pp, dp, ep, zero, mb, rc, etp, s, n_micro)
+    out["memory"] = sum(out[k] for k in PARTS)
+    out["fits"] = out["memory"] <= usable
+    return out
+
+
+def _megatron(ms, opt, tp, pp, dp, ep, zero, mb, rc, etp, s, n_micro) -> dict:
+    out, h = {}, ms.h
+    layers, tokens = ms.L / pp, mb * s
+    vocab = ms.V * h * np.where(pp == 1, ms.vocab_mats, 1)  # first stage embeds, last has the head
+    vocab_tp = tp if opt.pad_vocab else np.where(ms.V % tp == 0, tp, 1)
+    p_dense = layers * ms.layer_params / tp + vocab / vocab_tp
+    # experts: split over EP x ETP, replicated over the expert data parallel of the stage's
+    # tp x dp ranks (dp / ep with etp = tp)
+    p_expert = ms.expert_params / pp / (ep * etp)
+    dp_expert = tp * dp / (ep * etp)
+    for name, nbytes, stage in (("weights", opt.weight_bytes, 3), ("grads", opt.grad_bytes, 2),
+                                ("optimizer", opt.optimizer_bytes, 1)):
+        out[name] = nbytes * (p_dense / np.where(zero >= stage, dp, 1)
+                              + p_expert / np.where(zero >= stage, dp_expert, 1))
+    full_layer = tokens * ms.act_layer / tp
+    kept = np.where(rc == 0, full_layer, np.where(rc == 1, full_layer - tokens * ms.act_core / tp,
+                                                  tokens * ms.act_input / tp))
+    rebuilt = np.where(rc == 2, full_layer, 0.0)  # full recompute rebuilds one layer at a time
+    logits = 4 * tokens * ms.V / vocab_tp  # fp32 logits for the cross-entropy, last stage
+    first = layers * kept * np.minimum(n_micro, pp) + rebuilt
+    last = layers * kept + rebuilt + logits
+    out["activations"] = np.maximum(first, last)
+    return out
+
+
+def _minimoe(ms, opt, tp, pp, dp, ep, zero, mb, rc, etp, s, n_micro) -> dict:
+    """FSDP2 over dp (the dense weights, split by tp first) and dp / ep (each expert slice);
+    `minimoe dry-run` measures the same parts (recipes/dry_run.py PARTS)."""
+    out, h = {}, ms.h
+    tokens = mb * s  # a rank's tokens; tensor-parallel ranks see the same ones
+    vocab = np.ceil(ms.V / tp) * tp  # padded to a multiple of tp (minimoe/tensor_parallel.py)
+    p_dense = ms.L * ms.layer_params / tp + ms.vocab_mats * vocab * h / tp
+    p_expert = ms.expert_params / ep
+    sharded = np.where(zero >= 3, p_dense / dp + p_expert / (dp / ep), p_dense + p_expert)
+    out["weights"], out["optimizer"] = 4 * sharded, 8 * sharded
+    whole = p_dense + p_expert  # gradients reduced once per step are held whole until then
+    held_whole = np.logical_not(opt.reduce_every_micro_batch) & (n_micro > 1)
+    out["grads"] = 4 * np.where(held_whole | (zero < 3), whole, sharded)
+    # what the peak holds besides the states: per token, every layer's saved activations, or
+    # with checkpointing every block's input; the embedding's output and the final norm's
+    layer = (ms.n_moe * ms.moe_layer + (ms.L - ms.n_moe) * ms.dense_layer) / ms.L
+    layer = (layer - ms.tp_whole) / tp + ms.tp_whole
+    kept = np.where(rc == 2, ms.L * ms.block_input / tp, ms.L * layer) + ms.outside / tp
+    # (a) the LM head's backward ends: its weight gathered in bf16, its gradient in bf16 and as
+    # the reduction's copy (each twice under tensor parallelism: FSDP2 copies a strided shard
+    # out of, and into, its all-gather and reduce-scatter buffers), and a loss chunk
+    head = vocab * h / tp
+    at_head = head * (4 + opt.reduce_bytes) * np.where(tp > 1, 2, 1) + LOSS_CHUNK_LOGITS * 4 / tp
+    # (b) checkpointing: the top block recomputed, with its backward's gradients (1.13 x its
+    # activations, the share the rehearsal measures), its weights gathered in bf16
+    block = 2 * (ms.layer_params / tp + ms.expert_params / ms.L / ep)
+    top = (np.maximum(ms.moe_layer if ms.is_moe else 0, ms.dense_layer) - ms.tp_whole) / tp
+    in_block = 1.13 * tokens * (top + ms.tp_whole) + block
+    out["activations"] = tokens * kept + np.where(rc == 2, np.maximum(at_head, in_block), at_head)
+    return out
