@@ -117,7 +117,7 @@ def local_block(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], bool]:
         return t, (0,) * t.dim(), not dist.is_initialized() or dist.get_rank() == 0
     _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     coordinate = t.device_mesh.get_coordinate()
-    writes = all(c == 0 for c, p in zip(coordinate, t.placements) if not p.is_shard())
+    writes = all(c == 0 for c, p in zip(coordinate, t.placements) if p.is_replicate())
     return t.to_local(), tuple(offset), writes
 
 
