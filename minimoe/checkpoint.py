@@ -191,7 +191,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     pointer = Path(run_dir) / "ckpt" / "latest"
     if not pointer.exists():
         return None
-    path = pointer.parent / pointer.read_text().strip()
+    path = pointer.parent / pointer.read_text(errors="replace").strip()
     return path if path.is_dir() else None
 
 

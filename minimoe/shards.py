@@ -20,9 +20,10 @@ with the corpus; deduplicate upstream, e.g. with MinHash) and the demo's guarant
 validation document for every domain (the hash decides; the manifest counts what each got).
 
 `load_shards` returns the same TokenData as tokens.py, its arrays memory maps over the shards,
-so `--data shards/` trains with the same batch rule (step i's batch a pure function of the
-seed, i and the domain weights). The training stream is the domains' shards one after
-another, so each domain is one range of it.
+opened when read and at most OPEN_SHARDS at once (each holds a file descriptor: a 3.6T-token
+corpus is ~27k shards, past a common `ulimit -n`), so `--data shards/` trains with the same
+batch rule (step i's batch a pure function of the seed, i and the domain weights). The
+training stream is the domains' shards one after another: each domain is one range of it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import heapq
 import json
 import os
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,35 @@ SHARD_TOKENS = 1 << 27  # 134M tokens: 256 MB of uint16 per shard
 MAX_DOC_CHARS = 1_000_000  # a longer paragraph is cut at a line boundary
 BATCH_DOCS = 512  # documents tokenised at once (the tokenizers library's threads)
 FLUSH_TOKENS = 1 << 20  # a writer's buffer
+OPEN_SHARDS = 64  # memory maps open at once, the most recently read
+
+
+class Shard:
+    """One shard file of n tokens, read through a memory map opened on demand (`_open`)."""
+
+    def __init__(self, path: Path, dtype, n: int):
+        self.path, self.dtype, self.n = str(path), np.dtype(dtype), n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        return _open(self.path, self.dtype)[key]
+
+
+_maps: OrderedDict = OrderedDict()
+
+
+def _open(path: str, dtype) -> np.ndarray:
+    """A shard's memory map, kept among the OPEN_SHARDS most recently read (a slice of an
+    evicted one stays readable: it holds its own reference)."""
+    if path in _maps:
+        _maps.move_to_end(path)
+    else:
+        _maps[path] = np.memmap(path, dtype=dtype, mode="r")
+        while len(_maps) > OPEN_SHARDS:
+            _maps.popitem(last=False)
+    return _maps[path]
 
 
 class ConcatTokens:
@@ -328,7 +359,7 @@ def load_shards(folder) -> tuple[TokenData, object]:
     dtype = np.dtype(manifest["dtype"])
 
     def maps(entries):
-        return [np.memmap(folder / e["file"], dtype=dtype, mode="r") for e in entries]
+        return [Shard(folder / e["file"], dtype, e["tokens"]) for e in entries]
 
     train, ranges, at = [], {}, 0
     for domain in manifest["domains"]:
