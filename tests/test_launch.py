@@ -149,3 +149,24 @@ def test_the_launch_script_runs_recipes_under_torchrun(tmp_path):
     config = json.loads((tmp_path / "moe" / "config.json").read_text())
     assert config["n_experts"] == 4 and config["vocab_size"] == 300
     assert json.loads((tmp_path / "moe-init" / "transform.json").read_text())["streamed"]
+
+
+def test_the_slurm_job_runs_the_launcher_on_every_node(tmp_path):
+    """scaling/slurm.sh under stand-ins for SLURM's scontrol and srun: each node's task runs
+    `scaling/launch.sh train RECIPE` with the job's nodes, its rendezvous on the first node and
+    torchtitan's network settings."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-a\\ngpu-b\\n'\n")
+    (bin_ / "srun").write_text('#!/bin/sh\nshift\nenv > "$OUT"\necho "$@" >> "$OUT"\n')
+    for shim in bin_.iterdir():
+        shim.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+           "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "7"}
+    done = subprocess.run(["bash", str(ROOT / "scaling" / "slurm.sh"), "scaling/full/aquila-7b.toml"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = (tmp_path / "out").read_text()
+    for line in ("NNODES=2", "RDZV_ENDPOINT=gpu-a:29500", "RUN_ID=minimoe-7", "NCCL_BUFFSIZE=2097152"):
+        assert line in out.splitlines(), line
+    assert "scaling/launch.sh train" in out and out.rstrip().endswith("scaling/full/aquila-7b.toml")

@@ -14,8 +14,8 @@ scripts/estimate/estimation.py). What the fake tensors change, and how it is han
   the tracker would count as the rank's memory (AdamW's states at their unsharded size); they
   are made in a fake mode of their own (`_propagation_apart`);
 * AdamW's states exist before the step, as in every step after the first, and so do the
-  gradients of the earlier micro-batches: the step runs the one micro-batch (two when
-  gradients are reduced once per step) whose memory every later micro-batch repeats.
+  gradients of the earlier micro-batches (sharded, or whole when reduced once per step: then
+  two micro-batches run): later micro-batches repeat the memory of the one rehearsed.
 
 `measure` runs the same tracked step on real tensors: tests/test_launch.py checks on 2 gloo
 ranks that the rehearsal gives the real run's figures.
@@ -61,8 +61,10 @@ class PeakTracker(FSDPMemTracker):
 def measure(parallel: dist.Parallel, optimizer, batch, tc) -> dict[str, int]:
     """Bytes this rank holds at its peak in one `train_step`, by category (PARTS, "total")."""
     for p in parallel.model.parameters():
-        p.grad = torch.zeros_like(p)  # what the earlier micro-batches leave
+        p.grad = torch.zeros_like(p)
     optimizer.step()  # AdamW makes its states
+    if not tc.reduce_every_micro_batch:  # sharded gradients appear at the step's end only
+        optimizer.zero_grad(set_to_none=True)
     micro = 1 if tc.reduce_every_micro_batch else 2
     tc = dataclasses.replace(tc, grad_accum=micro)
     tracker = PeakTracker(parallel.model, optimizer)
