@@ -144,7 +144,7 @@ def test_the_chunked_loss_is_the_whole_loss_and_holds_one_chunk(monkeypatch):
 
     from minimoe import model as model_module
 
-    cfg = get_preset("tiny").replace(vocab_size=4096)
+    cfg = get_preset("tiny").replace(vocab_size=4096, max_seq_len=256)
     torch.manual_seed(0)
     model = build_model(cfg)
     x, y = torch.randint(0, 4096, (2, 256)), torch.randint(0, 4096, (2, 256))
