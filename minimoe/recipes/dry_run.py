@@ -32,6 +32,7 @@ import torch.distributed as torch_dist
 import torch.distributed.tensor._sharding_prop as sharding_prop
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+from torch.distributed._tools.mem_tracker import MemTracker
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from minimoe import dist
@@ -42,10 +43,11 @@ from minimoe.sim.hardware import get_device
 from minimoe.train import make_optimizer, plan, train_step
 
 # the tracker's categories, gathered into the parts a reader compares with the simulator
-PARTS = {"weights": ("Sharded Param", "Buffer"), "working weights": ("Unsharded Param", "All Gather"),
-         "grads": ("Sharded Grad", "Unsharded Grad", "Reduce Scatter"),
-         "optimizer": ("OptState",), "activations": ("Activation", "Inputs"),
-         "temporaries": ("Temp",)}
+PARTS = {"weights": ("Sharded Param", "Buffer", "Parameter"),
+         "working weights": ("Unsharded Param", "All Gather"),
+         "grads": ("Sharded Grad", "Unsharded Grad", "Reduce Scatter", "Gradient"),
+         "optimizer": ("OptState", "Optstate"), "activations": ("Activation", "Inputs"),
+         "temporaries": ("Temp", "Other")}
 
 
 class PeakTracker(FSDPMemTracker):
@@ -67,7 +69,11 @@ def measure(parallel: dist.Parallel, optimizer, batch, tc) -> dict[str, int]:
         optimizer.zero_grad(set_to_none=True)
     micro = 1 if tc.reduce_every_micro_batch else 2
     tc = dataclasses.replace(tc, grad_accum=micro)
-    tracker = PeakTracker(parallel.model, optimizer)
+    if parallel.mode == "fsdp":
+        tracker = PeakTracker(parallel.model, optimizer)
+    else:  # one process or DDP (`minimoe bench dist`)
+        tracker = MemTracker()
+        tracker.track_external(parallel.model, optimizer)
     with tracker:
         train_step(parallel, optimizer, batch, tc)
     snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
