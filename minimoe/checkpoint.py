@@ -63,6 +63,16 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]):
                     _blocks(tensors))
 
 
+def _blocks(tensors: dict) -> dict:
+    """{name: (local block, offset)} of the blocks this rank writes."""
+    out = {}
+    for name, t in tensors.items():
+        local, offset, writes = local_block(t.detach())
+        if writes:
+            out[name] = (local, offset)
+    return out
+
+
 def _write_together(path: Path, specs: dict, blocks: dict, group=None):
     """write_blocks into path.tmp by every rank, then renamed into place once all have."""
     tmp = path.with_name(path.name + ".tmp")
@@ -97,15 +107,6 @@ def save_model_tensors(path: Path, model: torch.nn.Module):
     tensors = model_tensors(model)
     specs = {n: (t.dtype, _stored_shape(n, t, model.cfg)) for n, t in tensors.items()}
     _write_together(Path(path), specs, _blocks(tensors))
-
-
-def _blocks(tensors: dict) -> dict:
-    out = {}
-    for name, t in tensors.items():
-        local, offset, writes = local_block(t.detach())
-        if writes:
-            out[name] = (local, offset)
-    return out
 
 
 def load_into(model: torch.nn.Module, path: Path, tensors=None):
@@ -168,19 +169,14 @@ def model_file(run_dir: Path) -> Path:
     return latest / "model.safetensors"
 
 
-def empty_model(cfg: ModelConfig, device="cpu"):
-    """A model with room for its weights and nothing drawn (fill it from a file)."""
-    model = build_model(cfg, device="meta").to_empty(device=device)
-    for buffer in model.buffers():  # the MoE's routing statistics
-        buffer.zero_()
-    return model
-
-
 def load_model(run_dir: Path, device="cpu"):
-    """(model, run metadata) from a run folder."""
+    """(model, run metadata) from a run folder: built with room for its weights and nothing
+    drawn, then filled from the file."""
     run_dir = Path(run_dir)
     path = model_file(run_dir)
-    model = empty_model(read_config(run_dir), device)
+    model = build_model(read_config(run_dir), device="meta").to_empty(device=device)
+    for buffer in model.buffers():  # the MoE's routing statistics
+        buffer.zero_()
     load_into(model, path)
     meta = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
     return model, meta

@@ -1,29 +1,15 @@
 """Pre-tokenised shards for text of any size: `minimoe tokenize --data PATH --out shards/`.
 
-The demo pipeline (data.py, tokens.py) holds the corpus in memory; this streams it instead.
-Each document is read on its own (a .txt paragraph, a .jsonl line), cleaned by the corpus rules
-(data.py: NFKC, whitespace, short lines and documents), given its domain (the file, top-level
-folder or JSONL field, as in data.py) and language, put in train or val by its own hash, and
-tokenised in batches into flat binary shards, each document followed by <|endoftext|>:
+Streamed, unlike the demo pipeline (data.py, tokens.py): each document (a .txt paragraph, a
+.jsonl line) is cleaned by the corpus rules, given its domain and language, put in train or val
+by its own hash, and tokenised in batches into flat shards of uint16 ids (uint32 past 65,536
+entries), each document followed by <|endoftext|>: shards/manifest.json (written last),
+tokenizer.json, train/<domain>/00000.bin ..., val/<domain>/<lang>/00000.bin. Not done at this
+scale: exact deduplication, and a validation document for every domain (the hash decides).
 
-    shards/
-      manifest.json                  written last: tokenizer, vocabulary, dtype, every shard and
-                                     its tokens, tokens per split / domain / language, documents
-      tokenizer.json                 the BPE trained here, or the file given with --tokenizer
-      train/<domain>/00000.bin ...   a domain's training tokens, shard after shard
-      val/<domain>/<lang>/00000.bin
-
-Ids are uint16, or uint32 when the vocabulary has more than 65,536 entries (the paper's 151,851
-does). Memory stays bounded: a few batches of documents and one write buffer per (split, domain,
-language). What is not done at this scale: exact deduplication (a set of every document grows
-with the corpus; deduplicate upstream, e.g. with MinHash) and the demo's guarantee of a
-validation document for every domain (the hash decides; the manifest counts what each got).
-
-`load_shards` returns the same TokenData as tokens.py, its arrays memory maps over the shards,
-opened when read and at most OPEN_SHARDS at once (each holds a file descriptor: a 3.6T-token
-corpus is ~27k shards, past a common `ulimit -n`), so `--data shards/` trains with the same
-batch rule (step i's batch a pure function of the seed, i and the domain weights). The
-training stream is the domains' shards one after another: each domain is one range of it.
+`load_shards` returns the same TokenData as tokens.py over the shards, each opened when read and
+at most OPEN_SHARDS at once (a 3.6T-token corpus is ~27k shards, past a common `ulimit -n`), so
+`--data shards/` trains by the same batch rule, each domain one range of the stream.
 """
 
 from __future__ import annotations

@@ -330,7 +330,7 @@ COMMANDS = {
     "scale-up": ("grow a run's model wider and deeper (FPI, AKI, AKI-Pro)", _add_scale_up, _run_scale_up),
     "scale-out": ("turn a dense run's model into an MoE (upcycle or split)", _add_scale_out, _run_scale_out),
     "experiment": ("the paper's validation experiments at toy scale", _add_experiment, _run_experiment),
-    "dry-run": ("a full-size recipe's parallel plan on meta tensors, against the simulator",
+    "dry-run": ("full-size recipes' training step rehearsed here: memory, against the simulator",
                 add_dry_run, run_dry_run),
     "launch-args": ("the commands of a full-size recipe (what scaling/launch.sh runs)",
                     add_launch_args, run_launch_args),

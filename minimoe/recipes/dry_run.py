@@ -162,3 +162,14 @@ def dry_run_report(r: dict) -> str:
                  f"{r['tokens_per_s']:,.0f} tokens/s predicted; layout "
                  f"{'is' if r['engine_plan_matches'] else 'is NOT'} the simulator's choice")
     return "\n".join(lines)
+
+
+def dry_run_table(results: list[dict]) -> str:
+    """The README's table of the recipes (Markdown)."""
+    lines = ["| recipe | GPUs | layout | rehearsed peak GB | simulated peak GB | predicted tokens/s |",
+             "|---|--:|---|--:|--:|--:|"]
+    for r in results:
+        lines.append(f"| {r['recipe']} | {r['gpus']:,} | {r['layout']} | "
+                     f"{r['rehearsed']['total'] / 1e9:.1f} | {r['simulated']['memory'] / 1e9:.1f} | "
+                     f"{r['tokens_per_s']:,.0f} |")
+    return "\n".join(lines)

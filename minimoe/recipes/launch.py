@@ -2,17 +2,10 @@
 `minimoe` commands that run it under torchrun (scaling/launch.sh runs them).
 
 A recipe names a stage (pretrain, scale-up or scale-out), the model shape, where it grows from,
-the training budget of arXiv 2408.06567 Table 3 (tokens, learning rate, batch) and a layout:
-GPUs, FSDP2 or DDP, tensor- and expert-parallel ranks, micro-batch, activation checkpointing.
-The layout is what the cost simulator recommends among the layouts this torchrun path runs
-(`engine_plan`): data parallel over every GPU (FSDP2 = ZeRO-3, or DDP = ZeRO-0), with tensor
-and sequence parallelism inside a node for a dense model (FSDP2 only) or expert parallelism
-for an MoE; no pipeline parallelism, which `minimoe plan`'s overall fastest layout may use
-(shown beside it by `minimoe dry-run`). The simulator prices this path as it runs
-(`ENGINE_OPTIONS`): bytes as FSDP2 stores them, the fp32 shard being the master weight, so
-4 (weights) + 4 (gradients) + 8 (Adam m, v) bytes per parameter, the bf16 copy existing only
-for the block being computed; and a vocabulary that tp does not divide left whole on each tp
-rank (minimoe/tensor_parallel.py), not padded as Megatron's.
+the training budget of arXiv 2408.06567 Table 3 and a layout: GPUs, tensor- and expert-parallel
+ranks, micro-batch, activation checkpointing. The layout is the fastest `engine_plan` finds
+among those this path runs and `minimoe dry-run` rehearses (FSDP2; no pipeline parallelism),
+priced as the path runs (`ENGINE_OPTIONS`: docs/simulator.md#memory).
 """
 
 from __future__ import annotations

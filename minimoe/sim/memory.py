@@ -106,10 +106,10 @@ def _minimoe(ms, opt, tp, pp, dp, ep, zero, mb, rc, etp, s, n_micro) -> dict:
     layer = (layer - ms.tp_whole) / tp + ms.tp_whole
     kept = np.where(rc == 2, ms.L * ms.block_input / tp, ms.L * layer) + ms.outside / tp
     # (a) the LM head's backward ends: its weight gathered in bf16, its gradient in bf16 and as
-    # the reduction's copy (each twice under tensor parallelism: FSDP2 copies a strided shard
-    # out of, and into, its all-gather and reduce-scatter buffers), and a loss chunk
+    # the reduction's copy, and a loss chunk; under tensor parallelism the rehearsal tracks 5
+    # bytes per head weight there, not 4 + 4 (its peak comes before the reduction's copy)
     head = vocab * h / tp
-    at_head = head * (4 + opt.reduce_bytes) * np.where(tp > 1, 2, 1) + LOSS_CHUNK_LOGITS * 4 / tp
+    at_head = head * np.where(tp > 1, 5, 4 + opt.reduce_bytes) + LOSS_CHUNK_LOGITS * 4 / tp
     # (b) checkpointing: the top block recomputed, with its backward's gradients (1.13 x its
     # activations, the share the rehearsal measures), its weights gathered in bf16
     block = 2 * (ms.layer_params / tp + ms.expert_params / ms.L / ep)
