@@ -21,7 +21,6 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from torch._subclasses.fake_tensor import FakeTensor
 
 from minimoe.checks import check_fields
@@ -182,13 +181,8 @@ class MoE(nn.Module):
         }
 
     def _smooth_load(self, r: Routing, load_E):
-        """Load per expert. With noise (training) Shazeer's differentiable estimate:
-        sum_t P(expert e stays in the top k if its noise were redrawn) =
-        Phi((clean_e - threshold) / noise_std_e), the threshold being the k-th best noisy
-        logit of the others. LLaMA-MoE compares only the noise term against the threshold
-        when picking which threshold applies; we compare the full noisy logits, as the
-        implementations its gate cites do (davidmrau/mixture-of-experts, moe.py
-        `_prob_in_top_k`; docs/method.md#auxiliary-losses)."""
+        """Load per expert; with noise (training) Shazeer's differentiable estimate,
+        sum_t Phi((clean_e - threshold) / noise_std_e) (docs/method.md#auxiliary-losses)."""
         if r.noise_std_TE is None or self.top_k >= self.n_experts:
             return load_E.float()
         K, noisy_TE = self.top_k, r.route_logits_TE
@@ -269,13 +263,8 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 def max_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Baichuan 2's max-z loss (eq. 1): the squared maximum logit, averaged over tokens.
-
-    AquilaMoE applies a "max z-loss" with coefficient 0.01 but does not say to which logits
-    (arXiv 2408.06567 §2.3; docs/method.md#auxiliary-losses). The MoE computes it on its
-    router logits (aux["max_z"]); the training
-    loop calls this on the LM-head logits (B, T, V) for the other reading (Baichuan 2's).
-    """
+    """Baichuan 2's max-z loss (eq. 1): the squared maximum logit, averaged over tokens; on the
+    router's logits or the LM head's (docs/method.md#auxiliary-losses)."""
     return logits.float().amax(dim=-1).square().mean()
 
 
@@ -288,14 +277,8 @@ def cv_squared(x: torch.Tensor) -> torch.Tensor:
 
 
 def router_init_std(value: float = 0.02, convention: str = "std") -> float:
-    """The router's init std from the paper's number read as a std (default) or a variance.
-
-    AquilaMoE (arXiv 2408.06567 §2.3) says "a normal distribution with a mean of 0 and a
-    variance of 0.02". The sentence is copied from MiniCPM (arXiv 2404.06395 §7.3), and the
-    FlagScale/Megatron path BAAI most likely used (megatron/core/transformer/moe/router.py)
-    initialises the router with std = init_method_std = 0.02 (variance 4e-4), so std is our
-    default; convention="variance" follows the sentence literally (std = sqrt(0.02) = 0.141).
-    """
+    """The router's init std from the paper's "variance of 0.02" read as a std (the default,
+    Megatron/FlagScale's init_method_std) or literally (docs/method.md#router-initialisation)."""
     if convention == "std":
         return value
     if convention == "variance":

@@ -96,7 +96,7 @@ class WorkloadStats:
                              - counts["lm_head"]) / L  # non-expert, incl. router and norms
         self.vocab_mats = 1 if cfg.tie_embeddings else 2
         self.memory = MemoryStats(cfg, opt, counts, s)  # minimoe/sim/memory.py
-        b, h = opt.act_bytes, cfg.d_model
+        b, h, a = opt.act_bytes, cfg.d_model, cfg.n_heads
         q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         # memory-bound bytes per token per layer, forward and backward (docs/simulator.md
         # "Memory-bound work"): each elementwise kernel reads its inputs and writes its output once

@@ -38,11 +38,8 @@ class MemoryStats:
         self.act_core = core
         self.act_layer = attn + (self.n_moe * moe + (self.L - self.n_moe) * dense) / self.L
         self.act_input = b * h
-        # --- minimoe: what autograd saves per token in minimoe/model.py and moe.py under FSDP2's
-        # bf16 compute, counted by the rehearsal's tracker: per norm its fp32 input, bf16 output
-        # and scale (8h + 4); rotary on Q and K and its cos/sin casts; SDPA's Q, K, V, output and
-        # fp32 log-sum-exp; o_proj's input; SwiGLU's gate, up, silu and product (8 f); an
-        # expert pair's gathered input, output and gated output (6h) with its SwiGLU (8 f)
+        # --- minimoe: what autograd saves per token in model.py and moe.py under FSDP2's bf16
+        # compute, as the rehearsal's tracker counts it (docs/simulator.md#memory)
         scale = b / 2  # the counts are for bf16 (act_bytes 2); fp32 compute doubles them
         common = 20 * h + 4 * kv + 4 * hd + 4 * a + 8
         self.dense_layer = scale * (common + 8 * cfg.d_ffn)
