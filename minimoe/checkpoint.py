@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 
 from minimoe import files
 from minimoe.config import ModelConfig
@@ -59,8 +60,7 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]):
     """A safetensors file, written atomically, from every rank (each its own blocks)."""
-    _write_together(Path(path), {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()},
-                    _blocks(tensors))
+    _write_together(Path(path), tensors, {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()})
 
 
 def _blocks(tensors: dict) -> dict:
@@ -73,16 +73,27 @@ def _blocks(tensors: dict) -> dict:
     return out
 
 
-def _write_together(path: Path, specs: dict, blocks: dict, group=None):
-    """write_blocks into path.tmp by every rank, then renamed into place once all have."""
+def _write_together(path: Path, tensors: dict, specs: dict):
+    """write_blocks into path.tmp, then renamed into place: by every rank when the tensors are
+    sharded (each its blocks), else by the caller alone (one process, rank 0 of DDP, or a
+    rank inside dist.main_only)."""
+    together = _sharded(tensors)
+    if not (together or _main()):
+        return
     tmp = path.with_name(path.name + ".tmp")
     if _main():
         tmp.unlink(missing_ok=True)
-    _barrier(group)
-    write_blocks(tmp, specs, blocks, metadata={"format": "pt"})
-    _barrier(group)
+    if together:
+        _barrier()
+    write_blocks(tmp, specs, _blocks(tensors), metadata={"format": "pt"}, header=_main())
+    if together:
+        _barrier()
     if _main():
         os.replace(tmp, path)
+
+
+def _sharded(tensors: dict) -> bool:
+    return any(isinstance(t, DTensor) for t in tensors.values())
 
 
 # --- models -----------------------------------------------------------------------------
@@ -106,7 +117,7 @@ def save_model_tensors(path: Path, model: torch.nn.Module):
     """The model file, from one process or from every rank (each must call it)."""
     tensors = model_tensors(model)
     specs = {n: (t.dtype, _stored_shape(n, t, model.cfg)) for n, t in tensors.items()}
-    _write_together(Path(path), specs, _blocks(tensors))
+    _write_together(Path(path), tensors, specs)
 
 
 def load_into(model: torch.nn.Module, path: Path, tensors=None):
@@ -152,7 +163,8 @@ def save_model(run_dir: Path, model, meta: dict | None = None):
         files.write_text(run_dir / "config.json", model.cfg.to_json())
         if meta is not None:
             files.write_json(run_dir / "run.json", meta)
-    _barrier()
+    if _sharded(model.state_dict()):  # every rank writes its part (else the caller alone)
+        _barrier()
     save_model_tensors(run_dir / "model.safetensors", model)
 
 
