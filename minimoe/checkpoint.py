@@ -1,9 +1,24 @@
-"""Checkpoints on disk: safetensors tensors + JSON, written atomically, read through their rules.
+"""Checkpoints on disk: safetensors tensors + JSON and nothing else, so reading a run folder
+never runs code from it (no pickle: a file that is not a valid safetensors or JSON file is a
+one-line error).
 
-One process writes safetensors, several ranks torch.distributed.checkpoint shards; either
-resumes in any layout, and the final model.safetensors is always the consolidated file. A
-checkpoint folder is renamed from step_N.tmp only once complete. The folder layout and what
-is checked on reading it: docs/method.md, "Run folders".
+    runs/small/
+      config.json            the ModelConfig
+      run.json               what produced the run (stage, train config, data, parent run)
+      model.safetensors      the final model (written when a stage finishes)
+      ckpt/step_000100/      a resumable training checkpoint:
+          model.safetensors    weights
+          optim.safetensors    AdamW's moments and step, "{parameter}.{exp_avg,...}"
+          rng_R.safetensors    RNG state of rank R (R = 0 in one process)
+          state.json           step, tokens seen, optimizer hyper-parameters, world size
+      ckpt/latest            the name of the newest complete checkpoint
+      log.jsonl, loss.png    written by the training loop
+
+One format for one process and for many ranks: every tensor is stored whole, with the model's
+own vocabulary, and under torchrun each rank writes its own block of it in place and reads back
+only the blocks it holds (minimoe/stream.py), so a checkpoint of any layout resumes in any
+other and no rank ever gathers a whole model. A checkpoint folder is renamed from step_N.tmp
+once every rank has written, so a run killed at any instant keeps its previous checkpoint.
 """
 
 from __future__ import annotations
@@ -11,39 +26,24 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import warnings
+import threading
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
 from minimoe import files
 from minimoe.config import ModelConfig
-from minimoe.files import atomic_write
 from minimoe.model import build_model
 from minimoe.run_files import STEP_NAME, checked_state, step_of
-from minimoe.stream import write_safetensors
+from minimoe.stream import local_block, read_block, write_blocks
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated or does not fit the model."""
-
-
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]):
-    """A safetensors file, written atomically (contiguous CPU copies: safetensors' rule)."""
-    with atomic_write(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp))
 
 
 def read_json(path: Path) -> dict:
@@ -60,6 +60,44 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({err})") from None
 
 
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]):
+    """A safetensors file, written atomically, from every rank (each its own blocks)."""
+    _write_together(Path(path), tensors, {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()})
+
+
+def _blocks(tensors: dict) -> dict:
+    """{name: (local block, offset)} of the blocks this rank writes."""
+    out = {}
+    for name, t in tensors.items():
+        local, offset, writes = local_block(t.detach())
+        if writes:
+            out[name] = (local, offset)
+    return out
+
+
+def _write_together(path: Path, tensors: dict, specs: dict):
+    """write_blocks into path.tmp, then renamed into place: by every rank when the tensors are
+    sharded (each its blocks), else by the caller alone (one process, rank 0 of DDP, or a
+    rank inside dist.main_only)."""
+    together = _sharded(tensors)
+    if not (together or _main()):
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    if _main():
+        tmp.unlink(missing_ok=True)
+    if together:
+        _barrier()
+    write_blocks(tmp, specs, _blocks(tensors), metadata={"format": "pt"}, header=_main())
+    if together:
+        _barrier()
+    if _main():
+        os.replace(tmp, path)
+
+
+def _sharded(tensors: dict) -> bool:
+    return any(isinstance(t, DTensor) for t in tensors.values())
+
+
 # --- models -----------------------------------------------------------------------------
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with a tied LM head stored once (safetensors refuses shared storage)."""
@@ -69,57 +107,52 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path):
-    """Copy tensors into the model, naming the first tensor that is missing or misshapen."""
-    check_tensors(model, tensors, source)
-    _copy(model, tensors)
-
-
-def _copy(model, tensors):
-    with torch.no_grad():
-        for name, ref in model_tensors(model).items():
-            ref.copy_(tensors[name])
-
-
-def check_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> dict:
-    """The model's tensors, once `tensors` is known to hold each of them in its shape (a
-    sharded model's DTensors have their global shapes)."""
-    expected = model_tensors(model)
-    for name, ref in expected.items():
-        if name not in tensors:
-            raise CheckpointError(f"{source}: tensor {name} is missing")
-        if tuple(tensors[name].shape) != tuple(ref.shape):
-            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, "
-                                  f"the model expects {tuple(ref.shape)}")
-        if not tensors[name].is_floating_point() or not torch.isfinite(tensors[name]).all():
-            raise CheckpointError(f"{source}: tensor {name} ({tensors[name].dtype}) must hold "
-                                  "finite floating-point numbers")
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        raise CheckpointError(f"{source}: unexpected tensor {extra[0]} (a different architecture?)")
-    return expected
+def _stored_shape(name: str, t: torch.Tensor, cfg) -> tuple[int, ...]:
+    """A tensor's shape on disk: a vocabulary padded for tensor parallelism is stored unpadded."""
+    vocab = getattr(cfg, "vocab_size", None) or t.shape[0]
+    if name.split(".")[0] in ("embed", "lm_head") and t.dim() == 2:
+        return (vocab, *t.shape[1:])
+    return tuple(t.shape)
 
 
 def save_model_tensors(path: Path, model: torch.nn.Module):
-    """The consolidated model file from one process or from every rank (each must call it):
-    one tensor at a time is gathered from its shards (DTensor.full_tensor) and rank 0 streams
-    it to disk, so no rank ever holds the whole model (minimoe/stream.py)."""
+    """The model file, from one process or from every rank (each must call it)."""
     tensors = model_tensors(model)
-    if not _several_ranks():
-        save_tensors(path, tensors)
-        return
-    specs = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+    specs = {n: (t.dtype, _stored_shape(n, t, model.cfg)) for n, t in tensors.items()}
+    _write_together(Path(path), tensors, specs)
 
-    def gathered(name):
-        t = tensors[name].detach()
-        return (t.full_tensor() if isinstance(t, DTensor) else t).cpu().contiguous()
 
-    if dist.get_rank() == 0:
-        write_safetensors(path, specs, gathered, metadata={"format": "pt"})
-    else:
-        for name in specs:  # the same collectives in the same order as rank 0's writer
-            gathered(name)
-    dist.barrier()
+def load_into(model: torch.nn.Module, path: Path, tensors=None):
+    """Fill every tensor of the model (each rank: the blocks it holds) from a safetensors file,
+    naming the first that is missing or misshapen; reads only those blocks."""
+    tensors = model_tensors(model) if tensors is None else tensors
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        with safe_open(str(path), "pt") as f:
+            stored = set(f.keys())
+            for name, t in tensors.items():
+                expected = _stored_shape(name, t, model.cfg)
+                if name not in stored:
+                    raise CheckpointError(f"{path}: tensor {name} is missing")
+                stored_slice = f.get_slice(name)
+                shape, dtype = tuple(stored_slice.get_shape()), stored_slice.get_dtype()
+                if shape != expected:
+                    raise CheckpointError(f"{path}: tensor {name} has shape {shape}, the model "
+                                          f"expects {expected}")
+                if not dtype.startswith(("F", "BF")):
+                    raise CheckpointError(f"{path}: tensor {name} ({dtype}) must hold "
+                                          "floating-point numbers")
+                local, offset, _ = local_block(t.detach())
+                read_block(f, name, local, offset)
+                if not torch.isfinite(local).all():
+                    raise CheckpointError(f"{path}: tensor {name} must hold finite numbers")
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({err})") from None
+    extra = sorted(stored - set(tensors))
+    if extra:
+        raise CheckpointError(f"{path}: unexpected tensor {extra[0]} (a different architecture?)")
 
 
 def read_config(run_dir: Path) -> ModelConfig:
@@ -133,11 +166,14 @@ def read_config(run_dir: Path) -> ModelConfig:
 def save_model(run_dir: Path, model, meta: dict | None = None):
     """Write config.json, model.safetensors and (optionally) run.json into run_dir."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    files.write_text(run_dir / "config.json", model.cfg.to_json())
-    save_tensors(run_dir / "model.safetensors", model_tensors(model))
-    if meta is not None:
-        files.write_json(run_dir / "run.json", meta)
+    if _main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        files.write_text(run_dir / "config.json", model.cfg.to_json())
+        if meta is not None:
+            files.write_json(run_dir / "run.json", meta)
+    if _sharded(model.state_dict()):  # every rank writes its part (else the caller alone)
+        _barrier()
+    save_model_tensors(run_dir / "model.safetensors", model)
 
 
 def model_file(run_dir: Path) -> Path:
@@ -154,23 +190,14 @@ def model_file(run_dir: Path) -> Path:
 
 
 def load_model(run_dir: Path, device="cpu"):
-    """(model, run metadata) from a run folder."""
+    """(model, run metadata) from a run folder: built with room for its weights and nothing
+    drawn, then filled from the file."""
     run_dir = Path(run_dir)
-    latest = latest_checkpoint(run_dir)
-    sharded = (not (run_dir / "model.safetensors").exists() and latest is not None
-               and is_sharded(latest))
-    path = latest if sharded else model_file(run_dir)
-    cfg = read_config(run_dir)
-    if sharded:  # an unfinished run of several ranks: its last DCP checkpoint, in one process
-        model = build_model(cfg, device=device)
-        weights = {"model": get_model_state_dict(model)}
-        _dcp_load(weights, path, no_dist=True)  # read by this process alone, whatever the rest do
-        set_model_state_dict(model, weights["model"])
-    else:
-        tensors = load_tensors(path)  # checked on a model of no memory: the file, not
-        check_tensors(build_model(cfg, device="meta"), tensors, path)  # config.json, sizes it
-        model = build_model(cfg, device=device)
-        _copy(model, tensors)
+    path = model_file(run_dir)
+    model = build_model(read_config(run_dir), device="meta").to_empty(device=device)
+    for buffer in model.buffers():  # the MoE's routing statistics
+        buffer.zero_()
+    load_into(model, path)
     meta = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
     return model, meta
 
@@ -203,83 +230,129 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return newest
 
 
-def is_sharded(path: Path) -> bool:
-    """A checkpoint folder written by several ranks (torch.distributed.checkpoint)."""
-    return (Path(path) / ".metadata").exists()
+def _main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _several_ranks() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
+def _barrier(group=None):
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier(group=group)
 
 
-def _barrier():
-    if _several_ranks():
-        dist.barrier()
+class _Pending:
+    """The checkpoint being written in the background, and its own gloo group (collectives
+    of a second thread must not share the training's group)."""
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
+    group = None
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep: int = 2):
-    """Write ckpt/step_N atomically, point ckpt/latest at it, keep the newest `keep`.
-    Under torchrun every rank calls it (DCP is collective); rank 0 does the renaming."""
-    ckpt_root = Path(run_dir) / "ckpt"
+def wait_for_checkpoint():
+    """Block until a background checkpoint is complete; re-raise what it failed with."""
+    if _Pending.thread is not None:
+        _Pending.thread.join()
+        _Pending.thread = None
+    if _Pending.error is not None:
+        error, _Pending.error = _Pending.error, None
+        raise error
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep: int = 2,
+                    background: bool = False):
+    """Write ckpt/step_N atomically, point ckpt/latest at it, keep the newest `keep`. Under
+    torchrun every rank calls it. background: each rank copies its blocks to host memory and
+    returns; a thread writes them and completes the checkpoint (torchtitan's async save)."""
+    wait_for_checkpoint()
+    root = Path(run_dir) / "ckpt"
     name = f"step_{step:06d}"
-    tmp, final = ckpt_root / (name + ".tmp"), ckpt_root / name
-    main = not _several_ranks() or dist.get_rank() == 0
-    if main:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
+    tmp = root / (name + ".tmp")
+    if _main():
+        root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    if _several_ranks():
-        _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-        save_tensors(tmp / f"rng_{dist.get_rank()}.safetensors", rng_state())
-        extra = {"format": "dcp", "world_size": dist.get_world_size()}
-        _barrier()  # every rank's shards are on disk before the folder gets its name
-    else:
-        save_tensors(tmp / "model.safetensors", model_tensors(model))
-        moments, hyper = _flatten_optimizer(model, optimizer)
-        save_tensors(tmp / "optim.safetensors", moments)
-        save_tensors(tmp / "rng.safetensors", rng_state())
-        extra = {"optimizer": hyper}
-    if main:
-        files.write_json(tmp / "state.json", {**state, "step": step, **extra})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        files.write_text(ckpt_root / "latest", name)
-        older = sorted((p for p in ckpt_root.glob("step_*") if STEP_NAME.fullmatch(p.name)
-                        and step_of(p) < step), key=step_of)  # by step, never this one
-        for old in older[:max(0, len(older) - (keep - 1))]:
-            shutil.rmtree(old, ignore_errors=True)
     _barrier()
+    cfg = model.cfg
+    tensors = {"model": model_tensors(model), "optim": _optimizer_tensors(model, optimizer)}
+    specs = {part: {n: (t.dtype, _stored_shape(n, t, cfg)) for n, t in ts.items()}
+             for part, ts in tensors.items()}
+    blocks = {part: _blocks(ts) for part, ts in tensors.items()}
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    extra = {"optimizer": {"param_groups": hyper}, "world_size": world}
+    rng = rng_state()
+    if background:
+        blocks = {part: {n: (local.to("cpu", copy=True), offset)
+                         for n, (local, offset) in b.items()} for part, b in blocks.items()}
+        if _Pending.group is None and world > 1:
+            _Pending.group = dist.new_group(backend="gloo")
+
+    def write(group=None):
+        for part in tensors:
+            write_blocks(tmp / f"{part}.safetensors", specs[part], blocks[part])
+        write_blocks(tmp / f"rng_{rank}.safetensors", {k: (v.dtype, tuple(v.shape))
+                                                        for k, v in rng.items()},
+                     {k: (v, (0,)) for k, v in rng.items()}, header=True)  # each rank its own
+        _barrier(group)  # every rank's blocks are on disk before the folder gets its name
+        if _main():
+            files.write_json(tmp / "state.json", {**state, "step": step, **extra})
+            final = root / name
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            files.write_text(root / "latest", name)
+            older = sorted((p for p in root.glob("step_*") if STEP_NAME.fullmatch(p.name)
+                            and step_of(p) < step), key=step_of)  # by step, never this one
+            for old in older[:max(0, len(older) - (keep - 1))]:
+                shutil.rmtree(old, ignore_errors=True)
+        _barrier(group)
+
+    if not background:
+        write()
+        return
+
+    def run():
+        try:
+            write(_Pending.group)
+        except BaseException as err:  # re-raised by the next wait_for_checkpoint
+            _Pending.error = err
+
+    _Pending.thread = threading.Thread(target=run, name=f"checkpoint {name}", daemon=True)
+    _Pending.thread.start()
 
 
 def load_checkpoint(path: Path, model, optimizer) -> dict:
-    """Restore model, optimizer and RNG from a checkpoint folder of either format, into a
-    model of any layout; returns its state.json."""
+    """Restore model, optimizer and RNG from a checkpoint folder into a model of any layout;
+    returns its state.json."""
     path = Path(path)
-    state = checked_state(read_json(path / "state.json"), path, is_sharded(path))
-    if is_sharded(path):
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        restored = {"model": model_sd, "optim": optim_sd}
-        _dcp_load(restored, path)
-        set_state_dict(model, optimizer, model_state_dict=restored["model"],
-                       optim_state_dict=restored["optim"])
-        rank = dist.get_rank() if _several_ranks() else 0
-        rng = path / f"rng_{rank}.safetensors"
-        if not rng.exists():  # fewer ranks wrote it: every rank takes rank 0's stream
-            rng = path / "rng_0.safetensors"
-    else:
-        tensors = load_tensors(path / "model.safetensors")
-        moments = load_tensors(path / "optim.safetensors")
-        if _several_ranks():  # one process wrote it: a full state dict, sharded on loading
-            _set_full_state(model, optimizer, tensors, moments, state["optimizer"], path)
-        else:
-            load_into(model, tensors, path / "model.safetensors")
-            _unflatten_optimizer(model, optimizer, moments, state["optimizer"],
-                                 path / "optim.safetensors")
-        rng = path / "rng.safetensors"
+    state = checked_state(read_json(path / "state.json"), path)
+    groups = state["optimizer"]["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise CheckpointError(f"{path / 'state.json'}: optimizer has {len(groups)} parameter "
+                              f"groups; this run's optimizer has {len(optimizer.param_groups)}")
+    load_into(model, path / "model.safetensors")
+    moments = _optimizer_tensors(model, optimizer, create=True)
+    load_into(model, path / "optim.safetensors", tensors=moments)
+    for group, hyper in zip(optimizer.param_groups, groups):
+        group.update({k: v for k, v in hyper.items() if k != "params"})
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng = path / f"rng_{rank}.safetensors"
+    if not rng.exists():  # fewer ranks wrote it: every rank takes rank 0's stream
+        rng = path / "rng_0.safetensors"
     set_rng_state(load_tensors(rng), rng)
     return state
+
+
+def _optimizer_tensors(model, optimizer, create: bool = False) -> dict[str, torch.Tensor]:
+    """AdamW's state keyed "{parameter name}.{exp_avg,exp_avg_sq,step}"; create=True makes it
+    first (zeros, of each parameter's layout), to be filled from a file."""
+    out = {}
+    for name, p in model.named_parameters():
+        if create:
+            optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                  "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        for key, value in optimizer.state.get(p, {}).items():
+            out[f"{name}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return out
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -301,72 +374,3 @@ def set_rng_state(state: dict[str, torch.Tensor], source="rng state"):
     torch.set_rng_state(got)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _dcp_load(state: dict, path: Path, no_dist: bool = False):
-    try:
-        with warnings.catch_warnings():  # one process reading a DCP checkpoint is intended here
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=path, no_dist=no_dist or not _several_ranks())
-    except (RuntimeError, ValueError, OSError) as err:
-        raise CheckpointError(f"{path}: unreadable distributed checkpoint "
-                              f"({str(err).splitlines()[0]})") from None
-
-
-def _set_full_state(model, optimizer, tensors, moments, hyper, path: Path):
-    """A one-process checkpoint into a sharded model: checked by name and shape, then given to
-    set_state_dict as full state dicts, which keeps each rank's shards."""
-    check_tensors(model, tensors, path / "model.safetensors")
-    tensors = dict(tensors)
-    if model.cfg.tie_embeddings:  # stored once, expected under both names
-        tensors["lm_head.weight"] = tensors["embed.weight"]
-    shapes = {name: p.shape for name, p in model.named_parameters()}
-    state: dict = {}
-    for key, value in moments.items():
-        name, field = key.rsplit(".", 1)
-        if name not in shapes or (field != "step" and value.shape != shapes[name]):
-            raise CheckpointError(f"{path / 'optim.safetensors'}: tensor {key} does not fit "
-                                  "the model")
-        state.setdefault(name, {})[field] = value
-    groups = [{**h, "params": names}
-              for h, names in zip(hyper["param_groups"], hyper["group_params"])]
-    set_state_dict(model, optimizer, model_state_dict=tensors,
-                   optim_state_dict={"state": state, "param_groups": groups},
-                   options=StateDictOptions(full_state_dict=True))
-
-
-def _flatten_optimizer(model, optimizer):
-    """AdamW state keyed by parameter name, so the file is readable and order-independent."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    moments = {}
-    for p, s in optimizer.state.items():
-        for key, value in s.items():
-            moments[f"{names[id(p)]}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-    return moments, {"param_groups": hyper, "group_params": groups}
-
-
-def _unflatten_optimizer(model, optimizer, moments, hyper, source):
-    params = dict(model.named_parameters())
-    state = {}
-    for key, value in moments.items():
-        name, field = key.rsplit(".", 1)
-        if name not in params:
-            raise CheckpointError(f"{source}: optimizer state for unknown parameter {name}")
-        if field != "step" and value.shape != params[name].shape:
-            raise CheckpointError(f"{source}: tensor {key} has shape {tuple(value.shape)}, "
-                                  f"the model expects {tuple(params[name].shape)}")
-        state.setdefault(name, {})[field] = value
-    # rebuild torch's own layout: parameters numbered in group order, state by that number
-    sd = {"state": {}, "param_groups": []}
-    index = 0
-    for group_hyper, names in zip(hyper["param_groups"], hyper["group_params"]):
-        ids = []
-        for name in names:
-            if name in state:
-                sd["state"][index] = state[name]
-            ids.append(index)
-            index += 1
-        sd["param_groups"].append({**group_hyper, "params": ids})
-    optimizer.load_state_dict(sd)

@@ -1,24 +1,16 @@
 """Distribution wrapped around the model from outside, on PyTorch's own engine (as torchtitan
 keeps `parallelize` apart from its models: torchtitan/models/llama3/infra/parallelize.py).
 
-    init_from_env()    torchrun's RANK / WORLD_SIZE / LOCAL_RANK -> one process group, nccl on
-                       CUDA, gloo on CPU. Outside torchrun (or with WORLD_SIZE=1) nothing is
-                       initialised and every helper below is a no-op: one process runs exactly
-                       the code it ran before distribution existed.
-    build_mesh(ep, tp) the DeviceMesh ("dp", "ep"): ep ranks share the experts of each MoE layer
-                       (E/ep each), dp groups of them replicate that; all dp x ep ranks hold
-                       different rows of the batch (expert parallelism borrows data-parallel
-                       ranks, as in GShard and torchtitan). With tp > 1 (a dense model) the
-                       mesh is ("dp", "tp"): tp consecutive ranks split each matrix and see the
-                       same rows.
-    parallelize(...)   per block: activation checkpointing, torch.compile, then tensor or
-                       expert parallelism (minimoe/tensor_parallel.py, expert_parallel.py),
-                       then FSDP2 `fully_shard` per block and on the root over "dp" (or DDP);
-                       returns a `Parallel`.
+    init_from_env()    torchrun's RANK / WORLD_SIZE / LOCAL_RANK -> one process group (nccl on
+                       CUDA, gloo on CPU); outside torchrun every helper below is a no-op
+    build_mesh(ep, tp) the DeviceMesh ("dp", "ep"), or ("dp", "tp") for a dense model
+    parallelize(...)   activation checkpointing and compile per block, then tensor or expert
+                       parallelism, then FSDP2 units (embedding, blocks, norm + head) or DDP
 
-The global batch of step i is one process's batch: every rank draws the same
-`train_batch(step, ...)` and keeps its own rows (`rows`), each rank's loss is the mean over its
-rows, and FSDP/DDP average the gradients over the ranks, so they equal one process's.
+The global batch of step i is one process's batch: every rank keeps its own rows (`rows`),
+each rank's loss is the mean over its rows, and FSDP/DDP average the gradients over the ranks,
+so they equal one process's (but for the MoE auxiliary losses, each rank's over its own tokens
+as Megatron's default "aux_loss" is: with a balance coefficient the run differs slightly).
 """
 
 from __future__ import annotations
@@ -33,6 +25,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.parallel import loss_parallel
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
@@ -167,14 +160,18 @@ class RankRows:
                 for x, y in self.data.val_batches(batch_size, seq_len, n_batches, lang)]
 
 
-def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Each number averaged over the ranks (every rank gets the same result)."""
-    if not is_distributed() or not values:
-        return values
+def mean_over_ranks(values: dict) -> dict[str, float]:
+    """Each number (a float or a 0-d tensor) averaged over the ranks, as floats: one copy to
+    the host (every rank gets the same result)."""
+    if not values:
+        return {}
     names = sorted(values)
-    t = torch.tensor([values[k] for k in names], dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(t)
-    return dict(zip(names, (t / world_size()).tolist()))
+    device = _comm_device() if is_distributed() else "cpu"
+    t = torch.stack([torch.as_tensor(values[k]).to(device, torch.float64) for k in names])
+    if is_distributed():
+        dist.all_reduce(t)
+        t /= world_size()
+    return dict(zip(names, t.tolist()))
 
 
 def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
@@ -197,12 +194,15 @@ def build_mesh(ep: int = 1, device_type: str = "cpu", tp: int = 1) -> DeviceMesh
     for name, size in (("ep", ep), ("tp", tp)):
         if not isinstance(size, int) or size < 1 or w % size:
             raise ValueError(f"{name}={size!r}: must be a positive divisor of the {w} ranks")
-    if tp > 1:
-        if ep > 1:
-            raise ValueError(f"tp={tp}, ep={ep}: tensor parallelism runs dense models, expert "
-                             "parallelism MoEs; one of them must be 1")
-        return init_device_mesh(device_type, (w // tp, tp), mesh_dim_names=("dp", "tp"))
-    return init_device_mesh(device_type, (w // ep, ep), mesh_dim_names=("dp", "ep"))
+    if tp > 1 and ep > 1:
+        raise ValueError(f"tp={tp}, ep={ep}: tensor parallelism runs dense models, expert "
+                         "parallelism MoEs; one of them must be 1")
+    name, size = ("tp", tp) if tp > 1 else ("ep", ep)
+    mesh = init_device_mesh(device_type, (w // size, size), mesh_dim_names=("dp", name))
+    # every sub-mesh parallelize uses, made here once: outside FakeTensorMode (minimoe dry-run)
+    # making one creates real tensors, which fake mode refuses; later lookups find them made
+    mesh["dp"], mesh[name], mesh._flatten("dp_" + name)
+    return mesh
 
 
 def mesh_size(mesh: DeviceMesh | None, name: str) -> int:
@@ -218,21 +218,36 @@ class Parallel:
     module: nn.Module  # what a step calls: the DDP wrapper, or the model
     mode: str  # "single", "fsdp" or "ddp"
     mixed_precision: bool = False  # FSDP2 casts to bf16 itself: no autocast on top
+    reduce_every_micro_batch: bool = True  # FSDP2: reduce-scatter after each micro-batch
+    # gloo only: what set_gradient_divide_factor would have done to the experts' gradients
+    expert_grad_scale: tuple = ()  # (parameters, factor)
+
+    def loss_context(self):
+        """Around a micro-batch's forward and backward: with tensor parallelism the loss is
+        computed on each rank's columns of the logits (torch's loss_parallel)."""
+        tp = mesh_size(self.model.lm_head.weight.device_mesh, "tp") if isinstance(
+            self.model.lm_head.weight, DTensor) else 1
+        return loss_parallel() if tp > 1 else contextlib.nullcontext()
 
     def sync(self, last: bool):
-        """Context of one micro-batch's forward + backward: gradients are reduced on the last
-        micro-batch of a step only (DDP's no_sync, FSDP2's set_requires_gradient_sync)."""
+        """Context of one micro-batch's forward + backward: DDP reduces on the last micro-batch
+        of a step only (no_sync); FSDP2 after every micro-batch, or on the last only
+        (set_requires_gradient_sync), holding each gradient whole until then."""
         if self.mode == "fsdp":
-            self.model.set_requires_gradient_sync(last)
+            self.model.set_requires_gradient_sync(last or self.reduce_every_micro_batch)
         elif self.mode == "ddp" and not last:
             return self.module.no_sync()
         return contextlib.nullcontext()
 
-    def clip_grad_norm_(self, max_norm: float) -> float:
-        """Clip to a global norm; with FSDP2 the gradients are DTensors, on two meshes when
-        experts are parallel, so each mesh's norm is reduced first, then combined."""
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Clip to a global norm (returned, on the device); with FSDP2 the gradients are
+        DTensors, on two meshes when experts are parallel, so each mesh's norm is reduced
+        first, then combined."""
+        if self.expert_grad_scale:
+            params, factor = self.expert_grad_scale
+            torch._foreach_mul_([p.grad for p in params if p.grad is not None], factor)
         if self.mode != "fsdp":
-            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm).item()
+            return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         by_mesh: dict = {}
         for p in self.model.parameters():
             if p.grad is not None:
@@ -244,12 +259,12 @@ class Parallel:
         total = torch.stack(squares).sum().sqrt()
         for params in by_mesh.values():  # one call per mesh: DTensor ops stay on one mesh
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-        return total.item()
+        return total
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh | None, mode: str = "fsdp",
                 mixed_precision: bool = False, activation_checkpointing: bool = False,
-                compile: bool = False) -> Parallel:
+                compile: bool = False, reduce_every_micro_batch: bool = True) -> Parallel:
     """Apply the parallel plan to `model` in place, in torchtitan's order: activation
     checkpointing and compile per block, expert parallelism, then FSDP2 (per block, then the
     root) or DDP. mesh=None: one process (only checkpointing and compile apply).
@@ -282,26 +297,43 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, mode: str = "fsdp",
         # on the meta device (a dry run) there are no values to broadcast from rank 0
         ddp = DistributedDataParallel(model, device_ids=ids, init_sync=not first.is_meta)
         return Parallel(model, ddp, "ddp")
-    _fully_shard(model, mesh, mixed_precision)
-    return Parallel(model, model, "fsdp", mixed_precision)
+    scale = _fully_shard(model, mesh, mixed_precision)
+    return Parallel(model, model, "fsdp", mixed_precision, reduce_every_micro_batch, scale)
 
 
-def _fully_shard(model: nn.Module, mesh: DeviceMesh, mixed_precision: bool):
-    """FSDP2 per block, then the root (embedding, final norm, LM head). With expert
-    parallelism, a MoE layer's experts form their own FSDP2 unit over the "dp" mesh (the
-    replicas of the same experts) and everything else is sharded over all ranks."""
+def _fully_shard(model: nn.Module, mesh: DeviceMesh, mixed_precision: bool) -> tuple:
+    """FSDP2 units over every rank (torchtitan's): the embedding, each block, the final norm
+    with the LM head, then the root. With expert parallelism, a MoE layer's experts form their
+    own unit over the "dp" mesh (the replicas of the same experts), and each block prefetches
+    the next explicitly: the all-to-all's host sync would stall FSDP2's implicit prefetch.
+    Returns Parallel.expert_grad_scale."""
     bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     policy = bf16 if mixed_precision else MixedPrecisionPolicy()
     ep = mesh_size(mesh, "ep")
     # mesh["dp"]: every rank when ep == tp == 1, the data-parallel replicas of a tensor-parallel
     # split when tp > 1; with experts parallel, a 1-D mesh over the world
-    everyone = mesh["dp"] if ep == 1 else init_device_mesh(
-        mesh.device_type, (mesh.size(),), mesh_dim_names=("dp_ep",))
+    everyone = mesh["dp"] if ep == 1 else mesh._flatten("dp_ep")  # made by build_mesh
+    units, scale = [], ()
+    place = shard_dim(everyone.size())
+    if not model.cfg.tie_embeddings:  # a tied embedding is the head's weight: the root's
+        units.append(fully_shard(model.embed, mesh=everyone, mp_policy=policy))
     for block in model.layers:
+        experts = []
         if ep > 1 and isinstance(block.mlp, MoE):
-            _shard_experts(block.mlp, mesh, everyone, policy)
-        fully_shard(block, mesh=everyone, mp_policy=policy)
+            unit, params = _shard_experts(block.mlp, mesh, everyone, policy)
+            experts, scale = [unit], scale + params
+        units += [fully_shard(block, mesh=everyone, mp_policy=policy, shard_placement_fn=place),
+                  *experts]
+    if not model.cfg.tie_embeddings:  # backward starts here at once: no reshard in between
+        fully_shard([model.norm, model.lm_head], mesh=everyone, mp_policy=policy,
+                    reshard_after_forward=False)
+        units.append(model.norm)  # the handle of that pair
     fully_shard(model, mesh=everyone, mp_policy=policy)
+    if ep > 1:
+        for unit, after in zip(units, units[1:]):
+            unit.set_modules_to_forward_prefetch([after])
+            after.set_modules_to_backward_prefetch([unit])
+    return (scale, 1.0 / ep) if scale else ()
 
 
 def _shard_experts(moe: MoE, mesh: DeviceMesh, everyone: DeviceMesh, policy):
@@ -309,21 +341,30 @@ def _shard_experts(moe: MoE, mesh: DeviceMesh, everyone: DeviceMesh, policy):
     # all the data, so they must not fall into the experts' unit below
     for child in (moe.router, moe.router_noise, moe.shared):
         if child is not None:
-            fully_shard(child, mesh=everyone, mp_policy=policy)
-    dim = expert_shard_dim(tuple(getattr(moe, EXPERT_WEIGHTS[0]).to_local().shape),
-                           mesh["dp"].size())
+            fully_shard(child, mesh=everyone, mp_policy=policy, shard_placement_fn=shard_dim(
+                everyone.size()))
     unit = fully_shard(moe, mesh=mesh["dp"], mp_policy=policy,
-                       shard_placement_fn=lambda param: Shard(dim))
+                       shard_placement_fn=shard_dim(mesh["dp"].size()))
     # Each rank's expert gradient already sums the tokens of its whole EP group (the
     # all-to-all's backward), so the mean over the data divides by all dp x ep ranks
-    # (torchtitan: set_gradient_divide_factor).
+    # (torchtitan: set_gradient_divide_factor). gloo has no PREMUL_SUM, which that needs with
+    # dp > 1: there FSDP2 divides by dp as usual and the step multiplies by 1 / ep after
+    # backward (Parallel.expert_grad_scale), the same mean in another order.
+    if dist.get_backend() == "gloo" and mesh["dp"].size() > 1:
+        return unit, tuple(getattr(moe, name) for name in EXPERT_WEIGHTS)
     unit.set_gradient_divide_factor(float(mesh.size()))
+    return unit, ()
 
 
-def expert_shard_dim(local_shape: tuple[int, ...], dp: int) -> int:
-    """The dim FSDP2 shards a rank's stacked experts on over dp replicas: 0 (the experts) when
-    they divide evenly, else 1 (D), as torchtitan does when dp x ep exceeds the expert count."""
-    return 0 if local_shape[0] % dp == 0 or local_shape[1] % dp else 1
+def shard_dim(n: int):
+    """FSDP2's shard_placement_fn over n ranks: dim 0, its default, unless a weight has fewer
+    rows than ranks (stacked experts, a router), where most ranks would hold only padding and
+    every all-gather would move it: then dim 1 (torchtitan shards its experts so when
+    dp x ep exceeds their number)."""
+    def place(param):
+        shape = param.to_local().shape if isinstance(param, DTensor) else param.shape
+        return Shard(1 if len(shape) > 1 and shape[0] < n else 0)
+    return place
 
 
 def checkpoint_block(block: nn.Module) -> None:
@@ -335,6 +376,18 @@ def checkpoint_block(block: nn.Module) -> None:
     def recomputed(*args):
         if not torch.is_grad_enabled():  # evaluation: nothing to save
             return forward(*args)
-        return checkpoint(forward, *args, use_reentrant=False)
+        calls = []
+
+        def run(*inputs):
+            calls.append(1)
+            try:
+                return forward(*inputs)
+            finally:  # (the recomputation may stop early, by an exception)
+                if len(calls) > 1:  # recomputed in backward: the MoE's auxiliary losses it
+                    for module in block.modules():  # recorded would keep its graph alive
+                        if hasattr(module, "aux"):
+                            module.aux = {}
+
+        return checkpoint(run, *args, use_reentrant=False)
 
     block.forward = recomputed

@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from minimoe.moe import MoE, expert_ffn, moe_layers
+from minimoe.moe import MoE, expert_ffn, moe_layers, to_host
 
 EXPERT_WEIGHTS = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
 
@@ -83,13 +83,14 @@ class ExpertDispatch:
         send_RL = count_E.view(ep, L)
         recv_RL = torch.empty_like(send_RL)  # recv_RL[s, l]: pairs rank s sends my expert l
         dist.all_to_all_single(recv_RL, send_RL.contiguous(), group=self.group)
-        in_splits = send_RL.sum(1).tolist()
-        out_splits = recv_RL.sum(1).tolist()
+        # the layer's one host sync: the split sizes both ways (moe.to_host)
+        sizes = to_host(torch.cat([send_RL.sum(1), recv_RL.sum(1)]), 2 * len(x_SD))
+        in_splits, out_splits = sizes[:ep], sizes[ep:]
         x_recv = all_to_all(x_SD, out_splits, in_splits, self.group)
 
         # arrival order is (source rank, local expert); the experts want (local expert, source)
         segment = torch.repeat_interleave(torch.arange(ep * L, device=x_SD.device),
-                                          recv_RL.reshape(-1))
+                                          recv_RL.reshape(-1), output_size=len(x_recv))
         by_expert = torch.argsort((segment % L) * ep + segment // L, stable=True)
         weights = [local_weight(getattr(moe, name)) for name in EXPERT_WEIGHTS]
         y_sorted = expert_ffn(x_recv[by_expert], recv_RL.sum(0), *weights)

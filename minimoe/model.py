@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from minimoe.config import ModelConfig
 from minimoe.moe import MLP, MoE
@@ -148,6 +149,40 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+LOSS_CHUNK_LOGITS = 2**27  # logits per chunk of the loss: 2 GB of fp32 logits and their gradient
+
+
+class LMHead(nn.Linear):
+    """The output projection (d_model -> vocab). Given targets it returns the mean
+    cross-entropy instead of the logits, computed a chunk of tokens at a time with each chunk's
+    logits recomputed in backward, so the loss never holds more than one chunk of (tokens,
+    vocab) logits: all of them would cost 14 bytes each (bf16, the fp32 copy, log-softmax,
+    gradients), 35 GB for 8x1.8B's micro-batch. Logits past `vocab` (a padding that tensor
+    parallelism adds, minimoe/tensor_parallel.py) are never seen."""
+
+    def __init__(self, d_model: int, vocab: int):
+        super().__init__(d_model, vocab, bias=False)
+        self.vocab = vocab
+        self.pad_V = None  # True on padded rows (minimoe/tensor_parallel.py)
+
+    def forward(self, h: torch.Tensor, targets: torch.Tensor | None = None):
+        if targets is None:
+            return super().forward(h)[..., :self.vocab]
+        h_ND, y_N = h.flatten(0, -2), targets.flatten()
+        chunk = max(1, LOSS_CHUNK_LOGITS // self.weight.shape[0])
+        if len(y_N) <= chunk:  # one chunk: nothing to recompute
+            return self._chunk_loss(h_ND, y_N, "mean")
+        total = sum(checkpoint(self._chunk_loss, h_ND[i:i + chunk], y_N[i:i + chunk], "sum",
+                               use_reentrant=False) for i in range(0, len(y_N), chunk))
+        return total / len(y_N)
+
+    def _chunk_loss(self, h_ND, y_N, reduction: str):
+        logits_NV = super().forward(h_ND).float()
+        if self.pad_V is not None:
+            logits_NV = logits_NV.masked_fill(self.pad_V, float("-inf"))
+        return F.cross_entropy(logits_NV, y_N, reduction=reduction)
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -155,28 +190,46 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()
 
+    def to_empty(self, *, device, recurse: bool = True):
+        """nn.Module.to_empty (memory, no values), a tied LM head kept tied: moved off the meta
+        device it would get memory of its own."""
+        super().to_empty(device=device, recurse=recurse)
+        if self.cfg.tie_embeddings and self.lm_head.weight is not self.embed.weight:
+            self.lm_head.weight = self.embed.weight
+        return self
+
     @torch.no_grad()
-    def reset_parameters(self):
-        """N(0, init_std) for matrices (HF's initializer_range), zero biases, unit norms."""
+    def reset_parameters(self, fill=None):
+        """N(0, init_std) for matrices (HF's initializer_range), zero biases, unit norms, drawn
+        in module order from the global RNG. fill(param, draw, rows) applies each rule: by
+        default draw(param); minimoe/stream.py's fill_block draws each tensor whole (its first
+        `rows` rows: a padded vocabulary's real ones) and keeps a rank's block, so a sharded
+        model starts bit-identical to one process's."""
+        fill = fill or (lambda param, draw, rows=None: draw(param))
+        std = self.cfg.init_std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+                # a vocabulary padded for tensor parallelism: its real rows are drawn
+                rows = self.cfg.vocab_size if module in (self.embed, self.lm_head) else None
+                fill(module.weight, lambda t: t.normal_(0.0, std), rows)
                 if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+                    fill(module.bias, torch.Tensor.zero_)
             elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+                fill(module.weight, lambda t: t.fill_(1.0))
         for module in self.modules():
             if hasattr(module, "init_weights"):  # modules with their own rule (the MoE's)
-                module.init_weights()
+                module.init_weights(fill)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, vocab). With a cache, idx holds the positions
-        that follow those already in it, and the cache takes their keys and values."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab), or with targets (B, T) the mean
+        cross-entropy (LMHead). With a cache, idx holds the positions that follow those already
+        in it, and the cache takes their keys and values."""
         T = idx.shape[1]
         if cache is None:
             if T > self.cfg.max_seq_len:
@@ -189,7 +242,7 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, cache)
         if cache is not None:
             cache.length += T
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(x), targets=targets)
 
     def num_params(self, active: bool = False) -> int:
         """Parameters counted from the tensors (tied weights once); see also cfg.param_counts()."""
@@ -197,6 +250,18 @@ class Transformer(nn.Module):
         if not active:
             return total
         return self.cfg.param_counts()["active"]
+
+
+def draw_as_built(cfg: ModelConfig) -> None:
+    """Advance the global RNG as building Transformer(cfg) on the CPU does (its modules'
+    constructors draw default weights, which reset_parameters then replaces), one module at a
+    time and keeping none. A model built on the meta device, then given this and
+    reset_parameters, equals build_model(cfg) drawn after the same seed (minimoe/train.py)."""
+    with torch.device("cpu"):  # the order of Transformer.__init__
+        nn.Embedding(cfg.vocab_size, cfg.d_model)
+        for i in range(cfg.n_layers):
+            Block(cfg, i)
+        LMHead(cfg.d_model, cfg.vocab_size)
 
 
 def build_model(cfg: ModelConfig, device=None, dtype=None) -> Transformer:

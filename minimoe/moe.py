@@ -2,33 +2,14 @@
 
 A router scores each token against E experts, each token goes to its top-k experts, and the
 layer returns the gate-weighted sum of those experts' SwiGLU outputs (AquilaMoE: E=8, k=2,
-arXiv 2408.06567 §2.3). Options cover the peers this project compares with
-(docs/method.md#the-moe-layer):
-
-  gate="softmax-topk"  softmax over E, keep the top k, renormalise them to sum 1
-                       (Mixtral, AquilaMoE's Hugging Face model, Megatron `pre_softmax`)
-  gate="topk-softmax"  top k of the logits, softmax over those k (LLaMA-MoE, Megatron default)
-  router_noise         noisy top-k gating (Shazeer et al. 2017, as in LLaMA-MoE's
-                       smoe/modules/moe/moe_gates.py TopKBalancedNoisyGate), training only
-  capacity_factor      >0: each expert takes at most ceil(cf * T * k / E) token-expert pairs
-                       and drops the rest (Switch/Megatron); 0 = dropless (AquilaMoE, Mixtral)
-  expert_scale         multiplies the routed output (LLaMA-MoE's score_scale_factor)
-  shared_d_ffn         >0: an always-on dense expert added to the routed output (LLaMA-MoE's
-                       residual block)
+arXiv 2408.06567 §2.3). The options (gate, router noise, capacity, expert scale, shared expert)
+cover the peers this project compares with: docs/method.md#the-moe-layer.
 
 Tensors in the routing code are named by shape: T tokens, D model dim, E experts, K = top_k,
-F expert width, S = token-expert pairs (T * K before any dropping).
-
-Expert weights are stored stacked, one parameter per projection, in the `x @ W` layout:
-  w_gate_EDF, w_up_EDF (E, D, F) and w_down_EFD (E, F, D).
-Stacked, because one tensor per projection is what a grouped matmul takes (and what
-Mixtral's fused `experts.gate_up_proj` / `experts.down_proj` are, up to a transpose); the
-(in, out) layout because `torch.nn.functional.grouped_mm(x_SD, w_EDF, offs)` wants exactly
-that, so neither direction of the pass transposes a weight.
-
-Every forward keeps, per layer, the raw (uncoefficiented) auxiliary losses in `self.aux` and
-the routing statistics in `self.load_E` / `self.dropped_E`; `aux_losses(model)`,
-`expert_load(model)` and `AuxLossConfig.total(model, logits)` collect them over layers.
+F expert width, S = token-expert pairs (T * K before any dropping). Expert weights are stacked,
+one (E, D, F) parameter per projection in the `x @ W` layout that `F.grouped_mm(x_SD, w_EDF,
+offs)` takes. Every forward keeps, per layer, the raw auxiliary losses in `self.aux` and the
+routing statistics in `self.load_E` / `self.dropped_E`.
 """
 
 from __future__ import annotations
@@ -40,15 +21,16 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 
 from minimoe.checks import check_fields
 from minimoe.config import ModelConfig
 
 GROUPED_MM = True  # False forces the per-expert loop (benchmarks, debugging)
 NOISE_EPSILON = 1e-2  # LLaMA-MoE's gate_noise_epsilon: the noise std floor (its released configs)
-# The dtypes torch's CPU grouped_mm takes (torch 2.13: float64 raises "Expected mat_a to be
-# Float32, BFloat16 or Float16"); any other dtype runs the per-expert loop.
-GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The dtypes torch's grouped_mm takes: on CPU (torch 2.13: float64 raises "Expected mat_a to be
+# Float32, BFloat16 or Float16"), on CUDA bf16 on sm80+ (its docstring); else the expert loop.
+GROUPED_MM_DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16), "cuda": (torch.bfloat16,)}
 AUX_NAMES = ("balance", "z", "max_z", "cv2")
 
 
@@ -102,18 +84,16 @@ class MoE(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self):
-        """Experts and router N(0, init_std), W_noise zero (Transformer.reset_parameters calls it).
-
-        AquilaMoE initialises the router with N(0, "variance 0.02"); we read it as std 0.02,
-        the Megatron/FlagScale default (init_method_std = 0.02) that BAAI most likely ran; see
-        `router_init_std` and docs/method.md#router-initialisation. upcycle() and split() take
-        the std as an argument.
-        """
+    def init_weights(self, fill=None):
+        """Experts and router N(0, init_std), W_noise zero (Transformer.reset_parameters calls
+        it, with its `fill`). AquilaMoE initialises the router with N(0, "variance 0.02"); we
+        read it as std 0.02, the Megatron/FlagScale default: `router_init_std`,
+        docs/method.md#router-initialisation."""
+        fill = fill or (lambda param, draw, rows=None: draw(param))
         for w in (self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD, self.router.weight):
-            w.normal_(0.0, self.cfg.init_std)
+            fill(w, lambda t: t.normal_(0.0, self.cfg.init_std))
         if self.router_noise is not None:
-            self.router_noise.weight.zero_()
+            fill(self.router_noise.weight, torch.Tensor.zero_)
 
     # --- routing ----------------------------------------------------------------------
     def route(self, x_TD: torch.Tensor) -> Routing:
@@ -149,7 +129,7 @@ class MoE(nn.Module):
         # arrival order the capacity rule below drops by.
         expert_S = routing.idx_TK.reshape(-1)
         order_S = torch.argsort(expert_S, stable=True)
-        count_E = torch.bincount(expert_S, minlength=self.n_experts)
+        count_E = expert_counts(expert_S, self.n_experts)
         if self.cfg.capacity_factor > 0:
             order_S, kept_E = self._drop_over_capacity(order_S, expert_S, count_E, n_tokens)
         else:
@@ -164,10 +144,9 @@ class MoE(nn.Module):
         else:
             y_SD = self.expert_runner(self, x_SD, kept_E)
         y_SD = y_SD.to(x.dtype) * gate_S[:, None]  # bf16 under autocast
-        out_TD = x_TD.new_zeros(n_tokens, D).index_add(0, token_S, y_SD)
-        if self.shared is not None:
-            out_TD = out_TD + self.shared(x_TD)
-        return out_TD.view(B, T, D)
+        out = x.new_zeros(B, T, D)  # not a view: FSDP2 hooks a unit's output for backward
+        out.view(n_tokens, D).index_add_(0, token_S, y_SD)
+        return out if self.shared is None else out + self.shared(x)
 
     def _drop_over_capacity(self, order_S, expert_S, count_E, n_tokens):
         """Keep each expert's first `capacity` pairs in token order (Megatron's "position" policy)."""
@@ -185,7 +164,7 @@ class MoE(nn.Module):
     def _record_aux(self, r: Routing):
         logits_TE, probs_TE, weight_TK, idx_TK = r.logits_TE, r.probs_TE, r.weight_TK, r.idx_TK
         T, E, K = logits_TE.shape[0], self.n_experts, self.top_k
-        load_E = torch.bincount(idx_TK.reshape(-1), minlength=E)
+        load_E = expert_counts(idx_TK.reshape(-1), E)
         self.load_E = load_E.detach()
         # Switch load balancing, top-k form as in Megatron's switch_load_balancing_loss_func:
         # E/(T*K) * sum_e mean_prob_e * count_e; 1 under perfectly balanced routing (Switch
@@ -202,13 +181,8 @@ class MoE(nn.Module):
         }
 
     def _smooth_load(self, r: Routing, load_E):
-        """Load per expert. With noise (training) Shazeer's differentiable estimate:
-        sum_t P(expert e stays in the top k if its noise were redrawn) =
-        Phi((clean_e - threshold) / noise_std_e), the threshold being the k-th best noisy
-        logit of the others. LLaMA-MoE compares only the noise term against the threshold
-        when picking which threshold applies; we compare the full noisy logits, as the
-        implementations its gate cites do (davidmrau/mixture-of-experts, moe.py
-        `_prob_in_top_k`; docs/method.md#auxiliary-losses)."""
+        """Load per expert; with noise (training) Shazeer's differentiable estimate,
+        sum_t Phi((clean_e - threshold) / noise_std_e) (docs/method.md#auxiliary-losses)."""
         if r.noise_std_TE is None or self.top_k >= self.n_experts:
             return load_E.float()
         K, noisy_TE = self.top_k, r.route_logits_TE
@@ -221,12 +195,31 @@ class MoE(nn.Module):
         return torch.where(is_in_TE, p_in_TE, p_out_TE).sum(0)
 
 
+def expert_counts(expert_S: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Pairs per expert, without a device-to-host copy (bincount syncs to size its output)."""
+    ones_S = torch.ones_like(expert_S)
+    return torch.zeros(n_experts, dtype=expert_S.dtype, device=expert_S.device).scatter_add_(
+        0, expert_S, ones_S)
+
+
+def to_host(count: torch.Tensor, total: int) -> list[int]:
+    """Split sizes on the host: the one device-to-host copy of an MoE layer (torchtitan's one).
+
+    Under FakeTensorMode (the full-size rehearsal, minimoe/recipes/dry_run.py) counts have no
+    values; the rehearsal routes evenly: `total` pairs split equally over the entries, the
+    simulator's imbalance = 1 (docs/simulator.md#memory)."""
+    if isinstance(count, FakeTensor):
+        n = count.numel()
+        return [total // n + (i < total % n) for i in range(n)]
+    return count.tolist()
+
+
 def expert_ffn(x_SD: torch.Tensor, count_E: torch.Tensor, w_gate_EDF: torch.Tensor,
                w_up_EDF: torch.Tensor, w_down_EFD: torch.Tensor) -> torch.Tensor:
     """SwiGLU expert e on rows count_E[e] of x_SD (sorted by expert), for any stack of E experts:
     a layer's own, or the slice one expert-parallel rank holds."""
     if _grouped_mm_usable(x_SD, w_gate_EDF):
-        # one kernel per projection for all experts (torch >= 2.10; CPU kernel checked here)
+        # one kernel per projection for all experts, and no host sync
         offs_E = count_E.cumsum(0).to(torch.int32)  # where each expert's rows end
         x_SD = x_SD.to(w_gate_EDF.dtype)
         h_SF = (F.silu(F.grouped_mm(x_SD, w_gate_EDF, offs=offs_E))
@@ -237,22 +230,27 @@ def expert_ffn(x_SD: torch.Tensor, count_E: torch.Tensor, w_gate_EDF: torch.Tens
     # expert, unbind's stacks the E gradients once.
     outs = []
     weights = zip(w_gate_EDF.unbind(0), w_up_EDF.unbind(0), w_down_EFD.unbind(0))
-    for x_ND, (w_gate_DF, w_up_DF, w_down_FD) in zip(x_SD.split(count_E.tolist()), weights):
+    for x_ND, (w_gate_DF, w_up_DF, w_down_FD) in zip(x_SD.split(to_host(count_E, len(x_SD))),
+                                                     weights):
         outs.append((F.silu(x_ND @ w_gate_DF) * (x_ND @ w_up_DF)) @ w_down_FD)
     return torch.cat(outs)
 
 
 def _grouped_mm_usable(x_SD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
-    """torch's grouped matmul wants 16-byte-aligned strides and one of GROUPED_MM_DTYPES, and
-    knows no autocast; we use only its CPU kernel, the one tested here (on CUDA it needs bf16
-    and sm80+: the loop runs there)."""
-    if not (GROUPED_MM and hasattr(F, "grouped_mm")) or x_SD.device.type != "cpu":
+    """torch's grouped matmul wants 16-byte-aligned strides and one of GROUPED_MM_DTYPES, knows
+    no autocast, and on CUDA needs sm80+."""
+    device = x_SD.device.type
+    if not (GROUPED_MM and hasattr(F, "grouped_mm")) or device not in GROUPED_MM_DTYPES:
         return False
-    if torch.is_autocast_enabled("cpu") or not w_EDF.is_contiguous() or len(x_SD) == 0:
+    if torch.is_autocast_enabled(device) or not w_EDF.is_contiguous() or len(x_SD) == 0:
         return False
-    if torch.compiler.is_compiling():  # torch 2.13's meta kernel of grouped_mm takes bf16 only
+    # torch 2.13's meta kernel of grouped_mm, which compile and fake tensors run, takes bf16 only
+    if torch.compiler.is_compiling() or (isinstance(w_EDF, FakeTensor)
+                                         and w_EDF.dtype != torch.bfloat16):
         return False
-    if w_EDF.dtype not in GROUPED_MM_DTYPES:  # float64 would raise inside the kernel
+    if w_EDF.dtype not in GROUPED_MM_DTYPES[device]:  # float64 would raise inside the kernel
+        return False
+    if device == "cuda" and torch.cuda.get_device_capability(x_SD.device) < (8, 0):
         return False
     per_16_bytes = 16 // w_EDF.element_size()
     E, D, F_ = w_EDF.shape
@@ -265,13 +263,8 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 def max_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Baichuan 2's max-z loss (eq. 1): the squared maximum logit, averaged over tokens.
-
-    AquilaMoE applies a "max z-loss" with coefficient 0.01 but does not say to which logits
-    (arXiv 2408.06567 §2.3; docs/method.md#auxiliary-losses). The MoE computes it on its
-    router logits (aux["max_z"]); the training
-    loop calls this on the LM-head logits (B, T, V) for the other reading (Baichuan 2's).
-    """
+    """Baichuan 2's max-z loss (eq. 1): the squared maximum logit, averaged over tokens; on the
+    router's logits or the LM head's (docs/method.md#auxiliary-losses)."""
     return logits.float().amax(dim=-1).square().mean()
 
 
@@ -284,14 +277,8 @@ def cv_squared(x: torch.Tensor) -> torch.Tensor:
 
 
 def router_init_std(value: float = 0.02, convention: str = "std") -> float:
-    """The router's init std from the paper's number read as a std (default) or a variance.
-
-    AquilaMoE (arXiv 2408.06567 §2.3) says "a normal distribution with a mean of 0 and a
-    variance of 0.02". The sentence is copied from MiniCPM (arXiv 2404.06395 §7.3), and the
-    FlagScale/Megatron path BAAI most likely used (megatron/core/transformer/moe/router.py)
-    initialises the router with std = init_method_std = 0.02 (variance 4e-4), so std is our
-    default; convention="variance" follows the sentence literally (std = sqrt(0.02) = 0.141).
-    """
+    """The router's init std from the paper's "variance of 0.02" read as a std (the default,
+    Megatron/FlagScale's init_method_std) or literally (docs/method.md#router-initialisation)."""
     if convention == "std":
         return value
     if convention == "variance":
@@ -353,7 +340,7 @@ class AuxLossConfig:
                                              "max_z_on": ("router", "lm_head")})
 
     def total(self, model: nn.Module, logits: torch.Tensor | None = None):
-        """(loss to add to the LM loss, {name: raw uncoefficiented value as a float} to log)."""
+        """(loss to add to the LM loss, {name: raw uncoefficiented value, detached} to log)."""
         raw = aux_losses(model)
         if self.max_z_on == "lm_head":
             if logits is None:
@@ -365,4 +352,4 @@ class AuxLossConfig:
             coefficient = getattr(self, name)
             if coefficient:
                 loss = loss + coefficient * value
-        return loss, {name: value.item() for name, value in raw.items()}
+        return loss, {name: value.detach() for name, value in raw.items()}

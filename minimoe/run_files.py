@@ -17,21 +17,18 @@ def step_of(path: Path) -> int:
     return int(Path(path).name.split("_")[1])
 
 
-def checked_state(state: dict, path: Path, sharded: bool) -> dict:
-    """A checkpoint's state.json: its own step, counts, and (one process) the optimizer's groups."""
+def checked_state(state: dict, path: Path) -> dict:
+    """A checkpoint's state.json: its own step, counts, and the optimizer's groups."""
     where = f"{path / 'state.json'}: "
     check(where, "step", state.get("step"), "int>=0")
     if state["step"] != step_of(path):
         raise ValueError(f"{where}step={state['step']}: the folder is {path.name}")
     check(where, "tokens", state.get("tokens"), "int>=0")
     check(where, "train_time", state.get("train_time"), ">=0")
-    hyper = {"param_groups": [], "group_params": []} if sharded else state.get("optimizer")
+    hyper = state.get("optimizer")
     if not (isinstance(hyper, dict) and isinstance(hyper.get("param_groups"), list)
-            and all(isinstance(g, dict) for g in hyper["param_groups"])
-            and isinstance(hyper.get("group_params"), list)
-            and all(isinstance(n, list) and all(isinstance(x, str) for x in n)
-                    for n in hyper["group_params"])):
-        raise ValueError(f"{where}optimizer: must hold param_groups and group_params lists")
+            and all(isinstance(g, dict) for g in hyper["param_groups"])):
+        raise ValueError(f"{where}optimizer: must hold a param_groups list")
     return state
 
 
@@ -94,3 +91,20 @@ def transform_report(old: dict, path: Path) -> dict:
         raise ValueError(f"{path}: not what a transformation reports (parameter counts, "
                          "validation losses); choose another folder")
     return old
+
+
+def plot_losses(history: list[dict], path: Path, title: str = ""):
+    """Training and validation loss against tokens, one PNG per run."""
+    plt = files.pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    train_pts = [(r["tokens"], r["loss"]) for r in history if "loss" in r]
+    if train_pts:
+        ax.plot(*zip(*train_pts), label="train", alpha=0.6)
+    for key in sorted({k for r in history for k in r if k.startswith("val_")}):
+        pts = [(r["tokens"], r[key]) for r in history if key in r]
+        ax.plot(*zip(*pts), marker="o", ms=3, label=key.replace("_", " "))
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_title(title)
+    ax.legend()
+    files.save_figure(fig, path)

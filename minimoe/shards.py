@@ -1,6 +1,8 @@
 """Pre-tokenised shards for text of any size (`minimoe tokenize --data PATH --out shards/`),
 streamed in bounded memory, read back as the same TokenData as tokens.py (memory maps), so
-`--data shards/` trains by the same batch rule. Layout and limits: docs/method.md, "Data"."""
+`--data shards/` trains by the same batch rule; each shard is opened when read, at most
+OPEN_SHARDS at once (a 3.6T-token corpus is ~27k shards, past a common `ulimit -n`). Layout and
+limits: docs/method.md, "Data"."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import heapq
 import json
 import os
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +20,36 @@ from minimoe import files
 from minimoe.checks import check, problem
 from minimoe.data import (MIN_DOC_CHARS, clean_text, detect_lang, jsonl_record, unit_hash,
                           user_sources)
-from minimoe.tokens import TokenData, Tokenizer, byte_tokenizer, train_bpe
+from minimoe.tokens import TokenData, Tokenizer, tokenizer_of
 
 FORMAT = "minimoe-shards"
 SHARD_TOKENS = 1 << 27  # 134M tokens: 256 MB of uint16 per shard
 MAX_DOC_CHARS = 1_000_000  # a longer paragraph is cut at a line boundary
 BATCH_DOCS = 512  # documents tokenised at once (the tokenizers library's threads)
 FLUSH_TOKENS = 1 << 20  # a writer's buffer
+OPEN_SHARDS = 64  # memory maps open at once, the most recently read
+
+
+_maps: OrderedDict = OrderedDict()  # path -> memory map, the OPEN_SHARDS most recently read
+
+
+class Shard:
+    """One shard file of n tokens, its memory map opened when read (a slice of a map evicted
+    from _maps stays readable: it holds its own reference)."""
+
+    def __init__(self, path: Path, dtype, n: int):
+        self.path, self.dtype, self.n = str(path), np.dtype(dtype), n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if self.path not in _maps:
+            _maps[self.path] = np.memmap(self.path, dtype=self.dtype, mode="r")
+            while len(_maps) > OPEN_SHARDS:
+                _maps.popitem(last=False)
+        _maps.move_to_end(self.path)
+        return _maps[self.path][key]
 
 
 class ConcatTokens:
@@ -76,16 +102,12 @@ def _txt_documents(path: Path):
 
 def _jsonl_documents(path: Path):
     try:
-        yield from _jsonl_records(path)
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    yield jsonl_record(line, f"{path}:{n}")
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text") from None
-
-
-def _jsonl_records(path: Path):
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                yield jsonl_record(line, f"{path}:{n}")
 
 
 def documents(sources: list[dict], stats: dict | None = None, bar=None):
@@ -167,31 +189,6 @@ def _sample_texts(sources: list[dict], val_fraction: float, seed: int, sample_ch
     return [text for _, text in sorted(heap, reverse=True)]
 
 
-def _tokenizer(kind: str, vocab_size: int, sources, out: Path, val_fraction, seed, sample_chars):
-    """"byte", a BPE trained here ("bpe"), a tokenizers JSON file, or the tokenizer of a folder
-    (a run, or a Hugging Face checkpoint) -> the tokenizer, saved into `out`."""
-    if kind == "byte":
-        tok = byte_tokenizer()
-    elif kind == "bpe":
-        assert vocab_size > 257  # the door's rule: 256 bytes + eos
-        texts = _sample_texts(sources, val_fraction, seed, sample_chars)
-        if not texts:
-            raise ValueError("--data: no training document to train the tokenizer on")
-        tok = Tokenizer(train_bpe(texts, vocab_size))
-    elif Path(kind).is_dir():
-        tok = Tokenizer.load(kind)
-    elif Path(kind).is_file():
-        try:
-            tok = Tokenizer(Path(kind).read_text(encoding="utf-8"))
-        except ValueError as err:  # refused under its own name
-            raise ValueError(f"{kind}: {err}") from None
-    else:
-        raise ValueError(f"tokenizer={kind!r}: must be bpe, byte, a tokenizer.json file or a "
-                         "folder holding one (a run, a Hugging Face checkpoint)")
-    tok.save(out)
-    return tok
-
-
 def tokenize(paths: list[str], out, tokenizer: str = "bpe", vocab_size: int = 2048,
              val_fraction: float = 0.03, seed: int = 0, shard_tokens: int = SHARD_TOKENS,
              sample_chars: int = 200_000_000, progress: bool = True) -> dict:
@@ -209,7 +206,9 @@ def tokenize(paths: list[str], out, tokenizer: str = "bpe", vocab_size: int = 20
             raise ValueError(f"out={out}: holds shards of another request; choose another --out")
         return manifest
     _claim(out, request)
-    tok = _tokenizer(tokenizer, vocab_size, sources, out, val_fraction, seed, sample_chars)
+    tok = tokenizer_of(tokenizer, vocab_size,
+                       lambda: _sample_texts(sources, val_fraction, seed, sample_chars))
+    tok.save(out)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     writers: dict[tuple, ShardWriter] = {}
     counts = {"documents": {}, "dropped": {}}
@@ -287,12 +286,9 @@ def _manifest(request, tok, dtype, writers, counts) -> dict:
 
 # --- reading them back ------------------------------------------------------------------------
 def is_shard_folder(path) -> bool:
-    manifest = Path(path) / "manifest.json"
-    if not manifest.is_file():
-        return False
     try:
-        return json.loads(manifest.read_text(encoding="utf-8")).get("format") == FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return json.loads((Path(path) / "manifest.json").read_text("utf-8"))["format"] == FORMAT
+    except (OSError, ValueError, TypeError, KeyError):  # none, not JSON, not a manifest
         return False
 
 
@@ -307,7 +303,7 @@ def load_shards(folder) -> tuple[TokenData, object]:
     dtype = np.dtype(manifest["dtype"])
 
     def maps(entries):
-        return [np.memmap(folder / e["file"], dtype=dtype, mode="r") for e in entries]
+        return [Shard(folder / e["file"], dtype, e["tokens"]) for e in entries]
 
     train, ranges, at = [], {}, 0
     for domain in manifest["domains"]:
@@ -319,12 +315,10 @@ def load_shards(folder) -> tuple[TokenData, object]:
            for lang, entries in langs.items()}
     arrays = {"train": ConcatTokens(train),
               "val": ConcatTokens([p for parts in val.values() for p in parts])}
-    for name in sorted({lang for _, lang in val}):
-        arrays[f"val_{name}"] = ConcatTokens([p for (_, lang), ps in val.items() if lang == name
-                                              for p in ps])
-    for name in sorted({d for d, _ in val}):
-        arrays[f"val_{name}"] = ConcatTokens([p for (d, _), ps in val.items() if d == name
-                                              for p in ps])
+    for by in (1, 0):  # each language's, then each domain's
+        for name in sorted({key[by] for key in val}):
+            arrays[f"val_{name}"] = ConcatTokens([p for key, ps in val.items() if key[by] == name
+                                                  for p in ps])
     return TokenData(folder, arrays, tok, ranges, {s: s for s in arrays}), tok
 
 
@@ -363,7 +357,7 @@ class ShardTexts:
         manifest = read_manifest(Path(folder))
         self.tokenizer = Tokenizer.load(folder)
         self.docs = {(domain, lang): _decoded(self.tokenizer, ConcatTokens(
-            [np.memmap(Path(folder) / e["file"], dtype=manifest["dtype"], mode="r") for e in entries]))
+            [Shard(Path(folder) / e["file"], manifest["dtype"], e["tokens"]) for e in entries]))
             for domain, langs in manifest["shards"]["val"].items() for lang, entries in langs.items()}
         self.langs = sorted({lang for _, lang in self.docs})
         self.val_domains = list(dict.fromkeys(domain for domain, _ in self.docs))

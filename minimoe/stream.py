@@ -1,18 +1,15 @@
-"""Safetensors one tensor at a time, so a checkpoint bigger than memory can be transformed.
+"""Safetensors written and read a piece at a time: one tensor (a checkpoint bigger than
+memory, transformed), or one rank's block of each tensor (a sharded model, saved and loaded).
 
-`safetensors.torch.save_file` needs every tensor in memory at once, and 7B parameters in bf16
-are 14 GB. The file format is simple enough to write ourselves
-(https://github.com/huggingface/safetensors, "Format"):
-
-    8 bytes        little-endian u64: N, the length of the header
-    N bytes        JSON {name: {"dtype": "BF16", "shape": [...], "data_offsets": [begin, end]}}
-    the rest       every tensor's raw bytes, back to back, at its data_offsets
-
-so we compute every shape first, write the header, then stream the bytes tensor by tensor.
+The format (https://github.com/huggingface/safetensors, "Format"): 8 bytes, little-endian u64 N;
+N bytes of JSON {name: {"dtype": "BF16", "shape": [...], "data_offsets": [begin, end]}}; then
+every tensor's raw bytes, C order, back to back. Every shape is known first, so the header is
+written first and the bytes go where they belong, tensor by tensor or block by block.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -20,7 +17,10 @@ import struct
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from minimoe.config import ModelConfig
 from minimoe.files import atomic_write
@@ -66,12 +66,8 @@ class SafetensorsSource:
             return f.get_tensor(name)
 
 
-def write_safetensors(path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                      produce: Callable[[str], torch.Tensor], metadata: dict | None = None) -> int:
-    """Write `produce(name)` for each name of `specs` ({name: (dtype, shape)}), one at a time.
-
-    The file appears atomically (minimoe/files.py). Returns the bytes written.
-    """
+def _header(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict | None = None):
+    """(the header's bytes, {name: where its data starts in the file}, the file's size)."""
     header, offset = {}, 0
     for name, (dtype, shape) in specs.items():
         if dtype not in _DTYPE_NAMES:
@@ -84,19 +80,34 @@ def write_safetensors(path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # pad as the reference writer does, so the data is 8-aligned
+    blob = struct.pack("<Q", len(blob)) + blob
+    starts = {name: len(blob) + h["data_offsets"][0] for name, h in header.items()
+              if name != "__metadata__"}
+    return blob, starts, len(blob) + offset
 
+
+def _bytes(tensor: torch.Tensor):
+    """A tensor's own memory through the buffer protocol: no bytes copy."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def write_safetensors(path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                      produce: Callable[[str], torch.Tensor], metadata: dict | None = None) -> int:
+    """Write `produce(name)` for each name of `specs` ({name: (dtype, shape)}), one at a time.
+
+    The file appears atomically (minimoe/files.py). Returns the bytes written.
+    """
+    blob, _, size = _header(specs, metadata)
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, (dtype, shape) in specs.items():
             tensor = produce(name)
             if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
                 raise ValueError(f"{name}: produced {tensor.dtype} {tuple(tensor.shape)}, "
                                  f"header says {dtype} {tuple(shape)}")
-            # write the tensor's own memory through the buffer protocol: no bytes copy
-            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+            f.write(_bytes(tensor))
             del tensor
-    return 8 + len(blob) + offset
+    return size
 
 
 def stored_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -124,3 +135,86 @@ def transform_file(src_path, src_cfg: ModelConfig, out_path, tgt_cfg: ModelConfi
     specs = {name: (dtype_of(source, name), shape) for name, shape in stored_shapes(tgt_cfg).items()}
     return write_safetensors(out_path, specs, lambda name: make(name, source),
                              metadata={"format": "pt"})
+
+
+# --- one rank's blocks of sharded tensors ---------------------------------------------------
+def local_block(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], bool]:
+    """(this rank's part of t, where it starts in the whole tensor, whether this rank writes
+    it): a DTensor's local shard (one holder of each replicated copy writes), or all of a plain
+    tensor (rank 0 writes)."""
+    if not isinstance(t, DTensor):
+        return t, (0,) * t.dim(), not dist.is_initialized() or dist.get_rank() == 0
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    coordinate = t.device_mesh.get_coordinate()
+    writes = all(c == 0 for c, p in zip(coordinate, t.placements) if p.is_replicate())
+    return t.to_local(), tuple(offset), writes
+
+
+def _clip(local: torch.Tensor, offset, shape) -> torch.Tensor:
+    """The part of a block inside a tensor of `shape` (a padded vocabulary's rows are not)."""
+    return local[tuple(slice(0, max(0, min(n, s - o))) for n, o, s in zip(local.shape, offset, shape))]
+
+
+def write_blocks(path, specs: dict, blocks: dict, metadata: dict | None = None,
+                 header: bool | None = None):
+    """Every rank calls it for the same file and `specs` ({name: (dtype, shape)}), with the
+    blocks it writes ({name: (local tensor, offset)}): rank 0 (or one process) writes the
+    header, each rank its blocks in place, run by run (the rows of a block that are contiguous
+    in the file), so no rank holds more than its own. Ranks of several nodes need a file system
+    that takes writes to disjoint ranges of one file (Lustre, GPFS; the N-to-1 pattern of
+    MPI-IO). The caller waits for every rank before using the file. header: whether this
+    caller writes the header (default: rank 0 does)."""
+    blob, starts, size = _header(specs, metadata)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if header if header is not None else (not dist.is_initialized() or dist.get_rank() == 0):
+            os.pwrite(fd, blob, 0)
+            os.ftruncate(fd, size)  # only grows the file: the other ranks' bytes stay
+        for name, (local, offset) in blocks.items():
+            dtype, shape = specs[name]
+            local = _clip(local.detach(), offset, shape).to("cpu", dtype)
+            if local.numel():
+                for at, run in _runs(local, offset, shape):
+                    os.pwrite(fd, _bytes(run), starts[name] + at * local.element_size())
+    finally:
+        os.close(fd)
+
+
+def _runs(local: torch.Tensor, offset, shape):
+    """(element offset in the whole tensor, contiguous piece of the block) for each run of a
+    block: the block spans whole rows of the dims after k, so each index of the dims before k
+    is one run."""
+    k = len(shape) - 1
+    while k > 0 and local.shape[k] == shape[k]:
+        k -= 1
+    strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    for index in itertools.product(*(range(n) for n in local.shape[:k])):
+        at = sum((o + i) * st for o, i, st in zip(offset, index, strides)) + (
+            offset[k] * strides[k] if shape else 0)
+        yield at, local[index] if index else local
+
+
+def read_block(f, name: str, local: torch.Tensor, offset) -> None:
+    """Fill `local`, the block of tensor `name` that starts at `offset`, from an open
+    safe_open file: only its bytes are read; rows past the stored tensor (a padded
+    vocabulary's) become zeros."""
+    shape = f.get_slice(name).get_shape()
+    part = _clip(local, offset, shape)
+    with torch.no_grad():
+        if part.numel() < local.numel():
+            local.zero_()
+        if part.numel():
+            window = tuple(slice(o, o + n) for o, n in zip(offset, part.shape))
+            part.copy_(f.get_slice(name)[window] if shape else f.get_tensor(name))
+
+
+def fill_block(param: torch.Tensor, draw, rows: int | None = None) -> None:
+    """Model.reset_parameters' `fill` for a sharded model: each tensor drawn whole on the CPU
+    (its first `rows` rows, the rest zeros), from the RNG one process would draw it from, and
+    this rank's block kept (one tensor in memory at a time): every rank starts as one process."""
+    whole = torch.zeros(param.shape, dtype=param.dtype)
+    draw(whole[:rows] if rows else whole)
+    local, offset, _ = local_block(param.data)
+    window = tuple(slice(o, o + n) for o, n in zip(offset, local.shape))
+    with torch.no_grad():
+        local.copy_(whole[window])

@@ -1,34 +1,28 @@
 """Tensor and sequence parallelism, applied to a dense model from outside with PyTorch's DTensor
 plans (torchtitan's for Llama: torchtitan/models/llama3/infra/parallelize.py).
 
-Megatron's split of a transformer layer (Shoeybi et al. 2019, arXiv 1909.08053 §3): the first
-matrix of each pair is cut by its output columns, the second by its input rows, so a pair needs
-one collective of its output and nothing in between. Between the pairs the residual stream,
-the RMSNorms and the residual adds are cut along the sequence instead (sequence parallelism,
-Korthikanti et al. 2022, arXiv 2205.05198 §4.2.2): a pair's input is all-gathered from the
-sequence shards and its output reduce-scattered back to them, the same bytes as an all-reduce.
-
-    attention   q_proj, k_proj, v_proj by columns (each rank keeps n_heads / tp query heads
-                and n_kv_heads / tp KV heads, biases included), o_proj by rows
-    MLP         gate_proj, up_proj by columns, down_proj by rows
-    norms       attn_norm, mlp_norm and the final norm on the rank's sequence shard
-    vocabulary  the embedding by rows of the vocabulary, the LM head by its columns (gathered
-                whole for the loss); replicated instead when tp does not divide the vocabulary
-
-Every rank of a tensor-parallel group sees the same tokens (`minimoe.dist.row_slice` gives
-them the same rows). The MoE layers' experts are parallel by `ep` instead
-(minimoe/expert_parallel.py); a model with MoE layers is refused here.
+Megatron's split (Shoeybi et al. 2019, arXiv 1909.08053 §3): the first matrix of each pair is
+cut by its output columns, the second by its input rows, so a pair needs one collective of its
+output; between the pairs the residual stream and the norms are cut along the sequence
+(sequence parallelism, Korthikanti et al. 2022, arXiv 2205.05198 §4.2.2). The embedding is cut
+by rows of the vocabulary, the LM head by its columns, and the loss is computed on those
+columns (`loss_parallel`: no rank gathers the logits); a vocabulary tp does not divide is
+padded to a multiple of tp, as Megatron pads it, its padding masked out of the loss and never
+stored (minimoe/checkpoint.py). Every rank of a tensor-parallel group sees the same tokens; an
+MoE's experts are parallel by `ep` instead (minimoe/expert_parallel.py).
 """
 
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
-    PrepareModuleOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -65,23 +59,16 @@ def check_tensor_parallel(cfg, tp: int, seq_len: int | None = None) -> None:
                          "tied embeddings cannot be")
 
 
-def splits_vocabulary(cfg, tp: int) -> bool:
-    return cfg.vocab_size % tp == 0
-
-
-def tp_shard_dims(cfg, tp: int) -> dict[str, int]:
-    """Which dim of each parameter the plan splits over tp, by the name's ending (a block's)
-    or whole name: columns are dim 0 of a Linear's weight and its bias, rows dim 1; the
-    embedding splits its vocabulary rows (dim 0). What is not named stays whole."""
-    dims = {}
-    for name, style in block_plan().items():
-        if isinstance(style, ColwiseParallel):
-            dims.update({f"{name}.weight": 0, f"{name}.bias": 0})
-        elif isinstance(style, RowwiseParallel):
-            dims[f"{name}.weight"] = 1
-    if splits_vocabulary(cfg, tp):
-        dims.update({"embed.weight": 0, "lm_head.weight": 0})
-    return dims
+def pad_vocabulary(model: nn.Module, tp: int) -> int:
+    """Pad the embedding and the LM head (still on the meta device) to a multiple of tp rows,
+    the LM head masking the padding out of its softmax; returns the padded size."""
+    vocab = model.cfg.vocab_size
+    padded = math.ceil(vocab / tp) * tp
+    if padded > vocab:
+        for module in (model.embed, model.lm_head):
+            module.weight = nn.Parameter(torch.empty(padded, model.cfg.d_model, device="meta"))
+        model.lm_head.pad_V = torch.arange(padded) >= vocab
+    return padded
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
@@ -91,12 +78,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     check_tensor_parallel(model.cfg, tp)
     for block in model.layers:
         parallelize_module(block, tp_mesh, block_plan())
-    vocab = splits_vocabulary(model.cfg, tp)
+    pad_vocabulary(model, tp)
     parallelize_module(model, tp_mesh, {
-        "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)) if vocab
-        else PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1)),
+        "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(),
-        "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()) if vocab
-        else PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-                                use_local_output=True),
+        "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
     })
+    if model.lm_head.pad_V is not None:  # split as the logits' columns are
+        model.lm_head.pad_V = distribute_tensor(model.lm_head.pad_V, tp_mesh, [Shard(0)])

@@ -121,6 +121,28 @@ def train_bpe(texts: list[str], vocab_size: int) -> str:
     return tokenizer.to_str()
 
 
+def tokenizer_of(kind: str, vocab_size: int, train_texts) -> Tokenizer:
+    """"byte", a BPE of `vocab_size` trained on `train_texts()` ("bpe"), a tokenizers JSON file,
+    or the tokenizer a folder holds (a run, a Hugging Face checkpoint)."""
+    if kind == "byte":
+        return byte_tokenizer()
+    if kind == "bpe":
+        assert vocab_size > 257  # the doors (CLI, run.json, recipes) hold it: 256 bytes + eos
+        texts = train_texts()
+        if not texts:
+            raise ValueError("--data: no training document to train the tokenizer on")
+        return Tokenizer(train_bpe(texts, vocab_size))
+    if Path(kind).is_dir():
+        return Tokenizer.load(kind)
+    if Path(kind).is_file():
+        try:
+            return Tokenizer(Path(kind).read_text(encoding="utf-8"))
+        except ValueError as err:  # refused under its own name
+            raise ValueError(f"{kind}: {err}") from None
+    raise ValueError(f"tokenizer={kind!r}: must be bpe, byte, a tokenizer.json file or a "
+                     "folder holding one (a run, a Hugging Face checkpoint)")
+
+
 def load_tokenizer(corpus: Corpus, vocab_size: int = 2048, kind: str = "bpe") -> Tokenizer:
     """The byte tokenizer, or a BPE trained on the training split only (cached in the corpus)."""
     if kind == "byte":

@@ -1,17 +1,10 @@
-"""The one continuous-pretraining loop, used by every stage: preparation, the grown dense model,
-the MoE, and the from-scratch baseline: AdamW, warmup then cosine, clipping and accumulation,
-bf16 autocast, MoE auxiliary losses, validation per language and domain, a JSONL log (and
-TensorBoard, if asked), a loss plot, and atomic checkpoints from which a killed run resumes
-with bit-identical losses: the batch of step i is a pure function of (seed, i, the domain
-weights in force), and model, optimizer, RNG and weights are restored from the checkpoint,
-each file read through its rules (docs/method.md, "Run folders").
-
-Under torchrun the same loop runs on every rank (minimoe/dist.py): FSDP2 or DDP, optionally
-expert or tensor parallel; each rank takes its rows of step i's batch, so the run reproduces
-one process's; gradients are reduced once per step; checkpoints go through
-torch.distributed.checkpoint; the log, plots and the consolidated model come from rank 0. The
-MoE auxiliary losses are computed over each rank's own tokens (Megatron's default "aux_loss").
-"""
+"""The one continuous-pretraining loop of every stage (preparation, the grown dense model, the
+MoE, the from-scratch baseline): AdamW, warmup then cosine, clipping, accumulation, bf16, the MoE
+auxiliary losses, validation per language and domain, a JSONL log (and TensorBoard), a loss plot,
+and atomic checkpoints from which a killed run resumes bit-identically (the batch of step i is a
+pure function of the seed, i and the domain weights; docs/method.md, "Run folders"). Under
+torchrun every rank runs it on its rows of each batch (minimoe/dist.py); rank 0 logs. One step,
+`train_step`, is also what `minimoe dry-run` rehearses at full size."""
 
 from __future__ import annotations
 
@@ -33,8 +26,10 @@ from minimoe import files
 from minimoe import mixing
 from minimoe.checks import SEED, check_fields
 from minimoe.evaluate import evaluate
+from minimoe.model import draw_as_built
 from minimoe.moe import AuxLossConfig, expert_load
-from minimoe.run_files import log_records, resumed_weights
+from minimoe.run_files import log_records, plot_losses, resumed_weights
+from minimoe.stream import fill_block
 from minimoe.tensor_parallel import check_tensor_parallel
 
 
@@ -69,13 +64,15 @@ class TrainConfig:
     tp: int = 1  # tensor-parallel ranks: each holds 1 / tp of every matrix (a dense model)
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     compile: bool = False  # torch.compile each block
+    # FSDP2: reduce-scatter gradients after every micro-batch, each rank keeping its shard
+    # (torchtitan's); False: once per step, each gradient held whole until then (4 B/param)
+    reduce_every_micro_batch: bool = True
+    async_checkpoint: bool = False  # write checkpoints in the background (minimoe/checkpoint.py)
 
     def __post_init__(self):
         check_fields("TrainConfig", self, TRAIN_RULES)
-        if str(self.device).split(":")[0] not in ("cpu", "cuda") or (
-                self.device.startswith("cuda") and not torch.cuda.is_available()):
-            raise ValueError(f"TrainConfig.device={self.device!r}: must be cpu, or cuda where "
-                             "a GPU is")
+        if str(self.device).split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"TrainConfig.device={self.device!r}: must be cpu, cuda or cuda:N")
         try:
             mixing.parse_mix(self.mix)  # the domains are checked against the data in train()
         except ValueError as err:
@@ -95,7 +92,8 @@ TRAIN_RULES = {  # minimoe/checks.py; bounds on what multiplies into memory
     **dict.fromkeys(("ep", "tp"), "int[1, 65536]"),
     **dict.fromkeys(("lr", "mix_eta"), ">0"), "warmup_steps": "int>=0", "min_lr_ratio": "[0, 1]",
     **dict.fromkeys(("beta1", "beta2"), "[0, 1)"), **dict.fromkeys(("weight_decay", "grad_clip"), ">=0"),
-    "parallel": dist.MODES, **dict.fromkeys(("bf16", "activation_checkpointing", "compile"), "bool"),
+    "parallel": dist.MODES, **dict.fromkeys(("bf16", "activation_checkpointing", "compile",
+                                             "reduce_every_micro_batch", "async_checkpoint"), "bool"),
 }
 
 
@@ -121,14 +119,33 @@ def make_optimizer(model, tc: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=False)
 
 
-def moe_losses(model, logits, tc: TrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Weighted sum of the MoE auxiliary losses (zero for a dense model) and each raw value."""
-    if not model.cfg.is_moe:
-        return logits.new_zeros(()), {}
-    return tc.aux.total(model, logits)
+def train_step(parallel: dist.Parallel, optimizer, batch, tc: TrainConfig) -> dict:
+    """One optimizer step over tc.grad_accum micro-batches, `batch(micro) -> (x, y)` on the
+    device: forward, backward, clipping, AdamW. Returns {"loss", "grad_norm", MoE losses...}
+    as 0-d tensors, left on the device: the caller copies them to the host once per step."""
+    model, sums = parallel.model, {}
+    autocast = tc.bf16 and not parallel.mixed_precision  # FSDP2 casts by its policy instead
+    for micro in range(tc.grad_accum):
+        x, y = batch(micro)
+        with parallel.sync(last=micro == tc.grad_accum - 1), parallel.loss_context():
+            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+                if model.cfg.is_moe and tc.aux.max_z_on == "lm_head":  # needs every logit
+                    logits = parallel.module(x)
+                    ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+                else:
+                    logits, ce = None, parallel.module(x, targets=y)  # a chunked loss
+                aux, parts = tc.aux.total(model, logits) if model.cfg.is_moe else (0.0, {})
+            ((ce + aux) / tc.grad_accum).backward()
+        for k, v in {"loss": ce.detach(), **parts}.items():
+            sums[k] = sums.get(k, 0.0) + v / tc.grad_accum
+    sums["grad_norm"] = parallel.clip_grad_norm_(tc.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums
 
 
-LAYOUT_FIELDS = ("parallel", "ep", "tp", "activation_checkpointing", "compile")  # not the run's identity
+LAYOUT_FIELDS = ("parallel", "ep", "tp", "activation_checkpointing", "compile",
+                 "reduce_every_micro_batch", "async_checkpoint")  # not the run's identity
 
 
 @dataclass
@@ -142,13 +159,16 @@ class RunResult:
 
 
 def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progress: bool = True,
-          on_step=None, tensorboard=None) -> RunResult:
-    """Continue pretraining `model` on `data` for tc.steps steps, checkpointing into out_dir.
+          on_step=None, tensorboard=None, init="seed") -> RunResult:
+    """Train `model` on `data` for tc.steps steps, checkpointing into out_dir.
 
-    If out_dir holds a checkpoint of this same run, training resumes from it. `meta` (stage,
-    data, parent run...) goes to run.json; `on_step(step, record)` is called after each step;
-    `tensorboard`: a folder that also gets every logged number (torch's SummaryWriter).
-    """
+    `model` is built on the meta device and filled once the parallel plan has placed it, each
+    rank with what it holds: from out_dir's checkpoint of this run (resuming), else from `init`
+    (a model file, or "seed": drawn as one process would), so no rank holds the whole model.
+    `meta` goes to run.json; `on_step(step, record)` is called after each step; `tensorboard`:
+    a folder that also gets every logged number (torch's SummaryWriter)."""
+    if tc.device.startswith("cuda") and not torch.cuda.is_available():  # a recipe may name it
+        raise ValueError(f"TrainConfig.device={tc.device!r}: no GPU here; use cpu")
     dist.init_from_env(tc.device)  # torchrun's process group; nothing in one process
     weights, references = _start_mix(tc, data)  # weights None: in proportion to size
     dynamic = references is not None
@@ -161,11 +181,19 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
     main = dist.is_main()
 
     device = dist.device_for(tc.device)
-    model.to(device).train()
-    parallel = _parallelize(model, tc, device)
+    latest = ckpt.latest_checkpoint(out_dir)
+    if tc.tp > 1:
+        check_tensor_parallel(model.cfg, tc.tp, tc.seq_len)
+    mesh = dist.build_mesh(tc.ep, device.type, tc.tp) if dist.is_distributed() else None
+    sharded = tc.parallel == "fsdp" and mesh is not None  # FSDP2 fills its shards, DDP a model
+    if not sharded:
+        _fill(model, device, tc, None if latest else init)
+    parallel = plan(model, tc, mesh)
+    if sharded:
+        _fill(model, device, tc, None if latest else init)
+    model.train()
     optimizer = make_optimizer(model, tc)
     step, tokens, train_time = 0, 0, 0.0
-    latest = ckpt.latest_checkpoint(out_dir)
     if latest is not None:
         state = ckpt.load_checkpoint(latest, model, optimizer)
         step, tokens, train_time = state["step"], state["tokens"], state["train_time"]
@@ -174,52 +202,46 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
         torch.manual_seed(tc.seed)
     log_path = out_dir / "log.jsonl"
     history = dist.main_only(lambda: _truncate_log(log_path, step))
-    board = _board(tensorboard, step) if tensorboard and main else None
+    board = None
+    if tensorboard and main:  # the optional extra; a resumed run's later steps purged
+        from torch.utils.tensorboard import SummaryWriter
+        board = SummaryWriter(str(tensorboard), purge_step=step + 1)
     if step >= tc.steps and (out_dir / "model.safetensors").exists():  # finished earlier
         return RunResult(out_dir, step, tokens, train_time, _final_val(history), history)
     if step == 0 and not any("val_loss" in r for r in history):
         history.append(_log(log_path, {"step": 0, "tokens": 0, **_evaluate(model, data, tc)},
                             main, board))
 
-    bar = _progress(tc.steps, step, progress and main)
+    bar = tqdm(total=tc.steps, initial=step, unit="step", dynamic_ncols=True,
+               leave=False) if progress and main else None
     last_good = latest
-    autocast = tc.bf16 and not parallel.mixed_precision  # FSDP2 casts by its policy instead
     own_rows = dist.row_slice(tc.batch_size, tc.tp) if dist.is_distributed() else None  # this rank's
     while step < tc.steps:
         t0 = time.perf_counter()
         lr = lr_at(step, tc)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, parts_sum = 0.0, {}
-        for micro in range(tc.grad_accum):
+
+        def batch(micro, step=step):
             x, y = data.train_batch(step * tc.grad_accum + micro, tc.batch_size, tc.seq_len,
                                     seed=tc.seed, weights=weights, rows=own_rows)
-            x, y = x.to(device), y.to(device)
-            with parallel.sync(last=micro == tc.grad_accum - 1):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    logits = parallel.module(x)
-                    ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-                    aux, parts = moe_losses(model, logits, tc)
-                ((ce + aux) / tc.grad_accum).backward()
-            loss_sum += ce.item() / tc.grad_accum
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v / tc.grad_accum
-        if dist.is_distributed():  # the logged numbers are the global batch's
-            totals = dist.mean_over_ranks({"loss": loss_sum, **parts_sum})
-            loss_sum, parts_sum = totals.pop("loss"), totals
+            return x.to(device), y.to(device)
+
+        stats = train_step(parallel, optimizer, batch, tc)
+        grad_norm = stats.pop("grad_norm").item()  # global already; the rest is this rank's
+        stats = dist.mean_over_ranks(stats)  # the logged numbers are the global batch's
+        loss_sum, parts_sum = stats.pop("loss"), stats
         if not math.isfinite(loss_sum):
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
             raise TrainingDiverged(f"step {step}: loss={loss_sum}; training stopped ({where})")
-        grad_norm = parallel.clip_grad_norm_(tc.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens += tc.tokens_per_step
         dt = time.perf_counter() - t0
         train_time += dt
         record = {"step": step, "tokens": tokens, "loss": loss_sum, "lr": lr,
                   "grad_norm": grad_norm, "tok_per_s": tc.tokens_per_step / dt, **parts_sum}
-        load = _expert_load(model)  # this step's last training batch, before evaluation routes more
+        # pairs per expert of this step's last batch (before evaluation routes more), all ranks
+        load = dist.sum_over_ranks(expert_load(model)).tolist() if model.cfg.is_moe else None
         update = dynamic and step % tc.mix_every == 0 and step < tc.steps
         if step % tc.eval_every == 0 or step == tc.steps or update:
             record.update(_evaluate(model, data, tc))
@@ -240,12 +262,14 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
         if step % tc.ckpt_every == 0 or step == tc.steps:
             ckpt.save_checkpoint(out_dir, step, model, optimizer,
                                  {"tokens": tokens, "train_time": train_time, "seed": tc.seed,
-                                  "mix_weights": weights})
+                                  "mix_weights": weights},
+                                 background=tc.async_checkpoint and step < tc.steps)
             last_good = ckpt.latest_checkpoint(out_dir)
     if bar is not None:
         bar.close()
     if board is not None:
         board.close()
+    ckpt.wait_for_checkpoint()
     ckpt.save_model_tensors(out_dir / "model.safetensors", model)
     if main:
         plot_losses(history, out_dir / "loss.png", title=str((meta or {}).get("stage", out_dir.name)))
@@ -261,11 +285,27 @@ def _evaluate(model, data, tc: TrainConfig) -> dict[str, float]:
     return dist.mean_over_ranks(evaluate(model, dist.RankRows(data, tc.tp), tc))
 
 
-def _parallelize(model, tc: TrainConfig, device: torch.device) -> dist.Parallel:
-    """The plan of tc under torchrun; in one process only checkpointing and compile, if asked."""
-    if tc.tp > 1:
-        check_tensor_parallel(model.cfg, tc.tp, tc.seq_len)
-    mesh = dist.build_mesh(tc.ep, device.type, tc.tp) if dist.is_distributed() else None
+def _fill(model, device: torch.device, tc: TrainConfig, init):
+    """Give a meta model memory on `device` and values: the model file `init`, or drawn from
+    tc.seed ("seed": each tensor whole, this rank's block kept, so bit-identical to one
+    process), or none (init None: a checkpoint fills it)."""
+    if not any(p.is_meta for p in model.parameters()):  # given with its weights (one process)
+        model.to(device)
+        return
+    model.to_empty(device=device)
+    for buffer in model.buffers():  # the MoE's routing statistics
+        buffer.zero_()
+    if init == "seed":
+        torch.manual_seed(tc.seed)
+        draw_as_built(model.cfg)
+        model.reset_parameters(fill=fill_block)
+    elif init is not None:
+        ckpt.load_into(model, init)
+
+
+def plan(model, tc: TrainConfig, mesh) -> dist.Parallel:
+    """tc's parallel plan applied to `model` on `mesh` (None: one process, where only
+    checkpointing and compile apply)."""
     for name in ("ep", "tp"):
         if mesh is None and getattr(tc, name) > 1:
             raise ValueError(f"TrainConfig.{name}={getattr(tc, name)}: needs torchrun with a "
@@ -273,7 +313,7 @@ def _parallelize(model, tc: TrainConfig, device: torch.device) -> dist.Parallel:
     return dist.parallelize(model, mesh, tc.parallel, mixed_precision=tc.bf16 and mesh is not None
                             and tc.parallel == "fsdp",
                             activation_checkpointing=tc.activation_checkpointing,
-                            compile=tc.compile)
+                            compile=tc.compile, reduce_every_micro_batch=tc.reduce_every_micro_batch)
 
 
 def _start_folder(out_dir: Path, run: dict, cfg, tokenizer):
@@ -333,8 +373,7 @@ def _check_same_run(out_dir: Path, run: dict):
 
 def _truncate_log(path: Path, step: int) -> list[dict]:
     """Keep the log records up to `step` (a resumed run re-logs what came after)."""
-    records = log_records(path)
-    records = [r for r in records if r["step"] <= step]
+    records = [r for r in log_records(path) if r["step"] <= step]
     files.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return records
 
@@ -351,42 +390,6 @@ def _log(path: Path, record: dict, write: bool = True, board=None) -> dict:
     return record
 
 
-def _board(folder, step: int):
-    """TensorBoard's writer (the optional extra `tensorboard`); a resumed run's later steps
-    are purged, as log.jsonl's are."""
-    from torch.utils.tensorboard import SummaryWriter  # optional: imports `tensorboard`
-
-    return SummaryWriter(str(folder), purge_step=step + 1)
-
-
-def _expert_load(model):
-    """Pairs per expert of the last forward, summed over the ranks."""
-    return dist.sum_over_ranks(expert_load(model)).tolist() if model.cfg.is_moe else None
-
-
-def _progress(total: int, start: int, enabled: bool):
-    if not enabled:
-        return None
-    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, leave=False)
-
-
 def read_log(run_dir) -> list[dict]:
     """The records of a run's log.jsonl (every logged step, with its validation losses)."""
     return files.read_jsonl(Path(run_dir) / "log.jsonl")
-
-
-def plot_losses(history: list[dict], path: Path, title: str = ""):
-    """Training and validation loss against tokens, one PNG per run."""
-    plt = files.pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    train_pts = [(r["tokens"], r["loss"]) for r in history if "loss" in r]
-    if train_pts:
-        ax.plot(*zip(*train_pts), label="train", alpha=0.6)
-    for key in sorted({k for r in history for k in r if k.startswith("val_")}):
-        pts = [(r["tokens"], r[key]) for r in history if key in r]
-        ax.plot(*zip(*pts), marker="o", ms=3, label=key.replace("_", " "))
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("cross-entropy (nats)")
-    ax.set_title(title)
-    ax.legend()
-    files.save_figure(fig, path)

@@ -4,7 +4,7 @@
 #   scaling/launch.sh prepare RECIPE   one process: the streamed transformation the run starts
 #                                      from (scale-up / scale-out); run it once, on one node
 #   scaling/launch.sh train RECIPE     torchrun on this node; run it on every node
-#   scaling/launch.sh dry-run RECIPE   here, on CPU: the plan on meta tensors vs the simulator
+#   scaling/launch.sh dry-run RECIPE   here, on CPU: one step rehearsed at full size (its memory)
 #
 # Multi-node: torchrun's own flags, from the environment (defaults in brackets):
 #   NNODES          --nnodes           nodes in the job [the recipe's gpus / gpus_per_node]
@@ -14,7 +14,7 @@
 #   RUN_ID          --rdzv-id          the same on every node of one job [the recipe's name]
 #   MAX_RESTARTS    --max-restarts     a failed rank restarts the job from its last checkpoint [3]
 # e.g. on each of 128 nodes: NODE_RANK=$i RDZV_ENDPOINT=node0:29500 scaling/launch.sh train \
-#        scaling/full/aquilamoe-8x16b.toml
+#        scaling/full/aquilamoe-8x16b.toml       (under SLURM: sbatch scaling/slurm.sh RECIPE)
 set -euo pipefail
 usage="usage: scaling/launch.sh prepare|train|dry-run RECIPE"
 step=${1:?$usage}
@@ -33,6 +33,11 @@ case "$step" in
     eval "set -- $args"
     exec "$py" -m minimoe "$@" ;;
   train)
+    # torchtitan's settings (run_train.sh, multinode_trainer.slurm): the CUDA caching
+    # allocator's expandable segments (less fragmentation at the peak), NCCL warnings, and
+    # Python tracebacks when the NCCL watchdog aborts a hung rank
+    export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
+    export NCCL_DEBUG=${NCCL_DEBUG:-WARN} PYTHONFAULTHANDLER=${PYTHONFAULTHANDLER:-1}
     read -r per_node nodes name < <("$py" -m minimoe launch-args "$recipe" node)
     args=$("$py" -m minimoe launch-args "$recipe" train)
     eval "set -- $args"

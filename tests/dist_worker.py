@@ -3,12 +3,16 @@
     python tests/dist_worker.py train OUT [--parallel fsdp|ddp] [--ep N] [--tp N] [--vocab V] [--moe] [--kill-at S]
                                           [--kill-rank R] [--device cpu|cuda] [--bf16]
     python tests/dist_worker.py ep [--device cpu|cuda]
+    python tests/dist_worker.py measure RECIPE OUT
 
 `train` trains the tiny model (or a tiny MoE) for 6 steps of 2 micro-batches (gradients reduced
 on the second only), logging every step and checkpointing every 2; --kill-at S makes rank R
 (every rank when R < 0) SIGKILL itself right after step S, in the first attempt of a torchrun
 job only (TORCHELASTIC_RESTART_COUNT), so a restart runs on.
 `ep` checks that an expert-parallel MoE computes what one process's MoE computes.
+`measure` tracks one real training step of a launch recipe (minimoe dry-run's, on real tensors)
+and rank 0 writes its peak by category to OUT; the routers send each token to one expert of
+each of 2 expert-parallel ranks, the even routing the rehearsal stands in with.
 """
 
 import argparse
@@ -102,11 +106,42 @@ def expert_parallel(args):
     dist.shutdown()
 
 
+def measure(args):
+    import json
+
+    from minimoe.model import build_model
+    from minimoe.moe import moe_layers
+    from minimoe.recipes.dry_run import measure as tracked_step
+    from minimoe.recipes.launch import load_launch_recipe, train_config
+    from minimoe.stream import fill_block
+    from minimoe.train import make_optimizer, plan
+
+    dist.init_from_env()
+    recipe = load_launch_recipe(args.out)
+    cfg, tc = recipe.model_config, train_config(recipe)
+    model = build_model(cfg, device="meta")
+    parallel = plan(model, tc, dist.build_mesh(tc.ep, "cpu", tc.tp))
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.reset_parameters(fill=fill_block)
+    for moe in moe_layers(model):  # experts 0, 2 (one per rank) for x.v > 0, else 1, 3
+        v = torch.randn(cfg.d_model)
+        router = torch.stack([v, -v, 1.001 * v, -1.001 * v])
+        fill_block(moe.router.weight, lambda t: t.copy_(router))
+    x = torch.randint(0, cfg.vocab_size, (recipe.layout.micro_batch, tc.seq_len))
+    peak = tracked_step(parallel, make_optimizer(model, tc), lambda micro: (x, x), tc)
+    if dist.is_main():
+        with open(args.what_out, "w") as f:
+            json.dump(peak, f)
+    dist.shutdown()
+
+
 if __name__ == "__main__":
     faulthandler.register(signal.SIGUSR1)
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=["train", "ep"])
+    parser.add_argument("what", choices=["train", "ep", "measure"])
     parser.add_argument("out", nargs="?")
+    parser.add_argument("what_out", nargs="?")
     parser.add_argument("--parallel", default="fsdp")
     parser.add_argument("--ep", type=int, default=1)
     parser.add_argument("--tp", type=int, default=1)
@@ -117,5 +152,5 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true")
     args = parser.parse_args()
-    train(args) if args.what == "train" else expert_parallel(args)
+    {"train": train, "ep": expert_parallel, "measure": measure}[args.what](args)
     sys.exit(0)

@@ -195,10 +195,10 @@ CASES = [
     ("resume-state-mix-garbage", RESUME, _state(lambda s: s.update(mix_weights=[1])), "mix"),
     ("resume-state-not-json", RESUME, lambda r: (_unfinished(r), _write("ckpt/step_000002/state.json", "{")(r)),
      "state.json"),
-    ("resume-rng-garbage", RESUME, lambda r: (_unfinished(r), _write("ckpt/step_000002/rng.safetensors",
+    ("resume-rng-garbage", RESUME, lambda r: (_unfinished(r), _write("ckpt/step_000002/rng_0.safetensors",
                                                                      b"\x08" + b"\x00" * 20)(r)), "rng"),
     ("resume-rng-wrong-dtype", RESUME, lambda r: (_unfinished(r), save_file(
-        {"torch": torch.zeros(3)}, str(r / "ckpt/step_000002/rng.safetensors"))), "rng"),
+        {"torch": torch.zeros(3)}, str(r / "ckpt/step_000002/rng_0.safetensors"))), "rng"),
     ("resume-latest-outside", RESUME, lambda r: (_unfinished(r), _write("ckpt/latest", "../../x/ckpt/step_000002")(r)),
      "latest"),
     ("generate-latest-outside", GENERATE, lambda r: (_unfinished(r), _write("ckpt/latest", "/etc")(r)), "latest"),

@@ -126,3 +126,33 @@ def test_nonzero_o_proj_bias_is_refused():
     sd["model.layers.0.self_attn.o_proj.bias"] = torch.ones_like(sd["model.layers.0.self_attn.o_proj.bias"])
     with pytest.raises(ValueError, match="o_proj.bias: nonzero"):
         convert(sd, cfg, "llama", to_hf=False)
+
+
+def test_the_chunked_loss_is_the_whole_loss_and_holds_one_chunk(monkeypatch):
+    """Given targets, the LM head computes the cross-entropy a chunk of tokens at a time, each
+    chunk's logits recomputed in backward: the loss and every gradient equal those over all the
+    logits at once, and the peak holds about a chunk of logits, not all (fp32, 8 MB here)."""
+    import torch.nn.functional as F
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from minimoe import model as model_module
+
+    cfg = get_preset("tiny").replace(vocab_size=4096, max_seq_len=256)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    x, y = torch.randint(0, 4096, (2, 256)), torch.randint(0, 4096, (2, 256))
+    peaks, grads = {}, {}
+    for chunk in (512, 32):  # tokens per chunk: every token at once, then 16 chunks
+        monkeypatch.setattr(model_module, "LOSS_CHUNK_LOGITS", chunk * 4096)
+        model.zero_grad()
+        tracker = MemTracker()
+        tracker.track_external(model)
+        with tracker:
+            loss = model(x, targets=y)
+            loss.backward()
+        peaks[chunk] = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+        grads[chunk] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    whole = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    torch.testing.assert_close(grads[32][0], whole)
+    torch.testing.assert_close(grads[32][1], grads[512][1])
+    assert peaks[32] < peaks[512] - 2 * 512 * 4096 * 4  # at least two fp32 copies fewer

@@ -221,7 +221,7 @@ def test_model_level_aux_losses_and_total():
     torch.testing.assert_close(loss, 0.001 * raw["balance"] + 0.01 * raw["max_z"])
     loss, parts = AuxLossConfig(balance=0, max_z=0.5, max_z_on="lm_head").total(model, logits)
     torch.testing.assert_close(loss, 0.5 * max_z_loss(logits))
-    assert parts["max_z"] == pytest.approx(logits.amax(-1).square().mean().item())
+    assert float(parts["max_z"]) == pytest.approx(logits.amax(-1).square().mean().item())
     loss.backward()
     assert model.lm_head.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="max_z_on"):
@@ -286,3 +286,17 @@ def test_equals_transformers_mixtral_sparse_block(implementation):
         block.experts.down_proj.copy_(ours.w_down_EFD.transpose(1, 2))
         x = torch.randn(2, 16, cfg.d_model)
         torch.testing.assert_close(ours(x), block(x), atol=1e-5, rtol=0)
+
+
+def test_grouped_mm_runs_on_cuda_for_bf16_on_sm80_and_newer(monkeypatch):
+    """On a GPU torch's grouped matmul takes bf16 on sm80+ (its docstring): there the MoE uses
+    it, elsewhere the per-expert loop (tensors of a GPU, faked on this CPU)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x_SD = torch.empty(8, 64, device="cuda", dtype=torch.bfloat16)
+        w_EDF = torch.empty(4, 64, 128, device="cuda", dtype=torch.bfloat16)
+        for capability, usable in (((9, 0), True), ((8, 0), True), ((7, 5), False)):
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+            assert moe_module._grouped_mm_usable(x_SD, w_EDF) == usable, capability
+        assert not moe_module._grouped_mm_usable(x_SD.float(), w_EDF.float())

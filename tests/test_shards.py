@@ -5,6 +5,8 @@ reading across shard boundaries equals one array; a vocabulary over 65,536 is st
 without loss; the batches drawn from shards are pure functions of (seed, step)."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,6 +73,23 @@ def test_reading_across_shards_equals_one_array():
     for a in range(len(whole)):
         for b in range(a, len(whole) + 1):
             assert np.array_equal(tokens[a:b], whole[a:b]), (a, b)
+
+
+def test_shards_are_opened_when_read_and_few_stay_open(tokenized, monkeypatch):
+    """However many shards a corpus has, at most OPEN_SHARDS memory maps (each a file
+    descriptor) are open at once, and reading through them still gives every token."""
+    out, manifest = tokenized
+    assert sum(len(e) for e in manifest["shards"]["train"].values()) > 3
+    monkeypatch.setattr(shards, "OPEN_SHARDS", 2)
+    shards._maps.clear()
+    data, _ = load_shards(out)
+    assert not shards._maps  # nothing opened until read
+    whole = np.concatenate([np.fromfile(out / e["file"], dtype=manifest["dtype"])
+                            for entries in manifest["shards"]["train"].values() for e in entries])
+    train = data.arrays["train"]
+    assert np.array_equal(np.concatenate([train[i:i + 97] for i in range(0, len(train), 97)]), whole)
+    open_bins = [p for p in Path("/proc/self/fd").iterdir() if str(os.path.realpath(p)).endswith(".bin")]
+    assert len(shards._maps) == 2 and len(open_bins) <= 2
 
 
 def test_batches_from_shards_are_pure_functions_of_seed_and_step(tokenized):

@@ -1,6 +1,6 @@
 """The full-size commands of `minimoe`: tokenize (text of any size into shards), dry-run (a
-launch recipe's parallel plan on meta tensors) and launch-args (what scaling/launch.sh runs).
-Each is a pair, declare the arguments and run, that minimoe/cli/main.py COMMANDS lists."""
+launch recipe's training step rehearsed at full size) and launch-args (what scaling/launch.sh
+runs). Each is a pair, declare the arguments and run, that minimoe/cli/main.py COMMANDS lists."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 from minimoe import dist
 from minimoe.checks import SEED, option
 from minimoe.recipes.config import RECIPES
-from minimoe.recipes.dry_run import dry_run, dry_run_report
+from minimoe.recipes.dry_run import dry_run, dry_run_report, dry_run_table
 from minimoe.recipes.launch import launch_args, load_launch_recipe
 from minimoe.shards import SHARD_TOKENS, tokenize
 
@@ -43,15 +43,17 @@ def run_tokenize(args):
 
 
 def add_dry_run(p):
-    p.add_argument("recipe", help="a full-size launch recipe, e.g. scaling/full/aquilamoe-8x16b.toml")
-    p.add_argument("--ranks", type=option("int[1, 64]"),
-                   help="gloo ranks to spawn (default 2 x the recipe's ep x tp)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("recipe", nargs="+", help="full-size launch recipes, e.g. scaling/full/*.toml")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a report")
 
 
 def run_dry_run(args):
-    result = dry_run(args.recipe, args.ranks)
-    print(json.dumps(result, indent=2) if args.json else dry_run_report(result))
+    results = []
+    for path in args.recipe:
+        results.append(dry_run(path))
+        print(json.dumps(results[-1]) if args.json else dry_run_report(results[-1]), flush=True)
+    if len(results) > 1 and not args.json:
+        print(dry_run_table(results))
 
 
 def add_launch_args(p):

@@ -32,7 +32,7 @@ COMMANDS = {
     "scale-up": ("grow a run's model wider and deeper (FPI, AKI, AKI-Pro)", RUNS),
     "scale-out": ("turn a dense run's model into an MoE (upcycle or split)", RUNS),
     "experiment": ("the paper's validation experiments at toy scale", RUNS),
-    "dry-run": ("a full-size recipe's parallel plan on meta tensors, against the simulator",
+    "dry-run": ("full-size recipes' training step rehearsed here: memory, against the simulator",
                 "minimoe.cli.full_size"),
     "launch-args": ("the commands of a full-size recipe (what scaling/launch.sh runs)",
                     "minimoe.cli.full_size"),

@@ -40,6 +40,10 @@ def add_train_options(p):
                    help="tensor-parallel ranks: each holds 1/tp of every matrix (dense models)")
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each block's activations in backward")
+    g.add_argument("--reduce-once", action="store_true", help="FSDP2: reduce gradients once per "
+                   "step, holding them whole until then (default: after every micro-batch)")
+    g.add_argument("--async-checkpoint", action="store_true",
+                   help="write checkpoints in the background while training goes on")
     g.add_argument("--compile", action="store_true", help="torch.compile each block")
 
 
@@ -53,4 +57,5 @@ def tensorboard_dir(args) -> str | None:
 
 def train_config(args) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    given = {k: v for k, v in vars(args).items() if k in fields}
+    return TrainConfig(**given, reduce_every_micro_batch=not args.reduce_once)

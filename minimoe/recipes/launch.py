@@ -2,17 +2,10 @@
 `minimoe` commands that run it under torchrun (scaling/launch.sh runs them).
 
 A recipe names a stage (pretrain, scale-up or scale-out), the model shape, where it grows from,
-the training budget of arXiv 2408.06567 Table 3 (tokens, learning rate, batch) and a layout:
-GPUs, FSDP2 or DDP, tensor- and expert-parallel ranks, micro-batch, activation checkpointing.
-The layout is what the cost simulator recommends among the layouts this torchrun path runs
-(`engine_plan`): data parallel over every GPU (FSDP2 = ZeRO-3, or DDP = ZeRO-0), with tensor
-and sequence parallelism inside a node for a dense model (FSDP2 only) or expert parallelism
-for an MoE; no pipeline parallelism, which `minimoe plan`'s overall fastest layout may use
-(shown beside it by `minimoe dry-run`). The simulator prices this path as it runs
-(`ENGINE_OPTIONS`): bytes as FSDP2 stores them, the fp32 shard being the master weight, so
-4 (weights) + 4 (gradients) + 8 (Adam m, v) bytes per parameter, the bf16 copy existing only
-for the block being computed; and a vocabulary that tp does not divide left whole on each tp
-rank (minimoe/tensor_parallel.py), not padded as Megatron's.
+the training budget of arXiv 2408.06567 Table 3 and a layout: GPUs, tensor- and expert-parallel
+ranks, micro-batch, activation checkpointing. The layout is the fastest `engine_plan` finds
+among those this path runs and `minimoe dry-run` rehearses (FSDP2; no pipeline parallelism),
+priced as the path runs (`ENGINE_OPTIONS`: docs/simulator.md#memory).
 """
 
 from __future__ import annotations
@@ -30,9 +23,11 @@ from minimoe.sim.cost import Options, simulate
 from minimoe.sim.hardware import get_device
 from minimoe.sim.layout import Layout, Workload
 from minimoe.tensor_parallel import check_tensor_parallel
+from minimoe.train import TrainConfig
 
 STAGES = ("pretrain", "scale-up", "scale-out")
-ENGINE_OPTIONS = Options(weight_bytes=4, grad_bytes=4, optimizer_bytes=8, pad_vocab=False)
+ENGINE_OPTIONS = Options(weight_bytes=4, grad_bytes=4, optimizer_bytes=8, reduce_bytes=4,
+                         memory_model="minimoe", reduce_every_micro_batch=True)
 MICRO_BATCHES = (1, 2, 4, 8)
 
 
@@ -68,6 +63,7 @@ class LayoutPlan:
     tp: int = 1  # tensor parallel (with sequence parallel), a dense model under FSDP2
     micro_batch: int = 1
     activation_checkpointing: bool = False
+    reduce_every_micro_batch: bool = True  # FSDP2: gradients stay sharded (train.TrainConfig)
     compile: bool = False
     device: str = "cuda"  # cpu: the same launch on gloo (tests, a laptop)
 
@@ -174,20 +170,21 @@ def _check(r: LaunchRecipe):
 
 
 def engine_plan(recipe: LaunchRecipe):
-    """The fastest layout that fits among those this torchrun path runs, on whole nodes of the
-    recipe's cluster (ties: fewer GPUs): (LayoutPlan, SimResult)."""
+    """The fastest layout that fits among those this torchrun path runs and `minimoe dry-run`
+    rehearses (FSDP2: DDP's reducer cannot run on fake tensors), on whole nodes of the recipe's
+    cluster (ties: fewer GPUs): (LayoutPlan, SimResult)."""
     w, layout = recipe.workload, recipe.layout
     device, options = get_device(layout.gpu), ENGINE_OPTIONS
     cluster = layout.cluster_gpus or layout.gpus
     n_experts = w.cfg.n_experts
     best = None
     for gpus in range(layout.gpus_per_node, cluster + 1, layout.gpus_per_node):
-        for parallel, ep, tp, mb, ac in itertools.product(
-                ("fsdp", "ddp"), range(1, max(n_experts, 1) + 1), _tensor_parallel(recipe),
-                MICRO_BATCHES, (False, True)):
-            if (n_experts % ep if n_experts else ep > 1) or (parallel == "ddp" and ep * tp > 1):
-                continue  # experts split by ep, matrices by tp, under FSDP2 only (dist.py)
-            plan = dataclasses.replace(layout, gpus=gpus, parallel=parallel, ep=ep, tp=tp,
+        for ep, tp, mb, ac in itertools.product(range(1, max(n_experts, 1) + 1),
+                                                _tensor_parallel(recipe), MICRO_BATCHES,
+                                                (False, True)):
+            if n_experts % ep if n_experts else ep > 1:
+                continue  # experts split by ep, matrices by tp (dist.py)
+            plan = dataclasses.replace(layout, gpus=gpus, parallel="fsdp", ep=ep, tp=tp,
                                        micro_batch=mb, activation_checkpointing=ac)
             try:
                 result = simulate(w, plan.sim_layout(), device, options, with_interval=False)
@@ -215,6 +212,18 @@ def _tensor_parallel(recipe: LaunchRecipe) -> list[int]:
     return degrees
 
 
+def train_config(r: LaunchRecipe) -> TrainConfig:
+    """The training run of a recipe, on each rank (the global batch is dp x micro-batch)."""
+    t, layout = r.train, r.layout
+    return TrainConfig(steps=r.steps, batch_size=layout.dp * layout.micro_batch,
+                       grad_accum=r.grad_accum, seq_len=t.seq_len, lr=t.lr, warmup_steps=t.warmup,
+                       eval_every=t.eval_every, ckpt_every=t.ckpt_every, device=layout.device,
+                       bf16=t.bf16, parallel=layout.parallel, ep=layout.ep, tp=layout.tp,
+                       activation_checkpointing=layout.activation_checkpointing,
+                       reduce_every_micro_batch=layout.reduce_every_micro_batch,
+                       compile=layout.compile, async_checkpoint=True)
+
+
 # --- the commands -------------------------------------------------------------------------------
 def commands(r: LaunchRecipe) -> dict[str, list[str] | None]:
     """`minimoe` arguments of the recipe's two steps: "prepare" (one process, streamed; None
@@ -227,18 +236,18 @@ def commands(r: LaunchRecipe) -> dict[str, list[str] | None]:
     elif r.stage == "scale-out":
         prepare = ["scale-out", "--from", r.source, "--experts", str(r.experts), "--top-k",
                    str(r.top_k), "--stream", "--out", init]
-    t, layout = r.train, r.layout
+    tc = train_config(r)
     start = (["--preset", r.preset, "--data", r.data] if r.stage == "pretrain"
              else ["--init", init])
-    train = ["pretrain", *start, "--out", r.out, "--steps", str(r.steps),
-             "--batch-size", str(layout.dp * layout.micro_batch),
-             "--grad-accum", str(r.grad_accum), "--seq-len", str(t.seq_len), "--lr", str(t.lr),
-             "--warmup", str(t.warmup), "--eval-every", str(t.eval_every),
-             "--ckpt-every", str(t.ckpt_every), "--device", layout.device,
-             "--parallel", layout.parallel,
-             "--ep", str(layout.ep), "--tp", str(layout.tp)]
-    train += ["--bf16"] * t.bf16 + ["--activation-checkpointing"] * layout.activation_checkpointing
-    train += ["--compile"] * layout.compile
+    train = ["pretrain", *start, "--out", r.out]
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "lr", "eval_every",
+                 "ckpt_every", "device", "parallel", "ep", "tp"):
+        train += [f"--{name.replace('_', '-')}", str(getattr(tc, name))]
+    train += ["--warmup", str(tc.warmup_steps)]
+    flags = {"bf16": tc.bf16, "activation-checkpointing": tc.activation_checkpointing,
+             "compile": tc.compile, "reduce-once": not tc.reduce_every_micro_batch,
+             "async-checkpoint": tc.async_checkpoint}
+    train += [f"--{flag}" for flag, on in flags.items() if on]
     return {"prepare": prepare, "train": train}
 
 

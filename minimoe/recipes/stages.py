@@ -107,8 +107,7 @@ def pretrain(cfg: ModelConfig | str, out, tc: TrainConfig, spec: dict | None = N
     spec = spec or data_spec()
     data, tok = load_run_data(spec)
     cfg = cfg.replace(vocab_size=tok.vocab_size)  # the tokenizer decides the vocabulary
-    torch.manual_seed(tc.seed)
-    model = build_model(cfg)
+    model = build_model(cfg, device="meta")  # train() draws it from tc.seed, rank by rank
     meta = {"stage": "pretrain", "data": spec, "init_from": None}
 
     def step_done(step, record):
@@ -120,17 +119,18 @@ def pretrain(cfg: ModelConfig | str, out, tc: TrainConfig, spec: dict | None = N
         if on_step is not None:
             on_step(step, record)
 
-    return train(model, data, tc, out, meta, progress, step_done, tensorboard)
+    return train(model, data, tc, out, meta, progress, step_done, tensorboard, init="seed")
 
 
 def continue_pretraining(init_from, out, tc: TrainConfig, stage: str = "continue",
                          progress: bool = True, on_step=None, tensorboard=None) -> RunResult:
     """Continue training the model of another run (grown, upcycled, or pretrained)."""
     init_from = Path(init_from)
-    model, _ = ckpt.load_model(init_from)
+    model = build_model(ckpt.read_config(init_from), device="meta")  # each rank reads its part
     data, _ = run_data(init_from)
     meta = {"stage": stage, "data": run_data_spec(init_from), "init_from": str(init_from.resolve())}
-    return train(model, data, tc, out, meta, progress, on_step, tensorboard)
+    return train(model, data, tc, out, meta, progress, on_step, tensorboard,
+                 init=ckpt.model_file(init_from))
 
 
 def validation_loss(model, spec: dict, tc: TrainConfig | None = None) -> dict[str, float]:

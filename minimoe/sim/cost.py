@@ -13,6 +13,7 @@ from minimoe.sim.hardware import Device
 from minimoe.sim.kernels import (BASE_LATENCY, allreduce_seconds, dispatch_bytes, flash_seconds,
                                  gemm_seconds, ring_seconds, train_gemm_seconds)
 from minimoe.sim.layout import Layout, Workload, WorkloadStats, check_layout
+from minimoe.sim.memory import torchrun_memory
 from minimoe.sim.options import Options, goodput
 
 __all__ = ["Layout", "Workload", "Options", "WorkloadStats", "price", "SimResult",
@@ -67,6 +68,8 @@ def price(st: WorkloadStats, dev: Device, opt: Options, c, efficiency=None) -> d
     head_first = layers * kept * np.minimum(n_micro, pp) + rebuilt
     head_last = last * kept + rebuilt + logits
     out["activations"] = np.maximum(head_first, head_last)
+    if opt.memory_model == "minimoe":  # this project's FSDP2 path instead (minimoe/sim/memory.py)
+        out.update(torchrun_memory(st.memory, opt, tp, dp, ep, zero, mb, rc, s, n_micro))
     out["memory"] = out["weights"] + out["grads"] + out["optimizer"] + out["activations"]
     out["fits"] = out["memory"] <= opt.memory_usable * dev.hbm_bytes
 

@@ -69,6 +69,9 @@ class Options:
     # vocabulary tp does not divide stays whole on each tp rank (minimoe's torchrun path)
     pad_vocab: bool = True
     memory_usable: float = 0.9  # assumption: share of HBM left after CUDA context and fragmentation
+    # whose memory: "megatron" (Megatron-LM's, the published runs) or "minimoe" (this
+    # project's FSDP2 path as `minimoe dry-run` measures it: minimoe/sim/memory.py)
+    memory_model: str = "megatron"
     # --- goodput: days of training -> wall-clock days ---------------------------------------
     failures_per_gpu_day: float = LLAMA3_FAILURES_PER_GPU_DAY
     restart_minutes: float = 30.0  # assumption: detect, reschedule, reload a checkpoint
@@ -124,6 +127,7 @@ RULES = {  # minimoe/checks.py: every field but `uncertain`
                      "checkpoint_minutes", "checkpoint_gbs"), "(0, inf)"),
     "virtual_stages": "int[1, inf)", "node_limit": "int>=0", "attention": ATTENTION,
     "dtype": DTYPES, "dispatcher": DISPATCHERS, "imbalance_log": "str",
+    "memory_model": ("megatron", "minimoe"),
 }
 
 
