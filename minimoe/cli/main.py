@@ -39,8 +39,6 @@ from minimoe.recipes.stages import (
     pretrain,
     scale_out_run,
     specialisation_run,
-    stream_grow_run,
-    stream_scale_out_run,
 )
 from minimoe.sim.hardware import CATALOGUE, get_device
 from minimoe.sim.scenario import dumps
@@ -205,8 +203,8 @@ def _add_scale_up(p):
 
 
 def _run_scale_up(args):
-    grow = stream_grow_run if args.stream else grow_run
-    r = grow(args.src, args.to, args.out, args.method, args.depth, args.mapping, args.seed, args.kv)
+    r = grow_run(args.src, args.to, args.out, args.method, args.depth, args.mapping, args.seed,
+                 args.kv, stream=args.stream)
     _print_transform(args.out, r, f"{args.method}, depth {r['growth']['depth']}")
 
 
@@ -244,14 +242,11 @@ def _run_scale_out(args):
         if args.method == "upcycle":
             raise ValueError("--scale: only the split-* methods scale expert outputs")
         options["scale"] = args.scale
-    if args.stream:
-        if args.method != "upcycle":
-            raise ValueError(f"--stream: streams method upcycle only, not {args.method!r} "
-                             "(a split reads whole MLPs and calibration data)")
-        r = stream_scale_out_run(args.src, args.out, args.experts, args.top_k, args.seed, **options)
-    else:
-        r = scale_out_run(args.src, args.out, args.method, args.experts, args.top_k,
-                          args.calib_batches, args.seed, **options)
+    if args.stream and args.method != "upcycle":
+        raise ValueError(f"--stream: streams method upcycle only, not {args.method!r} "
+                         "(a split reads whole MLPs and calibration data)")
+    r = scale_out_run(args.src, args.out, args.method, args.experts, args.top_k,
+                      args.calib_batches, args.seed, stream=args.stream, **options)
     _print_transform(args.out, r, f"{args.method}, {args.experts} experts, top-{args.top_k}")
 
 
@@ -357,7 +352,9 @@ def _run_experts(args):
 
 # --- bench: its code lives apart (minimoe/bench/), imported only when asked for -----------
 def _add_bench(p):
-    p.add_argument("name", choices=["train", "moe", "grow", "upcycle", "dist", "sim", "generate"])
+    p.add_argument("name", choices=["train", "moe", "grow", "upcycle", "dist", "sim", "generate",
+                                    "time-factor"])
+    p.add_argument("--run", help="time-factor: a finished pipeline folder (default runs/pipeline)")
     p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
     p.add_argument("--compile", action="store_true", help="train: also torch.compile each block")
 

@@ -41,14 +41,14 @@ def judge(claim: str, a: list[float], b: list[float], expect: str = "<") -> dict
     assert expect in ("<", ">") and len(a) == len(b) > 0
     d = spread([x - y for x, y in zip(a, b)])
     if d["n"] == 1:  # no spread to judge by
-        return {"claim": claim, "a": spread(a), "b": spread(b), "difference": d,
-                "interval": [None, None], "verdict": "within noise"}
+        return {"claim": claim, "expect": expect, "a": spread(a), "b": spread(b),
+                "difference": d, "interval": [None, None], "verdict": "within noise"}
     half = t975(d["n"] - 1) * d["sd"] / math.sqrt(d["n"])
     lo, hi = d["mean"] - half, d["mean"] + half
     verdict = "within noise"
     if lo > 0 or hi < 0:  # the interval excludes zero
         verdict = "holds" if (d["mean"] < 0) == (expect == "<") else "does not hold"
-    return {"claim": claim, "a": spread(a), "b": spread(b), "difference": d,
+    return {"claim": claim, "expect": expect, "a": spread(a), "b": spread(b), "difference": d,
             "interval": [lo, hi], "verdict": verdict}
 
 
