@@ -102,7 +102,7 @@ def test_table_1_over_seeds_judges_the_claims_and_figure_3_over_training(tmp_pat
 
 
 def test_the_savings_sweep_shares_the_stages_before_scale_out(tmp_path):
-    (tmp_path / "short.toml").write_text(SHORT)
+    (tmp_path / "short.toml").write_text(SHORT.replace("eval_every = 3", "eval_every = 6"))
     out = tmp_path / "savings"
     assert main(["experiment", "savings", "--preset", str(tmp_path / "short.toml"), "--out", str(out),
                  "--seeds", "2", "--budgets", "2,4", "--no-progress"]) == 0
@@ -123,3 +123,22 @@ def test_the_savings_sweep_shares_the_stages_before_scale_out(tmp_path):
     tsf = [r["tsf"] for r in summary["simulator"]]
     assert tsf == sorted(tsf, reverse=True)  # more of the chain in its last phase, less saved
     assert (out / "savings.png").stat().st_size > 0 and "| 4 |" in (out / "savings.md").read_text()
+
+
+def test_scale_out_over_seeds_from_each_seeds_dense_run(summary, tmp_path):
+    """--dense-run with {seed}: each seed continues its own grown dense model (here the module's
+    dense run stands in for both)."""
+    out, _ = summary
+    (out.parent / "seed-0").symlink_to(out)
+    (out.parent / "seed-1").symlink_to(out)
+    (tmp_path / "short.toml").write_text(SHORT.replace("steps = 6", "steps = 3"))
+    dest = tmp_path / "scale-out"
+    assert main(["experiment", "scale-out", "--preset", str(tmp_path / "short.toml"), "--out",
+                 str(dest), "--seeds", "0,1", "--dense-run", str(out.parent / "seed-{seed}" / "dense"),
+                 "--no-progress"]) == 0
+    for seed in (0, 1):
+        init = ckpt.read_json(dest / f"seed-{seed}" / "init-upcycled" / "run.json")
+        assert init["variant"] == "upcycled"
+    report = json.loads((dest / "report" / "summary.json").read_text())
+    assert [c["claim"] for c in report["claims"]] == [c[0] for c in CLAIMS["scale-out"]]
+    assert "upcycled below dense (continued)" in report["decided"]

@@ -1,14 +1,6 @@
-"""Running one stage: load the data a run was made with, build or load its model, train it.
-
-A run folder remembers its data (`run.json` -> "data": paths, tokenizer, vocabulary size), so a
-later stage grown from it (scale-up, scale-out, continued pretraining) sees exactly the same
-token stream and validation set, and validation losses compare across stages. The same record
-lets `evaluate_run` score a run on tasks made from that data's held-out split.
-
-Under torchrun every rank runs the same stage: training is distributed (minimoe/train.py), a
-transformation between runs and the data caches are made by rank 0 alone (`dist.main_only`),
-and the other ranks read what it wrote.
-"""
+"""One stage: load the data a run was made with (run.json "data", so every later stage sees
+the same tokens and validation set), build or load its model, train, transform or score it.
+Under torchrun every rank runs the stage; transformations and caches are rank 0's."""
 
 from __future__ import annotations
 
