@@ -359,12 +359,21 @@ def _shard_experts(moe: MoE, mesh: DeviceMesh, everyone: DeviceMesh, policy):
 def shard_dim(n: int):
     """FSDP2's shard_placement_fn over n ranks: dim 0, its default, unless a weight has fewer
     rows than ranks (stacked experts, a router), where most ranks would hold only padding and
-    every all-gather would move it: then dim 1 (torchtitan shards its experts so when
-    dp x ep exceeds their number)."""
+    every all-gather would move it: then the first later dim n divides (torchtitan shards its
+    experts so when dp x ep exceeds their number; FSDP2 pads an uneven split on dim 0 only)."""
     def place(param):
         shape = param.to_local().shape if isinstance(param, DTensor) else param.shape
-        return Shard(1 if len(shape) > 1 and shape[0] < n else 0)
+        return Shard(even_dim(shape, n) or 0)
     return place
+
+
+def even_dim(shape, n: int) -> int | None:
+    """shard_dim's dim for a weight of `shape` over n ranks, or None where no later dim divides
+    a weight of fewer than n rows: FSDP2 then pads dim 0, each rank holding a whole row (an
+    expert) of a few, and minimoe.recipes.launch.engine_plan refuses the layout."""
+    if len(shape) < 2 or shape[0] >= n:
+        return 0
+    return next((d for d in range(1, len(shape)) if shape[d] % n == 0), None)
 
 
 def checkpoint_block(block: nn.Module) -> None:

@@ -170,3 +170,19 @@ def test_the_slurm_job_runs_the_launcher_on_every_node(tmp_path):
     for line in ("NNODES=2", "RDZV_ENDPOINT=gpu-a:29500", "RUN_ID=minimoe-7", "NCCL_BUFFSIZE=2097152"):
         assert line in out.splitlines(), line
     assert "scaling/launch.sh train" in out and out.rstrip().endswith("scaling/full/aquila-7b.toml")
+
+
+def test_experts_are_split_evenly_or_the_layout_is_refused():
+    """FSDP2 splits a weight evenly on dims past 0 or pads dim 0: 8 experts over 256 ranks go
+    on the first dim 256 divides; with none, engine_plan never picks the layout (each rank
+    would hold a whole expert)."""
+    from minimoe.dist import even_dim
+
+    assert even_dim((8, 5504, 2048), 256) == 2 and even_dim((8, 5504, 2048), 8) == 0
+    assert even_dim((8, 5504, 2048), 768) is None and even_dim((1000,), 768) == 0
+    for path in RECIPES:
+        recipe = load_launch_recipe(path)
+        cfg, layout = recipe.workload.cfg, recipe.layout
+        if cfg.n_experts:
+            shape = (cfg.n_experts // layout.ep, cfg.expert_d_ffn or cfg.d_ffn, cfg.d_model)
+            assert even_dim(shape, layout.gpus // layout.ep // layout.tp) is not None, path.name

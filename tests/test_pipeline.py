@@ -1,6 +1,7 @@
 """`minimoe pipeline --preset tiny` end to end: a failed stage, resume, the report."""
 
 import json
+import math
 
 import pytest
 
@@ -9,6 +10,7 @@ from minimoe.cli import main
 from minimoe.flops import flops_per_token
 from minimoe.recipes.config import get_recipe
 from minimoe.recipes.pipeline import run_pipeline
+from minimoe.recipes.report import iso_loss
 
 STAGES = ["1-prep", "2-grown", "3-scale-up", "4-upcycled", "5-scale-out", "6-scratch"]
 
@@ -50,16 +52,38 @@ def test_every_stage_and_the_report(pipeline_dir):
     # the baseline trains on exactly the chain's tokens, and costs more per token than any stage
     assert f["scratch_tokens_equal_chain"]
     assert f["compute_savings_model_flops"] > 1.0
-    # the time factor is the one the stages' own records give (arXiv 2408.06567 §4.3, TSF):
-    # the chain's tokens at the baseline's measured speed, over the chain's measured time
+    # the time factor (arXiv 2408.06567 §4.3, TSF): the chain's tokens at the baseline's step
+    # speed over each stage's tokens at its own, the speeds measured after training (speed.json)
+    speed = json.loads((pipeline_dir / "speed.json").read_text())
+    assert speed["settings"]["threads"] == 1 and len(speed["load_1min"]) == 2
+    v = speed["tokens_per_s"]
     state = {s: ckpt.read_json(ckpt.latest_checkpoint(pipeline_dir / s) / "state.json")
              for s in ("1-prep", "3-scale-up", "5-scale-out", "6-scratch")}
-    chain = [state[s] for s in ("1-prep", "3-scale-up", "5-scale-out")]
-    chain_tokens = sum(s["tokens"] for s in chain)
-    scratch_speed = state["6-scratch"]["tokens"] / state["6-scratch"]["train_time"]
-    expected = chain_tokens / scratch_speed / sum(s["train_time"] for s in chain)
-    assert f["time_savings"] == pytest.approx(expected, rel=1e-9)
-    assert f"{f['time_savings']:.2f}x" in (report / "report.md").read_text()
+    tokens = dict(zip(("preparation", "scale-up", "scale-out"),
+                      (state[s]["tokens"] for s in ("1-prep", "3-scale-up", "5-scale-out"))))
+    chain_time = sum(n / v[stage] for stage, n in tokens.items())
+    assert f["time_savings"] == pytest.approx(sum(tokens.values()) / v["from scratch"] / chain_time)
+    # the wall-time factor beside it: the baseline's measured speed over the chain's time
+    wall = state["6-scratch"]["tokens"] / state["6-scratch"]["train_time"]
+    assert f["time_savings_wall"] == pytest.approx(
+        sum(tokens.values()) / wall / sum(state[s]["train_time"] for s in ("1-prep", "3-scale-up", "5-scale-out")))
+    # iso-loss: the baseline's curve read at the chain's final loss; never more than equal tokens
+    chain_end = summary["stages"][2]["val loss at end"]
+    curve = summary["curves"]["from scratch"]
+    if f["iso_loss_reached"]:
+        assert f["compute_savings_iso_loss"] <= f["compute_savings_model_flops"] + 1e-9
+        assert min(p["val_loss"] for p in curve) <= chain_end + 1e-3
+    else:
+        assert f["compute_savings_iso_loss"] == pytest.approx(f["compute_savings_model_flops"])
+        assert min(p["val_loss"] for p in curve) > chain_end - 1e-3
+    md = (report / "report.md").read_text()
+    assert f"{f['compute_savings_iso_loss']:.2f}x" in md and "at equal loss" in md
+    assert f"{f['time_savings']:.2f}x" in md and "load average" in md
+    # where the time factor comes from: its shares multiply to it, one device so chips are 1
+    parts = summary["decomposition"]
+    assert parts["tsf"] == pytest.approx(f["time_savings"])
+    assert parts["shares"]["tsf"]["chips (cluster peak)"] == pytest.approx(1.0)
+    assert math.prod(parts["shares"]["tsf"].values()) == pytest.approx(parts["tsf"])
 
 
 def test_the_report_evaluates_every_stage_like_table_4(pipeline_dir):
@@ -130,7 +154,9 @@ def test_rerun_of_a_finished_pipeline_trains_nothing(pipeline_dir):
     before = {s: (pipeline_dir / s / "model.safetensors").stat().st_mtime_ns for s in STAGES}
     evals = {p: p.stat().st_mtime_ns for p in pipeline_dir.glob("*/eval.json")}
     assert len(evals) == 5
+    speed = (pipeline_dir / "speed.json").stat().st_mtime_ns
     run_pipeline(get_recipe("tiny"), pipeline_dir, progress=False)
+    assert (pipeline_dir / "speed.json").stat().st_mtime_ns == speed  # not measured again
     after = {s: (pipeline_dir / s / "model.safetensors").stat().st_mtime_ns for s in STAGES}
     assert before == after
     assert {p: p.stat().st_mtime_ns for p in pipeline_dir.glob("*/eval.json")} == evals  # reused
@@ -142,13 +168,81 @@ def test_a_different_pipeline_in_the_folder_is_refused(pipeline_dir, capsys):
     assert "holds a pipeline with" in err and len(err.splitlines()) == 1
 
 
-def test_a_folder_from_before_a_new_recipe_field_is_judged_by_its_default(tmp_path):
-    """pipeline.json written before RecipeConfig had eval_batches: the missing field counts as
-    its default, so only a real difference (here the seed) refuses the folder."""
+def test_a_folder_of_another_seed_is_refused(tmp_path):
     import dataclasses
 
     settings = dataclasses.asdict(get_recipe("tiny"))
-    del settings["eval_batches"]
     (tmp_path / "pipeline.json").write_text(json.dumps({**settings, "seed": 1}))
     with pytest.raises(ValueError, match="holds a pipeline with seed=1"):
         run_pipeline(get_recipe("tiny"), tmp_path, progress=False)
+
+
+def test_iso_loss_reads_the_curve_between_evaluations():
+    curve = [{"tokens": 0, "flops": 0.0, "val_loss": 7.0}, {"tokens": 100, "flops": 10.0, "val_loss": 5.0},
+             {"tokens": 200, "flops": 20.0, "val_loss": 4.0}]
+    at, reached = iso_loss(curve, 4.5)
+    assert reached and at == {"tokens": 150, "flops": 15.0}
+    at, reached = iso_loss(curve, 3.0)  # never reached: the last point, a lower bound
+    assert not reached and at == {"tokens": 200, "flops": 20.0}
+    assert iso_loss(curve, 7.5) == ({"tokens": 0, "flops": 0.0}, True)
+
+
+QUICK = """preset = "tiny"
+prep_steps = 8
+scale_up_steps = 4
+scale_out_steps = 4
+eval_every = 4
+eval_batches = 2
+eval_examples = 4
+eval_chars = 400
+bench_rounds = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def seeds_dir(tmp_path_factory):
+    """`minimoe pipeline --seeds 2` on a shortened tiny recipe."""
+    folder = tmp_path_factory.mktemp("seeds")
+    (folder / "quick.toml").write_text(QUICK)
+    out = folder / "pipe"
+    assert main(["pipeline", "--preset", str(folder / "quick.toml"), "--out", str(out),
+                 "--seeds", "2", "--no-progress"]) == 0
+    return out
+
+
+def test_seeds_run_every_stage_with_their_own_seed(seeds_dir):
+    for seed in (0, 1):
+        folder = seeds_dir / f"seed-{seed}"
+        for stage in ("1-prep", "3-scale-up", "5-scale-out", "6-scratch"):  # data order, init
+            assert ckpt.read_json(folder / stage / "run.json")["train"]["seed"] == seed, stage
+        for stage in ("2-grown", "4-upcycled"):  # growth and routing maps
+            assert ckpt.read_json(folder / stage / "transform.json")["seed"] == seed, stage
+    one, two = (json.loads((seeds_dir / f"seed-{s}" / "report" / "summary.json").read_text())
+                for s in (0, 1))
+    assert one["figures"]["val loss, preparation end"] != two["figures"]["val loss, preparation end"]
+
+
+def test_the_seeds_report_gives_every_figure_and_judges_the_claims(seeds_dir):
+    summary = json.loads((seeds_dir / "report" / "summary.json").read_text())
+    per_seed = [json.loads((seeds_dir / f"seed-{s}" / "report" / "summary.json").read_text())["figures"]
+                for s in (0, 1)]
+    assert summary["seeds"] == [0, 1] and set(summary["figures"]) == set(per_seed[0])
+    for name, s in summary["figures"].items():  # every seed's value, their mean and sd
+        assert s["values"] == [f[name] for f in per_seed]
+        assert s["mean"] == pytest.approx(sum(s["values"]) / 2)
+        assert s["sd"] == pytest.approx(abs(s["values"][0] - s["values"][1]) / math.sqrt(2))
+    for claim in summary["claims"]:  # the rule: the paired difference's 95% t interval
+        d = [a - b for a, b in zip(claim["a"]["values"], claim["b"]["values"])]
+        assert claim["difference"]["values"] == pytest.approx(d)
+        lo, hi = claim["interval"]
+        half = 12.706 * claim["difference"]["sd"] / math.sqrt(2)  # t(1) at 97.5%
+        assert (lo, hi) == pytest.approx((sum(d) / 2 - half, sum(d) / 2 + half))
+        expected = ("within noise" if lo <= 0 <= hi else
+                    "holds" if (hi < 0) == (claim["expect"] == "<") else "does not hold")
+        assert claim["verdict"] == expected, claim["claim"]
+    md = (seeds_dir / "report" / "report.md").read_text()
+    for section in ("## Savings", "## Claims", "## The table, over seeds", "## Evaluation, over seeds"):
+        assert section in md
+    assert "Student's t" in md and (seeds_dir / "report" / "loss_vs_tokens.png").stat().st_size > 0
+    assert len(summary["curves"]["from scratch"]) == len(json.loads(
+        (seeds_dir / "seed-0" / "report" / "summary.json").read_text())["curves"]["from scratch"])

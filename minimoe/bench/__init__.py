@@ -10,6 +10,7 @@ never imports this package (the CLI loads it only for `minimoe bench`).
     dist.py     tokens/s of one process against 2 gloo ranks (torchrun)
     sim.py      the vectorised layout search against a plain loop
     generate.py KV-cached greedy generation against transformers' Llama generate()
+    time_factor.py  a finished pipeline's time savings factor measured again, with the load
 
 Each benchmark is a function taking the parsed CLI args and printing its table; `BENCHES`
 maps the CLI name to it.
@@ -77,15 +78,18 @@ from minimoe.bench.generate import bench_generate  # noqa: E402
 from minimoe.bench.grow import bench_grow  # noqa: E402
 from minimoe.bench.moe import bench_moe  # noqa: E402
 from minimoe.bench.sim import bench_sim  # noqa: E402
+from minimoe.bench.time_factor import bench_time_factor  # noqa: E402
 from minimoe.bench.train import bench_train  # noqa: E402
 from minimoe.bench.upcycle import bench_upcycle  # noqa: E402
 
 BENCHES = {"train": bench_train, "moe": bench_moe, "grow": bench_grow, "upcycle": bench_upcycle,
-           "dist": bench_dist, "sim": bench_sim, "generate": bench_generate}
+           "dist": bench_dist, "sim": bench_sim, "generate": bench_generate,
+           "time-factor": bench_time_factor}
 
 
 def add_bench(p):  # `minimoe bench NAME` (minimoe/cli/main.py loads this package only then)
     p.add_argument("name", choices=list(BENCHES))
+    p.add_argument("--run", help="time-factor: a finished pipeline folder (default runs/pipeline)")
     p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
     p.add_argument("--compile", action="store_true", help="train: also torch.compile each block")
 

@@ -23,15 +23,15 @@ dense model, scale it up (FPI, AKI, AKI-Pro), scale it out into a Mixture of Exp
 upcycling, LLaMA-MoE splits), and account for the savings; estimate full-size runs with the
 FLOPs and cost simulator. Start with `minimoe pipeline`."""
 
-RUNS, COST = "minimoe.cli.runs", "minimoe.cli.cost"
+RUNS, RECIPES, COST = "minimoe.cli.runs", "minimoe.cli.recipes", "minimoe.cli.cost"
 # name -> (help, the module whose add_NAME declares its arguments and run_NAME runs it)
 COMMANDS = {
-    "pipeline": ("preparation -> scale-up -> scale-out vs from scratch, with a report", RUNS),
+    "pipeline": ("preparation -> scale-up -> scale-out vs from scratch, with a report", RECIPES),
     "pretrain": ("train a model on the demo corpus or your text", RUNS),
     "tokenize": ("stream text of any size into pre-tokenised shards", "minimoe.cli.full_size"),
     "scale-up": ("grow a run's model wider and deeper (FPI, AKI, AKI-Pro)", RUNS),
     "scale-out": ("turn a dense run's model into an MoE (upcycle or split)", RUNS),
-    "experiment": ("the paper's validation experiments at toy scale", RUNS),
+    "experiment": ("the paper's validation experiments at toy scale, over seeds", RECIPES),
     "dry-run": ("full-size recipes' training step rehearsed here: memory, against the simulator",
                 "minimoe.cli.full_size"),
     "launch-args": ("the commands of a full-size recipe (what scaling/launch.sh runs)",

@@ -1,5 +1,5 @@
-"""The commands that make runs: pretrain, pipeline, experiment, scale-up, scale-out, and experts
-(what an MoE run's experts specialise in). Every number an option takes is held to its rule
+"""The commands that make runs: pretrain, scale-up, scale-out, and experts (what an MoE run's
+experts specialise in; pipeline and experiment are in recipes.py). Every number an option takes is held to its rule
 as it is parsed (minimoe.checks.option); the work is in minimoe/recipes/."""
 
 from __future__ import annotations
@@ -11,11 +11,9 @@ from minimoe.checks import option
 from minimoe.cli.train_options import add_train_options, tensorboard_dir, train_config
 from minimoe.config import PRESETS
 from minimoe.grow import DEPTHS, KV_OPTIONS, MAPPINGS, METHODS
-from minimoe.recipes import experiments, pipeline
-from minimoe.recipes.config import RECIPES, get_recipe
+from minimoe.recipes.config import RECIPES
 from minimoe.recipes.stages import (continue_pretraining, data_spec, grow_run, pretrain,
-                                    scale_out_run, specialisation_run, stream_grow_run,
-                                    stream_scale_out_run)
+                                    scale_out_run, specialisation_run)
 from minimoe.upcycle import LAYER_CHOICES, SCALE_OUT_METHODS
 
 SEED = option(checks.SEED)
@@ -53,47 +51,6 @@ def run_pretrain(args):
           f"{result.train_time:.0f} s of training; {val}")
 
 
-def add_pipeline(p):
-    p.add_argument("--preset", default="toy", help=f"a recipe ({', '.join(RECIPES)}) or a "
-                   ".toml recipe file (scaling/); toy takes about 10 minutes, tiny under 1")
-    p.add_argument("--out", default="runs/pipeline", help="pipeline folder (resumed if re-run)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def run_pipeline(args):
-    summary = pipeline.run_pipeline(get_recipe(args.preset), args.out, progress=not args.no_progress)
-    f = summary["factors"]
-    print(f"report: {args.out}/report/report.md")
-    print(f"time savings {f['time_savings']:.2f}x, compute savings (model FLOPs) "
-          f"{f['compute_savings_model_flops']:.2f}x; final val loss "
-          f"{summary['stages'][-2]['val loss at end']:.3f} (EfficientScale) vs "
-          f"{summary['stages'][-1]['val loss at end']:.3f} (from scratch, same tokens), "
-          f"{f['scratch_val_loss_at_chain_flops']:.3f} (from scratch, same FLOPs)")
-
-
-def add_experiment(p):
-    p.add_argument("name", choices=["scale-up", "scale-out"],
-                   help="scale-up: Table 1 (initialisations); scale-out: dense vs upcycled vs split")
-    p.add_argument("--out", required=True, help="experiment folder (finished runs are kept)")
-    p.add_argument("--preset", default="experiment", help=f"a recipe ({', '.join(RECIPES)}) or a "
-                   ".toml recipe file (scaling/)")
-    p.add_argument("--quick", action="store_true", help="the tiny recipe: under 2 minutes")
-    p.add_argument("--dense-run", metavar="RUN", help="scale-out: start from this grown dense run")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def run_experiment(args):
-    recipe = get_recipe("tiny" if args.quick else args.preset)
-    if args.name == "scale-up":
-        experiments.scale_up_experiment(args.out, recipe, progress=not args.no_progress)
-    else:
-        experiments.scale_out_experiment(args.out, recipe, progress=not args.no_progress,
-                                         dense_run=args.dense_run)
-    table = Path(args.out) / f"{args.name}.md"
-    print(table)
-    print(table.read_text(encoding="utf-8").split("\n![")[0])
-
-
 def add_scale_up(p):
     p.add_argument("--from", dest="src", required=True, metavar="RUN", help="the source run")
     p.add_argument("--to", required=True, choices=PRESETS, metavar="PRESET",
@@ -110,8 +67,8 @@ def add_scale_up(p):
 
 
 def run_scale_up(args):
-    grow = stream_grow_run if args.stream else grow_run
-    r = grow(args.src, args.to, args.out, args.method, args.depth, args.mapping, args.seed, args.kv)
+    r = grow_run(args.src, args.to, args.out, args.method, args.depth, args.mapping, args.seed,
+                 args.kv, stream=args.stream)
     _print_transform(args.out, r, f"{args.method}, depth {r['growth']['depth']}")
 
 
@@ -150,14 +107,11 @@ def run_scale_out(args):
         if args.method == "upcycle":
             raise ValueError("--scale: only the split-* methods scale expert outputs")
         options["scale"] = args.scale
-    if args.stream:
-        if args.method != "upcycle":
-            raise ValueError(f"--stream: streams method upcycle only, not {args.method!r} "
-                             "(a split reads whole MLPs and calibration data)")
-        r = stream_scale_out_run(args.src, args.out, args.experts, args.top_k, args.seed, **options)
-    else:
-        r = scale_out_run(args.src, args.out, args.method, args.experts, args.top_k,
-                          args.calib_batches, args.seed, **options)
+    if args.stream and args.method != "upcycle":
+        raise ValueError(f"--stream: streams method upcycle only, not {args.method!r} "
+                         "(a split reads whole MLPs and calibration data)")
+    r = scale_out_run(args.src, args.out, args.method, args.experts, args.top_k,
+                      args.calib_batches, args.seed, stream=args.stream, **options)
     _print_transform(args.out, r, f"{args.method}, {args.experts} experts, top-{args.top_k}")
 
 

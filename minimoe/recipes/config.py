@@ -35,13 +35,14 @@ class RecipeConfig:
     eval_examples: int = 100  # examples per task of the evaluation table (minimoe/tasks.py)
     eval_chars: int = 10_000  # validation characters per language for bits per byte
     eval_batches: int = 8  # validation batches per evaluation (fewer: faster, noisier)
+    bench_rounds: int = 5  # rounds of the step-speed measurement behind the time factor
     seed: int = 0
 
     def __post_init__(self):
         check_fields("RecipeConfig", self, {
             **dict.fromkeys(("n_experts", "top_k", "prep_steps", "scale_up_steps", "scale_out_steps",
                              "steps", "batch_size", "seq_len", "eval_every",
-                             "eval_examples", "eval_chars", "eval_batches"), "int>0"),
+                             "eval_examples", "eval_chars", "eval_batches", "bench_rounds"), "int>0"),
             "seed": "int>=0", "vocab_size": "int[258, 16777216]", "lr": ">0", "cpt_lr": ">0", "small": tuple(PRESETS),
             "large": tuple(PRESETS), "scale_up_method": METHODS})
         self.train_config(self.prep_steps, self.lr)  # batch rules now, not at the stage
@@ -67,7 +68,7 @@ RECIPES = {
     # the tests and --quick: the same chain on models of ~0.2M and ~0.7M parameters
     "tiny": RecipeConfig(small="tiny", large="tiny-large", prep_steps=40, scale_up_steps=20,
                          scale_out_steps=20, steps=20, batch_size=8, seq_len=64, vocab_size=512,
-                         eval_every=10, eval_examples=20, eval_chars=2_000),
+                         eval_every=10, eval_examples=20, eval_chars=2_000, bench_rounds=3),
 }
 
 

@@ -1,18 +1,7 @@
-"""The paper's validation experiments at toy scale, as functions the recipes and notebooks call.
-
-scale_up_experiment   AquilaMoE Table 1 (§3.2.1): grow a pretrained small model with each
-                      initialisation, record the validation loss at initialisation (and of the
-                      width-only model M(L_small, d_large)), continue training each for the same
-                      tokens, and compare convergence (Figure 3).
-scale_out_experiment  AquilaMoE §3.2.2 and LLaMA-MoE: continue a grown dense model as dense, as an
-                      upcycled MoE, as LLaMA-MoE splits, and train the same MoE from scratch.
-
-Both write a CSV and a Markdown table, PNG plots, and `summary.json` into their folder, and skip
-the runs that are already finished when re-run; the summary names every variant's run folder,
-so a notebook can load the trained models (notebooks/02_scale_up.ipynb, 03_scale_out.ipynb).
-Every trained model is also scored on the pipeline's evaluation tasks (minimoe/tasks.py), a
-table of tasks x models.
-"""
+"""The paper's validation experiments at toy scale (`minimoe experiment`): AquilaMoE Table 1
+(scale_up_experiment: every Scale-Up initialisation, then the same training) and the scale-out
+comparison (dense, upcycled, LLaMA-MoE splits, from scratch). Each writes a table, plots and
+summary.json (naming every run folder, for the notebooks); run_seeds repeats one over seeds."""
 
 from __future__ import annotations
 
@@ -31,7 +20,9 @@ from minimoe.flops import flops_per_token
 from minimoe.grow import scale_up
 from minimoe.model import build_model
 from minimoe.recipes.config import RECIPES, RecipeConfig
+from minimoe.recipes.findings import write_seeds_report
 from minimoe.recipes.report import evaluation_section, plot_curves, plot_expert_loads, val_curve
+from minimoe.recipes.seeds import over_seeds
 from minimoe.recipes.stages import (
     continue_pretraining,
     data_spec,
@@ -75,8 +66,8 @@ def _val_points(run_dir: Path, flops0: float, per_token: float) -> list[dict]:
 
 def _evaluate(runs: dict[str, str], ec: RecipeConfig, progress: bool) -> dict[str, dict]:
     """The evaluation tasks on each finished run (kept in its eval.json for re-runs)."""
-    return {name: evaluate_run(run, limit=ec.eval_examples, ppl_chars=ec.eval_chars, seed=ec.seed,
-                               cache=True, progress=progress) for name, run in runs.items()}
+    return {name: evaluate_run(run, limit=ec.eval_examples, ppl_chars=ec.eval_chars, cache=True,
+                               progress=progress) for name, run in runs.items()}
 
 
 def _finish_run(init_dir: Path, run_dir: Path, model, spec: dict, ec: RecipeConfig, meta: dict,
@@ -146,7 +137,7 @@ def scale_out_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress
                  progress=progress)
         small, _ = ckpt.load_model(out / "small")
         large_cfg = get_preset(ec.large).replace(vocab_size=tok.vocab_size)
-        _finish_run(out / "grown", out / "dense", scale_up(small, large_cfg, method="aki-pro"),
+        _finish_run(out / "grown", out / "dense", scale_up(small, large_cfg, method="aki-pro", seed=ec.seed),
                     spec, ec, {"stage": "scale-up"}, progress)
         dense_run = out / "dense"
     dense, meta = ckpt.load_model(dense_run)
@@ -212,8 +203,25 @@ def _write_results(out: Path, kind: str, rows, curves, settings, runs, shapes=No
         md += ["## Tasks (after training)", ""] + evaluation_section(evaluation)
     md += ["Settings:", "", "```json", json.dumps(settings, indent=2), "```", ""]
     files.write_text(out / f"{kind}.md", "\n".join(md))
+    figures = {f"{r['method']}: {k}": v for r in rows for k, v in r.items()
+               if k in ("width only", "at init", "final") and v is not None}
     summary = {"rows": rows, "curves": curves, "settings": settings, "runs": runs, "loads": loads or {},
+               "figures": figures,
                "evaluation": {name: {task: r["metrics"] for task, r in results.items()}
                               for name, results in (evaluation or {}).items()}}
     files.write_json(out / "summary.json", summary)
     return summary
+
+
+def run_seeds(kind: str, out, ec: RecipeConfig, seeds: list[int], progress: bool = True,
+              dense_run: str | None = None) -> dict:
+    """One experiment per seed (out/seed-N), then out/report over the seeds (recipes/findings.py).
+    dense_run (scale-out) may name the seed, e.g. runs/pipeline/seed-{seed}/3-scale-up."""
+    def one(recipe, folder):
+        if kind == "scale-up":
+            return scale_up_experiment(folder, recipe, progress)
+        dense = dense_run.format(seed=recipe.seed) if dense_run else None
+        return scale_out_experiment(folder, recipe, progress, dense)
+
+    per_seed = over_seeds(one, ec, out, seeds)
+    return write_seeds_report(Path(out) / "report", kind, per_seed, dataclasses.asdict(ec))

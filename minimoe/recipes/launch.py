@@ -16,7 +16,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minimoe import files
+from minimoe import dist, files
 from minimoe.checks import check_fields, from_table
 from minimoe.config import get_preset
 from minimoe.sim.cost import Options, simulate
@@ -184,6 +184,9 @@ def engine_plan(recipe: LaunchRecipe):
                                                 (False, True)):
             if n_experts % ep if n_experts else ep > 1:
                 continue  # experts split by ep, matrices by tp (dist.py)
+            if n_experts and dist.even_dim((n_experts // ep, w.cfg.expert_d_ffn or w.cfg.d_ffn,
+                                            w.cfg.d_model), gpus // ep // tp) is None:
+                continue  # FSDP2 would pad each rank to a whole expert
             plan = dataclasses.replace(layout, gpus=gpus, parallel="fsdp", ep=ep, tp=tp,
                                        micro_batch=mb, activation_checkpointing=ac)
             try:

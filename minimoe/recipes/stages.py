@@ -210,32 +210,58 @@ def specialisation_run(run_dir, out=None, paths=None, batch_size: int = 8, seq_l
     return result
 
 
-# --- transformations between runs: load, transform, measure, save ---------------------------
-def transform_run(src, out, transform, meta: dict, tc: TrainConfig | None = None) -> dict:
-    """Run `src`'s model transformed into run `out`, with the validation loss before and after
-    in out/transform.json (Tables 1 and 2; equal when the function is kept) on `tc`'s batches.
-    A finished `out` is not redone: its report is returned."""
-    return dist.main_only(lambda: _transform_run(Path(src), Path(out), transform, meta, tc))
+# --- transformations between runs: in memory, or file to file for full-size checkpoints -----
+def transform_run(src, out, meta: dict, transform=None, write=None, tc: TrainConfig | None = None
+                  ) -> dict:
+    """Transform run `src`'s model into run `out`, with a report (out/transform.json: claimed
+    first with "finished": false, written last; a finished `out` is not redone). In memory,
+    `transform(model) -> (model, extras)`, and the validation loss before and after is measured
+    on tc's batches (Tables 1 and 2: equal when the function is kept). File to file, one tensor
+    in memory at a time (full size), `write(src_file, src_cfg, out_file) -> (cfg, bytes,
+    extras)`: no loss."""
+    return dist.main_only(lambda: _transform_run(Path(src), Path(out), meta, transform, write, tc))
 
 
-def _transform_run(src: Path, out: Path, transform, meta: dict, tc) -> dict:
-    request = {**meta, "source": str(src.resolve())}
+def _transform_run(src: Path, out: Path, meta: dict, transform, write, tc) -> dict:
+    request = {**meta, "source": str(src.resolve()), **({"streamed": True} if write else {})}
+    if write:  # the source read (and so checked) before the folder is claimed
+        src_cfg = ckpt.read_config(src)
+        has_data = (src / "run.json").exists() and ckpt.read_json(src / "run.json").get("data")
+        spec = run_data_spec(src) if has_data is not None else None
     done = _finished(out, request)
     if done:
         return done
-    model, src_meta = ckpt.load_model(src)
-    torch.manual_seed(0)
-    new_model, extra = transform(model)
-    spec = run_data_spec(src) if src_meta.get("data") is not None else None
-    data = run_data(src)[0] if spec else None
-    before, after = (evaluate(m, data, tc or TrainConfig()) if spec else None
-                     for m in (model, new_model))
+    t0 = time.perf_counter()
+    if write:
+        _start(out, request)
+        try:
+            cfg, written, extra = write(ckpt.model_file(src), src_cfg, out / "model.safetensors")
+        except Exception:  # refused (a bad tensor, a full disk): the claim goes, nothing is kept
+            (out / "transform.json").unlink()
+            raise
+        extra, before, after = {**extra, "bytes_written": written}, None, None
+        tokenizer = run_tokenizer(src) if spec else None
+    else:
+        model, src_meta = ckpt.load_model(src)
+        torch.manual_seed(0)
+        new_model, extra = transform(model)
+        spec = run_data_spec(src) if src_meta.get("data") is not None else None
+        data = run_data(src)[0] if spec else None
+        before, after = (evaluate(m, data, tc or TrainConfig()) if spec else None
+                         for m in (model, new_model))
+        src_cfg, cfg, tokenizer = model.cfg, new_model.cfg, data.tokenizer if spec else None
     report = {**request, **extra, "val_before": before, "val_after": after, "finished": True,
-              "params_before": model.cfg.param_counts(), "params_after": new_model.cfg.param_counts()}
-    _start(out, request)
-    ckpt.save_model(out, new_model, {**meta, "data": spec, "init_from": str(src.resolve())})
-    if spec:
-        data.tokenizer.save(out)
+              "params_before": src_cfg.param_counts(), "params_after": cfg.param_counts(),
+              "seconds": time.perf_counter() - t0}
+    run_meta = {**meta, "data": spec, "init_from": str(src.resolve())}
+    if write:
+        files.write_text(out / "config.json", cfg.to_json())
+        files.write_json(out / "run.json", run_meta)
+    else:
+        _start(out, request)
+        ckpt.save_model(out, new_model, run_meta)
+    if tokenizer is not None:
+        tokenizer.save(out)
     files.write_json(out / "transform.json", report)  # last: the stage is finished
     return report
 
@@ -266,23 +292,31 @@ def _start(out: Path, request: dict):
 
 def grow_run(src, target: str, out, method: str = "aki-pro", depth: str | None = None,
              mapping: str = "cyclic", seed: int = 0, kv: str = "keep",
-             tc: TrainConfig | None = None) -> dict:
+             tc: TrainConfig | None = None, stream: bool = False) -> dict:
     """Scale-Up of a run's model to a preset's shape (vocabulary kept: it is the tokenizer's)."""
+    options = dict(method=method, depth=depth, mapping=mapping, seed=seed, kv=kv)
+
+    def shape(cfg):
+        return get_preset(target).replace(vocab_size=cfg.vocab_size)
+
     def transform(model):
-        shape = get_preset(target).replace(vocab_size=model.cfg.vocab_size)
-        plan = plan_growth(model.cfg, shape, method, depth, mapping, seed, kv)
+        plan = plan_growth(model.cfg, shape(model.cfg), **options)
         return grow_model(plan, model), {"growth": growth_report(plan)}
 
-    meta = {"stage": "scale-up", "method": method, "target": target, "depth": depth,
-            "mapping": mapping, "seed": seed, "kv": kv}
-    return transform_run(src, out, transform, meta, tc)
+    def write(path, cfg, out_path):
+        plan, written = grow_checkpoint(path, cfg, shape(cfg), out_path, **options)
+        return plan.target, written, {"growth": growth_report(plan)}
+
+    meta = {"stage": "scale-up", "target": target, **options}
+    return transform_run(src, out, meta, *((None, write) if stream else (transform, None)), tc)
 
 
 def scale_out_run(src, out, method: str = "upcycle", n_experts: int = 8, top_k: int = 2,
                   calib_batches: int = 8, seed: int = 0, tc: TrainConfig | None = None,
-                  **options) -> dict:
+                  stream: bool = False, **options) -> dict:
     """Scale-Out of a run's dense model: "upcycle" or "split-<random|cluster|importance...>".
-    The importance splits calibrate on `calib_batches` batches of the run's training data."""
+    The importance splits calibrate on `calib_batches` batches of the run's training data;
+    stream (upcycle only) writes the MoE file to file."""
     def transform(dense):
         calib = None
         if method.startswith("split-importance"):
@@ -291,69 +325,11 @@ def scale_out_run(src, out, method: str = "upcycle", n_experts: int = 8, top_k: 
             calib = [data.train_batch(step, 8, seq_len, seed=seed) for step in range(calib_batches)]
         return scale_out(dense, method, n_experts, top_k, calib, seed, **options), {}
 
-    meta = {"stage": "scale-out", "method": method, "n_experts": n_experts, "top_k": top_k,
-            "seed": seed, "options": options}
-    return transform_run(src, out, transform, meta, tc)
-
-
-# --- the same transformations streamed, for full-size checkpoints ---------------------------
-def stream_run(src, out, meta: dict, write) -> dict:
-    """A transformation of run `src`'s model file into run `out`, one tensor in memory at a
-    time: `write(src_file, src_cfg, out_file) -> (new config, bytes written, report extras)`.
-    No validation loss is measured (that needs the model in memory). A finished `out`
-    (transform.json written last) is not redone."""
-    return dist.main_only(lambda: _stream_run(Path(src), Path(out), meta, write))
-
-
-def _stream_run(src: Path, out: Path, meta: dict, write) -> dict:
-    request = {**meta, "source": str(src.resolve()), "streamed": True}
-    src_cfg = ckpt.read_config(src)
-    has_data = (src / "run.json").exists() and ckpt.read_json(src / "run.json").get("data")
-    spec = run_data_spec(src) if has_data is not None else None
-    done = _finished(out, request)
-    if done:
-        return done
-    _start(out, request)
-    t0 = time.perf_counter()
-    try:
-        cfg, written, extra = write(ckpt.model_file(src), src_cfg, out / "model.safetensors")
-    except Exception:  # refused (a bad tensor, a full disk): the claim goes, nothing is kept
-        (out / "transform.json").unlink()
-        raise
-    seconds = time.perf_counter() - t0
-    report = {**request, **extra, "val_before": None, "val_after": None, "finished": True,
-              "params_before": src_cfg.param_counts(), "params_after": cfg.param_counts(),
-              "bytes_written": written, "seconds": seconds}
-    if spec:
-        run_tokenizer(src).save(out)
-    files.write_text(out / "config.json", cfg.to_json())
-    files.write_json(out / "run.json", {**meta, "data": spec, "init_from": str(src.resolve())})
-    files.write_json(out / "transform.json", report)
-    return report
-
-
-def stream_scale_out_run(src, out, n_experts: int = 8, top_k: int = 2, seed: int = 0,
-                         **options) -> dict:
-    """Sparse upcycling of a run's model file, streamed (what scale_out_run's "upcycle" makes)."""
     def write(path, cfg, out_path):
-        moe, written = upcycle_checkpoint(path, cfg, out_path, n_experts, top_k, seed=seed,
-                                          **options)
+        assert method == "upcycle"  # the CLI refuses --stream with a split
+        moe, written = upcycle_checkpoint(path, cfg, out_path, n_experts, top_k, seed=seed, **options)
         return moe, written, {}
 
-    meta = {"stage": "scale-out", "method": "upcycle", "n_experts": n_experts, "top_k": top_k,
+    meta = {"stage": "scale-out", "method": method, "n_experts": n_experts, "top_k": top_k,
             "seed": seed, "options": options}
-    return stream_run(src, out, meta, write)
-
-
-def stream_grow_run(src, target: str, out, method: str = "aki-pro", depth: str | None = None,
-                    mapping: str = "cyclic", seed: int = 0, kv: str = "keep") -> dict:
-    """Scale-Up of a run's model file to a preset's shape, streamed (what grow_run makes)."""
-    def write(path, cfg, out_path):
-        shape = get_preset(target).replace(vocab_size=cfg.vocab_size)
-        plan, written = grow_checkpoint(path, cfg, shape, out_path, method=method, depth=depth,
-                                        mapping=mapping, seed=seed, kv=kv)
-        return plan.target, written, {"growth": growth_report(plan)}
-
-    meta = {"stage": "scale-up", "method": method, "target": target, "depth": depth,
-            "mapping": mapping, "seed": seed, "kv": kv}
-    return stream_run(src, out, meta, write)
+    return transform_run(src, out, meta, *((None, write) if stream else (transform, None)), tc)

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from minimoe.sim.cost import TIME_PARTS, corner_speeds
+from minimoe.sim.cost import corner_speeds
 from minimoe.sim.scenario import savings_factors
 from minimoe.sim.search import search_layouts
 from minimoe.sim.validate import Validation

@@ -15,6 +15,7 @@ import pandas as pd
 from minimoe.sim.cost import PF_DAY, SECONDS_PER_DAY
 from minimoe.sim.hardware import TFLOPS
 from minimoe.sim.plots import plot_scenario
+from minimoe.sim.savings import decomposition_lines, scenario_decomposition
 from minimoe.tables import fmt_value
 
 
@@ -162,7 +163,8 @@ class ScenarioResult:
                 "ranges": None if ranges is None else dict(zip(("tsf", "cpsf"), ranges)),
                 "measured": None if measured is None else dict(zip(("tsf", "cpsf"), measured)),
                 "phases": [p.row() for p in self.phases], "baseline": self.baseline.row(),
-                "notes": self.notes, "sweep": self.sweep}
+                "notes": self.notes, "sweep": self.sweep,
+                "decomposition": scenario_decomposition(self)}
 
     def text(self) -> str:
         days = sum(p.days for p in self.phases)
@@ -183,6 +185,8 @@ class ScenarioResult:
             tsf, cpsf = self.measured_factors
             lines[-1:-1] = [f"from the measured throughputs instead: TSF = {tsf:.3f}, "
                             f"CPSF = {cpsf:.3f}"]
+        parts = scenario_decomposition(self)
+        lines += (decomposition_lines(parts) + [""]) if parts else []
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
