@@ -234,5 +234,7 @@ def plot_expert_loads(loads: dict[str, list[list[float]]], path: Path):
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("expert")
         ax.set_ylabel("MoE layer")
-        fig.colorbar(im, ax=ax)
+        ax.set_xticks(range(len(load[0])))
+        ax.set_yticks(range(len(load)))  # whole layers, not matplotlib's fractional ticks
+        fig.colorbar(im, ax=ax, label="token-expert pairs")
     files.save_figure(fig, path)
