@@ -1,12 +1,7 @@
-"""What every teaching notebook (notebooks/*.ipynb) runs before its first lesson.
-
-A notebook reads and writes paths relative to the repository (sims/*.toml, runs/...), but
-Jupyter starts a kernel in the notebook's folder, and so does nbmake when the tests execute it;
-`setup` moves to the repository root so the same paths work from anywhere inside the clone.
-
-Each notebook's first code cell reads QUICK_ENV itself, so the reader sees the one parameter the
-test suite sets (tests/conftest.py): quick mode runs the same cells on smaller models and
-fewer steps, so that the suite executes every notebook in seconds.
+"""What every teaching notebook (notebooks/*.ipynb) runs before its first lesson: `setup` makes the
+repository root the working directory (Jupyter and nbmake start a kernel in the notebook's folder),
+so paths like sims/*.toml and runs/ work from anywhere in the clone. QUICK_ENV is the one parameter
+the test suite sets (tests/conftest.py): smaller models and fewer steps; notebooks/README.md.
 """
 
 from __future__ import annotations

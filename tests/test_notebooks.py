@@ -1,5 +1,6 @@
 """The teaching notebooks as committed: run top to bottom in full mode, nothing failed, nothing
-of the machine they ran on, every figure there.
+of the machine they ran on, every figure there; prose that states no result it did not compute;
+at least three exercises each, with solutions that assert their answer; the course's roadmap.
 
 nbmake re-executes each notebook in quick mode (tests/conftest.py sets MINIMOE_NOTEBOOK_QUICK);
 these tests read the committed files, the outputs a reader sees on GitHub. Regenerate them with
@@ -24,6 +25,23 @@ NOTEBOOKS = ["01_dense_aquila.ipynb", "02_scale_up.ipynb", "03_scale_out.ipynb",
 MACHINE_PATHS = re.compile(r"/work/|/tmp/|/root\b|/home/|/Users/|site-packages|[A-Za-z]:\\Users")
 FIGURE_CALLS = ("plt.show()", "display(Image(")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The only decimal numbers a Markdown cell may type: published constants. A number about a run
+# reaches the prose only through a cell that renders it (IPython.display.Markdown) from the run.
+PUBLISHED = {
+    "2.97", "3.31", "4.30", "7.81", "9.56", "12.22",  # AquilaMoE Table 1 (arXiv 2408.06567)
+    "1.85", "1.96",  # AquilaMoE Table 2 (RMSNorm's leak)
+    "4.12", "3.35", "989.5", "3.6", "1.2", "5.3",  # Table 6: the factors, the peak, tokens (T)
+    "1.3",  # §3.2.1: the 1.3B model
+    "0.02", "0.141", "0.001", "0.01",  # §2.3: router init std (sqrt(0.02)), loss coefficients
+    "1.0",  # a perfectly even imbalance factor; a capacity factor of one
+}
+# section numbers (§3.2.1) and arXiv identifiers (2408.06567) are not quantities
+NOT_NUMBERS = re.compile(r"§\s*\d+(?:\.\d+)*|\b\d{4}\.\d{4,5}\b")
+DECIMAL = re.compile(r"(?<![\w.])\d+\.\d+")
+MIN_EXERCISES = 3
+# what a course needs from the roadmap (notebooks/README.md), the glossary's terms among it
+ROADMAP_TERMS = ("```mermaid", "Prerequisites", "Reading order", "Glossary", "FPI", "AKI", "Upcycling",
+                 "Top-k", "Capacity", "DP / TP / PP / EP", "MFU", "TSF / CPSF", "remove_cell_tags=solution")
 
 
 def _cells(name):
@@ -89,6 +107,48 @@ def test_prose_before_each_result_and_the_paper_cited(name):
             # two code cells in a row are allowed only when the first draws nothing new to explain
             assert not before["outputs"] or not cell["outputs"], \
                 f"{name}: code cell {_text(cell['source'])[:40]!r} has no prose before it"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_prose_types_no_result(name):
+    """A decimal number in a Markdown cell is a published constant; everything else is rendered."""
+    for i, cell in enumerate(_cells(name)):
+        if cell["cell_type"] == "markdown":
+            text = NOT_NUMBERS.sub("", _text(cell["source"]))
+            typed = [n for n in DECIMAL.findall(text) if n not in PUBLISHED]
+            assert not typed, (f"{name} cell {i}: types {typed} in prose; render a run's number from its "
+                               "variables (IPython.display.Markdown) or add a published constant to PUBLISHED")
+    rendered = [o for c in _code(name) for o in c["outputs"] if "text/markdown" in o.get("data", {})]
+    assert rendered, f"{name}: no prose rendered from a run"
+
+
+def test_prose_check_catches_a_typed_result():
+    typed = "The upcycled MoE ends at 5.098, below the dense model (Table 1: 2.97; arXiv 2408.06567 §3.2.1)."
+    assert [n for n in DECIMAL.findall(NOT_NUMBERS.sub("", typed)) if n not in PUBLISHED] == ["5.098"]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_exercises_with_checked_solutions(name):
+    """At least three exercises, each followed by a hidden solution cell that asserts its answer
+    (nbmake runs it in quick mode; the committed full run shows it passed)."""
+    cells = _cells(name)
+    exercises = [i for i, c in enumerate(cells) if c["cell_type"] == "markdown"
+                 and re.search(r"^### Exercise \d+", _text(c["source"]), re.M)]
+    assert len(exercises) >= MIN_EXERCISES, f"{name}: {len(exercises)} exercises"
+    for i in exercises:
+        solution = cells[i + 1]
+        assert solution["cell_type"] == "code" and "solution" in solution["metadata"].get("tags", []), \
+            f"{name} cell {i + 1}: an exercise's solution follows it, tagged 'solution'"
+        assert solution["metadata"].get("jupyter", {}).get("source_hidden"), f"{name} cell {i + 1}: hidden"
+        assert re.search(r"^\s*assert ", _text(solution["source"]), re.M), f"{name} cell {i + 1}: asserts nothing"
+
+
+def test_the_roadmap_names_every_notebook_and_term():
+    roadmap = (FOLDER / "README.md").read_text(encoding="utf-8")
+    for name in NOTEBOOKS:
+        assert f"({name})" in roadmap, f"notebooks/README.md: no link to {name}"
+    missing = [term for term in ROADMAP_TERMS if term not in roadmap]
+    assert not missing, f"notebooks/README.md: lacks {missing}"
 
 
 def test_setup_finds_the_repository_from_inside_it(tmp_path, monkeypatch):

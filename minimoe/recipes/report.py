@@ -226,6 +226,10 @@ def plot_expert_loads(loads: dict[str, list[list[float]]], path: Path):
     fig, axes = plt.subplots(1, len(loads), figsize=(3.2 * len(loads), 3), squeeze=False)
     for ax, (label, load) in zip(axes[0], loads.items()):
         im = ax.imshow(load, aspect="auto", cmap="viridis")
-        ax.set(title=label, xlabel="expert", ylabel="MoE layer")
-        fig.colorbar(im, ax=ax)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("MoE layer")
+        ax.set_xticks(range(len(load[0])))
+        ax.set_yticks(range(len(load)))  # whole layers, not matplotlib's fractional ticks
+        fig.colorbar(im, ax=ax, label="token-expert pairs")
     files.save_figure(fig, path)
