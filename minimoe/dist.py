@@ -7,11 +7,9 @@ keeps `parallelize` apart from its models: torchtitan/models/llama3/infra/parall
     parallelize(...)   activation checkpointing and compile per block, then tensor or expert
                        parallelism, then FSDP2 units (embedding, blocks, norm + head) or DDP
 
-The global batch of step i is one process's batch: every rank keeps its own rows (`rows`),
-each rank's loss is the mean over its rows, and FSDP/DDP average the gradients over the ranks,
-so they equal one process's (but for the MoE auxiliary losses, each rank's over its own tokens
-as Megatron's default "aux_loss" is: with a balance coefficient the run differs slightly).
-"""
+Step i's global batch is one process's: each rank takes its rows, FSDP/DDP average the
+gradients, so they equal one process's (but the MoE auxiliary losses, each rank's over its own
+tokens as Megatron's default "aux_loss" is)."""
 
 from __future__ import annotations
 

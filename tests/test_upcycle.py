@@ -259,3 +259,20 @@ def test_scale_out_command(dense, idx, tmp_path, capsys):
         assert main(args + extra + out) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_scale_out_reaches_llama_moe_gate_noise_and_capacity(tiny_run, tmp_path):
+    """The method's options are reachable from the command, in memory and streamed alike, and
+    the noisy gate's weights (zero at init) travel in the file."""
+    from minimoe import checkpoint as ckpt
+    from minimoe.cli import main
+
+    for stream in ([], ["--stream"]):
+        out = tmp_path / f"moe{len(stream)}"
+        assert main(["scale-out", "--from", str(tiny_run), "--experts", "4", "--top-k", "2",
+                     "--gate", "topk-softmax", "--router-noise", "--capacity-factor", "1.25",
+                     "--out", str(out), *stream]) == 0
+        model, _ = ckpt.load_model(out)
+        assert (model.cfg.gate, model.cfg.router_noise, model.cfg.capacity_factor) == (
+            "topk-softmax", True, 1.25)
+        assert not model.layers[0].mlp.router_noise.weight.any()

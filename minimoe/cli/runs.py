@@ -9,7 +9,7 @@ from pathlib import Path
 from minimoe import checks
 from minimoe.checks import option
 from minimoe.cli.train_options import add_train_options, tensorboard_dir, train_config
-from minimoe.config import PRESETS
+from minimoe.config import GATES, PRESETS
 from minimoe.grow import DEPTHS, KV_OPTIONS, MAPPINGS, METHODS
 from minimoe.recipes.config import RECIPES
 from minimoe.recipes.stages import (continue_pretraining, data_spec, grow_run, pretrain,
@@ -93,6 +93,12 @@ def add_scale_out(p):
                    help="variance: read --router-std as a variance (the paper's wording)")
     p.add_argument("--scale", type=option(">0"), help="split-*: expert output scale "
                    "(default experts/top-k)")
+    p.add_argument("--gate", choices=GATES, help="softmax-topk (Mixtral, AquilaMoE; the default) or "
+                   "topk-softmax (LLaMA-MoE)")
+    p.add_argument("--router-noise", action="store_true", help="noisy top-k gating while training "
+                   "(Shazeer et al. 2017, as LLaMA-MoE trains its splits)")
+    p.add_argument("--capacity-factor", type=option("[0, 64]"), help="tokens an expert takes, "
+                   "over an even share; those over it are dropped (default 0: dropless)")
     p.add_argument("--calib-batches", type=option("int[1, 10000]"), default=8,
                    help="split-importance*: batches (8 x 128 tokens) of the run's training data")
     p.add_argument("--seed", type=SEED, default=0, help="router init and random/cluster splits")
@@ -103,6 +109,8 @@ def add_scale_out(p):
 
 def run_scale_out(args):
     options = dict(layers=args.layers, router_std=args.router_std, router_init=args.router_init)
+    options |= {k: v for k, v in (("gate", args.gate), ("capacity_factor", args.capacity_factor),
+                                  ("router_noise", args.router_noise or None)) if v is not None}
     if args.scale is not None:
         if args.method == "upcycle":
             raise ValueError("--scale: only the split-* methods scale expert outputs")
