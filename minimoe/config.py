@@ -193,6 +193,6 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def get_preset(name: str) -> ModelConfig:
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:  # a file may hold any value
         raise ValueError(f"preset={name!r}: unknown; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]

@@ -77,6 +77,8 @@ def model_config(preset: str | None, table: dict | None, where: str,
             raise ValueError(f"{where}.model.{key}: {what} is not in the simulator's step model "
                              "(docs/simulator.md \"Not modelled\")")
     base = table.pop("preset", preset)
+    if base is not None and not isinstance(base, str):
+        raise ValueError(f"{where}.preset={base!r}: must be a preset name")
     try:
         if base:
             return get_preset(str(base)).replace(**table)

@@ -47,7 +47,7 @@ def _model(table, where) -> tuple[ModelConfig | None, str, float | None]:
     cfg, label = None, None
     if "preset" in table or "model" in table:
         cfg = model_config(table.get("preset"), table.get("model"), where)
-        base = table.get("preset") or (table["model"] or {}).get("preset")
+        base = table["preset"] if "preset" in table else (table["model"] or {}).get("preset")
         label = table["preset"] if "preset" in table else (
             (f"{base}+" if base else "inline")
             + f"L{cfg.n_layers} d{cfg.d_model}" + (f" {cfg.n_experts}E" if cfg.is_moe else ""))
