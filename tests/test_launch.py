@@ -186,3 +186,13 @@ def test_experts_are_split_evenly_or_the_layout_is_refused():
         if cfg.n_experts:
             shape = (cfg.n_experts // layout.ep, cfg.expert_d_ffn or cfg.d_ffn, cfg.d_model)
             assert even_dim(shape, layout.gpus // layout.ep // layout.tp) is not None, path.name
+
+
+def test_bench_step_runs_a_recipe_on_one_rank_and_its_memory_is_the_rehearsal():
+    from argparse import Namespace
+
+    from minimoe.bench.step import bench_step
+    out = bench_step(Namespace(recipe=str(ROOT / "scaling/full/aquila-8x1.8b.toml"), micro_batch=None,
+                               quick=True))
+    assert out["rehearsed"] == pytest.approx(out["peak"], rel=0.05)
+    assert len(out["seconds"]) == 6 and out["tokens_per_s"] > 0

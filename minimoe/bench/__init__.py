@@ -11,6 +11,7 @@ never imports this package (the CLI loads it only for `minimoe bench`).
     sim.py      the vectorised layout search against a plain loop
     generate.py KV-cached greedy generation against transformers' Llama generate()
     time_factor.py  a finished pipeline's time savings factor measured again, with the load
+    step.py     a full-size recipe's step on one GPU against its rehearsal and the simulator
 
 Each benchmark is a function taking the parsed CLI args and printing its table; `BENCHES`
 maps the CLI name to it.
@@ -79,12 +80,13 @@ from minimoe.bench.grow import bench_grow  # noqa: E402
 from minimoe.bench.moe import bench_moe  # noqa: E402
 from minimoe.bench.sim import bench_sim  # noqa: E402
 from minimoe.bench.time_factor import bench_time_factor  # noqa: E402
+from minimoe.bench.step import bench_step  # noqa: E402
 from minimoe.bench.train import bench_train  # noqa: E402
 from minimoe.bench.upcycle import bench_upcycle  # noqa: E402
 
 BENCHES = {"train": bench_train, "moe": bench_moe, "grow": bench_grow, "upcycle": bench_upcycle,
            "dist": bench_dist, "sim": bench_sim, "generate": bench_generate,
-           "time-factor": bench_time_factor}
+           "time-factor": bench_time_factor, "step": bench_step}
 
 
 def add_bench(p):  # `minimoe bench NAME` (minimoe/cli/main.py loads this package only then)
@@ -92,6 +94,9 @@ def add_bench(p):  # `minimoe bench NAME` (minimoe/cli/main.py loads this packag
     p.add_argument("--run", help="time-factor: a finished pipeline folder (default runs/pipeline)")
     p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
     p.add_argument("--compile", action="store_true", help="train: also torch.compile each block")
+    p.add_argument("--recipe", default="scaling/full/aquila-1.8b.toml",
+                   help="step: a full-size recipe (scaling/full/), run on one GPU")
+    p.add_argument("--micro-batch", type=int, help="step: default the recipe's")
 
 
 def run_bench(args):
