@@ -33,6 +33,16 @@ def test_a_dynamic_claim_says_from_when_it_holds():
     assert decided_after(points) == "holds from 100 tokens on, to the end"
 
 
+def test_a_flat_trend_is_not_extrapolated_to_an_absurd_budget():
+    def points(diffs):  # seeds' differences at 100..800 tokens: noisy, the mean hardly moving
+        return [{"tokens": 100 * 2 ** i, "verdict": "within noise", "interval": [d - 0.05, d + 0.04],
+                 "difference": {"mean": d}} for i, d in enumerate(diffs)]
+    flat = decided_after(points([-0.030, -0.031, -0.0312, -0.0313]))
+    assert "no budget up to 1,024x this one decides it" in flat and "extrapolation" not in flat
+    falling = decided_after(points([-0.01, -0.02, -0.03, -0.04]))
+    assert "it would hold after about" in falling  # 0.01 per doubling: one more doubling or so
+
+
 def test_table_6_decomposes_into_flops_chips_and_efficiency():
     result = load_scenario("sims/aquilamoe_table6.toml")
     parts = result.to_dict()["decomposition"]

@@ -102,21 +102,27 @@ def trajectory(curves: list[dict], a: str, b: str) -> list[dict]:
                      [c[b][i]["val_loss"] for c in curves])} for i in range(n)]
 
 
+MAX_DOUBLINGS = 10  # an extrapolation past 1,024x the measured budget is not stated
+
+
 def decided_after(points: list[dict]) -> str:
     """In words: from which evaluation on the claim holds, or at what budget it might."""
     for i, p in enumerate(points):
         if all(q["verdict"] == "holds" for q in points[i:]):
-            return f"holds from {p['tokens']:,} tokens on, to the end"
+            return f"holds from {p['tokens']:,.0f} tokens on, to the end"
     last, tail = points[-1], points[len(points) // 2:]
     if len(tail) < 2 or last["interval"][0] is None or tail[0]["tokens"] <= 0:
-        return f"{last['verdict']} at the end ({last['tokens']:,} tokens)"
+        return f"{last['verdict']} at the end ({last['tokens']:,.0f} tokens)"
     half = (last["interval"][1] - last["interval"][0]) / 2
     # the mean difference's trend per doubling of tokens over the second half of training
     rate = ((tail[-1]["difference"]["mean"] - tail[0]["difference"]["mean"])
             / math.log2(tail[-1]["tokens"] / tail[0]["tokens"]))
-    words = f"{last['verdict']} at the end ({last['tokens']:,} tokens; interval half-width {half:.3f})"
+    words = f"{last['verdict']} at the end ({last['tokens']:,.0f} tokens; interval half-width {half:.3f})"
     if rate < 0 and last["difference"]["mean"] + half > 0:
         doublings = (last["difference"]["mean"] + half) / -rate
+        if doublings > MAX_DOUBLINGS:  # a flat trend: its extrapolation is a number of no use
+            return (words + f"; the difference falls only {-rate:.4f} per doubling of tokens: at "
+                    f"that rate no budget up to {2 ** MAX_DOUBLINGS:,}x this one decides it")
         return (words + f"; the difference falls {-rate:.3f} per doubling of tokens, so at that "
                 f"rate it would hold after about {last['tokens'] * 2 ** doublings:,.0f} tokens "
                 "(an extrapolation, not a measurement)")
@@ -192,7 +198,7 @@ def write_seeds_report(out: Path, kind: str, per_seed: dict[int, dict], settings
     for name, points in dynamics.items():
         md += [f"## Over training: {name}", "", decided_after(points), "",
                "| tokens | a - b (mean) | 95% interval | verdict |", "|--:|--:|--:|:--|"]
-        md += [f"| {p['tokens']:,} | {p['difference']['mean']:+.3f} | "
+        md += [f"| {p['tokens']:,.0f} | {p['difference']['mean']:+.3f} | "
                + ("-" if p["interval"][0] is None else
                   f"[{p['interval'][0]:+.3f}, {p['interval'][1]:+.3f}]") + f" | {p['verdict']} |"
                for p in points] + [""]
