@@ -187,10 +187,10 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
     mesh = dist.build_mesh(tc.ep, device.type, tc.tp) if dist.is_distributed() else None
     sharded = tc.parallel == "fsdp" and mesh is not None  # FSDP2 fills its shards, DDP a model
     if not sharded:
-        _fill(model, device, tc, None if latest else init)
+        fill_model(model, device, tc, None if latest else init)
     parallel = plan(model, tc, mesh)
     if sharded:
-        _fill(model, device, tc, None if latest else init)
+        fill_model(model, device, tc, None if latest else init)
     model.train()
     optimizer = make_optimizer(model, tc)
     step, tokens, train_time = 0, 0, 0.0
@@ -285,7 +285,7 @@ def _evaluate(model, data, tc: TrainConfig) -> dict[str, float]:
     return dist.mean_over_ranks(evaluate(model, dist.RankRows(data, tc.tp), tc))
 
 
-def _fill(model, device: torch.device, tc: TrainConfig, init):
+def fill_model(model, device: torch.device, tc: TrainConfig, init):
     """Give a meta model memory on `device` and values: the model file `init`, or drawn from
     tc.seed ("seed": each tensor whole, this rank's block kept, so bit-identical to one
     process), or none (init None: a checkpoint fills it)."""

@@ -20,7 +20,7 @@ from minimoe.recipes.dry_run import measure, rehearse
 from minimoe.recipes.launch import ENGINE_OPTIONS, load_launch_recipe, train_config
 from minimoe.sim.cost import simulate
 from minimoe.sim.hardware import CATALOGUE, get_device
-from minimoe.train import _fill, make_optimizer, plan, train_step
+from minimoe.train import fill_model, make_optimizer, plan, train_step
 
 STEPS = 6  # timed, after 2 warm-up steps
 
@@ -41,7 +41,9 @@ def bench_step(args):
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("bench step: needs a CUDA GPU (--quick runs the tiny model on the CPU)")
     rehearsed = rehearse(r)["total"]  # before the real world exists: it makes a fake one
-    gpu = torch.cuda.get_device_name().split()[-1].lower() if device == "cuda" else None
+    # the simulator's entry whose key the device's name holds ("NVIDIA H100 80GB HBM3" -> h100)
+    name = torch.cuda.get_device_name().lower() if device == "cuda" else ""
+    gpu = next((key for key in CATALOGUE if key in name), None)
     sim = (simulate(r.workload, r.layout.sim_layout(), get_device(gpu), ENGINE_OPTIONS)
            if gpu in CATALOGUE else None)
     torch_dist.init_process_group("nccl" if device == "cuda" else "gloo",
@@ -81,7 +83,7 @@ def _measure(r, device: str) -> dict:
     cfg, shape = r.model_config, (r.layout.micro_batch, r.train.seq_len + 1)
     model = build_model(cfg, device="meta")
     parallel = plan(model, tc, dist.build_mesh(tc.ep, device, tc.tp))
-    _fill(model, torch.device(device), tc, "seed")
+    fill_model(model, torch.device(device), tc, "seed")
     optimizer = make_optimizer(model, tc)
     g = torch.Generator(device=device).manual_seed(0)
     rows = [torch.randint(0, cfg.vocab_size, shape, device=device, generator=g) for _ in range(4)]
