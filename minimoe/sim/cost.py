@@ -16,9 +16,6 @@ from minimoe.sim.layout import Layout, Workload, WorkloadStats, check_layout
 from minimoe.sim.memory import torchrun_memory
 from minimoe.sim.options import Options, goodput
 
-__all__ = ["Layout", "Workload", "Options", "WorkloadStats", "price", "SimResult",
-           "priced_result", "simulate", "corner_speeds", "SECONDS_PER_DAY", "PF_DAY", "TIME_PARTS"]
-
 SECONDS_PER_DAY = 86400.0
 PF_DAY = 1e15 * SECONDS_PER_DAY  # FLOPs in one petaFLOP/s-day (EleutherAI, Transformer Math 101)
 TIME_PARTS = ("compute", "imbalance", "memory_bound", "tp_comm", "cp_comm", "ep_comm", "pp_comm",
@@ -27,11 +24,10 @@ _STAGE_PARTS = TIME_PARTS[:7]  # what one micro-batch spends on one stage
 
 
 def price(st: WorkloadStats, dev: Device, opt: Options, c, efficiency=None) -> dict:
-    """Every formula, elementwise over layout columns `c` (Layout.columns' names, scalars or
-    arrays). Returns arrays: n_gpus, n_micro, the memory parts (bytes per GPU), `fits`, the
-    TIME_PARTS (seconds per step), step_time, tokens_per_s, mfu and cost_per_mtok. Call it only
-    on layouts minimoe.sim.layout.rule_failures accepts: elsewhere the numbers mean nothing.
-    `efficiency`, an array, replaces opt.gemm_efficiency and broadcasts (the fit's grid)."""
+    """Every formula, elementwise over layout columns `c` (Layout.columns' names) that
+    layout.rule_failures accepts: n_gpus, n_micro, memory parts (bytes per GPU), fits, TIME_PARTS
+    (seconds per step), step_time, tokens_per_s, mfu, cost_per_mtok. `efficiency`, an array,
+    replaces opt.gemm_efficiency and broadcasts (the fit's grid)."""
     eff = opt.gemm_efficiency if efficiency is None else efficiency
     tp, cp, pp, dp, ep, zero, mb, rc, etp, first, last = (
         np.asarray(getattr(c, k), dtype=np.float64)
@@ -224,10 +220,9 @@ def price(st: WorkloadStats, dev: Device, opt: Options, c, efficiency=None) -> d
 
 @dataclass(frozen=True)
 class SimResult:
-    """One layout priced: memory (bytes per GPU), time (seconds per step, TIME_PARTS adding up
-    to `step_time`), steady-state throughput, and `goodput`, the share of wall-clock time that
-    trains (checkpoints, failures), which `run` applies. `interval` is (low, high) tokens/s over
-    the ends of the options' uncertain ranges, None until `interval` fills it."""
+    """One layout priced: memory (bytes per GPU), time (seconds per step, TIME_PARTS adding up to
+    `step_time`), steady-state throughput, `goodput` (checkpoints, failures: `run` applies it),
+    and `interval`, (low, high) tokens/s over the uncertain inputs' corners."""
 
     layout: Layout
     device: str
@@ -296,9 +291,8 @@ def check_options(opt: Options, dev: Device) -> None:
 
 def simulate(workload: Workload, layout: Layout, device: Device, options: Options = Options(),
              with_interval: bool = True) -> SimResult:
-    """Price one layout, with its interval unless `with_interval` is False (a caller that prices
-    thousands of layouts and keeps one). Raises ValueError if the layout cannot run; check
-    `.fits` for memory."""
+    """Price one layout, with its interval unless `with_interval` is False. Raises ValueError if
+    the layout cannot run; `.fits` says whether it fits in memory."""
     check_layout(layout, workload)
     check_options(options, device)
     st = WorkloadStats(workload, options)
@@ -311,15 +305,15 @@ def simulate(workload: Workload, layout: Layout, device: Device, options: Option
 
 def corner_speeds(workload: Workload, layout: Layout, device: Device, options: Options,
                   st: WorkloadStats | None = None) -> np.ndarray:
-    """Tokens/s of a layout at the options, then at every corner of their uncertain ranges
-    (Options.corners; docs/simulator.md "Intervals"). Predictions that share their uncertain
-    inputs share corners, so a ratio of two (a speed-up, a slowdown, a savings factor) is taken
-    corner by corner: element 0 is the prediction, the range its interval."""
-    stats = {} if st is None else {tuple(getattr(options, k) for k in WorkloadStats.READS): st}
-    # a corner rebuilds the per-token figures only if it changes what they read
+    """Tokens/s at the options (element 0), then at every corner of their uncertain ranges
+    (docs/simulator.md "Intervals"): a ratio of two predictions is taken corner by corner."""
+    def reads(o):  # a corner rebuilds the per-token figures only if it changes what they read
+        return tuple(getattr(o, k) for k in WorkloadStats.READS)
+
+    stats = {} if st is None else {reads(options): st}
     speeds = []
     for o in [options] + options.corners():
-        key = tuple(getattr(o, k) for k in WorkloadStats.READS)
-        st = stats.setdefault(key, stats.get(key) or WorkloadStats(workload, o))
-        speeds.append(float(price(st, device, o, layout.columns())["tokens_per_s"]))
+        if reads(o) not in stats:
+            stats[reads(o)] = WorkloadStats(workload, o)
+        speeds.append(float(price(stats[reads(o)], device, o, layout.columns())["tokens_per_s"]))
     return np.array(speeds)

@@ -1,8 +1,6 @@
-"""The device catalogue: peak compute, memory, links, power and price of a GPU, each figure with
-its source, read from devices.toml beside this file (docs/simulator.md "Hardware"). Every figure
-is a default to override: `get_device("h100", price_per_hour=3.99)`, or a scenario's
-`[devices.NAME]` table, which takes the catalogue's keys and units.
-"""
+"""The device catalogue (devices.toml beside this file, each figure with its source): every figure
+a default to override, `get_device("h100", price_per_hour=3.99)` or a scenario's `[devices.NAME]`
+table in the catalogue's keys and units (docs/simulator.md "Hardware")."""
 
 from __future__ import annotations
 
@@ -39,16 +37,8 @@ class Device:
         check_fields(f"device {self.name}", self, DEVICE_RULES)
 
     def replace(self, **changes) -> "Device":
-        sources = dict(self.sources)
-        for key in changes:
-            sources[key] = "user override"
+        sources = {**self.sources, **dict.fromkeys(changes, "user override")}
         return dataclasses.replace(self, sources=sources, **changes)
-
-    def table(self) -> list[dict]:
-        """Each figure with its source, for printing."""
-        return [{"field": f.name, "value": getattr(self, f.name),
-                 "source": self.sources.get(f.name, "")}
-                for f in dataclasses.fields(self) if f.name not in ("name", "sources")]
 
 
 DEVICE_RULES = {  # minimoe/checks.py

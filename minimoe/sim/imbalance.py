@@ -1,7 +1,5 @@
-"""Expert load imbalance from routing histograms (a minimoe run's logged `load`, tokens per
-expert per layer): how much longer an MoE layer takes because it waits for its busiest expert
-or expert-parallel rank (docs/simulator.md "Expert load imbalance").
-"""
+"""Expert load imbalance from routing histograms (a minimoe run's logged `load`, tokens per expert
+per layer): the busiest expert or expert-parallel rank over the mean (docs/simulator.md "MoE")."""
 
 from __future__ import annotations
 

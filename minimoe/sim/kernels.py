@@ -1,8 +1,5 @@
-"""How long one kernel or one collective takes: a GEMM by its shape (tiles, waves, the HBM
-roofline, forward and backward), flash attention (its matrix work and its exponentials), ring and tree collectives,
-and the MoE all-to-all as each dispatcher sends it. Written on numpy arrays (many layouts at
-once); docs/simulator.md "Kernels and collectives" gives each formula with its source.
-"""
+"""How long one kernel or collective takes, on numpy arrays: a GEMM by its shape, flash attention,
+ring and tree collectives, the MoE all-to-all by dispatcher (docs/simulator.md "Kernels")."""
 
 from __future__ import annotations
 

@@ -1,11 +1,5 @@
-"""Memory per GPU of minimoe's own torchrun path (FSDP2, minimoe/dist.py), as `minimoe dry-run`
-tracks it, on numpy arrays of layouts: fp32 shards of the states; the bytes autograd keeps per
-token and layer for minimoe's model; the peak at the end of the LM head's backward, or, with
-activation checkpointing, inside the first block recomputed. `Options.memory_model = "minimoe"`
-selects it in minimoe/sim/cost.py's `price`; the default, "megatron", is Megatron-LM's memory
-(the published runs `minimoe validate` predicts), written in `price` itself. Sources:
-docs/simulator.md#memory.
-"""
+"""Memory per GPU of minimoe's own torchrun path (FSDP2), as `minimoe dry-run` tracks it, on numpy
+arrays of layouts: `Options.memory_model = "minimoe"` (docs/simulator.md "Memory")."""
 
 from __future__ import annotations
 

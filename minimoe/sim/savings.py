@@ -1,12 +1,6 @@
-"""Where a chain's savings factors come from (AquilaMoE Table 6, docs/simulator.md "Decomposing").
-
-A phase runs s_i = R_i / R_b times the baseline's tokens/s, and s_i is the product of three
-ratios: FLOPs per token (f_b / f_i), cluster peak (P_i / P_b) and efficiency (MFU_i / MFU_b).
-TSF = N_b / sum(N_i / s_i) and CPSF = N_b / sum(N_i P_i / (P_b s_i)): the token split weighs
-the phases (a harmonic mean), and the cluster peak cancels from CPSF. Each ratio's share of a
-factor is its Shapley value over the three (log factor, averaged over the orders of switching
-them on), so the shares multiply to the factor whatever the order.
-"""
+"""Where a chain's savings factors come from (AquilaMoE Table 6): each phase's speed-up over the
+baseline as FLOPs per token x cluster peak x MFU, and each ratio's Shapley share of TSF and CPSF
+(docs/simulator.md "Decomposing the savings factors")."""
 
 from __future__ import annotations
 

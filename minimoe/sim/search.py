@@ -1,6 +1,5 @@
-"""Layout search: price every way to cut a model over up to N GPUs in one vectorised pass of
-minimoe.sim.cost.price; the fastest and the cheapest with their intervals, or what stands in the
-way (docs/simulator.md "Which layouts are valid"; Calculon's llm-optimal-execution, dense only)."""
+"""Layout search (`minimoe plan`): every way to cut a model over up to N GPUs priced in one
+vectorised pass; the fastest and the cheapest, or what stands in the way (docs/simulator.md)."""
 
 from __future__ import annotations
 
@@ -15,8 +14,7 @@ import pandas as pd
 
 from minimoe.config import ModelConfig
 from minimoe.flops import RECOMPUTE
-from minimoe.sim.cost import (Options, SimResult, WorkloadStats, check_options, corner_speeds,
-                              price, priced_result)
+from minimoe.sim.cost import Options, SimResult, WorkloadStats, check_options, price, simulate
 from minimoe.sim.layout import Layout, Workload, rule_failures, rule_text
 from minimoe.sim.hardware import Device
 from minimoe.tables import fmt_value
@@ -41,10 +39,9 @@ def _divisors(n: int, cap: int) -> list[int]:
 
 
 def search_axes(workload: Workload, max_gpus: int) -> dict[str, list[int]]:
-    """The values each layout field takes in a search, the one definition of the space: tp to 16,
-    cp where ranks keep >= 4,096 tokens, pp dividing the layers (even stages), ep the experts,
-    every ZeRO stage, micro-batches of 1-8, the three recompute levels (indices into
-    minimoe.flops.RECOMPUTE), and for an MoE etp = tp (0) or folded (1)."""
+    """The values each layout field takes in a search: tp to 16, cp where ranks keep >= 4,096
+    tokens, pp dividing the layers, ep the experts, every ZeRO stage, micro-batches of 1-8, the
+    recompute levels (RECOMPUTE indices), and for an MoE etp = tp (0) or folded (1)."""
     cfg = workload.cfg
     return {"tp": [t for t in (1, 2, 4, 8, 16) if t <= max_gpus],
             "cp": [c for c in (1, 2, 4, 8) if workload.seq_len // c >= 4096 or c == 1],
@@ -56,16 +53,12 @@ def search_axes(workload: Workload, max_gpus: int) -> dict[str, list[int]]:
 
 def candidate_grid(workload: Workload, max_gpus: int, gpus_per_node: int = 8,
                    fixed_gpus: bool = False) -> tuple[dict[str, np.ndarray], int]:
-    """The candidates of a search: every combination of a GPU count (whole nodes up to
-    `max_gpus`, or only `max_gpus`) and the values of `search_axes`. Returns the combinations
-    whose tp x cp x pp divides the GPU count (etp 1 with tp 1 is etp = tp again, dropped), as
-    flat arrays with their dp, and the number of all combinations."""
-    if fixed_gpus or max_gpus < gpus_per_node:
-        counts = [max_gpus]
-    else:
-        counts = list(range(gpus_per_node, max_gpus + 1, gpus_per_node))
-        if counts[-1] != max_gpus:
-            counts.append(max_gpus)
+    """Every combination of a GPU count (whole nodes up to `max_gpus`, or only `max_gpus`) and
+    `search_axes` whose tp x cp x pp divides the count, as flat arrays with their dp (etp 1 with
+    tp 1, etp = tp again, dropped); and the number of all combinations."""
+    counts = [max_gpus]
+    if not fixed_gpus and max_gpus >= gpus_per_node:
+        counts = sorted(set(range(gpus_per_node, max_gpus + 1, gpus_per_node)) | {max_gpus})
     axes = {"n": counts, **search_axes(workload, max_gpus)}
 
     def mesh(keys):
@@ -93,8 +86,7 @@ def search_layouts(workload: Workload, device: Device, max_gpus: int,
                    options: Options = Options(), fixed_gpus: bool = False,
                    top: int = 10) -> SearchResult:
     """Price every candidate layout in one vectorised pass; return the fastest and cheapest."""
-    if not isinstance(max_gpus, int) or max_gpus <= 0:
-        raise ValueError(f"gpus={max_gpus!r}: must be a positive integer")
+    assert isinstance(max_gpus, int) and max_gpus > 0, max_gpus  # checked at the door
     check_options(options, device)
     t0 = time.perf_counter()
     st = WorkloadStats(workload, options)
@@ -119,13 +111,6 @@ def search_layouts(workload: Workload, device: Device, max_gpus: int,
                       recompute=RECOMPUTE[int(g["rc"][i])], etp=int(g["etp"][i]),
                       cp=int(g["cp"][i]))
 
-    def result_at(i) -> SimResult:
-        layout = layout_at(i)
-        result = priced_result(st, device, options, layout,
-                               price(st, device, options, layout.columns()))
-        speeds = corner_speeds(workload, layout, device, options)
-        return dataclasses.replace(result, interval=(float(speeds.min()), float(speeds.max())))
-
     fastest = cheapest = None
     table = []
     if idx.size:
@@ -133,20 +118,15 @@ def search_layouts(workload: Workload, device: Device, max_gpus: int,
         by_time = idx[np.lexsort((values["memory"][idx], values["n_gpus"][idx],
                                   values["step_time"][idx]))]
         by_cost = idx[np.lexsort((values["step_time"][idx], values["cost_per_mtok"][idx]))]
-        fastest, cheapest = result_at(by_time[0]), result_at(by_cost[0])
-        for i in by_time[:top]:
-            row = {"layout": layout_at(i).label(), "gpus": int(values["n_gpus"][i])}
-            row.update({k: float(values[k][i]) for k in
-                        ("step_time", "tokens_per_s", "mfu", "cost_per_mtok")})
-            row["memory_GB"] = float(values["memory"][i]) / 1e9
-            table.append(row)
+        fastest, cheapest = (simulate(workload, layout_at(i[0]), device, options)
+                             for i in (by_time, by_cost))
+        table = [{"layout": layout_at(i).label(), "gpus": int(values["n_gpus"][i]),
+                  **{k: float(values[k][i]) for k in ("step_time", "tokens_per_s", "mfu", "cost_per_mtok")},
+                  "memory_GB": float(values["memory"][i]) / 1e9} for i in by_time[:top]]
     why = "" if idx.size else _why_none(workload, device, options, max_gpus, failures,
                                          values["memory"])
-    return SearchResult(n_candidates=n_candidates, n_valid=n_valid,
-                        n_feasible=int(idx.size), seconds=time.perf_counter() - t0,
-                        attention=options.attention,
-                        fastest=fastest, cheapest=cheapest, table=table, why_none=why,
-                        options=dataclasses.asdict(options))
+    return SearchResult(n_candidates, n_valid, int(idx.size), time.perf_counter() - t0,
+                        options.attention, fastest, cheapest, table, why, dataclasses.asdict(options))
 
 
 def _why_none(workload, device, options, max_gpus, failures, memory) -> str:
@@ -171,19 +151,16 @@ def plan_frame(search: SearchResult, tokens: float | None = None):
     """The fastest and cheapest layouts side by side, as a pandas DataFrame (units in the index)."""
     columns = {}
     for name, r in (("fastest", search.fastest), ("cheapest", search.cheapest)):
-        if r is None:
-            continue
-        col = {"layout": r.layout.label(), "GPUs": r.n_gpus, "device": r.device,
-               "step time (s)": r.time["step_time"]}
-        col.update({f"  {k} (s)": v for k, v in r.time.items() if k != "step_time"})
-        col.update({f"memory {'total' if k == 'memory' else k} (GB)": v / 1e9
-                    for k, v in r.memory.items()})
-        col.update({"tokens/s": r.tokens_per_s, "tokens/s, uncertain inputs' range":
-                    f"{r.interval[0]:,.0f}-{r.interval[1]:,.0f}", "tokens/day (B)": r.tokens_per_day / 1e9,
-                    "MFU": r.mfu})
-        if tokens:
-            col.update({f"run: {k}": v for k, v in r.run(tokens).items()})
-        columns[name] = col
+        if r is not None:
+            columns[name] = {
+                "layout": r.layout.label(), "GPUs": r.n_gpus, "device": r.device,
+                "step time (s)": r.time["step_time"],
+                **{f"  {k} (s)": v for k, v in r.time.items() if k != "step_time"},
+                **{f"memory {'total' if k == 'memory' else k} (GB)": v / 1e9 for k, v in r.memory.items()},
+                "tokens/s": r.tokens_per_s,
+                "tokens/s, uncertain inputs' range": f"{r.interval[0]:,.0f}-{r.interval[1]:,.0f}",
+                "tokens/day (B)": r.tokens_per_day / 1e9, "MFU": r.mfu,
+                **({f"run: {k}": v for k, v in r.run(tokens).items()} if tokens else {})}
     return pd.DataFrame(columns)
 
 

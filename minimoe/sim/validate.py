@@ -1,7 +1,6 @@
-"""The simulator against published, measured training runs (`minimoe validate`, sims/validation/:
-one file per source, its top-level keys defaults for its runs). Measured figures are turned back
-into tokens/s with the source's own FLOP formula; two constants are fitted (`calibrate`), and
-`validate(cv=True)` predicts each source from the others. docs/simulator.md "Validation"."""
+"""The simulator against published training runs (`minimoe validate`; sims/validation/, one file
+per source): measured figures back to tokens/s by the source's FLOP formula, two constants fitted,
+each source predicted from the others with `cv` (docs/simulator.md "Validation")."""
 
 from __future__ import annotations
 
@@ -151,10 +150,7 @@ def _run(t: dict, where: str, catalogue: dict, source: str) -> Run:
 @dataclass(frozen=True)
 class Calibration:
     """Each published run's log error over the grids of gemm_efficiency x straggler_sigma, and
-    the constants the simulator takes from them: sigma minimising the summed scores (mean |log
-    error| of a source's runs) of the sources whose runs span 10x in node count (elsewhere sigma
-    only trades against the efficiency), each source's best efficiency at that sigma, and each
-    run's own."""
+    the constants taken from them (docs/simulator.md "What is fitted")."""
 
     errors: dict  # source -> (runs, efficiencies, sigmas) array of log(predicted / measured)
     node_span: dict  # source -> most nodes / fewest nodes among its runs
@@ -164,10 +160,9 @@ class Calibration:
         return {s: len(e) for s, e in self.errors.items()}
 
     def constants(self, leave_out: str | None = None) -> dict:
-        """{name: (central, low, high)} from the sources but `leave_out`. The efficiency: the
-        median of the sources' own, and the 10th to 90th percentile of the runs' own (each
-        source weighing as much as another), the range 80% of runs fall in; sigma: its pooled
-        fit, its range from leaving each source out."""
+        """{name: (central, low, high)} from the sources but `leave_out`: the efficiency, the
+        sources' median and the runs' 10th-90th percentile (sources weighing equally); sigma, its
+        pooled fit and its range leaving each source out."""
         sources = [s for s in self.errors if s != leave_out]
         sigma = self._sigma(sources)
         spread = [self._sigma([s for s in sources if s != out]) for out in sources] \
@@ -202,16 +197,15 @@ class Calibration:
 
 
 def _speeds(run: Run) -> np.ndarray:
-    """Tokens/s of a run's layout at every efficiency of EFFICIENCY_GRID, no stragglers: the
-    grid broadcasts over the one layout in a single call of `price`."""
+    """Tokens/s of a run's layout at every efficiency of EFFICIENCY_GRID (one call of `price`)."""
     opt = run.options.replace(straggler_sigma=0.0)
     return price(WorkloadStats(run.workload, opt), run.device, opt, run.layout.columns(),
                  efficiency=EFFICIENCY_GRID)["tokens_per_s"]
 
 
 def calibrate(runs: list[Run]) -> Calibration:
-    """Every published run's log error at every (efficiency, sigma) pair. Stragglers scale a
-    step by 1 + sigma sqrt(2 ln nodes), so a pair's speeds follow from the efficiency's alone."""
+    """Every published run's log error at every (efficiency, sigma) pair (stragglers scale a step
+    by 1 + sigma sqrt(2 ln nodes), so the speeds at the efficiencies alone suffice)."""
     errors, span = {}, {}
     for source in sorted({r.source for r in runs if r.set == "published"}):
         chosen = [r for r in runs if r.source == source and r.set == "published" and r.layout]
@@ -263,8 +257,8 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def rank_correlations(rows: list[dict]) -> dict:
-    """Spearman's rank correlation of predicted and measured speed in every group of two or more
-    runs of one model on one cluster (what `minimoe plan` must get right)."""
+    """Spearman's rank correlation of predicted and measured speed in each group of runs of one
+    model on one cluster (what `minimoe plan` must get right)."""
     frame = pd.DataFrame([{k: r[k] for k in ("group", "measured tok/s/GPU", "predicted tok/s/GPU")}
                           for r in rows])
     ranks = frame.groupby("group")[["measured tok/s/GPU", "predicted tok/s/GPU"]].rank()
@@ -274,8 +268,7 @@ def rank_correlations(rows: list[dict]) -> dict:
 
 
 def _variants(predicted: dict) -> list[dict]:
-    """Each run's speed-up over the run it varies: measured, predicted, and its range over the
-    corners the pair shares."""
+    """Each run's speed-up over the run it varies: measured, predicted and its range."""
     out = []
     for run, result, opt in predicted.values():
         if not run.variant_of:
