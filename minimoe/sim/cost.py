@@ -65,7 +65,7 @@ def price(st: WorkloadStats, dev: Device, opt: Options, c, efficiency=None) -> d
     head_last = last * kept + rebuilt + logits
     out["activations"] = np.maximum(head_first, head_last)
     if opt.memory_model == "minimoe":  # this project's FSDP2 path instead (minimoe/sim/memory.py)
-        out.update(torchrun_memory(st.memory, opt, tp, dp, ep, zero, mb, rc, s, n_micro))
+        out.update(torchrun_memory(st, opt, tp, dp, ep, zero, mb, rc, n_micro))
     out["memory"] = out["weights"] + out["grads"] + out["optimizer"] + out["activations"]
     out["fits"] = out["memory"] <= opt.memory_usable * dev.hbm_bytes
 

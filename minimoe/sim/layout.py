@@ -137,7 +137,7 @@ class WorkloadStats:
         self.layer_params = (counts["total"] - counts["experts"] - counts["embedding"]
                              - counts["lm_head"]) / cfg.n_layers  # non-expert, incl. router and norms
         self.vocab_mats = 1 if cfg.tie_embeddings else 2
-        self.memory = MemoryStats(cfg, opt, counts)  # Options.memory_model "minimoe"
+        self.memory = MemoryStats(cfg, opt)  # Options.memory_model "minimoe"
         # activation bytes per token per layer, the tensors the backward keeps (Korthikanti et
         # al. 2022 §4, recounted for RMSNorm, GQA, SwiGLU and MoE)
         h, a, q, kv = cfg.d_model, cfg.n_heads, self.q, self.kv

@@ -1,7 +1,5 @@
-"""The cost model's knobs (`Options`): what a scenario's `[options]`, a phase's `options` and
-`minimoe plan --set` set, each default a cited figure, a stated assumption or a constant
-`minimoe validate` fits (docs/simulator.md "Options"); and goodput, training days to wall-clock.
-"""
+"""The cost model's knobs (`Options`: a scenario's `[options]`, `minimoe plan --set`), each default
+a cited figure, an assumption or a fitted constant (docs/simulator.md "Options"); and goodput."""
 
 from __future__ import annotations
 
@@ -97,10 +95,9 @@ class Options:
                 check("options.uncertain", key, value, RULES[key])
 
     def replace(self, **changes) -> "Options":
-        """A copy with `changes`; an unknown name is a ValueError listing the known ones. A value
-        set here is no longer uncertain (its range becomes [value, value], so that predictions
-        from one base keep the same corners) unless `changes` also gives its range; `uncertain`
-        adds ranges to the ones already there."""
+        """A copy with `changes`. A value set here is no longer uncertain (its range becomes
+        [value, value]: predictions from one base keep the same corners) unless `uncertain`,
+        which adds ranges, gives it one."""
         known_keys("options", changes, {f.name for f in dataclasses.fields(self)})
         uncertain = {k: [changes[k]] * 2 if k in changes else v for k, v in self.uncertain.items()}
         uncertain.update(changes.pop("uncertain", {}) or {})
@@ -153,12 +150,9 @@ def parse_assignments(pairs: list[str], base: Options = Options()) -> Options:
 
 
 def goodput(opt: Options, n_gpus: int, step_seconds: float, state_bytes_per_gpu: float) -> dict:
-    """Share of wall-clock time that trains, with checkpoints and failures (Young/Daly style):
-
-    checkpoint overhead = write time / interval (the job waits for a synchronous write);
-    failures per day = failures_per_gpu_day x GPUs, each losing the restart and, on average,
-    half a checkpoint interval of work (plus the step in flight).
-    """
+    """Share of wall-clock time that trains (Young/Daly): a synchronous checkpoint write per
+    interval; failures_per_gpu_day x GPUs failures, each losing the restart, half an interval
+    and the step in flight."""
     write_s = state_bytes_per_gpu / (opt.checkpoint_gbs * 1e9)
     interval_s = opt.checkpoint_minutes * 60
     checkpoint_share = write_s / (interval_s + write_s)

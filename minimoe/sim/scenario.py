@@ -1,7 +1,5 @@
 """The planner's accounting: training phases -> days, capacity, MFU, and AquilaMoE's savings
-factors TSF and CPSF (arXiv 2408.06567 §4.3, Table 6; docs/simulator.md "Units" on its
-"GFLOPS-days", which are devices x peak TFLOPS x days: reserved peak, not executed FLOPs).
-minimoe.sim.scenario_file reads scenarios from TOML (sims/*.toml)."""
+factors TSF and CPSF (arXiv 2408.06567 §4.3, Table 6; docs/simulator.md "Units")."""
 
 from __future__ import annotations
 
@@ -91,8 +89,7 @@ class PhaseResult:
 def savings_factors(phase_times: list[float], phase_capacities: list[float], baseline_time: float,
                     baseline_capacity: float) -> tuple[float, float]:
     """AquilaMoE's savings factors, the baseline over the chain: TSF = baseline time / sum of the
-    phases' times, CPSF = the same of capacities (devices x peak x time), in any one unit.
-    The scenario planner and the pipeline report (measured stage times) both call this."""
+    phases' times, CPSF = the same of capacities (devices x peak x time), in any one unit."""
     return (baseline_time / sum(phase_times), baseline_capacity / sum(phase_capacities))
 
 
@@ -119,32 +116,29 @@ class ScenarioResult:
     def cpsf(self) -> float:
         return savings(self.phases, self.baseline)[1]
 
+    def _factors_at(self, speed) -> tuple[float, float]:
+        """(TSF, CPSF) with each phase's tokens per day replaced by speed(phase)."""
+        phases = [dataclasses.replace(p, tokens_per_day=speed(p)) for p in self.phases]
+        return savings(phases, dataclasses.replace(self.baseline, tokens_per_day=speed(self.baseline)))
+
     @property
     def factor_ranges(self) -> tuple[tuple, tuple] | None:
         """((TSF low, high), (CPSF low, high)) over the corners of the uncertain inputs, taken
         corner by corner where every prediction has the same corners; None with no prediction."""
-        everyone = self.phases + [self.baseline]
-        counts = {len(p.corners) for p in everyone if p.corners}
+        counts = {len(p.corners) for p in self.phases + [self.baseline] if p.corners}
         if len(counts) != 1:
             return None
-        factors = [savings([dataclasses.replace(p, tokens_per_day=p.corners[i]) if p.corners
-                            else p for p in self.phases],
-                           dataclasses.replace(self.baseline, tokens_per_day=self.baseline.corners[i])
-                           if self.baseline.corners else self.baseline)
+        factors = [self._factors_at(lambda p: p.corners[i] if p.corners else p.tokens_per_day)
                    for i in range(counts.pop())]
         return tuple((min(f[j] for f in factors), max(f[j] for f in factors)) for j in (0, 1))
 
     @property
     def measured_factors(self) -> tuple[float, float] | None:
-        """(TSF, CPSF) from the measured throughputs given beside the predictions, when every
-        phase and the baseline has one (sims/aquilamoe_predicted.toml); otherwise None."""
-        everyone = self.phases + [self.baseline]
-        if any(p.measured_tokens_per_day is None for p in everyone):
+        """(TSF, CPSF) from the measured throughputs beside the predictions, when every phase and
+        the baseline has one (sims/aquilamoe_predicted.toml); otherwise None."""
+        if any(p.measured_tokens_per_day is None for p in self.phases + [self.baseline]):
             return None
-        phases, base = (
-            [dataclasses.replace(p, tokens_per_day=p.measured_tokens_per_day) for p in group]
-            for group in (self.phases, [self.baseline]))
-        return savings(phases, base[0])
+        return self._factors_at(lambda p: p.measured_tokens_per_day)
 
     def to_frame(self):
         rows = [p.row() for p in self.phases]

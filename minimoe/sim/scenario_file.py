@@ -1,7 +1,5 @@
-"""The TOML scenario format (sims/*.toml) read into minimoe.sim.scenario's terms: `[[phases]]`
-and a `[baseline]`, each a model, its tokens, a cluster and a throughput (measured, an assumed
-MFU, or `simulate = true`); `[devices.NAME]`, `[options]` and a `[sweep]`. docs/simulator.md
-"Scenario files" lists the keys; every error is one line naming the key path, value and rule."""
+"""The TOML scenario format (sims/*.toml) read into minimoe.sim.scenario's terms; every error is
+one line naming the key path, value and rule (docs/simulator.md "Scenario files")."""
 
 from __future__ import annotations
 
@@ -32,7 +30,6 @@ def _number(table, key, where, positive=True, integer=False, required=True):
         if required:
             raise ValueError(f"{where}.{key}: missing")
         return None
-    # bounded: products and quotients of these stay finite, so no factor prints as nan or inf
     check(where, key, table[key], ("int" if integer else "") + (">0" if positive else ""))
     # bounded: products and quotients of these stay finite, so no factor prints as nan or inf
     check(where, key, table[key], "[1e-9, 1e15]" if positive else "[-1e15, 1e15]")
@@ -65,10 +62,8 @@ def _phase(table, where, catalogue, options, folder, tokens_default=None) -> tup
     if not isinstance(name, str):
         raise ValueError(f"{where}.name={name!r}: must be a string")
     cfg, label, size = _model(table, where)
-    if tokens_default is not None and "tokens_b" not in table:
-        tokens = tokens_default
-    else:
-        tokens = _number(table, "tokens_b", where) * 1e9
+    use_default = tokens_default is not None and "tokens_b" not in table
+    tokens = tokens_default if use_default else _number(table, "tokens_b", where) * 1e9
     devices = _number(table, "devices", where, integer=True)
     device: Device | None = None
     if "gpu" in table:
@@ -82,11 +77,11 @@ def _phase(table, where, catalogue, options, folder, tokens_default=None) -> tup
     peak_flops = device.peak_flops if device else peak * TFLOPS
     seq_len = _number(table, "seq_len", where, integer=True, required=False)
     seq_len = seq_len or (cfg.max_seq_len if cfg else 4096)
-    if cfg is not None:
-        per_token, method = flops_per_token(cfg, seq_len, attention=options.attention).model, \
-            f"analytic, {options.attention} attention, s={seq_len}"
-    else:
+    if cfg is None:
         per_token, method = 6 * size, "6ND, table size"
+    else:
+        per_token = flops_per_token(cfg, seq_len, attention=options.attention).model
+        method = f"analytic, {options.attention} attention, s={seq_len}"
     corners = None
     modes = [k for k in ("tokens_per_day_b", "mfu", "simulate") if k in table]
     if len(modes) != 1:
@@ -126,14 +121,11 @@ def _phase(table, where, catalogue, options, folder, tokens_default=None) -> tup
     if "note" in table:
         notes.append(f"{name}: {table['note']}")
     measured = _number(table, "measured_tokens_per_day_b", where, required=False)
-    result = PhaseResult(name=name, model=label, tokens=tokens, gpus=devices,
-                         device=device.name if device else "custom", peak_flops=peak_flops,
-                         tokens_per_day=per_day, throughput=source, flops_per_token=per_token,
-                         flops_method=method,
-                         price_per_hour=device.price_per_hour if device else None,
-                         power_w=device.power_w if device else None, pue=options.pue,
-                         measured_tokens_per_day=None if measured is None else measured * 1e9,
-                         corners=corners)
+    result = PhaseResult(name, label, tokens, devices, device.name if device else "custom",
+                         peak_flops, per_day, source, per_token, method,
+                         device.price_per_hour if device else None,
+                         device.power_w if device else None, options.pue,
+                         None if measured is None else measured * 1e9, corners)
     return result, notes
 
 
