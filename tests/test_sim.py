@@ -1,6 +1,7 @@
 """The cost model (cost.py), the layout search (search.py), the scenario planner (scenario.py and
 scenario_file.py), the hardware catalogue and their command lines."""
 
+import dataclasses
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -228,9 +229,9 @@ def test_search_covers_100k_layouts_and_cheapest_may_use_fewer_gpus():
 # --- hardware ---------------------------------------------------------------------------------
 def test_catalogue_figures_carry_sources_and_overrides():
     for device in CATALOGUE.values():
-        for row in device.table():
-            if row["field"] != "gpus_per_node":
-                assert row["source"], f"{device.name}.{row['field']} has no source"
+        for f in dataclasses.fields(device):
+            if f.name not in ("name", "sources", "gpus_per_node"):
+                assert device.sources.get(f.name), f"{device.name}.{f.name} has no source"
     assert CATALOGUE["h100"].peak_flops == 989.4e12
     cheap = get_device("H100", price_per_hour=1.0)
     assert cheap.price_per_hour == 1.0 and cheap.sources["price_per_hour"] == "user override"

@@ -1,6 +1,5 @@
-"""Parallel layouts (`Layout`), the workload they cut (`Workload`, and `WorkloadStats`, the
-per-token figures the cost model reads), and `LAYOUT_RULES`, the one list of what makes a layout
-valid: evaluated on arrays by the search, on one layout by `check_layout`."""
+"""Parallel layouts (`Layout`), the workload they cut (`Workload`; `WorkloadStats`, its per-token
+figures), and `LAYOUT_RULES`, the one list of what makes a layout valid (arrays or one layout)."""
 
 from __future__ import annotations
 
@@ -40,10 +39,6 @@ class Layout:
     def n_gpus(self) -> int:
         return self.tp * self.cp * self.pp * self.dp
 
-    @property
-    def expert_tp(self) -> int:
-        return self.etp or self.tp
-
     def label(self) -> str:
         fold = f" etp{self.etp}" if self.etp and self.etp != self.tp else ""
         cp = f" cp{self.cp}" if self.cp > 1 else ""
@@ -55,7 +50,7 @@ class Layout:
         """The fields as the rules and the cost model read them (recompute as its index)."""
         rc = RECOMPUTE.index(self.recompute) if self.recompute in RECOMPUTE else -1
         return SimpleNamespace(tp=self.tp, cp=self.cp, pp=self.pp, dp=self.dp, ep=self.ep,
-                               etp=self.expert_tp, zero=self.zero, mb=self.micro_batch, rc=rc,
+                               etp=self.etp or self.tp, zero=self.zero, mb=self.micro_batch, rc=rc,
                                first=self.pp_first, last=self.pp_last)
 
 
@@ -67,8 +62,8 @@ NOT_MODELLED = {"kv_lora_rank": "multi-head latent attention (MLA)",
 
 def model_config(preset: str | None, table: dict | None, where: str,
                  seq_len: int | None = None) -> ModelConfig:
-    """A model from a file: a preset, an inline table of ModelConfig fields, or both (the
-    table's fields replace the preset's; a `preset` key inside the table names the base)."""
+    """A model from a file: a preset, an inline table of ModelConfig fields, or both (a `preset`
+    key inside the table names the base, whose fields the table's replace)."""
     if table is not None and not isinstance(table, dict):
         raise ValueError(f"{where}.model={table!r}: must be a table of ModelConfig fields")
     table = dict(table or {})
@@ -109,8 +104,7 @@ class Workload:
 
 
 class WorkloadStats:
-    """The per-token and per-layer figures of a workload that `minimoe.sim.cost.price` reads,
-    computed once per (workload, options) and shared by every layout priced."""
+    """The per-token and per-layer figures `price` reads, once per (workload, options)."""
 
     READS = ("act_bytes", "pad_to_capacity", "attention", "imbalance_log", "flash_attention", "dtype")
 

@@ -1,7 +1,5 @@
-"""What `minimoe validate` prints (text or JSON): the runs, constants, errors, ranks and
-speed-ups of minimoe.sim.validate; and AquilaMoE's 8x16B phase under every combination of its
-unknowns (routing, layout): its slowdown against the 16B and Table 6's savings factors (arXiv
-2408.06567 §4.3), each with its interval."""
+"""What `minimoe validate` prints (text or JSON); and AquilaMoE's 8x16B phase under every
+combination of its unknowns (routing, layout), with its slowdown and Table 6's savings factors."""
 
 from __future__ import annotations
 
@@ -34,10 +32,9 @@ def aquilamoe_table(predicted: dict) -> list[dict] | None:
     if moe is None or len(dense) != 2 or moe[0].device.name not in dense:
         return None
     (prep_run, prep, prep_opt), = [v for k, v in dense.items() if k != moe[0].device.name]
-    up_run, up, up_opt = dense[moe[0].device.name]
     speed = {name: corner_speeds(r.workload, res.layout, r.device, o) * res.goodput["goodput"]
              for name, (r, res, o) in (("dense 7B", (prep_run, prep, prep_opt)),
-                                       ("dense 16B", (up_run, up, up_opt)))}
+                                       ("dense 16B", dense[moe[0].device.name]))}
     moe_run, moe_result, moe_opt = moe
     rows = []
     for label, routing in ROUTING.items():
@@ -86,12 +83,16 @@ def _summary_lines(v: Validation) -> list[str]:
     return lines
 
 
+def _wide(frame) -> str:
+    with pd.option_context("display.width", 250, "display.max_columns", 30):
+        return frame.to_string()
+
+
 def validation_text(v: Validation, aquila: list[dict] | None = None) -> str:
     """The per-run table, the constants, the summaries, ranks, speed-ups and the AquilaMoE table."""
     frame = pd.DataFrame(v.rows).set_index("run")[list(SHOWN)]
     frame["inside"] = frame["inside"].map({True: "in", False: "out"})
-    with pd.option_context("display.width", 250, "display.max_columns", 30):
-        table = frame.map(fmt_value).to_string()
+    table = _wide(frame.map(fmt_value))
     c = v.calibration.constants()
     sigma = c["straggler_sigma"][0]
     lines = ["Predicted against measured, per run: tokens/s per GPU, the interval [low, high] over "
@@ -123,8 +124,7 @@ def validation_text(v: Validation, aquila: list[dict] | None = None) -> str:
                       "(Table 6): 25B tokens/day, slowdown 2.80x, TSF 4.12, CPSF 3.35"]
         shown = pd.DataFrame([{k: (f"{x[0]:.2f} [{x[1]:.2f}, {x[2]:.2f}]" if isinstance(x, tuple)
                                    else x) for k, x in row.items()} for row in aquila])
-        with pd.option_context("display.width", 250, "display.max_columns", 30):
-            lines.append(shown.set_index(["routing", "layout"]).to_string())
+        lines.append(_wide(shown.set_index(["routing", "layout"])))
     breakdown = v.breakdown
     if breakdown:
         lines += ["", "AquilaMoE phases, seconds per step by term:",
@@ -133,7 +133,7 @@ def validation_text(v: Validation, aquila: list[dict] | None = None) -> str:
 
 
 def validation_json(v: Validation, aquila: list[dict] | None = None) -> str:
-    def summary(s):
+    def summary(s):  # JSON keys are strings
         return None if s is None else {f"{group} {kind}": x for (group, kind), x in s.items()}
 
     return json.dumps({"runs": v.rows, "constants": v.calibration.constants(),

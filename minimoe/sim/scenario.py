@@ -151,8 +151,7 @@ class ScenarioResult:
         return pd.DataFrame(rows + [total, self.baseline.row()], dtype=object).set_index("phase")
 
     def to_dict(self) -> dict:
-        measured = self.measured_factors
-        ranges = self.factor_ranges
+        measured, ranges = self.measured_factors, self.factor_ranges
         return {"title": self.title, "tsf": self.tsf, "cpsf": self.cpsf,
                 "ranges": None if ranges is None else dict(zip(("tsf", "cpsf"), ranges)),
                 "measured": None if measured is None else dict(zip(("tsf", "cpsf"), measured)),
@@ -163,9 +162,8 @@ class ScenarioResult:
     def text(self) -> str:
         days = sum(p.days for p in self.phases)
         cap = sum(p.capacity_tflops_days for p in self.phases)
-        frame = self.to_frame().T.map(fmt_value)
         with pd.option_context("display.width", 250, "display.max_columns", 30):
-            table = frame.to_string()
+            table = self.to_frame().T.map(fmt_value).to_string()
         lines = [self.title, "", table, "",
                  f"time savings factor    TSF  = {self.baseline.days:,.2f} / {days:,.2f} days"
                  f" = {self.tsf:.3f}",
@@ -192,11 +190,8 @@ class ScenarioResult:
 # --- sensitivity ------------------------------------------------------------------------------
 def sweep(result: ScenarioResult, phase: str, tokens: list[float], mfus: list[float],
           mfu_phases: list[str]) -> list[dict]:
-    """TSF and CPSF as `phase`'s token budget and the MFU of `mfu_phases` vary (one row each).
-
-    A phase given an MFU runs at mfu x devices x peak / (model FLOPs per token) tokens per day;
-    the baseline's tokens follow the phases' sum when the scenario left them out.
-    """
+    """TSF and CPSF as `phase`'s token budget and the MFU of `mfu_phases` vary (one row each);
+    the baseline's tokens follow the phases' sum when the scenario left them out."""
     names = [p.name for p in result.phases]
     if phase not in names:
         raise ValueError(f"sweep.phase={phase!r}: not a phase; choose one of {', '.join(names)}")

@@ -231,10 +231,9 @@ def predict(run: Run, options: Options) -> SimResult:
 def _row(run: Run, result: SimResult, opt: Options) -> dict:
     share = result.goodput["goodput"] if run.wallclock else 1.0
     low, high = (x * share / run.devices for x in result.interval)
-    per_token = flops_per_token(run.cfg, run.workload.seq_len, attention="causal").model
     measured = run.measured_tokens_per_s / run.devices
     predicted = result.tokens_per_s * share / run.devices
-    mfu = per_token / run.device.peak_flops
+    mfu = flops_per_token(run.cfg, run.workload.seq_len, attention="causal").model / run.device.peak_flops
     return {"run": run.name, "set": run.set, "kind": run.kind, "source": run.source,
             "group": run.group, "device": run.device.name, "GPUs": run.devices,
             "layout": result.layout.label(), "measured tok/s/GPU": measured,
