@@ -260,10 +260,8 @@ class SimResult:
                 "cost_usd": gpu_hours * self.price_per_hour}
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["tokens_per_day"] = self.tokens_per_day
-        d["wallclock_tokens_per_day"] = self.wallclock_tokens_per_day
-        return d
+        return asdict(self) | {"tokens_per_day": self.tokens_per_day,
+                               "wallclock_tokens_per_day": self.wallclock_tokens_per_day}
 
 
 def priced_result(st: WorkloadStats, dev: Device, opt: Options, layout: Layout,
