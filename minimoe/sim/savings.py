@@ -52,14 +52,12 @@ def decompose(phases: list[dict], baseline: dict) -> dict:
             "all_tokens_in_first": rows[0]["speed-up"]}
 
 
-def scenario_decomposition(result) -> dict | None:
-    """decompose() of a ScenarioResult's phases (None when one has no FLOPs per token)."""
+def scenario_decomposition(result) -> dict:
+    """decompose() of a ScenarioResult's phases."""
     def inputs(p):
         return {"name": p.name, "tokens": p.tokens, "tokens_per_s": p.tokens_per_day,
                 "flops_per_token": p.flops_per_token, "peak": p.gpus * p.peak_flops}
 
-    if any(p.flops_per_token is None for p in result.phases + [result.baseline]):
-        return None
     return decompose([inputs(p) for p in result.phases], inputs(result.baseline))
 
 

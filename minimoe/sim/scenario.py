@@ -29,7 +29,7 @@ class PhaseResult:
     peak_flops: float  # per device, FLOP/s
     tokens_per_day: float
     throughput: str  # where tokens_per_day came from
-    flops_per_token: float | None  # model FLOPs per training token
+    flops_per_token: float  # model FLOPs per training token (analytic, or 6N)
     flops_method: str
     price_per_hour: float | None = None
     power_w: float | None = None
@@ -52,12 +52,12 @@ class PhaseResult:
         return self.gpus * self.peak_flops / TFLOPS * self.days
 
     @property
-    def model_pf_days(self) -> float | None:
-        return None if self.flops_per_token is None else self.tokens * self.flops_per_token / PF_DAY
+    def model_pf_days(self) -> float:
+        return self.tokens * self.flops_per_token / PF_DAY
 
     @property
-    def implied_mfu(self) -> float | None:
-        return None if self.model_pf_days is None else self.model_pf_days * 1000 / self.capacity_tflops_days
+    def implied_mfu(self) -> float:
+        return self.model_pf_days * 1000 / self.capacity_tflops_days
 
     @property
     def cost_usd(self) -> float | None:
@@ -177,8 +177,7 @@ class ScenarioResult:
             tsf, cpsf = self.measured_factors
             lines[-1:-1] = [f"from the measured throughputs instead: TSF = {tsf:.3f}, "
                             f"CPSF = {cpsf:.3f}"]
-        parts = scenario_decomposition(self)
-        lines += (decomposition_lines(parts) + [""]) if parts else []
+        lines += decomposition_lines(scenario_decomposition(self)) + [""]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
