@@ -235,7 +235,7 @@ class Parallel:
         return self
 
     def main_only(self, fn):
-        return main_only(fn)  # see the function
+        return main_only(fn)
 
     def rows(self, n: int) -> slice | None:
         """This rank's rows of a global batch of n (None in one process: all of them)."""

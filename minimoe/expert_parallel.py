@@ -1,27 +1,6 @@
 """Expert parallelism: each rank of an expert-parallel group holds E/ep experts of every MoE
-layer, and the tokens travel to their experts and back (GShard, arXiv 2006.16668 §2.2; the
-dispatch/combine of torchtitan's ExpertParallel, torchtitan/distributed/expert_parallel.py).
-
-Applied from outside the model: `apply_expert_parallel` turns each MoE layer's stacked expert
-weights (E, D, F) into DTensors sharded on the expert dimension over the "ep" mesh (each rank
-keeps its E/ep slice; checkpoints still see the whole (E, D, F) tensor) and sets the layer's
-`expert_runner` (the seam in minimoe/moe.py) to an `ExpertDispatch`. The router, the sort of
-the token-expert pairs and the combine stay the layer's own code; only "run the experts on
-these sorted pairs" changes:
-
-    1. count_E -> rows for each rank (its E/ep experts' counts), and the counts exchanged
-       (all_to_all_single of E integers), so each rank knows what it will receive
-    2. the rows sent with all_to_all_single and explicit, uneven split sizes
-    3. the received rows (grouped by source rank, then expert) regrouped by local expert, run
-       through the local experts (moe.expert_ffn), put back in arrival order
-    4. the results sent back with the split sizes swapped
-
-Autograd flows through `AllToAll`, whose backward is the same exchange in the other direction,
-so a rank's expert weights receive the gradient of every token any rank of its group sent
-them. That is ep times a data-parallel replica's share; minimoe/dist.py divides the experts'
-reduction by the whole world size to make it the mean (as torchtitan's
-set_gradient_divide_factor does).
-"""
+layer, and the token-expert pairs travel to their experts and back by all_to_all_single with
+uneven splits (GShard; torchtitan's dispatch and combine; docs/method.md, "Distribution")."""
 
 from __future__ import annotations
 
@@ -100,11 +79,8 @@ class ExpertDispatch:
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> list[MoE]:
-    """Shard every MoE layer's experts over `ep_mesh` (1-D) and route its pairs through it.
-
-    The weights become DTensors Shard(0) over the mesh: rank r keeps experts r*E/ep ... of the
-    tensor rank 0 holds (distribute_tensor scatters rank 0's values, so every rank agrees).
-    """
+    """Shard every MoE layer's experts over `ep_mesh` (1-D) and route its pairs through it:
+    rank r keeps experts r*E/ep ... of rank 0's tensor (distribute_tensor scatters rank 0's)."""
     layers = moe_layers(model)
     if not layers:
         raise ValueError(f"ep={ep_mesh.size()}: the model has no MoE layer to split over "
