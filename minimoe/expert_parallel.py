@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from minimoe.moe import MoE, expert_ffn, moe_layers, to_host
 
@@ -36,15 +36,6 @@ class AllToAll(torch.autograd.Function):
         return grad_in, None, None, None
 
 
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    return AllToAll.apply(x, out_splits, in_splits, group)
-
-
-def local_weight(weight: torch.Tensor) -> torch.Tensor:
-    """This rank's experts of a stacked weight (the local shard of its DTensor)."""
-    return weight.to_local() if isinstance(weight, DTensor) else weight
-
-
 class ExpertDispatch:
     """MoE.expert_runner on one rank of an expert-parallel group: (moe, x_SD, count_E) -> y_SD,
     equal to moe.experts(x_SD, count_E) run in one process."""
@@ -65,17 +56,17 @@ class ExpertDispatch:
         # the layer's one host sync: the split sizes both ways (moe.to_host)
         sizes = to_host(torch.cat([send_RL.sum(1), recv_RL.sum(1)]), 2 * len(x_SD))
         in_splits, out_splits = sizes[:ep], sizes[ep:]
-        x_recv = all_to_all(x_SD, out_splits, in_splits, self.group)
+        x_recv = AllToAll.apply(x_SD, out_splits, in_splits, self.group)
 
         # arrival order is (source rank, local expert); the experts want (local expert, source)
         segment = torch.repeat_interleave(torch.arange(ep * L, device=x_SD.device),
                                           recv_RL.reshape(-1), output_size=len(x_recv))
         by_expert = torch.argsort((segment % L) * ep + segment // L, stable=True)
-        weights = [local_weight(getattr(moe, name)) for name in EXPERT_WEIGHTS]
+        weights = [getattr(moe, name).to_local() for name in EXPERT_WEIGHTS]  # this rank's experts
         y_sorted = expert_ffn(x_recv[by_expert], recv_RL.sum(0), *weights)
         arrival = torch.empty_like(by_expert)
         arrival[by_expert] = torch.arange(len(by_expert), device=by_expert.device)
-        return all_to_all(y_sorted[arrival], in_splits, out_splits, self.group)
+        return AllToAll.apply(y_sorted[arrival], in_splits, out_splits, self.group)
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> list[MoE]:
