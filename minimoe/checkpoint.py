@@ -43,12 +43,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _blocks(tensors: dict) -> dict:
     """{name: (local block, offset)} of the blocks this rank writes."""
-    out = {}
-    for name, t in tensors.items():
-        local, offset, writes = local_block(t.detach())
-        if writes:
-            out[name] = (local, offset)
-    return out
+    blocks = {name: local_block(t.detach()) for name, t in tensors.items()}
+    return {name: (local, offset) for name, (local, offset, writes) in blocks.items() if writes}
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], cfg=None):
