@@ -1,25 +1,6 @@
-"""Checkpoints on disk: safetensors tensors + JSON and nothing else, so reading a run folder
-never runs code from it (no pickle: a file that is not a valid safetensors or JSON file is a
-one-line error).
-
-    runs/small/
-      config.json            the ModelConfig
-      run.json               what produced the run (stage, train config, data, parent run)
-      model.safetensors      the final model (written when a stage finishes)
-      ckpt/step_000100/      a resumable training checkpoint:
-          model.safetensors    weights
-          optim.safetensors    AdamW's moments and step, "{parameter}.{exp_avg,...}"
-          rng_R.safetensors    RNG state of rank R (R = 0 in one process)
-          state.json           step, tokens seen, optimizer hyper-parameters, world size
-      ckpt/latest            the name of the newest complete checkpoint
-      log.jsonl, loss.png    written by the training loop
-
-One format for one process and for many ranks: every tensor is stored whole, with the model's
-own vocabulary, and under torchrun each rank writes its own block of it in place and reads back
-only the blocks it holds (minimoe/stream.py), so a checkpoint of any layout resumes in any
-other and no rank ever gathers a whole model. A checkpoint folder is renamed from step_N.tmp
-once every rank has written, so a run killed at any instant keeps its previous checkpoint.
-"""
+"""Run folders and resumable checkpoints: safetensors and JSON only, one format for one process
+and for many ranks (each rank writes and reads its own blocks of every whole tensor), renamed
+into place once complete (docs/method.md, "Run folders")."""
 
 from __future__ import annotations
 
@@ -60,25 +41,18 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({err})") from None
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor]):
-    """A safetensors file, written atomically, from every rank (each its own blocks)."""
-    _write_together(Path(path), tensors, {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()})
-
-
 def _blocks(tensors: dict) -> dict:
     """{name: (local block, offset)} of the blocks this rank writes."""
-    out = {}
-    for name, t in tensors.items():
-        local, offset, writes = local_block(t.detach())
-        if writes:
-            out[name] = (local, offset)
-    return out
+    blocks = {name: local_block(t.detach()) for name, t in tensors.items()}
+    return {name: (local, offset) for name, (local, offset, writes) in blocks.items() if writes}
 
 
-def _write_together(path: Path, tensors: dict, specs: dict):
-    """write_blocks into path.tmp, then renamed into place: by every rank when the tensors are
-    sharded (each its blocks), else by the caller alone (one process, rank 0 of DDP, or a
-    rank inside dist.main_only)."""
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], cfg=None):
+    """A safetensors file, written into path.tmp and renamed into place: by every rank when
+    the tensors are sharded (each its blocks), else by the caller alone (one process, rank 0
+    of DDP, or a rank inside dist.main_only). cfg: a model's, whose vocabulary is stored."""
+    path = Path(path)
+    specs = {n: (t.dtype, _stored_shape(n, t, cfg)) for n, t in tensors.items()}
     together = _sharded(tensors)
     if not (together or _main()):
         return
@@ -117,9 +91,7 @@ def _stored_shape(name: str, t: torch.Tensor, cfg) -> tuple[int, ...]:
 
 def save_model_tensors(path: Path, model: torch.nn.Module):
     """The model file, from one process or from every rank (each must call it)."""
-    tensors = model_tensors(model)
-    specs = {n: (t.dtype, _stored_shape(n, t, model.cfg)) for n, t in tensors.items()}
-    _write_together(Path(path), tensors, specs)
+    save_tensors(path, model_tensors(model), model.cfg)
 
 
 def load_into(model: torch.nn.Module, path: Path, tensors=None):
@@ -171,8 +143,6 @@ def save_model(run_dir: Path, model, meta: dict | None = None):
         files.write_text(run_dir / "config.json", model.cfg.to_json())
         if meta is not None:
             files.write_json(run_dir / "run.json", meta)
-    if _sharded(model.state_dict()):  # every rank writes its part (else the caller alone)
-        _barrier()
     save_model_tensors(run_dir / "model.safetensors", model)
 
 
@@ -230,8 +200,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return newest
 
 
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def _main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return _rank() == 0
 
 
 def _barrier(group=None):
@@ -276,8 +250,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
     specs = {part: {n: (t.dtype, _stored_shape(n, t, cfg)) for n, t in ts.items()}
              for part, ts in tensors.items()}
     blocks = {part: _blocks(ts) for part, ts in tensors.items()}
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = _rank(), dist.get_world_size() if dist.is_initialized() else 1
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     extra = {"optimizer": {"param_groups": hyper}, "world_size": world}
     rng = rng_state()
@@ -334,8 +307,7 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     load_into(model, path / "optim.safetensors", tensors=moments)
     for group, hyper in zip(optimizer.param_groups, groups):
         group.update({k: v for k, v in hyper.items() if k != "params"})
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    rng = path / f"rng_{rank}.safetensors"
+    rng = path / f"rng_{_rank()}.safetensors"
     if not rng.exists():  # fewer ranks wrote it: every rank takes rank 0's stream
         rng = path / "rng_0.safetensors"
     set_rng_state(load_tensors(rng), rng)

@@ -1,21 +1,13 @@
 """Distribution wrapped around the model from outside, on PyTorch's own engine (as torchtitan
-keeps `parallelize` apart from its models: torchtitan/models/llama3/infra/parallelize.py).
-
-    init_from_env()    torchrun's RANK / WORLD_SIZE / LOCAL_RANK -> one process group (nccl on
-                       CUDA, gloo on CPU); outside torchrun every helper below is a no-op
-    build_mesh(ep, tp) the DeviceMesh ("dp", "ep"), or ("dp", "tp") for a dense model
-    parallelize(...)   activation checkpointing and compile per block, then tensor or expert
-                       parallelism, then FSDP2 units (embedding, blocks, norm + head) or DDP
-
-Step i's global batch is one process's: each rank takes its rows, FSDP/DDP average the
-gradients, so they equal one process's (but the MoE auxiliary losses, each rank's over its own
-tokens as Megatron's default "aux_loss" is)."""
+keeps `parallelize` apart from its models): torchrun's process group, the ("dp", "ep") or
+("dp", "tp") DeviceMesh, and `Parallel`, the training loop's one handle on them (FSDP2 or DDP,
+tensor and expert parallelism, the step's collectives). Each rank takes its rows of step i's
+global batch, so the gradients equal one process's (docs/method.md, "Run folders")."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -39,9 +31,10 @@ def init_from_env(device: str = "cpu") -> None:
     """Join torchrun's process group (idempotent); nothing to do in a single process."""
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
-    options = {"store": _attempt_store()} if _agent_store() else {}
-    if options:
-        options.update(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    options = {}
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        options = dict(store=_attempt_store(), rank=int(os.environ["RANK"]),
+                       world_size=int(os.environ["WORLD_SIZE"]))
     if device.startswith("cuda"):
         torch.cuda.set_device(local_rank())
         dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank()), **options)
@@ -49,15 +42,9 @@ def init_from_env(device: str = "cpu") -> None:
         dist.init_process_group("gloo", **options)
 
 
-def _agent_store() -> bool:
-    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-
-
 def _attempt_store():
-    """torchrun's own store under a prefix of this attempt. A job that torchrun restarts
-    (--max-restarts) reuses the agent's store, where the dead attempt's gloo/NCCL addresses
-    are still written: without the prefix the new ranks may dial those and fail (pytorch
-    issue #167288, "connect returned Connection refused" after a restart)."""
+    """torchrun's store under a prefix of this attempt: a restarted job (--max-restarts) would
+    otherwise dial the dead attempt's addresses (pytorch issue #167288)."""
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                           int(os.environ["WORLD_SIZE"]), is_master=False)
@@ -132,8 +119,7 @@ def row_slice(n: int, tp: int = 1) -> slice:
     """This rank's rows of a global batch of n: rank r of w takes the r-th of w equal slices;
     with tensor parallelism the tp ranks of a group share one slice of w / tp."""
     w, r = world_size() // tp, rank() // tp
-    if n % w:
-        raise ValueError(f"batch_size={n}: must be divisible by the {w} data-parallel ranks")
+    assert n % w == 0, (n, w)  # train() refuses such a batch size
     return slice(r * n // w, (r + 1) * n // w)
 
 
@@ -142,9 +128,8 @@ def rows(batch: torch.Tensor, tp: int = 1) -> torch.Tensor:
 
 
 class RankRows:
-    """The data as one rank evaluates it: its rows of every validation batch (the rest of the
-    data's interface unchanged), so the ranks share each batch and the mean over ranks is the
-    batch's mean."""
+    """The data as one rank evaluates it: its rows of every validation batch, so the mean over
+    the ranks is the batch's mean."""
 
     def __init__(self, data, tp: int = 1):
         self.data, self.tp = data, tp
@@ -158,39 +143,16 @@ class RankRows:
                 for x, y in self.data.val_batches(batch_size, seq_len, n_batches, lang)]
 
 
-def mean_over_ranks(values: dict) -> dict[str, float]:
-    """Each number (a float or a 0-d tensor) averaged over the ranks, as floats: one copy to
-    the host (every rank gets the same result)."""
-    if not values:
-        return {}
-    names = sorted(values)
-    device = _comm_device() if is_distributed() else "cpu"
-    t = torch.stack([torch.as_tensor(values[k]).to(device, torch.float64) for k in names])
-    if is_distributed():
-        dist.all_reduce(t)
-        t /= world_size()
-    return dict(zip(names, t.tolist()))
-
-
-def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    if not is_distributed():
-        return t
-    t = t.to(_comm_device()).clone()
-    dist.all_reduce(t)
-    return t.cpu()
-
-
 def _comm_device() -> torch.device:
     return torch.device("cuda", local_rank()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 # --- the mesh and the plan --------------------------------------------------------------
 def build_mesh(ep: int = 1, device_type: str = "cpu", tp: int = 1) -> DeviceMesh:
-    """The ("dp", "ep") mesh over every rank, or ("dp", "tp") with tensor parallelism; ep and
-    tp must divide the world size, and one of them is 1."""
+    """The ("dp", "ep") mesh over every rank, or ("dp", "tp") with tensor parallelism."""
     w = world_size()
     for name, size in (("ep", ep), ("tp", tp)):
-        if not isinstance(size, int) or size < 1 or w % size:
+        if w % size:
             raise ValueError(f"{name}={size!r}: must be a positive divisor of the {w} ranks")
     if tp > 1 and ep > 1:
         raise ValueError(f"tp={tp}, ep={ep}: tensor parallelism runs dense models, expert "
@@ -208,31 +170,115 @@ def mesh_size(mesh: DeviceMesh | None, name: str) -> int:
     return mesh[name].size() if mesh is not None and name in mesh.mesh_dim_names else 1
 
 
-@dataclass
+# --- the handle -------------------------------------------------------------------------
 class Parallel:
-    """What the training step needs of a (possibly) distributed model."""
+    """The training loop's one handle on distribution (as nanoGPT's loop holds its DDP model):
+    built once from a TrainConfig's layout and a mesh (None: one process), it wraps the model,
+    runs the step's collectives and answers what the loop asks of the other ranks."""
 
-    model: nn.Module  # the model itself (FSDP2 shards it in place: its FQNs do not change)
-    module: nn.Module  # what a step calls: the DDP wrapper, or the model
-    mode: str  # "single", "fsdp" or "ddp"
-    mixed_precision: bool = False  # FSDP2 casts to bf16 itself: no autocast on top
-    reduce_every_micro_batch: bool = True  # FSDP2: reduce-scatter after each micro-batch
-    # gloo only: what set_gradient_divide_factor would have done to the experts' gradients
-    expert_grad_scale: tuple = ()  # (parameters, factor)
+    def __init__(self, layout, mesh: DeviceMesh | None = None):
+        for name in ("ep", "tp"):
+            if mesh is None and getattr(layout, name) > 1:
+                raise ValueError(f"TrainConfig.{name}={getattr(layout, name)}: needs torchrun "
+                                 f"with a multiple of {getattr(layout, name)} processes")
+        self.layout, self.mesh, self.distributed = layout, mesh, mesh is not None
+        self.mode = layout.parallel if mesh is not None else "single"
+        self.mixed_precision = layout.bf16 and self.mode == "fsdp"  # FSDP2 casts: no autocast
+        self.device = device_for(layout.device)
+        self.main, self.world = is_main(), world_size()
+        self.model = self.module = None  # the model; what a step calls (the DDP wrapper)
+        # gloo only: what set_gradient_divide_factor would have done to the experts' gradients
+        self.expert_grad_scale = ()  # (parameters, factor)
+
+    @classmethod
+    def from_env(cls, layout) -> Parallel:
+        """Join torchrun's process group (nothing to join in one process), mesh included."""
+        init_from_env(layout.device)
+        device = device_for(layout.device)
+        return cls(layout, build_mesh(layout.ep, device.type, layout.tp) if is_distributed() else None)
+
+    def parallelize(self, model: nn.Module, fill=None) -> Parallel:
+        """Apply the plan to `model` in place, in torchtitan's order: activation checkpointing
+        and compile per block, tensor or expert parallelism, then FSDP2 units or DDP. fill():
+        gives a meta model its values, before DDP (which broadcasts rank 0's) or after FSDP2
+        (each rank fills its shards)."""
+        layout, mesh = self.layout, self.mesh
+        if fill is not None and self.mode != "fsdp":
+            fill()
+        for block in model.layers:
+            if layout.activation_checkpointing:
+                checkpoint_block(block)
+            if layout.compile:
+                block.compile()
+        self.model = self.module = model
+        if mesh is not None:
+            ep, tp = mesh_size(mesh, "ep"), mesh_size(mesh, "tp")
+            if tp > 1:
+                if self.mode != "fsdp":
+                    raise ValueError(f"tp={tp}: tensor parallelism runs with parallel='fsdp' only")
+                apply_tensor_parallel(model, mesh["tp"])
+            if ep > 1:
+                if self.mode != "fsdp":
+                    raise ValueError(f"ep={ep}: expert parallelism runs with parallel='fsdp' only "
+                                     "(DDP would average different experts' gradients)")
+                apply_expert_parallel(model, mesh["ep"])
+            if self.mode == "ddp":
+                first = next(model.parameters())
+                ids = [local_rank()] if first.is_cuda else None
+                # on the meta device (a dry run) there are no values to broadcast from rank 0
+                self.module = DistributedDataParallel(model, device_ids=ids,
+                                                      init_sync=not first.is_meta)
+            else:
+                self.expert_grad_scale = _fully_shard(model, mesh, self.mixed_precision)
+        if fill is not None and self.mode == "fsdp":
+            fill()
+        return self
+
+    def main_only(self, fn):
+        return main_only(fn)
+
+    def rows(self, n: int) -> slice | None:
+        """This rank's rows of a global batch of n (None in one process: all of them)."""
+        return row_slice(n, self.layout.tp) if self.distributed else None
+
+    def val_rows(self, data) -> RankRows:
+        """The data as this rank evaluates it: its rows of every validation batch."""
+        return RankRows(data, self.layout.tp)
+
+    def mean(self, values: dict) -> dict[str, float]:
+        """Each number (a float or a 0-d tensor) averaged over the ranks, as floats: one copy
+        to the host (every rank gets the same result)."""
+        if not values:
+            return {}
+        names = sorted(values)
+        device = _comm_device() if is_distributed() else "cpu"
+        t = torch.stack([torch.as_tensor(values[k]).to(device, torch.float64) for k in names])
+        if is_distributed():
+            dist.all_reduce(t)
+            t /= world_size()
+        return dict(zip(names, t.tolist()))
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if not is_distributed():
+            return t
+        t = t.to(_comm_device()).clone()
+        dist.all_reduce(t)
+        return t.cpu()
+
+    def barrier(self) -> None:
+        barrier()
 
     def loss_context(self):
         """Around a micro-batch's forward and backward: with tensor parallelism the loss is
         computed on each rank's columns of the logits (torch's loss_parallel)."""
-        tp = mesh_size(self.model.lm_head.weight.device_mesh, "tp") if isinstance(
-            self.model.lm_head.weight, DTensor) else 1
-        return loss_parallel() if tp > 1 else contextlib.nullcontext()
+        return loss_parallel() if mesh_size(self.mesh, "tp") > 1 else contextlib.nullcontext()
 
     def sync(self, last: bool):
         """Context of one micro-batch's forward + backward: DDP reduces on the last micro-batch
         of a step only (no_sync); FSDP2 after every micro-batch, or on the last only
         (set_requires_gradient_sync), holding each gradient whole until then."""
         if self.mode == "fsdp":
-            self.model.set_requires_gradient_sync(last or self.reduce_every_micro_batch)
+            self.model.set_requires_gradient_sync(last or self.layout.reduce_every_micro_batch)
         elif self.mode == "ddp" and not last:
             return self.module.no_sync()
         return contextlib.nullcontext()
@@ -260,51 +306,10 @@ class Parallel:
         return total
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh | None, mode: str = "fsdp",
-                mixed_precision: bool = False, activation_checkpointing: bool = False,
-                compile: bool = False, reduce_every_micro_batch: bool = True) -> Parallel:
-    """Apply the parallel plan to `model` in place, in torchtitan's order: activation
-    checkpointing and compile per block, expert parallelism, then FSDP2 (per block, then the
-    root) or DDP. mesh=None: one process (only checkpointing and compile apply).
-
-    mixed_precision (FSDP2): bf16 compute with fp32 master weights and fp32 gradient
-    reduction, MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32).
-    """
-    if mode not in MODES:
-        raise ValueError(f"parallel={mode!r}: must be one of {', '.join(MODES)}")
-    for block in model.layers:
-        if activation_checkpointing:
-            checkpoint_block(block)
-        if compile:
-            block.compile()
-    if mesh is None:
-        return Parallel(model, model, "single")
-    ep, tp = mesh_size(mesh, "ep"), mesh_size(mesh, "tp")
-    if tp > 1:
-        if mode != "fsdp":
-            raise ValueError(f"tp={tp}: tensor parallelism runs with parallel='fsdp' only")
-        apply_tensor_parallel(model, mesh["tp"])
-    if ep > 1:
-        if mode != "fsdp":
-            raise ValueError(f"ep={ep}: expert parallelism runs with parallel='fsdp' only "
-                             "(DDP would average different experts' gradients)")
-        apply_expert_parallel(model, mesh["ep"])
-    if mode == "ddp":
-        first = next(model.parameters())
-        ids = [local_rank()] if first.is_cuda else None
-        # on the meta device (a dry run) there are no values to broadcast from rank 0
-        ddp = DistributedDataParallel(model, device_ids=ids, init_sync=not first.is_meta)
-        return Parallel(model, ddp, "ddp")
-    scale = _fully_shard(model, mesh, mixed_precision)
-    return Parallel(model, model, "fsdp", mixed_precision, reduce_every_micro_batch, scale)
-
-
 def _fully_shard(model: nn.Module, mesh: DeviceMesh, mixed_precision: bool) -> tuple:
     """FSDP2 units over every rank (torchtitan's): the embedding, each block, the final norm
-    with the LM head, then the root. With expert parallelism, a MoE layer's experts form their
-    own unit over the "dp" mesh (the replicas of the same experts), and each block prefetches
-    the next explicitly: the all-to-all's host sync would stall FSDP2's implicit prefetch.
-    Returns Parallel.expert_grad_scale."""
+    with the LM head, then the root; a MoE layer's experts, when parallel, their own unit over
+    "dp" (the replicas of the same experts). Returns Parallel.expert_grad_scale."""
     bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     policy = bf16 if mixed_precision else MixedPrecisionPolicy()
     ep = mesh_size(mesh, "ep")
@@ -327,7 +332,7 @@ def _fully_shard(model: nn.Module, mesh: DeviceMesh, mixed_precision: bool) -> t
                     reshard_after_forward=False)
         units.append(model.norm)  # the handle of that pair
     fully_shard(model, mesh=everyone, mp_policy=policy)
-    if ep > 1:
+    if ep > 1:  # explicit prefetch: the all-to-all's host sync stalls FSDP2's implicit one
         for unit, after in zip(units, units[1:]):
             unit.set_modules_to_forward_prefetch([after])
             after.set_modules_to_backward_prefetch([unit])
@@ -343,11 +348,9 @@ def _shard_experts(moe: MoE, mesh: DeviceMesh, everyone: DeviceMesh, policy):
                 everyone.size()))
     unit = fully_shard(moe, mesh=mesh["dp"], mp_policy=policy,
                        shard_placement_fn=shard_dim(mesh["dp"].size()))
-    # Each rank's expert gradient already sums the tokens of its whole EP group (the
-    # all-to-all's backward), so the mean over the data divides by all dp x ep ranks
-    # (torchtitan: set_gradient_divide_factor). gloo has no PREMUL_SUM, which that needs with
-    # dp > 1: there FSDP2 divides by dp as usual and the step multiplies by 1 / ep after
-    # backward (Parallel.expert_grad_scale), the same mean in another order.
+    # An expert's gradient already sums its whole EP group's tokens (the all-to-all's
+    # backward), so the mean divides by dp x ep (torchtitan's set_gradient_divide_factor).
+    # gloo lacks the PREMUL_SUM that needs with dp > 1: FSDP2 divides by dp, the step by ep.
     if dist.get_backend() == "gloo" and mesh["dp"].size() > 1:
         return unit, tuple(getattr(moe, name) for name in EXPERT_WEIGHTS)
     unit.set_gradient_divide_factor(float(mesh.size()))
@@ -355,10 +358,9 @@ def _shard_experts(moe: MoE, mesh: DeviceMesh, everyone: DeviceMesh, policy):
 
 
 def shard_dim(n: int):
-    """FSDP2's shard_placement_fn over n ranks: dim 0, its default, unless a weight has fewer
-    rows than ranks (stacked experts, a router), where most ranks would hold only padding and
-    every all-gather would move it: then the first later dim n divides (torchtitan shards its
-    experts so when dp x ep exceeds their number; FSDP2 pads an uneven split on dim 0 only)."""
+    """FSDP2's shard_placement_fn over n ranks: dim 0, unless a weight has fewer rows than
+    ranks (stacked experts, a router: most ranks would hold padding), then the first later dim
+    n divides, as torchtitan shards its experts when dp x ep exceeds their number."""
     def place(param):
         shape = param.to_local().shape if isinstance(param, DTensor) else param.shape
         return Shard(even_dim(shape, n) or 0)
@@ -367,8 +369,7 @@ def shard_dim(n: int):
 
 def even_dim(shape, n: int) -> int | None:
     """shard_dim's dim for a weight of `shape` over n ranks, or None where no later dim divides
-    a weight of fewer than n rows: FSDP2 then pads dim 0, each rank holding a whole row (an
-    expert) of a few, and minimoe.recipes.launch.engine_plan refuses the layout."""
+    a weight of fewer than n rows (recipes.launch.engine_plan refuses that layout)."""
     if len(shape) < 2 or shape[0] >= n:
         return 0
     return next((d for d in range(1, len(shape)) if shape[d] % n == 0), None)
@@ -376,8 +377,7 @@ def even_dim(shape, n: int) -> int | None:
 
 def checkpoint_block(block: nn.Module) -> None:
     """Activation checkpointing of one block: its forward keeps only its input and recomputes
-    the rest in backward (torch.utils.checkpoint, non-reentrant). The module tree and the
-    parameter names stay as they are."""
+    the rest in backward (non-reentrant); module tree and parameter names unchanged."""
     forward = block.forward
 
     def recomputed(*args):

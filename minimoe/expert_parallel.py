@@ -1,27 +1,6 @@
 """Expert parallelism: each rank of an expert-parallel group holds E/ep experts of every MoE
-layer, and the tokens travel to their experts and back (GShard, arXiv 2006.16668 §2.2; the
-dispatch/combine of torchtitan's ExpertParallel, torchtitan/distributed/expert_parallel.py).
-
-Applied from outside the model: `apply_expert_parallel` turns each MoE layer's stacked expert
-weights (E, D, F) into DTensors sharded on the expert dimension over the "ep" mesh (each rank
-keeps its E/ep slice; checkpoints still see the whole (E, D, F) tensor) and sets the layer's
-`expert_runner` (the seam in minimoe/moe.py) to an `ExpertDispatch`. The router, the sort of
-the token-expert pairs and the combine stay the layer's own code; only "run the experts on
-these sorted pairs" changes:
-
-    1. count_E -> rows for each rank (its E/ep experts' counts), and the counts exchanged
-       (all_to_all_single of E integers), so each rank knows what it will receive
-    2. the rows sent with all_to_all_single and explicit, uneven split sizes
-    3. the received rows (grouped by source rank, then expert) regrouped by local expert, run
-       through the local experts (moe.expert_ffn), put back in arrival order
-    4. the results sent back with the split sizes swapped
-
-Autograd flows through `AllToAll`, whose backward is the same exchange in the other direction,
-so a rank's expert weights receive the gradient of every token any rank of its group sent
-them. That is ep times a data-parallel replica's share; minimoe/dist.py divides the experts'
-reduction by the whole world size to make it the mean (as torchtitan's
-set_gradient_divide_factor does).
-"""
+layer, and the token-expert pairs travel to their experts and back by all_to_all_single with
+uneven splits (GShard; torchtitan's dispatch and combine; docs/method.md, "Distribution")."""
 
 from __future__ import annotations
 
@@ -29,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from minimoe.moe import MoE, expert_ffn, moe_layers, to_host
 
@@ -57,15 +36,6 @@ class AllToAll(torch.autograd.Function):
         return grad_in, None, None, None
 
 
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    return AllToAll.apply(x, out_splits, in_splits, group)
-
-
-def local_weight(weight: torch.Tensor) -> torch.Tensor:
-    """This rank's experts of a stacked weight (the local shard of its DTensor)."""
-    return weight.to_local() if isinstance(weight, DTensor) else weight
-
-
 class ExpertDispatch:
     """MoE.expert_runner on one rank of an expert-parallel group: (moe, x_SD, count_E) -> y_SD,
     equal to moe.experts(x_SD, count_E) run in one process."""
@@ -86,25 +56,22 @@ class ExpertDispatch:
         # the layer's one host sync: the split sizes both ways (moe.to_host)
         sizes = to_host(torch.cat([send_RL.sum(1), recv_RL.sum(1)]), 2 * len(x_SD))
         in_splits, out_splits = sizes[:ep], sizes[ep:]
-        x_recv = all_to_all(x_SD, out_splits, in_splits, self.group)
+        x_recv = AllToAll.apply(x_SD, out_splits, in_splits, self.group)
 
         # arrival order is (source rank, local expert); the experts want (local expert, source)
         segment = torch.repeat_interleave(torch.arange(ep * L, device=x_SD.device),
                                           recv_RL.reshape(-1), output_size=len(x_recv))
         by_expert = torch.argsort((segment % L) * ep + segment // L, stable=True)
-        weights = [local_weight(getattr(moe, name)) for name in EXPERT_WEIGHTS]
+        weights = [getattr(moe, name).to_local() for name in EXPERT_WEIGHTS]  # this rank's experts
         y_sorted = expert_ffn(x_recv[by_expert], recv_RL.sum(0), *weights)
         arrival = torch.empty_like(by_expert)
         arrival[by_expert] = torch.arange(len(by_expert), device=by_expert.device)
-        return all_to_all(y_sorted[arrival], in_splits, out_splits, self.group)
+        return AllToAll.apply(y_sorted[arrival], in_splits, out_splits, self.group)
 
 
 def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> list[MoE]:
-    """Shard every MoE layer's experts over `ep_mesh` (1-D) and route its pairs through it.
-
-    The weights become DTensors Shard(0) over the mesh: rank r keeps experts r*E/ep ... of the
-    tensor rank 0 holds (distribute_tensor scatters rank 0's values, so every rank agrees).
-    """
+    """Shard every MoE layer's experts over `ep_mesh` (1-D) and route its pairs through it:
+    rank r keeps experts r*E/ep ... of rank 0's tensor (distribute_tensor scatters rank 0's)."""
     layers = moe_layers(model)
     if not layers:
         raise ValueError(f"ep={ep_mesh.size()}: the model has no MoE layer to split over "

@@ -1,11 +1,7 @@
-"""Safetensors written and read a piece at a time: one tensor (a checkpoint bigger than
-memory, transformed), or one rank's block of each tensor (a sharded model, saved and loaded).
-
-The format (https://github.com/huggingface/safetensors, "Format"): 8 bytes, little-endian u64 N;
-N bytes of JSON {name: {"dtype": "BF16", "shape": [...], "data_offsets": [begin, end]}}; then
-every tensor's raw bytes, C order, back to back. Every shape is known first, so the header is
-written first and the bytes go where they belong, tensor by tensor or block by block.
-"""
+"""Safetensors written and read a piece at a time: one tensor (a checkpoint bigger than memory,
+transformed), or one rank's block of each tensor (a sharded model, saved and loaded). The format
+(huggingface/safetensors, "Format"): a u64 header size, the JSON header, then every tensor's
+bytes back to back; every shape is known first, so the header is written first."""
 
 from __future__ import annotations
 
@@ -33,12 +29,9 @@ _DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
 
 class SafetensorsSource:
-    """A read-only `name -> tensor` mapping over a .safetensors file that reads on demand.
-
-    safe_open memory-maps the whole file, and every page read through the map stays resident
-    (and counts in the process's RSS) until the file is closed. Opening the file per tensor
-    keeps the resident set at about one tensor, whatever the file's size.
-    """
+    """A read-only `name -> tensor` mapping over a .safetensors file that reads on demand,
+    opening the file per tensor: safe_open's map keeps every page it read resident until
+    closed, so the resident set stays at about one tensor whatever the file's size."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
@@ -93,18 +86,14 @@ def _bytes(tensor: torch.Tensor):
 
 def write_safetensors(path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
                       produce: Callable[[str], torch.Tensor], metadata: dict | None = None) -> int:
-    """Write `produce(name)` for each name of `specs` ({name: (dtype, shape)}), one at a time.
-
-    The file appears atomically (minimoe/files.py). Returns the bytes written.
-    """
+    """Write `produce(name)` for each name of `specs` ({name: (dtype, shape)}), one at a time;
+    the file appears atomically. Returns the bytes written."""
     blob, _, size = _header(specs, metadata)
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         f.write(blob)
         for name, (dtype, shape) in specs.items():
             tensor = produce(name)
-            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-                raise ValueError(f"{name}: produced {tensor.dtype} {tuple(tensor.shape)}, "
-                                 f"header says {dtype} {tuple(shape)}")
+            assert tensor.dtype == dtype and tuple(tensor.shape) == tuple(shape), name
             f.write(_bytes(tensor))
             del tensor
     return size
@@ -123,9 +112,8 @@ def transform_file(src_path, src_cfg: ModelConfig, out_path, tgt_cfg: ModelConfi
                    make: Callable, dtype_of: Callable) -> int:
     """Write the model file of `tgt_cfg` tensor by tensor, `make(name, source)` reading the few
     tensors of `src_path` it needs (`source` reads on demand), so neither model is ever in
-    memory. The source's shapes are checked against `src_cfg` first. Returns the bytes written.
-    This is the whole of "streamed": growth and upcycling run the same per-tensor functions on
-    a state dict in memory (minimoe/grow.py, minimoe/upcycle.py)."""
+    memory; the source's shapes are checked against `src_cfg` first. Returns the bytes written.
+    Growth and upcycling run the same per-tensor functions on a state dict in memory."""
     source = SafetensorsSource(src_path)
     for name, shape in stored_shapes(src_cfg).items():
         if name not in source or source.shape(name) != shape:
@@ -158,12 +146,9 @@ def _clip(local: torch.Tensor, offset, shape) -> torch.Tensor:
 def write_blocks(path, specs: dict, blocks: dict, metadata: dict | None = None,
                  header: bool | None = None):
     """Every rank calls it for the same file and `specs` ({name: (dtype, shape)}), with the
-    blocks it writes ({name: (local tensor, offset)}): rank 0 (or one process) writes the
-    header, each rank its blocks in place, run by run (the rows of a block that are contiguous
-    in the file), so no rank holds more than its own. Ranks of several nodes need a file system
-    that takes writes to disjoint ranges of one file (Lustre, GPFS; the N-to-1 pattern of
-    MPI-IO). The caller waits for every rank before using the file. header: whether this
-    caller writes the header (default: rank 0 does)."""
+    blocks it writes ({name: (local tensor, offset)}): the header by rank 0 (or `header`), each
+    rank its blocks in place, run by run, so no rank holds more than its own (docs/method.md,
+    "Run folders"). The caller waits for every rank before using the file."""
     blob, starts, size = _header(specs, metadata)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

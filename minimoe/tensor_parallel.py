@@ -1,16 +1,5 @@
-"""Tensor and sequence parallelism, applied to a dense model from outside with PyTorch's DTensor
-plans (torchtitan's for Llama: torchtitan/models/llama3/infra/parallelize.py).
-
-Megatron's split (Shoeybi et al. 2019, arXiv 1909.08053 §3): the first matrix of each pair is
-cut by its output columns, the second by its input rows, so a pair needs one collective of its
-output; between the pairs the residual stream and the norms are cut along the sequence
-(sequence parallelism, Korthikanti et al. 2022, arXiv 2205.05198 §4.2.2). The embedding is cut
-by rows of the vocabulary, the LM head by its columns, and the loss is computed on those
-columns (`loss_parallel`: no rank gathers the logits); a vocabulary tp does not divide is
-padded to a multiple of tp, as Megatron pads it, its padding masked out of the loss and never
-stored (minimoe/checkpoint.py). Every rank of a tensor-parallel group sees the same tokens; an
-MoE's experts are parallel by `ep` instead (minimoe/expert_parallel.py).
-"""
+"""Tensor and sequence parallelism of a dense model, applied from outside with PyTorch's DTensor
+plans (Megatron's split, torchtitan's plan; docs/method.md, "Distribution")."""
 
 from __future__ import annotations
 
@@ -74,8 +63,7 @@ def pad_vocabulary(model: nn.Module, tp: int) -> int:
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Split every block, the embedding and the LM head over `tp_mesh`, in place (parameter
     names unchanged; the split ones become DTensors)."""
-    tp = tp_mesh.size()
-    check_tensor_parallel(model.cfg, tp)
+    tp = tp_mesh.size()  # check_tensor_parallel was called where the layout came in
     for block in model.layers:
         parallelize_module(block, tp_mesh, block_plan())
     pad_vocabulary(model, tp)

@@ -1,10 +1,8 @@
-"""The one continuous-pretraining loop of every stage (preparation, the grown dense model, the
-MoE, the from-scratch baseline): AdamW, warmup then cosine, clipping, accumulation, bf16, the MoE
-auxiliary losses, validation per language and domain, a JSONL log (and TensorBoard), a loss plot,
-and atomic checkpoints from which a killed run resumes bit-identically (the batch of step i is a
-pure function of the seed, i and the domain weights; docs/method.md, "Run folders"). Under
-torchrun every rank runs it on its rows of each batch (minimoe/dist.py); rank 0 logs. One step,
-`train_step`, is also what `minimoe dry-run` rehearses at full size."""
+"""The one continuous-pretraining loop of every stage: AdamW, warmup then cosine, accumulation,
+the MoE auxiliary losses, validation, a JSONL log, and checkpoints from which a killed run
+resumes bit-identically (docs/method.md, "Run folders"). Under torchrun every rank runs it, on
+its rows of each batch, through one `dist.Parallel` handle; `train_step` is also what
+`minimoe dry-run` rehearses at full size."""
 
 from __future__ import annotations
 
@@ -58,7 +56,7 @@ class TrainConfig:
     mix_every: int = 50  # dynamic: steps between weight updates
     mix_eta: float = 1.0  # dynamic: the step size eta of the update
     mix_reference: str = ""  # dynamic: reference losses, a JSON file or a run folder
-    # the layout under torchrun (minimoe/dist.py); a run may resume under another layout
+    # the layout under torchrun (dist.Parallel); a run may resume under another layout
     parallel: str = "fsdp"  # "fsdp" (FSDP2) or "ddp"
     ep: int = 1  # expert-parallel ranks: each holds n_experts / ep experts of every MoE layer
     tp: int = 1  # tensor-parallel ranks: each holds 1 / tp of every matrix (a dense model)
@@ -169,28 +167,21 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
     a folder that also gets every logged number (torch's SummaryWriter)."""
     if tc.device.startswith("cuda") and not torch.cuda.is_available():  # a recipe may name it
         raise ValueError(f"TrainConfig.device={tc.device!r}: no GPU here; use cpu")
-    dist.init_from_env(tc.device)  # torchrun's process group; nothing in one process
+    par = dist.Parallel.from_env(tc)  # torchrun's process group and mesh; or one process
     weights, references = _start_mix(tc, data)  # weights None: in proportion to size
     dynamic = references is not None
     out_dir = Path(out_dir)
-    if tc.batch_size % dist.world_size():
+    if tc.batch_size % par.world:
         raise ValueError(f"TrainConfig.batch_size={tc.batch_size}: must be divisible by the "
-                         f"{dist.world_size()} ranks (each takes an equal share of every batch)")
+                         f"{par.world} ranks (each takes an equal share of every batch)")
     run = {"train": dataclasses.asdict(tc), "model": model.cfg.to_dict(), **(meta or {})}
-    dist.main_only(lambda: _start_folder(out_dir, run, model.cfg, data.tokenizer))
-    main = dist.is_main()
+    par.main_only(lambda: _start_folder(out_dir, run, model.cfg, data.tokenizer))
+    main = par.main
 
-    device = dist.device_for(tc.device)
     latest = ckpt.latest_checkpoint(out_dir)
     if tc.tp > 1:
         check_tensor_parallel(model.cfg, tc.tp, tc.seq_len)
-    mesh = dist.build_mesh(tc.ep, device.type, tc.tp) if dist.is_distributed() else None
-    sharded = tc.parallel == "fsdp" and mesh is not None  # FSDP2 fills its shards, DDP a model
-    if not sharded:
-        fill_model(model, device, tc, None if latest else init)
-    parallel = plan(model, tc, mesh)
-    if sharded:
-        fill_model(model, device, tc, None if latest else init)
+    par.parallelize(model, fill=lambda: fill_model(model, par.device, tc, None if latest else init))
     model.train()
     optimizer = make_optimizer(model, tc)
     step, tokens, train_time = 0, 0, 0.0
@@ -201,7 +192,7 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
     else:
         torch.manual_seed(tc.seed)
     log_path = out_dir / "log.jsonl"
-    history = dist.main_only(lambda: _truncate_log(log_path, step))
+    history = par.main_only(lambda: _truncate_log(log_path, step))
     board = None
     if tensorboard and main:  # the optional extra; a resumed run's later steps purged
         from torch.utils.tensorboard import SummaryWriter
@@ -209,13 +200,13 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
     if step >= tc.steps and (out_dir / "model.safetensors").exists():  # finished earlier
         return RunResult(out_dir, step, tokens, train_time, _final_val(history), history)
     if step == 0 and not any("val_loss" in r for r in history):
-        history.append(_log(log_path, {"step": 0, "tokens": 0, **_evaluate(model, data, tc)},
+        history.append(_log(log_path, {"step": 0, "tokens": 0, **_evaluate(par, data, tc)},
                             main, board))
 
     bar = tqdm(total=tc.steps, initial=step, unit="step", dynamic_ncols=True,
                leave=False) if progress and main else None
     last_good = latest
-    own_rows = dist.row_slice(tc.batch_size, tc.tp) if dist.is_distributed() else None  # this rank's
+    own_rows = par.rows(tc.batch_size)  # this rank's rows of every batch
     while step < tc.steps:
         t0 = time.perf_counter()
         lr = lr_at(step, tc)
@@ -225,11 +216,11 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
         def batch(micro, step=step):
             x, y = data.train_batch(step * tc.grad_accum + micro, tc.batch_size, tc.seq_len,
                                     seed=tc.seed, weights=weights, rows=own_rows)
-            return x.to(device), y.to(device)
+            return x.to(par.device), y.to(par.device)
 
-        stats = train_step(parallel, optimizer, batch, tc)
+        stats = train_step(par, optimizer, batch, tc)
         grad_norm = stats.pop("grad_norm").item()  # global already; the rest is this rank's
-        stats = dist.mean_over_ranks(stats)  # the logged numbers are the global batch's
+        stats = par.mean(stats)  # the logged numbers are the global batch's
         loss_sum, parts_sum = stats.pop("loss"), stats
         if not math.isfinite(loss_sum):
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
@@ -241,10 +232,10 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
         record = {"step": step, "tokens": tokens, "loss": loss_sum, "lr": lr,
                   "grad_norm": grad_norm, "tok_per_s": tc.tokens_per_step / dt, **parts_sum}
         # pairs per expert of this step's last batch (before evaluation routes more), all ranks
-        load = dist.sum_over_ranks(expert_load(model)).tolist() if model.cfg.is_moe else None
+        load = par.sum(expert_load(model)).tolist() if model.cfg.is_moe else None
         update = dynamic and step % tc.mix_every == 0 and step < tc.steps
         if step % tc.eval_every == 0 or step == tc.steps or update:
-            record.update(_evaluate(model, data, tc))
+            record.update(_evaluate(par, data, tc))
         if weights is not None:
             record["mix"] = weights  # the weights this step's batches were drawn with
         if update:  # Sheared-LLaMA: from the next step on, more of the lagging domains
@@ -274,15 +265,15 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
     if main:
         plot_losses(history, out_dir / "loss.png", title=str((meta or {}).get("stage", out_dir.name)))
         mixing.plot_weights(history, out_dir / "mix.png", title=f"domain weights ({tc.mix})")
-    dist.barrier()
+    par.barrier()
     return RunResult(out_dir, step, tokens, train_time, _final_val(history), history)
 
 
-def _evaluate(model, data, tc: TrainConfig) -> dict[str, float]:
+def _evaluate(par: dist.Parallel, data, tc: TrainConfig) -> dict[str, float]:
     """Validation losses; under torchrun each rank takes its rows of every batch."""
-    if not dist.is_distributed():
-        return evaluate(model, data, tc)
-    return dist.mean_over_ranks(evaluate(model, dist.RankRows(data, tc.tp), tc))
+    if not par.distributed:
+        return evaluate(par.model, data, tc)
+    return par.mean(evaluate(par.model, par.val_rows(data), tc))
 
 
 def fill_model(model, device: torch.device, tc: TrainConfig, init):
@@ -304,16 +295,9 @@ def fill_model(model, device: torch.device, tc: TrainConfig, init):
 
 
 def plan(model, tc: TrainConfig, mesh) -> dist.Parallel:
-    """tc's parallel plan applied to `model` on `mesh` (None: one process, where only
-    checkpointing and compile apply)."""
-    for name in ("ep", "tp"):
-        if mesh is None and getattr(tc, name) > 1:
-            raise ValueError(f"TrainConfig.{name}={getattr(tc, name)}: needs torchrun with a "
-                             f"multiple of {getattr(tc, name)} processes")
-    return dist.parallelize(model, mesh, tc.parallel, mixed_precision=tc.bf16 and mesh is not None
-                            and tc.parallel == "fsdp",
-                            activation_checkpointing=tc.activation_checkpointing,
-                            compile=tc.compile, reduce_every_micro_batch=tc.reduce_every_micro_batch)
+    """tc's layout applied to `model` on `mesh` (None: one process), for a step outside `train`
+    (the dry run, the benches)."""
+    return dist.Parallel(tc, mesh).parallelize(model)
 
 
 def _start_folder(out_dir: Path, run: dict, cfg, tokenizer):

@@ -217,7 +217,7 @@ def test_activation_checkpointing_recomputes_each_block_in_backward():
     x = torch.randint(0, 512, (2, 16))
     for ac, expected in ((False, 1), (True, 2)):
         model = build_model(get_preset("tiny"))
-        dist.parallelize(model, None, activation_checkpointing=ac)
+        dist.Parallel(TrainConfig(activation_checkpointing=ac)).parallelize(model)
         calls = []
         model.layers[0].attn.register_forward_hook(lambda *args: calls.append(1))
         model(x).sum().backward()

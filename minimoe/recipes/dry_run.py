@@ -1,7 +1,7 @@
 """`minimoe dry-run RECIPE`: one training step of a full-size recipe, rehearsed on this CPU.
 
 The recipe's model is built at full size on the meta device and parallelized by the training
-code's own `dist.parallelize`, on a fake process group of the recipe's world size (FakeStore
+code's own `dist.Parallel`, on a fake process group of the recipe's world size (FakeStore
 and backend "fake": every collective returns at once; rank 0 is rehearsed). Its weights then
 become fake tensors (shapes, no data: FakeTensorMode) and `train.train_step` runs, the same
 step the training loop runs, while torch's FSDPMemTracker records what the rank holds at every
