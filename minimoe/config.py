@@ -8,7 +8,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from minimoe.checks import check_fields
+from minimoe.checks import check_fields, from_table
 
 GATES = ("softmax-topk", "topk-softmax")
 
@@ -108,11 +108,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            _fail(unknown[0], d[unknown[0]], "is not a ModelConfig field")
-        return cls(**d)
+        return from_table(cls, d, "ModelConfig")
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -139,54 +135,41 @@ def _fail(field: str, value, rule: str):
     raise ValueError(f"ModelConfig.{field}={value!r}: {rule}")
 
 
-# --- presets --------------------------------------------------------------------------
-# Aquila family (arXiv 2408.06567 Table 3; vocab, rope_theta and norm_eps from the published
-# Hugging Face config.json of BAAI/AquilaMoE). All use QKV bias, SwiGLU and untied embeddings.
+# --- presets: toy shapes, and the paper's Table 3 (where sources disagree each value has its
+# own preset: docs/method.md#model-shapes; vocab, rope_theta, norm_eps: BAAI/AquilaMoE's config.json)
 _AQUILA = dict(vocab_size=151851, qkv_bias=True, rope_theta=1e6, norm_eps=1e-5,
                tie_embeddings=False)
 _MOE_8x2 = dict(n_experts=8, top_k=2)
 
 PRESETS: dict[str, ModelConfig] = {
-    # Toy shapes for CPU runs. tiny: the unit tests (well under 1M parameters).
     "tiny": ModelConfig(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
                         d_ffn=176, max_seq_len=128),
-    # tiny-large: tiny grown x2 in width, 2 -> 3 layers, for the <1 minute pipeline of the tests
     "tiny-large": ModelConfig(vocab_size=512, n_layers=3, d_model=128, n_heads=8, n_kv_heads=2,
                               d_ffn=352, max_seq_len=128),
-    # toy-small -> toy-large is the toy Scale-Up: width x2 (exact for FPI), heads x2 inside
-    # the same 2 KV groups (AKI-Pro's GQA rule), depth 4 -> 6 (interpolation duplicates).
+    # the toy Scale-Up: width x2 (exact for FPI), heads x2 in the same 2 KV groups, depth 4 -> 6
     "toy-small": ModelConfig(vocab_size=2048, n_layers=4, d_model=128, n_heads=4,
                              n_kv_heads=2, d_ffn=352, max_seq_len=256),
     "toy-large": ModelConfig(vocab_size=2048, n_layers=6, d_model=256, n_heads=8,
                              n_kv_heads=2, d_ffn=704, max_seq_len=256),
     "toy-moe": ModelConfig(vocab_size=2048, n_layers=6, d_model=256, n_heads=8,
                            n_kv_heads=2, d_ffn=704, max_seq_len=256, **_MOE_8x2),
-    # The scale-up validation source, M(24, 2048) "1.3B" (arXiv 2408.06567 §3.2.1). The paper gives only
-    # layers and width; FFN and context are taken from the 1.8B column of Table 3, which has
-    # the same M(24, 2048) shape (so with vocab 151851 it counts 1.84B). Heads: bert2BERT
-    # treats a head as a neuron and keeps the head width, so growing into aquila-7b (heads of
-    # 128) needs heads of 128 here: 16 heads (the 1.8B's 32 heads of 64 could not grow into it).
+    # §3.2.1's Scale-Up source M(24, 2048); the rest from the 1.8B, heads of 128 to grow into the 7B
     "aquila-1.3b": ModelConfig(n_layers=24, d_model=2048, n_heads=16, n_kv_heads=16,
                                d_ffn=5504, max_seq_len=2048, **_AQUILA),
-    # Table 3, column 1.8B (the scale-out validation source) and its 8x1.8B MoE.
     "aquila-1.8b": ModelConfig(n_layers=24, d_model=2048, n_heads=32, n_kv_heads=32,
                                d_ffn=5504, max_seq_len=2048, **_AQUILA),
     "aquila-8x1.8b": ModelConfig(n_layers=24, d_model=2048, n_heads=32, n_kv_heads=32,
                                  d_ffn=5504, max_seq_len=2048, **_AQUILA, **_MOE_8x2),
-    # Table 3, column 7B: 32 KV groups (plain MHA) as printed in the paper.
     "aquila-7b": ModelConfig(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32,
                              d_ffn=14336, max_seq_len=4096, **_AQUILA),
-    # The project README (github.com/FlagAI-Open/Aquila-MoE) gives the 7B 8 KV groups, which
-    # AKI-Pro's GQA rule needs for 7B -> 16B (the 16B has 8 groups). Which is right is unresolved.
+    # the project README (github.com/FlagAI-Open/Aquila-MoE) gives the 7B 8 KV groups
     "aquila-7b-kv8": ModelConfig(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8,
                                  d_ffn=14336, max_seq_len=4096, **_AQUILA),
-    # Table 3, column 16B: FFN 20480 (the width AquilaMoE's experts have).
     "aquila-16b": ModelConfig(n_layers=40, d_model=5120, n_heads=40, n_kv_heads=8,
                               d_ffn=20480, max_seq_len=4096, **_AQUILA),
-    # The published BAAI/AquilaDense-16B config.json says intermediate_size 17920.
+    # BAAI/AquilaDense-16B's config.json says intermediate_size 17920
     "aquila-16b-hf": ModelConfig(n_layers=40, d_model=5120, n_heads=40, n_kv_heads=8,
                                  d_ffn=17920, max_seq_len=4096, **_AQUILA),
-    # Table 3, column 8*16B: every MLP upcycled into 8 experts, top-2 (arXiv 2408.06567 §2.3).
     "aquilamoe-8x16b": ModelConfig(n_layers=40, d_model=5120, n_heads=40, n_kv_heads=8,
                                    d_ffn=20480, max_seq_len=4096, **_AQUILA, **_MOE_8x2),
 }

@@ -1,50 +1,9 @@
 """Scale-Up: grow a trained dense model wider and deeper (AquilaMoE §2.2, arXiv 2408.06567).
 
-Width follows bert2BERT (Chen et al. 2022, ACL). Every neuron of the target copies a source
-neuron chosen by a map g, and every weight that *reads* a copied neuron is divided by that
-neuron's copy count C (the original included), so every pre-activation is unchanged
-(bert2BERT eqs. 7-8). In nn.Linear's (out, in) layout:
-
-    U[j, i] = W[g_out(j), g_in(i)] / C[g_in(i)]
-
-The neurons are the d_model features of the residual stream, the d_ffn features of each MLP,
-and whole attention heads ("each attention head should be seen as a neuron", AquilaMoE §2.2;
-the head dimension never changes, so RoPE, which rotates inside a head, is untouched).
-
-  fpi      copies within the layer (AquilaMoE eq. 1). The grown model computes the source's
-           function, exactly when d_model grows by an integer multiple and every feature is
-           copied equally often; otherwise RMSNorm's mean over the wider vector differs
-           (AquilaMoE Table 2: 1.85 -> 1.96 for 4096 -> 5120), and nothing else does.
-  aki      fills the *new* output neurons of layer l from layer l+1 (bert2BERT's AKI,
-           AquilaMoE eq. 2), which breaks FPI's symmetry: copies that start equal stay equal
-           in training. The top layer has no layer above, so it uses FPI: our choice, the
-           paper is silent; the zxhcelestes/bert2BERT port does the same
-           (src/Bert_Model/pytorch_version/loader.py: "The last layer can only use FPI").
-  aki-pro  AKI with interpolated depth (below) and grouped-query attention (AquilaMoE §2.2.1):
-           the KV heads stay, and each group grows its query heads like a separate multi-head
-           block. We apply the same group rule under fpi and aki, which have no GQA rule of
-           their own. Multi-head on both sides is plain bert2BERT: K and V heads travel with
-           their query heads. Other changes of the group count are refused, as in the paper,
-           unless kv="mean-pool" (GQA uptraining, Ainslie et al. 2023).
-
-Depth picks, for every target layer l of L2, a widened source layer of L1 (docs/method.md#depth):
-
-  stack        W'_l = W_(l mod L1)               AquilaMoE §2.2.1's formula; fpi/aki default
-  stack-top    floor(L2/L1) whole copies, then the top L2 mod L1 layers: what the bert2BERT
-               port (loader.py, set_depth) and Apollo (apollo/apollo_utils.py,
-               stack_meta_layer) build. Equal to stack when L1 divides L2.
-  interpolate  W'_l = W_floor(l * L1 / L2)       Apollo, AquilaMoE eq. 3; the aki-pro default
-  identity     interpolate, and zero o_proj and down_proj of every duplicate, so a new layer
-               adds nothing to the residual stream (LLaMA-Pro's block expansion; beyond the paper)
-
-Table 1's "FPI (Stacking)" and "AKI (Stacking)" rows (24 -> 32 layers) are `stack` as the
-paper writes them and `stack-top` as the code it builds on would; which one BAAI ran is not
-public. The rest of the file is plumbing: `plan_growth` draws the maps once; `grow_tensor`
-names which source tensors a target tensor needs and applies the operators below to them,
-reading from any `name -> tensor` mapping (a state dict, or a lazily read
-`stream.SafetensorsSource`), which is how `grow_checkpoint` grows a 7B model in a few GB.
-A target must keep the source's vocab_size, qkv_bias, rope_theta and norm_eps: each changes
-the function, so a different value is refused rather than silently carried.
+Width: bert2BERT's FPI and AKI, and AKI-Pro's rule for grouped-query attention; depth: stack,
+stack-top, interpolate or identity. Each target tensor is made by `grow_tensor` from the few
+source tensors it needs, in memory (`grow_model`) or between files (`grow_checkpoint`).
+The method, its sources and our choices where the papers are silent: docs/method.md#scale-up-width.
 """
 
 from __future__ import annotations
@@ -113,7 +72,7 @@ def neuron_map(n_source: int, n_target: int, mapping: str, generator: torch.Gene
 
 
 def depth_map(n_source: int, n_target: int, depth: str) -> list[int]:
-    """The source layer each target layer is built from (see the module docstring)."""
+    """The source layer each target layer is built from (docs/method.md#depth)."""
     if depth == "stack":
         return [l % n_source for l in range(n_target)]
     if depth == "stack-top":
@@ -170,7 +129,7 @@ class GrowthPlan:
 def plan_growth(source: ModelConfig, target: ModelConfig, method: str = "fpi",
                 depth: str | None = None, mapping: str = "cyclic", seed: int = 0,
                 kv: str = "keep") -> GrowthPlan:
-    """Check the request and draw every map; `depth=None` means the method's default."""
+    """Check the request and draw every map; `depth=None`: interpolate for aki-pro, else stack."""
     depth = depth or ("interpolate" if method == "aki-pro" else "stack")
     _check(source, target, method, depth, mapping, kv)
     generator = torch.Generator().manual_seed(seed)
@@ -329,12 +288,8 @@ def grow_model(plan: GrowthPlan, model: Transformer) -> Transformer:
 def scale_up(model: Transformer, target: ModelConfig, method: str = "fpi",
              depth: str | None = None, mapping: str = "cyclic", seed: int = 0,
              kv: str = "keep") -> Transformer:
-    """A new Transformer of config `target` grown from `model` (which is left untouched).
-
-    `depth=None` is the method's default (interpolate for aki-pro, stack otherwise). Grow the
-    width only with `target.replace(n_layers=model.cfg.n_layers)` (AquilaMoE Table 1's
-    M(24, 4096)). For the plan too (the growth report), call plan_growth, then grow_model.
-    """
+    """A new Transformer of config `target` grown from `model` (left untouched); for the plan
+    too (the growth report), call plan_growth, then grow_model."""
     return grow_model(plan_growth(model.cfg, target, method, depth, mapping, seed, kv), model)
 
 

@@ -39,8 +39,10 @@ def check_format(cfg: ModelConfig, fmt: str):
             raise ValueError(f"ModelConfig.{field}={getattr(cfg, field)!r}: {rule}")
 
 
-def hf_config_dict(cfg: ModelConfig, fmt: str) -> dict:
-    """The transformers config of `fmt` with the shape of `cfg`, as keyword arguments."""
+def hf_config(cfg: ModelConfig, fmt: str):
+    """The transformers config of `fmt` with the shape of `cfg`."""
+    from transformers import AutoConfig  # optional dependency, heavy to import
+
     check_format(cfg, fmt)
     d = dict(model_type=fmt, architectures=[FORMATS[fmt]], vocab_size=cfg.vocab_size,
              hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
@@ -60,14 +62,6 @@ def hf_config_dict(cfg: ModelConfig, fmt: str) -> dict:
                  num_experts_per_tok=cfg.top_k, norm_topk_prob=True, qkv_bias=cfg.qkv_bias,
                  shared_expert_intermediate_size=0, decoder_sparse_step=1, use_sliding_window=False,
                  mlp_only_layers=[i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)])
-    return d
-
-
-def hf_config(cfg: ModelConfig, fmt: str):
-    """The transformers config object (transformers imported only here)."""
-    from transformers import AutoConfig  # optional dependency, heavy to import
-
-    d = hf_config_dict(cfg, fmt)
     return AutoConfig.for_model(d.pop("model_type"), **d)
 
 
@@ -211,16 +205,11 @@ def plan(cfg: ModelConfig, fmt: str, to_hf: bool) -> dict[str, tuple[tuple[str, 
     return out
 
 
-def dropped(cfg: ModelConfig, fmt: str, to_hf: bool) -> list[str]:
-    """The tensors a conversion leaves out: exact only where they are zero."""
-    return [name for ours, theirs, _, _, zeros in _pairs(cfg, fmt) for name in zeros
-            if name in (ours if to_hf else theirs)]
-
-
 def check_dropped(tensors, cfg: ModelConfig, fmt: str, to_hf: bool):
-    """Refuse, naming it, a nonzero tensor the conversion would leave out (`tensors` is any
-    name -> tensor mapping: a state dict, or a file read one tensor at a time)."""
-    for name in dropped(cfg, fmt, to_hf):
+    """Refuse, naming it, a nonzero tensor the conversion would leave out (exact only where
+    zero); `tensors`: a state dict, or a file read one tensor at a time."""
+    for name in (n for ours, theirs, _, _, zeros in _pairs(cfg, fmt) for n in zeros
+                 if n in (ours if to_hf else theirs)):
         if name in tensors and tensors[name].any():
             lacking = f"{fmt} has" if to_hf else "minimoe's model has"
             raise ValueError(f"{name}: nonzero, and {lacking} no such tensor")

@@ -1,15 +1,9 @@
-"""The Mixture-of-Experts layer that takes the MLP slot of a Block on Scale-Out.
+"""The Mixture-of-Experts layer that takes the MLP slot of a Block on Scale-Out: each token goes
+to its top-k of E SwiGLU experts, gate-weighted (AquilaMoE §2.3: E=8, k=2); the options and
+their sources: docs/method.md#the-moe-layer.
 
-A router scores each token against E experts, each token goes to its top-k experts, and the
-layer returns the gate-weighted sum of those experts' SwiGLU outputs (AquilaMoE: E=8, k=2,
-arXiv 2408.06567 §2.3). The options (gate, router noise, capacity, expert scale, shared expert)
-cover the peers this project compares with: docs/method.md#the-moe-layer.
-
-Tensors in the routing code are named by shape: T tokens, D model dim, E experts, K = top_k,
-F expert width, S = token-expert pairs (T * K before any dropping). Expert weights are stacked,
-one (E, D, F) parameter per projection in the `x @ W` layout that `F.grouped_mm(x_SD, w_EDF,
-offs)` takes. Every forward keeps, per layer, the raw auxiliary losses in `self.aux` and the
-routing statistics in `self.load_E` / `self.dropped_E`.
+Shape suffixes: T tokens, D model dim, E experts, K = top_k, F expert width, S token-expert
+pairs. Expert weights are stacked (E, D, F), the `x @ W` layout `F.grouped_mm` takes.
 """
 
 from __future__ import annotations
