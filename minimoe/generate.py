@@ -1,7 +1,6 @@
-"""Generation with a KV cache: greedy, or temperature / top-p sampling; prompts of different
-lengths left-padded in one batch; text in and out through `generate_text`, cut at the first
-stop string. `use_cache=False` recomputes the whole sequence every step: the reference the
-cached path is tested against. Provenance: docs/method.md, "Evaluation"."""
+"""Generation with a KV cache, greedy or temperature / top-p sampling, prompts left-padded into
+one batch; `use_cache=False` recomputes every step (the reference the cache is tested against).
+docs/method.md#evaluation."""
 
 from __future__ import annotations
 
@@ -29,19 +28,15 @@ def pick_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float = 
     return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_p: float):
-    for name, value, rule in (("max_new_tokens", max_new_tokens, "int>0"),
-                              ("temperature", temperature, ">=0"), ("top_p", top_p, "(0, 1]")):
-        check("generate", name, value, rule)
-
-
 @torch.inference_mode()  # a little faster than no_grad: no version counters
 def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, stop=None,
              use_cache: bool = True) -> list[list[int]]:
     """The new tokens of each prompt (token ids), at most max_new_tokens each. A row ends after
     eos_id (included) or once stop(its new tokens) is true."""
-    check_sampling(max_new_tokens, temperature, top_p)
+    for name, value, rule in (("max_new_tokens", max_new_tokens, "int>0"),
+                              ("temperature", temperature, ">=0"), ("top_p", top_p, "(0, 1]")):
+        check("generate", name, value, rule)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts: every prompt needs at least one token")
     longest = max(len(p) for p in prompts)
@@ -110,9 +105,8 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64
                   temperature: float = 0.0, top_p: float = 1.0, stop: list[str] = (),
                   seed: int = 0, batch_size: int = 16, truncate: bool = False) -> list[str]:
     """The completion of each prompt as text, cut at the first stop string (or end of text).
-    truncate=True keeps the end of a prompt too long for the model (lm-evaluation-harness
-    cuts the context on the left, too); otherwise it is refused. Prompts go batch_size at a
-    time, so a sampled completion depends on its batch, not only on the seed; greedy ones do not."""
+    truncate=True keeps the end of a prompt too long for the model (as lm-evaluation-harness
+    does); otherwise it is refused. A sampled completion depends on its batch, not only the seed."""
     stop = [s for s in stop if s]
 
     def stopped(new_ids):

@@ -1,7 +1,6 @@
-"""Data mixing by domain: how much of each domain a training batch draws (`--mix`): "size"
-(in proportion to tokens, the default), static weights ("en-kjv=0.3,zh-pd1998=0.7"), or
-"dynamic", Sheared-LLaMA's rule as LLaMA-MoE trains with it (docs/method.md, "Data mixing").
-The weights in force are the only state it adds; the trainer keeps them in checkpoint and log."""
+"""Data mixing by domain (`--mix`): "size" (in proportion to tokens), static weights
+("en-kjv=0.3,zh-pd1998=0.7"), or "dynamic", Sheared-LLaMA's rule as LLaMA-MoE trains with it
+(docs/method.md#data-mixing). Its only state, the weights in force, is in checkpoint and log."""
 
 from __future__ import annotations
 
@@ -17,9 +16,8 @@ _PAIR = re.compile(r"\s*([^=,\s]+)\s*=\s*([^=,\s]+)\s*")
 
 
 def parse_mix(text: str) -> str | dict[str, float]:
-    """"size", "dynamic", or {domain: weight} normalised to sum 1 (domains are checked against
-    the data later, in `resolve_mix`). A negative or non-numeric weight, weights summing to 0
-    or a malformed pair raise ValueError naming it."""
+    """"size", "dynamic", or {domain: weight} normalised to sum 1 (the domains are checked
+    against the data in `resolve_mix`)."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"mix={text!r}: must be 'size', 'dynamic' or domain=weight pairs")
     if text.strip() in (SIZE, DYNAMIC):
@@ -59,8 +57,7 @@ def size_weights(domain_tokens: dict[str, int]) -> dict[str, float]:
 
 def resolve_mix(text: str, domain_tokens: dict[str, int]) -> dict[str, float] | None:
     """The weights a run starts with: None for "size" (the plain sampler), the size
-    proportions for "dynamic", the given weights for a static mix (every domain of the data
-    named; an unknown domain is refused)."""
+    proportions for "dynamic", the given weights (an unknown domain refused) for a static mix."""
     mix = parse_mix(text)
     if mix == SIZE:
         return None

@@ -1,8 +1,5 @@
-"""What every teaching notebook (notebooks/*.ipynb) runs before its first lesson: `setup` makes the
-repository root the working directory (Jupyter and nbmake start a kernel in the notebook's folder),
-so paths like sims/*.toml and runs/ work from anywhere in the clone. QUICK_ENV is the one parameter
-the test suite sets (tests/conftest.py): smaller models and fewer steps; notebooks/README.md.
-"""
+"""What every notebook runs first: `setup` makes the repository root the working directory (a
+kernel starts in the notebook's folder). QUICK_ENV: the tests' quick mode (notebooks/README.md)."""
 
 from __future__ import annotations
 
