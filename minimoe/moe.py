@@ -198,10 +198,7 @@ def expert_counts(expert_S: torch.Tensor, n_experts: int) -> torch.Tensor:
 
 def to_host(count: torch.Tensor, total: int) -> list[int]:
     """Split sizes on the host: the one device-to-host copy of an MoE layer (torchtitan's one).
-
-    Under FakeTensorMode (the full-size rehearsal, minimoe/recipes/dry_run.py) counts have no
-    values; the rehearsal routes evenly: `total` pairs split equally over the entries, the
-    simulator's imbalance = 1 (docs/simulator.md#memory)."""
+    Fake counts (the full-size dry run) have no values: `total` pairs split evenly."""
     if isinstance(count, FakeTensor):
         n = count.numel()
         return [total // n + (i < total % n) for i in range(n)]
@@ -233,16 +230,14 @@ def expert_ffn(x_SD: torch.Tensor, count_E: torch.Tensor, w_gate_EDF: torch.Tens
 def _grouped_mm_usable(x_SD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
     """torch's grouped matmul wants 16-byte-aligned strides and one of GROUPED_MM_DTYPES, knows
     no autocast, and on CUDA needs sm80+."""
-    device = x_SD.device.type
-    if not (GROUPED_MM and hasattr(F, "grouped_mm")) or device not in GROUPED_MM_DTYPES:
+    device, dtype = x_SD.device.type, w_EDF.dtype
+    # float64 (or an unknown device) would raise inside the kernel
+    if not (GROUPED_MM and hasattr(F, "grouped_mm")) or dtype not in GROUPED_MM_DTYPES.get(device, ()):
         return False
     if torch.is_autocast_enabled(device) or not w_EDF.is_contiguous() or len(x_SD) == 0:
         return False
     # torch 2.13's meta kernel of grouped_mm, which compile and fake tensors run, takes bf16 only
-    if torch.compiler.is_compiling() or (isinstance(w_EDF, FakeTensor)
-                                         and w_EDF.dtype != torch.bfloat16):
-        return False
-    if w_EDF.dtype not in GROUPED_MM_DTYPES[device]:  # float64 would raise inside the kernel
+    if torch.compiler.is_compiling() or (isinstance(w_EDF, FakeTensor) and dtype != torch.bfloat16):
         return False
     if device == "cuda" and torch.cuda.get_device_capability(x_SD.device) < (8, 0):
         return False
@@ -286,12 +281,9 @@ def moe_layers(model: nn.Module) -> list[MoE]:
 
 
 def aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Each raw auxiliary loss of the last forward, SUMMED over the MoE layers.
-
-    A sum, as Megatron/FlagScale (each layer adds coeff * its loss) and LLaMA-MoE
-    (`balance_loss += layer_outputs[1]`) do, so the paper's coefficients keep their meaning;
-    the perfectly balanced value of "balance" is therefore n_moe_layers, not 1.
-    """
+    """Each raw auxiliary loss of the last forward, SUMMED over the MoE layers as Megatron and
+    LLaMA-MoE do, so the paper's coefficients keep their meaning (balanced "balance":
+    n_moe_layers, not 1)."""
     layers = moe_layers(model)
     if not layers or not layers[0].aux:
         return {}
@@ -314,20 +306,13 @@ def _stack_or_empty(rows: list[torch.Tensor]) -> torch.Tensor:
 
 @dataclass
 class AuxLossConfig:
-    """Coefficients of the auxiliary losses; the defaults are AquilaMoE's (arXiv 2408.06567 §2.3).
+    """Coefficients of the auxiliary losses; the defaults are AquilaMoE's (§2.3)."""
 
-    balance  Switch/Megatron load balancing (0.001 in AquilaMoE)
-    z        ST-MoE router z-loss (AquilaMoE: not used; ST-MoE: 0.001)
-    max_z    Baichuan 2 max-z loss (0.01 in AquilaMoE), on the router logits or, with
-             max_z_on="lm_head", on the LM-head logits passed to `total`
-    cv2      LLaMA-MoE's CV^2(importance) + CV^2(load) balance loss (LLaMA-MoE: 0.01)
-    """
-
-    balance: float = 0.001
-    z: float = 0.0
-    max_z: float = 0.01
-    max_z_on: str = "router"
-    cv2: float = 0.0
+    balance: float = 0.001  # Switch/Megatron load balancing
+    z: float = 0.0  # ST-MoE router z-loss (not in AquilaMoE; ST-MoE: 0.001)
+    max_z: float = 0.01  # Baichuan 2 max-z loss
+    max_z_on: str = "router"  # or "lm_head": on the LM-head logits passed to `total`
+    cv2: float = 0.0  # LLaMA-MoE's CV^2(importance) + CV^2(load) (LLaMA-MoE: 0.01)
 
     def __post_init__(self):
         check_fields("AuxLossConfig", self, {**dict.fromkeys(("balance", "z", "max_z", "cv2"), ">=0"),
