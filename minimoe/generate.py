@@ -1,6 +1,5 @@
 """Generation with a KV cache, greedy or temperature / top-p sampling, prompts left-padded into
-one batch; `use_cache=False` recomputes every step (the reference the cache is tested against).
-docs/method.md#evaluation."""
+one batch, text in and out through `generate_text` (docs/method.md#evaluation)."""
 
 from __future__ import annotations
 
@@ -30,8 +29,8 @@ def pick_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float = 
 
 @torch.inference_mode()  # a little faster than no_grad: no version counters
 def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, stop=None,
-             use_cache: bool = True) -> list[list[int]]:
+             top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
+             stop=None) -> list[list[int]]:
     """The new tokens of each prompt (token ids), at most max_new_tokens each. A row ends after
     eos_id (included) or once stop(its new tokens) is true."""
     for name, value, rule in (("max_new_tokens", max_new_tokens, "int>0"),
@@ -43,55 +42,28 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, temperat
     if longest + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens}: more than "
                          f"the model's max_seq_len={model.cfg.max_seq_len}")
-    was_training = model.training
-    model.eval()  # no router noise
-    generator = torch.Generator().manual_seed(seed)
-    try:
-        if use_cache:
-            return _generate_cached(model, prompts, max_new_tokens, temperature, top_p, generator,
-                                    eos_id, stop)
-        return [_generate_uncached(model, p, max_new_tokens, temperature, top_p, generator,
-                                   eos_id, stop) for p in prompts]
-    finally:
-        model.train(was_training)
-
-
-def _finished(new: list[int], eos_id, stop) -> bool:
-    return (eos_id is not None and new[-1] == eos_id) or (stop is not None and stop(new))
-
-
-def _generate_cached(model, prompts, max_new_tokens, temperature, top_p, generator, eos_id, stop):
-    weight = next(model.parameters())
-    B, longest = len(prompts), max(len(p) for p in prompts)
+    weight, B = next(model.parameters()), len(prompts)
     pad_B = [longest - len(p) for p in prompts]
     idx = torch.tensor([[0] * pad + p for pad, p in zip(pad_B, prompts)], device=weight.device)
     cache = KVCache(model.cfg, B, longest + max_new_tokens, pad_B=pad_B, device=weight.device,
                     dtype=weight.dtype)
-    logits_BV = model(idx, cache)[:, -1]  # the prefill: the whole prompt at once
-    new = [[] for _ in range(B)]
-    done = [False] * B
-    for step in range(max_new_tokens):
-        next_B = pick_next(logits_BV, temperature, top_p, generator)
-        for b, token in enumerate(next_B.tolist()):
-            if not done[b]:
-                new[b].append(token)
-                done[b] = _finished(new[b], eos_id, stop)
-        if all(done) or step == max_new_tokens - 1:
-            break
-        logits_BV = model(next_B[:, None], cache)[:, -1]  # one position per row
-    return new
-
-
-def _generate_uncached(model, prompt, max_new_tokens, temperature, top_p, generator, eos_id, stop):
-    device = next(model.parameters()).device
-    ids, new = list(prompt), []
-    for _ in range(max_new_tokens):
-        logits_1V = model(torch.tensor([ids], device=device))[:, -1]
-        token = pick_next(logits_1V, temperature, top_p, generator).item()
-        ids.append(token)
-        new.append(token)
-        if _finished(new, eos_id, stop):
-            break
+    generator = torch.Generator().manual_seed(seed)
+    new, done = [[] for _ in range(B)], [False] * B
+    was_training = model.training
+    model.eval()  # no router noise
+    try:
+        logits_BV = model(idx, cache)[:, -1]  # the prefill: the whole prompt at once
+        for step in range(max_new_tokens):
+            next_B = pick_next(logits_BV, temperature, top_p, generator)
+            for b, token in enumerate(next_B.tolist()):
+                if not done[b]:
+                    new[b].append(token)
+                    done[b] = token == eos_id or (stop is not None and stop(new[b]))
+            if all(done) or step == max_new_tokens - 1:
+                break
+            logits_BV = model(next_B[:, None], cache)[:, -1]  # one position per row
+    finally:
+        model.train(was_training)
     return new
 
 
