@@ -141,37 +141,30 @@ _AQUILA = dict(vocab_size=151851, qkv_bias=True, rope_theta=1e6, norm_eps=1e-5,
                tie_embeddings=False)
 _MOE_8x2 = dict(n_experts=8, top_k=2)
 
-PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
-                        d_ffn=176, max_seq_len=128),
-    "tiny-large": ModelConfig(vocab_size=512, n_layers=3, d_model=128, n_heads=8, n_kv_heads=2,
-                              d_ffn=352, max_seq_len=128),
+
+def _shape(n_layers, d_model, n_heads, n_kv_heads, d_ffn, max_seq_len, **rest) -> ModelConfig:
+    return ModelConfig(n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                       d_ffn=d_ffn, max_seq_len=max_seq_len, **rest)
+
+
+PRESETS: dict[str, ModelConfig] = {  # layers, d_model, heads, KV heads, FFN width, context
+    "tiny": _shape(2, 64, 4, 2, 176, 128, vocab_size=512),
+    "tiny-large": _shape(3, 128, 8, 2, 352, 128, vocab_size=512),
     # the toy Scale-Up: width x2 (exact for FPI), heads x2 in the same 2 KV groups, depth 4 -> 6
-    "toy-small": ModelConfig(vocab_size=2048, n_layers=4, d_model=128, n_heads=4,
-                             n_kv_heads=2, d_ffn=352, max_seq_len=256),
-    "toy-large": ModelConfig(vocab_size=2048, n_layers=6, d_model=256, n_heads=8,
-                             n_kv_heads=2, d_ffn=704, max_seq_len=256),
-    "toy-moe": ModelConfig(vocab_size=2048, n_layers=6, d_model=256, n_heads=8,
-                           n_kv_heads=2, d_ffn=704, max_seq_len=256, **_MOE_8x2),
+    "toy-small": _shape(4, 128, 4, 2, 352, 256, vocab_size=2048),
+    "toy-large": _shape(6, 256, 8, 2, 704, 256, vocab_size=2048),
+    "toy-moe": _shape(6, 256, 8, 2, 704, 256, vocab_size=2048, **_MOE_8x2),
     # §3.2.1's Scale-Up source M(24, 2048); the rest from the 1.8B, heads of 128 to grow into the 7B
-    "aquila-1.3b": ModelConfig(n_layers=24, d_model=2048, n_heads=16, n_kv_heads=16,
-                               d_ffn=5504, max_seq_len=2048, **_AQUILA),
-    "aquila-1.8b": ModelConfig(n_layers=24, d_model=2048, n_heads=32, n_kv_heads=32,
-                               d_ffn=5504, max_seq_len=2048, **_AQUILA),
-    "aquila-8x1.8b": ModelConfig(n_layers=24, d_model=2048, n_heads=32, n_kv_heads=32,
-                                 d_ffn=5504, max_seq_len=2048, **_AQUILA, **_MOE_8x2),
-    "aquila-7b": ModelConfig(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32,
-                             d_ffn=14336, max_seq_len=4096, **_AQUILA),
+    "aquila-1.3b": _shape(24, 2048, 16, 16, 5504, 2048, **_AQUILA),
+    "aquila-1.8b": _shape(24, 2048, 32, 32, 5504, 2048, **_AQUILA),
+    "aquila-8x1.8b": _shape(24, 2048, 32, 32, 5504, 2048, **_AQUILA, **_MOE_8x2),
+    "aquila-7b": _shape(32, 4096, 32, 32, 14336, 4096, **_AQUILA),
     # the project README (github.com/FlagAI-Open/Aquila-MoE) gives the 7B 8 KV groups
-    "aquila-7b-kv8": ModelConfig(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8,
-                                 d_ffn=14336, max_seq_len=4096, **_AQUILA),
-    "aquila-16b": ModelConfig(n_layers=40, d_model=5120, n_heads=40, n_kv_heads=8,
-                              d_ffn=20480, max_seq_len=4096, **_AQUILA),
+    "aquila-7b-kv8": _shape(32, 4096, 32, 8, 14336, 4096, **_AQUILA),
+    "aquila-16b": _shape(40, 5120, 40, 8, 20480, 4096, **_AQUILA),
     # BAAI/AquilaDense-16B's config.json says intermediate_size 17920
-    "aquila-16b-hf": ModelConfig(n_layers=40, d_model=5120, n_heads=40, n_kv_heads=8,
-                                 d_ffn=17920, max_seq_len=4096, **_AQUILA),
-    "aquilamoe-8x16b": ModelConfig(n_layers=40, d_model=5120, n_heads=40, n_kv_heads=8,
-                                   d_ffn=20480, max_seq_len=4096, **_AQUILA, **_MOE_8x2),
+    "aquila-16b-hf": _shape(40, 5120, 40, 8, 17920, 4096, **_AQUILA),
+    "aquilamoe-8x16b": _shape(40, 5120, 40, 8, 20480, 4096, **_AQUILA, **_MOE_8x2),
 }
 
 

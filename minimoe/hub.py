@@ -38,7 +38,7 @@ class Tensors(dict):
 
 
 def convert_file(tensors: Tensors, cfg: ModelConfig, fmt: str, to_hf: bool, path: Path,
-                 dtype: torch.dtype | None = None, metadata: dict | None = None) -> int:
+                 dtype: torch.dtype | None = None) -> int:
     """One safetensors file converted into another, tensor by tensor; returns its bytes."""
     check_dropped(tensors, cfg, fmt, to_hf)
     steps = plan(cfg, fmt, to_hf)
@@ -55,7 +55,7 @@ def convert_file(tensors: Tensors, cfg: ModelConfig, fmt: str, to_hf: bool, path
     for name, (srcs, fn, index) in steps.items():
         shape_of = fn(*(tensors.meta(s) for s in srcs))[index]
         specs[name] = (dtype or shape_of.dtype, tuple(shape_of.shape))
-    return write_safetensors(path, specs, produce, metadata=metadata or {"format": "pt"})
+    return write_safetensors(path, specs, produce, metadata={"format": "pt"})
 
 
 # --- out: a run as a transformers checkpoint -----------------------------------------------------

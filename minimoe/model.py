@@ -53,8 +53,7 @@ class KVCache:
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, pad_B=None,
                  device=None, dtype=torch.float32):
-        if max_len > cfg.max_seq_len:
-            raise ValueError(f"cache length={max_len}: must be <= max_seq_len={cfg.max_seq_len}")
+        assert max_len <= cfg.max_seq_len, (max_len, cfg.max_seq_len)  # generate() checks it
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
@@ -67,8 +66,7 @@ class KVCache:
 
     def start_step(self, T: int):
         """Prepare a forward of T new positions: their rotary tables, and which keys they see."""
-        if self.length + T > self.max_len:
-            raise ValueError(f"sequence length={self.length + T}: the cache holds {self.max_len}")
+        assert self.length + T <= self.max_len, (self.length + T, self.max_len)
         start, L, device = self.length, self.length + T, self.cos.device
         if not self.padded and (start == 0 or T == 1):
             # an empty cache sees the plain causal square; one new token, every key so far

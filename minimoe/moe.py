@@ -292,15 +292,7 @@ def aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def expert_load(model: nn.Module) -> torch.Tensor:
     """Token-expert pairs the router sent to each expert in the last forward: (n_moe_layers, E)."""
-    return _stack_or_empty([m.load_E for m in moe_layers(model)])
-
-
-def dropped_pairs(model: nn.Module) -> torch.Tensor:
-    """Pairs dropped for lack of capacity in the last forward: (n_moe_layers, E)."""
-    return _stack_or_empty([m.dropped_E for m in moe_layers(model)])
-
-
-def _stack_or_empty(rows: list[torch.Tensor]) -> torch.Tensor:
+    rows = [m.load_E for m in moe_layers(model)]
     return torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.long)  # a dense model
 
 
