@@ -78,21 +78,16 @@ class ModelConfig:
         d, hd = self.d_model, self.head_dim
         q, kv = self.n_heads * hd, self.n_kv_heads * hd
         attention = d * (q + 2 * kv) + q * d + (q + 2 * kv) * self.qkv_bias
-        norms = 2 * d
-        dense_mlp = 3 * d * self.d_ffn
-        expert = 3 * d * self.expert_d_ffn
-        shared = 3 * d * self.shared_d_ffn
-        router = d * self.n_experts + (d * self.n_experts if self.router_noise else 0)
+        expert = 3 * d * self.expert_d_ffn  # SwiGLU: gate, up and down
         n_moe = self.n_moe_layers
-        n_dense = self.n_layers - n_moe
         counts = {
             "embedding": self.vocab_size * d,
             "attention": self.n_layers * attention,
-            "norms": self.n_layers * norms + d,
-            "mlp": n_dense * dense_mlp,
+            "norms": self.n_layers * 2 * d + d,
+            "mlp": (self.n_layers - n_moe) * 3 * d * self.d_ffn,
             "experts": n_moe * self.n_experts * expert,
-            "shared_experts": n_moe * shared,
-            "router": n_moe * router,
+            "shared_experts": n_moe * 3 * d * self.shared_d_ffn,
+            "router": n_moe * d * self.n_experts * (1 + self.router_noise),  # W_noise too
             "lm_head": 0 if self.tie_embeddings else self.vocab_size * d,
         }
         counts["total"] = sum(counts.values())

@@ -112,12 +112,6 @@ class GrowthPlan:
     layer_map: tuple[int, ...]     # target layer l is built from source layer layer_map[l]
     zeroed_layers: tuple[int, ...]  # identity depth: layers whose o_proj and down_proj are zero
 
-    def to_dict(self) -> dict:
-        """JSON-ready, for the growth report."""
-        out = dataclasses.asdict(self)
-        out["source"], out["target"] = self.source.to_dict(), self.target.to_dict()
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-
     @functools.cached_property
     def axes(self) -> dict[str, "_Axis"]:
         """The width maps as index tensors, built once per plan."""
@@ -293,13 +287,11 @@ def scale_up(model: Transformer, target: ModelConfig, method: str = "fpi",
     return grow_model(plan_growth(model.cfg, target, method, depth, mapping, seed, kv), model)
 
 
-def growth_report(plan: GrowthPlan, val_before: dict | None = None,
-                  val_after: dict | None = None) -> dict:
-    """What a growth did, JSON-ready: parameters, options, every map, and the validation loss
-    before and after (the numbers of AquilaMoE Tables 1 and 2)."""
+def growth_report(plan: GrowthPlan) -> dict:
+    """What a growth did, JSON-ready: parameter counts, the options and every map."""
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(plan).items()}
     return {"source_params": plan.source.param_counts()["total"],
-            "target_params": plan.target.param_counts()["total"],
-            "val_before": val_before, "val_after": val_after, **plan.to_dict()}
+            "target_params": plan.target.param_counts()["total"], **fields}
 
 
 def grow_checkpoint(src_path, src_cfg: ModelConfig, tgt_cfg: ModelConfig, out_path,

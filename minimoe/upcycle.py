@@ -29,9 +29,8 @@ def scale_out(dense: Transformer, method: str, n_experts: int = 8, top_k: int = 
     """One entry point for the CLI and recipes: "upcycle" or "split-<split method>"."""
     if method == "upcycle":
         return upcycle(dense, n_experts, top_k, seed=seed, **options)
-    if method.startswith("split-") and method[len("split-"):] in SPLIT_METHODS:
-        return split(dense, n_experts, top_k, method[len("split-"):], calib, seed=seed, **options)
-    raise ValueError(f"method={method!r}: must be one of {', '.join(SCALE_OUT_METHODS)}")
+    assert method in SCALE_OUT_METHODS, method  # the CLI's choices
+    return split(dense, n_experts, top_k, method.removeprefix("split-"), calib, seed=seed, **options)
 
 
 # --- Sparse Upcycling -----------------------------------------------------------------------
