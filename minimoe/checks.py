@@ -83,8 +83,7 @@ def _range(rule: str, integer: bool):
 
 def known_keys(where: str, table, allowed) -> dict:
     """`table`, once it is a table whose keys are all in `allowed`; else one line naming the
-    first unknown key and listing the allowed ones. `where` prefixes the key ("runs[0]").
-    Every file reader (recipes, scenarios, validation runs, devices) calls it at the door."""
+    first unknown key and listing the allowed ones. `where` prefixes the key ("runs[0]")."""
     if not isinstance(table, dict):
         raise ValueError(f"{where}={table!r}: must be a table")
     for key in table:

@@ -142,8 +142,7 @@ def plot_specialisation(result: dict, path: Path, title: str = ""):
 
 
 def write_specialisation(result: dict, out_dir, tokenizer=None, title: str = "") -> list[Path]:
-    """specialisation.json, specialisation.png and top_tokens.md (decoded when given the
-    tokenizer) in out_dir; returns their paths."""
+    """specialisation.json, .png and top_tokens.md (decoded given a tokenizer) in out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files.write_json(out_dir / "specialisation.json", result)

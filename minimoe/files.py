@@ -20,8 +20,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 @contextlib.contextmanager
 def atomic_write(path):
-    """Yield a temporary path beside `path`; on success it is fsynced and renamed to `path`,
-    on failure removed."""
+    """Yield a temporary path beside `path`: fsynced and renamed to `path` on success, else removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
     try:

@@ -282,8 +282,7 @@ def grow_model(plan: GrowthPlan, model: Transformer) -> Transformer:
 def scale_up(model: Transformer, target: ModelConfig, method: str = "fpi",
              depth: str | None = None, mapping: str = "cyclic", seed: int = 0,
              kv: str = "keep") -> Transformer:
-    """A new Transformer of config `target` grown from `model` (left untouched); for the plan
-    too (the growth report), call plan_growth, then grow_model."""
+    """A new Transformer of config `target` grown from `model` (left untouched)."""
     return grow_model(plan_growth(model.cfg, target, method, depth, mapping, seed, kv), model)
 
 
@@ -296,8 +295,7 @@ def growth_report(plan: GrowthPlan) -> dict:
 
 def grow_checkpoint(src_path, src_cfg: ModelConfig, tgt_cfg: ModelConfig, out_path,
                     **options) -> tuple[GrowthPlan, int]:
-    """Grow a .safetensors checkpoint into another with the same `grow_tensor`, one tensor in
-    memory at a time. `options` are plan_growth's. Returns the plan and the bytes written."""
+    """Growth between .safetensors files, one tensor in memory at a time: (plan, bytes written)."""
     plan = plan_growth(src_cfg, tgt_cfg, **options)
     written = transform_file(src_path, src_cfg, out_path, plan.target,
                              lambda name, source: grow_tensor(plan, name, source),

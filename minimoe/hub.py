@@ -89,8 +89,7 @@ def _qwen2_keeps(tokenizer: Tokenizer) -> bool:
 
 
 def export_run(run, out, tokenizer: Tokenizer, fmt: str = "auto", dtype: str = "keep") -> dict:
-    """Write run `run` into folder `out` (empty, or an earlier export) as a transformers
-    checkpoint; returns what was written."""
+    """Write run `run` as a transformers checkpoint into `out` (empty, or an earlier export)."""
     run, out = Path(run), Path(out)
     cfg, path = read_config(run), model_file(run)
     if not path.exists():

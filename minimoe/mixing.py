@@ -16,8 +16,7 @@ _PAIR = re.compile(r"\s*([^=,\s]+)\s*=\s*([^=,\s]+)\s*")
 
 
 def parse_mix(text: str) -> str | dict[str, float]:
-    """"size", "dynamic", or {domain: weight} normalised to sum 1 (the domains are checked
-    against the data in `resolve_mix`)."""
+    """"size", "dynamic", or {domain: weight} summing to 1 (domains checked in `resolve_mix`)."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"mix={text!r}: must be 'size', 'dynamic' or domain=weight pairs")
     if text.strip() in (SIZE, DYNAMIC):
@@ -83,8 +82,7 @@ def dynamic_update(weights: dict[str, float], val_losses: dict[str, float],
 
 
 def load_references(source: str, domains: list[str]) -> dict[str, float]:
-    """Reference loss per domain: a JSON file {domain: loss}, or a run folder (the last
-    validation of its log.jsonl, keys val_<domain>)."""
+    """Reference loss per domain: a JSON file {domain: loss}, or a run folder's last validation."""
     if not source:
         raise ValueError("mix_reference='': dynamic mixing needs reference losses "
                          "(a JSON file {domain: loss} or a run folder)")

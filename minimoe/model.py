@@ -231,10 +231,9 @@ class Transformer(nn.Module):
 
     def num_params(self, active: bool = False) -> int:
         """Parameters counted from the tensors (tied weights once); see also cfg.param_counts()."""
-        total = sum(p.numel() for p in self.parameters())
-        if not active:
-            return total
-        return self.cfg.param_counts()["active"]
+        if active:
+            return self.cfg.param_counts()["active"]
+        return sum(p.numel() for p in self.parameters())
 
 
 def draw_as_built(cfg: ModelConfig) -> None:

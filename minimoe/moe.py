@@ -79,10 +79,8 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, fill=None):
-        """Experts and router N(0, init_std), W_noise zero (Transformer.reset_parameters calls
-        it, with its `fill`). AquilaMoE initialises the router with N(0, "variance 0.02"); we
-        read it as std 0.02, the Megatron/FlagScale default: `router_init_std`,
-        docs/method.md#router-initialisation."""
+        """Experts and router N(0, init_std), W_noise zero, through reset_parameters' `fill`
+        (how we read the paper's router "variance 0.02": router_init_std)."""
         fill = fill or (lambda param, draw, rows=None: draw(param))
         for w in (self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD, self.router.weight):
             fill(w, lambda t: t.normal_(0.0, self.cfg.init_std))
@@ -252,8 +250,7 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 def max_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Baichuan 2's max-z loss (eq. 1): the squared maximum logit, averaged over tokens; on the
-    router's logits or the LM head's (docs/method.md#auxiliary-losses)."""
+    """Baichuan 2's max-z loss (eq. 1): the squared maximum logit, averaged over tokens."""
     return logits.float().amax(dim=-1).square().mean()
 
 

@@ -24,8 +24,7 @@ def project_root(start=None) -> Path:
 
 
 def setup(start=None) -> None:
-    """Make the repository root the working directory (returns nothing, so a notebook's
-    output never shows the machine's paths)."""
+    """Make the repository root the working directory (returning nothing: no paths in outputs)."""
     os.chdir(project_root(start))
     # tqdm.auto (the training loop's progress bar) warns at import inside a kernel without
     # ipywidgets; the notebooks train with progress=False, so the warning tells a reader nothing

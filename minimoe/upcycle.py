@@ -48,8 +48,7 @@ def upcycle_checkpoint(src_path, dense_cfg: ModelConfig, out_path, n_experts: in
                        top_k: int = 2, layers: str = "all", router_std: float = 0.02,
                        router_init: str = "std", seed: int = 0,
                        **moe_options) -> tuple[ModelConfig, int]:
-    """`upcycle` from one .safetensors file into another, one tensor in memory at a time.
-    Returns the MoE config and the bytes written."""
+    """`upcycle` between .safetensors files, one tensor in memory at a time: (MoE config, bytes)."""
     plan = upcycle_plan(dense_cfg, n_experts, top_k, layers, router_std, router_init, seed,
                         **moe_options)
 
@@ -199,9 +198,7 @@ def taylor_importance(dense: Transformer, batches, layer_ids: list[int]) -> dict
         with torch.enable_grad():
             for x, y in batches:
                 hidden.clear()
-                logits = dense(x)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-                grads = torch.autograd.grad(loss, hidden)
+                grads = torch.autograd.grad(dense(x, targets=y), hidden)  # of the mean loss
                 for i, h, g in zip(layer_ids, hidden, grads):  # hooks fire in layer order
                     score[i] += (h * g).abs().flatten(0, -2).sum(0).float().cpu()
                 n_tokens += x.numel()
