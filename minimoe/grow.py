@@ -204,8 +204,7 @@ class _Axis:
         g = torch.tensor(g, dtype=torch.long)
         copies = torch.bincount(g)[g].float()
         new = torch.tensor(is_new(g.tolist()))
-        within = torch.arange(size)
-        index = (g[:, None] * size + within).flatten()
+        index = (g[:, None] * size + torch.arange(size)).flatten()  # every element of a neuron
         return _Axis(index, copies.repeat_interleave(size), new.repeat_interleave(size))
 
 

@@ -242,10 +242,7 @@ def _moe_config(dense_cfg: ModelConfig, n_experts, top_k, layers, moe_options) -
         raise ValueError("n_experts=0: scale-out needs at least one expert")
     if layers not in LAYER_CHOICES:
         raise ValueError(f"layers={layers!r}: must be one of {', '.join(LAYER_CHOICES)}")
-    for name in moe_options:
-        if name not in MOE_OPTIONS:
-            raise ValueError(f"{name}={moe_options[name]!r}: not an MoE option; "
-                             f"choose from {', '.join(MOE_OPTIONS)}")
+    assert set(moe_options) <= set(MOE_OPTIONS), moe_options  # keywords, not input
     return dense_cfg.replace(n_experts=n_experts, top_k=top_k, moe_layer_freq=LAYER_CHOICES[layers],
                              **moe_options)
 
