@@ -1,10 +1,9 @@
 """Scale-Up: grow a trained dense model wider and deeper (AquilaMoE §2.2, arXiv 2408.06567).
 
 Width: bert2BERT's FPI and AKI, and AKI-Pro's rule for grouped-query attention; depth: stack,
-stack-top, interpolate or identity. Each target tensor is made by `grow_tensor` from the few
-source tensors it needs, in memory (`grow_model`) or between files (`grow_checkpoint`).
-The method, its sources and our choices where the papers are silent: docs/method.md#scale-up-width.
-"""
+stack-top, interpolate or identity. `grow_tensor` makes each target tensor from the few source
+tensors it needs, in memory (`grow_model`) or between files (`grow_checkpoint`). Sources and
+our choices where the papers are silent: docs/method.md#scale-up-width."""
 
 from __future__ import annotations
 

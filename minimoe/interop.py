@@ -1,9 +1,6 @@
-"""Interop with Hugging Face transformers, both ways: configs and tensors of LlamaForCausalLM
-and Qwen2ForCausalLM (dense), MixtralForCausalLM and Qwen2MoeForCausalLM (MoE); Mistral reads
-as Llama. One table (`_pairs`) says which of our tensors make which of theirs and how, in
-both directions, one group at a time, so full-size checkpoints stream (minimoe/hub.py). What
-each format can hold, and why: docs/method.md#interop.
-"""
+"""Interop with transformers' Llama, Qwen2, Mixtral and Qwen2-MoE (Mistral reads as Llama), both
+ways: one table (`_pairs`) says which of our tensors make which of theirs, a group at a time, so
+checkpoints stream (minimoe/hub.py). What each format holds, and why: docs/method.md#interop."""
 
 from __future__ import annotations
 
@@ -21,8 +18,7 @@ READS = (*FORMATS, "mistral")  # model types config_from_hf reads (Mistral's ten
 # --- configs -----------------------------------------------------------------------------------
 def check_format(cfg: ModelConfig, fmt: str):
     """Refuse, naming the field, what the format cannot hold exactly."""
-    if fmt not in FORMATS:
-        raise ValueError(f"format={fmt!r}: must be one of {', '.join(FORMATS)}")
+    assert fmt in FORMATS, fmt  # the command's choices
     moe = fmt in ("mixtral", "qwen2_moe")
     rules = [
         (cfg.is_moe == moe, "n_experts", f"must be {'> 0' if moe else '0'} ({fmt} is "

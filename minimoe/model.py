@@ -2,8 +2,7 @@
 
 RMSNorm -> grouped-query attention with RoPE -> RMSNorm -> SwiGLU MLP, repeated, then a final
 RMSNorm and the LM head. The MLP is a slot: Scale-Out puts an `MoE` (minimoe/moe.py) there.
-Architecture only; weight names follow transformers' LlamaForCausalLM, so interop is a renaming.
-"""
+Architecture only; weight names follow transformers' LlamaForCausalLM: interop is a renaming."""
 
 from __future__ import annotations
 
@@ -46,9 +45,8 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every position so far, per layer, preallocated for `max_len`
-    positions (as gpt-fast's), so generating a token costs one position. Prompts are
-    left-padded into one batch: row b begins with pad_B[b] positions no real token attends to,
+    """Keys and values of every position so far, per layer, for `max_len` positions (as
+    gpt-fast's). Left-padded prompts: row b begins with pad_B[b] positions no real token sees,
     and its real tokens take rotary positions 0, 1, ... as they would alone."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, pad_B=None,

@@ -3,8 +3,7 @@ to its top-k of E SwiGLU experts, gate-weighted (AquilaMoE §2.3: E=8, k=2); the
 their sources: docs/method.md#the-moe-layer.
 
 Shape suffixes: T tokens, D model dim, E experts, K = top_k, F expert width, S token-expert
-pairs. Expert weights are stacked (E, D, F), the `x @ W` layout `F.grouped_mm` takes.
-"""
+pairs. Expert weights are stacked (E, D, F), the `x @ W` layout `F.grouped_mm` takes."""
 
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
-"""Scale-Out: turn a dense model into a Mixture of Experts. `upcycle`: every expert a copy of
-the dense MLP and a new router (Sparse Upcycling, as AquilaMoE §2.3); `split`: the MLP's
-neurons divided among the experts (LLaMA-MoE, arXiv 2406.16554). Both end in one per-tensor
-function, `expert_tensor`, run in memory (`build_moe`) or between files (`upcycle_checkpoint`).
-Provenance: docs/method.md#scale-out-upcycling.
-"""
+"""Scale-Out: a dense model into a Mixture of Experts. `upcycle`: every expert a copy of the MLP,
+a new router (AquilaMoE §2.3); `split`: the MLP's neurons divided among the experts (LLaMA-MoE).
+Both end in one per-tensor function, `expert_tensor`, run in memory (`build_moe`) or between
+files (`upcycle_checkpoint`). Provenance: docs/method.md#scale-out-upcycling."""
 
 from __future__ import annotations
 
