@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 
-from minimoe.config import ModelConfig, get_preset
+from minimoe.config import get_preset
 
 
 def human(n: float) -> str:
