@@ -124,9 +124,6 @@ def plot_weights(history: list[dict], path: Path, title: str = ""):
     for domain in points[-1][1]:
         ax.plot([t for t, _ in points], [w[domain] for _, w in points], marker="o", ms=2,
                 label=domain)
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("domain weight")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
+    ax.set(xlabel="tokens", ylabel="domain weight", ylim=(0, 1), title=title)
     ax.legend()
     files.save_figure(fig, path)

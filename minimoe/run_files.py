@@ -101,8 +101,6 @@ def plot_losses(history: list[dict], path: Path, title: str = ""):
     for key in sorted({k for r in history for k in r if k.startswith("val_")}):
         pts = [(r["tokens"], r[key]) for r in history if key in r]
         ax.plot(*zip(*pts), marker="o", ms=3, label=key.replace("_", " "))
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("cross-entropy (nats)")
-    ax.set_title(title)
+    ax.set(xlabel="tokens", ylabel="cross-entropy (nats)", title=title)
     ax.legend()
     files.save_figure(fig, path)

@@ -32,23 +32,15 @@ def scale_out(dense: Transformer, method: str, n_experts: int = 8, top_k: int = 
 
 
 # --- Sparse Upcycling -----------------------------------------------------------------------
-def upcycle(dense: Transformer, n_experts: int = 8, top_k: int = 2, layers: str = "all",
-            router_std: float = 0.02, router_init: str = "std", seed: int = 0,
-            **moe_options) -> Transformer:
-    """Every expert a copy of the dense MLP; the router N(0, router_std) from `seed`.
-    layers: "all" (AquilaMoE) or "every-other" (Sparse Upcycling); router_init="variance" reads
-    router_std as a variance (moe.router_init_std); moe_options: MOE_OPTIONS."""
-    return build_moe(upcycle_plan(dense.cfg, n_experts, top_k, layers, router_std, router_init,
-                                  seed, **moe_options), dense)
+def upcycle(dense: Transformer, n_experts: int = 8, top_k: int = 2, **options) -> Transformer:
+    """A new MoE model: every expert a copy of the dense MLP (options: upcycle_plan's)."""
+    return build_moe(upcycle_plan(dense.cfg, n_experts, top_k, **options), dense)
 
 
 def upcycle_checkpoint(src_path, dense_cfg: ModelConfig, out_path, n_experts: int = 8,
-                       top_k: int = 2, layers: str = "all", router_std: float = 0.02,
-                       router_init: str = "std", seed: int = 0,
-                       **moe_options) -> tuple[ModelConfig, int]:
+                       top_k: int = 2, **options) -> tuple[ModelConfig, int]:
     """`upcycle` between .safetensors files, one tensor in memory at a time: (MoE config, bytes)."""
-    plan = upcycle_plan(dense_cfg, n_experts, top_k, layers, router_std, router_init, seed,
-                        **moe_options)
+    plan = upcycle_plan(dense_cfg, n_experts, top_k, **options)
 
     def dtype_of(source, name):  # a new tensor takes the dtype of its layer's dense MLP
         return source.dtype(name if name in source else name.split(".mlp.")[0] + ".mlp.gate_proj.weight")
@@ -58,8 +50,12 @@ def upcycle_checkpoint(src_path, dense_cfg: ModelConfig, out_path, n_experts: in
     return plan.cfg, written
 
 
-def upcycle_plan(dense_cfg: ModelConfig, n_experts, top_k, layers, router_std, router_init, seed,
+def upcycle_plan(dense_cfg: ModelConfig, n_experts: int = 8, top_k: int = 2, layers: str = "all",
+                 router_std: float = 0.02, router_init: str = "std", seed: int = 0,
                  **moe_options) -> "ExpertPlan":
+    """Every expert all of the dense MLP's neurons; the router N(0, router_std) from `seed`.
+    layers: "all" (AquilaMoE) or "every-other" (Sparse Upcycling); router_init="variance" reads
+    router_std as a variance (moe.router_init_std); moe_options: MOE_OPTIONS."""
     cfg = _moe_config(dense_cfg, n_experts, top_k, layers, moe_options)
     every_neuron = torch.arange(cfg.d_ffn)
     return ExpertPlan(cfg, {i: [every_neuron] * cfg.n_experts for i in _moe_layer_ids(cfg)}, {},
@@ -240,7 +236,10 @@ def _moe_config(dense_cfg: ModelConfig, n_experts, top_k, layers, moe_options) -
         raise ValueError("n_experts=0: scale-out needs at least one expert")
     if layers not in LAYER_CHOICES:
         raise ValueError(f"layers={layers!r}: must be one of {', '.join(LAYER_CHOICES)}")
-    assert set(moe_options) <= set(MOE_OPTIONS), moe_options  # keywords, not input
+    for name in moe_options:
+        if name not in MOE_OPTIONS:
+            raise ValueError(f"{name}={moe_options[name]!r}: not an MoE option; "
+                             f"choose from {', '.join(MOE_OPTIONS)}")
     return dense_cfg.replace(n_experts=n_experts, top_k=top_k, moe_layer_freq=LAYER_CHOICES[layers],
                              **moe_options)
 
