@@ -36,8 +36,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, temperat
     for name, value, rule in (("max_new_tokens", max_new_tokens, "int>0"),
                               ("temperature", temperature, ">=0"), ("top_p", top_p, "(0, 1]")):
         check("generate", name, value, rule)
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts: every prompt needs at least one token")
+    assert prompts and all(prompts), "every prompt needs a token (generate_text gives each one)"
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens}: more than "

@@ -278,10 +278,9 @@ def grow_model(plan: GrowthPlan, model: Transformer) -> Transformer:
 
 
 def scale_up(model: Transformer, target: ModelConfig, method: str = "fpi",
-             depth: str | None = None, mapping: str = "cyclic", seed: int = 0,
-             kv: str = "keep") -> Transformer:
-    """A new Transformer of config `target` grown from `model` (left untouched)."""
-    return grow_model(plan_growth(model.cfg, target, method, depth, mapping, seed, kv), model)
+             **options) -> Transformer:
+    """A Transformer of config `target` grown from `model` (untouched); options: plan_growth's."""
+    return grow_model(plan_growth(model.cfg, target, method, **options), model)
 
 
 def growth_report(plan: GrowthPlan) -> dict:

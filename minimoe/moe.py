@@ -157,9 +157,8 @@ class MoE(nn.Module):
         T, E, K = logits_TE.shape[0], self.n_experts, self.top_k
         load_E = expert_counts(idx_TK.reshape(-1), E)
         self.load_E = load_E.detach()
-        # Switch load balancing, top-k form as in Megatron's switch_load_balancing_loss_func:
-        # E/(T*K) * sum_e mean_prob_e * count_e; 1 under perfectly balanced routing (Switch
-        # Transformers eqs. 4-6 with top-k counts; Megatron-LM core/transformer/moe/moe_utils.py)
+        # Switch load balancing in its top-k form (Megatron's switch_load_balancing_loss_func):
+        # E/(T*K) * sum_e mean_prob_e * count_e, 1 under perfectly balanced routing
         balance = E / (T * K) * (probs_TE.mean(0) * load_E.to(probs_TE.dtype)).sum()
         # LLaMA-MoE: importance = the combine weights summed per expert (moe_gates.py)
         importance_E = torch.zeros(E, device=weight_TK.device, dtype=weight_TK.dtype)

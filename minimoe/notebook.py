@@ -13,8 +13,7 @@ QUICK_ENV = "MINIMOE_NOTEBOOK_QUICK"  # "1": the notebooks run in quick mode (th
 def project_root(start=None) -> Path:
     """The minimoe checkout holding `start` (default: the working directory), else the one the
     package was imported from: the nearest folder holding both pyproject.toml and sims/."""
-    start = Path.cwd() if start is None else Path(start)
-    start = start.resolve()
+    start = (Path.cwd() if start is None else Path(start)).resolve()
     package_checkout = Path(__file__).resolve().parents[1]
     for folder in [start, *start.parents, package_checkout]:
         if (folder / "pyproject.toml").is_file() and (folder / "sims").is_dir():

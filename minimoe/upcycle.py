@@ -124,8 +124,7 @@ def balanced_kmeans(points_ND: torch.Tensor, n_clusters: int, n_iter: int = 20,
     """Labels (N,) of a k-means whose clusters differ in size by at most one (equal when
     n_clusters divides N), as LLaMA-MoE's KMeansConstrained(size_min = size_max) gives."""
     N = len(points_ND)
-    if N < n_clusters:
-        raise ValueError(f"n_clusters={n_clusters}: more clusters than points ({N})")
+    assert N >= n_clusters, (N, n_clusters)
     sizes = [N // n_clusters + (c < N % n_clusters) for c in range(n_clusters)]
     centroids_CD = points_ND[torch.randperm(N, generator=generator)[:n_clusters]].clone()
     labels_N = None
@@ -156,12 +155,9 @@ def group_importance(dense: Transformer, calib, n_groups: int, layer_ids: list[i
     """Per layer, an (n_groups, d_ffn) table of Taylor importance |h * dL/dh|, one row per
     group of calibration sequences: LLaMA-MoE groups by sentence embeddings, we by balanced
     k-means on the mean token embedding, which needs no extra model."""
-    batches = [(x, y) for x, y in calib]
-    lengths = {x.shape[1] for x, _ in batches}
-    if len(lengths) != 1:
-        raise ValueError(f"calib: batches must share one sequence length, got {sorted(lengths)}")
+    batches = list(calib)  # (x, y) windows of one length, built by the recipe
     x_all, y_all = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
-    if len(x_all) < n_groups:
+    if len(x_all) < n_groups:  # --calib-batches too few for --n-experts
         raise ValueError(f"calib: {len(x_all)} sequences; need at least n_experts={n_groups}")
     with torch.no_grad():
         seq_embed = F.normalize(dense.embed(x_all).float().mean(1), dim=1)
