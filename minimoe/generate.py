@@ -11,9 +11,8 @@ from minimoe.model import KVCache
 
 def pick_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
               generator: torch.Generator | None = None) -> torch.Tensor:
-    """The next token of each row: argmax at temperature 0, else a sample from the softmax at
-    that temperature, kept to the smallest set of tokens holding top_p of the probability
-    (nucleus sampling, Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration")."""
+    """The next token of each row: argmax at temperature 0, else a sample at that temperature from
+    the smallest set of tokens holding top_p of the probability (nucleus sampling, Holtzman 2020)."""
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
     # shifted to a maximum of 0 before the division: a tiny temperature gives -inf, never nan
@@ -75,9 +74,8 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
 def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
                   temperature: float = 0.0, top_p: float = 1.0, stop: list[str] = (),
                   seed: int = 0, batch_size: int = 16, truncate: bool = False) -> list[str]:
-    """The completion of each prompt as text, cut at the first stop string (or end of text).
-    truncate=True keeps the end of a prompt too long for the model (as lm-evaluation-harness
-    does); otherwise it is refused. A sampled completion depends on its batch, not only the seed."""
+    """Each prompt's completion, cut at the first stop string; truncate=True keeps the end of a
+    prompt too long for the model (as lm-evaluation-harness does), else it is refused."""
     stop = [s for s in stop if s]
 
     def stopped(new_ids):
@@ -89,7 +87,7 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64
     if truncate and room > 0:
         encoded = [ids[-room:] for ids in encoded]
     texts = []
-    for i in range(0, len(encoded), batch_size):
+    for i in range(0, len(encoded), batch_size):  # a sampled completion depends on its batch
         rows = generate(model, encoded[i:i + batch_size], max_new_tokens, temperature, top_p,
                         seed + i, tokenizer.eos_id, stopped if stop else None)
         for row in rows:

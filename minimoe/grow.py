@@ -61,9 +61,8 @@ def mean_pool_heads(weight: torch.Tensor, pool: int, head_dim: int) -> torch.Ten
 
 # --- the maps ---------------------------------------------------------------------------------
 def neuron_map(n_source: int, n_target: int, mapping: str, generator: torch.Generator) -> list[int]:
-    """g for one dimension: old neurons keep their place; each new one copies a source neuron,
-    left to right ("cyclic", AquilaMoE Fig. 1: j copies j mod n_source) or uniformly at
-    random (bert2BERT's f)."""
+    """g for one dimension: old neurons keep their place; a new one copies a source neuron left to
+    right ("cyclic", AquilaMoE Fig. 1: j copies j mod n_source) or at random (bert2BERT's f)."""
     if mapping == "cyclic":
         return [j % n_source for j in range(n_target)]
     new = torch.randint(n_source, (n_target - n_source,), generator=generator).tolist()
@@ -92,9 +91,8 @@ def is_new(g) -> list[bool]:
 # --- the plan ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GrowthPlan:
-    """The options and every map of one growth. A map lists, for each target index, the
-    source index it copies. Old neurons keep their place (for query heads: their place within
-    the KV group), so the first copy of a source neuron is the original."""
+    """The options and every map of one growth: for each target index, the source index it
+    copies. Old neurons keep their place (query heads: within their KV group)."""
 
     source: ModelConfig
     target: ModelConfig

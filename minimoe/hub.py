@@ -136,9 +136,8 @@ def model_card(run: Path, cfg: ModelConfig, fmt: str, tokenizer: Tokenizer) -> s
 
 # --- in: a transformers checkpoint as a run ------------------------------------------------------
 def import_checkpoint(hf_dir, out, spec: dict) -> dict:
-    """Make run `out` of the transformers checkpoint in `hf_dir` (safetensors, one file or
-    sharded) and its tokenizer; `spec`: the run's data. Returns run.json (a finished import of
-    the same checkpoint as it is)."""
+    """Make run `out` (its data: `spec`) of the transformers checkpoint in `hf_dir` and its
+    tokenizer; returns run.json (a finished import of the same checkpoint as it is)."""
     from transformers import AutoConfig  # optional dependency, heavy to import
 
     hf_dir, out = Path(hf_dir), Path(out)

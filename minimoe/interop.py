@@ -62,9 +62,8 @@ def hf_config(cfg: ModelConfig, fmt: str):
 
 
 def config_from_hf(hf) -> ModelConfig:
-    """Our ModelConfig from a transformers config of a READS model type. What minimoe cannot
-    represent exactly (scaled RoPE, another activation or head_dim, MLP biases, sliding
-    windows, router jitter, a gated shared expert...) is a ValueError naming the field."""
+    """Our ModelConfig from a transformers config of a READS model type; what minimoe cannot
+    represent exactly (scaled RoPE, sliding windows, ...) is a ValueError naming the field."""
     kind = getattr(hf, "model_type", "llama")
     if kind not in READS:
         raise ValueError(f"model_type={kind!r}: must be one of {', '.join(READS)}")

@@ -235,9 +235,8 @@ class Transformer(nn.Module):
 
 
 def draw_as_built(cfg: ModelConfig) -> None:
-    """Advance the global RNG as building Transformer(cfg) on the CPU does (its constructors
-    draw default weights), keeping nothing: a meta-built model given this and reset_parameters
-    equals build_model(cfg) drawn after the same seed (minimoe/train.py)."""
+    """Advance the global RNG as building Transformer(cfg) on the CPU does, keeping nothing: a
+    meta-built model given this and reset_parameters equals build_model(cfg) (train.py)."""
     with torch.device("cpu"):  # the order of Transformer.__init__
         nn.Embedding(cfg.vocab_size, cfg.d_model)
         for i in range(cfg.n_layers):

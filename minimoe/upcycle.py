@@ -152,9 +152,8 @@ def _assign_with_capacity(dist_NC: torch.Tensor, sizes: list[int]) -> torch.Tens
 
 def group_importance(dense: Transformer, calib, n_groups: int, layer_ids: list[int],
                      generator: torch.Generator | None = None) -> dict[int, torch.Tensor]:
-    """Per layer, an (n_groups, d_ffn) table of Taylor importance |h * dL/dh|, one row per
-    group of calibration sequences: LLaMA-MoE groups by sentence embeddings, we by balanced
-    k-means on the mean token embedding, which needs no extra model."""
+    """Per layer, (n_groups, d_ffn) Taylor importance, a row per group of calibration sequences
+    (LLaMA-MoE groups by sentence embeddings; we by k-means on the mean token embedding)."""
     batches = list(calib)  # (x, y) windows of one length, built by the recipe
     x_all, y_all = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
     if len(x_all) < n_groups:  # --calib-batches too few for --n-experts
