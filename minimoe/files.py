@@ -77,8 +77,7 @@ def read_toml(path) -> dict:
 
 
 def read_jsonl(path) -> list[dict]:
-    """Every record (a JSON object) of a JSON-lines file, blank lines skipped. A last line with
-    no line break that does not parse was torn by a kill in its write: it is left out."""
+    """Every record (a JSON object) of a JSON-lines file; a last line torn by a kill is left out."""
     lines = Path(path).read_bytes().decode("utf-8", errors="replace").split("\n")
     records = []
     for n, line in enumerate(lines, 1):

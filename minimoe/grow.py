@@ -44,10 +44,9 @@ def fpi(weight: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | No
 def aki(weight: torch.Tensor, weight_above: torch.Tensor, rows: torch.Tensor,
         new_rows: torch.Tensor, cols: torch.Tensor | None,
         col_copies: torch.Tensor | None) -> torch.Tensor:
-    """bert2BERT's AKI: as fpi, but a *new* output neuron j (new_rows[j], not the first copy)
-    takes row rows[j] of the layer above, column-expanded like every other row: with
-    W = [w1; w2; w3] and W_above = [v1; v2; v3], 3 -> 4 rows gives [w1; w2; w3; v1]
-    (AquilaMoE eq. 2)."""
+    """bert2BERT's AKI (AquilaMoE eq. 2): as fpi, but a *new* output neuron j (new_rows[j]) takes
+    row rows[j] of the layer above, column-expanded: W = [w1; w2; w3] and W_above = [v1; v2; v3]
+    grow to [w1; w2; w3; v1]."""
     grown = fpi(weight, rows, cols, col_copies)
     grown[new_rows] = fpi(weight_above, rows[new_rows], cols, col_copies)
     return grown

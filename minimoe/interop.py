@@ -131,9 +131,8 @@ def _same(*tensors):
 
 
 def _pairs(cfg: ModelConfig, fmt: str):
-    """(our names, their names, ours -> theirs, theirs -> ours, names that must be zero) for
-    every group of tensors. A tensor one side lacks is zero: it rides with a weight of its layer
-    (whose shape and dtype make it), and the other way drops it once checked (`dropped`)."""
+    """(our names, their names, ours -> theirs, theirs -> ours, names that must be zero) per group
+    of tensors. A tensor one side lacks is zero: made beside a weight, dropped once checked."""
     fmt = "llama" if fmt == "mistral" else fmt
     yield ("embed.weight",), ("model.embed_tokens.weight",), _same, _same, ()
     yield ("norm.weight",), ("model.norm.weight",), _same, _same, ()
@@ -211,8 +210,7 @@ def check_dropped(tensors, cfg: ModelConfig, fmt: str, to_hf: bool):
 
 
 def convert(tensors: dict[str, torch.Tensor], cfg: ModelConfig, fmt: str, to_hf: bool) -> dict:
-    """A whole state dict converted in memory (tensors shared where a name only changes); a
-    tied LM head passes through where it is present (transformers' state_dict holds it)."""
+    """A state dict converted in memory; a tied LM head passes through where present."""
     check_dropped(tensors, cfg, fmt, to_hf)
     out = {name: fn(*(tensors[s] for s in srcs))[i]
            for name, (srcs, fn, i) in plan(cfg, fmt, to_hf).items()}

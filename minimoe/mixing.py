@@ -107,8 +107,7 @@ def load_references(source: str, domains: list[str]) -> dict[str, float]:
 
 
 def describe(mix: str, history: list[dict], domain_tokens: dict[str, int]) -> str:
-    """The mix a run trained with, in words: its rule and the weights in force at the first and
-    the last logged step ("size: en-kjv 0.29, zh-pd1998 0.71"; "dynamic: ... -> ...")."""
+    """The mix a run trained with, its first and last weights: "size: en-kjv 0.29, zh-pd1998 0.71"."""
     weights = [r["mix"] for r in history if r.get("mix")] or [size_weights(domain_tokens)]
     shown = [", ".join(f"{d} {w:.2f}" for d, w in weights[i].items()) for i in (0, -1)]
     return f"{mix}: {shown[0]}" + (f" -> {shown[1]}" if shown[1] != shown[0] else "")

@@ -139,11 +139,10 @@ LOSS_CHUNK_LOGITS = 2**27  # logits per chunk of the loss: 2 GB of fp32 logits a
 
 
 class LMHead(nn.Linear):
-    """The output projection (d_model -> vocab). Given targets it returns the mean
-    cross-entropy, a chunk of tokens at a time with each chunk's logits recomputed in
-    backward: all (tokens, vocab) logits at once would cost 14 bytes each (bf16, fp32 copy,
-    log-softmax, gradients), 35 GB for 8x1.8B's micro-batch. Logits past `vocab` (tensor
-    parallelism's padding) are never seen."""
+    """The output projection (d_model -> vocab). Given targets, the mean cross-entropy, a chunk of
+    tokens at a time, each chunk's logits recomputed in backward: all (tokens, vocab) logits at
+    once cost 14 bytes each (bf16, fp32, log-softmax, gradients), 35 GB for 8x1.8B's micro-batch.
+    Logits past `vocab` (tensor parallelism's padding) are never seen."""
 
     def __init__(self, d_model: int, vocab: int):
         super().__init__(d_model, vocab, bias=False)
@@ -181,8 +180,7 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def to_empty(self, *, device, recurse: bool = True):
-        """nn.Module.to_empty, a tied LM head kept tied (off the meta device it would get
-        memory of its own)."""
+        """nn.Module.to_empty, a tied LM head kept tied (else it gets memory of its own)."""
         super().to_empty(device=device, recurse=recurse)
         if self.cfg.tie_embeddings and self.lm_head.weight is not self.embed.weight:
             self.lm_head.weight = self.embed.weight
@@ -191,9 +189,8 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, fill=None):
         """N(0, init_std) for matrices, zero biases, unit norms, in module order from the global
-        RNG. fill(param, draw, rows) applies each rule: by default draw(param); stream.py's
-        fill_block draws each tensor whole (its first `rows`: a padded vocabulary's real ones)
-        and keeps a rank's block, so a sharded model starts bit-identical to one process's."""
+        RNG. fill(param, draw, rows) applies each rule (stream.fill_block: a rank's block of the
+        whole tensor's draw, so a sharded model starts bit-identical to one process's)."""
         fill = fill or (lambda param, draw, rows=None: draw(param))
         std = self.cfg.init_std
         for module in self.modules():

@@ -187,9 +187,8 @@ class MoE(nn.Module):
 
 def expert_counts(expert_S: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Pairs per expert, without a device-to-host copy (bincount syncs to size its output)."""
-    ones_S = torch.ones_like(expert_S)
-    return torch.zeros(n_experts, dtype=expert_S.dtype, device=expert_S.device).scatter_add_(
-        0, expert_S, ones_S)
+    count_E = torch.zeros(n_experts, dtype=expert_S.dtype, device=expert_S.device)
+    return count_E.scatter_add_(0, expert_S, torch.ones_like(expert_S))
 
 
 def to_host(count: torch.Tensor, total: int) -> list[int]:
@@ -277,8 +276,7 @@ def moe_layers(model: nn.Module) -> list[MoE]:
 
 def aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
     """Each raw auxiliary loss of the last forward, SUMMED over the MoE layers as Megatron and
-    LLaMA-MoE do, so the paper's coefficients keep their meaning (balanced "balance":
-    n_moe_layers, not 1)."""
+    LLaMA-MoE do (so a perfectly balanced "balance" is n_moe_layers, not 1)."""
     layers = moe_layers(model)
     if not layers or not layers[0].aux:
         return {}

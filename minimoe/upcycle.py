@@ -53,9 +53,8 @@ def upcycle_checkpoint(src_path, dense_cfg: ModelConfig, out_path, n_experts: in
 def upcycle_plan(dense_cfg: ModelConfig, n_experts: int = 8, top_k: int = 2, layers: str = "all",
                  router_std: float = 0.02, router_init: str = "std", seed: int = 0,
                  **moe_options) -> "ExpertPlan":
-    """Every expert all of the dense MLP's neurons; the router N(0, router_std) from `seed`.
-    layers: "all" (AquilaMoE) or "every-other" (Sparse Upcycling); router_init="variance" reads
-    router_std as a variance (moe.router_init_std); moe_options: MOE_OPTIONS."""
+    """Every expert all of the MLP's neurons, the router N(0, router_std) from `seed`; layers: "all"
+    (AquilaMoE) or "every-other" (Sparse Upcycling); router_init: moe.router_init_std's."""
     cfg = _moe_config(dense_cfg, n_experts, top_k, layers, moe_options)
     every_neuron = torch.arange(cfg.d_ffn)
     return ExpertPlan(cfg, {i: [every_neuron] * cfg.n_experts for i in _moe_layer_ids(cfg)}, {},
@@ -172,9 +171,8 @@ def group_importance(dense: Transformer, calib, n_groups: int, layer_ids: list[i
 
 
 def taylor_importance(dense: Transformer, batches, layer_ids: list[int]) -> dict[int, torch.Tensor]:
-    """Mean over tokens of |h_j * dL/dh_j| per FFN neuron j (h: the down_proj input), the
-    first-order estimate of the loss change if j is zeroed (LLaMA-MoE's "feature_change",
-    "l1_norm"). autograd.grad leaves the dense model's .grad fields alone."""
+    """Mean over tokens of |h_j * dL/dh_j| per FFN neuron j (h: the down_proj input): how much the
+    loss changes if j is zeroed, to first order (LLaMA-MoE's "feature_change", "l1_norm")."""
     hidden = []
     hooks = [dense.layers[i].mlp.down_proj.register_forward_pre_hook(
         lambda module, args: hidden.append(args[0])) for i in layer_ids]
@@ -198,9 +196,8 @@ def taylor_importance(dense: Transformer, batches, layer_ids: list[int]) -> dict
 
 
 def residual_split(scores_CN: torch.Tensor, expert_d_ffn: int, shared_d_ffn: int):
-    """(shared neurons, expert neuron lists), after LLaMA-MoE's GradientSplitResidual: move
-    the neurons in most experts' top lists (ties: highest total importance) into the shared
-    block until it holds shared_d_ffn; the experts then take their top of the rest."""
+    """(shared neurons, expert neuron lists), after LLaMA-MoE's GradientSplitResidual: the neurons
+    in most experts' top lists move to the shared block; the experts take their top of the rest."""
     n_neurons = scores_CN.shape[1]
     remaining = torch.ones(n_neurons, dtype=torch.bool)
     total_N = scores_CN.sum(0)
@@ -253,8 +250,8 @@ def _routers(cfg: ModelConfig, router_std: float, router_init: str, seed: int) -
 
 @dataclass(frozen=True)
 class ExpertPlan:
-    """Where every MoE tensor comes from: per MoE layer, the dense FFN neurons that expert e
-    takes (experts[layer][e]) and the shared expert takes (shared[layer]), and the new router."""
+    """Per MoE layer: the dense FFN neurons of expert e (experts[layer][e]) and of the shared
+    expert (shared[layer]), and the new router."""
 
     cfg: ModelConfig
     experts: dict
@@ -266,9 +263,9 @@ _EXPERT_WEIGHTS = {"w_gate_EDF": "gate_proj", "w_up_EDF": "up_proj", "w_down_EFD
 
 
 def expert_tensor(plan: ExpertPlan, name: str, dense: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """MoE tensor `name`, cut from the tensors of the dense model (`dense`: a state dict, or a
-    model file read on demand). An expert made of neurons idx is rows idx of gate_proj and
-    up_proj and columns idx of down_proj (LLaMA-MoE's convert_llama_moe.py), stored (in, out)."""
+    """MoE tensor `name`, cut from the dense model's tensors (a state dict, or a file read on
+    demand): an expert of neurons idx is rows idx of gate_proj and up_proj and columns idx of
+    down_proj (LLaMA-MoE's convert_llama_moe.py), stored (in, out)."""
     if name in dense:  # attention, norms, embeddings, head, MLPs that stay dense
         return dense[name]
     _, layer, _, rest = name.split(".", 3)  # layers.{i}.mlp.{rest}
