@@ -1,7 +1,6 @@
-"""One way to check a value against its rule, and one error line naming the field, the value and
-the rule (`ModelConfig.d_ffn=0: must be a positive integer`), for every config dataclass, every
-file reader and every CLI option. A rule: "bool", "str", a tuple of allowed values, or a range
-of numbers, ">0", ">=0", "(0, 1]", "[0, 1]", "" (any finite number), "int" before it for integers."""
+"""Input checked at the door, one error line naming field, value and rule (`ModelConfig.d_ffn=0:
+must be a positive integer`). A rule: "bool", "str", a tuple of allowed values, or a range:
+">0", ">=0", "(0, 1]", "[0, 1]", "" (any finite number), with "int" before it for integers."""
 
 from __future__ import annotations
 
@@ -36,8 +35,11 @@ def check(owner: str, name: str, value, rule) -> None:
     owner ending in ": ", a file's name, is followed by the name alone)."""
     text = problem(value, rule)
     if text:
-        owner = owner if not owner or owner.endswith(": ") else f"{owner}."
-        raise ValueError(f"{owner}{name}={value!r}: {text}")
+        raise ValueError(f"{_prefix(owner)}{name}={value!r}: {text}")
+
+
+def _prefix(owner: str) -> str:
+    return owner if not owner or owner.endswith(": ") else f"{owner}."
 
 
 def option(rule):
@@ -81,14 +83,13 @@ def _range(rule: str, integer: bool):
 
 def known_keys(where: str, table, allowed) -> dict:
     """`table`, once it is a table whose keys are all in `allowed`; else one line naming the
-    first unknown key and listing the allowed ones. `where` prefixes the key ("runs[0]").
-    Every file reader (recipes, scenarios, validation runs, devices) calls it at the door."""
+    first unknown key and listing the allowed ones. `where` prefixes the key ("runs[0]")."""
     if not isinstance(table, dict):
         raise ValueError(f"{where}={table!r}: must be a table")
     for key in table:
         if key not in allowed:
-            prefix = f"{where}." if where and not where.endswith(": ") else where
-            raise ValueError(f"{prefix}{key}: unknown key; allowed: {', '.join(sorted(allowed))}")
+            allowed = ", ".join(sorted(allowed))
+            raise ValueError(f"{_prefix(where)}{key}: unknown key; allowed: {allowed}")
     return table
 
 
@@ -100,6 +101,5 @@ def from_table(cls, table, where: str, **given):
     for f in fields:
         if f.name not in table and f.name not in given and f.default is dataclasses.MISSING \
                 and f.default_factory is dataclasses.MISSING:
-            prefix = f"{where}." if where and not where.endswith(": ") else where
-            raise ValueError(f"{prefix}{f.name}: missing")
+            raise ValueError(f"{_prefix(where)}{f.name}: missing")
     return cls(**table, **given)

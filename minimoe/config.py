@@ -8,7 +8,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from minimoe.checks import check_fields
+from minimoe.checks import check_fields, from_table
 
 GATES = ("softmax-topk", "topk-softmax")
 
@@ -78,21 +78,16 @@ class ModelConfig:
         d, hd = self.d_model, self.head_dim
         q, kv = self.n_heads * hd, self.n_kv_heads * hd
         attention = d * (q + 2 * kv) + q * d + (q + 2 * kv) * self.qkv_bias
-        norms = 2 * d
-        dense_mlp = 3 * d * self.d_ffn
-        expert = 3 * d * self.expert_d_ffn
-        shared = 3 * d * self.shared_d_ffn
-        router = d * self.n_experts + (d * self.n_experts if self.router_noise else 0)
+        expert = 3 * d * self.expert_d_ffn  # SwiGLU: gate, up and down
         n_moe = self.n_moe_layers
-        n_dense = self.n_layers - n_moe
         counts = {
             "embedding": self.vocab_size * d,
             "attention": self.n_layers * attention,
-            "norms": self.n_layers * norms + d,
-            "mlp": n_dense * dense_mlp,
+            "norms": self.n_layers * 2 * d + d,
+            "mlp": (self.n_layers - n_moe) * 3 * d * self.d_ffn,
             "experts": n_moe * self.n_experts * expert,
-            "shared_experts": n_moe * shared,
-            "router": n_moe * router,
+            "shared_experts": n_moe * 3 * d * self.shared_d_ffn,
+            "router": n_moe * d * self.n_experts * (1 + self.router_noise),  # W_noise too
             "lm_head": 0 if self.tie_embeddings else self.vocab_size * d,
         }
         counts["total"] = sum(counts.values())
@@ -108,11 +103,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            _fail(unknown[0], d[unknown[0]], "is not a ModelConfig field")
-        return cls(**d)
+        return from_table(cls, d, "ModelConfig")
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -139,56 +130,36 @@ def _fail(field: str, value, rule: str):
     raise ValueError(f"ModelConfig.{field}={value!r}: {rule}")
 
 
-# --- presets --------------------------------------------------------------------------
-# Aquila family (arXiv 2408.06567 Table 3; vocab, rope_theta and norm_eps from the published
-# Hugging Face config.json of BAAI/AquilaMoE). All use QKV bias, SwiGLU and untied embeddings.
+# --- presets: toy shapes, and the paper's Table 3 (where sources disagree each value has its
+# own preset: docs/method.md#model-shapes; vocab, rope_theta, norm_eps: BAAI/AquilaMoE's config.json)
 _AQUILA = dict(vocab_size=151851, qkv_bias=True, rope_theta=1e6, norm_eps=1e-5,
                tie_embeddings=False)
 _MOE_8x2 = dict(n_experts=8, top_k=2)
 
-PRESETS: dict[str, ModelConfig] = {
-    # Toy shapes for CPU runs. tiny: the unit tests (well under 1M parameters).
-    "tiny": ModelConfig(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
-                        d_ffn=176, max_seq_len=128),
-    # tiny-large: tiny grown x2 in width, 2 -> 3 layers, for the <1 minute pipeline of the tests
-    "tiny-large": ModelConfig(vocab_size=512, n_layers=3, d_model=128, n_heads=8, n_kv_heads=2,
-                              d_ffn=352, max_seq_len=128),
-    # toy-small -> toy-large is the toy Scale-Up: width x2 (exact for FPI), heads x2 inside
-    # the same 2 KV groups (AKI-Pro's GQA rule), depth 4 -> 6 (interpolation duplicates).
-    "toy-small": ModelConfig(vocab_size=2048, n_layers=4, d_model=128, n_heads=4,
-                             n_kv_heads=2, d_ffn=352, max_seq_len=256),
-    "toy-large": ModelConfig(vocab_size=2048, n_layers=6, d_model=256, n_heads=8,
-                             n_kv_heads=2, d_ffn=704, max_seq_len=256),
-    "toy-moe": ModelConfig(vocab_size=2048, n_layers=6, d_model=256, n_heads=8,
-                           n_kv_heads=2, d_ffn=704, max_seq_len=256, **_MOE_8x2),
-    # The scale-up validation source, M(24, 2048) "1.3B" (arXiv 2408.06567 §3.2.1). The paper gives only
-    # layers and width; FFN and context are taken from the 1.8B column of Table 3, which has
-    # the same M(24, 2048) shape (so with vocab 151851 it counts 1.84B). Heads: bert2BERT
-    # treats a head as a neuron and keeps the head width, so growing into aquila-7b (heads of
-    # 128) needs heads of 128 here: 16 heads (the 1.8B's 32 heads of 64 could not grow into it).
-    "aquila-1.3b": ModelConfig(n_layers=24, d_model=2048, n_heads=16, n_kv_heads=16,
-                               d_ffn=5504, max_seq_len=2048, **_AQUILA),
-    # Table 3, column 1.8B (the scale-out validation source) and its 8x1.8B MoE.
-    "aquila-1.8b": ModelConfig(n_layers=24, d_model=2048, n_heads=32, n_kv_heads=32,
-                               d_ffn=5504, max_seq_len=2048, **_AQUILA),
-    "aquila-8x1.8b": ModelConfig(n_layers=24, d_model=2048, n_heads=32, n_kv_heads=32,
-                                 d_ffn=5504, max_seq_len=2048, **_AQUILA, **_MOE_8x2),
-    # Table 3, column 7B: 32 KV groups (plain MHA) as printed in the paper.
-    "aquila-7b": ModelConfig(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32,
-                             d_ffn=14336, max_seq_len=4096, **_AQUILA),
-    # The project README (github.com/FlagAI-Open/Aquila-MoE) gives the 7B 8 KV groups, which
-    # AKI-Pro's GQA rule needs for 7B -> 16B (the 16B has 8 groups). Which is right is unresolved.
-    "aquila-7b-kv8": ModelConfig(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8,
-                                 d_ffn=14336, max_seq_len=4096, **_AQUILA),
-    # Table 3, column 16B: FFN 20480 (the width AquilaMoE's experts have).
-    "aquila-16b": ModelConfig(n_layers=40, d_model=5120, n_heads=40, n_kv_heads=8,
-                              d_ffn=20480, max_seq_len=4096, **_AQUILA),
-    # The published BAAI/AquilaDense-16B config.json says intermediate_size 17920.
-    "aquila-16b-hf": ModelConfig(n_layers=40, d_model=5120, n_heads=40, n_kv_heads=8,
-                                 d_ffn=17920, max_seq_len=4096, **_AQUILA),
-    # Table 3, column 8*16B: every MLP upcycled into 8 experts, top-2 (arXiv 2408.06567 §2.3).
-    "aquilamoe-8x16b": ModelConfig(n_layers=40, d_model=5120, n_heads=40, n_kv_heads=8,
-                                   d_ffn=20480, max_seq_len=4096, **_AQUILA, **_MOE_8x2),
+
+def _shape(n_layers, d_model, n_heads, n_kv_heads, d_ffn, max_seq_len, **rest) -> ModelConfig:
+    return ModelConfig(n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                       d_ffn=d_ffn, max_seq_len=max_seq_len, **rest)
+
+
+PRESETS: dict[str, ModelConfig] = {  # layers, d_model, heads, KV heads, FFN width, context
+    "tiny": _shape(2, 64, 4, 2, 176, 128, vocab_size=512),
+    "tiny-large": _shape(3, 128, 8, 2, 352, 128, vocab_size=512),
+    # the toy Scale-Up: width x2 (exact for FPI), heads x2 in the same 2 KV groups, depth 4 -> 6
+    "toy-small": _shape(4, 128, 4, 2, 352, 256, vocab_size=2048),
+    "toy-large": _shape(6, 256, 8, 2, 704, 256, vocab_size=2048),
+    "toy-moe": _shape(6, 256, 8, 2, 704, 256, vocab_size=2048, **_MOE_8x2),
+    # §3.2.1's Scale-Up source M(24, 2048); the rest from the 1.8B, heads of 128 to grow into the 7B
+    "aquila-1.3b": _shape(24, 2048, 16, 16, 5504, 2048, **_AQUILA),
+    "aquila-1.8b": _shape(24, 2048, 32, 32, 5504, 2048, **_AQUILA),
+    "aquila-8x1.8b": _shape(24, 2048, 32, 32, 5504, 2048, **_AQUILA, **_MOE_8x2),
+    "aquila-7b": _shape(32, 4096, 32, 32, 14336, 4096, **_AQUILA),
+    # the project README (github.com/FlagAI-Open/Aquila-MoE) gives the 7B 8 KV groups
+    "aquila-7b-kv8": _shape(32, 4096, 32, 8, 14336, 4096, **_AQUILA),
+    "aquila-16b": _shape(40, 5120, 40, 8, 20480, 4096, **_AQUILA),
+    # BAAI/AquilaDense-16B's config.json says intermediate_size 17920
+    "aquila-16b-hf": _shape(40, 5120, 40, 8, 17920, 4096, **_AQUILA),
+    "aquilamoe-8x16b": _shape(40, 5120, 40, 8, 20480, 4096, **_AQUILA, **_MOE_8x2),
 }
 
 

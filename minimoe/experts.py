@@ -1,8 +1,6 @@
-"""What the experts learned: the share of each domain's tokens every expert of every MoE layer
-receives (LLaMA-MoE's heatmaps, arXiv 2406.16554), a Jensen-Shannon specialisation score, each
-expert's top tokens, and the experts of each token of a sentence (`token_routes`). Definitions:
-docs/method.md#what-the-experts-specialise-in.
-"""
+"""What the experts learned: each domain's share per expert (LLaMA-MoE's heatmaps), a
+Jensen-Shannon specialisation score, top tokens, and each token's experts (`token_routes`).
+Definitions: docs/method.md#what-the-experts-specialise-in."""
 
 from __future__ import annotations
 
@@ -26,67 +24,61 @@ def domain_batches(data: TokenData, batch_size: int = 8, seq_len: int = 128,
             for domain in data.val_domains}
 
 
-@torch.no_grad()
-def route_counts(model, batches: dict[str, list[torch.Tensor]]):
-    """Router choices of every MoE layer: (layer ids, pairs (L, D, E), pairs by token (L, E, V),
-    token occurrences (V,))."""
-    layers = [(i, block.mlp) for i, block in enumerate(model.layers) if isinstance(block.mlp, MoE)]
-    if not layers:
-        raise ValueError("model: has no MoE layer (a dense run has no experts to analyse)")
-    L, D, E, V = len(layers), len(batches), layers[0][1].n_experts, model.cfg.vocab_size
-    pairs_LDE = torch.zeros(L, D, E, dtype=torch.long)
-    by_token_LEV = torch.zeros(L, E, V, dtype=torch.long)
-    seen_V = torch.zeros(V, dtype=torch.long)
-    logits: dict[int, torch.Tensor] = {}
-    hooks = [moe.router.register_forward_hook(
-        lambda module, inputs, output, slot=slot: logits.__setitem__(slot, output))
-        for slot, (_, moe) in enumerate(layers)]
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        for d, windows in enumerate(batches.values()):
-            for x in windows:
-                model(x.to(device))
-                tokens_T = x.reshape(-1).cpu()
-                seen_V += torch.bincount(tokens_T, minlength=V)
-                for slot, (_, moe) in enumerate(layers):
-                    idx_TK = logits[slot].float().topk(moe.top_k, dim=-1).indices.cpu()
-                    pairs_LDE[slot, d] += torch.bincount(idx_TK.reshape(-1), minlength=E)
-                    token_S = tokens_T.repeat_interleave(moe.top_k)  # pair s = token * K + slot
-                    by_token_LEV[slot].index_put_((idx_TK.reshape(-1), token_S),
-                                                  torch.ones_like(token_S), accumulate=True)
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    return [i for i, _ in layers], pairs_LDE, by_token_LEV, seen_V
-
-
-@torch.no_grad()
-def token_routes(model, idx) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Where each token of one sequence goes, as the model routes at evaluation (no noise):
-    {MoE layer: (experts (T, K), combine weights (T, K))}, each token's experts in order of
-    weight. idx: the token ids, (T,) or (1, T). MoE.route itself decides, on the hidden state
-    that reaches the layer, so this is exactly the forward's choice."""
-    idx_1T = torch.as_tensor(idx).reshape(1, -1)
+def _moe_layers(model) -> dict[int, MoE]:
     layers = {i: block.mlp for i, block in enumerate(model.layers) if isinstance(block.mlp, MoE)}
     if not layers:
         raise ValueError("model: has no MoE layer (a dense model routes nothing)")
+    return layers
+
+
+@torch.no_grad()
+def _routes(model, layers: dict[int, MoE], idx_BT) -> dict[int, Routing]:
+    """Each MoE layer's routing in one forward at evaluation (no noise): MoE.route itself, on
+    the hidden state that reaches the layer, so exactly the forward's choice."""
     routes: dict[int, Routing] = {}
 
     def record(layer):
-        return lambda moe, args: routes.__setitem__(layer, moe.route(args[0].reshape(-1, args[0].shape[-1])))
+        return lambda moe, args: routes.__setitem__(layer, moe.route(args[0].flatten(0, -2)))
 
     hooks = [moe.register_forward_pre_hook(record(i)) for i, moe in layers.items()]
     was_training = model.training
     model.eval()
     try:
-        model(idx_1T.to(next(model.parameters()).device))
+        model(idx_BT.to(next(model.parameters()).device))
     finally:
         for hook in hooks:
             hook.remove()
         model.train(was_training)
+    return routes
+
+
+def route_counts(model, batches: dict[str, list[torch.Tensor]]):
+    """Router choices of every MoE layer: (layer ids, pairs (L, D, E), pairs by token (L, E, V),
+    token occurrences (V,))."""
+    layers = _moe_layers(model)
+    L, D, E, V = len(layers), len(batches), model.cfg.n_experts, model.cfg.vocab_size
+    pairs_LDE = torch.zeros(L, D, E, dtype=torch.long)
+    by_token_LEV = torch.zeros(L, E, V, dtype=torch.long)
+    seen_V = torch.zeros(V, dtype=torch.long)
+    for d, windows in enumerate(batches.values()):
+        for x in windows:
+            routes = _routes(model, layers, x)
+            tokens_T = x.reshape(-1).cpu()
+            seen_V += torch.bincount(tokens_T, minlength=V)
+            for slot, (i, moe) in enumerate(layers.items()):
+                expert_S = routes[i].idx_TK.reshape(-1).cpu()
+                pairs_LDE[slot, d] += torch.bincount(expert_S, minlength=E)
+                token_S = tokens_T.repeat_interleave(moe.top_k)  # pair s = token * K + slot
+                by_token_LEV[slot].index_put_((expert_S, token_S), torch.ones_like(token_S),
+                                              accumulate=True)
+    return list(layers), pairs_LDE, by_token_LEV, seen_V
+
+
+def token_routes(model, idx) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Where each token of one sequence goes: {MoE layer: (experts (T, K), combine weights
+    (T, K))}, each token's experts in order of weight. idx: the token ids, (T,) or (1, T)."""
+    layers = _moe_layers(model)
+    routes = _routes(model, layers, torch.as_tensor(idx).reshape(1, -1))
     return {i: (routes[i].idx_TK.cpu(), routes[i].weight_TK.cpu()) for i in layers}
 
 
@@ -150,8 +142,7 @@ def plot_specialisation(result: dict, path: Path, title: str = ""):
 
 
 def write_specialisation(result: dict, out_dir, tokenizer=None, title: str = "") -> list[Path]:
-    """specialisation.json, specialisation.png and top_tokens.md (decoded when given the
-    tokenizer) in out_dir; returns their paths."""
+    """specialisation.json, .png and top_tokens.md (decoded given a tokenizer) in out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files.write_json(out_dir / "specialisation.json", result)

@@ -1,10 +1,6 @@
-"""Files whole or absent, read through their rules, and a run folder held by one process.
-
-Every file minimoe writes goes through `atomic_write` (a temporary name, fsync, rename), so a
-reader or a run killed at any instant sees the old file or the new one, never half of one.
-Every JSON file it reads is one object or a one-line error; a JSON-lines log may end in a line
-torn by a kill. A command that writes a run holds `run_lock` on it, as git holds index.lock.
-"""
+"""Files whole or absent (every write through `atomic_write`: a killed run leaves the old file or
+the new one, never half), read as one object or a one-line error, and `run_lock`, which holds
+a run folder for one process as git holds index.lock."""
 
 from __future__ import annotations
 
@@ -24,8 +20,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 @contextlib.contextmanager
 def atomic_write(path):
-    """Yield a temporary path beside `path`; on success it is fsynced and renamed to `path`,
-    on failure removed. Works for anything that writes to a path (safetensors, savefig...)."""
+    """Yield a temporary path beside `path`: fsynced and renamed to `path` on success, else removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
     try:
@@ -82,11 +77,8 @@ def read_toml(path) -> dict:
 
 
 def read_jsonl(path) -> list[dict]:
-    """Every record (a JSON object) of a JSON-lines file, blank lines skipped. A last line with
-    no line break that does not parse was torn by a kill in its write: it is left out."""
-    path = Path(path)
-    text = path.read_bytes().decode("utf-8", errors="replace")
-    lines = text.split("\n")
+    """Every record (a JSON object) of a JSON-lines file; a last line torn by a kill is left out."""
+    lines = Path(path).read_bytes().decode("utf-8", errors="replace").split("\n")
     records = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -118,9 +110,8 @@ def check_writable(path) -> None:
 
 @contextlib.contextmanager
 def run_lock(folder, command: str):
-    """`<folder>.lock` held while the block runs, as git holds index.lock: created with
-    O_CREAT | O_EXCL, holding pid, host, time and command. A live holder: one line naming it;
-    the lock of a process that died (a kill) is taken over, saying so."""
+    """`<folder>.lock` (O_CREAT | O_EXCL: pid, host, time, command) held while the block runs.
+    A live holder: one line naming it; a dead process's lock is taken over, saying so."""
     folder = Path(folder).resolve()
     lock = folder.with_name(folder.name + ".lock")
     me = f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%d %H:%M')} {command}"

@@ -1,7 +1,5 @@
-"""Generation with a KV cache: greedy, or temperature / top-p sampling; prompts of different
-lengths left-padded in one batch; text in and out through `generate_text`, cut at the first
-stop string. `use_cache=False` recomputes the whole sequence every step: the reference the
-cached path is tested against. Provenance: docs/method.md, "Evaluation"."""
+"""Generation with a KV cache, greedy or temperature / top-p sampling, prompts left-padded into
+one batch, text in and out through `generate_text` (docs/method.md#evaluation)."""
 
 from __future__ import annotations
 
@@ -13,9 +11,8 @@ from minimoe.model import KVCache
 
 def pick_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
               generator: torch.Generator | None = None) -> torch.Tensor:
-    """The next token of each row: argmax at temperature 0, else a sample from the softmax at
-    that temperature, kept to the smallest set of tokens holding top_p of the probability
-    (nucleus sampling, Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration")."""
+    """The next token of each row: argmax at temperature 0, else a sample at that temperature from
+    the smallest set of tokens holding top_p of the probability (nucleus sampling, Holtzman 2020)."""
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
     # shifted to a maximum of 0 before the division: a tiny temperature gives -inf, never nan
@@ -29,74 +26,42 @@ def pick_next(logits_BV: torch.Tensor, temperature: float = 0.0, top_p: float = 
     return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_p: float):
+@torch.inference_mode()  # a little faster than no_grad: no version counters
+def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
+             stop=None) -> list[list[int]]:
+    """The new tokens of each prompt (token ids), at most max_new_tokens each. A row ends after
+    eos_id (included) or once stop(its new tokens) is true."""
     for name, value, rule in (("max_new_tokens", max_new_tokens, "int>0"),
                               ("temperature", temperature, ">=0"), ("top_p", top_p, "(0, 1]")):
         check("generate", name, value, rule)
-
-
-@torch.inference_mode()  # a little faster than no_grad: no version counters
-def generate(model, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, stop=None,
-             use_cache: bool = True) -> list[list[int]]:
-    """The new tokens of each prompt (token ids), at most max_new_tokens each. A row ends after
-    eos_id (included) or once stop(its new tokens) is true."""
-    check_sampling(max_new_tokens, temperature, top_p)
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("prompts: every prompt needs at least one token")
+    assert prompts and all(prompts), "every prompt needs a token (generate_text gives each one)"
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens}: more than "
                          f"the model's max_seq_len={model.cfg.max_seq_len}")
-    was_training = model.training
-    model.eval()  # no router noise
-    generator = torch.Generator().manual_seed(seed)
-    try:
-        if use_cache:
-            return _generate_cached(model, prompts, max_new_tokens, temperature, top_p, generator,
-                                    eos_id, stop)
-        return [_generate_uncached(model, p, max_new_tokens, temperature, top_p, generator,
-                                   eos_id, stop) for p in prompts]
-    finally:
-        model.train(was_training)
-
-
-def _finished(new: list[int], eos_id, stop) -> bool:
-    return (eos_id is not None and new[-1] == eos_id) or (stop is not None and stop(new))
-
-
-def _generate_cached(model, prompts, max_new_tokens, temperature, top_p, generator, eos_id, stop):
-    weight = next(model.parameters())
-    B, longest = len(prompts), max(len(p) for p in prompts)
+    weight, B = next(model.parameters()), len(prompts)
     pad_B = [longest - len(p) for p in prompts]
     idx = torch.tensor([[0] * pad + p for pad, p in zip(pad_B, prompts)], device=weight.device)
     cache = KVCache(model.cfg, B, longest + max_new_tokens, pad_B=pad_B, device=weight.device,
                     dtype=weight.dtype)
-    logits_BV = model(idx, cache)[:, -1]  # the prefill: the whole prompt at once
-    new = [[] for _ in range(B)]
-    done = [False] * B
-    for step in range(max_new_tokens):
-        next_B = pick_next(logits_BV, temperature, top_p, generator)
-        for b, token in enumerate(next_B.tolist()):
-            if not done[b]:
-                new[b].append(token)
-                done[b] = _finished(new[b], eos_id, stop)
-        if all(done) or step == max_new_tokens - 1:
-            break
-        logits_BV = model(next_B[:, None], cache)[:, -1]  # one position per row
-    return new
-
-
-def _generate_uncached(model, prompt, max_new_tokens, temperature, top_p, generator, eos_id, stop):
-    device = next(model.parameters()).device
-    ids, new = list(prompt), []
-    for _ in range(max_new_tokens):
-        logits_1V = model(torch.tensor([ids], device=device))[:, -1]
-        token = pick_next(logits_1V, temperature, top_p, generator).item()
-        ids.append(token)
-        new.append(token)
-        if _finished(new, eos_id, stop):
-            break
+    generator = torch.Generator().manual_seed(seed)
+    new, done = [[] for _ in range(B)], [False] * B
+    was_training = model.training
+    model.eval()  # no router noise
+    try:
+        logits_BV = model(idx, cache)[:, -1]  # the prefill: the whole prompt at once
+        for step in range(max_new_tokens):
+            next_B = pick_next(logits_BV, temperature, top_p, generator)
+            for b, token in enumerate(next_B.tolist()):
+                if not done[b]:
+                    new[b].append(token)
+                    done[b] = token == eos_id or (stop is not None and stop(new[b]))
+            if all(done) or step == max_new_tokens - 1:
+                break
+            logits_BV = model(next_B[:, None], cache)[:, -1]  # one position per row
+    finally:
+        model.train(was_training)
     return new
 
 
@@ -109,10 +74,8 @@ def cut_at_stop(text: str, stop: list[str]) -> str:
 def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
                   temperature: float = 0.0, top_p: float = 1.0, stop: list[str] = (),
                   seed: int = 0, batch_size: int = 16, truncate: bool = False) -> list[str]:
-    """The completion of each prompt as text, cut at the first stop string (or end of text).
-    truncate=True keeps the end of a prompt too long for the model (lm-evaluation-harness
-    cuts the context on the left, too); otherwise it is refused. Prompts go batch_size at a
-    time, so a sampled completion depends on its batch, not only on the seed; greedy ones do not."""
+    """Each prompt's completion, cut at the first stop string; truncate=True keeps the end of a
+    prompt too long for the model (as lm-evaluation-harness does), else it is refused."""
     stop = [s for s in stop if s]
 
     def stopped(new_ids):
@@ -124,7 +87,7 @@ def generate_text(model, tokenizer, prompts: list[str], max_new_tokens: int = 64
     if truncate and room > 0:
         encoded = [ids[-room:] for ids in encoded]
     texts = []
-    for i in range(0, len(encoded), batch_size):
+    for i in range(0, len(encoded), batch_size):  # a sampled completion depends on its batch
         rows = generate(model, encoded[i:i + batch_size], max_new_tokens, temperature, top_p,
                         seed + i, tokenizer.eos_id, stopped if stop else None)
         for row in rows:

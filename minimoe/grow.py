@@ -1,51 +1,9 @@
 """Scale-Up: grow a trained dense model wider and deeper (AquilaMoE §2.2, arXiv 2408.06567).
 
-Width follows bert2BERT (Chen et al. 2022, ACL). Every neuron of the target copies a source
-neuron chosen by a map g, and every weight that *reads* a copied neuron is divided by that
-neuron's copy count C (the original included), so every pre-activation is unchanged
-(bert2BERT eqs. 7-8). In nn.Linear's (out, in) layout:
-
-    U[j, i] = W[g_out(j), g_in(i)] / C[g_in(i)]
-
-The neurons are the d_model features of the residual stream, the d_ffn features of each MLP,
-and whole attention heads ("each attention head should be seen as a neuron", AquilaMoE §2.2;
-the head dimension never changes, so RoPE, which rotates inside a head, is untouched).
-
-  fpi      copies within the layer (AquilaMoE eq. 1). The grown model computes the source's
-           function, exactly when d_model grows by an integer multiple and every feature is
-           copied equally often; otherwise RMSNorm's mean over the wider vector differs
-           (AquilaMoE Table 2: 1.85 -> 1.96 for 4096 -> 5120), and nothing else does.
-  aki      fills the *new* output neurons of layer l from layer l+1 (bert2BERT's AKI,
-           AquilaMoE eq. 2), which breaks FPI's symmetry: copies that start equal stay equal
-           in training. The top layer has no layer above, so it uses FPI: our choice, the
-           paper is silent; the zxhcelestes/bert2BERT port does the same
-           (src/Bert_Model/pytorch_version/loader.py: "The last layer can only use FPI").
-  aki-pro  AKI with interpolated depth (below) and grouped-query attention (AquilaMoE §2.2.1):
-           the KV heads stay, and each group grows its query heads like a separate multi-head
-           block. We apply the same group rule under fpi and aki, which have no GQA rule of
-           their own. Multi-head on both sides is plain bert2BERT: K and V heads travel with
-           their query heads. Other changes of the group count are refused, as in the paper,
-           unless kv="mean-pool" (GQA uptraining, Ainslie et al. 2023).
-
-Depth picks, for every target layer l of L2, a widened source layer of L1 (docs/method.md#depth):
-
-  stack        W'_l = W_(l mod L1)               AquilaMoE §2.2.1's formula; fpi/aki default
-  stack-top    floor(L2/L1) whole copies, then the top L2 mod L1 layers: what the bert2BERT
-               port (loader.py, set_depth) and Apollo (apollo/apollo_utils.py,
-               stack_meta_layer) build. Equal to stack when L1 divides L2.
-  interpolate  W'_l = W_floor(l * L1 / L2)       Apollo, AquilaMoE eq. 3; the aki-pro default
-  identity     interpolate, and zero o_proj and down_proj of every duplicate, so a new layer
-               adds nothing to the residual stream (LLaMA-Pro's block expansion; beyond the paper)
-
-Table 1's "FPI (Stacking)" and "AKI (Stacking)" rows (24 -> 32 layers) are `stack` as the
-paper writes them and `stack-top` as the code it builds on would; which one BAAI ran is not
-public. The rest of the file is plumbing: `plan_growth` draws the maps once; `grow_tensor`
-names which source tensors a target tensor needs and applies the operators below to them,
-reading from any `name -> tensor` mapping (a state dict, or a lazily read
-`stream.SafetensorsSource`), which is how `grow_checkpoint` grows a 7B model in a few GB.
-A target must keep the source's vocab_size, qkv_bias, rope_theta and norm_eps: each changes
-the function, so a different value is refused rather than silently carried.
-"""
+Width: bert2BERT's FPI and AKI, and AKI-Pro's rule for grouped-query attention; depth: stack,
+stack-top, interpolate or identity. `grow_tensor` makes each target tensor from the few source
+tensors it needs, in memory (`grow_model`) or between files (`grow_checkpoint`). Sources and
+our choices where the papers are silent: docs/method.md#scale-up-width."""
 
 from __future__ import annotations
 
@@ -86,10 +44,9 @@ def fpi(weight: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | No
 def aki(weight: torch.Tensor, weight_above: torch.Tensor, rows: torch.Tensor,
         new_rows: torch.Tensor, cols: torch.Tensor | None,
         col_copies: torch.Tensor | None) -> torch.Tensor:
-    """bert2BERT's AKI: as fpi, but a *new* output neuron j (new_rows[j], not the first copy)
-    takes row rows[j] of the layer above, column-expanded like every other row: with
-    W = [w1; w2; w3] and W_above = [v1; v2; v3], 3 -> 4 rows gives [w1; w2; w3; v1]
-    (AquilaMoE eq. 2)."""
+    """bert2BERT's AKI (AquilaMoE eq. 2): as fpi, but a *new* output neuron j (new_rows[j]) takes
+    row rows[j] of the layer above, column-expanded: W = [w1; w2; w3] and W_above = [v1; v2; v3]
+    grow to [w1; w2; w3; v1]."""
     grown = fpi(weight, rows, cols, col_copies)
     grown[new_rows] = fpi(weight_above, rows[new_rows], cols, col_copies)
     return grown
@@ -103,9 +60,8 @@ def mean_pool_heads(weight: torch.Tensor, pool: int, head_dim: int) -> torch.Ten
 
 # --- the maps ---------------------------------------------------------------------------------
 def neuron_map(n_source: int, n_target: int, mapping: str, generator: torch.Generator) -> list[int]:
-    """g for one dimension: old neurons keep their place; each new one copies a source neuron,
-    left to right ("cyclic", AquilaMoE Fig. 1: j copies j mod n_source) or uniformly at
-    random (bert2BERT's f)."""
+    """g for one dimension: old neurons keep their place; a new one copies a source neuron left to
+    right ("cyclic", AquilaMoE Fig. 1: j copies j mod n_source) or at random (bert2BERT's f)."""
     if mapping == "cyclic":
         return [j % n_source for j in range(n_target)]
     new = torch.randint(n_source, (n_target - n_source,), generator=generator).tolist()
@@ -113,7 +69,7 @@ def neuron_map(n_source: int, n_target: int, mapping: str, generator: torch.Gene
 
 
 def depth_map(n_source: int, n_target: int, depth: str) -> list[int]:
-    """The source layer each target layer is built from (see the module docstring)."""
+    """The source layer each target layer is built from (docs/method.md#depth)."""
     if depth == "stack":
         return [l % n_source for l in range(n_target)]
     if depth == "stack-top":
@@ -134,9 +90,8 @@ def is_new(g) -> list[bool]:
 # --- the plan ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GrowthPlan:
-    """The options and every map of one growth. A map lists, for each target index, the
-    source index it copies. Old neurons keep their place (for query heads: their place within
-    the KV group), so the first copy of a source neuron is the original."""
+    """The options and every map of one growth: for each target index, the source index it
+    copies. Old neurons keep their place (query heads: within their KV group)."""
 
     source: ModelConfig
     target: ModelConfig
@@ -153,12 +108,6 @@ class GrowthPlan:
     layer_map: tuple[int, ...]     # target layer l is built from source layer layer_map[l]
     zeroed_layers: tuple[int, ...]  # identity depth: layers whose o_proj and down_proj are zero
 
-    def to_dict(self) -> dict:
-        """JSON-ready, for the growth report."""
-        out = dataclasses.asdict(self)
-        out["source"], out["target"] = self.source.to_dict(), self.target.to_dict()
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-
     @functools.cached_property
     def axes(self) -> dict[str, "_Axis"]:
         """The width maps as index tensors, built once per plan."""
@@ -170,7 +119,7 @@ class GrowthPlan:
 def plan_growth(source: ModelConfig, target: ModelConfig, method: str = "fpi",
                 depth: str | None = None, mapping: str = "cyclic", seed: int = 0,
                 kv: str = "keep") -> GrowthPlan:
-    """Check the request and draw every map; `depth=None` means the method's default."""
+    """Check the request and draw every map; `depth=None`: interpolate for aki-pro, else stack."""
     depth = depth or ("interpolate" if method == "aki-pro" else "stack")
     _check(source, target, method, depth, mapping, kv)
     generator = torch.Generator().manual_seed(seed)
@@ -251,8 +200,7 @@ class _Axis:
         g = torch.tensor(g, dtype=torch.long)
         copies = torch.bincount(g)[g].float()
         new = torch.tensor(is_new(g.tolist()))
-        within = torch.arange(size)
-        index = (g[:, None] * size + within).flatten()
+        index = (g[:, None] * size + torch.arange(size)).flatten()  # every element of a neuron
         return _Axis(index, copies.repeat_interleave(size), new.repeat_interleave(size))
 
 
@@ -327,30 +275,21 @@ def grow_model(plan: GrowthPlan, model: Transformer) -> Transformer:
 
 
 def scale_up(model: Transformer, target: ModelConfig, method: str = "fpi",
-             depth: str | None = None, mapping: str = "cyclic", seed: int = 0,
-             kv: str = "keep") -> Transformer:
-    """A new Transformer of config `target` grown from `model` (which is left untouched).
-
-    `depth=None` is the method's default (interpolate for aki-pro, stack otherwise). Grow the
-    width only with `target.replace(n_layers=model.cfg.n_layers)` (AquilaMoE Table 1's
-    M(24, 4096)). For the plan too (the growth report), call plan_growth, then grow_model.
-    """
-    return grow_model(plan_growth(model.cfg, target, method, depth, mapping, seed, kv), model)
+             **options) -> Transformer:
+    """A Transformer of config `target` grown from `model` (untouched); options: plan_growth's."""
+    return grow_model(plan_growth(model.cfg, target, method, **options), model)
 
 
-def growth_report(plan: GrowthPlan, val_before: dict | None = None,
-                  val_after: dict | None = None) -> dict:
-    """What a growth did, JSON-ready: parameters, options, every map, and the validation loss
-    before and after (the numbers of AquilaMoE Tables 1 and 2)."""
+def growth_report(plan: GrowthPlan) -> dict:
+    """What a growth did, JSON-ready: parameter counts, the options and every map."""
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(plan).items()}
     return {"source_params": plan.source.param_counts()["total"],
-            "target_params": plan.target.param_counts()["total"],
-            "val_before": val_before, "val_after": val_after, **plan.to_dict()}
+            "target_params": plan.target.param_counts()["total"], **fields}
 
 
 def grow_checkpoint(src_path, src_cfg: ModelConfig, tgt_cfg: ModelConfig, out_path,
                     **options) -> tuple[GrowthPlan, int]:
-    """Grow a .safetensors checkpoint into another with the same `grow_tensor`, one tensor in
-    memory at a time. `options` are plan_growth's. Returns the plan and the bytes written."""
+    """Growth between .safetensors files, one tensor in memory at a time: (plan, bytes written)."""
     plan = plan_growth(src_cfg, tgt_cfg, **options)
     written = transform_file(src_path, src_cfg, out_path, plan.target,
                              lambda name, source: grow_tensor(plan, name, source),

@@ -1,9 +1,6 @@
-"""Hugging Face folders in and out, one tensor in memory at a time (minimoe/stream.py):
-`export_run` writes a run as a transformers checkpoint (config, safetensors, tokenizer,
-generation config, a model card naming the chain it came from) and `import_checkpoint` makes a
-run of a transformers checkpoint and its tokenizer. The tensor table: minimoe/interop.py;
-what each format holds: docs/method.md#interop.
-"""
+"""Hugging Face folders in and out, one tensor in memory at a time: `export_run` writes a run as
+a transformers checkpoint, `import_checkpoint` makes a run of one. The tensor table:
+minimoe/interop.py; what each format holds: docs/method.md#interop."""
 
 from __future__ import annotations
 
@@ -41,7 +38,7 @@ class Tensors(dict):
 
 
 def convert_file(tensors: Tensors, cfg: ModelConfig, fmt: str, to_hf: bool, path: Path,
-                 dtype: torch.dtype | None = None, metadata: dict | None = None) -> int:
+                 dtype: torch.dtype | None = None) -> int:
     """One safetensors file converted into another, tensor by tensor; returns its bytes."""
     check_dropped(tensors, cfg, fmt, to_hf)
     steps = plan(cfg, fmt, to_hf)
@@ -58,14 +55,13 @@ def convert_file(tensors: Tensors, cfg: ModelConfig, fmt: str, to_hf: bool, path
     for name, (srcs, fn, index) in steps.items():
         shape_of = fn(*(tensors.meta(s) for s in srcs))[index]
         specs[name] = (dtype or shape_of.dtype, tuple(shape_of.shape))
-    return write_safetensors(path, specs, produce, metadata=metadata or {"format": "pt"})
+    return write_safetensors(path, specs, produce, metadata={"format": "pt"})
 
 
 # --- out: a run as a transformers checkpoint -----------------------------------------------------
 def choose_format(cfg: ModelConfig, fmt: str, tensors, tokenizer: Tokenizer) -> str:
-    """"auto": Llama or Qwen2 for a dense model (Qwen2 where transformers keeps the tokenizer),
-    Mixtral or Qwen2-MoE for an MoE (Qwen2-MoE for QKV biases or dense layers); a format asked
-    for by name is checked, and what it cannot hold refused by name."""
+    """"auto": Llama or Qwen2 (where transformers keeps the tokenizer) for a dense model,
+    Mixtral or else Qwen2-MoE for an MoE; a named format is checked, refusing what it cannot hold."""
     if fmt == "auto" and not cfg.is_moe:
         fmt = "qwen2" if cfg.qkv_bias and _qwen2_keeps(tokenizer) else "llama"
     elif fmt == "auto":
@@ -93,8 +89,7 @@ def _qwen2_keeps(tokenizer: Tokenizer) -> bool:
 
 
 def export_run(run, out, tokenizer: Tokenizer, fmt: str = "auto", dtype: str = "keep") -> dict:
-    """Write run `run` into folder `out` as a transformers checkpoint; returns what was written.
-    `out` may hold only an earlier export (its files are replaced)."""
+    """Write run `run` as a transformers checkpoint into `out` (empty, or an earlier export)."""
     run, out = Path(run), Path(out)
     cfg, path = read_config(run), model_file(run)
     if not path.exists():
@@ -141,9 +136,8 @@ def model_card(run: Path, cfg: ModelConfig, fmt: str, tokenizer: Tokenizer) -> s
 
 # --- in: a transformers checkpoint as a run ------------------------------------------------------
 def import_checkpoint(hf_dir, out, spec: dict) -> dict:
-    """Make run `out` of the transformers checkpoint in `hf_dir` (safetensors, one file or an
-    index of shards) and its tokenizer; `spec` is the run's data (tokenised by that tokenizer).
-    Returns run.json; a finished import of the same checkpoint is returned as it is."""
+    """Make run `out` (its data: `spec`) of the transformers checkpoint in `hf_dir` and its
+    tokenizer; returns run.json (a finished import of the same checkpoint as it is)."""
     from transformers import AutoConfig  # optional dependency, heavy to import
 
     hf_dir, out = Path(hf_dir), Path(out)

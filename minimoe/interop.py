@@ -1,9 +1,6 @@
-"""Interop with Hugging Face transformers, both ways: configs and tensors of LlamaForCausalLM
-and Qwen2ForCausalLM (dense), MixtralForCausalLM and Qwen2MoeForCausalLM (MoE); Mistral reads
-as Llama. One table (`_pairs`) says which of our tensors make which of theirs and how, in
-both directions, one group at a time, so full-size checkpoints stream (minimoe/hub.py). What
-each format can hold, and why: docs/method.md#interop.
-"""
+"""Interop with transformers' Llama, Qwen2, Mixtral and Qwen2-MoE (Mistral reads as Llama), both
+ways: one table (`_pairs`) says which of our tensors make which of theirs, a group at a time, so
+checkpoints stream (minimoe/hub.py). What each format holds, and why: docs/method.md#interop."""
 
 from __future__ import annotations
 
@@ -21,8 +18,7 @@ READS = (*FORMATS, "mistral")  # model types config_from_hf reads (Mistral's ten
 # --- configs -----------------------------------------------------------------------------------
 def check_format(cfg: ModelConfig, fmt: str):
     """Refuse, naming the field, what the format cannot hold exactly."""
-    if fmt not in FORMATS:
-        raise ValueError(f"format={fmt!r}: must be one of {', '.join(FORMATS)}")
+    assert fmt in FORMATS, fmt  # the command's choices
     moe = fmt in ("mixtral", "qwen2_moe")
     rules = [
         (cfg.is_moe == moe, "n_experts", f"must be {'> 0' if moe else '0'} ({fmt} is "
@@ -39,8 +35,10 @@ def check_format(cfg: ModelConfig, fmt: str):
             raise ValueError(f"ModelConfig.{field}={getattr(cfg, field)!r}: {rule}")
 
 
-def hf_config_dict(cfg: ModelConfig, fmt: str) -> dict:
-    """The transformers config of `fmt` with the shape of `cfg`, as keyword arguments."""
+def hf_config(cfg: ModelConfig, fmt: str):
+    """The transformers config of `fmt` with the shape of `cfg`."""
+    from transformers import AutoConfig  # optional dependency, heavy to import
+
     check_format(cfg, fmt)
     d = dict(model_type=fmt, architectures=[FORMATS[fmt]], vocab_size=cfg.vocab_size,
              hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
@@ -60,21 +58,12 @@ def hf_config_dict(cfg: ModelConfig, fmt: str) -> dict:
                  num_experts_per_tok=cfg.top_k, norm_topk_prob=True, qkv_bias=cfg.qkv_bias,
                  shared_expert_intermediate_size=0, decoder_sparse_step=1, use_sliding_window=False,
                  mlp_only_layers=[i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)])
-    return d
-
-
-def hf_config(cfg: ModelConfig, fmt: str):
-    """The transformers config object (transformers imported only here)."""
-    from transformers import AutoConfig  # optional dependency, heavy to import
-
-    d = hf_config_dict(cfg, fmt)
     return AutoConfig.for_model(d.pop("model_type"), **d)
 
 
 def config_from_hf(hf) -> ModelConfig:
-    """Our ModelConfig from a transformers config of a READS model type. What minimoe cannot
-    represent exactly (scaled RoPE, another activation or head_dim, MLP biases, sliding
-    windows, router jitter, a gated shared expert...) is a ValueError naming the field."""
+    """Our ModelConfig from a transformers config of a READS model type; what minimoe cannot
+    represent exactly (scaled RoPE, sliding windows, ...) is a ValueError naming the field."""
     kind = getattr(hf, "model_type", "llama")
     if kind not in READS:
         raise ValueError(f"model_type={kind!r}: must be one of {', '.join(READS)}")
@@ -142,9 +131,8 @@ def _same(*tensors):
 
 
 def _pairs(cfg: ModelConfig, fmt: str):
-    """(our names, their names, ours -> theirs, theirs -> ours, names that must be zero) for
-    every group of tensors. A tensor one side lacks is zero: it rides with a weight of its layer
-    (whose shape and dtype make it), and the other way drops it once checked (`dropped`)."""
+    """(our names, their names, ours -> theirs, theirs -> ours, names that must be zero) per group
+    of tensors. A tensor one side lacks is zero: made beside a weight, dropped once checked."""
     fmt = "llama" if fmt == "mistral" else fmt
     yield ("embed.weight",), ("model.embed_tokens.weight",), _same, _same, ()
     yield ("norm.weight",), ("model.norm.weight",), _same, _same, ()
@@ -211,24 +199,18 @@ def plan(cfg: ModelConfig, fmt: str, to_hf: bool) -> dict[str, tuple[tuple[str, 
     return out
 
 
-def dropped(cfg: ModelConfig, fmt: str, to_hf: bool) -> list[str]:
-    """The tensors a conversion leaves out: exact only where they are zero."""
-    return [name for ours, theirs, _, _, zeros in _pairs(cfg, fmt) for name in zeros
-            if name in (ours if to_hf else theirs)]
-
-
 def check_dropped(tensors, cfg: ModelConfig, fmt: str, to_hf: bool):
-    """Refuse, naming it, a nonzero tensor the conversion would leave out (`tensors` is any
-    name -> tensor mapping: a state dict, or a file read one tensor at a time)."""
-    for name in dropped(cfg, fmt, to_hf):
+    """Refuse, naming it, a nonzero tensor the conversion would leave out (exact only where
+    zero); `tensors`: a state dict, or a file read one tensor at a time."""
+    for name in (n for ours, theirs, _, _, zeros in _pairs(cfg, fmt) for n in zeros
+                 if n in (ours if to_hf else theirs)):
         if name in tensors and tensors[name].any():
             lacking = f"{fmt} has" if to_hf else "minimoe's model has"
             raise ValueError(f"{name}: nonzero, and {lacking} no such tensor")
 
 
 def convert(tensors: dict[str, torch.Tensor], cfg: ModelConfig, fmt: str, to_hf: bool) -> dict:
-    """A whole state dict converted in memory (tensors shared where a name only changes); a
-    tied LM head passes through where it is present (transformers' state_dict holds it)."""
+    """A state dict converted in memory; a tied LM head passes through where present."""
     check_dropped(tensors, cfg, fmt, to_hf)
     out = {name: fn(*(tensors[s] for s in srcs))[i]
            for name, (srcs, fn, i) in plan(cfg, fmt, to_hf).items()}

@@ -1,7 +1,6 @@
-"""Data mixing by domain: how much of each domain a training batch draws (`--mix`): "size"
-(in proportion to tokens, the default), static weights ("en-kjv=0.3,zh-pd1998=0.7"), or
-"dynamic", Sheared-LLaMA's rule as LLaMA-MoE trains with it (docs/method.md, "Data mixing").
-The weights in force are the only state it adds; the trainer keeps them in checkpoint and log."""
+"""Data mixing by domain (`--mix`): "size" (in proportion to tokens), static weights
+("en-kjv=0.3,zh-pd1998=0.7"), or "dynamic", Sheared-LLaMA's rule as LLaMA-MoE trains with it
+(docs/method.md#data-mixing). Its only state, the weights in force, is in checkpoint and log."""
 
 from __future__ import annotations
 
@@ -17,9 +16,7 @@ _PAIR = re.compile(r"\s*([^=,\s]+)\s*=\s*([^=,\s]+)\s*")
 
 
 def parse_mix(text: str) -> str | dict[str, float]:
-    """"size", "dynamic", or {domain: weight} normalised to sum 1 (domains are checked against
-    the data later, in `resolve_mix`). A negative or non-numeric weight, weights summing to 0
-    or a malformed pair raise ValueError naming it."""
+    """"size", "dynamic", or {domain: weight} summing to 1 (domains checked in `resolve_mix`)."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"mix={text!r}: must be 'size', 'dynamic' or domain=weight pairs")
     if text.strip() in (SIZE, DYNAMIC):
@@ -59,8 +56,7 @@ def size_weights(domain_tokens: dict[str, int]) -> dict[str, float]:
 
 def resolve_mix(text: str, domain_tokens: dict[str, int]) -> dict[str, float] | None:
     """The weights a run starts with: None for "size" (the plain sampler), the size
-    proportions for "dynamic", the given weights for a static mix (every domain of the data
-    named; an unknown domain is refused)."""
+    proportions for "dynamic", the given weights (an unknown domain refused) for a static mix."""
     mix = parse_mix(text)
     if mix == SIZE:
         return None
@@ -86,8 +82,7 @@ def dynamic_update(weights: dict[str, float], val_losses: dict[str, float],
 
 
 def load_references(source: str, domains: list[str]) -> dict[str, float]:
-    """Reference loss per domain: a JSON file {domain: loss}, or a run folder (the last
-    validation of its log.jsonl, keys val_<domain>)."""
+    """Reference loss per domain: a JSON file {domain: loss}, or a run folder's last validation."""
     if not source:
         raise ValueError("mix_reference='': dynamic mixing needs reference losses "
                          "(a JSON file {domain: loss} or a run folder)")
@@ -112,8 +107,7 @@ def load_references(source: str, domains: list[str]) -> dict[str, float]:
 
 
 def describe(mix: str, history: list[dict], domain_tokens: dict[str, int]) -> str:
-    """The mix a run trained with, in words: its rule and the weights in force at the first and
-    the last logged step ("size: en-kjv 0.29, zh-pd1998 0.71"; "dynamic: ... -> ...")."""
+    """The mix a run trained with, its first and last weights: "size: en-kjv 0.29, zh-pd1998 0.71"."""
     weights = [r["mix"] for r in history if r.get("mix")] or [size_weights(domain_tokens)]
     shown = [", ".join(f"{d} {w:.2f}" for d, w in weights[i].items()) for i in (0, -1)]
     return f"{mix}: {shown[0]}" + (f" -> {shown[1]}" if shown[1] != shown[0] else "")
@@ -129,9 +123,6 @@ def plot_weights(history: list[dict], path: Path, title: str = ""):
     for domain in points[-1][1]:
         ax.plot([t for t, _ in points], [w[domain] for _, w in points], marker="o", ms=2,
                 label=domain)
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("domain weight")
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
+    ax.set(xlabel="tokens", ylabel="domain weight", ylim=(0, 1), title=title)
     ax.legend()
     files.save_figure(fig, path)

@@ -1,16 +1,8 @@
-"""The Aquila decoder: the LLaMA architecture with QKV bias (AquilaMoE paper, Table 3).
+"""The Aquila decoder: the LLaMA architecture with QKV bias (AquilaMoE Table 3, arXiv 2408.06567).
 
-RMSNorm -> grouped-query attention with rotary positions -> RMSNorm -> SwiGLU MLP, repeated,
-then a final RMSNorm and the LM head. The MLP of a block is a swappable slot: Scale-Out puts an
-`MoE` module (minimoe/moe.py, which also holds the SwiGLU `MLP`) there, and nothing else in this file changes.
-
-Generation passes a `KVCache` through the forward: each attention layer appends its new keys and
-values to it and attends over all of them, so a step costs one token (minimoe/generate.py).
-Without a cache the forward is the training one, unchanged.
-
-This file is architecture only: no distribution, no logging, no files. Weight names follow
-Hugging Face's LlamaForCausalLM one for one (q_proj, gate_proj, ...) so interop is a renaming.
-"""
+RMSNorm -> grouped-query attention with RoPE -> RMSNorm -> SwiGLU MLP, repeated, then a final
+RMSNorm and the LM head. The MLP is a slot: Scale-Out puts an `MoE` (minimoe/moe.py) there.
+Architecture only; weight names follow transformers' LlamaForCausalLM: interop is a renaming."""
 
 from __future__ import annotations
 
@@ -53,18 +45,13 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """The keys and values of every position seen so far, per layer, preallocated for
-    `max_len` positions (as gpt-fast's KVCache), so generating a token costs one position.
-
-    Prompts of different lengths are left-padded into one batch (as transformers pads for
-    generation): row b begins with pad_B[b] padding positions that no real token attends to,
-    and its real tokens take rotary positions 0, 1, ... as they would alone.
-    """
+    """Keys and values of every position so far, per layer, for `max_len` positions (as
+    gpt-fast's). Left-padded prompts: row b begins with pad_B[b] positions no real token sees,
+    and its real tokens take rotary positions 0, 1, ... as they would alone."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, pad_B=None,
                  device=None, dtype=torch.float32):
-        if max_len > cfg.max_seq_len:
-            raise ValueError(f"cache length={max_len}: must be <= max_seq_len={cfg.max_seq_len}")
+        assert max_len <= cfg.max_seq_len, (max_len, cfg.max_seq_len)  # generate() checks it
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
@@ -77,8 +64,7 @@ class KVCache:
 
     def start_step(self, T: int):
         """Prepare a forward of T new positions: their rotary tables, and which keys they see."""
-        if self.length + T > self.max_len:
-            raise ValueError(f"sequence length={self.length + T}: the cache holds {self.max_len}")
+        assert self.length + T <= self.max_len, (self.length + T, self.max_len)
         start, L, device = self.length, self.length + T, self.cos.device
         if not self.padded and (start == 0 or T == 1):
             # an empty cache sees the plain causal square; one new token, every key so far
@@ -153,12 +139,10 @@ LOSS_CHUNK_LOGITS = 2**27  # logits per chunk of the loss: 2 GB of fp32 logits a
 
 
 class LMHead(nn.Linear):
-    """The output projection (d_model -> vocab). Given targets it returns the mean
-    cross-entropy instead of the logits, computed a chunk of tokens at a time with each chunk's
-    logits recomputed in backward, so the loss never holds more than one chunk of (tokens,
-    vocab) logits: all of them would cost 14 bytes each (bf16, the fp32 copy, log-softmax,
-    gradients), 35 GB for 8x1.8B's micro-batch. Logits past `vocab` (a padding that tensor
-    parallelism adds, minimoe/tensor_parallel.py) are never seen."""
+    """The output projection (d_model -> vocab). Given targets, the mean cross-entropy, a chunk of
+    tokens at a time, each chunk's logits recomputed in backward: all (tokens, vocab) logits at
+    once cost 14 bytes each (bf16, fp32, log-softmax, gradients), 35 GB for 8x1.8B's micro-batch.
+    Logits past `vocab` (tensor parallelism's padding) are never seen."""
 
     def __init__(self, d_model: int, vocab: int):
         super().__init__(d_model, vocab, bias=False)
@@ -196,8 +180,7 @@ class Transformer(nn.Module):
         self.reset_parameters()
 
     def to_empty(self, *, device, recurse: bool = True):
-        """nn.Module.to_empty (memory, no values), a tied LM head kept tied: moved off the meta
-        device it would get memory of its own."""
+        """nn.Module.to_empty, a tied LM head kept tied (else it gets memory of its own)."""
         super().to_empty(device=device, recurse=recurse)
         if self.cfg.tie_embeddings and self.lm_head.weight is not self.embed.weight:
             self.lm_head.weight = self.embed.weight
@@ -205,11 +188,9 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, fill=None):
-        """N(0, init_std) for matrices (HF's initializer_range), zero biases, unit norms, drawn
-        in module order from the global RNG. fill(param, draw, rows) applies each rule: by
-        default draw(param); minimoe/stream.py's fill_block draws each tensor whole (its first
-        `rows` rows: a padded vocabulary's real ones) and keeps a rank's block, so a sharded
-        model starts bit-identical to one process's."""
+        """N(0, init_std) for matrices, zero biases, unit norms, in module order from the global
+        RNG. fill(param, draw, rows) applies each rule (stream.fill_block: a rank's block of the
+        whole tensor's draw, so a sharded model starts bit-identical to one process's)."""
         fill = fill or (lambda param, draw, rows=None: draw(param))
         std = self.cfg.init_std
         for module in self.modules():
@@ -228,8 +209,7 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None,
                 targets: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab), or with targets (B, T) the mean
-        cross-entropy (LMHead). With a cache, idx holds the positions that follow those already
-        in it, and the cache takes their keys and values."""
+        cross-entropy. With a cache, idx holds the positions after those already in it."""
         T = idx.shape[1]
         if cache is None:
             if T > self.cfg.max_seq_len:
@@ -246,17 +226,14 @@ class Transformer(nn.Module):
 
     def num_params(self, active: bool = False) -> int:
         """Parameters counted from the tensors (tied weights once); see also cfg.param_counts()."""
-        total = sum(p.numel() for p in self.parameters())
-        if not active:
-            return total
-        return self.cfg.param_counts()["active"]
+        if active:
+            return self.cfg.param_counts()["active"]
+        return sum(p.numel() for p in self.parameters())
 
 
 def draw_as_built(cfg: ModelConfig) -> None:
-    """Advance the global RNG as building Transformer(cfg) on the CPU does (its modules'
-    constructors draw default weights, which reset_parameters then replaces), one module at a
-    time and keeping none. A model built on the meta device, then given this and
-    reset_parameters, equals build_model(cfg) drawn after the same seed (minimoe/train.py)."""
+    """Advance the global RNG as building Transformer(cfg) on the CPU does, keeping nothing: a
+    meta-built model given this and reset_parameters equals build_model(cfg) (train.py)."""
     with torch.device("cpu"):  # the order of Transformer.__init__
         nn.Embedding(cfg.vocab_size, cfg.d_model)
         for i in range(cfg.n_layers):

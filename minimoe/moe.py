@@ -1,16 +1,9 @@
-"""The Mixture-of-Experts layer that takes the MLP slot of a Block on Scale-Out.
+"""The Mixture-of-Experts layer that takes the MLP slot of a Block on Scale-Out: each token goes
+to its top-k of E SwiGLU experts, gate-weighted (AquilaMoE §2.3: E=8, k=2); the options and
+their sources: docs/method.md#the-moe-layer.
 
-A router scores each token against E experts, each token goes to its top-k experts, and the
-layer returns the gate-weighted sum of those experts' SwiGLU outputs (AquilaMoE: E=8, k=2,
-arXiv 2408.06567 §2.3). The options (gate, router noise, capacity, expert scale, shared expert)
-cover the peers this project compares with: docs/method.md#the-moe-layer.
-
-Tensors in the routing code are named by shape: T tokens, D model dim, E experts, K = top_k,
-F expert width, S = token-expert pairs (T * K before any dropping). Expert weights are stacked,
-one (E, D, F) parameter per projection in the `x @ W` layout that `F.grouped_mm(x_SD, w_EDF,
-offs)` takes. Every forward keeps, per layer, the raw auxiliary losses in `self.aux` and the
-routing statistics in `self.load_E` / `self.dropped_E`.
-"""
+Shape suffixes: T tokens, D model dim, E experts, K = top_k, F expert width, S token-expert
+pairs. Expert weights are stacked (E, D, F), the `x @ W` layout `F.grouped_mm` takes."""
 
 from __future__ import annotations
 
@@ -85,10 +78,8 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, fill=None):
-        """Experts and router N(0, init_std), W_noise zero (Transformer.reset_parameters calls
-        it, with its `fill`). AquilaMoE initialises the router with N(0, "variance 0.02"); we
-        read it as std 0.02, the Megatron/FlagScale default: `router_init_std`,
-        docs/method.md#router-initialisation."""
+        """Experts and router N(0, init_std), W_noise zero, through reset_parameters' `fill`
+        (how we read the paper's router "variance 0.02": router_init_std)."""
         fill = fill or (lambda param, draw, rows=None: draw(param))
         for w in (self.w_gate_EDF, self.w_up_EDF, self.w_down_EFD, self.router.weight):
             fill(w, lambda t: t.normal_(0.0, self.cfg.init_std))
@@ -166,9 +157,8 @@ class MoE(nn.Module):
         T, E, K = logits_TE.shape[0], self.n_experts, self.top_k
         load_E = expert_counts(idx_TK.reshape(-1), E)
         self.load_E = load_E.detach()
-        # Switch load balancing, top-k form as in Megatron's switch_load_balancing_loss_func:
-        # E/(T*K) * sum_e mean_prob_e * count_e; 1 under perfectly balanced routing (Switch
-        # Transformers eqs. 4-6 with top-k counts; Megatron-LM core/transformer/moe/moe_utils.py)
+        # Switch load balancing in its top-k form (Megatron's switch_load_balancing_loss_func):
+        # E/(T*K) * sum_e mean_prob_e * count_e, 1 under perfectly balanced routing
         balance = E / (T * K) * (probs_TE.mean(0) * load_E.to(probs_TE.dtype)).sum()
         # LLaMA-MoE: importance = the combine weights summed per expert (moe_gates.py)
         importance_E = torch.zeros(E, device=weight_TK.device, dtype=weight_TK.dtype)
@@ -197,17 +187,13 @@ class MoE(nn.Module):
 
 def expert_counts(expert_S: torch.Tensor, n_experts: int) -> torch.Tensor:
     """Pairs per expert, without a device-to-host copy (bincount syncs to size its output)."""
-    ones_S = torch.ones_like(expert_S)
-    return torch.zeros(n_experts, dtype=expert_S.dtype, device=expert_S.device).scatter_add_(
-        0, expert_S, ones_S)
+    count_E = torch.zeros(n_experts, dtype=expert_S.dtype, device=expert_S.device)
+    return count_E.scatter_add_(0, expert_S, torch.ones_like(expert_S))
 
 
 def to_host(count: torch.Tensor, total: int) -> list[int]:
     """Split sizes on the host: the one device-to-host copy of an MoE layer (torchtitan's one).
-
-    Under FakeTensorMode (the full-size rehearsal, minimoe/recipes/dry_run.py) counts have no
-    values; the rehearsal routes evenly: `total` pairs split equally over the entries, the
-    simulator's imbalance = 1 (docs/simulator.md#memory)."""
+    Fake counts (the full-size dry run) have no values: `total` pairs split evenly."""
     if isinstance(count, FakeTensor):
         n = count.numel()
         return [total // n + (i < total % n) for i in range(n)]
@@ -239,16 +225,14 @@ def expert_ffn(x_SD: torch.Tensor, count_E: torch.Tensor, w_gate_EDF: torch.Tens
 def _grouped_mm_usable(x_SD: torch.Tensor, w_EDF: torch.Tensor) -> bool:
     """torch's grouped matmul wants 16-byte-aligned strides and one of GROUPED_MM_DTYPES, knows
     no autocast, and on CUDA needs sm80+."""
-    device = x_SD.device.type
-    if not (GROUPED_MM and hasattr(F, "grouped_mm")) or device not in GROUPED_MM_DTYPES:
+    device, dtype = x_SD.device.type, w_EDF.dtype
+    # float64 (or an unknown device) would raise inside the kernel
+    if not (GROUPED_MM and hasattr(F, "grouped_mm")) or dtype not in GROUPED_MM_DTYPES.get(device, ()):
         return False
     if torch.is_autocast_enabled(device) or not w_EDF.is_contiguous() or len(x_SD) == 0:
         return False
     # torch 2.13's meta kernel of grouped_mm, which compile and fake tensors run, takes bf16 only
-    if torch.compiler.is_compiling() or (isinstance(w_EDF, FakeTensor)
-                                         and w_EDF.dtype != torch.bfloat16):
-        return False
-    if w_EDF.dtype not in GROUPED_MM_DTYPES[device]:  # float64 would raise inside the kernel
+    if torch.compiler.is_compiling() or (isinstance(w_EDF, FakeTensor) and dtype != torch.bfloat16):
         return False
     if device == "cuda" and torch.cuda.get_device_capability(x_SD.device) < (8, 0):
         return False
@@ -263,8 +247,7 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 def max_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Baichuan 2's max-z loss (eq. 1): the squared maximum logit, averaged over tokens; on the
-    router's logits or the LM head's (docs/method.md#auxiliary-losses)."""
+    """Baichuan 2's max-z loss (eq. 1): the squared maximum logit, averaged over tokens."""
     return logits.float().amax(dim=-1).square().mean()
 
 
@@ -292,12 +275,8 @@ def moe_layers(model: nn.Module) -> list[MoE]:
 
 
 def aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Each raw auxiliary loss of the last forward, SUMMED over the MoE layers.
-
-    A sum, as Megatron/FlagScale (each layer adds coeff * its loss) and LLaMA-MoE
-    (`balance_loss += layer_outputs[1]`) do, so the paper's coefficients keep their meaning;
-    the perfectly balanced value of "balance" is therefore n_moe_layers, not 1.
-    """
+    """Each raw auxiliary loss of the last forward, SUMMED over the MoE layers as Megatron and
+    LLaMA-MoE do (so a perfectly balanced "balance" is n_moe_layers, not 1)."""
     layers = moe_layers(model)
     if not layers or not layers[0].aux:
         return {}
@@ -306,34 +285,19 @@ def aux_losses(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def expert_load(model: nn.Module) -> torch.Tensor:
     """Token-expert pairs the router sent to each expert in the last forward: (n_moe_layers, E)."""
-    return _stack_or_empty([m.load_E for m in moe_layers(model)])
-
-
-def dropped_pairs(model: nn.Module) -> torch.Tensor:
-    """Pairs dropped for lack of capacity in the last forward: (n_moe_layers, E)."""
-    return _stack_or_empty([m.dropped_E for m in moe_layers(model)])
-
-
-def _stack_or_empty(rows: list[torch.Tensor]) -> torch.Tensor:
+    rows = [m.load_E for m in moe_layers(model)]
     return torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.long)  # a dense model
 
 
 @dataclass
 class AuxLossConfig:
-    """Coefficients of the auxiliary losses; the defaults are AquilaMoE's (arXiv 2408.06567 §2.3).
+    """Coefficients of the auxiliary losses; the defaults are AquilaMoE's (§2.3)."""
 
-    balance  Switch/Megatron load balancing (0.001 in AquilaMoE)
-    z        ST-MoE router z-loss (AquilaMoE: not used; ST-MoE: 0.001)
-    max_z    Baichuan 2 max-z loss (0.01 in AquilaMoE), on the router logits or, with
-             max_z_on="lm_head", on the LM-head logits passed to `total`
-    cv2      LLaMA-MoE's CV^2(importance) + CV^2(load) balance loss (LLaMA-MoE: 0.01)
-    """
-
-    balance: float = 0.001
-    z: float = 0.0
-    max_z: float = 0.01
-    max_z_on: str = "router"
-    cv2: float = 0.0
+    balance: float = 0.001  # Switch/Megatron load balancing
+    z: float = 0.0  # ST-MoE router z-loss (not in AquilaMoE; ST-MoE: 0.001)
+    max_z: float = 0.01  # Baichuan 2 max-z loss
+    max_z_on: str = "router"  # or "lm_head": on the LM-head logits passed to `total`
+    cv2: float = 0.0  # LLaMA-MoE's CV^2(importance) + CV^2(load) (LLaMA-MoE: 0.01)
 
     def __post_init__(self):
         check_fields("AuxLossConfig", self, {**dict.fromkeys(("balance", "z", "max_z", "cv2"), ">=0"),

@@ -1,8 +1,5 @@
-"""What every teaching notebook (notebooks/*.ipynb) runs before its first lesson: `setup` makes the
-repository root the working directory (Jupyter and nbmake start a kernel in the notebook's folder),
-so paths like sims/*.toml and runs/ work from anywhere in the clone. QUICK_ENV is the one parameter
-the test suite sets (tests/conftest.py): smaller models and fewer steps; notebooks/README.md.
-"""
+"""What every notebook runs first: `setup` makes the repository root the working directory (a
+kernel starts in the notebook's folder). QUICK_ENV: the tests' quick mode (notebooks/README.md)."""
 
 from __future__ import annotations
 
@@ -16,8 +13,7 @@ QUICK_ENV = "MINIMOE_NOTEBOOK_QUICK"  # "1": the notebooks run in quick mode (th
 def project_root(start=None) -> Path:
     """The minimoe checkout holding `start` (default: the working directory), else the one the
     package was imported from: the nearest folder holding both pyproject.toml and sims/."""
-    start = Path.cwd() if start is None else Path(start)
-    start = start.resolve()
+    start = (Path.cwd() if start is None else Path(start)).resolve()
     package_checkout = Path(__file__).resolve().parents[1]
     for folder in [start, *start.parents, package_checkout]:
         if (folder / "pyproject.toml").is_file() and (folder / "sims").is_dir():
@@ -27,8 +23,7 @@ def project_root(start=None) -> Path:
 
 
 def setup(start=None) -> None:
-    """Make the repository root the working directory (returns nothing, so a notebook's
-    output never shows the machine's paths)."""
+    """Make the repository root the working directory (returning nothing: no paths in outputs)."""
     os.chdir(project_root(start))
     # tqdm.auto (the training loop's progress bar) warns at import inside a kernel without
     # ipywidgets; the notebooks train with progress=False, so the warning tells a reader nothing

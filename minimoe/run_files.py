@@ -1,6 +1,5 @@
-"""What each file of a run folder must hold, checked where it is read (docs/method.md, "Run
-folders"): a file from disk is input like any other, so a value is held to its rule before
-anything uses it, and a file that breaks one is one line naming it."""
+"""What each file of a run folder must hold, checked where it is read, as any input is
+(docs/method.md#run-folders): a file that breaks a rule is one line naming it."""
 
 from __future__ import annotations
 
@@ -49,8 +48,7 @@ def resumed_weights(state: dict, path: Path, steps: int, tokens_per_step: int, w
 
 
 def log_records(path: Path) -> list[dict]:
-    """log.jsonl's records (a last line torn by a kill dropped), each a step, its tokens and
-    numbers."""
+    """log.jsonl's records (a torn last line dropped): a step, its tokens and numbers each."""
     records = files.read_jsonl(path) if path.exists() else []
     for n, r in enumerate(records, 1):
         mix = r.get("mix") or {}
@@ -103,8 +101,6 @@ def plot_losses(history: list[dict], path: Path, title: str = ""):
     for key in sorted({k for r in history for k in r if k.startswith("val_")}):
         pts = [(r["tokens"], r[key]) for r in history if key in r]
         ax.plot(*zip(*pts), marker="o", ms=3, label=key.replace("_", " "))
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("cross-entropy (nats)")
-    ax.set_title(title)
+    ax.set(xlabel="tokens", ylabel="cross-entropy (nats)", title=title)
     ax.legend()
     files.save_figure(fig, path)

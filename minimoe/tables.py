@@ -6,7 +6,7 @@ import json
 
 import pandas as pd
 
-from minimoe.config import ModelConfig, get_preset
+from minimoe.config import get_preset
 
 
 def human(n: float) -> str:
@@ -17,7 +17,17 @@ def human(n: float) -> str:
     return str(int(n))
 
 
-def shape_rows(cfg: ModelConfig) -> list[tuple[str, str]]:
+def param_table(presets: list[str]) -> pd.DataFrame:
+    """Parameters per component (millions) of each preset, one row each, with total and active."""
+    table = pd.DataFrame({name: get_preset(name).param_counts() for name in presets}).T / 1e6
+    return table.loc[:, (table != 0).any()]  # drop components no preset has
+
+
+def info_table(preset: str, as_json: bool = False) -> str:
+    cfg = get_preset(preset)
+    counts = cfg.param_counts()
+    if as_json:
+        return json.dumps({"preset": preset, "config": cfg.to_dict(), "params": counts}, indent=2)
     rows = [("layers", cfg.n_layers), ("d_model", cfg.d_model),
             ("heads / kv heads / head dim", f"{cfg.n_heads} / {cfg.n_kv_heads} / {cfg.head_dim}"),
             ("ffn width", cfg.d_ffn), ("vocab", cfg.vocab_size), ("context", cfg.max_seq_len),
@@ -27,25 +37,7 @@ def shape_rows(cfg: ModelConfig) -> list[tuple[str, str]]:
         rows += [("experts / top-k", f"{cfg.n_experts} / {cfg.top_k}"),
                  ("expert ffn width", cfg.expert_d_ffn), ("MoE layers", cfg.n_moe_layers),
                  ("gate", cfg.gate)]
-    return [(k, str(v)) for k, v in rows]
-
-
-def param_table(presets: list[str]) -> pd.DataFrame:
-    """Parameters per component (millions) of each preset, one row each, with total and active."""
-    rows = {}
-    for name in presets:
-        counts = get_preset(name).param_counts()
-        rows[name] = {k: v / 1e6 for k, v in counts.items()}
-    table = pd.DataFrame(rows).T
-    return table.loc[:, (table != 0).any()]  # drop components no preset has
-
-
-def info_table(preset: str, as_json: bool = False) -> str:
-    cfg = get_preset(preset)
-    counts = cfg.param_counts()
-    if as_json:
-        return json.dumps({"preset": preset, "config": cfg.to_dict(), "params": counts}, indent=2)
-    shapes = pd.DataFrame(shape_rows(cfg), columns=["shape", "value"]).set_index("shape")
+    shapes = pd.DataFrame([(k, str(v)) for k, v in rows], columns=["shape", "value"]).set_index("shape")
     params = pd.DataFrame(
         [(k, f"{v:,}", human(v), f"{100 * v / counts['total']:.1f}%") for k, v in counts.items()
          if v or k in ("total", "active")],

@@ -1,15 +1,7 @@
-"""Scale-Out: turn a dense model into a Mixture of Experts (pure functions: a new model back).
-
-  upcycle  Sparse Upcycling (Komatsuzaki et al. 2022) as AquilaMoE does it (arXiv 2408.06567
-           §2.3): every expert an exact copy of the dense MLP, a new random router. The combine
-           weights of a token sum to 1, so the MoE computes what the dense model did.
-  split    LLaMA-MoE's expert construction (arXiv 2406.16554): the FFN's d_ffn neurons divided
-           into n_experts experts (randomly, by balanced k-means, or by gradient importance),
-           so the MoE keeps the dense parameter count and k / n_experts of its compute.
-
-Both end in one per-tensor function, `expert_tensor`, run on a state dict in memory
-(`build_moe`) or between model files one tensor at a time (`upcycle_checkpoint`).
-"""
+"""Scale-Out: a dense model into a Mixture of Experts. `upcycle`: every expert a copy of the MLP,
+a new router (AquilaMoE §2.3); `split`: the MLP's neurons divided among the experts (LLaMA-MoE).
+Both end in one per-tensor function, `expert_tensor`, run in memory (`build_moe`) or between
+files (`upcycle_checkpoint`). Provenance: docs/method.md#scale-out-upcycling."""
 
 from __future__ import annotations
 
@@ -35,47 +27,38 @@ def scale_out(dense: Transformer, method: str, n_experts: int = 8, top_k: int = 
     """One entry point for the CLI and recipes: "upcycle" or "split-<split method>"."""
     if method == "upcycle":
         return upcycle(dense, n_experts, top_k, seed=seed, **options)
-    if method.startswith("split-") and method[len("split-"):] in SPLIT_METHODS:
-        return split(dense, n_experts, top_k, method[len("split-"):], calib, seed=seed, **options)
-    raise ValueError(f"method={method!r}: must be one of {', '.join(SCALE_OUT_METHODS)}")
+    assert method in SCALE_OUT_METHODS, method  # the CLI's choices
+    return split(dense, n_experts, top_k, method.removeprefix("split-"), calib, seed=seed, **options)
 
 
 # --- Sparse Upcycling -----------------------------------------------------------------------
-def upcycle(dense: Transformer, n_experts: int = 8, top_k: int = 2, layers: str = "all",
-            router_std: float = 0.02, router_init: str = "std", seed: int = 0,
-            **moe_options) -> Transformer:
-    """Every expert a copy of the dense MLP; the router N(0, router_std) from `seed`.
-
-    layers="all" converts every MLP (AquilaMoE); "every-other" converts layers 0, 2, 4, ...
-    (Sparse Upcycling). router_init="variance" reads router_std as a variance, the paper's
-    literal wording ("variance of 0.02"); see moe.router_init_std for why std is the default.
-    moe_options: gate, router_noise, capacity_factor, expert_scale (ModelConfig fields).
-    """
-    cfg = _moe_config(dense.cfg, n_experts, top_k, layers, moe_options)
-    return build_moe(_upcycle_plan(cfg, router_init_std(router_std, router_init), seed), dense)
+def upcycle(dense: Transformer, n_experts: int = 8, top_k: int = 2, **options) -> Transformer:
+    """A new MoE model: every expert a copy of the dense MLP (options: upcycle_plan's)."""
+    return build_moe(upcycle_plan(dense.cfg, n_experts, top_k, **options), dense)
 
 
 def upcycle_checkpoint(src_path, dense_cfg: ModelConfig, out_path, n_experts: int = 8,
-                       top_k: int = 2, layers: str = "all", router_std: float = 0.02,
-                       router_init: str = "std", seed: int = 0,
-                       **moe_options) -> tuple[ModelConfig, int]:
-    """`upcycle` from one .safetensors file into another through the same `expert_tensor`, one
-    tensor in memory at a time. Returns the MoE config and the bytes written."""
-    cfg = _moe_config(dense_cfg, n_experts, top_k, layers, moe_options)
-    plan = _upcycle_plan(cfg, router_init_std(router_std, router_init), seed)
+                       top_k: int = 2, **options) -> tuple[ModelConfig, int]:
+    """`upcycle` between .safetensors files, one tensor in memory at a time: (MoE config, bytes)."""
+    plan = upcycle_plan(dense_cfg, n_experts, top_k, **options)
 
     def dtype_of(source, name):  # a new tensor takes the dtype of its layer's dense MLP
         return source.dtype(name if name in source else name.split(".mlp.")[0] + ".mlp.gate_proj.weight")
 
-    written = transform_file(src_path, dense_cfg, out_path, cfg,
+    written = transform_file(src_path, dense_cfg, out_path, plan.cfg,
                              lambda name, source: expert_tensor(plan, name, source), dtype_of)
-    return cfg, written
+    return plan.cfg, written
 
 
-def _upcycle_plan(cfg: ModelConfig, router_std: float, seed: int) -> "ExpertPlan":
+def upcycle_plan(dense_cfg: ModelConfig, n_experts: int = 8, top_k: int = 2, layers: str = "all",
+                 router_std: float = 0.02, router_init: str = "std", seed: int = 0,
+                 **moe_options) -> "ExpertPlan":
+    """Every expert all of the MLP's neurons, the router N(0, router_std) from `seed`; layers: "all"
+    (AquilaMoE) or "every-other" (Sparse Upcycling); router_init: moe.router_init_std's."""
+    cfg = _moe_config(dense_cfg, n_experts, top_k, layers, moe_options)
     every_neuron = torch.arange(cfg.d_ffn)
     return ExpertPlan(cfg, {i: [every_neuron] * cfg.n_experts for i in _moe_layer_ids(cfg)}, {},
-                      _routers(cfg, router_std, seed))
+                      _routers(cfg, router_std, router_init, seed))
 
 
 # --- LLaMA-MoE expert construction ------------------------------------------------------------
@@ -83,24 +66,15 @@ def split(dense: Transformer, n_experts: int, top_k: int, method: str = "random"
           scale: float | None = None, seed: int = 0, layers: str = "all",
           shared_d_ffn: int | None = None, router_std: float = 0.02, router_init: str = "std",
           **moe_options) -> Transformer:
-    """Divide each dense FFN into n_experts experts of d_ffn / n_experts neurons.
-
-    method:
-      "random"             a random equal partition (what the released LLaMA-MoE models used)
+    """Divide each dense FFN into n_experts experts of d_ffn / n_experts neurons
+    (docs/method.md#splitting). method:
+      "random"             a random equal partition (the released LLaMA-MoE models')
       "cluster"            balanced k-means on the L2-normalised rows of up_proj
-      "importance"         expert c = the d_ffn/n_experts neurons with the highest first-order
-                           Taylor importance |h * dL/dh| on the c-th group of calibration
-                           sequences; neurons may be shared by experts (LLaMA-MoE Sharing_Inner)
-      "importance-shared"  as "importance", but the neurons most experts would share move into
-                           an always-on residual block of shared_d_ffn neurons (default: one
-                           expert's width; LLaMA-MoE Sharing_Inter / "residual")
-    calib: an iterable of (x, y) token batches (B, T), needed by the importance methods.
-    scale: the expert output scale; default n_experts / top_k, LLaMA-MoE's choice (its docs:
-      "#total experts / #selected"). With softmax weights summing to 1 over k of N equal
-      slices, the factor that preserves the output magnitude is closer to N (our analysis,
-      docs/method.md#splitting; Megatron's granular upcycling scales by the granularity): scale=n_experts
-      with top_k=n_experts and uniform gates gives back the dense MLP exactly.
-    """
+      "importance"         expert c: the neurons of highest Taylor importance |h * dL/dh| on
+                           the c-th group of `calib` (x, y) batches (LLaMA-MoE Sharing_Inner)
+      "importance-shared"  as "importance", the most shared neurons moved into an always-on
+                           block of shared_d_ffn (default: one expert's width; Sharing_Inter)
+    scale: the expert output scale; default n_experts / top_k, LLaMA-MoE's choice."""
     d_ffn = dense.cfg.d_ffn
     if method not in SPLIT_METHODS:
         raise ValueError(f"method={method!r}: must be one of {', '.join(SPLIT_METHODS)}")
@@ -140,7 +114,7 @@ def split(dense: Transformer, n_experts: int, top_k: int, method: str = "random"
                 experts[i] = [_top_neurons(s, expert_d_ffn) for s in scores[i]]
             else:
                 shared[i], experts[i] = residual_split(scores[i], expert_d_ffn, shared_d_ffn)
-    routers = _routers(cfg, router_init_std(router_std, router_init), seed)
+    routers = _routers(cfg, router_std, router_init, seed)
     return build_moe(ExpertPlan(cfg, experts, shared, routers), dense)
 
 
@@ -149,8 +123,7 @@ def balanced_kmeans(points_ND: torch.Tensor, n_clusters: int, n_iter: int = 20,
     """Labels (N,) of a k-means whose clusters differ in size by at most one (equal when
     n_clusters divides N), as LLaMA-MoE's KMeansConstrained(size_min = size_max) gives."""
     N = len(points_ND)
-    if N < n_clusters:
-        raise ValueError(f"n_clusters={n_clusters}: more clusters than points ({N})")
+    assert N >= n_clusters, (N, n_clusters)
     sizes = [N // n_clusters + (c < N % n_clusters) for c in range(n_clusters)]
     centroids_CD = points_ND[torch.randperm(N, generator=generator)[:n_clusters]].clone()
     labels_N = None
@@ -178,18 +151,11 @@ def _assign_with_capacity(dist_NC: torch.Tensor, sizes: list[int]) -> torch.Tens
 
 def group_importance(dense: Transformer, calib, n_groups: int, layer_ids: list[int],
                      generator: torch.Generator | None = None) -> dict[int, torch.Tensor]:
-    """Per layer, an (n_groups, d_ffn) table of first-order Taylor importance |h * dL/dh|.
-
-    LLaMA-MoE clusters its calibration text into one group per expert (sentence embeddings +
-    k-means) and computes one importance vector per group. We group the calibration sequences
-    by balanced k-means on their mean token embedding, which needs no extra model.
-    """
-    batches = [(x, y) for x, y in calib]
-    lengths = {x.shape[1] for x, _ in batches}
-    if len(lengths) != 1:
-        raise ValueError(f"calib: batches must share one sequence length, got {sorted(lengths)}")
+    """Per layer, (n_groups, d_ffn) Taylor importance, a row per group of calibration sequences
+    (LLaMA-MoE groups by sentence embeddings; we by k-means on the mean token embedding)."""
+    batches = list(calib)  # (x, y) windows of one length, built by the recipe
     x_all, y_all = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
-    if len(x_all) < n_groups:
+    if len(x_all) < n_groups:  # --calib-batches too few for --n-experts
         raise ValueError(f"calib: {len(x_all)} sequences; need at least n_experts={n_groups}")
     with torch.no_grad():
         seq_embed = F.normalize(dense.embed(x_all).float().mean(1), dim=1)
@@ -205,12 +171,8 @@ def group_importance(dense: Transformer, calib, n_groups: int, layer_ids: list[i
 
 
 def taylor_importance(dense: Transformer, batches, layer_ids: list[int]) -> dict[int, torch.Tensor]:
-    """Mean over tokens of |h_j * dL/dh_j| per FFN neuron j, h = the down_proj input.
-
-    The first-order Taylor estimate of how much the loss changes if neuron j is zeroed
-    (LLaMA-MoE's importance_type="feature_change", kernel="l1_norm"). Gradients are taken
-    with autograd.grad, so the dense model's .grad fields are not touched.
-    """
+    """Mean over tokens of |h_j * dL/dh_j| per FFN neuron j (h: the down_proj input): how much the
+    loss changes if j is zeroed, to first order (LLaMA-MoE's "feature_change", "l1_norm")."""
     hidden = []
     hooks = [dense.layers[i].mlp.down_proj.register_forward_pre_hook(
         lambda module, args: hidden.append(args[0])) for i in layer_ids]
@@ -223,9 +185,7 @@ def taylor_importance(dense: Transformer, batches, layer_ids: list[int]) -> dict
         with torch.enable_grad():
             for x, y in batches:
                 hidden.clear()
-                logits = dense(x)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-                grads = torch.autograd.grad(loss, hidden)
+                grads = torch.autograd.grad(dense(x, targets=y), hidden)  # of the mean loss
                 for i, h, g in zip(layer_ids, hidden, grads):  # hooks fire in layer order
                     score[i] += (h * g).abs().flatten(0, -2).sum(0).float().cpu()
                 n_tokens += x.numel()
@@ -236,13 +196,8 @@ def taylor_importance(dense: Transformer, batches, layer_ids: list[int]) -> dict
 
 
 def residual_split(scores_CN: torch.Tensor, expert_d_ffn: int, shared_d_ffn: int):
-    """(shared neurons, expert neuron lists) after moving the most shared neurons out.
-
-    After LLaMA-MoE's GradientSplitResidual (expert_split_residual.py): take each expert's
-    top-`expert_d_ffn` list, count in how many lists each neuron appears, move the most
-    repeated ones (ties: highest total importance) into the residual block, and repeat until
-    it holds shared_d_ffn neurons; the experts then take their top-`expert_d_ffn` of the rest.
-    """
+    """(shared neurons, expert neuron lists), after LLaMA-MoE's GradientSplitResidual: the neurons
+    in most experts' top lists move to the shared block; the experts take their top of the rest."""
     n_neurons = scores_CN.shape[1]
     remaining = torch.ones(n_neurons, dtype=torch.bool)
     total_N = scores_CN.sum(0)
@@ -285,17 +240,18 @@ def _moe_layer_ids(cfg: ModelConfig) -> list[int]:
     return [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
 
 
-def _routers(cfg: ModelConfig, router_std: float, seed: int) -> dict[int, torch.Tensor]:
-    """Each MoE layer's new router weight (E, D), N(0, router_std), drawn in layer order."""
+def _routers(cfg: ModelConfig, router_std: float, router_init: str, seed: int) -> dict:
+    """Each MoE layer's new router weight (E, D), N(0, std), drawn in layer order."""
+    std = router_init_std(router_std, router_init)
     generator = torch.Generator().manual_seed(seed)
-    return {i: torch.randn(cfg.n_experts, cfg.d_model, generator=generator) * router_std
+    return {i: torch.randn(cfg.n_experts, cfg.d_model, generator=generator) * std
             for i in _moe_layer_ids(cfg)}
 
 
 @dataclass(frozen=True)
 class ExpertPlan:
-    """Where every MoE tensor comes from: per MoE layer, the dense FFN neurons that expert e
-    takes (experts[layer][e]) and the shared expert takes (shared[layer]), and the new router."""
+    """Per MoE layer: the dense FFN neurons of expert e (experts[layer][e]) and of the shared
+    expert (shared[layer]), and the new router."""
 
     cfg: ModelConfig
     experts: dict
@@ -307,9 +263,9 @@ _EXPERT_WEIGHTS = {"w_gate_EDF": "gate_proj", "w_up_EDF": "up_proj", "w_down_EFD
 
 
 def expert_tensor(plan: ExpertPlan, name: str, dense: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """MoE tensor `name`, cut from the tensors of the dense model (`dense`: a state dict, or a
-    model file read on demand). An expert made of neurons idx is rows idx of gate_proj and
-    up_proj and columns idx of down_proj (LLaMA-MoE's convert_llama_moe.py), stored (in, out)."""
+    """MoE tensor `name`, cut from the dense model's tensors (a state dict, or a file read on
+    demand): an expert of neurons idx is rows idx of gate_proj and up_proj and columns idx of
+    down_proj (LLaMA-MoE's convert_llama_moe.py), stored (in, out)."""
     if name in dense:  # attention, norms, embeddings, head, MLPs that stay dense
         return dense[name]
     _, layer, _, rest = name.split(".", 3)  # layers.{i}.mlp.{rest}

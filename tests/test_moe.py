@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import minimoe.moe as moe_module
 from minimoe.config import get_preset
 from minimoe.model import build_model
-from minimoe.moe import (AuxLossConfig, MoE, aux_losses, dropped_pairs, expert_load, max_z_loss,
+from minimoe.moe import (AuxLossConfig, MoE, aux_losses, expert_load, max_z_loss,
                          router_init_std)
 
 TINY_MOE = get_preset("tiny").replace(n_experts=4, top_k=2)
@@ -215,7 +215,7 @@ def test_model_level_aux_losses_and_total():
     assert set(raw) == {"balance", "z", "max_z", "cv2"}
     torch.testing.assert_close(raw["balance"], sum(a["balance"] for a in per_layer))  # a sum
     assert expert_load(model).sum(1).tolist() == [32 * cfg.top_k] * 3
-    assert dropped_pairs(model).sum() == 0
+    assert sum(m.dropped_E.sum() for m in moe_module.moe_layers(model)) == 0
 
     loss, parts = AuxLossConfig().total(model, logits)  # AquilaMoE: 0.001 balance, 0.01 max-z
     torch.testing.assert_close(loss, 0.001 * raw["balance"] + 0.01 * raw["max_z"])
@@ -262,7 +262,7 @@ def test_dense_model_has_no_aux_losses():
     logits = model(torch.zeros(1, 4, dtype=torch.long))
     loss, parts = AuxLossConfig().total(model, logits)
     assert loss.item() == 0 and parts == {}
-    assert expert_load(model).shape == (0, 0) and dropped_pairs(model).shape == (0, 0)
+    assert expert_load(model).shape == (0, 0)
 
 
 # --- Hugging Face Mixtral ----------------------------------------------------------------------
