@@ -1,6 +1,4 @@
-"""The commands that make runs: pretrain, scale-up, scale-out, and experts (what an MoE run's
-experts specialise in; pipeline and experiment are in recipes.py). Every number an option takes is held to its rule
-as it is parsed (minimoe.checks.option); the work is in minimoe/recipes/."""
+"""The commands that make runs: pretrain, scale-up, scale-out and experts (minimoe/recipes/)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""The paper's validation experiments at toy scale (`minimoe experiment`): AquilaMoE Table 1
-(scale_up_experiment: every Scale-Up initialisation, then the same training) and the scale-out
-comparison (dense, upcycled, LLaMA-MoE splits, from scratch). Each writes a table, plots and
-summary.json (naming every run folder, for the notebooks); run_seeds repeats one over seeds."""
+"""The paper's validation experiments at toy scale (`minimoe experiment`): AquilaMoE Table 1 and
+the scale-out comparison, each a table, plots and summary.json; run_seeds repeats one over seeds."""
 
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
-"""Full-size launch recipes (scaling/full/*.toml): one run of the paper each, its layout, and the
-`minimoe` commands that run it under torchrun (scaling/launch.sh runs them).
-
-A recipe names a stage (pretrain, scale-up or scale-out), the model shape, where it grows from,
-the training budget of arXiv 2408.06567 Table 3 and a layout: GPUs, tensor- and expert-parallel
-ranks, micro-batch, activation checkpointing. The layout is the fastest `engine_plan` finds
-among those this path runs and `minimoe dry-run` rehearses (FSDP2; no pipeline parallelism),
-priced as the path runs (`ENGINE_OPTIONS`: docs/simulator.md#memory).
-"""
+"""Full-size launch recipes (scaling/full/*.toml): one run of the paper each, its layout (the
+simulator's search, narrowed to this torchrun path), and the `minimoe` commands that run it
+(scaling/launch.sh). docs/recipes.md#full-size-launch-recipes."""
 
 from __future__ import annotations
 

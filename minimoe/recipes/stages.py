@@ -1,10 +1,5 @@
-"""Running one stage: load the data a run was made with, build or load its model, train it.
-
-A run folder remembers its data (`run.json` -> "data": paths, tokenizer kind, vocabulary size)
-and holds its tokenizer (tokenizer.json), so a stage grown from it sees the same token stream
-and validation set, and eval, generate and experts read it as it was trained. Under torchrun
-every rank runs the stage; transformations and data caches are made by rank 0 (`dist.main_only`).
-"""
+"""Running one stage: load the data a run was made with, build or load its model, train or
+transform it (run folders: docs/recipes.md#run-folders)."""
 
 from __future__ import annotations
 
@@ -213,12 +208,9 @@ def specialisation_run(run_dir, out=None, paths=None, batch_size: int = 8, seq_l
 # --- transformations between runs: in memory, or file to file for full-size checkpoints -----
 def transform_run(src, out, meta: dict, transform=None, write=None, tc: TrainConfig | None = None
                   ) -> dict:
-    """Transform run `src`'s model into run `out`, with a report (out/transform.json: claimed
-    first with "finished": false, written last; a finished `out` is not redone). In memory,
-    `transform(model) -> (model, extras)`, and the validation loss before and after is measured
-    on tc's batches (Tables 1 and 2: equal when the function is kept). File to file, one tensor
-    in memory at a time (full size), `write(src_file, src_cfg, out_file) -> (cfg, bytes,
-    extras)`: no loss."""
+    """Transform run `src`'s model into run `out`, with out/transform.json (docs/recipes.md#run-
+    folders): in memory, `transform(model) -> (model, extras)`, or file to file,
+    `write(src_file, src_cfg, out_file) -> (cfg, bytes, extras)`."""
     return dist.main_only(lambda: _transform_run(Path(src), Path(out), meta, transform, write, tc))
 
 
