@@ -22,10 +22,6 @@ def _numbers(text: str, least: int) -> list[int]:  # argparse's one line, as che
     return values
 
 
-def _steps(text: str) -> list[int]:  # --budgets 20,80,320
-    return _numbers(text, 1)
-
-
 def _seeds(text: str) -> list[int]:  # --seeds 3 (seeds 0, 1, 2) or --seeds 0,4,7
     if "," in text:
         return _numbers(text, 0)
@@ -77,7 +73,7 @@ def add_experiment(p):
                    "OUT/seed-N and judge the paper's claims over the seeds in OUT/report")
     p.add_argument("--dense-run", metavar="RUN", help="scale-out: start from this grown dense "
                    "run ({seed} in it is replaced by each seed)")
-    p.add_argument("--budgets", type=_steps, default=[20, 80, 320],
+    p.add_argument("--budgets", type=lambda text: _numbers(text, 1), default=[20, 80, 320],
                    help="savings: scale-out steps to sweep (a list; default 20,80,320)")
     p.add_argument("--no-progress", action="store_true")
 

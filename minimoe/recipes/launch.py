@@ -251,7 +251,6 @@ def launch_args(r: LaunchRecipe, step: str) -> str:
     node, the node count and the run's name)."""
     if step == "node":
         return f"{r.layout.gpus_per_node} {r.layout.gpus // r.layout.gpus_per_node} {r.name}"
-    if step not in ("prepare", "train"):
-        raise ValueError(f"step={step!r}: must be prepare, train or node")
+    assert step in ("prepare", "train"), step  # the CLI's choices
     argv = commands(r)[step]
     return "" if argv is None else shlex.join(argv)
