@@ -84,7 +84,6 @@ def run_experiment(args):
     progress = not args.no_progress
     if args.name == "savings":
         savings_experiment(args.out, recipe, args.budgets, args.seeds or [recipe.seed], progress)
-        table = Path(args.out) / "savings.md"
     elif args.seeds:
         summary = experiments.run_seeds(args.name, args.out, recipe, args.seeds, progress,
                                         args.dense_run)
@@ -92,10 +91,9 @@ def run_experiment(args):
         return _print_claims(summary)
     elif args.name == "scale-up":
         experiments.scale_up_experiment(args.out, recipe, progress=progress)
-        table = Path(args.out) / f"{args.name}.md"
     else:
         experiments.scale_out_experiment(args.out, recipe, progress=progress,
                                          dense_run=args.dense_run)
-        table = Path(args.out) / f"{args.name}.md"
+    table = Path(args.out) / f"{args.name}.md"  # savings.md, scale-up.md or scale-out.md
     print(table)
     print(table.read_text(encoding="utf-8").split("\n![")[0])
