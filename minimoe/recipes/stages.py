@@ -203,9 +203,9 @@ def specialisation_run(run_dir, out=None, paths=None, batch_size: int = 8, seq_l
 # --- transformations between runs: in memory, or file to file for full-size checkpoints -----
 def transform_run(src, out, meta: dict, transform=None, write=None, tc: TrainConfig | None = None
                   ) -> dict:
-    """Transform run `src`'s model into run `out`, with out/transform.json (docs/recipes.md#run-
-    folders): in memory, `transform(model) -> (model, extras)`, or file to file,
-    `write(src_file, src_cfg, out_file) -> (cfg, bytes, extras)`."""
+    """Transform run `src`'s model into run `out`, with out/transform.json
+    (docs/recipes.md#run-folders): in memory, `transform(model) -> (model, extras)`, or file to
+    file, `write(src_file, src_cfg, out_file) -> (cfg, bytes, extras)`."""
     return dist.main_only(lambda: _transform_run(Path(src), Path(out), meta, transform, write, tc))
 
 
