@@ -1,7 +1,4 @@
-"""The `minimoe` command (console script `minimoe`, and `python -m minimoe`): main.py holds the
-command table and the one error boundary; runs.py, recipes.py (pipeline and experiment, over
-seeds), cost.py, evaluation.py, hub.py and full_size.py the commands, each declaring its
-options and calling the package."""
+"""The `minimoe` command: main.py holds the command table and the one error boundary."""
 
 from minimoe.cli.main import COMMANDS, build_parser, main
 

@@ -1,7 +1,5 @@
-"""`minimoe eval` (score runs on tasks; or write the tasks for lm-evaluation-harness) and
-`minimoe generate`; the work is in minimoe/evaluate.py and minimoe/generate.py. Every task and
-every run is checked before any scoring, so nothing is written for a half-evaluated set.
-"""
+"""`minimoe eval` (score runs on tasks, or export them for lm-evaluation-harness) and `minimoe
+generate` (minimoe/evaluate.py, minimoe/generate.py)."""
 
 from __future__ import annotations
 

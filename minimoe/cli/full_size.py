@@ -1,6 +1,4 @@
-"""The full-size commands of `minimoe`: tokenize (text of any size into shards), dry-run (a
-launch recipe's training step rehearsed at full size) and launch-args (what scaling/launch.sh
-runs). Each is a pair, declare the arguments and run, that minimoe/cli/main.py COMMANDS lists."""
+"""The full-size commands: tokenize (text of any size into shards), dry-run and launch-args."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
 """The `minimoe` command: the command table, parsing, the run lock, and the one error boundary.
-
-A command's module is imported only when that command runs (`simulate`, `plan`, `validate`
-never load torch). Whatever goes wrong at the door or later, a bad value, a bad file, a full
-disk, a read-only folder, out of memory, Ctrl-C, is one line on stderr, exit 2 (130: Ctrl-C).
-"""
+A command's module is imported only when it runs; whatever goes wrong is one line on stderr,
+exit 2 (130: Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -24,30 +21,28 @@ upcycling, LLaMA-MoE splits), and account for the savings; estimate full-size ru
 FLOPs and cost simulator. Start with `minimoe pipeline`."""
 
 RUNS, RECIPES, COST = "minimoe.cli.runs", "minimoe.cli.recipes", "minimoe.cli.cost"
+FULL, EVAL, HUB = "minimoe.cli.full_size", "minimoe.cli.evaluation", "minimoe.cli.hub"
 # name -> (help, the module whose add_NAME declares its arguments and run_NAME runs it)
 COMMANDS = {
     "pipeline": ("preparation -> scale-up -> scale-out vs from scratch, with a report", RECIPES),
     "pretrain": ("train a model on the demo corpus or your text", RUNS),
-    "tokenize": ("stream text of any size into pre-tokenised shards", "minimoe.cli.full_size"),
+    "tokenize": ("stream text of any size into pre-tokenised shards", FULL),
     "scale-up": ("grow a run's model wider and deeper (FPI, AKI, AKI-Pro)", RUNS),
     "scale-out": ("turn a dense run's model into an MoE (upcycle or split)", RUNS),
     "experiment": ("the paper's validation experiments at toy scale, over seeds", RECIPES),
     "dry-run": ("full-size recipes' training step rehearsed here: memory, against the simulator",
-                "minimoe.cli.full_size"),
-    "launch-args": ("the commands of a full-size recipe (what scaling/launch.sh runs)",
-                    "minimoe.cli.full_size"),
+                FULL),
+    "launch-args": ("the commands of a full-size recipe (what scaling/launch.sh runs)", FULL),
     "info": ("shapes and parameter counts of a preset", COST),
     "flops": ("analytic FLOPs per token of a preset, per component", COST),
     "simulate": ("account a TOML scenario of training phases (sims/)", COST),
     "plan": ("fastest and cheapest parallel layouts on N GPUs", COST),
     "validate": ("the cost simulator against published training runs (sims/validation/)", COST),
     "experts": ("what an MoE run's experts specialise in, by domain", RUNS),
-    "eval": ("score runs on tasks: cloze, completion, bits per byte, .jsonl task files",
-             "minimoe.cli.evaluation"),
-    "generate": ("continue a prompt with a run's model, greedy or sampled", "minimoe.cli.evaluation"),
-    "export": ("write a run as a Hugging Face transformers checkpoint", "minimoe.cli.hub"),
-    "import": ("make a run of a Hugging Face checkpoint, to grow, upcycle or train it",
-               "minimoe.cli.hub"),
+    "eval": ("score runs on tasks: cloze, completion, bits per byte, .jsonl task files", EVAL),
+    "generate": ("continue a prompt with a run's model, greedy or sampled", EVAL),
+    "export": ("write a run as a Hugging Face transformers checkpoint", HUB),
+    "import": ("make a run of a Hugging Face checkpoint, to grow, upcycle or train it", HUB),
     "bench": ("speed benchmarks, printed as measured ratios", "minimoe.bench"),  # beside the library
 }
 WRITES_RUN = {"pipeline", "pretrain", "tokenize", "scale-up", "scale-out", "experiment", "experts"}

@@ -22,10 +22,6 @@ def _numbers(text: str, least: int) -> list[int]:  # argparse's one line, as che
     return values
 
 
-def _steps(text: str) -> list[int]:  # --budgets 20,80,320
-    return _numbers(text, 1)
-
-
 def _seeds(text: str) -> list[int]:  # --seeds 3 (seeds 0, 1, 2) or --seeds 0,4,7
     if "," in text:
         return _numbers(text, 0)
@@ -77,7 +73,7 @@ def add_experiment(p):
                    "OUT/seed-N and judge the paper's claims over the seeds in OUT/report")
     p.add_argument("--dense-run", metavar="RUN", help="scale-out: start from this grown dense "
                    "run ({seed} in it is replaced by each seed)")
-    p.add_argument("--budgets", type=_steps, default=[20, 80, 320],
+    p.add_argument("--budgets", type=lambda text: _numbers(text, 1), default=[20, 80, 320],
                    help="savings: scale-out steps to sweep (a list; default 20,80,320)")
     p.add_argument("--no-progress", action="store_true")
 
@@ -88,7 +84,6 @@ def run_experiment(args):
     progress = not args.no_progress
     if args.name == "savings":
         savings_experiment(args.out, recipe, args.budgets, args.seeds or [recipe.seed], progress)
-        table = Path(args.out) / "savings.md"
     elif args.seeds:
         summary = experiments.run_seeds(args.name, args.out, recipe, args.seeds, progress,
                                         args.dense_run)
@@ -96,10 +91,9 @@ def run_experiment(args):
         return _print_claims(summary)
     elif args.name == "scale-up":
         experiments.scale_up_experiment(args.out, recipe, progress=progress)
-        table = Path(args.out) / f"{args.name}.md"
     else:
         experiments.scale_out_experiment(args.out, recipe, progress=progress,
                                          dense_run=args.dense_run)
-        table = Path(args.out) / f"{args.name}.md"
+    table = Path(args.out) / f"{args.name}.md"  # savings.md, scale-up.md or scale-out.md
     print(table)
     print(table.read_text(encoding="utf-8").split("\n![")[0])

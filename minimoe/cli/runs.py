@@ -1,13 +1,10 @@
-"""The commands that make runs: pretrain, scale-up, scale-out, and experts (what an MoE run's
-experts specialise in; pipeline and experiment are in recipes.py). Every number an option takes is held to its rule
-as it is parsed (minimoe.checks.option); the work is in minimoe/recipes/."""
+"""The commands that make runs: pretrain, scale-up, scale-out and experts (minimoe/recipes/)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from minimoe import checks
-from minimoe.checks import option
+from minimoe.checks import SEED, option
 from minimoe.cli.train_options import add_train_options, tensorboard_dir, train_config
 from minimoe.config import GATES, PRESETS
 from minimoe.grow import DEPTHS, KV_OPTIONS, MAPPINGS, METHODS
@@ -15,8 +12,6 @@ from minimoe.recipes.config import RECIPES
 from minimoe.recipes.stages import (continue_pretraining, data_spec, grow_run, pretrain,
                                     scale_out_run, specialisation_run)
 from minimoe.upcycle import LAYER_CHOICES, SCALE_OUT_METHODS
-
-SEED = option(checks.SEED)
 
 
 def add_pretrain(p):
@@ -58,7 +53,7 @@ def add_scale_up(p):
     p.add_argument("--method", choices=METHODS, default="aki-pro")
     p.add_argument("--depth", choices=DEPTHS, help="default: interpolate for aki-pro, else stack")
     p.add_argument("--mapping", choices=MAPPINGS, default="cyclic")
-    p.add_argument("--seed", type=SEED, default=0, help="for --mapping random")
+    p.add_argument("--seed", type=option(SEED), default=0, help="for --mapping random")
     p.add_argument("--kv", choices=KV_OPTIONS, default="keep",
                    help="mean-pool: average KV heads when the target has fewer groups")
     p.add_argument("--out", required=True, help="run folder for the grown model")
@@ -101,7 +96,7 @@ def add_scale_out(p):
                    "over an even share; those over it are dropped (default 0: dropless)")
     p.add_argument("--calib-batches", type=option("int[1, 10000]"), default=8,
                    help="split-importance*: batches (8 x 128 tokens) of the run's training data")
-    p.add_argument("--seed", type=SEED, default=0, help="router init and random/cluster splits")
+    p.add_argument("--seed", type=option(SEED), default=0, help="router init and random/cluster splits")
     p.add_argument("--out", required=True, help="run folder for the MoE model")
     p.add_argument("--stream", action="store_true", help="upcycle: safetensors to safetensors "
                    "one tensor at a time, neither model in memory (no validation loss measured)")

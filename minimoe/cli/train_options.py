@@ -1,5 +1,5 @@
 """The options of the one training loop, shared by every command that trains: TrainConfig's
-fields, their defaults and rules written once, in the dataclass (minimoe/train.py)."""
+fields, defaults and rules (minimoe/train.py)."""
 
 from __future__ import annotations
 

@@ -74,16 +74,12 @@ RECIPES = {
 
 def get_recipe(name: str) -> RecipeConfig:
     """A named recipe, or a recipe file (scaling/*.toml): a `preset` plus the fields it changes."""
-    if name.endswith(".toml"):
-        return load_recipe(name)
-    if name not in RECIPES:
-        raise ValueError(f"preset={name!r}: unknown recipe; choose one of {', '.join(RECIPES)} "
-                         "or give a .toml recipe file")
-    return RECIPES[name]
-
-
-def load_recipe(path) -> RecipeConfig:
-    path = Path(path)
+    if not name.endswith(".toml"):
+        if name not in RECIPES:
+            raise ValueError(f"preset={name!r}: unknown recipe; choose one of "
+                             f"{', '.join(RECIPES)} or give a .toml recipe file")
+        return RECIPES[name]
+    path = Path(name)
     table = files.read_toml(path)
     base = table.pop("preset", "toy")
     if not isinstance(base, str) or base not in RECIPES:  # a file naming a file: a loop

@@ -1,3 +1,4 @@
+<<<<<<< HEAD
 """`minimoe dry-run RECIPE`: one training step of a full-size recipe, rehearsed on this CPU.
 
 The recipe's model is built at full size on the meta device and parallelized by the training
@@ -20,6 +21,10 @@ scripts/estimate/estimation.py). What the fake tensors change, and how it is han
 `measure` runs the same tracked step on real tensors: tests/test_launch.py checks on 2 gloo
 ranks that the rehearsal gives the real run's figures.
 """
+=======
+"""`minimoe dry-run RECIPE`: one training step of a full-size recipe rehearsed on this CPU, on a
+fake process group with fake tensors, its peak memory beside the simulator's (docs/recipes.md)."""
+>>>>>>> s3-rc
 
 from __future__ import annotations
 

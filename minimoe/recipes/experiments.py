@@ -1,7 +1,5 @@
-"""The paper's validation experiments at toy scale (`minimoe experiment`): AquilaMoE Table 1
-(scale_up_experiment: every Scale-Up initialisation, then the same training) and the scale-out
-comparison (dense, upcycled, LLaMA-MoE splits, from scratch). Each writes a table, plots and
-summary.json (naming every run folder, for the notebooks); run_seeds repeats one over seeds."""
+"""The paper's validation experiments at toy scale (`minimoe experiment`): AquilaMoE Table 1 and
+the scale-out comparison, each a table, plots and summary.json; run_seeds repeats one over seeds."""
 
 from __future__ import annotations
 
@@ -23,13 +21,8 @@ from minimoe.recipes.config import RECIPES, RecipeConfig
 from minimoe.recipes.findings import write_seeds_report
 from minimoe.recipes.report import evaluation_section, plot_curves, plot_expert_loads, val_curve
 from minimoe.recipes.seeds import over_seeds
-from minimoe.recipes.stages import (
-    continue_pretraining,
-    data_spec,
-    evaluate_run,
-    load_run_data,
-    pretrain,
-)
+from minimoe.recipes.stages import (continue_pretraining, data_spec, evaluate_run,
+                                    load_run_data, pretrain)
 from minimoe.train import read_log
 from minimoe.upcycle import split, upcycle
 
@@ -79,15 +72,21 @@ def _finish_run(init_dir: Path, run_dir: Path, model, spec: dict, ec: RecipeConf
                          stage=meta.get("stage", "continue"), progress=progress)
 
 
+def _small_model(out: Path, ec: RecipeConfig, progress: bool):
+    """The small model pretrained into out/small: (data spec, data, model, the large shape)."""
+    spec = data_spec(None, ec.vocab_size)
+    data, tok = load_run_data(spec)
+    pretrain(get_preset(ec.small), out / "small", ec.train_config(ec.prep_steps, ec.lr), spec,
+             progress=progress)
+    small, _ = ckpt.load_model(out / "small")
+    return spec, data, small, get_preset(ec.large).replace(vocab_size=tok.vocab_size)
+
+
 def scale_up_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress: bool = True) -> dict:
     """AquilaMoE Table 1 at toy scale. Returns the summary written to out/summary.json."""
     out = Path(out)
-    spec = data_spec(None, ec.vocab_size)
-    data, tok = load_run_data(spec)
     small_run = out / "small"
-    pretrain(get_preset(ec.small), small_run, ec.train_config(ec.prep_steps, ec.lr), spec, progress=progress)
-    small, _ = ckpt.load_model(small_run)
-    large_cfg = get_preset(ec.large).replace(vocab_size=tok.vocab_size)
+    spec, data, small, large_cfg = _small_model(out, ec, progress)
     tc = ec.train_config(1, ec.lr)
     small_flops = flops_per_token(small.cfg, ec.seq_len).model * ckpt.read_json(
         ckpt.latest_checkpoint(small_run) / "state.json")["tokens"]
@@ -131,12 +130,7 @@ def scale_out_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress
     """
     out = Path(out)
     if dense_run is None:
-        spec = data_spec(None, ec.vocab_size)
-        data, tok = load_run_data(spec)
-        pretrain(get_preset(ec.small), out / "small", ec.train_config(ec.prep_steps, ec.lr), spec,
-                 progress=progress)
-        small, _ = ckpt.load_model(out / "small")
-        large_cfg = get_preset(ec.large).replace(vocab_size=tok.vocab_size)
+        spec, _, small, large_cfg = _small_model(out, ec, progress)
         _finish_run(out / "grown", out / "dense", scale_up(small, large_cfg, method="aki-pro", seed=ec.seed),
                     spec, ec, {"stage": "scale-up"}, progress)
         dense_run = out / "dense"

@@ -1,27 +1,24 @@
-"""Full-size launch recipes (scaling/full/*.toml): one run of the paper each, its layout, and the
-`minimoe` commands that run it under torchrun (scaling/launch.sh runs them).
-
-A recipe names a stage (pretrain, scale-up or scale-out), the model shape, where it grows from,
-the training budget of arXiv 2408.06567 Table 3 and a layout: GPUs, tensor- and expert-parallel
-ranks, micro-batch, activation checkpointing. The layout is the fastest `engine_plan` finds
-among those this path runs and `minimoe dry-run` rehearses (FSDP2; no pipeline parallelism),
-priced as the path runs (`ENGINE_OPTIONS`: docs/simulator.md#memory).
-"""
+"""Full-size launch recipes (scaling/full/*.toml): one run of the paper each, its layout (the
+simulator's search, narrowed to this torchrun path), and the `minimoe` commands that run it
+(scaling/launch.sh). docs/recipes.md#full-size-launch-recipes."""
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from minimoe import dist, files
 from minimoe.checks import check_fields, from_table
 from minimoe.config import get_preset
+from minimoe.flops import RECOMPUTE
 from minimoe.sim.cost import Options, simulate
 from minimoe.sim.hardware import get_device
 from minimoe.sim.layout import Layout, Workload
+from minimoe.sim.search import search_layouts
 from minimoe.tensor_parallel import check_tensor_parallel
 from minimoe.train import TrainConfig
 
@@ -172,34 +169,29 @@ def _check(r: LaunchRecipe):
 def engine_plan(recipe: LaunchRecipe):
     """The fastest layout that fits among those this torchrun path runs and `minimoe dry-run`
     rehearses (FSDP2: DDP's reducer cannot run on fake tensors), on whole nodes of the recipe's
-    cluster (ties: fewer GPUs): (LayoutPlan, SimResult)."""
+    cluster (ties: fewer GPUs), found by the simulator's search: (LayoutPlan, SimResult)."""
     w, layout = recipe.workload, recipe.layout
-    device, options = get_device(layout.gpu), ENGINE_OPTIONS
+    cfg, per_node = w.cfg, layout.gpus_per_node
+    device = dataclasses.replace(get_device(layout.gpu), gpus_per_node=per_node)
+    axes = {"tp": _tensor_parallel(recipe), "cp": [1], "pp": [1], "zero": [3],
+            "mb": list(MICRO_BATCHES), "rc": [RECOMPUTE.index("none"), RECOMPUTE.index("full")],
+            "etp": [0]}
+
+    def keep(g):  # whole nodes; no expert weight FSDP2 would pad to a whole expert a rank
+        shapes = ((cfg.n_experts // ep, cfg.expert_d_ffn or cfg.d_ffn, cfg.d_model, n // ep // tp)
+                  for n, ep, tp in zip(g["n"], g["ep"], g["tp"]))
+        even = [not cfg.n_experts or dist.even_dim(s[:3], s[3]) is not None for s in shapes]
+        return (g["n"] % per_node == 0) & np.array(even, dtype=bool)
+
     cluster = layout.cluster_gpus or layout.gpus
-    n_experts = w.cfg.n_experts
-    best = None
-    for gpus in range(layout.gpus_per_node, cluster + 1, layout.gpus_per_node):
-        for ep, tp, mb, ac in itertools.product(range(1, max(n_experts, 1) + 1),
-                                                _tensor_parallel(recipe), MICRO_BATCHES,
-                                                (False, True)):
-            if n_experts % ep if n_experts else ep > 1:
-                continue  # experts split by ep, matrices by tp (dist.py)
-            if n_experts and dist.even_dim((n_experts // ep, w.cfg.expert_d_ffn or w.cfg.d_ffn,
-                                            w.cfg.d_model), gpus // ep // tp) is None:
-                continue  # FSDP2 would pad each rank to a whole expert
-            plan = dataclasses.replace(layout, gpus=gpus, parallel="fsdp", ep=ep, tp=tp,
-                                       micro_batch=mb, activation_checkpointing=ac)
-            try:
-                result = simulate(w, plan.sim_layout(), device, options, with_interval=False)
-            except ValueError:  # a rule of minimoe.sim.layout: something does not divide
-                continue
-            if result.fits and (best is None or result.time["step_time"]
-                                < best[1].time["step_time"]):
-                best = (plan, result)
+    best = search_layouts(w, device, cluster, ENGINE_OPTIONS, axes=axes, keep=keep).fastest
     if best is None:
         raise ValueError(f"{recipe.name}: no layout of this torchrun path on up to {cluster} "
                          f"{layout.gpu} GPUs fits this model and divides its batch")
-    return best
+    plan = dataclasses.replace(layout, gpus=best.n_gpus, parallel="fsdp", ep=best.layout.ep,
+                               tp=best.layout.tp, micro_batch=best.layout.micro_batch,
+                               activation_checkpointing=best.layout.recompute == "full")
+    return plan, best
 
 
 def _tensor_parallel(recipe: LaunchRecipe) -> list[int]:
@@ -259,7 +251,6 @@ def launch_args(r: LaunchRecipe, step: str) -> str:
     node, the node count and the run's name)."""
     if step == "node":
         return f"{r.layout.gpus_per_node} {r.layout.gpus // r.layout.gpus_per_node} {r.name}"
-    if step not in ("prepare", "train"):
-        raise ValueError(f"step={step!r}: must be prepare, train or node")
+    assert step in ("prepare", "train"), step  # the CLI's choices
     argv = commands(r)[step]
     return "" if argv is None else shlex.join(argv)

@@ -18,16 +18,8 @@ from minimoe.recipes.findings import write_seeds_report
 from minimoe.recipes.report import write_pipeline_report
 from minimoe.recipes.seeds import over_seeds
 from minimoe.recipes.speed import step_speeds
-from minimoe.recipes.stages import (
-    continue_pretraining,
-    data_spec,
-    evaluate_run,
-    grow_run,
-    mix_used,
-    pretrain,
-    scale_out_run,
-    specialisation_run,
-)
+from minimoe.recipes.stages import (continue_pretraining, data_spec, evaluate_run, grow_run,
+                                    mix_used, pretrain, scale_out_run, specialisation_run)
 from minimoe.train import read_log
 
 

@@ -1,6 +1,5 @@
-"""What one training step of each stage's model costs on this machine, measured as `minimoe
-bench` measures (rounds alternating between the models, median): the time factor uses these
-speeds, not the wall time of training, which also measures whatever else the machine ran."""
+"""Each stage model's training-step speed on this machine, as `minimoe bench` measures it: the
+time factor's input (docs/recipes.md#step-speeds)."""
 
 from __future__ import annotations
 
@@ -26,12 +25,8 @@ def _training_step(model, x, y, tc: TrainConfig):
 
 def step_speeds(runs: dict[str, Path], tc: TrainConfig, rounds: int = 5, repeats: int = 3,
                 cache: Path | None = None) -> dict:
-    """Tokens/s of a training step (tc's batch) of each run's model: in each round every model
-    takes `repeats` timed steps in turn; a model's speed is the median over rounds of its
-    median step. One thread: on a shared CPU several threads wait on each other and on the
-    other jobs, and the ratios move with the load (see README); one thread per model keeps
-    them. The 1-minute load average before and after is kept beside the result. With `cache`,
-    a result for the same models and settings is read back instead of re-measured."""
+    """Tokens/s of a training step (tc's batch) of each run's model, one thread, median of
+    rounds (docs/recipes.md#step-speeds); `cache` keeps a result for the same settings."""
     settings = {"runs": {k: str(v) for k, v in runs.items()}, "batch": [tc.batch_size, tc.seq_len],
                 "rounds": rounds, "repeats": repeats, "threads": 1,
                 "models": [ckpt.model_file(r).stat().st_mtime_ns for r in runs.values()]}

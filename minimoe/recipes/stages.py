@@ -1,10 +1,5 @@
-"""Running one stage: load the data a run was made with, build or load its model, train it.
-
-A run folder remembers its data (`run.json` -> "data": paths, tokenizer kind, vocabulary size)
-and holds its tokenizer (tokenizer.json), so a stage grown from it sees the same token stream
-and validation set, and eval, generate and experts read it as it was trained. Under torchrun
-every rank runs the stage; transformations and data caches are made by rank 0 (`dist.main_only`).
-"""
+"""Running one stage: load the data a run was made with, build or load its model, train or
+transform it (run folders: docs/recipes.md#run-folders)."""
 
 from __future__ import annotations
 
@@ -55,9 +50,8 @@ def _shard_folder(spec: dict) -> str | None:
 
 
 def load_run_data(spec: dict, tokenizer: Tokenizer | None = None):
-    """(TokenData, tokenizer) for a data spec: the demo corpus when paths is None, a folder of
-    pre-tokenised shards (`minimoe tokenize`), or text files and folders, tokenised by
-    `tokenizer` (a run's own) or the spec's."""
+    """(TokenData, tokenizer) of a data spec (the demo corpus, a shard folder, or text files in
+    `tokenizer`, a run's own, or the spec's)."""
     shards = _shard_folder(spec)
     if shards:
         if spec.get("shards", _shards_identity(shards)) != _shards_identity(shards):
@@ -100,9 +94,8 @@ def run_data(run_dir):
 def pretrain(cfg: ModelConfig | str, out, tc: TrainConfig, spec: dict | None = None,
              progress: bool = True, on_step=None, snapshots: dict[int, Path] | None = None,
              tensorboard=None) -> RunResult:
-    """Train a freshly initialised model (the preparation phase, or a from-scratch baseline).
-    snapshots {step: folder}: also save the model as it is after that step (a run folder of its
-    own, e.g. the baseline when it has spent a given compute)."""
+    """Train a freshly initialised model; snapshots {step: folder}: also save the model as it is
+    after that step (a run folder of its own, e.g. the baseline at equal compute)."""
     cfg = get_preset(cfg) if isinstance(cfg, str) else cfg  # a bad name fails before any work
     spec = spec or data_spec()
     data, tok = load_run_data(spec)
@@ -123,13 +116,13 @@ def pretrain(cfg: ModelConfig | str, out, tc: TrainConfig, spec: dict | None = N
 
 
 def continue_pretraining(init_from, out, tc: TrainConfig, stage: str = "continue",
-                         progress: bool = True, on_step=None, tensorboard=None) -> RunResult:
+                         progress: bool = True, tensorboard=None) -> RunResult:
     """Continue training the model of another run (grown, upcycled, or pretrained)."""
     init_from = Path(init_from)
     model = build_model(ckpt.read_config(init_from), device="meta")  # each rank reads its part
     data, _ = run_data(init_from)
     meta = {"stage": stage, "data": run_data_spec(init_from), "init_from": str(init_from.resolve())}
-    return train(model, data, tc, out, meta, progress, on_step, tensorboard,
+    return train(model, data, tc, out, meta, progress, None, tensorboard,
                  init=ckpt.model_file(init_from))
 
 
@@ -153,9 +146,8 @@ def run_corpus(run_dir):
 def evaluate_run(run_dir, tasks=EVAL_TASKS, limit: int = 100, ppl_chars: int = 20_000,
                  seed: int = 0, batch_size: int = 32, cache: bool = False,
                  progress: bool = False) -> dict:
-    """Every task's result for the model of a run folder, on the run's own data and tokenizer.
-    cache=True keeps them in run_dir/eval.json and reuses them while the model file and the
-    settings are the same (the pipeline's and the experiments' re-runs)."""
+    """Every task's result for a run's model, on its own data and tokenizer; cache=True keeps
+    them in run_dir/eval.json while the model file and the settings are the same."""
     run_dir = Path(run_dir)
     corpus, tokenizer = run_corpus(run_dir)
     loaded = load_tasks(list(tasks), corpus, limit, seed)  # a bad task fails before any work
@@ -187,10 +179,8 @@ def mix_used(run_dir, history: list[dict]) -> str:
 # --- what an MoE run's experts specialise in ---------------------------------------------
 def specialisation_run(run_dir, out=None, paths=None, batch_size: int = 8, seq_len: int = 128,
                        n_batches: int = 4, title: str = "") -> dict:
-    """Route the validation windows of each domain through a run's MoE and write, per layer,
-    the domain x expert shares, the Jensen-Shannon specialisation and each expert's top tokens
-    (minimoe/experts.py) into `out` (default run_dir/experts). `paths` routes other data in the
-    run's tokenizer. Written once: a re-run with the same settings reads specialisation.json."""
+    """What a run's MoE experts specialise in, by domain (minimoe/experts.py), written into `out`
+    (default run_dir/experts) once per settings; `paths` routes other data in its tokenizer."""
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "experts"
     settings = {"paths": paths, "batch_size": batch_size, "seq_len": seq_len,
@@ -213,12 +203,9 @@ def specialisation_run(run_dir, out=None, paths=None, batch_size: int = 8, seq_l
 # --- transformations between runs: in memory, or file to file for full-size checkpoints -----
 def transform_run(src, out, meta: dict, transform=None, write=None, tc: TrainConfig | None = None
                   ) -> dict:
-    """Transform run `src`'s model into run `out`, with a report (out/transform.json: claimed
-    first with "finished": false, written last; a finished `out` is not redone). In memory,
-    `transform(model) -> (model, extras)`, and the validation loss before and after is measured
-    on tc's batches (Tables 1 and 2: equal when the function is kept). File to file, one tensor
-    in memory at a time (full size), `write(src_file, src_cfg, out_file) -> (cfg, bytes,
-    extras)`: no loss."""
+    """Transform run `src`'s model into run `out`, with out/transform.json
+    (docs/recipes.md#run-folders): in memory, `transform(model) -> (model, extras)`, or file to
+    file, `write(src_file, src_cfg, out_file) -> (cfg, bytes, extras)`."""
     return dist.main_only(lambda: _transform_run(Path(src), Path(out), meta, transform, write, tc))
 
 
@@ -267,8 +254,8 @@ def _transform_run(src: Path, out: Path, meta: dict, transform, write, tc) -> di
 
 
 def _finished(out: Path, request: dict) -> dict | None:
-    """The report of a finished transformation of this request in `out` (nothing is redone),
-    else None. A folder holding anything else (another run, other files) is refused."""
+    """The report of a finished transformation of this request in `out`, else None; a folder
+    holding anything else is refused."""
     path = out / "transform.json"
     if path.exists():
         old = ckpt.read_json(path)
@@ -314,9 +301,8 @@ def grow_run(src, target: str, out, method: str = "aki-pro", depth: str | None =
 def scale_out_run(src, out, method: str = "upcycle", n_experts: int = 8, top_k: int = 2,
                   calib_batches: int = 8, seed: int = 0, tc: TrainConfig | None = None,
                   stream: bool = False, **options) -> dict:
-    """Scale-Out of a run's dense model: "upcycle" or "split-<random|cluster|importance...>".
-    The importance splits calibrate on `calib_batches` batches of the run's training data;
-    stream (upcycle only) writes the MoE file to file."""
+    """Scale-Out of a run's dense model: "upcycle" or "split-*" (the importance splits calibrate
+    on `calib_batches` batches of its training data); stream: upcycle file to file."""
     def transform(dense):
         calib = None
         if method.startswith("split-importance"):

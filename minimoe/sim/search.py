@@ -52,14 +52,16 @@ def search_axes(workload: Workload, max_gpus: int) -> dict[str, list[int]]:
 
 
 def candidate_grid(workload: Workload, max_gpus: int, gpus_per_node: int = 8,
-                   fixed_gpus: bool = False) -> tuple[dict[str, np.ndarray], int]:
+                   fixed_gpus: bool = False, axes: dict | None = None
+                   ) -> tuple[dict[str, np.ndarray], int]:
     """Every combination of a GPU count (whole nodes up to `max_gpus`, or only `max_gpus`) and
-    `search_axes` whose tp x cp x pp divides the count, as flat arrays with their dp (etp 1 with
-    tp 1, etp = tp again, dropped); and the number of all combinations."""
+    `search_axes` (those in `axes` replace theirs: a narrower space, e.g. what one training path
+    runs) whose tp x cp x pp divides the count, as flat arrays with their dp (etp 1 with tp 1,
+    etp = tp again, dropped); and the number of all combinations."""
     counts = [max_gpus]
     if not fixed_gpus and max_gpus >= gpus_per_node:
         counts = sorted(set(range(gpus_per_node, max_gpus + 1, gpus_per_node)) | {max_gpus})
-    axes = {"n": counts, **search_axes(workload, max_gpus)}
+    axes = {"n": counts, **search_axes(workload, max_gpus), **(axes or {})}
 
     def mesh(keys):
         grids = np.meshgrid(*[np.asarray(axes[k], dtype=np.int64) for k in keys], indexing="ij")
@@ -84,16 +86,20 @@ _CHUNK = 1 << 15
 
 def search_layouts(workload: Workload, device: Device, max_gpus: int,
                    options: Options = Options(), fixed_gpus: bool = False,
-                   top: int = 10) -> SearchResult:
-    """Price every candidate layout in one vectorised pass; return the fastest and cheapest."""
+                   top: int = 10, axes: dict | None = None, keep=None) -> SearchResult:
+    """Price every candidate layout in one vectorised pass; return the fastest and cheapest.
+    `axes` narrows the space (candidate_grid); `keep(grid) -> bool array` drops candidates a
+    caller's own rules refuse."""
     assert isinstance(max_gpus, int) and max_gpus > 0, max_gpus  # checked at the door
     check_options(options, device)
     t0 = time.perf_counter()
     st = WorkloadStats(workload, options)
-    g, n_candidates = candidate_grid(workload, max_gpus, device.gpus_per_node, fixed_gpus)
+    g, n_candidates = candidate_grid(workload, max_gpus, device.gpus_per_node, fixed_gpus, axes)
     g["etp"] = np.where(g["etp"] == 0, g["tp"], g["etp"])
     failures = rule_failures(workload, SimpleNamespace(**g, first=0, last=0))
     valid = ~np.logical_or.reduce(list(failures.values()))
+    if keep is not None:
+        valid &= keep(g)
     n_valid = int(valid.sum())
     g = {k: v[valid] for k, v in g.items()}
     # priced in chunks of 2^15 layouts: numpy's temporaries then stay in cache, 3-5x faster
