@@ -13,11 +13,11 @@ import torch
 
 from minimoe import checkpoint as ckpt
 from minimoe.cli import main
-from minimoe.data import prepare_corpus
+from minimoe.data import demo_sources, documents
 from minimoe.interop import config_from_hf
 from minimoe.recipes.stages import (data_spec, evaluate_run, mix_used, pretrain, run_data,
                                     scale_out_run, specialisation_run)
-from minimoe.shards import tokenize
+from minimoe.shards import load_data, tokenize
 from minimoe.tokens import EOS, Tokenizer, train_bpe
 from minimoe.train import TrainConfig, read_log
 from minimoe.upcycle import upcycle
@@ -50,9 +50,9 @@ def _logits(model, ids):
 def shards(tmp_path_factory):
     """A tiny run (QKV bias, a byte-level BPE) trained on shards of real English and Chinese."""
     root = tmp_path_factory.mktemp("shards")
-    corpus = prepare_corpus()
+    demo = list(documents(demo_sources()))
     for lang in ("en", "zh"):
-        docs = corpus.texts("train", lang)[:40]
+        docs = [text for _, doc_lang, text in demo if doc_lang == lang][:40]
         (root / f"{lang}.txt").write_text("\n\n".join(d[:2000] for d in docs) + "\n")
     tokenize([str(root / "en.txt"), str(root / "zh.txt")], root / "shards", vocab_size=400,
              val_fraction=0.25, progress=False)
@@ -68,10 +68,10 @@ def run(shards):
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
     """A small folder of the user's text: real English and Chinese documents."""
-    corpus = prepare_corpus()
+    demo = list(documents(demo_sources()))
     folder = tmp_path_factory.mktemp("text")
     for lang in ("en", "zh"):
-        docs = corpus.texts("train", lang)[:12] + corpus.texts("val", lang)[:4]
+        docs = [text for _, doc_lang, text in demo if doc_lang == lang][:16]
         (folder / f"{lang}.txt").write_text("\n\n".join(d[:1500] for d in docs) + "\n")
     return folder
 
@@ -298,12 +298,14 @@ def test_the_corpus_cache_is_keyed_on_content(tmp_path, monkeypatch):
     for where in ("a", "b"):
         (tmp_path / where).mkdir()
         (tmp_path / where / "text.txt").write_text("\n\n".join(docs))
-    first = prepare_corpus([str(tmp_path / "a" / "text.txt")], val_fraction=0.3)
-    built = (first.path / "train.jsonl").stat().st_mtime_ns
-    moved = prepare_corpus([str(tmp_path / "b" / "text.txt")], val_fraction=0.3)  # another place
-    assert moved.path == first.path and (moved.path / "train.jsonl").stat().st_mtime_ns == built
+    first, _ = load_data([str(tmp_path / "a" / "text.txt")], tokenizer="byte", val_fraction=0.3)
+    built = (first.path / "manifest.json").stat().st_mtime_ns
+    moved, _ = load_data([str(tmp_path / "b" / "text.txt")], tokenizer="byte",
+                         val_fraction=0.3)  # another place
+    assert moved.path == first.path and (moved.path / "manifest.json").stat().st_mtime_ns == built
     (tmp_path / "b" / "text.txt").write_text("\n\n".join(docs[:5]))
-    assert prepare_corpus([str(tmp_path / "b" / "text.txt")], val_fraction=0.3).path != first.path
+    edited, _ = load_data([str(tmp_path / "b" / "text.txt")], tokenizer="byte", val_fraction=0.3)
+    assert edited.path != first.path
 
 
 def test_lm_eval_scores_the_exported_tasks_as_minimoe_eval_does(shards, tmp_path, capsys):
