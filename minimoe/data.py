@@ -274,3 +274,13 @@ class Split:
             if count >= 2 and u == highest:
                 val = False
         return val
+
+
+def split_of(sources: list[dict], val_fraction: float, seed: int) -> Split:
+    """The Split of the sources' documents, which must be 2 or more."""
+    split = Split(documents(sources), val_fraction, seed)
+    if split.n_docs < 2:
+        given = dict.fromkeys(s.get("given", s.get("package")) for s in sources)
+        raise ValueError(f"{', '.join(given)}: {split.n_docs} usable document(s); need at least "
+                         "2, one to train on and one to validate on")
+    return split

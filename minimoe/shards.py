@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from minimoe import files
 from minimoe.checks import check, problem
-from minimoe.data import MIN_DOC_CHARS, Split, content_key, demo_sources, documents, unit_hash, \
-    user_sources
+from minimoe.data import MIN_DOC_CHARS, Split, content_key, demo_sources, documents, split_of, \
+    unit_hash, user_sources
 from minimoe.tokens import TokenData, Tokenizer, tokenizer_of, train_bpe
 
 FORMAT = "minimoe-shards"
@@ -154,7 +154,9 @@ def tokenize(paths: list[str], out, tokenizer: str = "bpe", vocab_size: int = 20
     request = {"sources": sources, "tokenizer": tokenizer, "vocab_size": vocab_size,
                "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
                "sample_chars": sample_chars, "min_doc_chars": MIN_DOC_CHARS}
-    return write_shards(sources, Path(out), request, lambda split: tokenizer_of(
+    # a tokenizer given is checked before any text is read
+    given = None if tokenizer == "bpe" else tokenizer_of(tokenizer, vocab_size, None)
+    return write_shards(sources, Path(out), request, lambda split: given or tokenizer_of(
         tokenizer, vocab_size, lambda: _sample_texts(sources, split, sample_chars)),
         val_fraction, seed, shard_tokens, progress)
 
@@ -178,7 +180,7 @@ def load_data(paths: list[str] | None = None, vocab_size: int = 2048,
     if tokenizer == "bpe":  # trained once per vocabulary size, named by its digest
         path = folder / f"tokenizer-bpe{vocab_size}.json"
         if not path.exists():
-            split = _split(sources, val_fraction, seed)
+            split = split_of(sources, val_fraction, seed)
             folder.mkdir(parents=True, exist_ok=True)
             files.write_text(path, train_bpe(_sample_texts(sources, split, SAMPLE_CHARS),
                                              vocab_size))
@@ -192,15 +194,6 @@ def load_data(paths: list[str] | None = None, vocab_size: int = 2048,
     return load_shards(out)
 
 
-def _split(sources: list[dict], val_fraction: float, seed: int) -> Split:
-    split = Split(documents(sources), val_fraction, seed)
-    if split.n_docs < 2:
-        given = dict.fromkeys(s.get("given", s.get("package")) for s in sources)
-        raise ValueError(f"{', '.join(given)}: {split.n_docs} usable document(s); need at least "
-                         "2, one to train on and one to validate on")
-    return split
-
-
 def write_shards(sources: list[dict], out: Path, request: dict, make_tokenizer,
                  val_fraction: float, seed: int, shard_tokens: int, progress: bool = True,
                  split: Split | None = None) -> dict:
@@ -211,7 +204,7 @@ def write_shards(sources: list[dict], out: Path, request: dict, make_tokenizer,
         if manifest.get("request") != request:
             raise ValueError(f"out={out}: holds shards of another request; choose another --out")
         return manifest
-    split = split or _split(sources, val_fraction, seed)
+    split = split or split_of(sources, val_fraction, seed)
     _claim(out, request)
     tok = make_tokenizer(split)
     tok.save(out)

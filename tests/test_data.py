@@ -177,7 +177,8 @@ def test_tokenizers_round_trip_real_text(demo):
 def test_user_txt_and_jsonl_detect_language_and_split(user_folder):
     tokens, tokenizer = load_data([str(user_folder)], tokenizer="byte", val_fraction=0.2)
     assert str(tokens.path).startswith(os.environ["MINIMOE_CACHE"])
-    assert tokenizer.name.startswith("bpe257-") and tokens.langs == ["en", "zh"]  # each keeps a val doc
+    assert tokenizer.name.startswith("bpe257-")
+    assert tokens.langs == ["en", "zh"]  # each language keeps a validation document
     train, val = set(_train_texts(tokens, tokenizer)), set(ShardTexts(tokens.path).texts("val"))
     assert train | val == set(ENGLISH + CHINESE) and not train & val
     assert tokens.train_batch(0, batch_size=2, seq_len=16)[0].shape == (2, 16)

@@ -6,6 +6,7 @@ refused by name. A run trained on `minimoe tokenize` shards is evaluated, genera
 analysed and reported on like any other; training curves reach TensorBoard; the corpus cache is
 keyed on content; lm-evaluation-harness scores exported tasks exactly as `minimoe eval` does."""
 
+import functools
 import json
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from minimoe import checkpoint as ckpt
 from minimoe.cli import main
-from minimoe.data import demo_sources, documents
+from minimoe.data import Split, demo_sources, documents
 from minimoe.interop import config_from_hf
 from minimoe.recipes.stages import (data_spec, evaluate_run, mix_used, pretrain, run_data,
                                     scale_out_run, specialisation_run)
@@ -46,13 +47,21 @@ def _logits(model, ids):
     return getattr(out, "logits", out)
 
 
+@functools.cache
+def _demo_texts(lang: str, split: str) -> list[str]:
+    """The demo corpus's training or validation documents of one language, in stream order."""
+    docs = list(documents(demo_sources()))
+    rule = Split(docs, val_fraction=0.03, seed=0)  # load_data's defaults
+    return [text for domain, doc_lang, text in docs
+            if doc_lang == lang and rule.is_val(domain, doc_lang, text) == (split == "val")]
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """A tiny run (QKV bias, a byte-level BPE) trained on shards of real English and Chinese."""
     root = tmp_path_factory.mktemp("shards")
-    demo = list(documents(demo_sources()))
     for lang in ("en", "zh"):
-        docs = [text for _, doc_lang, text in demo if doc_lang == lang][:40]
+        docs = _demo_texts(lang, "train")[:40]
         (root / f"{lang}.txt").write_text("\n\n".join(d[:2000] for d in docs) + "\n")
     tokenize([str(root / "en.txt"), str(root / "zh.txt")], root / "shards", vocab_size=400,
              val_fraction=0.25, progress=False)
@@ -68,10 +77,9 @@ def run(shards):
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
     """A small folder of the user's text: real English and Chinese documents."""
-    demo = list(documents(demo_sources()))
     folder = tmp_path_factory.mktemp("text")
     for lang in ("en", "zh"):
-        docs = [text for _, doc_lang, text in demo if doc_lang == lang][:16]
+        docs = _demo_texts(lang, "train")[:12] + _demo_texts(lang, "val")[:4]
         (folder / f"{lang}.txt").write_text("\n\n".join(d[:1500] for d in docs) + "\n")
     return folder
 
