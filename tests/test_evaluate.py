@@ -9,20 +9,20 @@ import torch
 
 from minimoe.cli import main
 from minimoe.config import get_preset
-from minimoe.data import prepare_corpus
 from minimoe.evaluate import (join_tokens, load_tasks, loglikelihoods, results_table, run_tasks,
                               score_ppl)
 from minimoe.model import build_model
 from minimoe.recipes.stages import data_spec, pretrain
+from minimoe.shards import ShardTexts, load_data
 from minimoe.tasks import BUILTIN, WORD_STOPS, load_task_file, resolve_task
-from minimoe.tokens import byte_tokenizer, load_tokenizer
+from minimoe.tokens import byte_tokenizer
 from minimoe.train import TrainConfig
 
 
 @pytest.fixture(scope="module")
 def demo():
-    corpus = prepare_corpus()
-    return corpus, load_tokenizer(corpus, 512)
+    tokens, tokenizer = load_data(vocab_size=512)  # the cache the training tests use
+    return ShardTexts(tokens.path), tokenizer
 
 
 class Uniform(torch.nn.Module):
@@ -72,7 +72,8 @@ def small_corpus(tmp_path_factory):
     zh = [f"第{i}篇文章。今天天气很好,我们一起去公园散步,看见了很多美丽的花和树,大家都很高兴。"
           "晚上我们回到家里,一起做饭,吃饭,然后看书。" for i in range(5)]
     (root / "text.txt").write_text("\n\n".join(en + zh), encoding="utf-8")
-    return prepare_corpus([str(root / "text.txt")], cache_dir=root / "cache")
+    tokens, _ = load_data([str(root / "text.txt")], tokenizer="byte", cache_dir=root / "cache")
+    return ShardTexts(tokens.path)
 
 
 def test_a_uniform_model_over_bytes_gives_exactly_8_bits_per_byte(small_corpus):

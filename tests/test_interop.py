@@ -6,6 +6,7 @@ refused by name. A run trained on `minimoe tokenize` shards is evaluated, genera
 analysed and reported on like any other; training curves reach TensorBoard; the corpus cache is
 keyed on content; lm-evaluation-harness scores exported tasks exactly as `minimoe eval` does."""
 
+import functools
 import json
 
 import pytest
@@ -13,11 +14,11 @@ import torch
 
 from minimoe import checkpoint as ckpt
 from minimoe.cli import main
-from minimoe.data import prepare_corpus
+from minimoe.data import Split, demo_sources, documents
 from minimoe.interop import config_from_hf
 from minimoe.recipes.stages import (data_spec, evaluate_run, mix_used, pretrain, run_data,
                                     scale_out_run, specialisation_run)
-from minimoe.shards import tokenize
+from minimoe.shards import load_data, tokenize
 from minimoe.tokens import EOS, Tokenizer, train_bpe
 from minimoe.train import TrainConfig, read_log
 from minimoe.upcycle import upcycle
@@ -46,13 +47,21 @@ def _logits(model, ids):
     return getattr(out, "logits", out)
 
 
+@functools.cache
+def _demo_texts(lang: str, split: str) -> list[str]:
+    """The demo corpus's training or validation documents of one language, in stream order."""
+    docs = list(documents(demo_sources()))
+    rule = Split(docs, val_fraction=0.03, seed=0)  # load_data's defaults
+    return [text for domain, doc_lang, text in docs
+            if doc_lang == lang and rule.is_val(domain, doc_lang, text) == (split == "val")]
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """A tiny run (QKV bias, a byte-level BPE) trained on shards of real English and Chinese."""
     root = tmp_path_factory.mktemp("shards")
-    corpus = prepare_corpus()
     for lang in ("en", "zh"):
-        docs = corpus.texts("train", lang)[:40]
+        docs = _demo_texts(lang, "train")[:40]
         (root / f"{lang}.txt").write_text("\n\n".join(d[:2000] for d in docs) + "\n")
     tokenize([str(root / "en.txt"), str(root / "zh.txt")], root / "shards", vocab_size=400,
              val_fraction=0.25, progress=False)
@@ -68,10 +77,9 @@ def run(shards):
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
     """A small folder of the user's text: real English and Chinese documents."""
-    corpus = prepare_corpus()
     folder = tmp_path_factory.mktemp("text")
     for lang in ("en", "zh"):
-        docs = corpus.texts("train", lang)[:12] + corpus.texts("val", lang)[:4]
+        docs = _demo_texts(lang, "train")[:12] + _demo_texts(lang, "val")[:4]
         (folder / f"{lang}.txt").write_text("\n\n".join(d[:1500] for d in docs) + "\n")
     return folder
 
@@ -298,12 +306,14 @@ def test_the_corpus_cache_is_keyed_on_content(tmp_path, monkeypatch):
     for where in ("a", "b"):
         (tmp_path / where).mkdir()
         (tmp_path / where / "text.txt").write_text("\n\n".join(docs))
-    first = prepare_corpus([str(tmp_path / "a" / "text.txt")], val_fraction=0.3)
-    built = (first.path / "train.jsonl").stat().st_mtime_ns
-    moved = prepare_corpus([str(tmp_path / "b" / "text.txt")], val_fraction=0.3)  # another place
-    assert moved.path == first.path and (moved.path / "train.jsonl").stat().st_mtime_ns == built
+    first, _ = load_data([str(tmp_path / "a" / "text.txt")], tokenizer="byte", val_fraction=0.3)
+    built = (first.path / "manifest.json").stat().st_mtime_ns
+    moved, _ = load_data([str(tmp_path / "b" / "text.txt")], tokenizer="byte",
+                         val_fraction=0.3)  # another place
+    assert moved.path == first.path and (moved.path / "manifest.json").stat().st_mtime_ns == built
     (tmp_path / "b" / "text.txt").write_text("\n\n".join(docs[:5]))
-    assert prepare_corpus([str(tmp_path / "b" / "text.txt")], val_fraction=0.3).path != first.path
+    edited, _ = load_data([str(tmp_path / "b" / "text.txt")], tokenizer="byte", val_fraction=0.3)
+    assert edited.path != first.path
 
 
 def test_lm_eval_scores_the_exported_tasks_as_minimoe_eval_does(shards, tmp_path, capsys):

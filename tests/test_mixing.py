@@ -15,7 +15,7 @@ import pytest
 from minimoe import checkpoint as ckpt
 from minimoe import mixing
 from minimoe.cli import main
-from minimoe.tokens import load_data
+from minimoe.shards import load_data
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from minimoe import shards
+from minimoe import data as corpus_data, shards
 from minimoe.cli import main
 from minimoe.data import MIN_DOC_CHARS, clean_text
 from minimoe.shards import ConcatTokens, load_shards, tokenize
@@ -51,9 +51,11 @@ def test_shards_hold_exactly_the_documents_tokens(corpus, tokenized):
     assert sum(len(e) for e in manifest["shards"]["train"]["books"]) > 1  # several shards
     # what the shards must hold: every kept document's ids + eos, in stream order, per split
     expected = {"train": {"books": [], "sayings": []}, "val": {"books": [], "sayings": []}}
-    for domain, _, text in shards.documents(shards.user_sources([str(corpus)])):
-        split = "val" if shards.unit_hash(0, text) < 0.2 else "train"
-        expected[split][domain] += tok.encode(text) + [tok.eos_id]
+    docs = list(corpus_data.documents(corpus_data.user_sources([str(corpus)])))
+    split = corpus_data.Split(docs, val_fraction=0.2, seed=0)
+    for domain, lang, text in docs:
+        name = "val" if split.is_val(domain, lang, text) else "train"
+        expected[name][domain] += tok.encode(text) + [tok.eos_id]
     train = expected["train"]["books"] + expected["train"]["sayings"]
     assert np.array_equal(data.arrays["train"][0:len(train)], train)
     assert data.n_tokens() == len(train) == manifest["tokens"]["train"]
@@ -144,10 +146,10 @@ def test_a_finished_folder_is_kept_an_interrupted_one_redone(corpus, tokenized, 
 
 
 def test_a_long_paragraph_is_cut_at_a_line(tmp_path, monkeypatch):
-    monkeypatch.setattr(shards, "MAX_DOC_CHARS", 3 * MIN_DOC_CHARS)
+    monkeypatch.setattr(corpus_data, "MAX_DOC_CHARS", 3 * MIN_DOC_CHARS)
     line = "x" * MIN_DOC_CHARS + "\n"
     (tmp_path / "one.txt").write_text(line * 7)  # no blank line: one paragraph of 7 lines
-    docs = [text for _, text in shards._txt_documents(tmp_path / "one.txt")]
+    docs = list(corpus_data._txt_documents(tmp_path / "one.txt"))
     assert [len(d) for d in docs] == [3 * len(line), 3 * len(line), len(line)]
     assert clean_text("".join(docs)) == clean_text(line * 7)
 

@@ -15,13 +15,12 @@ from minimoe import files
 from minimoe import mixing
 from minimoe import run_files
 from minimoe.config import ModelConfig, get_preset
-from minimoe.data import prepare_corpus
 from minimoe.evaluate import evaluate, load_tasks, run_tasks
 from minimoe.grow import grow_checkpoint, grow_model, growth_report, plan_growth
 from minimoe.model import build_model
-from minimoe.shards import ShardTexts, is_shard_folder, load_shards, read_manifest
+from minimoe.shards import ShardTexts, is_shard_folder, load_data, load_shards, read_manifest
 from minimoe.tasks import FORMAT as TASKS_FORMAT
-from minimoe.tokens import TOKENIZER_FILES, TokenData, Tokenizer, load_data
+from minimoe.tokens import TOKENIZER_FILES, Tokenizer
 from minimoe.train import RunResult, TrainConfig, train
 from minimoe.upcycle import scale_out, upcycle_checkpoint
 
@@ -136,11 +135,10 @@ EVAL_TASKS = ("cloze-en", "cloze-zh", "complete-en", "complete-zh", "ppl")
 
 
 def run_corpus(run_dir):
-    """(the documents the built-in tasks are made from, the run's tokenizer): the corpus's
-    held-out split, or a shard folder's validation shards decoded."""
-    shards = _shard_folder(run_data_spec(run_dir))
-    texts = ShardTexts(shards) if shards else prepare_corpus(run_data_spec(run_dir)["paths"])
-    return texts, run_tokenizer(run_dir)
+    """(the documents the built-in tasks are made from, the run's tokenizer): its data's
+    validation shards decoded."""
+    data, tokenizer = run_data(run_dir)
+    return ShardTexts(data.path), tokenizer
 
 
 def evaluate_run(run_dir, tasks=EVAL_TASKS, limit: int = 100, ppl_chars: int = 20_000,
@@ -191,7 +189,7 @@ def specialisation_run(run_dir, out=None, paths=None, batch_size: int = 8, seq_l
             return old
     model, _ = ckpt.load_model(run_dir)
     tokenizer = run_tokenizer(run_dir)  # other text, or the run's data, in its tokenizer
-    data = TokenData.build(prepare_corpus(paths), tokenizer) if paths else run_data(run_dir)[0]
+    data = load_data(paths, tokenizer=tokenizer)[0] if paths else run_data(run_dir)[0]
     batches = experts.domain_batches(data, batch_size, min(seq_len, model.cfg.max_seq_len),
                                      n_batches)
     result = experts.expert_specialisation(model, batches) | {"settings": settings,
