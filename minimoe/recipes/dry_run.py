@@ -1,30 +1,5 @@
-<<<<<<< HEAD
-"""`minimoe dry-run RECIPE`: one training step of a full-size recipe, rehearsed on this CPU.
-
-The recipe's model is built at full size on the meta device and parallelized by the training
-code's own `dist.Parallel`, on a fake process group of the recipe's world size (FakeStore
-and backend "fake": every collective returns at once; rank 0 is rehearsed). Its weights then
-become fake tensors (shapes, no data: FakeTensorMode) and `train.train_step` runs, the same
-step the training loop runs, while torch's FSDPMemTracker records what the rank holds at every
-moment by category; its peak is set beside the cost simulator's (torchtitan does the same in
-scripts/estimate/estimation.py). What the fake tensors change, and how it is handled:
-
-* routing has no values: the MoE layers route evenly (minimoe.moe.to_host), the simulator's
-  imbalance of 1;
-* DTensor's sharding propagation makes global-shape stand-ins in the active fake mode, which
-  the tracker would count as the rank's memory (AdamW's states at their unsharded size); they
-  are made in a fake mode of their own (`_propagation_apart`);
-* AdamW's states exist before the step, as in every step after the first, and so do the
-  gradients of the earlier micro-batches (sharded, or whole when reduced once per step: then
-  two micro-batches run): later micro-batches repeat the memory of the one rehearsed.
-
-`measure` runs the same tracked step on real tensors: tests/test_launch.py checks on 2 gloo
-ranks that the rehearsal gives the real run's figures.
-"""
-=======
 """`minimoe dry-run RECIPE`: one training step of a full-size recipe rehearsed on this CPU, on a
 fake process group with fake tensors, its peak memory beside the simulator's (docs/recipes.md)."""
->>>>>>> s3-rc
 
 from __future__ import annotations
 
