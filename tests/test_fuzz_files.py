@@ -20,7 +20,7 @@ from conftest import TINY_RUN, fuzz_examples
 from minimoe import checkpoint as ckpt
 from minimoe.cli import main
 from minimoe.mixing import load_references
-from minimoe.recipes.config import load_recipe
+from minimoe.recipes.config import get_recipe
 from minimoe.recipes.launch import load_launch_recipe
 from minimoe.shards import load_shards, tokenize
 from minimoe.sim.imbalance import histograms_from_log, imbalance_by_ep
@@ -160,7 +160,7 @@ def test_recipe_files(case):
     with tempfile.TemporaryDirectory() as tmp:
         mutant = Path(tmp) / path.name
         mutant.write_text(text)
-        held(lambda: load_recipe(mutant))
+        held(lambda: get_recipe(str(mutant)))
 
 
 # --- run folders ---------------------------------------------------------------------------------
