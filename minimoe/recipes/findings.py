@@ -208,9 +208,10 @@ def write_seeds_report(out: Path, kind: str, per_seed: dict[int, dict], settings
     if evaluation is not None:
         md += ["## Evaluation, over seeds", "",
                evaluation.to_markdown(index=False, disable_numparse=True), ""]
-    md += ["## Every other figure", "", "| figure | over seeds |", "|:--|--:|"]
-    md += [f"| {name} | {show(s)} |" for name, s in aggregated.items()
-           if evaluation is None or ": " not in name or "JS" in name or "val loss" in name]
+    others = [f"| {name} | {show(s)} |" for name, s in aggregated.items()
+              if evaluation is None or ": " not in name or "JS" in name or "val loss" in name]
+    if others:  # with an evaluation table, every figure may already be in it
+        md += ["## Every other figure", "", "| figure | over seeds |", "|:--|--:|", *others]
     md += ["", "![mean loss](loss_vs_tokens.png)", ""]
     files.write_text(out / "report.md", "\n".join(md))
     summary = {"kind": kind, "seeds": list(per_seed), "settings": settings, "rule": RULE,
