@@ -173,6 +173,8 @@ def engine_plan(recipe: LaunchRecipe):
     w, layout = recipe.workload, recipe.layout
     cfg, per_node = w.cfg, layout.gpus_per_node
     device = dataclasses.replace(get_device(layout.gpu), gpus_per_node=per_node)
+    # what this path runs: FSDP2 (ZeRO-3), no context or pipeline parallelism, recompute all or
+    # nothing, experts split by the same tp as the rest (etp 0: no folding)
     axes = {"tp": _tensor_parallel(recipe), "cp": [1], "pp": [1], "zero": [3],
             "mb": list(MICRO_BATCHES), "rc": [RECOMPUTE.index("none"), RECOMPUTE.index("full")],
             "etp": [0]}
