@@ -1,6 +1,6 @@
-"""Run folders and resumable checkpoints: safetensors and JSON only, one format for one process
-and for many ranks (each rank writes and reads its own blocks of every whole tensor), renamed
-into place once complete (docs/method.md, "Run folders")."""
+"""Run folders and resumable checkpoints: safetensors and JSON, one format for one process and
+for many ranks (each writes and reads its blocks of every whole tensor), renamed into place once
+complete (docs/method.md, "Run folders")."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
 from minimoe import files
 from minimoe.config import ModelConfig
 from minimoe.model import build_model
 from minimoe.run_files import STEP_NAME, checked_state, step_of
-from minimoe.stream import local_block, read_block, write_blocks
+from minimoe.stream import barrier, local_block, rank, read_block, world_size, write_blocks
 
 
 class CheckpointError(ValueError):
@@ -47,29 +47,28 @@ def _blocks(tensors: dict) -> dict:
     return {name: (local, offset) for name, (local, offset, writes) in blocks.items() if writes}
 
 
+def _specs(tensors: dict, cfg) -> dict:
+    return {name: (t.dtype, _stored_shape(name, t, cfg)) for name, t in tensors.items()}
+
+
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], cfg=None):
     """A safetensors file, written into path.tmp and renamed into place: by every rank when
     the tensors are sharded (each its blocks), else by the caller alone (one process, rank 0
     of DDP, or a rank inside dist.main_only). cfg: a model's, whose vocabulary is stored."""
-    path = Path(path)
-    specs = {n: (t.dtype, _stored_shape(n, t, cfg)) for n, t in tensors.items()}
-    together = _sharded(tensors)
-    if not (together or _main()):
+    path, main = Path(path), rank() == 0
+    together = any(isinstance(t, DTensor) for t in tensors.values())
+    if not (together or main):
         return
     tmp = path.with_name(path.name + ".tmp")
-    if _main():
+    if main:
         tmp.unlink(missing_ok=True)
     if together:
-        _barrier()
-    write_blocks(tmp, specs, _blocks(tensors), metadata={"format": "pt"}, header=_main())
+        barrier()
+    write_blocks(tmp, _specs(tensors, cfg), _blocks(tensors).items(), {"format": "pt"}, header=main)
     if together:
-        _barrier()
-    if _main():
+        barrier()
+    if main:
         os.replace(tmp, path)
-
-
-def _sharded(tensors: dict) -> bool:
-    return any(isinstance(t, DTensor) for t in tensors.values())
 
 
 # --- models -----------------------------------------------------------------------------
@@ -128,17 +127,13 @@ def load_into(model: torch.nn.Module, path: Path, tensors=None):
 
 
 def read_config(run_dir: Path) -> ModelConfig:
-    d = read_json(Path(run_dir) / "config.json")
-    try:
-        return ModelConfig.from_dict(d)
-    except TypeError as err:
-        raise CheckpointError(f"{run_dir}/config.json: {err}") from None
+    return ModelConfig.from_dict(read_json(Path(run_dir) / "config.json"))
 
 
 def save_model(run_dir: Path, model, meta: dict | None = None):
     """Write config.json, model.safetensors and (optionally) run.json into run_dir."""
     run_dir = Path(run_dir)
-    if _main():
+    if rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         files.write_text(run_dir / "config.json", model.cfg.to_json())
         if meta is not None:
@@ -200,19 +195,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return newest
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _main() -> bool:
-    return _rank() == 0
-
-
-def _barrier(group=None):
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier(group=group)
-
-
 class _Pending:
     """The checkpoint being written in the background, and its own gloo group (collectives
     of a second thread must not share the training's group)."""
@@ -240,20 +222,18 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
     root = Path(run_dir) / "ckpt"
     name = f"step_{step:06d}"
     tmp = root / (name + ".tmp")
-    if _main():
+    main, world = rank() == 0, world_size()
+    if main:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    _barrier()
-    cfg = model.cfg
+    barrier()
     tensors = {"model": model_tensors(model), "optim": _optimizer_tensors(model, optimizer)}
-    specs = {part: {n: (t.dtype, _stored_shape(n, t, cfg)) for n, t in ts.items()}
-             for part, ts in tensors.items()}
+    specs = {part: _specs(ts, model.cfg) for part, ts in tensors.items()}
     blocks = {part: _blocks(ts) for part, ts in tensors.items()}
-    rank, world = _rank(), dist.get_world_size() if dist.is_initialized() else 1
     hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     extra = {"optimizer": {"param_groups": hyper}, "world_size": world}
-    rng = rng_state()
+    rng, rng_file = rng_state(), f"rng_{rank()}.safetensors"  # each rank its own
     if background:
         blocks = {part: {n: (local.to("cpu", copy=True), offset)
                          for n, (local, offset) in b.items()} for part, b in blocks.items()}
@@ -262,12 +242,10 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
 
     def write(group=None):
         for part in tensors:
-            write_blocks(tmp / f"{part}.safetensors", specs[part], blocks[part])
-        write_blocks(tmp / f"rng_{rank}.safetensors", {k: (v.dtype, tuple(v.shape))
-                                                        for k, v in rng.items()},
-                     {k: (v, (0,)) for k, v in rng.items()}, header=True)  # each rank its own
-        _barrier(group)  # every rank's blocks are on disk before the folder gets its name
-        if _main():
+            write_blocks(tmp / f"{part}.safetensors", specs[part], blocks[part].items())
+        save_file(rng, tmp / rng_file)
+        barrier(group)  # every rank's blocks are on disk before the folder gets its name
+        if main:
             files.write_json(tmp / "state.json", {**state, "step": step, **extra})
             final = root / name
             shutil.rmtree(final, ignore_errors=True)
@@ -277,7 +255,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
                             and step_of(p) < step), key=step_of)  # by step, never this one
             for old in older[:max(0, len(older) - (keep - 1))]:
                 shutil.rmtree(old, ignore_errors=True)
-        _barrier(group)
+        barrier(group)
 
     if not background:
         write()
@@ -307,7 +285,7 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     load_into(model, path / "optim.safetensors", tensors=moments)
     for group, hyper in zip(optimizer.param_groups, groups):
         group.update({k: v for k, v in hyper.items() if k != "params"})
-    rng = path / f"rng_{_rank()}.safetensors"
+    rng = path / f"rng_{rank()}.safetensors"
     if not rng.exists():  # fewer ranks wrote it: every rank takes rank 0's stream
         rng = path / "rng_0.safetensors"
     set_rng_state(load_tensors(rng), rng)

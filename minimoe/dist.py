@@ -1,8 +1,6 @@
-"""Distribution wrapped around the model from outside, on PyTorch's own engine (as torchtitan
-keeps `parallelize` apart from its models): torchrun's process group, the ("dp", "ep") or
-("dp", "tp") DeviceMesh, and `Parallel`, the training loop's one handle on them (FSDP2 or DDP,
-tensor and expert parallelism, the step's collectives). Each rank takes its rows of step i's
-global batch, so the gradients equal one process's (docs/method.md, "Run folders")."""
+"""Distribution wrapped around the model from outside (torchtitan's `parallelize`): torchrun's
+process group, the ("dp", "ep") or ("dp", "tp") mesh, and `Parallel`, the training loop's one
+handle on them. Each rank takes its rows of every batch (docs/method.md, "Run folders")."""
 
 from __future__ import annotations
 
@@ -21,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from minimoe.expert_parallel import EXPERT_WEIGHTS, apply_expert_parallel
 from minimoe.moe import MoE
+from minimoe.stream import barrier, rank, world_size
 from minimoe.tensor_parallel import apply_tensor_parallel
 
 MODES = ("fsdp", "ddp")
@@ -33,22 +32,18 @@ def init_from_env(device: str = "cpu") -> None:
         return
     options = {}
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        options = dict(store=_attempt_store(), rank=int(os.environ["RANK"]),
-                       world_size=int(os.environ["WORLD_SIZE"]))
+        # torchrun's store under a prefix of this attempt: a restarted job (--max-restarts)
+        # would otherwise dial the dead attempt's addresses (pytorch issue #167288)
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              int(os.environ["WORLD_SIZE"]), is_master=False)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        options = dict(store=dist.PrefixStore(f"minimoe/attempt_{attempt}", store),
+                       rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     if device.startswith("cuda"):
         torch.cuda.set_device(local_rank())
         dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank()), **options)
     else:
         dist.init_process_group("gloo", **options)
-
-
-def _attempt_store():
-    """torchrun's store under a prefix of this attempt: a restarted job (--max-restarts) would
-    otherwise dial the dead attempt's addresses (pytorch issue #167288)."""
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                          int(os.environ["WORLD_SIZE"]), is_master=False)
-    return dist.PrefixStore(f"minimoe/attempt_{attempt}", store)
 
 
 def shutdown() -> None:
@@ -58,14 +53,6 @@ def shutdown() -> None:
 
 def is_distributed() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def local_rank() -> int:
@@ -81,11 +68,6 @@ def device_for(name: str) -> torch.device:
     if name == "cuda" and is_distributed():
         return torch.device("cuda", local_rank())
     return torch.device(name)
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
 
 
 _inside_main_only = False
@@ -116,8 +98,7 @@ def main_only(fn):
 
 # --- data and numbers -------------------------------------------------------------------
 def row_slice(n: int, tp: int = 1) -> slice:
-    """This rank's rows of a global batch of n: rank r of w takes the r-th of w equal slices;
-    with tensor parallelism the tp ranks of a group share one slice of w / tp."""
+    """This rank's rows of a global batch of n: the tp ranks of a tensor-parallel group share one."""
     w, r = world_size() // tp, rank() // tp
     assert n % w == 0, (n, w)  # train() refuses such a batch size
     return slice(r * n // w, (r + 1) * n // w)
@@ -128,8 +109,7 @@ def rows(batch: torch.Tensor, tp: int = 1) -> torch.Tensor:
 
 
 class RankRows:
-    """The data as one rank evaluates it: its rows of every validation batch, so the mean over
-    the ranks is the batch's mean."""
+    """The data as one rank evaluates it: its rows of every validation batch."""
 
     def __init__(self, data, tp: int = 1):
         self.data, self.tp = data, tp
@@ -151,13 +131,9 @@ def _comm_device() -> torch.device:
 def build_mesh(ep: int = 1, device_type: str = "cpu", tp: int = 1) -> DeviceMesh:
     """The ("dp", "ep") mesh over every rank, or ("dp", "tp") with tensor parallelism."""
     w = world_size()
-    for name, size in (("ep", ep), ("tp", tp)):
-        if w % size:
-            raise ValueError(f"{name}={size!r}: must be a positive divisor of the {w} ranks")
-    if tp > 1 and ep > 1:
-        raise ValueError(f"tp={tp}, ep={ep}: tensor parallelism runs dense models, expert "
-                         "parallelism MoEs; one of them must be 1")
-    name, size = ("tp", tp) if tp > 1 else ("ep", ep)
+    name, size = ("tp", tp) if tp > 1 else ("ep", ep)  # TrainConfig refuses both above 1
+    if w % size:
+        raise ValueError(f"{name}={size!r}: must be a positive divisor of the {w} ranks")
     mesh = init_device_mesh(device_type, (w // size, size), mesh_dim_names=("dp", name))
     # every sub-mesh parallelize uses, made here once: outside FakeTensorMode (minimoe dry-run)
     # making one creates real tensors, which fake mode refuses; later lookups find them made
@@ -166,15 +142,13 @@ def build_mesh(ep: int = 1, device_type: str = "cpu", tp: int = 1) -> DeviceMesh
 
 
 def mesh_size(mesh: DeviceMesh | None, name: str) -> int:
-    """The size of the mesh's dimension `name`, 1 where it has none."""
     return mesh[name].size() if mesh is not None and name in mesh.mesh_dim_names else 1
 
 
 # --- the handle -------------------------------------------------------------------------
 class Parallel:
-    """The training loop's one handle on distribution (as nanoGPT's loop holds its DDP model):
-    built once from a TrainConfig's layout and a mesh (None: one process), it wraps the model,
-    runs the step's collectives and answers what the loop asks of the other ranks."""
+    """The training loop's one handle on distribution (as nanoGPT's loop holds its DDP model),
+    from a TrainConfig's layout and a mesh (None: one process)."""
 
     def __init__(self, layout, mesh: DeviceMesh | None = None):
         for name in ("ep", "tp"):
@@ -194,8 +168,9 @@ class Parallel:
     def from_env(cls, layout) -> Parallel:
         """Join torchrun's process group (nothing to join in one process), mesh included."""
         init_from_env(layout.device)
-        device = device_for(layout.device)
-        return cls(layout, build_mesh(layout.ep, device.type, layout.tp) if is_distributed() else None)
+        if not is_distributed():
+            return cls(layout)
+        return cls(layout, build_mesh(layout.ep, device_for(layout.device).type, layout.tp))
 
     def parallelize(self, model: nn.Module, fill=None) -> Parallel:
         """Apply the plan to `model` in place, in torchtitan's order: activation checkpointing
@@ -212,15 +187,9 @@ class Parallel:
                 block.compile()
         self.model = self.module = model
         if mesh is not None:
-            ep, tp = mesh_size(mesh, "ep"), mesh_size(mesh, "tp")
-            if tp > 1:
-                if self.mode != "fsdp":
-                    raise ValueError(f"tp={tp}: tensor parallelism runs with parallel='fsdp' only")
+            if mesh_size(mesh, "tp") > 1:  # (TrainConfig allows tp and ep with FSDP2 only)
                 apply_tensor_parallel(model, mesh["tp"])
-            if ep > 1:
-                if self.mode != "fsdp":
-                    raise ValueError(f"ep={ep}: expert parallelism runs with parallel='fsdp' only "
-                                     "(DDP would average different experts' gradients)")
+            if mesh_size(mesh, "ep") > 1:
                 apply_expert_parallel(model, mesh["ep"])
             if self.mode == "ddp":
                 first = next(model.parameters())
@@ -242,12 +211,10 @@ class Parallel:
         return row_slice(n, self.layout.tp) if self.distributed else None
 
     def val_rows(self, data) -> RankRows:
-        """The data as this rank evaluates it: its rows of every validation batch."""
         return RankRows(data, self.layout.tp)
 
     def mean(self, values: dict) -> dict[str, float]:
-        """Each number (a float or a 0-d tensor) averaged over the ranks, as floats: one copy
-        to the host (every rank gets the same result)."""
+        """Each number (a float or a 0-d tensor) averaged over the ranks: one copy to the host."""
         if not values:
             return {}
         names = sorted(values)

@@ -1,7 +1,6 @@
 """Safetensors written and read a piece at a time: one tensor (a checkpoint bigger than memory,
-transformed), or one rank's block of each tensor (a sharded model, saved and loaded). The format
-(huggingface/safetensors, "Format"): a u64 header size, the JSON header, then every tensor's
-bytes back to back; every shape is known first, so the header is written first."""
+transformed), or one rank's block of each tensor (a sharded model). The format
+(huggingface/safetensors, "Format"): a u64 header size, the JSON header, then the bytes."""
 
 from __future__ import annotations
 
@@ -88,15 +87,9 @@ def write_safetensors(path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]
                       produce: Callable[[str], torch.Tensor], metadata: dict | None = None) -> int:
     """Write `produce(name)` for each name of `specs` ({name: (dtype, shape)}), one at a time;
     the file appears atomically. Returns the bytes written."""
-    blob, _, size = _header(specs, metadata)
-    with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        f.write(blob)
-        for name, (dtype, shape) in specs.items():
-            tensor = produce(name)
-            assert tensor.dtype == dtype and tuple(tensor.shape) == tuple(shape), name
-            f.write(_bytes(tensor))
-            del tensor
-    return size
+    whole = ((name, (produce(name), (0,) * len(shape))) for name, (_, shape) in specs.items())
+    with atomic_write(path) as tmp:
+        return write_blocks(tmp, specs, whole, metadata, header=True)
 
 
 def stored_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -126,12 +119,25 @@ def transform_file(src_path, src_cfg: ModelConfig, out_path, tgt_cfg: ModelConfi
 
 
 # --- one rank's blocks of sharded tensors ---------------------------------------------------
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier(group=None) -> None:
+    if world_size() > 1:
+        dist.barrier(group=group)
+
+
 def local_block(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], bool]:
     """(this rank's part of t, where it starts in the whole tensor, whether this rank writes
     it): a DTensor's local shard (one holder of each replicated copy writes), or all of a plain
     tensor (rank 0 writes)."""
     if not isinstance(t, DTensor):
-        return t, (0,) * t.dim(), not dist.is_initialized() or dist.get_rank() == 0
+        return t, (0,) * t.dim(), rank() == 0
     _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
     coordinate = t.device_mesh.get_coordinate()
     writes = all(c == 0 for c, p in zip(coordinate, t.placements) if p.is_replicate())
@@ -143,26 +149,27 @@ def _clip(local: torch.Tensor, offset, shape) -> torch.Tensor:
     return local[tuple(slice(0, max(0, min(n, s - o))) for n, o, s in zip(local.shape, offset, shape))]
 
 
-def write_blocks(path, specs: dict, blocks: dict, metadata: dict | None = None,
-                 header: bool | None = None):
+def write_blocks(path, specs: dict, blocks, metadata: dict | None = None,
+                 header: bool | None = None) -> int:
     """Every rank calls it for the same file and `specs` ({name: (dtype, shape)}), with the
-    blocks it writes ({name: (local tensor, offset)}): the header by rank 0 (or `header`), each
-    rank its blocks in place, run by run, so no rank holds more than its own (docs/method.md,
-    "Run folders"). The caller waits for every rank before using the file."""
+    blocks it writes ((name, (local tensor, offset)) pairs): the header by rank 0 (or `header`),
+    each rank its blocks in place, run by run, so no rank holds more than its own. The caller
+    waits for every rank before using the file. Returns the file's size."""
     blob, starts, size = _header(specs, metadata)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        if header if header is not None else (not dist.is_initialized() or dist.get_rank() == 0):
+        if rank() == 0 if header is None else header:
             os.pwrite(fd, blob, 0)
             os.ftruncate(fd, size)  # only grows the file: the other ranks' bytes stay
-        for name, (local, offset) in blocks.items():
+        for name, (local, offset) in blocks:
             dtype, shape = specs[name]
             local = _clip(local.detach(), offset, shape).to("cpu", dtype)
-            if local.numel():
-                for at, run in _runs(local, offset, shape):
-                    os.pwrite(fd, _bytes(run), starts[name] + at * local.element_size())
+            for at, run in _runs(local, offset, shape) if local.numel() else ():
+                os.pwrite(fd, _bytes(run), starts[name] + at * local.element_size())
+            local = run = None  # one tensor in memory at a time (write_safetensors streams)
     finally:
         os.close(fd)
+    return size
 
 
 def _runs(local: torch.Tensor, offset, shape):

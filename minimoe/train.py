@@ -71,6 +71,10 @@ class TrainConfig:
         check_fields("TrainConfig", self, TRAIN_RULES)
         if str(self.device).split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"TrainConfig.device={self.device!r}: must be cpu, cuda or cuda:N")
+        if self.tp > 1 and (self.ep > 1 or self.parallel != "fsdp"):  # tp splits dense models
+            raise ValueError(f"TrainConfig.tp={self.tp}: runs with ep=1 and parallel='fsdp'")
+        if self.ep > 1 and self.parallel != "fsdp":  # DDP would average different experts
+            raise ValueError(f"TrainConfig.ep={self.ep}: runs with parallel='fsdp'")
         try:
             mixing.parse_mix(self.mix)  # the domains are checked against the data in train()
         except ValueError as err:
