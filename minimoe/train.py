@@ -1,8 +1,6 @@
-"""The one continuous-pretraining loop of every stage: AdamW, warmup then cosine, accumulation,
-the MoE auxiliary losses, validation, a JSONL log, and checkpoints from which a killed run
-resumes bit-identically (docs/method.md, "Run folders"). Under torchrun every rank runs it, on
-its rows of each batch, through one `dist.Parallel` handle; `train_step` is also what
-`minimoe dry-run` rehearses at full size."""
+"""The one training loop of every stage: AdamW, warmup then cosine, the MoE auxiliary losses,
+validation, a JSONL log, and checkpoints a killed run resumes from bit-identically (docs/method.md,
+"Run folders"). Under torchrun every rank runs it through one `dist.Parallel` handle."""
 
 from __future__ import annotations
 
@@ -79,8 +77,6 @@ class TrainConfig:
             mixing.parse_mix(self.mix)  # the domains are checked against the data in train()
         except ValueError as err:
             raise ValueError(f"TrainConfig.{err}") from None
-        if isinstance(self.aux, dict):  # as read back from run.json
-            self.aux = AuxLossConfig(**self.aux)
 
     @property
     def tokens_per_step(self) -> int:
@@ -114,10 +110,9 @@ def lr_at(step: int, tc: TrainConfig) -> float:
 
 def make_optimizer(model, tc: TrainConfig) -> torch.optim.AdamW:
     # no weight decay on vectors (norm weights, biases), as in nanoGPT and LLaMA
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": tc.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(tc.beta1, tc.beta2), fused=False)
 
 
@@ -162,13 +157,10 @@ class RunResult:
 
 def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progress: bool = True,
           on_step=None, tensorboard=None, init="seed") -> RunResult:
-    """Train `model` on `data` for tc.steps steps, checkpointing into out_dir.
-
-    `model` is built on the meta device and filled once the parallel plan has placed it, each
-    rank with what it holds: from out_dir's checkpoint of this run (resuming), else from `init`
-    (a model file, or "seed": drawn as one process would), so no rank holds the whole model.
-    `meta` goes to run.json; `on_step(step, record)` is called after each step; `tensorboard`:
-    a folder that also gets every logged number (torch's SummaryWriter)."""
+    """Train `model` for tc.steps steps, checkpointing into out_dir. `model` (on the meta device)
+    is filled once placed, each rank with its blocks: from out_dir's checkpoint (resuming), else
+    from `init` (a model file, or "seed"). `meta` goes to run.json; `on_step(step, record)` runs
+    after each step; `tensorboard`: a folder for torch's SummaryWriter."""
     if tc.device.startswith("cuda") and not torch.cuda.is_available():  # a recipe may name it
         raise ValueError(f"TrainConfig.device={tc.device!r}: no GPU here; use cpu")
     par = dist.Parallel.from_env(tc)  # torchrun's process group and mesh; or one process
@@ -207,8 +199,8 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
         history.append(_log(log_path, {"step": 0, "tokens": 0, **_evaluate(par, data, tc)},
                             main, board))
 
-    bar = tqdm(total=tc.steps, initial=step, unit="step", dynamic_ncols=True,
-               leave=False) if progress and main else None
+    bar = tqdm(total=tc.steps, initial=step, unit="step", dynamic_ncols=True, leave=False,
+               disable=not (progress and main))
     last_good = latest
     own_rows = par.rows(tc.batch_size)  # this rank's rows of every batch
     while step < tc.steps:
@@ -224,17 +216,17 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
 
         stats = train_step(par, optimizer, batch, tc)
         grad_norm = stats.pop("grad_norm").item()  # global already; the rest is this rank's
-        stats = par.mean(stats)  # the logged numbers are the global batch's
-        loss_sum, parts_sum = stats.pop("loss"), stats
-        if not math.isfinite(loss_sum):
+        parts = par.mean(stats)  # the logged numbers are the global batch's
+        loss = parts.pop("loss")
+        if not math.isfinite(loss):
             where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"
-            raise TrainingDiverged(f"step {step}: loss={loss_sum}; training stopped ({where})")
+            raise TrainingDiverged(f"step {step}: loss={loss}; training stopped ({where})")
         step += 1
         tokens += tc.tokens_per_step
         dt = time.perf_counter() - t0
         train_time += dt
-        record = {"step": step, "tokens": tokens, "loss": loss_sum, "lr": lr,
-                  "grad_norm": grad_norm, "tok_per_s": tc.tokens_per_step / dt, **parts_sum}
+        record = {"step": step, "tokens": tokens, "loss": loss, "lr": lr,
+                  "grad_norm": grad_norm, "tok_per_s": tc.tokens_per_step / dt, **parts}
         # pairs per expert of this step's last batch (before evaluation routes more), all ranks
         load = par.sum(expert_load(model)).tolist() if model.cfg.is_moe else None
         update = dynamic and step % tc.mix_every == 0 and step < tc.steps
@@ -249,9 +241,8 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
         if step % tc.log_every == 0 or "val_loss" in record or step == tc.steps:
             record["load"] = load
             history.append(_log(log_path, record, main, board))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{record['tok_per_s']:.0f}")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tok_per_s']:.0f}")
         if on_step is not None:
             on_step(step, record)
         if step % tc.ckpt_every == 0 or step == tc.steps:
@@ -260,8 +251,7 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
                                   "mix_weights": weights},
                                  background=tc.async_checkpoint and step < tc.steps)
             last_good = ckpt.latest_checkpoint(out_dir)
-    if bar is not None:
-        bar.close()
+    bar.close()
     if board is not None:
         board.close()
     ckpt.wait_for_checkpoint()
@@ -282,8 +272,7 @@ def _evaluate(par: dist.Parallel, data, tc: TrainConfig) -> dict[str, float]:
 
 def fill_model(model, device: torch.device, tc: TrainConfig, init):
     """Give a meta model memory on `device` and values: the model file `init`, or drawn from
-    tc.seed ("seed": each tensor whole, this rank's block kept, so bit-identical to one
-    process), or none (init None: a checkpoint fills it)."""
+    tc.seed ("seed": as one process would), or none (init None: a checkpoint fills it)."""
     if not any(p.is_meta for p in model.parameters()):  # given with its weights (one process)
         model.to(device)
         return
@@ -299,16 +288,28 @@ def fill_model(model, device: torch.device, tc: TrainConfig, init):
 
 
 def plan(model, tc: TrainConfig, mesh) -> dist.Parallel:
-    """tc's layout applied to `model` on `mesh` (None: one process), for a step outside `train`
-    (the dry run, the benches)."""
+    """tc's layout on `mesh` (None: one process), for a step outside `train` (dry run, benches)."""
     return dist.Parallel(tc, mesh).parallelize(model)
 
 
 def _start_folder(out_dir: Path, run: dict, cfg, tokenizer):
-    """Check that out_dir holds nothing or this run, then write its config, run and tokenizer
-    files (a run folder holds its tokenizer: eval, generate and export read it)."""
+    """Refuse a folder that holds another run (resuming this one is fine), then write its
+    config, run and tokenizer files (eval, generate and export read the tokenizer)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_same_run(out_dir, run)
+    path = out_dir / "run.json"
+    if not path.exists():
+        if any(out_dir.iterdir()) and not (out_dir / "ckpt").exists():
+            raise ValueError(f"out={out_dir}: the folder is not empty and holds no minimoe run; "
+                             "choose another --out")
+    else:
+        old = ckpt.read_json(path)
+        for key in ("model", "train", "stage", "data", "init_from"):
+            a, b = old.get(key), run.get(key)
+            if key == "train" and isinstance(a, dict):  # a run resumes under any layout
+                a, b = ({k: v for k, v in t.items() if k not in LAYOUT_FIELDS} for t in (a, b))
+            if json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
+                raise ValueError(f"out={out_dir}: holds a different run ({key} differs); "
+                                 "choose another --out or delete the folder")
     held = out_dir / "tokenizer.json"
     if held.exists() and held.read_text(encoding="utf-8") != tokenizer.json:
         raise ValueError(f"out={out_dir}: holds a run of another tokenizer than the data's "
@@ -337,26 +338,6 @@ def _start_mix(tc: TrainConfig, data) -> tuple[dict | None, dict | None]:
 def _final_val(history: list[dict]) -> dict[str, float]:
     last = next((r for r in reversed(history) if "val_loss" in r), {})
     return {k: v for k, v in last.items() if k.startswith("val_")}
-
-
-def _check_same_run(out_dir: Path, run: dict):
-    """Refuse an output folder that holds a different run (resuming the same one is fine)."""
-    path = out_dir / "run.json"
-    if not path.exists():
-        if any(out_dir.iterdir()) and not (out_dir / "ckpt").exists():
-            raise ValueError(f"out={out_dir}: the folder is not empty and holds no minimoe run; "
-                             "choose another --out")
-        return
-    old = ckpt.read_json(path)
-    run = {**run, "train": dict(run["train"])}
-    for key in LAYOUT_FIELDS:  # a run resumes under any layout
-        for train in (old.get("train"), run["train"]):
-            if isinstance(train, dict):
-                train.pop(key, None)
-    for key in ("model", "train", "stage", "data", "init_from"):
-        if json.dumps(old.get(key), sort_keys=True) != json.dumps(run.get(key), sort_keys=True):
-            raise ValueError(f"out={out_dir}: holds a different run ({key} differs); "
-                             "choose another --out or delete the folder")
 
 
 def _truncate_log(path: Path, step: int) -> list[dict]:
