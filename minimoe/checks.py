@@ -8,7 +8,6 @@ import argparse
 import dataclasses
 import math
 
-_OPEN = {">": True, ">=": False}  # lower bound exclusive?
 SEED = "int[0, 4294967295]"  # what every seed option and field takes (torch, numpy: 32 bits)
 
 
@@ -58,7 +57,6 @@ def option(rule):
 
 
 def check_fields(owner: str, obj, rules: dict) -> None:
-    """`check` every field of a dataclass named in `rules` (field name -> rule)."""
     for name, rule in rules.items():
         check(owner, name, getattr(obj, name), rule)
 
@@ -78,7 +76,7 @@ def _range(rule: str, integer: bool):
                 (">=", 1): "a positive integer"}.get((op, low), f"an integer {op} {low:g}")
     else:
         text = "positive" if (op, low) == (">", 0) else f"{op} {low:g}"
-    return low, _OPEN[op], math.inf, True, text
+    return low, op == ">", math.inf, True, text
 
 
 def known_keys(where: str, table, allowed) -> dict:

@@ -47,16 +47,16 @@ class ModelConfig:
         check_fields("ModelConfig", self, RULES)
         check_fields("ModelConfig", self, BOUNDS)
         if self.d_model % self.n_heads and not self.d_head:
-            _fail("d_model", self.d_model, f"must be divisible by n_heads={self.n_heads} "
-                  "(or give d_head)")
+            raise ValueError(f"ModelConfig.d_model={self.d_model}: must be divisible by "
+                             f"n_heads={self.n_heads} (or give d_head)")
         if self.n_heads % self.n_kv_heads:
-            _fail("n_heads", self.n_heads, f"must be divisible by n_kv_heads={self.n_kv_heads}")
+            raise ValueError(f"ModelConfig.n_heads={self.n_heads}: must be divisible by "
+                             f"n_kv_heads={self.n_kv_heads}")
         if self.n_experts and self.top_k > self.n_experts:
-            _fail("top_k", self.top_k, f"must be <= n_experts={self.n_experts}")
+            raise ValueError(f"ModelConfig.top_k={self.top_k}: must be <= n_experts={self.n_experts}")
         if self.n_experts and not self.expert_d_ffn:  # upcycling: every expert is the MLP
             object.__setattr__(self, "expert_d_ffn", self.d_ffn)
 
-    # --- derived shapes -------------------------------------------------------------
     @property
     def head_dim(self) -> int:
         return self.d_head or self.d_model // self.n_heads
@@ -72,9 +72,9 @@ class ModelConfig:
     def n_moe_layers(self) -> int:
         return sum(self.is_moe_layer(i) for i in range(self.n_layers))
 
-    # --- parameter counts (analytic; a test checks them against the built model) -----
     def param_counts(self) -> dict[str, int]:
-        """Parameters per component, with `total` and `active` (what one token uses)."""
+        """Parameters per component, with `total` and `active` (what one token uses); analytic,
+        checked against the built model by a test."""
         d, hd = self.d_model, self.head_dim
         q, kv = self.n_heads * hd, self.n_kv_heads * hd
         attention = d * (q + 2 * kv) + q * d + (q + 2 * kv) * self.qkv_bias
@@ -94,7 +94,6 @@ class ModelConfig:
         counts["active"] = counts["total"] - n_moe * (self.n_experts - self.top_k) * expert
         return counts
 
-    # --- (de)serialisation ------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -124,10 +123,6 @@ BOUNDS = {  # far above any published model: a size from a file cannot overflow 
                     "[0, 4096]"),
     **dict.fromkeys(("d_model", "d_ffn", "expert_d_ffn", "shared_d_ffn", "d_head"), "[0, 1048576]"),
 }
-
-
-def _fail(field: str, value, rule: str):
-    raise ValueError(f"ModelConfig.{field}={value!r}: {rule}")
 
 
 # --- presets: toy shapes, and the paper's Table 3 (where sources disagree each value has its

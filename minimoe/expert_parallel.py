@@ -16,10 +16,8 @@ EXPERT_WEIGHTS = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")
 
 
 class AllToAll(torch.autograd.Function):
-    """all_to_all_single with explicit split sizes, differentiable: the gradient of what rank
-    r received from rank s goes back to s (the splits swap). Written here because the list
-    form of all_to_all fails on gloo when sizes differ, and torch.distributed.nn's version is
-    deprecated in torch 2.13."""
+    """all_to_all_single with explicit split sizes, differentiable (backward swaps the splits):
+    the list form fails on gloo with uneven sizes; torch.distributed.nn's is deprecated in 2.13."""
 
     @staticmethod
     def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):
@@ -69,7 +67,7 @@ class ExpertDispatch:
         return AllToAll.apply(y_sorted[arrival], in_splits, out_splits, self.group)
 
 
-def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> list[MoE]:
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
     """Shard every MoE layer's experts over `ep_mesh` (1-D) and route its pairs through it:
     rank r keeps experts r*E/ep ... of rank 0's tensor (distribute_tensor scatters rank 0's)."""
     layers = moe_layers(model)
@@ -84,4 +82,3 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> list[MoE]:
             sharded = distribute_tensor(weight.detach(), ep_mesh, [Shard(0)], src_data_rank=source)
             setattr(moe, name, nn.Parameter(sharded, requires_grad=weight.requires_grad))
         moe.expert_runner = dispatch
-    return layers

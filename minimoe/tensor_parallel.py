@@ -18,21 +18,6 @@ from torch.distributed.tensor.parallel import (
 )
 
 
-def block_plan() -> dict:
-    """Each block's split: sequence shards between the pairs, whole sequences inside them."""
-    gathered = dict(input_layouts=(Shard(1), None, None, None),  # x (and cos, sin, cache)
-                    desired_input_layouts=(Replicate(), None, None, None))
-    return {
-        "attn_norm": SequenceParallel(), "attn": PrepareModuleInput(**gathered),
-        "attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(),
-        "attn.v_proj": ColwiseParallel(), "attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
-        "mlp_norm": SequenceParallel(),
-        "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-        "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
-        "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
-    }
-
-
 def check_tensor_parallel(cfg, tp: int, seq_len: int | None = None) -> None:
     """Refuse, naming the field, a model (and sequence length) that `tp` ranks cannot split."""
     for name in ("n_heads", "n_kv_heads", "d_ffn"):
@@ -48,25 +33,31 @@ def check_tensor_parallel(cfg, tp: int, seq_len: int | None = None) -> None:
                          "tied embeddings cannot be")
 
 
-def pad_vocabulary(model: nn.Module, tp: int) -> int:
-    """Pad the embedding and the LM head (still on the meta device) to a multiple of tp rows,
-    the LM head masking the padding out of its softmax; returns the padded size."""
-    vocab = model.cfg.vocab_size
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """Split every block, the embedding and the LM head over `tp_mesh`, in place (parameter
+    names unchanged; the split ones become DTensors). check_tensor_parallel ran at the door."""
+    # each block: sequence shards between the pairs, whole sequences inside them
+    gathered = dict(input_layouts=(Shard(1), None, None, None),  # x (and cos, sin, cache)
+                    desired_input_layouts=(Replicate(), None, None, None))
+    for block in model.layers:
+        parallelize_module(block, tp_mesh, {
+            "attn_norm": SequenceParallel(), "attn": PrepareModuleInput(**gathered),
+            "attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(),
+            "attn.v_proj": ColwiseParallel(),
+            "attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+            "mlp_norm": SequenceParallel(), "mlp": PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+        })
+    # the vocabulary padded to a multiple of tp rows (still on the meta device), the LM head
+    # masking the padding out of its softmax
+    vocab, tp = model.cfg.vocab_size, tp_mesh.size()
     padded = math.ceil(vocab / tp) * tp
     if padded > vocab:
         for module in (model.embed, model.lm_head):
             module.weight = nn.Parameter(torch.empty(padded, model.cfg.d_model, device="meta"))
         model.lm_head.pad_V = torch.arange(padded) >= vocab
-    return padded
-
-
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
-    """Split every block, the embedding and the LM head over `tp_mesh`, in place (parameter
-    names unchanged; the split ones become DTensors)."""
-    tp = tp_mesh.size()  # check_tensor_parallel was called where the layout came in
-    for block in model.layers:
-        parallelize_module(block, tp_mesh, block_plan())
-    pad_vocabulary(model, tp)
     parallelize_module(model, tp_mesh, {
         "embed": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(),
