@@ -18,9 +18,10 @@ from torch.distributed.tensor import DTensor
 
 from minimoe import files
 from minimoe.config import ModelConfig
-from minimoe.model import build_model
+from minimoe.model import build_model, draw_as_built
 from minimoe.run_files import STEP_NAME, checked_state, step_of
-from minimoe.stream import barrier, local_block, rank, read_block, world_size, write_blocks
+from minimoe.stream import (barrier, fill_block, local_block, rank, read_block, world_size,
+                            write_blocks)
 
 
 class CheckpointError(ValueError):
@@ -52,9 +53,8 @@ def _specs(tensors: dict, cfg) -> dict:
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], cfg=None):
-    """A safetensors file, written into path.tmp and renamed into place: by every rank when
-    the tensors are sharded (each its blocks), else by the caller alone (one process, rank 0
-    of DDP, or a rank inside dist.main_only). cfg: a model's, whose vocabulary is stored."""
+    """A safetensors file, written into path.tmp and renamed into place: by every rank when the
+    tensors are sharded, else by rank 0. cfg: a model's, whose unpadded vocabulary is stored."""
     path, main = Path(path), rank() == 0
     together = any(isinstance(t, DTensor) for t in tensors.values())
     if not (together or main):
@@ -75,8 +75,8 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], cfg=None):
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with a tied LM head stored once (safetensors refuses shared storage)."""
     sd = model.state_dict()
-    if getattr(model, "cfg", None) is not None and model.cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight")
     return sd
 
 
@@ -86,11 +86,6 @@ def _stored_shape(name: str, t: torch.Tensor, cfg) -> tuple[int, ...]:
     if name.split(".")[0] in ("embed", "lm_head") and t.dim() == 2:
         return (vocab, *t.shape[1:])
     return tuple(t.shape)
-
-
-def save_model_tensors(path: Path, model: torch.nn.Module):
-    """The model file, from one process or from every rank (each must call it)."""
-    save_tensors(path, model_tensors(model), model.cfg)
 
 
 def load_into(model: torch.nn.Module, path: Path, tensors=None):
@@ -130,15 +125,15 @@ def read_config(run_dir: Path) -> ModelConfig:
     return ModelConfig.from_dict(read_json(Path(run_dir) / "config.json"))
 
 
-def save_model(run_dir: Path, model, meta: dict | None = None):
-    """Write config.json, model.safetensors and (optionally) run.json into run_dir."""
+def save_model(run_dir: Path, model, meta: dict):
+    """Write config.json, run.json (`meta`) and model.safetensors into run_dir; under torchrun
+    every rank calls it."""
     run_dir = Path(run_dir)
     if rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         files.write_text(run_dir / "config.json", model.cfg.to_json())
-        if meta is not None:
-            files.write_json(run_dir / "run.json", meta)
-    save_model_tensors(run_dir / "model.safetensors", model)
+        files.write_json(run_dir / "run.json", meta)
+    save_tensors(run_dir / "model.safetensors", model_tensors(model), model.cfg)
 
 
 def model_file(run_dir: Path) -> Path:
@@ -154,15 +149,29 @@ def model_file(run_dir: Path) -> Path:
     return latest / "model.safetensors"
 
 
-def load_model(run_dir: Path, device="cpu"):
-    """(model, run metadata) from a run folder: built with room for its weights and nothing
-    drawn, then filled from the file."""
-    run_dir = Path(run_dir)
-    path = model_file(run_dir)
-    model = build_model(read_config(run_dir), device="meta").to_empty(device=device)
+def fill_model(model, device, init, seed: int = 0):
+    """Give a meta model memory on `device` and values: the model file `init`, or drawn from
+    `seed` (init "seed": as one process would, each rank keeping its blocks), or none (None: a
+    checkpoint fills it). A model that has its values (one process) is only moved."""
+    if not any(p.is_meta for p in model.parameters()):
+        return model.to(device)
+    model.to_empty(device=device)
     for buffer in model.buffers():  # the MoE's routing statistics
         buffer.zero_()
-    load_into(model, path)
+    if init == "seed":
+        torch.manual_seed(seed)
+        draw_as_built(model.cfg)
+        model.reset_parameters(fill=fill_block)
+    elif init is not None:
+        load_into(model, init)
+    return model
+
+
+def load_model(run_dir: Path, device="cpu"):
+    """(model, run metadata) from a run folder, filled from its newest weights."""
+    run_dir = Path(run_dir)
+    path = model_file(run_dir)
+    model = fill_model(build_model(read_config(run_dir), device="meta"), device, path)
     meta = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
     return model, meta
 

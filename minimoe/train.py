@@ -17,15 +17,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from minimoe import checkpoint as ckpt
-from minimoe import dist
-from minimoe import files
-from minimoe import mixing
+from minimoe import dist, files, mixing
 from minimoe.checks import SEED, check_fields
 from minimoe.evaluate import evaluate
-from minimoe.model import draw_as_built
 from minimoe.moe import AuxLossConfig, expert_load
 from minimoe.run_files import log_records, plot_losses, resumed_weights
-from minimoe.stream import fill_block
 from minimoe.tensor_parallel import check_tensor_parallel
 
 
@@ -177,7 +173,8 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
     latest = ckpt.latest_checkpoint(out_dir)
     if tc.tp > 1:
         check_tensor_parallel(model.cfg, tc.tp, tc.seq_len)
-    par.parallelize(model, fill=lambda: fill_model(model, par.device, tc, None if latest else init))
+    par.parallelize(model, fill=lambda: ckpt.fill_model(model, par.device, None if latest else init,
+                                                        tc.seed))
     model.train()
     optimizer = make_optimizer(model, tc)
     step, tokens, train_time = 0, 0, 0.0
@@ -255,7 +252,7 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
     if board is not None:
         board.close()
     ckpt.wait_for_checkpoint()
-    ckpt.save_model_tensors(out_dir / "model.safetensors", model)
+    ckpt.save_tensors(out_dir / "model.safetensors", ckpt.model_tensors(model), model.cfg)
     if main:
         plot_losses(history, out_dir / "loss.png", title=str((meta or {}).get("stage", out_dir.name)))
         mixing.plot_weights(history, out_dir / "mix.png", title=f"domain weights ({tc.mix})")
@@ -268,23 +265,6 @@ def _evaluate(par: dist.Parallel, data, tc: TrainConfig) -> dict[str, float]:
     if not par.distributed:
         return evaluate(par.model, data, tc)
     return par.mean(evaluate(par.model, par.val_rows(data), tc))
-
-
-def fill_model(model, device: torch.device, tc: TrainConfig, init):
-    """Give a meta model memory on `device` and values: the model file `init`, or drawn from
-    tc.seed ("seed": as one process would), or none (init None: a checkpoint fills it)."""
-    if not any(p.is_meta for p in model.parameters()):  # given with its weights (one process)
-        model.to(device)
-        return
-    model.to_empty(device=device)
-    for buffer in model.buffers():  # the MoE's routing statistics
-        buffer.zero_()
-    if init == "seed":
-        torch.manual_seed(tc.seed)
-        draw_as_built(model.cfg)
-        model.reset_parameters(fill=fill_block)
-    elif init is not None:
-        ckpt.load_into(model, init)
 
 
 def plan(model, tc: TrainConfig, mesh) -> dist.Parallel:

@@ -14,13 +14,14 @@ import torch
 import torch.distributed as torch_dist
 
 from minimoe import dist
+from minimoe.checkpoint import fill_model
 from minimoe.flops import flops_per_token
 from minimoe.model import build_model
 from minimoe.recipes.dry_run import measure, rehearse
 from minimoe.recipes.launch import ENGINE_OPTIONS, load_launch_recipe, train_config
 from minimoe.sim.cost import simulate
 from minimoe.sim.hardware import CATALOGUE, get_device
-from minimoe.train import fill_model, make_optimizer, plan, train_step
+from minimoe.train import make_optimizer, plan, train_step
 
 STEPS = 6  # timed, after 2 warm-up steps
 
@@ -83,7 +84,7 @@ def _measure(r, device: str) -> dict:
     cfg, shape = r.model_config, (r.layout.micro_batch, r.train.seq_len + 1)
     model = build_model(cfg, device="meta")
     parallel = plan(model, tc, dist.build_mesh(tc.ep, device, tc.tp))
-    fill_model(model, torch.device(device), tc, "seed")
+    fill_model(model, torch.device(device), "seed", tc.seed)
     optimizer = make_optimizer(model, tc)
     g = torch.Generator(device=device).manual_seed(0)
     rows = [torch.randint(0, cfg.vocab_size, shape, device=device, generator=g) for _ in range(4)]
