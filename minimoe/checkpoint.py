@@ -20,8 +20,8 @@ from minimoe import files
 from minimoe.config import ModelConfig
 from minimoe.model import build_model, draw_as_built
 from minimoe.run_files import STEP_NAME, checked_state, step_of
-from minimoe.stream import (barrier, fill_block, local_block, rank, read_block, world_size,
-                            write_blocks)
+from minimoe.stream import (barrier, fill_block, local_block, model_tensors, rank, read_block,
+                            world_size, write_blocks)
 
 
 class CheckpointError(ValueError):
@@ -72,14 +72,6 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], cfg=None):
 
 
 # --- models -----------------------------------------------------------------------------
-def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with a tied LM head stored once (safetensors refuses shared storage)."""
-    sd = model.state_dict()
-    if model.cfg.tie_embeddings:
-        sd.pop("lm_head.weight")
-    return sd
-
-
 def _stored_shape(name: str, t: torch.Tensor, cfg) -> tuple[int, ...]:
     """A tensor's shape on disk: a vocabulary padded for tensor parallelism is stored unpadded."""
     vocab = getattr(cfg, "vocab_size", None) or t.shape[0]

@@ -52,8 +52,6 @@ class SafetensorsSource:
         return name in self._dtypes
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._dtypes:
-            raise KeyError(f"{name!r} is not in {self.path}")
         with safe_open(self.path, "pt") as f:
             return f.get_tensor(name)
 
@@ -62,8 +60,6 @@ def _header(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dic
     """(the header's bytes, {name: where its data starts in the file}, the file's size)."""
     header, offset = {}, 0
     for name, (dtype, shape) in specs.items():
-        if dtype not in _DTYPE_NAMES:
-            raise ValueError(f"{name}: dtype={dtype} is not supported by this writer")
         size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape),
                         "data_offsets": [offset, offset + size]}
@@ -92,21 +88,25 @@ def write_safetensors(path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]
         return write_blocks(tmp, specs, whole, metadata, header=True)
 
 
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with a tied LM head stored once (safetensors refuses shared storage)."""
+    sd = model.state_dict()
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight")
+    return sd
+
+
 def stored_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """The tensors of a model file of `cfg`, in model order (meta tensors: nothing allocated;
-    a tied LM head is stored once, as the embedding)."""
-    tensors = build_model(cfg, device="meta").state_dict()
-    if cfg.tie_embeddings:
-        tensors.pop("lm_head.weight")
+    """The tensors of a model file of `cfg`, in model order (on meta: nothing allocated)."""
+    tensors = model_tensors(build_model(cfg, device="meta"))
     return {name: tuple(t.shape) for name, t in tensors.items()}
 
 
 def transform_file(src_path, src_cfg: ModelConfig, out_path, tgt_cfg: ModelConfig,
                    make: Callable, dtype_of: Callable) -> int:
     """Write the model file of `tgt_cfg` tensor by tensor, `make(name, source)` reading the few
-    tensors of `src_path` it needs (`source` reads on demand), so neither model is ever in
-    memory; the source's shapes are checked against `src_cfg` first. Returns the bytes written.
-    Growth and upcycling run the same per-tensor functions on a state dict in memory."""
+    tensors of `src_path` it needs, so neither model is ever in memory; the source's shapes are
+    checked against `src_cfg` first. Returns the bytes written."""
     source = SafetensorsSource(src_path)
     for name, shape in stored_shapes(src_cfg).items():
         if name not in source or source.shape(name) != shape:
@@ -133,9 +133,8 @@ def barrier(group=None) -> None:
 
 
 def local_block(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], bool]:
-    """(this rank's part of t, where it starts in the whole tensor, whether this rank writes
-    it): a DTensor's local shard (one holder of each replicated copy writes), or all of a plain
-    tensor (rank 0 writes)."""
+    """(this rank's part of t, its offset in the whole, whether this rank writes it): a DTensor's
+    shard (one holder of each replica writes), or all of a plain tensor (rank 0 writes)."""
     if not isinstance(t, DTensor):
         return t, (0,) * t.dim(), rank() == 0
     _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
@@ -173,9 +172,8 @@ def write_blocks(path, specs: dict, blocks, metadata: dict | None = None,
 
 
 def _runs(local: torch.Tensor, offset, shape):
-    """(element offset in the whole tensor, contiguous piece of the block) for each run of a
-    block: the block spans whole rows of the dims after k, so each index of the dims before k
-    is one run."""
+    """(element offset in the whole tensor, contiguous piece) for each run of a block: it spans
+    whole rows of the dims after k, so each index of the dims before k is one run."""
     k = len(shape) - 1
     while k > 0 and local.shape[k] == shape[k]:
         k -= 1
@@ -187,9 +185,8 @@ def _runs(local: torch.Tensor, offset, shape):
 
 
 def read_block(f, name: str, local: torch.Tensor, offset) -> None:
-    """Fill `local`, the block of tensor `name` that starts at `offset`, from an open
-    safe_open file: only its bytes are read; rows past the stored tensor (a padded
-    vocabulary's) become zeros."""
+    """Fill `local`, the block of tensor `name` at `offset`, from an open safe_open file, reading
+    only its bytes; rows past the stored tensor (a padded vocabulary's) become zeros."""
     shape = f.get_slice(name).get_shape()
     part = _clip(local, offset, shape)
     with torch.no_grad():
@@ -202,8 +199,7 @@ def read_block(f, name: str, local: torch.Tensor, offset) -> None:
 
 def fill_block(param: torch.Tensor, draw, rows: int | None = None) -> None:
     """Model.reset_parameters' `fill` for a sharded model: each tensor drawn whole on the CPU
-    (its first `rows` rows, the rest zeros), from the RNG one process would draw it from, and
-    this rank's block kept (one tensor in memory at a time): every rank starts as one process."""
+    (its first `rows` rows, the rest zeros) as one process would, and this rank's block kept."""
     whole = torch.zeros(param.shape, dtype=param.dtype)
     draw(whole[:rows] if rows else whole)
     local, offset, _ = local_block(param.data)
