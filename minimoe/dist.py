@@ -52,7 +52,7 @@ def shutdown() -> None:
 
 
 def is_distributed() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
+    return world_size() > 1
 
 
 def local_rank() -> int:
@@ -75,8 +75,7 @@ _inside_main_only = False
 
 def main_only(fn):
     """Run fn() on rank 0 only (a check, a write); every rank returns its result or raises its
-    error, so the ranks never wait on one that failed. fn must not use the other ranks: a
-    main_only inside it just runs (rank 0 is alone there)."""
+    error, so none waits on one that failed. A main_only inside fn just runs."""
     global _inside_main_only
     if not is_distributed() or _inside_main_only:
         return fn()
@@ -173,10 +172,9 @@ class Parallel:
         return cls(layout, build_mesh(layout.ep, device_for(layout.device).type, layout.tp))
 
     def parallelize(self, model: nn.Module, fill=None) -> Parallel:
-        """Apply the plan to `model` in place, in torchtitan's order: activation checkpointing
-        and compile per block, tensor or expert parallelism, then FSDP2 units or DDP. fill():
-        gives a meta model its values, before DDP (which broadcasts rank 0's) or after FSDP2
-        (each rank fills its shards)."""
+        """Apply the plan to `model` in place, in torchtitan's order: activation checkpointing and
+        compile per block, tensor or expert parallelism, FSDP2 or DDP. fill() gives a meta model
+        its values, before DDP (which broadcasts rank 0's) or after FSDP2 (each its shards)."""
         layout, mesh = self.layout, self.mesh
         if fill is not None and self.mode != "fsdp":
             fill()
@@ -241,9 +239,8 @@ class Parallel:
         return loss_parallel() if mesh_size(self.mesh, "tp") > 1 else contextlib.nullcontext()
 
     def sync(self, last: bool):
-        """Context of one micro-batch's forward + backward: DDP reduces on the last micro-batch
-        of a step only (no_sync); FSDP2 after every micro-batch, or on the last only
-        (set_requires_gradient_sync), holding each gradient whole until then."""
+        """Context of one micro-batch's forward + backward: DDP reduces on a step's last one only;
+        FSDP2 after every one, or on the last only, holding each gradient whole until then."""
         if self.mode == "fsdp":
             self.model.set_requires_gradient_sync(last or self.layout.reduce_every_micro_batch)
         elif self.mode == "ddp" and not last:
@@ -251,9 +248,8 @@ class Parallel:
         return contextlib.nullcontext()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Clip to a global norm (returned, on the device); with FSDP2 the gradients are
-        DTensors, on two meshes when experts are parallel, so each mesh's norm is reduced
-        first, then combined."""
+        """Clip to a global norm (returned, on the device); with FSDP2 the gradients are DTensors,
+        on two meshes when experts are parallel: each mesh's norm is reduced, then combined."""
         if self.expert_grad_scale:
             params, factor = self.expert_grad_scale
             torch._foreach_mul_([p.grad for p in params if p.grad is not None], factor)
@@ -274,23 +270,22 @@ class Parallel:
 
 
 def _fully_shard(model: nn.Module, mesh: DeviceMesh, mixed_precision: bool) -> tuple:
-    """FSDP2 units over every rank (torchtitan's): the embedding, each block, the final norm
-    with the LM head, then the root; a MoE layer's experts, when parallel, their own unit over
-    "dp" (the replicas of the same experts). Returns Parallel.expert_grad_scale."""
+    """FSDP2 units over every rank (torchtitan's): the embedding, each block, the final norm with
+    the LM head, the root; parallel experts their own unit over "dp" (replicas of the same ones)."""
     bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     policy = bf16 if mixed_precision else MixedPrecisionPolicy()
     ep = mesh_size(mesh, "ep")
     # mesh["dp"]: every rank when ep == tp == 1, the data-parallel replicas of a tensor-parallel
     # split when tp > 1; with experts parallel, a 1-D mesh over the world
     everyone = mesh["dp"] if ep == 1 else mesh._flatten("dp_ep")  # made by build_mesh
-    units, scale = [], ()
+    units, scale = [], ()  # scale: Parallel.expert_grad_scale's parameters
     place = shard_dim(everyone.size())
     if not model.cfg.tie_embeddings:  # a tied embedding is the head's weight: the root's
         units.append(fully_shard(model.embed, mesh=everyone, mp_policy=policy))
     for block in model.layers:
         experts = []
         if ep > 1 and isinstance(block.mlp, MoE):
-            unit, params = _shard_experts(block.mlp, mesh, everyone, policy)
+            unit, params = _shard_experts(block.mlp, mesh, everyone, policy, place)
             experts, scale = [unit], scale + params
         units += [fully_shard(block, mesh=everyone, mp_policy=policy, shard_placement_fn=place),
                   *experts]
@@ -306,13 +301,12 @@ def _fully_shard(model: nn.Module, mesh: DeviceMesh, mixed_precision: bool) -> t
     return (scale, 1.0 / ep) if scale else ()
 
 
-def _shard_experts(moe: MoE, mesh: DeviceMesh, everyone: DeviceMesh, policy):
+def _shard_experts(moe: MoE, mesh: DeviceMesh, everyone: DeviceMesh, policy, place):
     # router, noise and shared expert first, over every rank: their gradients are a mean over
     # all the data, so they must not fall into the experts' unit below
     for child in (moe.router, moe.router_noise, moe.shared):
         if child is not None:
-            fully_shard(child, mesh=everyone, mp_policy=policy, shard_placement_fn=shard_dim(
-                everyone.size()))
+            fully_shard(child, mesh=everyone, mp_policy=policy, shard_placement_fn=place)
     unit = fully_shard(moe, mesh=mesh["dp"], mp_policy=policy,
                        shard_placement_fn=shard_dim(mesh["dp"].size()))
     # An expert's gradient already sums its whole EP group's tokens (the all-to-all's
@@ -325,9 +319,8 @@ def _shard_experts(moe: MoE, mesh: DeviceMesh, everyone: DeviceMesh, policy):
 
 
 def shard_dim(n: int):
-    """FSDP2's shard_placement_fn over n ranks: dim 0, unless a weight has fewer rows than
-    ranks (stacked experts, a router: most ranks would hold padding), then the first later dim
-    n divides, as torchtitan shards its experts when dp x ep exceeds their number."""
+    """FSDP2's shard_placement_fn over n ranks: dim 0, unless a weight has fewer rows than ranks
+    (stacked experts, a router), then the first later dim n divides (as torchtitan does)."""
     def place(param):
         shape = param.to_local().shape if isinstance(param, DTensor) else param.shape
         return Shard(even_dim(shape, n) or 0)
@@ -335,16 +328,16 @@ def shard_dim(n: int):
 
 
 def even_dim(shape, n: int) -> int | None:
-    """shard_dim's dim for a weight of `shape` over n ranks, or None where no later dim divides
-    a weight of fewer than n rows (recipes.launch.engine_plan refuses that layout)."""
+    """shard_dim's dim for a weight of `shape` over n ranks, or None where none fits (a layout
+    recipes.launch.engine_plan refuses)."""
     if len(shape) < 2 or shape[0] >= n:
         return 0
     return next((d for d in range(1, len(shape)) if shape[d] % n == 0), None)
 
 
 def checkpoint_block(block: nn.Module) -> None:
-    """Activation checkpointing of one block: its forward keeps only its input and recomputes
-    the rest in backward (non-reentrant); module tree and parameter names unchanged."""
+    """Activation checkpointing of one block (non-reentrant): forward keeps only its input,
+    backward recomputes the rest; module tree and parameter names unchanged."""
     forward = block.forward
 
     def recomputed(*args):
