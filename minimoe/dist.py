@@ -22,8 +22,6 @@ from minimoe.moe import MoE
 from minimoe.stream import barrier, rank, world_size
 from minimoe.tensor_parallel import apply_tensor_parallel
 
-MODES = ("fsdp", "ddp")
-
 
 # --- the process group ------------------------------------------------------------------
 def init_from_env(device: str = "cpu") -> None:

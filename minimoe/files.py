@@ -36,13 +36,9 @@ def atomic_write(path):
             tmp.unlink()
 
 
-def write_bytes(path, data: bytes) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def write_text(path, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path, obj) -> None:

@@ -86,7 +86,7 @@ TRAIN_RULES = {  # minimoe/checks.py; bounds on what multiplies into memory
     **dict.fromkeys(("ep", "tp"), "int[1, 65536]"),
     **dict.fromkeys(("lr", "mix_eta"), ">0"), "warmup_steps": "int>=0", "min_lr_ratio": "[0, 1]",
     **dict.fromkeys(("beta1", "beta2"), "[0, 1)"), **dict.fromkeys(("weight_decay", "grad_clip"), ">=0"),
-    "parallel": dist.MODES, **dict.fromkeys(("bf16", "activation_checkpointing", "compile",
+    "parallel": ("fsdp", "ddp"), **dict.fromkeys(("bf16", "activation_checkpointing", "compile",
                                              "reduce_every_micro_batch", "async_checkpoint"), "bool"),
 }
 
