@@ -276,15 +276,11 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore model, optimizer and RNG from a checkpoint folder into a model of any layout;
     returns its state.json."""
     path = Path(path)
-    state = checked_state(read_json(path / "state.json"), path)
-    groups = state["optimizer"]["param_groups"]
-    if len(groups) != len(optimizer.param_groups):
-        raise CheckpointError(f"{path / 'state.json'}: optimizer has {len(groups)} parameter "
-                              f"groups; this run's optimizer has {len(optimizer.param_groups)}")
+    state = checked_state(read_json(path / "state.json"), path, len(optimizer.param_groups))
     load_into(model, path / "model.safetensors")
     moments = _optimizer_tensors(model, optimizer, create=True)
     load_into(model, path / "optim.safetensors", tensors=moments)
-    for group, hyper in zip(optimizer.param_groups, groups):
+    for group, hyper in zip(optimizer.param_groups, state["optimizer"]["param_groups"]):
         group.update({k: v for k, v in hyper.items() if k != "params"})
     rng = path / f"rng_{rank()}.safetensors"
     if not rng.exists():  # fewer ranks wrote it: every rank takes rank 0's stream

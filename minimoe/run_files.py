@@ -16,8 +16,8 @@ def step_of(path: Path) -> int:
     return int(Path(path).name.split("_")[1])
 
 
-def checked_state(state: dict, path: Path) -> dict:
-    """A checkpoint's state.json: its own step, counts, and the optimizer's groups."""
+def checked_state(state: dict, path: Path, n_groups: int) -> dict:
+    """A checkpoint's state.json: its own step, counts, and the optimizer's n_groups groups."""
     where = f"{path / 'state.json'}: "
     check(where, "step", state.get("step"), "int>=0")
     if state["step"] != step_of(path):
@@ -26,8 +26,10 @@ def checked_state(state: dict, path: Path) -> dict:
     check(where, "train_time", state.get("train_time"), ">=0")
     hyper = state.get("optimizer")
     if not (isinstance(hyper, dict) and isinstance(hyper.get("param_groups"), list)
+            and len(hyper["param_groups"]) == n_groups
             and all(isinstance(g, dict) for g in hyper["param_groups"])):
-        raise ValueError(f"{where}optimizer: must hold a param_groups list")
+        raise ValueError(f"{where}optimizer: must hold a param_groups list of {n_groups} (this "
+                         "run's optimizer's)")
     return state
 
 
