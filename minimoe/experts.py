@@ -141,7 +141,7 @@ def plot_specialisation(result: dict, path: Path, title: str = ""):
     files.save_figure(fig, path)
 
 
-def write_specialisation(result: dict, out_dir, tokenizer=None, title: str = "") -> list[Path]:
+def write_specialisation(result: dict, out_dir, tokenizer=None, title: str = ""):
     """specialisation.json, .png and top_tokens.md (decoded given a tokenizer) in out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +156,6 @@ def write_specialisation(result: dict, out_dir, tokenizer=None, title: str = "")
             lines.append(f"- expert {e}: {shown}")
         lines.append("")
     files.write_text(out_dir / "top_tokens.md", "\n".join(lines))
-    return [out_dir / name for name in ("specialisation.json", "specialisation.png", "top_tokens.md")]
 
 
 def _shown(tokenizer, token_id: int) -> str:

@@ -1,27 +1,7 @@
-"""Analytic FLOPs of a ModelConfig: per component, per token, per training step.
-
-Conventions, stated once here and carried in every result (docs/simulator.md tells how the
-cost simulator uses them):
-
-* One multiply-add is 2 FLOPs. fvcore counts it as 1 "flop" (its documentation: "fvcore
-  counts one fused multiply-add as one flop"), so compare fvcore's number with ours / 2;
-  `fvcore_check` runs that comparison on a real forward (`minimoe flops --check`).
-* Only matrix multiplies are counted, as Megatron-LM does (megatron/training/training.py,
-  `num_floating_point_operations`). The embedding is a table lookup:
-  0 FLOPs. Norms, RoPE, softmax, SiLU, residual and bias adds are elementwise and left out
-  (each is O(d) per token against O(d^2) for the matmuls).
-* The attention core (QK^T and AV) is counted `causal` (half the s x s square, as Kaplan et al. 2020,
-  Megatron >= 2025-03 and MaxText >= 2025-07 do) or `full` (the whole square, as PaLM, nanoGPT
-  and Chinchilla do). Both are reported: `FlopCount.attention` says which one the totals use.
-* Backward = 2 x forward for every matmul (one GEMM for the input gradient, one for the weight
-  gradient). Model FLOPs (for MFU) = forward + backward. Hardware FLOPs (for HFU and time) add
-  what recomputation runs again: `selective` recomputes the attention core forward
-  (Korthikanti et al. 2022), `full` recomputes the whole forward of every layer (the LM head
-  is not recomputed), which is Narayanan et al. 2021's 96-form versus the 72-form.
-* MoE layers count only the top-k experts a token visits (the active parameters of Fedus et
-  al. 2021 and Megatron's `moe_router_topk` factor); the router
-  (2·d·E per token) is counted unless `include_router=False`, which is Megatron's convention.
-"""
+"""Analytic FLOPs of a ModelConfig, per component and per token. Matmuls only,
+2 FLOPs per multiply-add, backward = 2 x forward, MoE layers the top-k experts a token visits;
+the attention core counted `causal` or `full`, recomputation added to the hardware FLOPs
+(conventions and sources: docs/simulator.md#flop-conventions)."""
 
 from __future__ import annotations
 
@@ -78,17 +58,10 @@ class FlopCount:
         """The 6·N_active rule of thumb (Kaplan 2020), as a cross-check on `model`."""
         return 6.0 * self.params_active
 
-    def per_step(self, tokens_per_step: int) -> dict[str, float]:
-        """Totals for one optimizer step of `tokens_per_step` tokens."""
-        return {name: getattr(self, name) * tokens_per_step
-                for name in ("forward", "backward", "model", "hardware")}
-
     def to_frame(self, unit: str = "GFLOP"):
         """The breakdown as a pandas DataFrame (one row per component, plus a total), the
         FLOPs in `unit` (one of UNITS)."""
-        size = dict(UNITS).get(unit)
-        if size is None:
-            raise ValueError(f"unit={unit!r}: must be one of {', '.join(dict(UNITS))}")
+        size = dict(UNITS)[unit]
         records = [{"component": r.component, "kind": r.kind, "params": r.params,
                     "active_params": r.active_params, f"forward_{unit}": r.forward / size,
                     f"train_{unit}": 3 * r.forward / size,
@@ -114,10 +87,7 @@ class FlopCount:
 def flop_rows(cfg: ModelConfig, seq_len: int, attention: str = "causal",
               include_router: bool = True) -> list[FlopRow]:
     """Per-component forward FLOPs per token (summed over layers) and parameters."""
-    if attention not in ATTENTION:
-        raise ValueError(f"attention={attention!r}: must be one of {', '.join(ATTENTION)}")
-    if not isinstance(seq_len, int) or seq_len <= 0:
-        raise ValueError(f"seq_len={seq_len!r}: must be a positive integer")
+    assert attention in ATTENTION and seq_len > 0, (attention, seq_len)  # the CLI's and sim's rules
     d, L, V = cfg.d_model, cfg.n_layers, cfg.vocab_size
     q = cfg.n_heads * cfg.head_dim  # query width
     kv = cfg.n_kv_heads * cfg.head_dim  # key (= value) width: GQA shrinks K and V only
@@ -131,12 +101,11 @@ def flop_rows(cfg: ModelConfig, seq_len: int, attention: str = "causal",
     core_full = 2 * (2 * seq_len * q)
     core = core_full / 2 if attention == "causal" else core_full
     expert = 3 * d * cfg.expert_d_ffn
+    qkv_params = L * (d * (q + 2 * kv) + (q + 2 * kv) * cfg.qkv_bias)
     rows = [
         FlopRow("embedding", "lookup", counts["embedding"], counts["embedding"], 0.0, False,
                 "table lookup: 0 FLOPs"),
-        FlopRow("attn_qkv", "matmul", L * (d * (q + 2 * kv) + (q + 2 * kv) * cfg.qkv_bias),
-                L * (d * (q + 2 * kv) + (q + 2 * kv) * cfg.qkv_bias),
-                L * 2.0 * d * (q + 2 * kv), True,
+        FlopRow("attn_qkv", "matmul", qkv_params, qkv_params, L * 2.0 * d * (q + 2 * kv), True,
                 "GQA: K,V are n_kv_heads wide" + ("; bias add not counted" if cfg.qkv_bias else "")),
         FlopRow("attn_core", "matmul", 0, 0, L * core, True,
                 f"QK^T + AV, {attention} ({'s/2' if attention == 'causal' else 's'} keys/query)"),
@@ -161,13 +130,9 @@ def flop_rows(cfg: ModelConfig, seq_len: int, attention: str = "causal",
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, attention: str = "causal",
                     recompute: str = "none", include_router: bool = True,
                     pad_to_capacity: bool = False) -> FlopCount:
-    """Training FLOPs per token of `cfg` at `seq_len` (default: cfg.max_seq_len).
-
-    `pad_to_capacity`: the expert GEMMs run on capacity-padded buffers (GShard/Switch style),
-    so the hardware executes capacity_factor x the expert FLOPs (GShard, Lepikhin et al. 2020,
-    §2.2: each expert's buffer holds capacity tokens whether or not they are filled); dropless
-    implementations (the default, and minimoe's) execute exactly the model FLOPs.
-    """
+    """Training FLOPs per token of `cfg` at `seq_len` (default: cfg.max_seq_len). pad_to_capacity:
+    the expert GEMMs run on buffers of capacity tokens, filled or not (GShard, Lepikhin et al.
+    2020, §2.2), so the hardware runs capacity_factor x the expert FLOPs; dropless (minimoe) not."""
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute={recompute!r}: must be one of {', '.join(RECOMPUTE)}")
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
@@ -196,23 +161,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, attention: str
                      attention_core_causal=L * 2.0 * seq_len * q,
                      attention_core_full=L * 4.0 * seq_len * q,
                      params_total=counts["total"], params_active=counts["active"], notes=notes)
-
-
-def megatron_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Megatron-LM's `num_floating_point_operations` / tokens (megatron/training/training.py,
-    2025), for checks.
-
-    Written independently of `flop_rows`, term for term as Megatron writes it: factor 6 on
-    every GEMM, SwiGLU factor 3, causal-halved attention core, no router, no embedding.
-    """
-    h, L, hd = cfg.d_model, cfg.n_layers, cfg.head_dim
-    q, kv = hd * cfg.n_heads, hd * cfg.n_kv_heads
-    n_moe = cfg.n_moe_layers
-    mlp = 3 * cfg.d_ffn * (L - n_moe) + 3 * cfg.expert_d_ffn * cfg.top_k * n_moe \
-        + 3 * cfg.shared_d_ffn * n_moe
-    attn_linear = 6 * (h * (q + kv + kv) + q * h)
-    attn_core = 6 * q / 2 * 2  # per unit of seq_len: "/2 causal mask", "*2 QK^T and (QK^T)V"
-    return 6 * h * mlp + attn_linear * L + 6 * h * cfg.vocab_size + seq_len * attn_core * L
 
 
 def flops_report(cfg: ModelConfig, name: str, seq_len: int | None = None,

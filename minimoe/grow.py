@@ -236,8 +236,6 @@ def grow_tensor(plan: GrowthPlan, name: str, source: Mapping[str, torch.Tensor])
         return source[source_name(plan, name)][d_model.index]
 
     _, layer, rest = name.split(".", 2)
-    if rest not in _AXES:
-        raise ValueError(f"{name}: not a weight of the dense decoder")
     out, inp = (plan.axes[a] if a else None for a in _AXES[rest])
     cols, col_copies = (inp.index, inp.copies) if inp is not None else (None, None)
     here = plan.layer_map[int(layer)]
@@ -268,9 +266,8 @@ def grow_state_dict(plan: GrowthPlan, source: Mapping[str, torch.Tensor]
 
 def grow_model(plan: GrowthPlan, model: Transformer) -> Transformer:
     """A new Transformer of plan.target grown from `model` (left untouched) by `plan`."""
-    state = grow_state_dict(plan, model.state_dict())
     grown = build_model(plan.target, device="meta")  # no random init to throw away
-    grown.load_state_dict(state, assign=True)
+    grown.load_state_dict(grow_state_dict(plan, model.state_dict()), assign=True)
     return grown
 
 

@@ -224,10 +224,8 @@ class Transformer(nn.Module):
             cache.length += T
         return self.lm_head(self.norm(x), targets=targets)
 
-    def num_params(self, active: bool = False) -> int:
-        """Parameters counted from the tensors (tied weights once); see also cfg.param_counts()."""
-        if active:
-            return self.cfg.param_counts()["active"]
+    def num_params(self) -> int:
+        """Parameters counted from the tensors (tied weights once); cfg.param_counts() by part."""
         return sum(p.numel() for p in self.parameters())
 
 

@@ -14,7 +14,7 @@ import torch
 from minimoe.cli import main
 from minimoe.config import PRESETS, ModelConfig
 from minimoe.bench.flops_check import fvcore_analysis, fvcore_check
-from minimoe.flops import flop_unit, flops_per_token, megatron_flops_per_token
+from minimoe.flops import flop_unit, flops_per_token
 
 # Published shapes (Llama 2, Touvron et al. 2023, Table 1 / its config.json; Mixtral-8x7B's
 # config.json): untied, no QKV bias.
@@ -23,6 +23,20 @@ LLAMA2_7B = ModelConfig(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32, d_
 MIXTRAL_8X7B = ModelConfig(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, d_ffn=14336,
                            qkv_bias=False, vocab_size=32000, max_seq_len=4096,
                            n_experts=8, top_k=2)
+
+
+def megatron_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Megatron-LM's `num_floating_point_operations` / tokens (megatron/training/training.py,
+    2025), written independently of flops.py, term for term as Megatron writes it: factor 6 on
+    every GEMM, SwiGLU factor 3, causal-halved attention core, no router, no embedding."""
+    h, L, hd = cfg.d_model, cfg.n_layers, cfg.head_dim
+    q, kv = hd * cfg.n_heads, hd * cfg.n_kv_heads
+    n_moe = cfg.n_moe_layers
+    mlp = 3 * cfg.d_ffn * (L - n_moe) + 3 * cfg.expert_d_ffn * cfg.top_k * n_moe \
+        + 3 * cfg.shared_d_ffn * n_moe
+    attn_linear = 6 * (h * (q + kv + kv) + q * h)
+    attn_core = 6 * q / 2 * 2  # per unit of seq_len: "/2 causal mask", "*2 QK^T and (QK^T)V"
+    return 6 * h * mlp + attn_linear * L + 6 * h * cfg.vocab_size + seq_len * attn_core * L
 
 
 @pytest.mark.parametrize("cfg, gflop", [(LLAMA2_7B, 42.9), (MIXTRAL_8X7B, 79.7)])
