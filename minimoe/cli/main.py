@@ -51,8 +51,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors: one line, exit 2
         ruled = re.fullmatch(r"argument (?:\S+/)?(\S+): '(.*)': (must .*)", message, re.DOTALL)
         message = f"{ruled[1]}={ruled[2]}: {ruled[3]}" if ruled else message  # checks.option's
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _functions(name: str):
