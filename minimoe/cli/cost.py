@@ -19,11 +19,12 @@ from minimoe.sim.validate import validate
 from minimoe.tables import info_table
 
 SEQ = option("int[1, 16777216]")
+JSON = "print JSON instead of a table"
 
 
 def add_info(p):
     p.add_argument("--preset", required=True, help=", ".join(PRESETS))
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", action="store_true", help=JSON)
 
 
 def run_info(args):
@@ -36,7 +37,7 @@ def add_flops(p):
     p.add_argument("--attention", choices=ATTENTION, default="causal",
                    help="count the attention core halved (causal) or as the full square")
     p.add_argument("--recompute", choices=RECOMPUTE, default="none")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", action="store_true", help=JSON)
     p.add_argument("--check", action="store_true", help="cross-check the forward count with "
                    "fvcore on a real forward (a shallow copy for big presets; --seq default 64)")
 
@@ -46,23 +47,21 @@ def run_flops(args):
     if args.check:
         from minimoe.bench.flops_check import check_report  # torch and fvcore: only here
         print(check_report(cfg, args.preset, args.seq or min(64, cfg.max_seq_len)))
-        return
-    print(flops_report(cfg, args.preset, args.seq, args.attention, args.recompute,
-                       as_json=args.json))
+    else:
+        print(flops_report(cfg, args.preset, args.seq, args.attention, args.recompute, as_json=args.json))
 
 
 def add_simulate(p):
     p.add_argument("scenario", help="a scenario file, e.g. sims/aquilamoe_table6.toml")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", action="store_true", help=JSON)
     p.add_argument("--plot-dir", help="also write PNG plots into this folder")
 
 
 def run_simulate(args):
     result = load_scenario(args.scenario)
     print(dumps(result) if args.json else result.text())
-    if args.plot_dir:
-        for path in result.plot(args.plot_dir):
-            print(f"wrote {path}", file=sys.stderr)
+    for path in result.plot(args.plot_dir) if args.plot_dir else []:
+        print(f"wrote {path}", file=sys.stderr)
 
 
 def add_plan(p):
@@ -78,7 +77,7 @@ def add_plan(p):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a cost-model option, as in a scenario's [options] (repeatable), "
                         "e.g. --set gemm_efficiency=0.4 --set imbalance=1.3")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", action="store_true", help=JSON)
 
 
 def run_plan(args):
@@ -91,7 +90,7 @@ def run_plan(args):
 def add_validate(p):
     p.add_argument("folder", nargs="?", default="sims/validation",
                    help="validation files (default: sims/validation)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--json", action="store_true", help=JSON)
     p.add_argument("--plot-dir", help="also write validation.png and aquilamoe_breakdown.png here")
     p.add_argument("--cv", action="store_true", help="also predict each source from the constants "
                    "fitted on the others (leave one source out)")
@@ -101,6 +100,5 @@ def run_validate(args):
     result = validate(args.folder, cv=args.cv)
     aquila = aquilamoe_table(result.predicted)
     print(validation_json(result, aquila) if args.json else validation_text(result, aquila))
-    if args.plot_dir:
-        for path in plot_validation(result, Path(args.plot_dir)):
-            print(f"wrote {path}", file=sys.stderr)
+    for path in plot_validation(result, Path(args.plot_dir)) if args.plot_dir else []:
+        print(f"wrote {path}", file=sys.stderr)

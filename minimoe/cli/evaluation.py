@@ -25,8 +25,7 @@ def add_eval(p):
     p.add_argument("--ppl-chars", type=option("int[1, 1000000000]"), default=20_000,
                    help="ppl: validation characters per language and domain")
     p.add_argument("--batch-size", type=option("int[1, 65536]"), default=32)
-    p.add_argument("--seed", type=option(SEED), default=0,
-                   help="picks the built-in tasks' examples")
+    p.add_argument("--seed", type=option(SEED), default=0, help="picks the built-in tasks' examples")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--out", metavar="FILE", help="also write the results as JSON into FILE")
     p.add_argument("--export-tasks", metavar="DIR", help="instead of scoring, write the run's "
@@ -79,8 +78,8 @@ def add_generate(p):
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--max-new-tokens", type=option("int[1, 1048576]"), default=64)
     p.add_argument("--temperature", type=option(">=0"), default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=option("(0, 1]"), default=1.0, help="sample from the top tokens holding "
-                   "this much probability (nucleus sampling)")
+    p.add_argument("--top-p", type=option("(0, 1]"), default=1.0,
+                   help="sample from the top tokens holding this much probability (nucleus sampling)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the completion before TEXT (repeatable; '\\n' is a line break)")
     p.add_argument("--seed", type=option(SEED), default=0)
@@ -92,8 +91,7 @@ def run_generate(args):
     tokenizer = run_tokenizer(args.ckpt)
     model, _ = ckpt.load_model(args.ckpt)
     texts = generate_text(model, tokenizer, [args.prompt] * args.num_samples, args.max_new_tokens,
-                          args.temperature, args.top_p, stops, args.seed,
-                          batch_size=args.num_samples)
+                          args.temperature, args.top_p, stops, args.seed, batch_size=args.num_samples)
     for i, text in enumerate(texts):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")

@@ -20,29 +20,28 @@ dense model, scale it up (FPI, AKI, AKI-Pro), scale it out into a Mixture of Exp
 upcycling, LLaMA-MoE splits), and account for the savings; estimate full-size runs with the
 FLOPs and cost simulator. Start with `minimoe pipeline`."""
 
-RUNS, RECIPES, COST = "minimoe.cli.runs", "minimoe.cli.recipes", "minimoe.cli.cost"
-FULL, EVAL, HUB = "minimoe.cli.full_size", "minimoe.cli.evaluation", "minimoe.cli.hub"
-# name -> (help, the module whose add_NAME declares its arguments and run_NAME runs it)
+# name -> (help, the module (in minimoe/cli/ where it starts with a dot) whose add_NAME declares
+# its arguments and run_NAME runs it)
 COMMANDS = {
-    "pipeline": ("preparation -> scale-up -> scale-out vs from scratch, with a report", RECIPES),
-    "pretrain": ("train a model on the demo corpus or your text", RUNS),
-    "tokenize": ("stream text of any size into pre-tokenised shards", FULL),
-    "scale-up": ("grow a run's model wider and deeper (FPI, AKI, AKI-Pro)", RUNS),
-    "scale-out": ("turn a dense run's model into an MoE (upcycle or split)", RUNS),
-    "experiment": ("the paper's validation experiments at toy scale, over seeds", RECIPES),
+    "pipeline": ("preparation -> scale-up -> scale-out vs from scratch, with a report", ".recipes"),
+    "pretrain": ("train a model on the demo corpus or your text", ".runs"),
+    "tokenize": ("stream text of any size into pre-tokenised shards", ".full_size"),
+    "scale-up": ("grow a run's model wider and deeper (FPI, AKI, AKI-Pro)", ".runs"),
+    "scale-out": ("turn a dense run's model into an MoE (upcycle or split)", ".runs"),
+    "experiment": ("the paper's validation experiments at toy scale, over seeds", ".recipes"),
     "dry-run": ("full-size recipes' training step rehearsed here: memory, against the simulator",
-                FULL),
-    "launch-args": ("the commands of a full-size recipe (what scaling/launch.sh runs)", FULL),
-    "info": ("shapes and parameter counts of a preset", COST),
-    "flops": ("analytic FLOPs per token of a preset, per component", COST),
-    "simulate": ("account a TOML scenario of training phases (sims/)", COST),
-    "plan": ("fastest and cheapest parallel layouts on N GPUs", COST),
-    "validate": ("the cost simulator against published training runs (sims/validation/)", COST),
-    "experts": ("what an MoE run's experts specialise in, by domain", RUNS),
-    "eval": ("score runs on tasks: cloze, completion, bits per byte, .jsonl task files", EVAL),
-    "generate": ("continue a prompt with a run's model, greedy or sampled", EVAL),
-    "export": ("write a run as a Hugging Face transformers checkpoint", HUB),
-    "import": ("make a run of a Hugging Face checkpoint, to grow, upcycle or train it", HUB),
+                ".full_size"),
+    "launch-args": ("the commands of a full-size recipe (what scaling/launch.sh runs)", ".full_size"),
+    "info": ("shapes and parameter counts of a preset", ".cost"),
+    "flops": ("analytic FLOPs per token of a preset, per component", ".cost"),
+    "simulate": ("account a TOML scenario of training phases (sims/)", ".cost"),
+    "plan": ("fastest and cheapest parallel layouts on N GPUs", ".cost"),
+    "validate": ("the cost simulator against published training runs (sims/validation/)", ".cost"),
+    "experts": ("what an MoE run's experts specialise in, by domain", ".runs"),
+    "eval": ("score runs on tasks: cloze, completion, bits per byte, .jsonl task files", ".evaluation"),
+    "generate": ("continue a prompt with a run's model, greedy or sampled", ".evaluation"),
+    "export": ("write a run as a Hugging Face transformers checkpoint", ".hub"),
+    "import": ("make a run of a Hugging Face checkpoint, to grow, upcycle or train it", ".hub"),
     "bench": ("speed benchmarks, printed as measured ratios", "minimoe.bench"),  # beside the library
 }
 WRITES_RUN = {"pipeline", "pretrain", "tokenize", "scale-up", "scale-out", "experiment", "experts"}
@@ -52,12 +51,11 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own errors: one line, exit 2
         ruled = re.fullmatch(r"argument (?:\S+/)?(\S+): '(.*)': (must .*)", message, re.DOTALL)
         message = f"{ruled[1]}={ruled[2]}: {ruled[3]}" if ruled else message  # checks.option's
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _functions(name: str):
-    module = importlib.import_module(COMMANDS[name][1])
+    module = importlib.import_module(COMMANDS[name][1], "minimoe.cli")
     return [getattr(module, f"{verb}_{name.replace('-', '_')}") for verb in ("add", "run")]
 
 

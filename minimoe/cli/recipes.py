@@ -85,15 +85,13 @@ def run_experiment(args):
     if args.name == "savings":
         savings_experiment(args.out, recipe, args.budgets, args.seeds or [recipe.seed], progress)
     elif args.seeds:
-        summary = experiments.run_seeds(args.name, args.out, recipe, args.seeds, progress,
-                                        args.dense_run)
+        summary = experiments.run_seeds(args.name, args.out, recipe, args.seeds, progress, args.dense_run)
         print(f"{args.out}/report/report.md")
         return _print_claims(summary)
     elif args.name == "scale-up":
         experiments.scale_up_experiment(args.out, recipe, progress=progress)
     else:
-        experiments.scale_out_experiment(args.out, recipe, progress=progress,
-                                         dense_run=args.dense_run)
+        experiments.scale_out_experiment(args.out, recipe, progress=progress, dense_run=args.dense_run)
     table = Path(args.out) / f"{args.name}.md"  # savings.md, scale-up.md or scale-out.md
     print(table)
     print(table.read_text(encoding="utf-8").split("\n![")[0])
