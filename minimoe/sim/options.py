@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from minimoe.checks import check, check_fields, known_keys
 from minimoe.files import tomllib
@@ -126,6 +126,18 @@ RULES = {  # minimoe/checks.py: every field but `uncertain`
     "dtype": DTYPES, "dispatcher": DISPATCHERS, "imbalance_log": "str",
     "memory_model": ("megatron", "minimoe"),
 }
+
+
+def read_options(table, where: str, base: Options = Options(), folder: Path = Path(".")) -> Options:
+    """`base` with a file's options table at `where`; an `imbalance_log` path is relative to the
+    file's `folder`."""
+    table = dict(known_keys(where, table, {f.name for f in dataclasses.fields(Options)}))
+    if isinstance(table.get("imbalance_log"), str) and table["imbalance_log"]:
+        table["imbalance_log"] = str(folder / table["imbalance_log"])
+    try:
+        return base.replace(**table)
+    except ValueError as err:
+        raise ValueError(f"{where}.{str(err).removeprefix('options.')}") from None
 
 
 def parse_assignments(pairs: list[str], base: Options = Options()) -> Options:

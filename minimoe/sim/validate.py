@@ -18,9 +18,9 @@ from minimoe.checks import check, from_table, known_keys
 from minimoe.config import ModelConfig
 from minimoe.flops import flops_per_token
 from minimoe.sim.cost import TIME_PARTS, SimResult, WorkloadStats, corner_speeds, price, simulate
-from minimoe.sim.hardware import CATALOGUE, Device, device_from_table, get_device
+from minimoe.sim.hardware import Device, get_device, with_devices
 from minimoe.sim.layout import Layout, Workload, check_layout, model_config
-from minimoe.sim.options import Options
+from minimoe.sim.options import Options, read_options
 from minimoe.sim.search import search_layouts
 
 FAMILIES = {"a100": "ampere", "a800": "ampere", "h100": "hopper", "h800": "hopper",
@@ -90,9 +90,7 @@ def load_runs(folder: str | Path) -> list[Run]:
 
 def _file_runs(data: dict, path: Path) -> list[Run]:
     known_keys(f"{path}: ", data, FILE_KEYS)
-    catalogue = dict(CATALOGUE)
-    for name, table in data.get("devices", {}).items():
-        catalogue[name.lower()] = device_from_table(name.lower(), table, f"{path}: devices.{name}")
+    catalogue = with_devices(data.get("devices", {}), f"{path}: ")
     defaults = {k: v for k, v in data.items() if k in RUN_KEYS}
     runs = []
     for i, table in enumerate(data.get("runs", [])):
@@ -101,13 +99,11 @@ def _file_runs(data: dict, path: Path) -> list[Run]:
         merged = {**defaults, **table,
                   "layout": {**defaults.get("layout", {}), **table.get("layout", {})},
                   "options": {**defaults.get("options", {}), **table.get("options", {})}}
-        if merged["options"].get("imbalance_log"):  # a run's routing, next to this file
-            merged["options"]["imbalance_log"] = str(path.parent / merged["options"]["imbalance_log"])
-        runs.append(_run(merged, where, catalogue, data.get("source", str(path))))
+        runs.append(_run(merged, where, catalogue, data.get("source", str(path)), path.parent))
     return runs
 
 
-def _run(t: dict, where: str, catalogue: dict, source: str) -> Run:
+def _run(t: dict, where: str, catalogue: dict, source: str, folder: Path) -> Run:
     def need(key):
         if key not in t:
             raise ValueError(f"{where}.{key}: missing")
@@ -121,10 +117,8 @@ def _run(t: dict, where: str, catalogue: dict, source: str) -> Run:
             check(where, key, t[key], rule)
     cfg = model_config(t.get("preset"), t.get("model"), where, seq)
     device = get_device(need("gpu"), catalogue)
-    try:
-        options = Options().replace(**t["options"], virtual_stages=t.get("virtual_stages", 1))
-    except ValueError as err:
-        raise ValueError(f"{where}.{err}") from None
+    options = read_options({**t["options"], "virtual_stages": t.get("virtual_stages", 1)},
+                           f"{where}.options", folder=folder)
     workload = Workload(cfg, seq, t.get("global_batch") or need("batch_tokens") // seq)
     layout = from_table(Layout, t["layout"], f"{where}.layout") if {"tp", "dp"} & set(t["layout"]) else None
     devices = need("devices")
