@@ -5,7 +5,7 @@ One function on numpy arrays, `price`, prices one layout (`simulate`) or 10^5-10
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -260,24 +260,8 @@ class SimResult:
                 "cost_usd": gpu_hours * self.price_per_hour}
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"tokens_per_day": self.tokens_per_day,
-                               "wallclock_tokens_per_day": self.wallclock_tokens_per_day}
-
-
-def priced_result(st: WorkloadStats, dev: Device, opt: Options, layout: Layout,
-                  values: dict) -> SimResult:
-    """A SimResult from `price`'s output for one layout (0-d arrays)."""
-    pick = {k: float(v) for k, v in values.items()}
-    memory = {k: pick[k] for k in ("weights", "grads", "optimizer", "activations", "memory")}
-    memory["usable"] = opt.memory_usable * dev.hbm_bytes
-    states = memory["weights"] + memory["grads"] + memory["optimizer"]
-    return SimResult(layout=layout, device=dev.name, memory=memory,
-                     time={k: pick[k] for k in TIME_PARTS + ("step_time",)},
-                     tokens_per_step=st.global_batch * st.s, tokens_per_s=pick["tokens_per_s"],
-                     mfu=pick["mfu"], fits=bool(pick["fits"]), n_gpus=int(pick["n_gpus"]),
-                     price_per_hour=dev.price_per_hour, power_w=dev.power_w, pue=opt.pue,
-                     model_flops_per_token=st.model_per_token,
-                     goodput=goodput(opt, int(pick["n_gpus"]), pick["step_time"], states))
+        return dataclasses.asdict(self) | {"tokens_per_day": self.tokens_per_day,
+                                           "wallclock_tokens_per_day": self.wallclock_tokens_per_day}
 
 
 def check_options(opt: Options, dev: Device) -> None:
@@ -287,18 +271,26 @@ def check_options(opt: Options, dev: Device) -> None:
                          "(peak_fp8_tflops)")
 
 
-def simulate(workload: Workload, layout: Layout, device: Device, options: Options = Options(),
-             with_interval: bool = True) -> SimResult:
-    """Price one layout, with its interval unless `with_interval` is False. Raises ValueError if
-    the layout cannot run; `.fits` says whether it fits in memory."""
+def simulate(workload: Workload, layout: Layout, device: Device,
+             options: Options = Options()) -> SimResult:
+    """Price one layout, with its interval. Raises ValueError if the layout cannot run; `.fits`
+    says whether it fits in memory."""
     check_layout(layout, workload)
     check_options(options, device)
     st = WorkloadStats(workload, options)
-    result = priced_result(st, device, options, layout, price(st, device, options, layout.columns()))
-    if not with_interval:
-        return result
+    pick = {k: float(v) for k, v in price(st, device, options, layout.columns()).items()}
+    memory = {k: pick[k] for k in ("weights", "grads", "optimizer", "activations", "memory")}
+    states = memory["weights"] + memory["grads"] + memory["optimizer"]
     speeds = corner_speeds(workload, layout, device, options, st)
-    return dataclasses.replace(result, interval=(float(speeds.min()), float(speeds.max())))
+    return SimResult(layout=layout, device=device.name,
+                     memory=memory | {"usable": options.memory_usable * device.hbm_bytes},
+                     time={k: pick[k] for k in TIME_PARTS + ("step_time",)},
+                     tokens_per_step=workload.tokens_per_step, tokens_per_s=pick["tokens_per_s"],
+                     mfu=pick["mfu"], fits=bool(pick["fits"]), n_gpus=int(pick["n_gpus"]),
+                     price_per_hour=device.price_per_hour, power_w=device.power_w, pue=options.pue,
+                     model_flops_per_token=st.model_per_token,
+                     goodput=goodput(options, int(pick["n_gpus"]), pick["step_time"], states),
+                     interval=(float(speeds.min()), float(speeds.max())))
 
 
 def corner_speeds(workload: Workload, layout: Layout, device: Device, options: Options,
