@@ -84,21 +84,18 @@ def load_runs(folder: str | Path) -> list[Run]:
     paths = sorted(Path(folder).glob("*.toml"))
     if not paths:
         raise ValueError(f"{folder}: no validation files (*.toml)")
-    return [run for path in paths for run in _file_runs(files.read_toml(path), path)]
-
-
-def _file_runs(data: dict, path: Path) -> list[Run]:
-    known_keys(f"{path}: ", data, FILE_KEYS)
-    catalogue = with_devices(data.get("devices", {}), f"{path}: ")
-    defaults = {k: v for k, v in data.items() if k in RUN_KEYS}
     runs = []
-    for i, table in enumerate(data.get("runs", [])):
-        where = f"{path.name}: runs[{i}]"
-        known_keys(where, table, RUN_KEYS)
-        merged = {**defaults, **table,
-                  "layout": {**defaults.get("layout", {}), **table.get("layout", {})},
-                  "options": {**defaults.get("options", {}), **table.get("options", {})}}
-        runs.append(_run(merged, where, catalogue, data.get("source", str(path)), path.parent))
+    for path in paths:  # a file's run keys are defaults for its runs
+        data = known_keys(f"{path}: ", files.read_toml(path), FILE_KEYS)
+        catalogue = with_devices(data.get("devices", {}), f"{path}: ")
+        defaults = {k: v for k, v in data.items() if k in RUN_KEYS}
+        for i, table in enumerate(data.get("runs", [])):
+            where = f"{path.name}: runs[{i}]"
+            known_keys(where, table, RUN_KEYS)
+            merged = {**defaults, **table,
+                      "layout": {**defaults.get("layout", {}), **table.get("layout", {})},
+                      "options": {**defaults.get("options", {}), **table.get("options", {})}}
+            runs.append(_run(merged, where, catalogue, data.get("source", str(path)), path.parent))
     return runs
 
 
@@ -187,20 +184,18 @@ class Calibration:
                             uncertain={k: [v[1], v[2]] for k, v in c.items()})
 
 
-def _speeds(run: Run) -> np.ndarray:
-    """Tokens/s of a run's layout at every efficiency of EFFICIENCY_GRID (one call of `price`)."""
-    opt = run.options.replace(straggler_sigma=0.0)
-    return price(WorkloadStats(run.workload, opt), run.device, opt, run.layout.columns(),
-                 efficiency=EFFICIENCY_GRID)["tokens_per_s"]
-
-
 def calibrate(runs: list[Run]) -> Calibration:
     """Every published run's log error at every (efficiency, sigma) pair (stragglers scale a step
     by 1 + sigma sqrt(2 ln nodes), so the speeds at the efficiencies alone suffice)."""
     errors, span = {}, {}
     for source in sorted({r.source for r in runs if r.set == "published"}):
         chosen = [r for r in runs if r.source == source and r.set == "published" and r.layout]
-        speeds = np.array([_speeds(r) for r in chosen])  # (runs, efficiencies)
+        speeds = []  # tokens/s at every efficiency of the grid, one call of `price` a run
+        for r in chosen:
+            opt = r.options.replace(straggler_sigma=0.0)
+            speeds.append(price(WorkloadStats(r.workload, opt), r.device, opt, r.layout.columns(),
+                                efficiency=EFFICIENCY_GRID)["tokens_per_s"])
+        speeds = np.array(speeds)  # (runs, efficiencies)
         nodes = np.array([math.ceil(r.devices / r.device.gpus_per_node) for r in chosen])
         spread = np.sqrt(2 * np.log(np.maximum(nodes, 1)))[:, None, None] * SIGMA_GRID
         measured = np.array([r.measured_tokens_per_s for r in chosen])[:, None, None]
