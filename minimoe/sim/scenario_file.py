@@ -120,12 +120,11 @@ def _phase(table, where, catalogue, options, folder, tokens_default=None) -> tup
     if "note" in table:
         notes.append(f"{name}: {table['note']}")
     measured = _number(table, "measured_tokens_per_day_b", where, required=False)
-    result = PhaseResult(name, label, tokens, devices, device.name if device else "custom",
-                         peak_flops, per_day, source, per_token, method,
-                         device.price_per_hour if device else None,
-                         device.power_w if device else None, options.pue,
-                         None if measured is None else measured * 1e9, corners)
-    return result, notes
+    return PhaseResult(name, label, tokens, devices, device.name if device else "custom",
+                       peak_flops, per_day, source, per_token, method,
+                       device.price_per_hour if device else None,
+                       device.power_w if device else None, options.pue,
+                       None if measured is None else measured * 1e9, corners), notes
 
 
 def _simulated(table, where, cfg, device, devices, seq_len, options):
@@ -196,8 +195,7 @@ def parse_scenario(data: dict, origin: str = "scenario", folder: Path = Path("."
 def load_scenario(path: str | Path) -> ScenarioResult:
     """Read a TOML scenario file and account it; errors are one-line ValueErrors."""
     path = Path(path)
-    data = files.read_toml(path)
-    return parse_scenario(data, origin=str(path), folder=path.parent)
+    return parse_scenario(files.read_toml(path), origin=str(path), folder=path.parent)
 
 
 def _sweep_from_table(result, table) -> list[dict]:
