@@ -146,18 +146,17 @@ def parse_assignments(pairs: list[str], base: Options = Options()) -> Options:
     range."""
     changes, uncertain = {}, {}
     for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not key.strip():
+        key, sep, text = (part.strip() for part in pair.partition("="))
+        if not sep or not key:
             raise ValueError(f"--set {pair!r}: must be key=value")
         try:
-            value = tomllib.loads(f"v = {text.strip()}")["v"]
+            value = tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
-            value = text.strip()
-        prefix, dot, name = key.strip().partition(".")
-        if dot and prefix == "uncertain":
-            uncertain[name] = value
+            value = text
+        if key.startswith("uncertain."):
+            uncertain[key.removeprefix("uncertain.")] = value
         else:
-            changes[key.strip()] = value
+            changes[key] = value
     return base.replace(**changes, **({"uncertain": uncertain} if uncertain else {}))
 
 
