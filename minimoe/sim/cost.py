@@ -5,7 +5,7 @@ One function on numpy arrays, `price`, prices one layout (`simulate`) or 10^5-10
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,10 +24,9 @@ _STAGE_PARTS = TIME_PARTS[:7]  # what one micro-batch spends on one stage
 
 
 def price(st: WorkloadStats, dev: Device, opt: Options, c, efficiency=None) -> dict:
-    """Every formula, elementwise over layout columns `c` (Layout.columns' names) that
-    layout.rule_failures accepts: n_gpus, n_micro, memory parts (bytes per GPU), fits, TIME_PARTS
-    (seconds per step), step_time, tokens_per_s, mfu, cost_per_mtok. `efficiency`, an array,
-    replaces opt.gemm_efficiency and broadcasts (the fit's grid)."""
+    """Every formula, elementwise over layout columns `c` (Layout.columns' names) the rules
+    accept: memory parts (bytes per GPU), TIME_PARTS (seconds per step), throughput and price.
+    `efficiency`, an array, replaces opt.gemm_efficiency and broadcasts (the fit's grid)."""
     eff = opt.gemm_efficiency if efficiency is None else efficiency
     tp, cp, pp, dp, ep, zero, mb, rc, etp, first, last = (
         np.asarray(getattr(c, k), dtype=np.float64)
@@ -122,17 +121,13 @@ def price(st: WorkloadStats, dev: Device, opt: Options, c, efficiency=None) -> d
         return np.maximum(n / per_node, 1), bw
 
     pairs = 2 + (rc == 2)  # an all-gather + reduce-scatter pair forward and backward (+ recompute)
-    # TP with sequence parallel: a pair around attention and around the MLP (Korthikanti 2022
-    # §4.2.2), which overlap_tp hides behind those GEMMs (Transformer Engine's userbuffers); in an
-    # MoE layer the routed experts' pair runs in the ETP group on the dispatched tokens, top_k
-    # copies (none with etp = 1), in the token dispatcher, which nothing overlaps (Megatron's
-    # gather_from_sequence_parallel_region); a shared expert keeps the dense pair
+    # TP: a pair around attention and the MLP (Korthikanti 2022 §4.2.2); an MoE layer's experts
+    # pair in the ETP group on the dispatched tokens, never overlapped (docs "Collectives")
     tp_pair = 2 * ring_seconds(tokens * h * b, tp, *group(tp), lat_in, lat_out)
     etp_pair = pairs * 2 * ring_seconds(rows * E / ep * h * b, etp, *group(etp), lat_in, lat_out)
     tp_dense = pairs * 2 * tp_pair
     tp_moe = pairs * (1 + bool(st.shared_d_ffn)) * tp_pair
-    # CP: ring attention passes K and V around the cp ranks forward, K, V and their gradients
-    # backward, overlapped with the attention it feeds (Megatron / Transformer Engine)
+    # CP: ring attention passes K, V (and backward their gradients), behind the attention
     kv_bytes = 2 * tokens * st.kv / tp * b
     cp_comm = 3 * ring_seconds(cp * kv_bytes, cp, *group(cp, tp), lat_in, lat_out)
     cp_exposed = np.maximum(cp_comm - core_f - core_b, 0) + opt.overlap_slowdown * np.minimum(
@@ -220,9 +215,8 @@ def price(st: WorkloadStats, dev: Device, opt: Options, c, efficiency=None) -> d
 
 @dataclass(frozen=True)
 class SimResult:
-    """One layout priced: memory (bytes per GPU), time (seconds per step, TIME_PARTS adding up to
-    `step_time`), steady-state throughput, `goodput` (checkpoints, failures: `run` applies it),
-    and `interval`, (low, high) tokens/s over the uncertain inputs' corners."""
+    """One layout priced: memory (bytes per GPU), time (seconds per step, TIME_PARTS), `goodput`
+    (`run` applies it), `interval` (low, high) tokens/s over the uncertain inputs' corners."""
 
     layout: Layout
     device: str
@@ -242,7 +236,7 @@ class SimResult:
 
     @property
     def tokens_per_day(self) -> float:
-        """Steady-state tokens per day of training (no checkpoints, no failures)."""
+        """Steady state: no checkpoints, no failures."""
         return self.tokens_per_s * SECONDS_PER_DAY
 
     @property
@@ -260,24 +254,8 @@ class SimResult:
                 "cost_usd": gpu_hours * self.price_per_hour}
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"tokens_per_day": self.tokens_per_day,
-                               "wallclock_tokens_per_day": self.wallclock_tokens_per_day}
-
-
-def priced_result(st: WorkloadStats, dev: Device, opt: Options, layout: Layout,
-                  values: dict) -> SimResult:
-    """A SimResult from `price`'s output for one layout (0-d arrays)."""
-    pick = {k: float(v) for k, v in values.items()}
-    memory = {k: pick[k] for k in ("weights", "grads", "optimizer", "activations", "memory")}
-    memory["usable"] = opt.memory_usable * dev.hbm_bytes
-    states = memory["weights"] + memory["grads"] + memory["optimizer"]
-    return SimResult(layout=layout, device=dev.name, memory=memory,
-                     time={k: pick[k] for k in TIME_PARTS + ("step_time",)},
-                     tokens_per_step=st.global_batch * st.s, tokens_per_s=pick["tokens_per_s"],
-                     mfu=pick["mfu"], fits=bool(pick["fits"]), n_gpus=int(pick["n_gpus"]),
-                     price_per_hour=dev.price_per_hour, power_w=dev.power_w, pue=opt.pue,
-                     model_flops_per_token=st.model_per_token,
-                     goodput=goodput(opt, int(pick["n_gpus"]), pick["step_time"], states))
+        return dataclasses.asdict(self) | {"tokens_per_day": self.tokens_per_day,
+                                           "wallclock_tokens_per_day": self.wallclock_tokens_per_day}
 
 
 def check_options(opt: Options, dev: Device) -> None:
@@ -287,18 +265,26 @@ def check_options(opt: Options, dev: Device) -> None:
                          "(peak_fp8_tflops)")
 
 
-def simulate(workload: Workload, layout: Layout, device: Device, options: Options = Options(),
-             with_interval: bool = True) -> SimResult:
-    """Price one layout, with its interval unless `with_interval` is False. Raises ValueError if
-    the layout cannot run; `.fits` says whether it fits in memory."""
+def simulate(workload: Workload, layout: Layout, device: Device,
+             options: Options = Options()) -> SimResult:
+    """Price one layout, with its interval. Raises ValueError if the layout cannot run; `.fits`
+    says whether it fits in memory."""
     check_layout(layout, workload)
     check_options(options, device)
     st = WorkloadStats(workload, options)
-    result = priced_result(st, device, options, layout, price(st, device, options, layout.columns()))
-    if not with_interval:
-        return result
+    pick = {k: float(v) for k, v in price(st, device, options, layout.columns()).items()}
+    memory = {k: pick[k] for k in ("weights", "grads", "optimizer", "activations", "memory")}
+    states = memory["weights"] + memory["grads"] + memory["optimizer"]
     speeds = corner_speeds(workload, layout, device, options, st)
-    return dataclasses.replace(result, interval=(float(speeds.min()), float(speeds.max())))
+    return SimResult(layout=layout, device=device.name,
+                     memory=memory | {"usable": options.memory_usable * device.hbm_bytes},
+                     time={k: pick[k] for k in TIME_PARTS + ("step_time",)},
+                     tokens_per_step=workload.tokens_per_step, tokens_per_s=pick["tokens_per_s"],
+                     mfu=pick["mfu"], fits=bool(pick["fits"]), n_gpus=int(pick["n_gpus"]),
+                     price_per_hour=device.price_per_hour, power_w=device.power_w, pue=options.pue,
+                     model_flops_per_token=st.model_per_token,
+                     goodput=goodput(options, int(pick["n_gpus"]), pick["step_time"], states),
+                     interval=(float(speeds.min()), float(speeds.max())))
 
 
 def corner_speeds(workload: Workload, layout: Layout, device: Device, options: Options,

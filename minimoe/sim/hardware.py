@@ -47,14 +47,13 @@ DEVICE_RULES = {  # minimoe/checks.py
     "gpus_per_node": "int>0", "sms": "int>0", "price_per_hour": ">=0", "peak_fp8_flops": ">=0",
     "intra_node_eff": "(0, 1]", "inter_node_eff": "(0, 1]",
 }
-# What a device table (the catalogue, a scenario's [devices.NAME]) sets, and its unit there.
+# What a device table (the catalogue, a scenario's [devices.NAME]) sets: field, unit there.
 DEVICE_KEYS = {"peak_tflops": ("peak_flops", TFLOPS), "hbm_gb": ("hbm_bytes", GB),
                "hbm_bw_gbs": ("hbm_bw", GB), "intra_node_bw_gbs": ("intra_node_bw", GB),
-               "inter_node_bw_gbs": ("inter_node_bw", GB), "power_w": ("power_w", 1),
-               "price_per_hour": ("price_per_hour", 1), "gpus_per_node": ("gpus_per_node", 1),
-               "intra_node_eff": ("intra_node_eff", 1), "inter_node_eff": ("inter_node_eff", 1),
-               "sms": ("sms", 1), "exp_tflops": ("exp_per_s", TFLOPS),
-               "peak_fp8_tflops": ("peak_fp8_flops", TFLOPS)}
+               "inter_node_bw_gbs": ("inter_node_bw", GB), "exp_tflops": ("exp_per_s", TFLOPS),
+               "peak_fp8_tflops": ("peak_fp8_flops", TFLOPS),
+               **{k: (k, 1) for k in ("power_w", "price_per_hour", "gpus_per_node",
+                                      "intra_node_eff", "inter_node_eff", "sms")}}
 REQUIRED = ("peak_tflops", "hbm_gb", "hbm_bw_gbs", "intra_node_bw_gbs", "inter_node_bw_gbs",
             "power_w", "price_per_hour")
 ALIASES = {"a100-80gb": "a100", "a100-sxm-80gb": "a100", "a800-sxm": "a800", "h100-sxm": "h100",
@@ -75,22 +74,28 @@ def device_from_table(name: str, table: dict, where: str,
                       catalogue: dict[str, Device] | None = None) -> Device:
     """A device from a table in DEVICE_KEYS' units: `base = "h100"` plus overrides, or every
     REQUIRED figure; `sources` gives each figure's source. `where` prefixes error messages."""
-    table = dict(table)
-    base, sources = table.pop("base", None), table.pop("sources", None)
-    known_keys(where, table, set(DEVICE_KEYS))
-    for key, value in table.items():
+    figures = {k: v for k, v in known_keys(where, table, {*DEVICE_KEYS, "base", "sources"}).items()
+               if k not in ("base", "sources")}
+    for key, value in figures.items():
         check(where, key, value, "")
-    values = {DEVICE_KEYS[k][0]: v * DEVICE_KEYS[k][1] for k, v in table.items()}
-    missing = [k for k in REQUIRED if DEVICE_KEYS[k][0] not in values]
-    if base is None and missing:
+    values = {DEVICE_KEYS[k][0]: v * DEVICE_KEYS[k][1] for k, v in figures.items()}
+    missing = [k for k in REQUIRED if k not in figures]
+    if "base" not in table and missing:
         raise ValueError(f"{where}.{missing[0]}: missing (or give base = \"h100\")")
     try:
-        if base is not None:
-            return get_device(base, catalogue).replace(name=name, **values)
-        given = {DEVICE_KEYS[k][0]: text for k, text in (sources or {}).items()}
+        if "base" in table:
+            return get_device(table["base"], catalogue).replace(name=name, **values)
+        given = {DEVICE_KEYS[k][0]: text for k, text in table.get("sources", {}).items()}
         return Device(name=name, sources=given or {k: "scenario file" for k in values}, **values)
     except ValueError as err:
         raise ValueError(f"{where}: {str(err).removeprefix(where + ': ')}") from None
+
+
+def with_devices(tables: dict, where: str) -> dict[str, Device]:
+    """CATALOGUE and a file's `[devices.NAME]` tables (names lower-cased)."""
+    return {**CATALOGUE, **{name.lower(): device_from_table(name.lower(), table,
+                                                           f"{where}devices.{name}", CATALOGUE)
+                            for name, table in tables.items()}}
 
 
 CATALOGUE: dict[str, Device] = {

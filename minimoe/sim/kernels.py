@@ -13,10 +13,7 @@ TILE_K0, LAUNCH = 145, 4.3e-6
 
 
 def gemm_seconds(M, K, N, dev, peak, eff, hbm_eff, count=1, nbytes=2):
-    """`count` GEMMs (M x K) @ (K x N) in one launch (grouped for count > 1): output tiles in
-    waves of one per SM, each running K + TILE_K0 steps at `eff` of the SM's share of `peak`,
-    the tile shape that takes fewest waves; or the HBM time of the operands if longer (the
-    roofline); plus the launch."""
+    """`count` GEMMs (M x K) @ (K x N) in one launch: tiles in waves, or the roofline's HBM time."""
     rows, cols = np.ceil(M / 128), np.ceil(N / 128)  # output elements of the waves of cuBLAS's
     area = np.minimum(np.minimum(np.ceil(count * rows * np.ceil(N / 256) / dev.sms),  # bf16 tiles:
                                  np.ceil(count * np.ceil(M / 256) * cols / dev.sms)) * 32768,  # 128 x
@@ -26,17 +23,15 @@ def gemm_seconds(M, K, N, dev, peak, eff, hbm_eff, count=1, nbytes=2):
 
 
 def train_gemm_seconds(M, K, N, dev, peak, eff, hbm_eff, count=1):
-    """(forward, backward) of a weight's GEMM on M tokens: forward (M x K) @ (K x N); backward
-    the input's gradient (M x N) @ (N x K) and the weight's (K x M) @ (M x N), whose inner
-    dimension is the tokens (few per expert in a fine-grained MoE)."""
+    """(forward, backward) of a weight's GEMM on M tokens: backward is the input's gradient
+    and the weight's, whose inner dimension is the tokens."""
     args = (dev, peak, eff, hbm_eff, count)
     return gemm_seconds(M, K, N, *args), gemm_seconds(M, N, K, *args) + gemm_seconds(K, M, N, *args)
 
 
 def flash_seconds(queries, keys, heads, head_dim, dev, eff, backward=False):
     """Flash attention of `heads` x `queries` queries over `keys` keys each on average: matrix
-    work 4 x head_dim per score forward, 2.5 x that backward (FlashAttention-2 §3.2), in waves of
-    query tiles; plus one exp per score at the special-function rate (FlashAttention-3 §3.1)."""
+    work (FlashAttention-2 §3.2) in waves of query tiles, and the exps (FlashAttention-3 §3.1)."""
     work = (2.5 if backward else 1.0) * 4 * head_dim * keys
     tiles = heads * np.ceil(queries / QUERY_TILE)
     matrix = np.ceil(tiles / dev.sms) * QUERY_TILE * work / (eff * dev.peak_flops / dev.sms)
@@ -48,15 +43,13 @@ BASE_LATENCY = 8.4e-6  # NCCL's base latency of a ring or tree, Simple protocol 
 
 def ring_seconds(nbytes, n, nodes, bw, lat_in, lat_out):
     """All-gather or reduce-scatter of an `nbytes` buffer over `n` ranks on `nodes` nodes in a
-    ring: each rank moves (n - 1)/n of it; the latency is NCCL's own model, a base plus a
-    per-step latency for each of the n - nodes steps inside nodes and nodes - 1 between them."""
+    ring, with NCCL's latency model."""
     steps = BASE_LATENCY + (n - nodes) * lat_in + (nodes - 1) * lat_out
     return np.where(n > 1, (n - 1) / n * nbytes / bw + steps, 0.0)
 
 
 def allreduce_seconds(nbytes, n, nodes, bw, lat_in, lat_out):
-    """All-reduce as NCCL picks it by size: a ring (reduce-scatter + all-gather, latency linear in
-    the nodes) or a double binary tree (about the whole buffer twice, latency log2 of the nodes)."""
+    """All-reduce as NCCL picks it by size: a ring or a double binary tree."""
     ring = 2 * ring_seconds(nbytes, n, nodes, bw, lat_in, lat_out) - BASE_LATENCY
     tree = (2 * nbytes / bw + BASE_LATENCY
             + 2 * ((n / nodes - 1) * lat_in + np.log2(np.maximum(nodes, 1)) * lat_out))
@@ -65,8 +58,7 @@ def allreduce_seconds(nbytes, n, nodes, bw, lat_in, lat_out):
 
 def dispatch_bytes(tokens, row_bytes, ep, local, n_experts, top_k, dispatcher, node_limit):
     """(NVLink bytes, network bytes) one rank sends in one all-to-all, `local` of the `ep` ranks
-    on its node: "alltoall" one copy per (token, chosen expert); "deepep" one per destination
-    node, fanned out over NVLink there, at most `node_limit` nodes a token (docs/simulator.md)."""
+    on its node: "alltoall" one copy per (token, expert); "deepep" one per destination node."""
     copies = tokens * top_k * row_bytes
     if dispatcher == "alltoall":
         return copies * (local - 1) / ep, copies * (ep - local) / ep

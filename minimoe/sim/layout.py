@@ -110,7 +110,7 @@ class WorkloadStats:
 
     def __init__(self, w: Workload, opt):
         cfg, s, b = w.cfg, w.seq_len, opt.act_bytes
-        self.workload, self.cfg, self.s, self.global_batch = w, cfg, s, w.global_batch
+        self.cfg, self.s, self.global_batch = cfg, s, w.global_batch
         self.n_layers, self.n_moe, self.d, self.V = cfg.n_layers, cfg.n_moe_layers, cfg.d_model, cfg.vocab_size
         self.top_k, self.n_experts, self.n_heads = cfg.top_k, cfg.n_experts, cfg.n_heads
         self.head_dim = cfg.head_dim

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from minimoe.checks import check, check_fields, known_keys
 from minimoe.files import tomllib
@@ -128,24 +128,35 @@ RULES = {  # minimoe/checks.py: every field but `uncertain`
 }
 
 
+def read_options(table, where: str, base: Options = Options(), folder: Path = Path(".")) -> Options:
+    """`base` with a file's options table at `where`; an `imbalance_log` path is relative to the
+    file's `folder`."""
+    table = dict(known_keys(where, table, {f.name for f in dataclasses.fields(Options)}))
+    if isinstance(table.get("imbalance_log"), str) and table["imbalance_log"]:
+        table["imbalance_log"] = str(folder / table["imbalance_log"])
+    try:
+        return base.replace(**table)
+    except ValueError as err:
+        raise ValueError(f"{where}.{str(err).removeprefix('options.')}") from None
+
+
 def parse_assignments(pairs: list[str], base: Options = Options()) -> Options:
     """Options from `key=value` strings (`minimoe plan --set`), each value read as TOML (0.4, 2,
     true, "causal", [1.0, 1.3]; a bare word is a string); `uncertain.KEY=[low, high]` marks a
     range."""
     changes, uncertain = {}, {}
     for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or not key.strip():
+        key, sep, text = (part.strip() for part in pair.partition("="))
+        if not sep or not key:
             raise ValueError(f"--set {pair!r}: must be key=value")
         try:
-            value = tomllib.loads(f"v = {text.strip()}")["v"]
+            value = tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
-            value = text.strip()
-        prefix, dot, name = key.strip().partition(".")
-        if dot and prefix == "uncertain":
-            uncertain[name] = value
+            value = text
+        if key.startswith("uncertain."):
+            uncertain[key.removeprefix("uncertain.")] = value
         else:
-            changes[key.strip()] = value
+            changes[key] = value
     return base.replace(**changes, **({"uncertain": uncertain} if uncertain else {}))
 
 

@@ -12,8 +12,8 @@ from minimoe.config import ModelConfig
 from minimoe.flops import flops_per_token
 from minimoe.sim.cost import SECONDS_PER_DAY, corner_speeds, simulate
 from minimoe.sim.layout import Layout, Workload, check_layout, model_config
-from minimoe.sim.options import Options
-from minimoe.sim.hardware import CATALOGUE, TFLOPS, Device, device_from_table, get_device
+from minimoe.sim.options import Options, read_options
+from minimoe.sim.hardware import TFLOPS, Device, get_device, with_devices
 from minimoe.sim.scenario import PhaseResult, ScenarioResult, sweep
 from minimoe.sim.search import search_layouts
 
@@ -22,7 +22,7 @@ TOP_KEYS = {"title", "source", "notes", "phases", "baseline", "devices", "option
 PHASE_KEYS = {"name", "preset", "model", "model_size_b", "seq_len", "tokens_b", "devices", "gpu",
               "peak_tflops", "tokens_per_day_b", "mfu", "simulate", "layout", "batch_tokens",
               "printed_cluster_peak", "note", "options", "measured_tokens_per_day_b"}
-SWEEP_KEYS = {"phase", "tokens_b", "mfu", "mfu_phases"}
+SWEEP_KEYS = ("phase", "tokens_b", "mfu", "mfu_phases")  # all required
 
 
 def _number(table, key, where, positive=True, integer=False, required=True):
@@ -59,8 +59,7 @@ def _phase(table, where, catalogue, options, folder, tokens_default=None) -> tup
     known_keys(where, table, PHASE_KEYS)
     notes = []
     name = table.get("name", where)
-    if not isinstance(name, str):
-        raise ValueError(f"{where}.name={name!r}: must be a string")
+    check(where, "name", name, "str")
     cfg, label, size = _model(table, where)
     use_default = tokens_default is not None and "tokens_b" not in table
     tokens = tokens_default if use_default else _number(table, "tokens_b", where) * 1e9
@@ -99,7 +98,7 @@ def _phase(table, where, catalogue, options, folder, tokens_default=None) -> tup
         per_day = mfu * devices * peak_flops * SECONDS_PER_DAY / per_token
         source = f"assumed MFU {mfu:.1%}"
     else:
-        options = _options(table.get("options", {}), f"{where}.options", options, folder)
+        options = read_options(table.get("options", {}), f"{where}.options", options, folder)
         result, workload = _simulated(table, where, cfg, device, devices, seq_len, options)
         # wall-clock throughput (goodput applied); the phase reserves all its devices, so its
         # capacity counts them all, whether or not the layout uses them
@@ -121,12 +120,11 @@ def _phase(table, where, catalogue, options, folder, tokens_default=None) -> tup
     if "note" in table:
         notes.append(f"{name}: {table['note']}")
     measured = _number(table, "measured_tokens_per_day_b", where, required=False)
-    result = PhaseResult(name, label, tokens, devices, device.name if device else "custom",
-                         peak_flops, per_day, source, per_token, method,
-                         device.price_per_hour if device else None,
-                         device.power_w if device else None, options.pue,
-                         None if measured is None else measured * 1e9, corners)
-    return result, notes
+    return PhaseResult(name, label, tokens, devices, device.name if device else "custom",
+                       peak_flops, per_day, source, per_token, method,
+                       device.price_per_hour if device else None,
+                       device.power_w if device else None, options.pue,
+                       None if measured is None else measured * 1e9, corners), notes
 
 
 def _simulated(table, where, cfg, device, devices, seq_len, options):
@@ -156,20 +154,6 @@ def _simulated(table, where, cfg, device, devices, seq_len, options):
     return result, workload
 
 
-def _options(table: dict, where: str, base: Options, folder: Path) -> Options:
-    """minimoe.sim.options.Options from a scenario table, on top of `base`; an `imbalance_log`
-    path is relative to the scenario file."""
-    if not isinstance(table, dict):
-        raise ValueError(f"{where}={table!r}: must be a table")
-    table = dict(table)
-    if isinstance(table.get("imbalance_log"), str) and table["imbalance_log"]:
-        table["imbalance_log"] = str(folder / table["imbalance_log"])
-    try:
-        return base.replace(**table)
-    except ValueError as err:
-        raise ValueError(f"{where}.{str(err).removeprefix('options.')}") from None
-
-
 def parse_scenario(data: dict, origin: str = "scenario", folder: Path = Path(".")) -> ScenarioResult:
     """Account a scenario given as a dict (what tomllib returns)."""
     known_keys("", data, TOP_KEYS)
@@ -179,12 +163,8 @@ def parse_scenario(data: dict, origin: str = "scenario", folder: Path = Path("."
     for key in ("devices", "options", "baseline", "sweep"):
         if key in data and not isinstance(data[key], dict):
             raise ValueError(f"{key}={data[key]!r}: must be a table")
-    catalogue = dict(CATALOGUE)
-    for name, table in data.get("devices", {}).items():
-        if not isinstance(table, dict):
-            raise ValueError(f"devices.{name}={table!r}: must be a table")
-        catalogue[name.lower()] = device_from_table(name.lower(), table, f"devices.{name}", CATALOGUE)
-    options = _options(data.get("options", {}), "options", Options(), folder)
+    catalogue = with_devices(data.get("devices", {}), "")
+    options = read_options(data.get("options", {}), "options", Options(), folder)
     raw_phases = data.get("phases")
     if not isinstance(raw_phases, list) or not raw_phases:
         raise ValueError("phases: missing (give at least one [[phases]] table)")
@@ -215,13 +195,12 @@ def parse_scenario(data: dict, origin: str = "scenario", folder: Path = Path("."
 def load_scenario(path: str | Path) -> ScenarioResult:
     """Read a TOML scenario file and account it; errors are one-line ValueErrors."""
     path = Path(path)
-    data = files.read_toml(path)
-    return parse_scenario(data, origin=str(path), folder=path.parent)
+    return parse_scenario(files.read_toml(path), origin=str(path), folder=path.parent)
 
 
 def _sweep_from_table(result, table) -> list[dict]:
     known_keys("sweep", table, SWEEP_KEYS)
-    for key in ("phase", "tokens_b", "mfu", "mfu_phases"):
+    for key in SWEEP_KEYS:
         if key not in table:
             raise ValueError(f"sweep.{key}: missing")
     for key in ("tokens_b", "mfu"):

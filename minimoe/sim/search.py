@@ -39,9 +39,8 @@ def _divisors(n: int, cap: int) -> list[int]:
 
 
 def search_axes(workload: Workload, max_gpus: int) -> dict[str, list[int]]:
-    """The values each layout field takes in a search: tp to 16, cp where ranks keep >= 4,096
-    tokens, pp dividing the layers, ep the experts, every ZeRO stage, micro-batches of 1-8, the
-    recompute levels (RECOMPUTE indices), and for an MoE etp = tp (0) or folded (1)."""
+    """The values each layout column takes in a search (docs/simulator.md "Which layouts are
+    valid"); for an MoE etp = tp (0) or folded (1)."""
     cfg = workload.cfg
     return {"tp": [t for t in (1, 2, 4, 8, 16) if t <= max_gpus],
             "cp": [c for c in (1, 2, 4, 8) if workload.seq_len // c >= 4096 or c == 1],
@@ -55,9 +54,8 @@ def candidate_grid(workload: Workload, max_gpus: int, gpus_per_node: int = 8,
                    fixed_gpus: bool = False, axes: dict | None = None
                    ) -> tuple[dict[str, np.ndarray], int]:
     """Every combination of a GPU count (whole nodes up to `max_gpus`, or only `max_gpus`) and
-    `search_axes` (those in `axes` replace theirs: a narrower space, e.g. what one training path
-    runs) whose tp x cp x pp divides the count, as flat arrays with their dp (etp 1 with tp 1,
-    etp = tp again, dropped); and the number of all combinations."""
+    `search_axes` (or `axes`, a narrower space) whose tp x cp x pp divides the count, as flat
+    arrays with their dp; and the number of all combinations."""
     counts = [max_gpus]
     if not fixed_gpus and max_gpus >= gpus_per_node:
         counts = sorted(set(range(gpus_per_node, max_gpus + 1, gpus_per_node)) | {max_gpus})
@@ -74,7 +72,7 @@ def candidate_grid(workload: Workload, max_gpus: int, gpus_per_node: int = 8,
     size = inner["ep"].size
     grid = {**{k: np.repeat(v, size) for k, v in outer.items()},
             **{k: np.tile(v, whole.sum()) for k, v in inner.items()}}
-    keep = ~((grid["etp"] == 1) & (grid["tp"] == 1))
+    keep = ~((grid["etp"] == 1) & (grid["tp"] == 1))  # etp 1 with tp 1 is etp = tp again
     grid = {k: v[keep] for k, v in grid.items()}
     grid["dp"] = grid["n"] // (grid["tp"] * grid["cp"] * grid["pp"])
     return grid, int(np.prod([len(v) for v in axes.values()]))
@@ -87,9 +85,8 @@ _CHUNK = 1 << 15
 def search_layouts(workload: Workload, device: Device, max_gpus: int,
                    options: Options = Options(), fixed_gpus: bool = False,
                    top: int = 10, axes: dict | None = None, keep=None) -> SearchResult:
-    """Price every candidate layout in one vectorised pass; return the fastest and cheapest.
-    `axes` narrows the space (candidate_grid); `keep(grid) -> bool array` drops candidates a
-    caller's own rules refuse."""
+    """The fastest and cheapest candidate layouts; `axes` narrows the space (candidate_grid),
+    `keep(grid) -> bool array` drops candidates a caller's own rules refuse."""
     assert isinstance(max_gpus, int) and max_gpus > 0, max_gpus  # checked at the door
     check_options(options, device)
     t0 = time.perf_counter()
@@ -136,8 +133,7 @@ def search_layouts(workload: Workload, device: Device, max_gpus: int,
 
 
 def _why_none(workload, device, options, max_gpus, failures, memory) -> str:
-    """What stands in the way when no candidate is feasible: memory (`memory` of the valid
-    layouts), or the rules (`failures` over the layouts whose tp x cp x pp divides the GPUs)."""
+    """Why no candidate is feasible: memory (`memory` of the valid layouts), or the rules."""
     if memory.size:
         return (f"memory: {memory.size:,} layouts divide evenly, but the smallest needs "
                 f"{memory.min() / 1e9:.1f} GB per GPU and one {device.name} has "
@@ -154,7 +150,7 @@ def _why_none(workload, device, options, max_gpus, failures, memory) -> str:
 
 
 def plan_frame(search: SearchResult, tokens: float | None = None):
-    """The fastest and cheapest layouts side by side, as a pandas DataFrame (units in the index)."""
+    """The fastest and cheapest layouts side by side (units in the index)."""
     columns = {}
     for name, r in (("fastest", search.fastest), ("cheapest", search.cheapest)):
         if r is not None:
@@ -173,14 +169,12 @@ def plan_frame(search: SearchResult, tokens: float | None = None):
 def plan(cfg: ModelConfig, device: Device, gpus: int, batch_tokens: int,
          seq_len: int | None = None, options: Options = Options(),
          fixed_gpus: bool = False) -> SearchResult:
-    """`minimoe plan`: search the layouts of `cfg` on up to `gpus` of `device`."""
     return search_layouts(Workload.from_tokens(cfg, batch_tokens, seq_len), device, gpus,
                           options, fixed_gpus)
 
 
 def plan_report(search: SearchResult, name: str, tokens: float | None = None,
                 as_json: bool = False) -> str:
-    """The text (or JSON) `minimoe plan` prints."""
     if as_json:
         return json.dumps({"model": name, **{k: getattr(search, k) for k in (
             "n_candidates", "n_valid", "n_feasible", "seconds")}, "top": search.table, **{

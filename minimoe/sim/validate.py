@@ -18,9 +18,9 @@ from minimoe.checks import check, from_table, known_keys
 from minimoe.config import ModelConfig
 from minimoe.flops import flops_per_token
 from minimoe.sim.cost import TIME_PARTS, SimResult, WorkloadStats, corner_speeds, price, simulate
-from minimoe.sim.hardware import CATALOGUE, Device, device_from_table, get_device
+from minimoe.sim.hardware import Device, get_device, with_devices
 from minimoe.sim.layout import Layout, Workload, check_layout, model_config
-from minimoe.sim.options import Options
+from minimoe.sim.options import Options, read_options
 from minimoe.sim.search import search_layouts
 
 FAMILIES = {"a100": "ampere", "a800": "ampere", "h100": "hopper", "h800": "hopper",
@@ -81,33 +81,25 @@ class Run:
 
 
 def load_runs(folder: str | Path) -> list[Run]:
-    """Every run of every *.toml in `folder`, validated (one-line ValueErrors)."""
     paths = sorted(Path(folder).glob("*.toml"))
     if not paths:
         raise ValueError(f"{folder}: no validation files (*.toml)")
-    return [run for path in paths for run in _file_runs(files.read_toml(path), path)]
-
-
-def _file_runs(data: dict, path: Path) -> list[Run]:
-    known_keys(f"{path}: ", data, FILE_KEYS)
-    catalogue = dict(CATALOGUE)
-    for name, table in data.get("devices", {}).items():
-        catalogue[name.lower()] = device_from_table(name.lower(), table, f"{path}: devices.{name}")
-    defaults = {k: v for k, v in data.items() if k in RUN_KEYS}
     runs = []
-    for i, table in enumerate(data.get("runs", [])):
-        where = f"{path.name}: runs[{i}]"
-        known_keys(where, table, RUN_KEYS)
-        merged = {**defaults, **table,
-                  "layout": {**defaults.get("layout", {}), **table.get("layout", {})},
-                  "options": {**defaults.get("options", {}), **table.get("options", {})}}
-        if merged["options"].get("imbalance_log"):  # a run's routing, next to this file
-            merged["options"]["imbalance_log"] = str(path.parent / merged["options"]["imbalance_log"])
-        runs.append(_run(merged, where, catalogue, data.get("source", str(path))))
+    for path in paths:  # a file's run keys are defaults for its runs
+        data = known_keys(f"{path}: ", files.read_toml(path), FILE_KEYS)
+        catalogue = with_devices(data.get("devices", {}), f"{path}: ")
+        defaults = {k: v for k, v in data.items() if k in RUN_KEYS}
+        for i, table in enumerate(data.get("runs", [])):
+            where = f"{path.name}: runs[{i}]"
+            known_keys(where, table, RUN_KEYS)
+            merged = {**defaults, **table,
+                      "layout": {**defaults.get("layout", {}), **table.get("layout", {})},
+                      "options": {**defaults.get("options", {}), **table.get("options", {})}}
+            runs.append(_run(merged, where, catalogue, data.get("source", str(path)), path.parent))
     return runs
 
 
-def _run(t: dict, where: str, catalogue: dict, source: str) -> Run:
+def _run(t: dict, where: str, catalogue: dict, source: str, folder: Path) -> Run:
     def need(key):
         if key not in t:
             raise ValueError(f"{where}.{key}: missing")
@@ -121,20 +113,16 @@ def _run(t: dict, where: str, catalogue: dict, source: str) -> Run:
             check(where, key, t[key], rule)
     cfg = model_config(t.get("preset"), t.get("model"), where, seq)
     device = get_device(need("gpu"), catalogue)
-    try:
-        options = Options().replace(**t["options"], virtual_stages=t.get("virtual_stages", 1))
-    except ValueError as err:
-        raise ValueError(f"{where}.{err}") from None
+    options = read_options({**t["options"], "virtual_stages": t.get("virtual_stages", 1)},
+                           f"{where}.options", folder=folder)
     workload = Workload(cfg, seq, t.get("global_batch") or need("batch_tokens") // seq)
     layout = from_table(Layout, t["layout"], f"{where}.layout") if {"tp", "dp"} & set(t["layout"]) else None
     devices = need("devices")
     if layout is not None:
         check_layout(layout, workload, devices, where=f"{where}.layout")
     unit, definition, value = need("measured_unit"), need("flops"), need("measured")
-    if unit not in UNITS or definition not in SOURCE_FLOPS:
-        raise ValueError(f"{where}: measured_unit={unit!r} / flops={definition!r}: must be one "
-                         f"of {', '.join(UNITS)} / {', '.join(SOURCE_FLOPS)}")
-    check(where, "measured", value, ">0")
+    check(where, "measured_unit", unit, UNITS)
+    check(where, "flops", definition, tuple(SOURCE_FLOPS))
     if unit == "tokens_per_day_b":
         tokens_per_s = value * 1e9 / 86400
     else:
@@ -196,20 +184,18 @@ class Calibration:
                             uncertain={k: [v[1], v[2]] for k, v in c.items()})
 
 
-def _speeds(run: Run) -> np.ndarray:
-    """Tokens/s of a run's layout at every efficiency of EFFICIENCY_GRID (one call of `price`)."""
-    opt = run.options.replace(straggler_sigma=0.0)
-    return price(WorkloadStats(run.workload, opt), run.device, opt, run.layout.columns(),
-                 efficiency=EFFICIENCY_GRID)["tokens_per_s"]
-
-
 def calibrate(runs: list[Run]) -> Calibration:
     """Every published run's log error at every (efficiency, sigma) pair (stragglers scale a step
     by 1 + sigma sqrt(2 ln nodes), so the speeds at the efficiencies alone suffice)."""
     errors, span = {}, {}
     for source in sorted({r.source for r in runs if r.set == "published"}):
         chosen = [r for r in runs if r.source == source and r.set == "published" and r.layout]
-        speeds = np.array([_speeds(r) for r in chosen])  # (runs, efficiencies)
+        speeds = []  # tokens/s at every efficiency of the grid, one call of `price` a run
+        for r in chosen:
+            opt = r.options.replace(straggler_sigma=0.0)
+            speeds.append(price(WorkloadStats(r.workload, opt), r.device, opt, r.layout.columns(),
+                                efficiency=EFFICIENCY_GRID)["tokens_per_s"])
+        speeds = np.array(speeds)  # (runs, efficiencies)
         nodes = np.array([math.ceil(r.devices / r.device.gpus_per_node) for r in chosen])
         spread = np.sqrt(2 * np.log(np.maximum(nodes, 1)))[:, None, None] * SIGMA_GRID
         measured = np.array([r.measured_tokens_per_s for r in chosen])[:, None, None]
@@ -219,7 +205,7 @@ def calibrate(runs: list[Run]) -> Calibration:
 
 
 def predict(run: Run, options: Options) -> SimResult:
-    """A run's result with its interval: its layout, or the fastest one found on its devices."""
+    """With its interval: the run's layout, or the fastest one found on its devices."""
     if run.layout is not None:
         return simulate(run.workload, run.layout, run.device, options)
     best = search_layouts(run.workload, run.device, run.devices, options).fastest
@@ -258,12 +244,9 @@ def summarise(rows: list[dict]) -> dict:
 def rank_correlations(rows: list[dict]) -> dict:
     """Spearman's rank correlation of predicted and measured speed in each group of runs of one
     model on one cluster (what `minimoe plan` must get right)."""
-    frame = pd.DataFrame([{k: r[k] for k in ("group", "measured tok/s/GPU", "predicted tok/s/GPU")}
-                          for r in rows])
-    ranks = frame.groupby("group")[["measured tok/s/GPU", "predicted tok/s/GPU"]].rank()
-    ranks["group"] = frame["group"]      # Spearman = Pearson on ranks (no scipy needed)
-    return {group: (len(part), float(part["measured tok/s/GPU"].corr(part["predicted tok/s/GPU"])))
-            for group, part in ranks.groupby("group") if len(part) > 1}
+    speeds = pd.DataFrame(rows).groupby("group")[["measured tok/s/GPU", "predicted tok/s/GPU"]]
+    return {group: (len(part), float(part.corr(method="spearman").iloc[0, 1]))
+            for group, part in speeds if len(part) > 1}
 
 
 def _variants(predicted: dict) -> list[dict]:
