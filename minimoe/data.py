@@ -6,6 +6,7 @@ your .txt/.jsonl files -> clean -> deduplicate -> domain and language -> hash sp
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import sqlite3
@@ -37,11 +38,8 @@ def _kjv_chapters(db: Path) -> list[str]:
     rows = con.execute("SELECT TestamentID, BookID, ChapterID, Passage1, Passage2 FROM Bible "
                        "ORDER BY TestamentID, BookID, ChapterID, VerseID").fetchall()
     con.close()
-    chapters: dict[tuple, list[str]] = {}
-    for testament, book, chapter, first, second in rows:
-        chapters.setdefault((testament, book, chapter), []).append(
-            _VERSE_REF.sub("", f"{first} {second}"))
-    return ["\n".join(verses) for verses in chapters.values()]
+    return ["\n".join(_VERSE_REF.sub("", f"{first} {second}") for *_, first, second in verses)
+            for _, verses in itertools.groupby(rows, key=lambda row: row[:3])]  # by chapter
 
 
 def _is_headline(line: str) -> bool:
@@ -89,30 +87,28 @@ def _txt_documents(path: Path):
 
 
 def _jsonl_documents(path: Path):
-    """(domain or None, text) per line: a line may name its own domain."""
+    """(domain or None, text) per line: a JSON object with a string field "text" and an
+    optional "domain" (a line may name its own)."""
     try:
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
-                if line.strip():
-                    yield jsonl_record(line, f"{path}:{n}")
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    record = None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ValueError(f"{path}:{n}: a .jsonl line must be a JSON object with a "
+                                     "string field 'text'")
+                domain = record.get("domain")
+                if domain is not None and not (isinstance(domain, str)
+                                               and DOMAIN_NAME.fullmatch(domain)):
+                    raise ValueError(f"{path}:{n}: domain={domain!r}: must be letters, digits, "
+                                     "'.', '_' or '-', starting with a letter or digit")
+                yield domain, record["text"]
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text") from None
-
-
-def jsonl_record(line: str, where: str) -> tuple[str | None, str]:
-    """(domain or None, text) of one .jsonl line: a JSON object with a string field "text" and
-    an optional "domain"; `where` (file:line) names it in the error."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        record = None
-    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise ValueError(f"{where}: a .jsonl line must be a JSON object with a string field 'text'")
-    domain = record.get("domain")
-    if domain is not None and not (isinstance(domain, str) and DOMAIN_NAME.fullmatch(domain)):
-        raise ValueError(f"{where}: domain={domain!r}: must be letters, digits, '.', '_' or '-', "
-                         "starting with a letter or digit")
-    return domain, record["text"]
 
 
 _READERS = {"kjv": _kjv_chapters, "peoples_daily": _peoples_daily_articles,
@@ -196,14 +192,9 @@ def unit_hash(seed: int, text: str) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
-
-
 def file_sha256(path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def content_key(sources: list[dict], settings: dict) -> tuple[list[dict], str]:
@@ -220,7 +211,7 @@ def content_key(sources: list[dict], settings: dict) -> tuple[list[dict], str]:
 def documents(sources: list[dict], dropped: dict | None = None, bar=None):
     """(domain, lang, text) of every clean, long-enough, first-seen document, in source order;
     `dropped` counts the others (too short, duplicates); `bar` is told the raw characters read."""
-    dropped = {} if dropped is None else dropped
+    dropped = Counter() if dropped is None else dropped
     seen, usable = set(), Counter()
     for source in sources:
         for item in _READERS[source["reader"]](Path(source["path"])):
@@ -230,12 +221,12 @@ def documents(sources: list[dict], dropped: dict | None = None, bar=None):
                 bar.update(len(raw.encode("utf-8")))
             text = clean_text(raw)
             if len(text) < MIN_DOC_CHARS:
-                dropped["too_short"] = dropped.get("too_short", 0) + 1
+                dropped["too_short"] += 1
                 continue
             usable[source.get("given")] += 1
             digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
             if digest in seen:  # exact duplicates would leak between train and val
-                dropped["duplicates"] = dropped.get("duplicates", 0) + 1
+                dropped["duplicates"] += 1
                 continue
             seen.add(digest)
             yield domain or source["domain"], source.get("lang") or detect_lang(text), text
