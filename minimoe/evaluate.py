@@ -13,6 +13,7 @@ import math
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from minimoe.generate import generate_text
@@ -23,11 +24,8 @@ PPL = "ppl"  # the task name of perplexity and bits per byte on the validation s
 
 @torch.no_grad()
 def evaluate(model, data, tc, n_batches: int | None = None) -> dict[str, float]:
-    """Mean validation loss over a fixed set of batches, overall, per language and per domain
-    (val_<domain>; a domain whose tokens are a language's gets that language's number).
-
-    `tc` is the run's TrainConfig: its batch_size, seq_len and eval_batches set the batches.
-    """
+    """Mean validation loss over the fixed batches of `tc` (a TrainConfig), overall, per language
+    and per domain (val_<domain>; a domain whose tokens are a language's gets that number)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -79,15 +77,11 @@ def loglikelihoods(model, requests: list[tuple[list[int], int]], batch_size: int
     result: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     for start in range(0, len(order), batch_size):
         batch = [rows[i] for i in order[start:start + batch_size]]
-        T = max(len(ids) for ids, _ in batch) - 1
         # right padding: causal attention keeps it from changing the positions before it
-        x = torch.zeros(len(batch), T, dtype=torch.long)
-        y = torch.zeros(len(batch), T, dtype=torch.long)
-        scored = torch.zeros(len(batch), T, dtype=torch.bool)
-        for b, (ids, n_context) in enumerate(batch):
-            x[b, :len(ids) - 1] = torch.tensor(ids[:-1])
-            y[b, :len(ids) - 1] = torch.tensor(ids[1:])
-            scored[b, n_context - 1:len(ids) - 1] = True  # target j is token j + 1
+        x, y = (pad_sequence([torch.tensor(ids[a:len(ids) - 1 + a]) for ids, _ in batch],
+                             batch_first=True) for a in (0, 1))  # target j is token j + 1
+        scored = pad_sequence([torch.arange(len(ids) - 1) >= n_context - 1 for ids, n_context
+                               in batch], batch_first=True)
         logp = model(x.to(device)).float().log_softmax(dim=-1)
         token_logp = logp.gather(-1, y.to(device)[..., None]).squeeze(-1).double().cpu()
         sums = torch.where(scored, token_logp, 0.0).sum(dim=1).tolist()  # padding may be -inf
@@ -99,11 +93,8 @@ def loglikelihoods(model, requests: list[tuple[list[int], int]], batch_size: int
 
 def _stderr(hits: list[float]) -> float:
     """Standard error of a mean of 0/1 scores (sample standard deviation / sqrt(n))."""
-    n = len(hits)
-    if n < 2:
-        return float("nan")
-    p = sum(hits) / n
-    return math.sqrt(p * (1 - p) / (n - 1))
+    p = sum(hits) / len(hits)
+    return math.sqrt(p * (1 - p) / (len(hits) - 1)) if len(hits) > 1 else float("nan")
 
 
 def _argmax(values: list[float]) -> int:
@@ -249,8 +240,7 @@ def load_tasks(names: list[str], corpus=None, limit: int = 100, seed: int = 0) -
     nothing is evaluated or written for it. PPL stays a name."""
     if not names:
         raise ValueError("tasks: empty; name at least one (cloze-en, ppl, a .jsonl file...)")
-    if not isinstance(limit, int) or limit <= 0:
-        raise ValueError(f"limit={limit!r}: must be a positive number of examples")
+    assert limit > 0  # the doors (--limit, the recipes' eval_examples) hold it
     return [name if name == PPL else resolve_task(name, corpus, limit, seed) for name in names]
 
 
@@ -260,8 +250,6 @@ def run_tasks(model, tokenizer, tasks: list, corpus=None, ppl_chars: int = 20_00
     results = {}
     for task in tqdm(tasks, desc="evaluating", unit="task", disable=not progress, leave=False):
         if task == PPL:
-            if corpus is None:
-                raise ValueError("task 'ppl': needs the run's corpus (its validation split)")
             results[PPL] = score_ppl(model, tokenizer, corpus, ppl_chars, batch_size)
         elif task.kind == "choice":
             results[task.name] = score_choices(model, tokenizer, task, batch_size)

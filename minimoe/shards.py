@@ -26,7 +26,6 @@ from minimoe.tokens import TokenData, Tokenizer, tokenizer_of, train_bpe
 FORMAT = "minimoe-shards"
 SHARD_TOKENS = 1 << 27  # 134M tokens: 256 MB of uint16 per shard
 BATCH_DOCS = 512  # documents tokenised at once (the tokenizers library's threads)
-FLUSH_TOKENS = 1 << 20  # a writer's buffer
 SAMPLE_CHARS = 200_000_000  # the most text a BPE is trained on
 OPEN_SHARDS = 64  # memory maps open at once, the most recently read
 
@@ -79,20 +78,15 @@ class ConcatTokens:
 
 # --- writing shards ---------------------------------------------------------------------------
 class ShardWriter:
-    """Token ids appended to <folder>/00000.bin, 00001.bin ... of at most shard_tokens each;
-    a shard gets its name once complete."""
+    """Token ids appended to <folder>/00000.bin, 00001.bin ... of at most shard_tokens each
+    (through the file's buffer); a shard gets its name once complete."""
 
     def __init__(self, root: Path, folder: str, dtype, shard_tokens: int):
         self.root, self.folder, self.dtype, self.limit = root, folder, dtype, shard_tokens
-        self.shards, self.buffer, self.file = [], [], None  # shards: [{"file", "tokens"}]
+        self.shards, self.file = [], None  # shards: [{"file", "tokens"}]
 
     def add(self, ids: list[int]):
-        self.buffer += ids
-        if len(self.buffer) >= FLUSH_TOKENS:
-            self.flush()
-
-    def flush(self):
-        data, self.buffer = np.asarray(self.buffer, dtype=self.dtype), []
+        data = np.asarray(ids, dtype=self.dtype)
         while len(data):
             if self.file is None:
                 name = f"{self.folder}/{len(self.shards):05d}.bin"
@@ -100,14 +94,13 @@ class ShardWriter:
                 self.file = open(self.root / (name + ".tmp"), "wb")
                 self.shards.append({"file": name, "tokens": 0})
             take = data[:self.limit - self.shards[-1]["tokens"]]
-            take.tofile(self.file)
+            self.file.write(take.tobytes())
             self.shards[-1]["tokens"] += len(take)
             data = data[len(take):]
             if self.shards[-1]["tokens"] == self.limit:
                 self._seal()
 
     def close(self) -> list[dict]:
-        self.flush()
         if self.file is not None:
             self._seal()
         return self.shards
@@ -248,8 +241,9 @@ def _manifest(request, tok, dtype, writers, counts, domains: list[str]) -> dict:
     by_split = {"train": {d: _tokens(e) for d, e in shards["train"].items()},
                 "val": {d: sum(map(_tokens, langs.values())) for d, langs in shards["val"].items()}}
     by_lang = Counter()
-    for (_, lang), parts in _val_shards(shards["val"]).items():
-        by_lang[f"val_{lang}"] += _tokens(parts)
+    for langs in shards["val"].values():
+        for lang, entries in langs.items():
+            by_lang[f"val_{lang}"] += _tokens(entries)
     return {"format": FORMAT, "request": request, "tokenizer": tok.name,
             "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "dtype": np.dtype(dtype).name,
             "domains": list(shards["train"]), "shards": shards,
@@ -263,12 +257,11 @@ def _tokens(entries) -> int:
     return sum(e["tokens"] for e in entries)
 
 
-def _val_shards(val: dict, folder: Path | None = None, dtype=None) -> dict[tuple, list]:
-    """(domain, lang) -> the manifest's entries of its validation shards, or (with a folder)
-    the Shards they are."""
-    return {(domain, lang): entries if folder is None else
-            [Shard(folder / e["file"], dtype, e["tokens"]) for e in entries]
-            for domain, langs in val.items() for lang, entries in langs.items()}
+def _val_shards(folder: Path, manifest: dict) -> dict[tuple[str, str], list[Shard]]:
+    """(domain, lang) -> its validation shards."""
+    return {(domain, lang): [Shard(folder / e["file"], manifest["dtype"], e["tokens"])
+                             for e in entries]
+            for domain, langs in manifest["shards"]["val"].items() for lang, entries in langs.items()}
 
 
 # --- reading them back ------------------------------------------------------------------------
@@ -292,7 +285,7 @@ def load_shards(folder) -> tuple[TokenData, object]:
         entries = manifest["shards"]["train"][domain]
         train += [Shard(folder / e["file"], manifest["dtype"], e["tokens"]) for e in entries]
         ranges[domain], at = (at, at + _tokens(entries)), at + _tokens(entries)
-    val = _val_shards(manifest["shards"]["val"], folder, manifest["dtype"])
+    val = _val_shards(folder, manifest)
     arrays = {"train": ConcatTokens(train),
               "val": ConcatTokens([p for parts in val.values() for p in parts])}
     stored_as, split_of_paths = {"train": "train", "val": "val"}, {}
@@ -340,8 +333,8 @@ class ShardTexts:
     def __init__(self, folder):
         manifest = read_manifest(Path(folder))
         self.tokenizer = Tokenizer.load(folder)
-        self.docs = {key: _decoded(self.tokenizer, ConcatTokens(parts)) for key, parts in
-                     _val_shards(manifest["shards"]["val"], Path(folder), manifest["dtype"]).items()}
+        self.docs = {key: _decoded(self.tokenizer, ConcatTokens(parts))
+                     for key, parts in _val_shards(Path(folder), manifest).items()}
         self.langs = sorted({lang for _, lang in self.docs})
         self.val_domains = list(dict.fromkeys(domain for domain, _ in self.docs))
 

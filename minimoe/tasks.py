@@ -1,16 +1,10 @@
-"""Evaluation tasks: JSONL task files, the built-in tasks made from the held-out split, and
-both written out for lm-evaluation-harness (`export_tasks`).
-
-A task file holds one example per line (the shape of HellaSwag, ARC or PIQA after renaming):
+"""Evaluation tasks: JSONL task files of one example per line (HellaSwag, ARC or PIQA after
+renaming; a choice is scored as written, so it usually starts with its joining space), the
+built-in cloze-<lang> and complete-<lang> made from the held-out split, and both written out
+for lm-evaluation-harness. What they measure and why: docs/method.md#evaluation.
 
     {"context": "...", "choices": ["...", "..."], "answer": 1}     multiple choice
     {"context": "...", "answer": "...", "stop": ["\\n"]}            generation, exact match
-
-A choice is scored as written, so it usually starts with the space that joins it to the
-context. Built in, from each language's held-out documents (the same examples for every seed-0
-run): `cloze-<lang>`, HellaSwag-style, the true next sentence among 4 of similar length from
-other documents; `complete-<lang>`, the last word of a sentence (en) or its last two
-characters (zh), written greedily. Provenance and choices: docs/method.md#evaluation.
 """
 
 from __future__ import annotations
