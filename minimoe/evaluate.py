@@ -8,6 +8,7 @@ stream. Where and why we differ from lm-evaluation-harness at the join: docs/met
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 
 import pandas as pd
@@ -118,14 +119,12 @@ def score_choices(model, tokenizer, task: Task, batch_size: int = 32) -> dict:
 def score_generation(model, tokenizer, task: Task, batch_size: int = 32) -> dict:
     """Exact match: the greedy completion, cut at the example's stop strings and stripped of
     surrounding white space, equals the answer."""
-    groups: dict[tuple, list[int]] = {}  # examples with the same stop strings go together
-    for i, ex in enumerate(task.examples):
-        groups.setdefault(ex.stop, []).append(i)
     outputs = [""] * len(task.examples)
-    for stop, members in groups.items():
-        texts = generate_text(model, tokenizer, [task.examples[i].context for i in members],
-                              max_new_tokens=answer_tokens(tokenizer, [task.examples[i] for i in
-                                                                       members], model.cfg),
+    for stop in dict.fromkeys(ex.stop for ex in task.examples):  # one stop set at a time
+        members = [i for i, ex in enumerate(task.examples) if ex.stop == stop]
+        examples = [task.examples[i] for i in members]
+        texts = generate_text(model, tokenizer, [ex.context for ex in examples],
+                              max_new_tokens=answer_tokens(tokenizer, examples, model.cfg),
                               stop=list(stop), batch_size=batch_size, truncate=True)
         for i, text in zip(members, texts):
             outputs[i] = text
@@ -167,21 +166,20 @@ def document_nll(model, tokenizer, docs: list[str], batch_size: int = 32) -> lis
     return [(nll, count) for nll, count in totals]
 
 
-def ppl_documents(corpus, chars: int) -> dict[tuple[str, str], list[str]]:
-    """The validation documents bits per byte is measured on: for each language and domain,
-    documents in file order until `chars` characters (at least one)."""
+def ppl_documents(corpus, chars: int) -> list[tuple[list[str], list[str]]]:
+    """The validation documents bits per byte is measured on, per language and domain: (the
+    figures they count in: all "", the language, and the domain where the language has several;
+    the documents in file order until `chars` characters, at least one)."""
     groups = {}
     for lang in corpus.langs:
         for domain in corpus.val_domains:
-            taken, docs = 0, []
-            for text in corpus.texts("val", lang=lang, domain=domain):
-                if docs and taken >= chars:
-                    break
-                docs.append(text)
-                taken += len(text)
-            if docs:
-                groups[(lang, domain)] = docs
-    return groups
+            texts = corpus.texts("val", lang=lang, domain=domain)
+            ends = list(itertools.accumulate(len(text) for text in texts))
+            if texts:  # every document that starts before `chars`
+                groups[(lang, domain)] = texts[:bisect.bisect_left(ends, chars) + 1]
+    langs = [lang for lang, _ in groups]
+    return [(["", lang] + ([domain] if langs.count(lang) > 1 else []), docs)
+            for (lang, domain), docs in groups.items()]
 
 
 def score_ppl(model, tokenizer, corpus, chars: int = 20_000, batch_size: int = 32) -> dict:
@@ -189,13 +187,11 @@ def score_ppl(model, tokenizer, corpus, chars: int = 20_000, batch_size: int = 3
     perplexity per token; chance is the uniform model: log2(V) bits per token, perplexity V."""
     groups = ppl_documents(corpus, chars)
     sums: dict[str, list[float]] = {}  # name -> [nll nats, tokens, bytes]
-    for (lang, domain), docs in groups.items():
+    for names, docs in groups:
         for text, (nll, count) in zip(docs, document_nll(model, tokenizer, docs, batch_size)):
-            for name in _ppl_names(groups, lang, domain):
-                total = sums.setdefault(name, [0.0, 0, 0])
-                total[0] += nll
-                total[1] += count
-                total[2] += len(text.encode("utf-8"))
+            for name in names:
+                added = (nll, count, len(text.encode("utf-8")))
+                sums[name] = [a + b for a, b in zip(sums.get(name, (0.0, 0, 0)), added)]
     metrics, chance = {}, {}
     for name, (nll, count, n_bytes) in sums.items():
         key = f"bpb {name}".strip()
@@ -203,16 +199,9 @@ def score_ppl(model, tokenizer, corpus, chars: int = 20_000, batch_size: int = 3
         chance[key] = math.log2(tokenizer.vocab_size) * count / n_bytes
     nll, count, _ = sums[""]
     metrics["ppl"], chance["ppl"] = math.exp(nll / count), float(tokenizer.vocab_size)
-    n_docs = sum(len(docs) for docs in groups.values())
+    n_docs = sum(len(docs) for _, docs in groups)
     return {"task": PPL, "kind": PPL, "n": n_docs, "source": "the validation split",
             "metrics": metrics, "stderr": {}, "chance": chance, "tokens": count}
-
-
-def _ppl_names(groups: dict, lang: str, domain: str) -> list[str]:
-    """The figures a (language, domain) group counts in: all (""), its language, and its
-    domain where the language has several."""
-    several = sum(lg == lang for lg, _ in groups) > 1
-    return ["", lang] + ([domain] if several else [])
 
 
 def export_tasks(tasks: list, tokenizer, cfg, corpus, folder, ppl_chars: int = 20_000) -> list:
@@ -225,9 +214,8 @@ def export_tasks(tasks: list, tokenizer, cfg, corpus, folder, ppl_chars: int = 2
             written += export_task(task, folder, tokenizer.bos or tokenizer.eos, max_new)
             continue
         named: dict[str, list[str]] = {}
-        groups = ppl_documents(corpus, ppl_chars)
-        for (lang, domain), docs in groups.items():
-            for name in _ppl_names(groups, lang, domain):
+        for names, docs in ppl_documents(corpus, ppl_chars):
+            for name in names:
                 named.setdefault(f"{PPL}-{name}" if name else PPL, []).extend(docs)
         for name, docs in named.items():
             written += export_texts(name, docs, folder)
@@ -281,8 +269,7 @@ def results_table(columns: dict[str, dict], stderr: bool = False) -> pd.DataFram
             row = {}
             for label, results in columns.items():
                 r = results.get(task, {})
-                value = r.get("metrics", {}).get(metric)
-                row[label] = _cell(metric, value)
+                row[label] = _cell(metric, r.get("metrics", {}).get(metric))
                 if stderr:
                     row[f"{label} ±"] = _cell(metric, r.get("stderr", {}).get(metric))
             same = all(r.get(task, {}).get("chance", {}).get(metric) == chance for r in columns.values())
