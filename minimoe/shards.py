@@ -142,10 +142,9 @@ def tokenize(paths: list[str], out, tokenizer: str = "bpe", vocab_size: int = 20
     request = {"sources": sources, "tokenizer": tokenizer, "vocab_size": vocab_size,
                "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
                "sample_chars": SAMPLE_CHARS, "min_doc_chars": MIN_DOC_CHARS}
-    # a tokenizer given is checked before any text is read
-    given = None if tokenizer == "bpe" else tokenizer_of(tokenizer, vocab_size, None)
-    return write_shards(sources, Path(out), request, lambda split: given or tokenizer_of(
-        tokenizer, vocab_size, lambda: _sample_texts(sources, split, SAMPLE_CHARS)),
+    given = None if tokenizer == "bpe" else tokenizer_of(tokenizer)  # checked before any text
+    return write_shards(sources, Path(out), request, lambda split: given or Tokenizer(
+        train_bpe(_sample_texts(sources, split, SAMPLE_CHARS), vocab_size)),
         val_fraction, seed, shard_tokens, progress)
 
 
@@ -172,7 +171,7 @@ def load_data(paths: list[str] | None = None, vocab_size: int = 2048,
             files.write_text(path, train_bpe(_sample_texts(sources, split, SAMPLE_CHARS),
                                              vocab_size))
         tokenizer = Tokenizer(path.read_text(encoding="utf-8"))
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer_of(tokenizer, 0, None)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer_of(tokenizer)
     out = folder / f"tokens-{tok.name}"
     request = {"inputs": inputs, "tokenizer": tok.name, "val_fraction": val_fraction,
                "seed": seed, "shard_tokens": SHARD_TOKENS}

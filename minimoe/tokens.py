@@ -105,6 +105,9 @@ def byte_tokenizer() -> Tokenizer:
 
 def train_bpe(texts: list[str], vocab_size: int) -> str:
     """A byte-level BPE trained on `texts`, as the tokenizers library's JSON."""
+    assert vocab_size > 257  # the doors (CLI, run.json, recipes) hold it: 256 bytes + eos
+    if not texts:
+        raise ValueError("--data: no training document to train the tokenizer on")
     tokenizer = tokenizers.Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -114,17 +117,11 @@ def train_bpe(texts: list[str], vocab_size: int) -> str:
     return tokenizer.to_str()
 
 
-def tokenizer_of(kind: str, vocab_size: int, train_texts) -> Tokenizer:
-    """"byte", a BPE of `vocab_size` trained on `train_texts()` ("bpe"), a tokenizers JSON file,
-    or the tokenizer a folder holds (a run, a Hugging Face checkpoint)."""
+def tokenizer_of(kind: str) -> Tokenizer:
+    """"byte", a tokenizers JSON file, or the tokenizer a folder holds (a run, a Hugging Face
+    checkpoint); a BPE to train ("bpe") is shards.py's."""
     if kind == "byte":
         return byte_tokenizer()
-    if kind == "bpe":
-        assert vocab_size > 257  # the doors (CLI, run.json, recipes) hold it: 256 bytes + eos
-        texts = train_texts()
-        if not texts:
-            raise ValueError("--data: no training document to train the tokenizer on")
-        return Tokenizer(train_bpe(texts, vocab_size))
     if Path(kind).is_dir():
         return Tokenizer.load(kind)
     if Path(kind).is_file():
