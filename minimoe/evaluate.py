@@ -98,10 +98,6 @@ def _stderr(hits: list[float]) -> float:
     return math.sqrt(p * (1 - p) / (len(hits) - 1)) if len(hits) > 1 else float("nan")
 
 
-def _argmax(values: list[float]) -> int:
-    return max(range(len(values)), key=values.__getitem__)  # the first of equal values
-
-
 def score_choices(model, tokenizer, task: Task, batch_size: int = 32) -> dict:
     """acc and acc_norm of a multiple-choice task."""
     requests = [join_tokens(tokenizer, ex.context, c) for ex in task.examples for c in ex.choices]
@@ -109,9 +105,9 @@ def score_choices(model, tokenizer, task: Task, batch_size: int = 32) -> dict:
     acc, acc_norm = [], []
     for ex in task.examples:
         ll = [next(lls)[0] for _ in ex.choices]
-        acc.append(float(_argmax(ll) == ex.answer))
         per_char = [v / len(c) for v, c in zip(ll, ex.choices)]
-        acc_norm.append(float(_argmax(per_char) == ex.answer))
+        acc.append(float(ll.index(max(ll)) == ex.answer))  # the first of equal values
+        acc_norm.append(float(per_char.index(max(per_char)) == ex.answer))
     chance = sum(1 / len(ex.choices) for ex in task.examples) / len(task.examples)
     return _result(task, {"acc": acc, "acc_norm": acc_norm}, {"acc": chance, "acc_norm": chance})
 
@@ -133,8 +129,7 @@ def score_generation(model, tokenizer, task: Task, batch_size: int = 32) -> dict
 
 
 def answer_tokens(tokenizer, examples: list, cfg) -> int:
-    """The new tokens a completion may take: the longest answer's, 4 more, at most half the
-    context."""
+    """New tokens a completion may take: the longest answer's + 4, at most half the context."""
     longest = max(len(tokenizer.encode(" " + ex.answer)) for ex in examples)
     return min(longest + 4, cfg.max_seq_len // 2)
 

@@ -84,6 +84,9 @@ def load_task_file(path) -> Task:
             raise ValueError(f"{path}:{n}: a {line_kind} example in a file of {kind} examples "
                              "(every line has 'choices', or none does)")
         kind = line_kind
+        for name in ("context", "choices", "answer") if kind == "choice" else ("context", "answer"):
+            if name not in record:
+                raise ValueError(f"{path}:{n}: missing field {name!r}")
         examples.append(_choice(record, f"{path}:{n}") if kind == "choice"
                         else _generation(record, f"{path}:{n}"))
     if not examples:
@@ -91,14 +94,8 @@ def load_task_file(path) -> Task:
     return Task(path.stem, kind, examples, str(path))
 
 
-def _field(record: dict, name: str, where: str):
-    if name not in record:
-        raise ValueError(f"{where}: missing field {name!r}")
-    return record[name]
-
-
 def _choice(record: dict, where: str) -> ChoiceExample:
-    context, choices, answer = (_field(record, k, where) for k in ("context", "choices", "answer"))
+    context, choices, answer = record["context"], record["choices"], record["answer"]
     if not isinstance(context, str):
         raise ValueError(f"{where}: context={context!r}: must be a string")
     if (not isinstance(choices, list) or len(choices) < 2
@@ -112,7 +109,7 @@ def _choice(record: dict, where: str) -> ChoiceExample:
 
 
 def _generation(record: dict, where: str) -> GenExample:
-    context, answer = _field(record, "context", where), _field(record, "answer", where)
+    context, answer = record["context"], record["answer"]
     stop = record.get("stop", ["\n"])
     if not isinstance(context, str) or not context:
         raise ValueError(f"{where}: context={context!r}: must be a non-empty string")
