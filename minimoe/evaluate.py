@@ -1,9 +1,7 @@
 """Evaluation: validation loss, perplexity and bits per byte, multiple-choice and generative
-tasks (the tasks themselves: minimoe/tasks.py), scored as lm-evaluation-harness scores them:
-`acc` by total log-likelihood, `acc_norm` per character of the choice, each with its standard
-error. Every text starts after the tokenizer's start token, as a document does in the training
-stream. Where and why we differ from lm-evaluation-harness at the join: docs/method.md#evaluation.
-"""
+tasks (minimoe/tasks.py) scored as lm-evaluation-harness scores them (`acc`, `acc_norm`, exact
+match, each with its standard error), every text after the tokenizer's start token as in the
+training stream. Where and why we differ at the join: docs/method.md#evaluation."""
 
 from __future__ import annotations
 
@@ -24,13 +22,12 @@ PPL = "ppl"  # the task name of perplexity and bits per byte on the validation s
 
 
 @torch.no_grad()
-def evaluate(model, data, tc, n_batches: int | None = None) -> dict[str, float]:
+def evaluate(model, data, tc) -> dict[str, float]:
     """Mean validation loss over the fixed batches of `tc` (a TrainConfig), overall, per language
     and per domain (val_<domain>; a domain whose tokens are a language's gets that number)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    n = n_batches or tc.eval_batches
     result = {}
     for lang in [None, *data.langs, *data.val_domains]:
         stored = data.stored_as["val" if lang is None else f"val_{lang}"]
@@ -38,7 +35,7 @@ def evaluate(model, data, tc, n_batches: int | None = None) -> dict[str, float]:
             result[f"val_{lang}"] = result[stored]
             continue
         losses = []
-        for x, y in data.val_batches(tc.batch_size, tc.seq_len, n, lang=lang):
+        for x, y in data.val_batches(tc.batch_size, tc.seq_len, tc.eval_batches, lang=lang):
             logits = model(x.to(device))
             losses.append(F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten()).item())
         if losses:
@@ -141,7 +138,7 @@ def _result(task: Task, hits: dict[str, list[float]], chance: dict, **extra) -> 
 
 
 # --- perplexity and bits per byte ---------------------------------------------------------
-def document_nll(model, tokenizer, docs: list[str], batch_size: int = 32) -> list[tuple[float, int]]:
+def document_nll(model, tokenizer, docs: list[str], batch_size: int = 32) -> list[list]:
     """(negative log-likelihood in nats, tokens) of each whole document, every token scored
     once: windows of max_seq_len targets, each seeing the tokens before it in its window, the
     last one reaching back a full window (lm-evaluation-harness's rolling windows)."""
@@ -158,7 +155,7 @@ def document_nll(model, tokenizer, docs: list[str], batch_size: int = 32) -> lis
     for d, (ll, count) in zip(owner, loglikelihoods(model, requests, batch_size)):
         totals[d][0] -= ll
         totals[d][1] += count
-    return [(nll, count) for nll, count in totals]
+    return totals
 
 
 def ppl_documents(corpus, chars: int) -> list[tuple[list[str], list[str]]]:
