@@ -234,10 +234,8 @@ def _built(name: str, kind: str, examples: list, lang: str) -> Task:
 # --- the tasks as lm-evaluation-harness reads them ----------------------------------------------
 def export_task(task: Task, folder, start: str, max_gen_toks: int = 0) -> list[Path]:
     """task.jsonl and an lm-evaluation-harness task YAML (minimoe_<name>) that scores it as
-    minimoe does: every text after the tokenizer's start token `start` (written into the prompt,
-    which lm-evaluation-harness then leaves as it is), the choice joined as written
-    (`target_delimiter: ""`), a completion cut at the example's stop strings and stripped.
-    Generation takes one set of stop strings per task and `max_gen_toks` new tokens."""
+    minimoe does, after the tokenizer's start token `start` (docs/method.md#evaluation);
+    generation takes one set of stop strings per task and `max_gen_toks` new tokens."""
     if task.kind == "choice":
         fields = {"output_type": "multiple_choice", "doc_to_choice": "choices",
                    "doc_to_target": "answer", "target_delimiter": ""}
