@@ -6,6 +6,7 @@ your .txt/.jsonl files -> clean -> deduplicate -> domain and language -> hash sp
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import sqlite3
@@ -37,11 +38,8 @@ def _kjv_chapters(db: Path) -> list[str]:
     rows = con.execute("SELECT TestamentID, BookID, ChapterID, Passage1, Passage2 FROM Bible "
                        "ORDER BY TestamentID, BookID, ChapterID, VerseID").fetchall()
     con.close()
-    chapters: dict[tuple, list[str]] = {}
-    for testament, book, chapter, first, second in rows:
-        chapters.setdefault((testament, book, chapter), []).append(
-            _VERSE_REF.sub("", f"{first} {second}"))
-    return ["\n".join(verses) for verses in chapters.values()]
+    return ["\n".join(_VERSE_REF.sub("", f"{first} {second}") for *_, first, second in verses)
+            for _, verses in itertools.groupby(rows, key=lambda row: row[:3])]  # by chapter
 
 
 def _is_headline(line: str) -> bool:
@@ -69,50 +67,41 @@ def _peoples_daily_articles(path: Path) -> list[str]:
 def _txt_documents(path: Path):
     """Paragraphs (a blank line ends one), a paragraph over MAX_DOC_CHARS cut at a line."""
     lines, size = [], 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            for whole in f:  # a line over MAX_DOC_CHARS is cut into pieces of that size
-                for line in (whole[i:i + MAX_DOC_CHARS] for i in range(0, len(whole) or 1,
-                                                                        MAX_DOC_CHARS)):
-                    if line.strip():
-                        lines.append(line)
-                        size += len(line)
-                        if size < MAX_DOC_CHARS:
-                            continue
-                    if lines:
-                        yield "".join(lines)
-                        lines, size = [], 0
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
+    with open(path, encoding="utf-8") as f:
+        for whole in f:  # a line over MAX_DOC_CHARS is cut into pieces of that size
+            for i in range(0, len(whole) or 1, MAX_DOC_CHARS):
+                line = whole[i:i + MAX_DOC_CHARS]
+                if line.strip():
+                    lines.append(line)
+                    size += len(line)
+                    if size < MAX_DOC_CHARS:
+                        continue
+                if lines:
+                    yield "".join(lines)
+                    lines, size = [], 0
     if lines:
         yield "".join(lines)
 
 
 def _jsonl_documents(path: Path):
-    """(domain or None, text) per line: a line may name its own domain."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    yield jsonl_record(line, f"{path}:{n}")
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
-
-
-def jsonl_record(line: str, where: str) -> tuple[str | None, str]:
-    """(domain or None, text) of one .jsonl line: a JSON object with a string field "text" and
-    an optional "domain"; `where` (file:line) names it in the error."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        record = None
-    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise ValueError(f"{where}: a .jsonl line must be a JSON object with a string field 'text'")
-    domain = record.get("domain")
-    if domain is not None and not (isinstance(domain, str) and DOMAIN_NAME.fullmatch(domain)):
-        raise ValueError(f"{where}: domain={domain!r}: must be letters, digits, '.', '_' or '-', "
-                         "starting with a letter or digit")
-    return domain, record["text"]
+    """(domain or None, text) per line: a JSON object with a string field "text" and an
+    optional "domain" (a line may name its own)."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}:{n}: a .jsonl line must be a JSON object with a string "
+                                 "field 'text'")
+            domain = record.get("domain")
+            if domain is not None and not (isinstance(domain, str) and DOMAIN_NAME.fullmatch(domain)):
+                raise ValueError(f"{path}:{n}: domain={domain!r}: must be letters, digits, '.', "
+                                 "'_' or '-', starting with a letter or digit")
+            yield domain, record["text"]
 
 
 _READERS = {"kjv": _kjv_chapters, "peoples_daily": _peoples_daily_articles,
@@ -151,12 +140,12 @@ def user_sources(paths: list[str]) -> list[dict]:
         if not str(given).strip():
             raise ValueError("--data='': give .txt or .jsonl files or folders (an empty path "
                              "would read every text file under the working folder)")
-        if path.exists() and not (path.is_dir() or path.is_file()):
-            raise ValueError(f"{given}: not a regular file or folder (a pipe or a device is "
-                             "never read: it may not end)")
         if not path.exists():
             raise ValueError(f"{given}: no such file or folder (give .txt or .jsonl files, "
-                             f"or folders of them)")
+                             "or folders of them)")
+        if not (path.is_dir() or path.is_file()):
+            raise ValueError(f"{given}: not a regular file or folder (a pipe or a device is "
+                             "never read: it may not end)")
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
         elif path.suffix in SUFFIXES:
@@ -196,14 +185,9 @@ def unit_hash(seed: int, text: str) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
-
-
 def file_sha256(path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def content_key(sources: list[dict], settings: dict) -> tuple[list[dict], str]:
@@ -220,25 +204,28 @@ def content_key(sources: list[dict], settings: dict) -> tuple[list[dict], str]:
 def documents(sources: list[dict], dropped: dict | None = None, bar=None):
     """(domain, lang, text) of every clean, long-enough, first-seen document, in source order;
     `dropped` counts the others (too short, duplicates); `bar` is told the raw characters read."""
-    dropped = {} if dropped is None else dropped
+    dropped = Counter() if dropped is None else dropped
     seen, usable = set(), Counter()
     for source in sources:
-        for item in _READERS[source["reader"]](Path(source["path"])):
-            # a JSONL line may name its own domain; other documents take their source's
-            domain, raw = item if isinstance(item, tuple) else (None, item)
-            if bar is not None:
-                bar.update(len(raw.encode("utf-8")))
-            text = clean_text(raw)
-            if len(text) < MIN_DOC_CHARS:
-                dropped["too_short"] = dropped.get("too_short", 0) + 1
-                continue
-            usable[source.get("given")] += 1
-            digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
-            if digest in seen:  # exact duplicates would leak between train and val
-                dropped["duplicates"] = dropped.get("duplicates", 0) + 1
-                continue
-            seen.add(digest)
-            yield domain or source["domain"], source.get("lang") or detect_lang(text), text
+        try:  # a file that is not UTF-8 is refused by name
+            for item in _READERS[source["reader"]](Path(source["path"])):
+                # a JSONL line may name its own domain; other documents take their source's
+                domain, raw = item if isinstance(item, tuple) else (None, item)
+                if bar is not None:
+                    bar.update(len(raw.encode("utf-8")))
+                text = clean_text(raw)
+                if len(text) < MIN_DOC_CHARS:
+                    dropped["too_short"] += 1
+                    continue
+                usable[source.get("given")] += 1
+                digest = hashlib.blake2b(text.encode(), digest_size=16).digest()
+                if digest in seen:  # exact duplicates would leak between train and val
+                    dropped["duplicates"] += 1
+                    continue
+                seen.add(digest)
+                yield domain or source["domain"], source.get("lang") or detect_lang(text), text
+        except UnicodeDecodeError:
+            raise ValueError(f"{source['path']}: not UTF-8 text") from None
     for given in dict.fromkeys(source["given"] for source in sources if "given" in source):
         if not usable[given]:
             raise ValueError(f"{given}: no usable text (need documents of at least "

@@ -1,18 +1,18 @@
 """Evaluation: validation loss, perplexity and bits per byte, multiple-choice and generative
-tasks (the tasks themselves: minimoe/tasks.py), scored as lm-evaluation-harness scores them:
-`acc` by total log-likelihood, `acc_norm` per character of the choice, each with its standard
-error. Every text starts after the tokenizer's start token, as a document does in the training
-stream. Where and why we differ from lm-evaluation-harness at the join: docs/method.md#evaluation.
-"""
+tasks (minimoe/tasks.py) scored as lm-evaluation-harness scores them (`acc`, `acc_norm`, exact
+match, each with its standard error), every text after the tokenizer's start token as in the
+training stream. Where and why we differ at the join: docs/method.md#evaluation."""
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from minimoe.generate import generate_text
@@ -22,16 +22,12 @@ PPL = "ppl"  # the task name of perplexity and bits per byte on the validation s
 
 
 @torch.no_grad()
-def evaluate(model, data, tc, n_batches: int | None = None) -> dict[str, float]:
-    """Mean validation loss over a fixed set of batches, overall, per language and per domain
-    (val_<domain>; a domain whose tokens are a language's gets that language's number).
-
-    `tc` is the run's TrainConfig: its batch_size, seq_len and eval_batches set the batches.
-    """
+def evaluate(model, data, tc) -> dict[str, float]:
+    """Mean validation loss over the fixed batches of `tc` (a TrainConfig), overall, per language
+    and per domain (val_<domain>; a domain whose tokens are a language's gets that number)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    n = n_batches or tc.eval_batches
     result = {}
     for lang in [None, *data.langs, *data.val_domains]:
         stored = data.stored_as["val" if lang is None else f"val_{lang}"]
@@ -39,7 +35,7 @@ def evaluate(model, data, tc, n_batches: int | None = None) -> dict[str, float]:
             result[f"val_{lang}"] = result[stored]
             continue
         losses = []
-        for x, y in data.val_batches(tc.batch_size, tc.seq_len, n, lang=lang):
+        for x, y in data.val_batches(tc.batch_size, tc.seq_len, tc.eval_batches, lang=lang):
             logits = model(x.to(device))
             losses.append(F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten()).item())
         if losses:
@@ -79,15 +75,11 @@ def loglikelihoods(model, requests: list[tuple[list[int], int]], batch_size: int
     result: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     for start in range(0, len(order), batch_size):
         batch = [rows[i] for i in order[start:start + batch_size]]
-        T = max(len(ids) for ids, _ in batch) - 1
         # right padding: causal attention keeps it from changing the positions before it
-        x = torch.zeros(len(batch), T, dtype=torch.long)
-        y = torch.zeros(len(batch), T, dtype=torch.long)
-        scored = torch.zeros(len(batch), T, dtype=torch.bool)
-        for b, (ids, n_context) in enumerate(batch):
-            x[b, :len(ids) - 1] = torch.tensor(ids[:-1])
-            y[b, :len(ids) - 1] = torch.tensor(ids[1:])
-            scored[b, n_context - 1:len(ids) - 1] = True  # target j is token j + 1
+        x, y = (pad_sequence([torch.tensor(ids[a:len(ids) - 1 + a]) for ids, _ in batch],
+                             batch_first=True) for a in (0, 1))  # target j is token j + 1
+        scored = pad_sequence([torch.arange(len(ids) - 1) >= n_context - 1 for ids, n_context
+                               in batch], batch_first=True)
         logp = model(x.to(device)).float().log_softmax(dim=-1)
         token_logp = logp.gather(-1, y.to(device)[..., None]).squeeze(-1).double().cpu()
         sums = torch.where(scored, token_logp, 0.0).sum(dim=1).tolist()  # padding may be -inf
@@ -99,15 +91,8 @@ def loglikelihoods(model, requests: list[tuple[list[int], int]], batch_size: int
 
 def _stderr(hits: list[float]) -> float:
     """Standard error of a mean of 0/1 scores (sample standard deviation / sqrt(n))."""
-    n = len(hits)
-    if n < 2:
-        return float("nan")
-    p = sum(hits) / n
-    return math.sqrt(p * (1 - p) / (n - 1))
-
-
-def _argmax(values: list[float]) -> int:
-    return max(range(len(values)), key=values.__getitem__)  # the first of equal values
+    p = sum(hits) / len(hits)
+    return math.sqrt(p * (1 - p) / (len(hits) - 1)) if len(hits) > 1 else float("nan")
 
 
 def score_choices(model, tokenizer, task: Task, batch_size: int = 32) -> dict:
@@ -117,9 +102,9 @@ def score_choices(model, tokenizer, task: Task, batch_size: int = 32) -> dict:
     acc, acc_norm = [], []
     for ex in task.examples:
         ll = [next(lls)[0] for _ in ex.choices]
-        acc.append(float(_argmax(ll) == ex.answer))
         per_char = [v / len(c) for v, c in zip(ll, ex.choices)]
-        acc_norm.append(float(_argmax(per_char) == ex.answer))
+        acc.append(float(ll.index(max(ll)) == ex.answer))  # the first of equal values
+        acc_norm.append(float(per_char.index(max(per_char)) == ex.answer))
     chance = sum(1 / len(ex.choices) for ex in task.examples) / len(task.examples)
     return _result(task, {"acc": acc, "acc_norm": acc_norm}, {"acc": chance, "acc_norm": chance})
 
@@ -127,14 +112,12 @@ def score_choices(model, tokenizer, task: Task, batch_size: int = 32) -> dict:
 def score_generation(model, tokenizer, task: Task, batch_size: int = 32) -> dict:
     """Exact match: the greedy completion, cut at the example's stop strings and stripped of
     surrounding white space, equals the answer."""
-    groups: dict[tuple, list[int]] = {}  # examples with the same stop strings go together
-    for i, ex in enumerate(task.examples):
-        groups.setdefault(ex.stop, []).append(i)
     outputs = [""] * len(task.examples)
-    for stop, members in groups.items():
-        texts = generate_text(model, tokenizer, [task.examples[i].context for i in members],
-                              max_new_tokens=answer_tokens(tokenizer, [task.examples[i] for i in
-                                                                       members], model.cfg),
+    for stop in dict.fromkeys(ex.stop for ex in task.examples):  # one stop set at a time
+        members = [i for i, ex in enumerate(task.examples) if ex.stop == stop]
+        examples = [task.examples[i] for i in members]
+        texts = generate_text(model, tokenizer, [ex.context for ex in examples],
+                              max_new_tokens=answer_tokens(tokenizer, examples, model.cfg),
                               stop=list(stop), batch_size=batch_size, truncate=True)
         for i, text in zip(members, texts):
             outputs[i] = text
@@ -143,8 +126,7 @@ def score_generation(model, tokenizer, task: Task, batch_size: int = 32) -> dict
 
 
 def answer_tokens(tokenizer, examples: list, cfg) -> int:
-    """The new tokens a completion may take: the longest answer's, 4 more, at most half the
-    context."""
+    """New tokens a completion may take: the longest answer's + 4, at most half the context."""
     longest = max(len(tokenizer.encode(" " + ex.answer)) for ex in examples)
     return min(longest + 4, cfg.max_seq_len // 2)
 
@@ -156,7 +138,7 @@ def _result(task: Task, hits: dict[str, list[float]], chance: dict, **extra) -> 
 
 
 # --- perplexity and bits per byte ---------------------------------------------------------
-def document_nll(model, tokenizer, docs: list[str], batch_size: int = 32) -> list[tuple[float, int]]:
+def document_nll(model, tokenizer, docs: list[str], batch_size: int = 32) -> list[list]:
     """(negative log-likelihood in nats, tokens) of each whole document, every token scored
     once: windows of max_seq_len targets, each seeing the tokens before it in its window, the
     last one reaching back a full window (lm-evaluation-harness's rolling windows)."""
@@ -173,24 +155,23 @@ def document_nll(model, tokenizer, docs: list[str], batch_size: int = 32) -> lis
     for d, (ll, count) in zip(owner, loglikelihoods(model, requests, batch_size)):
         totals[d][0] -= ll
         totals[d][1] += count
-    return [(nll, count) for nll, count in totals]
+    return totals
 
 
-def ppl_documents(corpus, chars: int) -> dict[tuple[str, str], list[str]]:
-    """The validation documents bits per byte is measured on: for each language and domain,
-    documents in file order until `chars` characters (at least one)."""
+def ppl_documents(corpus, chars: int) -> list[tuple[list[str], list[str]]]:
+    """The validation documents bits per byte is measured on, per language and domain: (the
+    figures they count in: all "", the language, and the domain where the language has several;
+    the documents in file order until `chars` characters, at least one)."""
     groups = {}
     for lang in corpus.langs:
         for domain in corpus.val_domains:
-            taken, docs = 0, []
-            for text in corpus.texts("val", lang=lang, domain=domain):
-                if docs and taken >= chars:
-                    break
-                docs.append(text)
-                taken += len(text)
-            if docs:
-                groups[(lang, domain)] = docs
-    return groups
+            texts = corpus.texts("val", lang=lang, domain=domain)
+            ends = list(itertools.accumulate(len(text) for text in texts))
+            if texts:  # every document that starts before `chars`
+                groups[(lang, domain)] = texts[:bisect.bisect_left(ends, chars) + 1]
+    langs = [lang for lang, _ in groups]
+    return [(["", lang] + ([domain] if langs.count(lang) > 1 else []), docs)
+            for (lang, domain), docs in groups.items()]
 
 
 def score_ppl(model, tokenizer, corpus, chars: int = 20_000, batch_size: int = 32) -> dict:
@@ -198,13 +179,11 @@ def score_ppl(model, tokenizer, corpus, chars: int = 20_000, batch_size: int = 3
     perplexity per token; chance is the uniform model: log2(V) bits per token, perplexity V."""
     groups = ppl_documents(corpus, chars)
     sums: dict[str, list[float]] = {}  # name -> [nll nats, tokens, bytes]
-    for (lang, domain), docs in groups.items():
+    for names, docs in groups:
         for text, (nll, count) in zip(docs, document_nll(model, tokenizer, docs, batch_size)):
-            for name in _ppl_names(groups, lang, domain):
-                total = sums.setdefault(name, [0.0, 0, 0])
-                total[0] += nll
-                total[1] += count
-                total[2] += len(text.encode("utf-8"))
+            for name in names:
+                added = (nll, count, len(text.encode("utf-8")))
+                sums[name] = [a + b for a, b in zip(sums.get(name, (0.0, 0, 0)), added)]
     metrics, chance = {}, {}
     for name, (nll, count, n_bytes) in sums.items():
         key = f"bpb {name}".strip()
@@ -212,16 +191,9 @@ def score_ppl(model, tokenizer, corpus, chars: int = 20_000, batch_size: int = 3
         chance[key] = math.log2(tokenizer.vocab_size) * count / n_bytes
     nll, count, _ = sums[""]
     metrics["ppl"], chance["ppl"] = math.exp(nll / count), float(tokenizer.vocab_size)
-    n_docs = sum(len(docs) for docs in groups.values())
+    n_docs = sum(len(docs) for _, docs in groups)
     return {"task": PPL, "kind": PPL, "n": n_docs, "source": "the validation split",
             "metrics": metrics, "stderr": {}, "chance": chance, "tokens": count}
-
-
-def _ppl_names(groups: dict, lang: str, domain: str) -> list[str]:
-    """The figures a (language, domain) group counts in: all (""), its language, and its
-    domain where the language has several."""
-    several = sum(lg == lang for lg, _ in groups) > 1
-    return ["", lang] + ([domain] if several else [])
 
 
 def export_tasks(tasks: list, tokenizer, cfg, corpus, folder, ppl_chars: int = 20_000) -> list:
@@ -234,9 +206,8 @@ def export_tasks(tasks: list, tokenizer, cfg, corpus, folder, ppl_chars: int = 2
             written += export_task(task, folder, tokenizer.bos or tokenizer.eos, max_new)
             continue
         named: dict[str, list[str]] = {}
-        groups = ppl_documents(corpus, ppl_chars)
-        for (lang, domain), docs in groups.items():
-            for name in _ppl_names(groups, lang, domain):
+        for names, docs in ppl_documents(corpus, ppl_chars):
+            for name in names:
                 named.setdefault(f"{PPL}-{name}" if name else PPL, []).extend(docs)
         for name, docs in named.items():
             written += export_texts(name, docs, folder)
@@ -249,8 +220,7 @@ def load_tasks(names: list[str], corpus=None, limit: int = 100, seed: int = 0) -
     nothing is evaluated or written for it. PPL stays a name."""
     if not names:
         raise ValueError("tasks: empty; name at least one (cloze-en, ppl, a .jsonl file...)")
-    if not isinstance(limit, int) or limit <= 0:
-        raise ValueError(f"limit={limit!r}: must be a positive number of examples")
+    assert limit > 0  # the doors (--limit, the recipes' eval_examples) hold it
     return [name if name == PPL else resolve_task(name, corpus, limit, seed) for name in names]
 
 
@@ -260,8 +230,6 @@ def run_tasks(model, tokenizer, tasks: list, corpus=None, ppl_chars: int = 20_00
     results = {}
     for task in tqdm(tasks, desc="evaluating", unit="task", disable=not progress, leave=False):
         if task == PPL:
-            if corpus is None:
-                raise ValueError("task 'ppl': needs the run's corpus (its validation split)")
             results[PPL] = score_ppl(model, tokenizer, corpus, ppl_chars, batch_size)
         elif task.kind == "choice":
             results[task.name] = score_choices(model, tokenizer, task, batch_size)
@@ -293,8 +261,7 @@ def results_table(columns: dict[str, dict], stderr: bool = False) -> pd.DataFram
             row = {}
             for label, results in columns.items():
                 r = results.get(task, {})
-                value = r.get("metrics", {}).get(metric)
-                row[label] = _cell(metric, value)
+                row[label] = _cell(metric, r.get("metrics", {}).get(metric))
                 if stderr:
                     row[f"{label} ±"] = _cell(metric, r.get("stderr", {}).get(metric))
             same = all(r.get(task, {}).get("chance", {}).get(metric) == chance for r in columns.values())

@@ -51,10 +51,8 @@ def convert_file(tensors: Tensors, cfg: ModelConfig, fmt: str, to_hf: bool, path
         tensor = fn(*(tensors[s] for s in srcs))[index]
         return (tensor if dtype is None else tensor.to(dtype)).contiguous()
 
-    specs = {}
-    for name, (srcs, fn, index) in steps.items():
-        shape_of = fn(*(tensors.meta(s) for s in srcs))[index]
-        specs[name] = (dtype or shape_of.dtype, tuple(shape_of.shape))
+    metas = {name: fn(*(tensors.meta(s) for s in srcs))[i] for name, (srcs, fn, i) in steps.items()}
+    specs = {name: (dtype or meta.dtype, tuple(meta.shape)) for name, meta in metas.items()}
     return write_safetensors(path, specs, produce, metadata={"format": "pt"})
 
 

@@ -113,10 +113,8 @@ def config_from_hf(hf) -> ModelConfig:
 def _rope_theta(hf) -> float:
     """rope_theta, refusing scaled RoPE. transformers 5 keeps both in `rope_parameters`;
     transformers 4 has `rope_theta` and `rope_scaling` (None, or {"rope_type" or "type": ...})."""
-    params = getattr(hf, "rope_parameters", None)
-    field, rope = ("rope_parameters", params) if params is not None else \
-        ("rope_scaling", getattr(hf, "rope_scaling", None))
-    rope = rope or {}
+    field = "rope_parameters" if getattr(hf, "rope_parameters", None) is not None else "rope_scaling"
+    rope = getattr(hf, field, None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise ValueError(f"{field}.rope_type={rope_type!r}: not supported; minimoe's RoPE is "

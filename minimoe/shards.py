@@ -7,10 +7,11 @@ corpus is ~27k shards, past a common `ulimit -n`). Layout and limits: docs/metho
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import os
 import shutil
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,6 @@ from minimoe.tokens import TokenData, Tokenizer, tokenizer_of, train_bpe
 FORMAT = "minimoe-shards"
 SHARD_TOKENS = 1 << 27  # 134M tokens: 256 MB of uint16 per shard
 BATCH_DOCS = 512  # documents tokenised at once (the tokenizers library's threads)
-FLUSH_TOKENS = 1 << 20  # a writer's buffer
 SAMPLE_CHARS = 200_000_000  # the most text a BPE is trained on
 OPEN_SHARDS = 64  # memory maps open at once, the most recently read
 
@@ -64,8 +64,7 @@ class ConcatTokens:
         return int(self.ends[-1]) if len(self.ends) else 0
 
     def __getitem__(self, key: slice) -> np.ndarray:
-        if not isinstance(key, slice) or key.step not in (None, 1):
-            raise TypeError("ConcatTokens takes slices with step 1")
+        assert isinstance(key, slice) and key.step in (None, 1), "slices with step 1 only"
         start, stop, _ = key.indices(len(self))
         pieces = []
         part = int(np.searchsorted(self.ends, start, side="right"))
@@ -79,39 +78,29 @@ class ConcatTokens:
 
 # --- writing shards ---------------------------------------------------------------------------
 class ShardWriter:
-    """Token ids appended to <folder>/00000.bin, 00001.bin ... of at most shard_tokens each;
-    a shard gets its name once complete."""
+    """Token ids appended to <folder>/00000.bin, 00001.bin ... of at most shard_tokens each
+    (through the file's buffer); a shard gets its name once complete."""
 
     def __init__(self, root: Path, folder: str, dtype, shard_tokens: int):
         self.root, self.folder, self.dtype, self.limit = root, folder, dtype, shard_tokens
-        self.shards: list[dict] = []
-        self.buffer: list[int] = []
-        self.in_shard, self.file = 0, None
+        self.shards, self.file = [], None  # shards: [{"file", "tokens"}]
 
     def add(self, ids: list[int]):
-        self.buffer += ids
-        if len(self.buffer) >= FLUSH_TOKENS:
-            self.flush()
-
-    def flush(self):
-        data = np.asarray(self.buffer, dtype=self.dtype)
-        self.buffer = []
+        data = np.asarray(ids, dtype=self.dtype)
         while len(data):
             if self.file is None:
                 name = f"{self.folder}/{len(self.shards):05d}.bin"
                 (self.root / name).parent.mkdir(parents=True, exist_ok=True)
                 self.file = open(self.root / (name + ".tmp"), "wb")
                 self.shards.append({"file": name, "tokens": 0})
-            take = data[:self.limit - self.in_shard]
-            take.tofile(self.file)
-            self.in_shard += len(take)
-            self.shards[-1]["tokens"] = self.in_shard
+            take = data[:self.limit - self.shards[-1]["tokens"]]
+            self.file.write(take.tobytes())
+            self.shards[-1]["tokens"] += len(take)
             data = data[len(take):]
-            if self.in_shard == self.limit:
+            if self.shards[-1]["tokens"] == self.limit:
                 self._seal()
 
     def close(self) -> list[dict]:
-        self.flush()
         if self.file is not None:
             self._seal()
         return self.shards
@@ -122,7 +111,7 @@ class ShardWriter:
         self.file.close()
         name = self.shards[-1]["file"]
         os.replace(self.root / (name + ".tmp"), self.root / name)
-        self.file, self.in_shard = None, 0
+        self.file = None
 
 
 # --- the tokenizer and the writing pass ----------------------------------------------------
@@ -146,18 +135,16 @@ def _sample_texts(sources: list[dict], split: Split, sample_chars: int) -> list[
 
 def tokenize(paths: list[str], out, tokenizer: str = "bpe", vocab_size: int = 2048,
              val_fraction: float = 0.03, seed: int = 0, shard_tokens: int = SHARD_TOKENS,
-             sample_chars: int = SAMPLE_CHARS, progress: bool = True) -> dict:
+             progress: bool = True) -> dict:
     """Stream `paths` (.txt/.jsonl files or folders) into shards in `out`; returns the manifest.
     A finished folder of the same request is returned as it is; an interrupted one is redone."""
-    assert 0 < val_fraction < 0.5 and shard_tokens > 0  # the door (the CLI) holds its rules
     sources = user_sources([str(p) for p in paths])
     request = {"sources": sources, "tokenizer": tokenizer, "vocab_size": vocab_size,
                "val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens,
-               "sample_chars": sample_chars, "min_doc_chars": MIN_DOC_CHARS}
-    # a tokenizer given is checked before any text is read
-    given = None if tokenizer == "bpe" else tokenizer_of(tokenizer, vocab_size, None)
-    return write_shards(sources, Path(out), request, lambda split: given or tokenizer_of(
-        tokenizer, vocab_size, lambda: _sample_texts(sources, split, sample_chars)),
+               "sample_chars": SAMPLE_CHARS, "min_doc_chars": MIN_DOC_CHARS}
+    given = None if tokenizer == "bpe" else tokenizer_of(tokenizer)  # checked before any text
+    return write_shards(sources, Path(out), request, lambda split: given or Tokenizer(
+        train_bpe(_sample_texts(sources, split, SAMPLE_CHARS), vocab_size)),
         val_fraction, seed, shard_tokens, progress)
 
 
@@ -166,7 +153,6 @@ def load_data(paths: list[str] | None = None, vocab_size: int = 2048,
               val_fraction: float = 0.03, seed: int = 0) -> tuple[TokenData, Tokenizer]:
     """The demo corpus (paths=None) or your files, tokenised ("bpe", "byte", or a tokenizer
     given) into shards once, in a cache folder keyed on content; returns (TokenData, tokenizer)."""
-    assert 0 < val_fraction < 0.5
     if isinstance(paths, (str, Path)):
         paths = [paths]
     if paths is not None and not paths:
@@ -185,7 +171,7 @@ def load_data(paths: list[str] | None = None, vocab_size: int = 2048,
             files.write_text(path, train_bpe(_sample_texts(sources, split, SAMPLE_CHARS),
                                              vocab_size))
         tokenizer = Tokenizer(path.read_text(encoding="utf-8"))
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer_of(tokenizer, 0, None)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer_of(tokenizer)
     out = folder / f"tokens-{tok.name}"
     request = {"inputs": inputs, "tokenizer": tok.name, "val_fraction": val_fraction,
                "seed": seed, "shard_tokens": SHARD_TOKENS}
@@ -199,37 +185,14 @@ def write_shards(sources: list[dict], out: Path, request: dict, make_tokenizer,
                  split: Split | None = None) -> dict:
     """Split the documents, make the tokenizer (`make_tokenizer(split)`) and write each split,
     domain and language into its shards; a finished folder of the same request is kept."""
+    assert 0 < val_fraction < 0.5 and shard_tokens > 0  # the doors (CLI, run.json) hold them
     if is_shard_folder(out):
         manifest = read_manifest(out)
         if manifest.get("request") != request:
             raise ValueError(f"out={out}: holds shards of another request; choose another --out")
         return manifest
     split = split or split_of(sources, val_fraction, seed)
-    _claim(out, request)
-    tok = make_tokenizer(split)
-    tok.save(out)
-    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    writers: dict[tuple, ShardWriter] = {}
-    counts = {"documents": {}, "dropped": {}}
-    total = sum(s["bytes"] for s in sources)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress,
-              delay=3, leave=False) as bar:
-        batch = []
-        for doc in documents(sources, counts["dropped"], bar):
-            batch.append(doc)
-            if len(batch) == BATCH_DOCS:
-                _write_batch(batch, tok, writers, out, dtype, shard_tokens, split, counts)
-                batch = []
-        _write_batch(batch, tok, writers, out, dtype, shard_tokens, split, counts)
-    manifest = _manifest(request, tok, dtype, writers, counts, split.domains)
-    files.write_json(out / "manifest.json", manifest)
-    (out / "tokenize.json").unlink()
-    return manifest
-
-
-def _claim(out: Path, request: dict):
-    """Start on an empty folder, or redo an interrupted run of the same request."""
-    marker = out / "tokenize.json"
+    marker = out / "tokenize.json"  # there while a run writes: an interrupted one is redone
     if marker.exists():
         if files.read_json(marker) != request:
             raise ValueError(f"out={out}: holds an interrupted tokenize of another request")
@@ -239,17 +202,28 @@ def _claim(out: Path, request: dict):
         raise ValueError(f"out={out}: the folder is not empty and holds no shards")
     out.mkdir(parents=True, exist_ok=True)
     files.write_json(marker, request)
-
-
-def _write_batch(batch, tok, writers, out, dtype, shard_tokens, split: Split, counts):
-    for (domain, lang, text), ids in zip(batch, tok.encode_batch([text for _, _, text in batch])):
-        name = "val" if split.is_val(domain, lang, text) else "train"
-        key = ("train", domain) if name == "train" else ("val", domain, lang)
-        if key not in writers:
-            writers[key] = ShardWriter(out, "/".join(key), dtype, shard_tokens)
-        writers[key].add(tok.document(ids))
-        docs = counts["documents"].setdefault(name, {})
-        docs[domain] = docs.get(domain, 0) + 1
+    tok = make_tokenizer(split)
+    tok.save(out)
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    writers: dict[tuple, ShardWriter] = {}
+    counts = {"documents": {}, "dropped": Counter()}
+    total = sum(s["bytes"] for s in sources)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress,
+              delay=3, leave=False) as bar:
+        docs = documents(sources, counts["dropped"], bar)
+        while batch := list(itertools.islice(docs, BATCH_DOCS)):
+            for (domain, lang, text), ids in zip(batch, tok.encode_batch([t for _, _, t in batch])):
+                name = "val" if split.is_val(domain, lang, text) else "train"
+                key = ("train", domain) if name == "train" else ("val", domain, lang)
+                if key not in writers:
+                    writers[key] = ShardWriter(out, "/".join(key), dtype, shard_tokens)
+                writers[key].add(tok.document(ids))
+                by_domain = counts["documents"].setdefault(name, {})
+                by_domain[domain] = by_domain.get(domain, 0) + 1
+    manifest = _manifest(request, tok, dtype, writers, counts, split.domains)
+    files.write_json(out / "manifest.json", manifest)
+    marker.unlink()
+    return manifest
 
 
 def _manifest(request, tok, dtype, writers, counts, domains: list[str]) -> dict:
@@ -263,17 +237,12 @@ def _manifest(request, tok, dtype, writers, counts, domains: list[str]) -> dict:
         else:
             shards["val"].setdefault(key[1], {})[key[2]] = entries
     assert shards["val"] and shards["train"]  # Split keeps a document in each
-
-    def tokens(entries):
-        return sum(e["tokens"] for e in entries)
-
-    by_split = {"train": {d: tokens(e) for d, e in shards["train"].items()},
-                "val": {d: sum(tokens(e) for e in langs.values())
-                        for d, langs in shards["val"].items()}}
-    by_lang = {}
+    by_split = {"train": {d: _tokens(e) for d, e in shards["train"].items()},
+                "val": {d: sum(map(_tokens, langs.values())) for d, langs in shards["val"].items()}}
+    by_lang = Counter()
     for langs in shards["val"].values():
         for lang, entries in langs.items():
-            by_lang[f"val_{lang}"] = by_lang.get(f"val_{lang}", 0) + tokens(entries)
+            by_lang[f"val_{lang}"] += _tokens(entries)
     return {"format": FORMAT, "request": request, "tokenizer": tok.name,
             "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "dtype": np.dtype(dtype).name,
             "domains": list(shards["train"]), "shards": shards,
@@ -281,6 +250,17 @@ def _manifest(request, tok, dtype, writers, counts, domains: list[str]) -> dict:
                        "val": sum(by_split["val"].values()), **by_lang},
             "tokens_by_domain": by_split, "documents": counts["documents"],
             "dropped": counts["dropped"]}
+
+
+def _tokens(entries) -> int:
+    return sum(e["tokens"] for e in entries)
+
+
+def _val_shards(folder: Path, manifest: dict) -> dict[tuple[str, str], list[Shard]]:
+    """(domain, lang) -> its validation shards."""
+    return {(domain, lang): [Shard(folder / e["file"], manifest["dtype"], e["tokens"])
+                             for e in entries]
+            for domain, langs in manifest["shards"]["val"].items() for lang, entries in langs.items()}
 
 
 # --- reading them back ------------------------------------------------------------------------
@@ -299,30 +279,22 @@ def load_shards(folder) -> tuple[TokenData, object]:
     if tok.name != manifest["tokenizer"]:
         raise ValueError(f"{folder}: its tokenizer.json ({tok.name}) is not the one its shards "
                          f"were made with ({manifest['tokenizer']})")
-    dtype = np.dtype(manifest["dtype"])
-
-    def maps(entries):
-        return [Shard(folder / e["file"], dtype, e["tokens"]) for e in entries]
-
     train, ranges, at = [], {}, 0
     for domain in manifest["domains"]:
-        parts = maps(manifest["shards"]["train"][domain])
-        n = sum(len(p) for p in parts)
-        train += parts
-        ranges[domain], at = (at, at + n), at + n
-    val = {(d, lang): maps(entries) for d, langs in manifest["shards"]["val"].items()
-           for lang, entries in langs.items()}
+        entries = manifest["shards"]["train"][domain]
+        train += [Shard(folder / e["file"], manifest["dtype"], e["tokens"]) for e in entries]
+        ranges[domain], at = (at, at + _tokens(entries)), at + _tokens(entries)
+    val = _val_shards(folder, manifest)
     arrays = {"train": ConcatTokens(train),
               "val": ConcatTokens([p for parts in val.values() for p in parts])}
-    stored_as, files_of = {"train": "train", "val": "val"}, {}
+    stored_as, split_of_paths = {"train": "train", "val": "val"}, {}
     for by in (1, 0):  # each language's, then each domain's
         for name in sorted({key[by] for key in val}):
             parts = [p for key, ps in val.items() if key[by] == name for p in ps]
-            paths = [p.path for p in parts]  # a domain that is one language's: the same shards
-            split = next((s for s, known in files_of.items() if known == paths), f"val_{name}")
-            files_of.setdefault(split, paths)
+            # a domain that is one language's: the same shards, stored once
+            split = split_of_paths.setdefault(tuple(p.path for p in parts), f"val_{name}")
             stored_as[f"val_{name}"] = split
-            arrays[f"val_{name}"] = arrays[split] if split in arrays else ConcatTokens(parts)
+            arrays[f"val_{name}"] = arrays.setdefault(split, ConcatTokens(parts))
     return TokenData(folder, arrays, tok, ranges, stored_as), tok
 
 
@@ -360,9 +332,8 @@ class ShardTexts:
     def __init__(self, folder):
         manifest = read_manifest(Path(folder))
         self.tokenizer = Tokenizer.load(folder)
-        self.docs = {(domain, lang): _decoded(self.tokenizer, ConcatTokens(
-            [Shard(Path(folder) / e["file"], manifest["dtype"], e["tokens"]) for e in entries]))
-            for domain, langs in manifest["shards"]["val"].items() for lang, entries in langs.items()}
+        self.docs = {key: _decoded(self.tokenizer, ConcatTokens(parts))
+                     for key, parts in _val_shards(Path(folder), manifest).items()}
         self.langs = sorted({lang for _, lang in self.docs})
         self.val_domains = list(dict.fromkeys(domain for domain, _ in self.docs))
 

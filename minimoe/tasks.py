@@ -1,20 +1,15 @@
-"""Evaluation tasks: JSONL task files, the built-in tasks made from the held-out split, and
-both written out for lm-evaluation-harness (`export_tasks`).
-
-A task file holds one example per line (the shape of HellaSwag, ARC or PIQA after renaming):
+"""Evaluation tasks: JSONL task files of one example per line (HellaSwag, ARC or PIQA after
+renaming; a choice is scored as written, so it usually starts with its joining space), the
+built-in cloze-<lang> and complete-<lang> made from the held-out split, and both written out
+for lm-evaluation-harness. What they measure and why: docs/method.md#evaluation.
 
     {"context": "...", "choices": ["...", "..."], "answer": 1}     multiple choice
     {"context": "...", "answer": "...", "stop": ["\\n"]}            generation, exact match
-
-A choice is scored as written, so it usually starts with the space that joins it to the
-context. Built in, from each language's held-out documents (the same examples for every seed-0
-run): `cloze-<lang>`, HellaSwag-style, the true next sentence among 4 of similar length from
-other documents; `complete-<lang>`, the last word of a sentence (en) or its last two
-characters (zh), written greedily. Provenance and choices: docs/method.md#evaluation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -89,6 +84,9 @@ def load_task_file(path) -> Task:
             raise ValueError(f"{path}:{n}: a {line_kind} example in a file of {kind} examples "
                              "(every line has 'choices', or none does)")
         kind = line_kind
+        for name in ("context", "choices", "answer") if kind == "choice" else ("context", "answer"):
+            if name not in record:
+                raise ValueError(f"{path}:{n}: missing field {name!r}")
         examples.append(_choice(record, f"{path}:{n}") if kind == "choice"
                         else _generation(record, f"{path}:{n}"))
     if not examples:
@@ -96,14 +94,8 @@ def load_task_file(path) -> Task:
     return Task(path.stem, kind, examples, str(path))
 
 
-def _field(record: dict, name: str, where: str):
-    if name not in record:
-        raise ValueError(f"{where}: missing field {name!r}")
-    return record[name]
-
-
 def _choice(record: dict, where: str) -> ChoiceExample:
-    context, choices, answer = (_field(record, k, where) for k in ("context", "choices", "answer"))
+    context, choices, answer = record["context"], record["choices"], record["answer"]
     if not isinstance(context, str):
         raise ValueError(f"{where}: context={context!r}: must be a string")
     if (not isinstance(choices, list) or len(choices) < 2
@@ -117,7 +109,7 @@ def _choice(record: dict, where: str) -> ChoiceExample:
 
 
 def _generation(record: dict, where: str) -> GenExample:
-    context, answer = _field(record, "context", where), _field(record, "answer", where)
+    context, answer = record["context"], record["answer"]
     stop = record.get("stop", ["\n"])
     if not isinstance(context, str) or not context:
         raise ValueError(f"{where}: context={context!r}: must be a non-empty string")
@@ -132,7 +124,7 @@ def _generation(record: dict, where: str) -> GenExample:
 def resolve_task(name: str, corpus=None, limit: int = 100, seed: int = 0) -> Task:
     """A built-in task made from `corpus` (the held-out split), or a .jsonl task file, cut to
     its first `limit` examples."""
-    if name in BUILTIN or re.fullmatch(r"(cloze|complete)-\w+", name):
+    if re.fullmatch(r"(cloze|complete)-\w+", name):
         kind, lang = name.split("-", 1)
         if corpus is None or lang not in corpus.langs:
             have = ", ".join(corpus.langs) if corpus is not None else "no corpus"
@@ -145,7 +137,7 @@ def resolve_task(name: str, corpus=None, limit: int = 100, seed: int = 0) -> Tas
         raise ValueError(f"task {name!r}: not a built-in task ({', '.join(BUILTIN)}, ppl) and "
                          "not an existing .jsonl file")
     task = load_task_file(path)
-    return Task(task.name, task.kind, task.examples[:limit], task.source)
+    return dataclasses.replace(task, examples=task.examples[:limit])
 
 
 # --- the built-in tasks -----------------------------------------------------------------
@@ -242,10 +234,8 @@ def _built(name: str, kind: str, examples: list, lang: str) -> Task:
 # --- the tasks as lm-evaluation-harness reads them ----------------------------------------------
 def export_task(task: Task, folder, start: str, max_gen_toks: int = 0) -> list[Path]:
     """task.jsonl and an lm-evaluation-harness task YAML (minimoe_<name>) that scores it as
-    minimoe does: every text after the tokenizer's start token `start` (written into the prompt,
-    which lm-evaluation-harness then leaves as it is), the choice joined as written
-    (`target_delimiter: ""`), a completion cut at the example's stop strings and stripped.
-    Generation takes one set of stop strings per task and `max_gen_toks` new tokens."""
+    minimoe does, after the tokenizer's start token `start` (docs/method.md#evaluation);
+    generation takes one set of stop strings per task and `max_gen_toks` new tokens."""
     if task.kind == "choice":
         fields = {"output_type": "multiple_choice", "doc_to_choice": "choices",
                    "doc_to_target": "answer", "target_delimiter": ""}

@@ -1,8 +1,6 @@
 """Tokens: the tokenizer (a tokenizers-library JSON: byte-level BPE trained on the training
 split, bytes, or an imported checkpoint's) and batches that are pure functions of (seed, step)
-and the domain weights in force (minimoe/mixing.py), so a resumed run sees an unbroken run's.
-The training stream holds each domain's documents together (domain_ranges).
-"""
+and the domain weights in force (minimoe/mixing.py), so a resumed run sees an unbroken run's."""
 
 from __future__ import annotations
 
@@ -60,12 +58,10 @@ class Tokenizer:
         encoding = self._tokenizer.encode(text, add_special_tokens=False)
         return encoding.ids, [end for _, end in encoding.offsets]
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Many texts at once, on the tokenizers library's threads."""
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:  # on the library's threads
         return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
 
-    def document(self, ids: list[int]) -> list[int]:
-        """A document's tokens as the training stream holds them."""
+    def document(self, ids: list[int]) -> list[int]:  # as the training stream holds it
         return ([] if self.bos_id is None else [self.bos_id]) + ids + [self.eos_id]
 
     def decode(self, ids) -> str:
@@ -109,6 +105,9 @@ def byte_tokenizer() -> Tokenizer:
 
 def train_bpe(texts: list[str], vocab_size: int) -> str:
     """A byte-level BPE trained on `texts`, as the tokenizers library's JSON."""
+    assert vocab_size > 257  # the doors (CLI, run.json, recipes) hold it: 256 bytes + eos
+    if not texts:
+        raise ValueError("--data: no training document to train the tokenizer on")
     tokenizer = tokenizers.Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -118,17 +117,11 @@ def train_bpe(texts: list[str], vocab_size: int) -> str:
     return tokenizer.to_str()
 
 
-def tokenizer_of(kind: str, vocab_size: int, train_texts) -> Tokenizer:
-    """"byte", a BPE of `vocab_size` trained on `train_texts()` ("bpe"), a tokenizers JSON file,
-    or the tokenizer a folder holds (a run, a Hugging Face checkpoint)."""
+def tokenizer_of(kind: str) -> Tokenizer:
+    """"byte", a tokenizers JSON file, or the tokenizer a folder holds (a run, a Hugging Face
+    checkpoint); a BPE to train ("bpe") is shards.py's."""
     if kind == "byte":
         return byte_tokenizer()
-    if kind == "bpe":
-        assert vocab_size > 257  # the doors (CLI, run.json, recipes) hold it: 256 bytes + eos
-        texts = train_texts()
-        if not texts:
-            raise ValueError("--data: no training document to train the tokenizer on")
-        return Tokenizer(train_bpe(texts, vocab_size))
     if Path(kind).is_dir():
         return Tokenizer.load(kind)
     if Path(kind).is_file():
@@ -144,7 +137,7 @@ def tokenizer_of(kind: str, vocab_size: int, train_texts) -> Tokenizer:
 
 
 def _seed_for(seed: int, step: int) -> int:
-    """Mix (seed, step) into one torch seed (blake2b: the same in every Python process)."""
+    """(seed, step) as one torch seed (blake2b: the same in every Python process)."""
     digest = hashlib.blake2b(f"{seed}/{step}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
@@ -166,16 +159,14 @@ class TokenData:
                       if split.startswith("val_") and split[4:] not in self.domain_ranges)
 
     @property
-    def domains(self) -> list[str]:
-        """The domains of the training stream, in its order."""
+    def domains(self) -> list[str]:  # in the training stream's order
         return list(self.domain_ranges)
 
     @property
     def val_domains(self) -> list[str]:
         return [domain for domain in self.domains if f"val_{domain}" in self.arrays]
 
-    def domain_tokens(self) -> dict[str, int]:
-        """Training tokens per domain (the default mix is proportional to these)."""
+    def domain_tokens(self) -> dict[str, int]:  # the default mix is proportional to these
         return {domain: end - start for domain, (start, end) in self.domain_ranges.items()}
 
     def n_tokens(self, split: str = "train") -> int:
@@ -217,9 +208,7 @@ class TokenData:
                      weights: dict[str, float]) -> tuple[list[int], list[str]]:
         """Window starts and their domains: each row draws its domain from `weights`, then a
         window inside that domain's range."""
-        if sorted(weights) != sorted(self.domains):
-            raise ValueError(f"weights={weights}: must give a weight to each domain of the data "
-                             f"({', '.join(self.domains)}) and no other")
+        assert sorted(weights) == sorted(self.domains)  # resolve_mix and run_files hold it
         names = [domain for domain in self.domains if weights[domain] > 0]
         for domain in names:
             start, end = self.domain_ranges[domain]
@@ -230,10 +219,9 @@ class TokenData:
         p = torch.tensor([weights[domain] for domain in names], dtype=torch.float64)
         rows = torch.multinomial(p, batch_size, replacement=True, generator=generator).tolist()
         u = torch.rand(batch_size, generator=generator, dtype=torch.float64).tolist()
-        starts = []
-        for row, x in zip(rows, u):
-            start, end = self.domain_ranges[names[row]]
-            starts.append(start + int(x * (end - start - seq_len)))  # the window ends in range
+        ranges = [self.domain_ranges[names[row]] for row in rows]
+        starts = [start + int(x * (end - start - seq_len))  # the window ends in range
+                  for (start, end), x in zip(ranges, u)]
         return starts, [names[row] for row in rows]
 
     def val_batches(self, batch_size: int, seq_len: int, n_batches: int | None = None,
