@@ -44,6 +44,12 @@ SCALE_UP_VARIANTS = {
 }
 
 
+# name -> scale_out_run's method; "dense (continued)" and "MoE from scratch" transform nothing
+SCALE_OUT_VARIANTS = {"dense (continued)": None, "upcycled": "upcycle",
+                      "split-random": "split-random", "split-cluster": "split-cluster",
+                      "split-importance": "split-importance", "MoE from scratch": None}
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
@@ -106,18 +112,11 @@ def scale_up_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress:
         rows.append({"method": name, "width only": width_only, "at init": curves[name][0]["val_loss"],
                      "final": curves[name][-1]["val_loss"]})
     for row in rows:
-        paper = PAPER_TABLE1.get(row["method"], (None, None))
-        row["paper width only"], row["paper at init"] = paper
+        row["paper width only"], row["paper at init"] = PAPER_TABLE1.get(row["method"], (None, None))
     shapes = (f"M({small.cfg.n_layers}, {small.cfg.d_model})", f"M({small.cfg.n_layers}, {large_cfg.d_model})",
               f"M({large_cfg.n_layers}, {large_cfg.d_model})")
     return _write_results(out, "scale-up", rows, curves, dataclasses.asdict(ec), runs, shapes,
                           evaluation=_evaluate(runs, ec, progress))
-
-
-# name -> scale_out_run's method; "dense (continued)" and "MoE from scratch" transform nothing
-SCALE_OUT_VARIANTS = {"dense (continued)": None, "upcycled": "upcycle",
-                      "split-random": "split-random", "split-cluster": "split-cluster",
-                      "split-importance": "split-importance", "MoE from scratch": None}
 
 
 def scale_out_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress: bool = True,
