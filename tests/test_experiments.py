@@ -137,8 +137,8 @@ def test_scale_out_over_seeds_from_each_seeds_dense_run(summary, tmp_path):
                  str(dest), "--seeds", "0,1", "--dense-run", str(out.parent / "seed-{seed}" / "dense"),
                  "--no-progress"]) == 0
     for seed in (0, 1):
-        init = ckpt.read_json(dest / f"seed-{seed}" / "init-upcycled" / "run.json")
-        assert init["variant"] == "upcycled"
+        init = ckpt.read_json(dest / f"seed-{seed}" / "init-upcycled" / "transform.json")
+        assert (init["method"], init["source"]) == ("upcycle", str((out / "dense").resolve()))
     report = json.loads((dest / "report" / "summary.json").read_text())
     assert [c["claim"] for c in report["claims"]] == [c[0] for c in CLAIMS["scale-out"]]
     assert "upcycled below dense (continued)" in report["decided"]

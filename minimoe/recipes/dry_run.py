@@ -17,8 +17,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from minimoe import dist
 from minimoe.model import build_model
-from minimoe.recipes.launch import ENGINE_OPTIONS, engine_plan, load_launch_recipe, train_config
-from minimoe.sim.cost import simulate
+from minimoe.recipes.launch import engine_plan, load_launch_recipe, train_config
 from minimoe.sim.hardware import get_device
 from minimoe.train import make_optimizer, plan, train_step
 
@@ -110,8 +109,7 @@ def dry_run(recipe_path) -> dict:
     """Rehearse a recipe and price it; every figure in bytes per GPU."""
     recipe = load_launch_recipe(recipe_path)
     rehearsed = rehearse(recipe)
-    sim = simulate(recipe.workload, recipe.layout.sim_layout(), get_device(recipe.layout.gpu),
-                   ENGINE_OPTIONS)
+    sim = recipe.simulated
     layout, _ = engine_plan(recipe)
     return {"recipe": recipe.name, "gpus": recipe.layout.gpus, "layout": _describe(recipe.layout),
             "rehearsed": rehearsed, "simulated": sim.memory, "tokens_per_s": sim.tokens_per_s,

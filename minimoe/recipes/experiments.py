@@ -8,23 +8,19 @@ import json
 from pathlib import Path
 
 import pandas as pd
-import torch
-
 from minimoe import checkpoint as ckpt
 from minimoe import files
 from minimoe.config import get_preset
 from minimoe.evaluate import evaluate
 from minimoe.flops import flops_per_token
 from minimoe.grow import scale_up
-from minimoe.model import build_model
 from minimoe.recipes.config import RECIPES, RecipeConfig
 from minimoe.recipes.findings import write_seeds_report
 from minimoe.recipes.report import evaluation_section, plot_curves, plot_expert_loads, val_curve
 from minimoe.recipes.seeds import over_seeds
-from minimoe.recipes.stages import (continue_pretraining, data_spec, evaluate_run,
-                                    load_run_data, pretrain)
+from minimoe.recipes.stages import (continue_pretraining, data_spec, evaluate_run, grow_run,
+                                    load_run_data, pretrain, run_data_spec, scale_out_run)
 from minimoe.train import read_log
-from minimoe.upcycle import split, upcycle
 
 
 # AquilaMoE Table 1 as printed (1.3B M(24, 2048) -> 7B M(32, 4096)); "-" cells are None.
@@ -48,6 +44,12 @@ SCALE_UP_VARIANTS = {
 }
 
 
+# name -> scale_out_run's method; "dense (continued)" and "MoE from scratch" transform nothing
+SCALE_OUT_VARIANTS = {"dense (continued)": None, "upcycled": "upcycle",
+                      "split-random": "split-random", "split-cluster": "split-cluster",
+                      "split-importance": "split-importance", "MoE from scratch": None}
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
@@ -63,61 +65,57 @@ def _evaluate(runs: dict[str, str], ec: RecipeConfig, progress: bool) -> dict[st
                                progress=progress) for name, run in runs.items()}
 
 
-def _finish_run(init_dir: Path, run_dir: Path, model, spec: dict, ec: RecipeConfig, meta: dict,
-                progress: bool):
-    """Save an initial model (once), then continue pretraining it for ec.steps."""
-    if not (init_dir / "model.safetensors").exists():
-        ckpt.save_model(init_dir, model, {"data": spec, **meta})
-    continue_pretraining(init_dir, run_dir, ec.train_config(ec.steps, ec.cpt_lr),
-                         stage=meta.get("stage", "continue"), progress=progress)
-
-
-def _small_model(out: Path, ec: RecipeConfig, progress: bool):
-    """The small model pretrained into out/small: (data spec, data, model, the large shape)."""
+def _pretrain_small(out: Path, ec: RecipeConfig, progress: bool) -> dict:
+    """The small model pretrained into out/small; returns its data spec."""
     spec = data_spec(None, ec.vocab_size)
-    data, tok = load_run_data(spec)
     pretrain(get_preset(ec.small), out / "small", ec.train_config(ec.prep_steps, ec.lr), spec,
              progress=progress)
-    small, _ = ckpt.load_model(out / "small")
-    return spec, data, small, get_preset(ec.large).replace(vocab_size=tok.vocab_size)
+    return spec
+
+
+def _continue(init: Path, run: Path, ec: RecipeConfig, stage: str, progress: bool):
+    """Every variant trains the same ec.steps from its initial model (the run's first
+    validation point is that model's loss at init)."""
+    continue_pretraining(init, run, ec.train_config(ec.steps, ec.cpt_lr), stage=stage,
+                         progress=progress)
 
 
 def scale_up_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress: bool = True) -> dict:
     """AquilaMoE Table 1 at toy scale. Returns the summary written to out/summary.json."""
     out = Path(out)
     small_run = out / "small"
-    spec, data, small, large_cfg = _small_model(out, ec, progress)
+    spec = _pretrain_small(out, ec, progress)
+    small, _ = ckpt.load_model(small_run)
+    data, tok = load_run_data(spec)
+    large_cfg = get_preset(ec.large).replace(vocab_size=tok.vocab_size)
     tc = ec.train_config(1, ec.lr)
     small_flops = flops_per_token(small.cfg, ec.seq_len).model * ckpt.read_json(
         ckpt.latest_checkpoint(small_run) / "state.json")["tokens"]
     large_per_token = flops_per_token(large_cfg, ec.seq_len).model
 
-    rows, curves, runs = [], {}, {"Original": str(small_run)}
-    original = evaluate(small, data, tc)["val_loss"]
-    rows.append({"method": "Original", "width only": original, "at init": None, "final": None})
+    rows = [{"method": "Original", "width only": evaluate(small, data, tc)["val_loss"],
+             "at init": None, "final": None}]
+    curves, runs = {}, {"Original": str(small_run)}
     for name, options in SCALE_UP_VARIANTS.items():
-        slug = _slug(name)
+        init, run = out / f"init-{_slug(name)}", out / f"run-{_slug(name)}"
         if options is None:  # from scratch: a fresh large model, no pretraining FLOPs to count
-            torch.manual_seed(ec.seed)
-            model, width_only, flops0 = build_model(large_cfg), None, 0.0
-        else:
-            model = scale_up(small, large_cfg, seed=ec.seed, **options)
-            wide = scale_up(small, large_cfg.replace(n_layers=small.cfg.n_layers), seed=ec.seed, **options)
+            pretrain(large_cfg, run, ec.train_config(ec.steps, ec.cpt_lr), spec, progress=progress)
+            width_only, flops0 = None, 0.0
+        else:  # the width-only model is measured, not trained
+            wide = scale_up(small, large_cfg.replace(n_layers=small.cfg.n_layers), seed=ec.seed,
+                            **options)
             width_only, flops0 = evaluate(wide, data, tc)["val_loss"], small_flops
-        at_init = evaluate(model, data, tc)["val_loss"]
-        _finish_run(out / f"init-{slug}", out / f"run-{slug}", model, spec, ec,
-                    {"stage": "scale-up", "variant": name, "options": options}, progress)
-        curves[name] = _val_points(out / f"run-{slug}", flops0, large_per_token)
-        runs[name] = str(out / f"run-{slug}")
-        rows.append({"method": name, "width only": width_only, "at init": at_init,
+            grow_run(small_run, ec.large, init, seed=ec.seed, tc=tc, **options)
+            _continue(init, run, ec, "scale-up", progress)
+        curves[name] = _val_points(run, flops0, large_per_token)
+        runs[name] = str(run)
+        rows.append({"method": name, "width only": width_only, "at init": curves[name][0]["val_loss"],
                      "final": curves[name][-1]["val_loss"]})
     for row in rows:
-        paper = PAPER_TABLE1.get(row["method"], (None, None))
-        row["paper width only"], row["paper at init"] = paper
-    settings = dataclasses.asdict(ec)
+        row["paper width only"], row["paper at init"] = PAPER_TABLE1.get(row["method"], (None, None))
     shapes = (f"M({small.cfg.n_layers}, {small.cfg.d_model})", f"M({small.cfg.n_layers}, {large_cfg.d_model})",
               f"M({large_cfg.n_layers}, {large_cfg.d_model})")
-    return _write_results(out, "scale-up", rows, curves, settings, runs, shapes,
+    return _write_results(out, "scale-up", rows, curves, dataclasses.asdict(ec), runs, shapes,
                           evaluation=_evaluate(runs, ec, progress))
 
 
@@ -129,46 +127,37 @@ def scale_out_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress
     the small model is pretrained, grown with AKI-Pro and trained for ec.steps here first.
     """
     out = Path(out)
-    if dense_run is None:
-        spec, _, small, large_cfg = _small_model(out, ec, progress)
-        _finish_run(out / "grown", out / "dense", scale_up(small, large_cfg, method="aki-pro", seed=ec.seed),
-                    spec, ec, {"stage": "scale-up"}, progress)
-        dense_run = out / "dense"
-    dense, meta = ckpt.load_model(dense_run)
-    spec = meta["data"]
-    data, _ = load_run_data(spec)
     tc = ec.train_config(1, ec.lr)
+    if dense_run is None:
+        _pretrain_small(out, ec, progress)
+        grow_run(out / "small", ec.large, out / "grown", seed=ec.seed, tc=tc)
+        _continue(out / "grown", out / "dense", ec, "scale-up", progress)
+        dense_run = out / "dense"
+    spec = run_data_spec(dense_run)
+    data, _ = load_run_data(spec)
+    # the importance split calibrates on training batches far past the ones the runs train on
     calib = [data.train_batch(10_000 + i, ec.batch_size, ec.seq_len, seed=ec.seed) for i in range(8)]
-    E, k = ec.n_experts, ec.top_k
-    variants = {
-        "dense (continued)": lambda: dense,
-        "upcycled": lambda: upcycle(dense, n_experts=E, top_k=k, seed=ec.seed),
-        "split-random": lambda: split(dense, E, k, method="random", seed=ec.seed),
-        "split-cluster": lambda: split(dense, E, k, method="cluster", seed=ec.seed),
-        "split-importance": lambda: split(dense, E, k, method="importance", calib=calib, seed=ec.seed),
-        "MoE from scratch": None,
-    }
     rows, curves, loads, runs = [], {}, {}, {}
-    for name, make in variants.items():
-        slug = _slug(name)
-        if make is None:  # the upcycled shape, randomly initialised, trained for the same tokens
-            moe_cfg = ckpt.read_config(out / "init-upcycled")
-            pretrain(moe_cfg, out / f"run-{slug}", ec.train_config(ec.steps, ec.lr), spec, progress=progress)
-            at_init = next(p for p in _val_points(out / f"run-{slug}", 0, 0))["val_loss"]
+    for name, method in SCALE_OUT_VARIANTS.items():
+        init, run = out / f"init-{_slug(name)}", out / f"run-{_slug(name)}"
+        if name == "dense (continued)":
+            _continue(Path(dense_run), run, ec, "scale-out", progress)
+        elif name == "MoE from scratch":  # the upcycled shape, randomly initialised
+            pretrain(ckpt.read_config(out / "init-upcycled"), run, ec.train_config(ec.steps, ec.lr),
+                     spec, progress=progress)
         else:
-            model = make()
-            at_init = evaluate(model, data, tc)["val_loss"]
-            _finish_run(out / f"init-{slug}", out / f"run-{slug}", model, spec, ec,
-                        {"stage": "scale-out", "variant": name}, progress)
-        cfg = ckpt.read_config(out / f"run-{slug}")
-        runs[name] = str(out / f"run-{slug}")
-        curves[name] = _val_points(out / f"run-{slug}", 0.0, flops_per_token(cfg, ec.seq_len).model)
-        load = next((r["load"] for r in reversed(read_log(out / f"run-{slug}")) if r.get("load")), None)
+            scale_out_run(dense_run, init, method, ec.n_experts, ec.top_k, seed=ec.seed, tc=tc,
+                          calib=calib if method == "split-importance" else None)
+            _continue(init, run, ec, "scale-out", progress)
+        cfg = ckpt.read_config(run)
+        runs[name] = str(run)
+        curves[name] = _val_points(run, 0.0, flops_per_token(cfg, ec.seq_len).model)
+        load = next((r["load"] for r in reversed(read_log(run)) if r.get("load")), None)
         if load:
             loads[name] = load
         counts = cfg.param_counts()
         rows.append({"method": name, "params (total)": counts["total"], "params (active)": counts["active"],
-                     "at init": at_init, "final": curves[name][-1]["val_loss"]})
+                     "at init": curves[name][0]["val_loss"], "final": curves[name][-1]["val_loss"]})
     return _write_results(out, "scale-out", rows, curves, dataclasses.asdict(ec), runs, None, loads,
                           _evaluate(runs, ec, progress))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,6 @@ from minimoe.train import TrainConfig
 STAGES = ("pretrain", "scale-up", "scale-out")
 ENGINE_OPTIONS = Options(weight_bytes=4, grad_bytes=4, optimizer_bytes=8, reduce_bytes=4,
                          memory_model="minimoe", reduce_every_micro_batch=True)
-MICRO_BATCHES = (1, 2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -60,8 +59,6 @@ class LayoutPlan:
     tp: int = 1  # tensor parallel (with sequence parallel), a dense model under FSDP2
     micro_batch: int = 1
     activation_checkpointing: bool = False
-    reduce_every_micro_batch: bool = True  # FSDP2: gradients stay sharded (train.TrainConfig)
-    compile: bool = False
     device: str = "cuda"  # cpu: the same launch on gloo (tests, a laptop)
 
     def __post_init__(self):
@@ -69,7 +66,7 @@ class LayoutPlan:
             "gpus": "int[1, 1048576]", "cluster_gpus": "int[0, 1048576]", "gpu": "str",
             **dict.fromkeys(("gpus_per_node", "ep", "tp", "micro_batch"), "int[1, 65536]"),
             "parallel": ("fsdp", "ddp"), "device": ("cuda", "cpu"),
-            **dict.fromkeys(("activation_checkpointing", "compile"), "bool")})
+            "activation_checkpointing": "bool"})
 
     @property
     def dp(self) -> int:
@@ -96,12 +93,28 @@ class LaunchRecipe:
     kv: str = "keep"  # scale-up: mean-pool when the target has fewer KV groups
     experts: int = 8
     top_k: int = 2
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         check_fields("", self, {**dict.fromkeys(("name", "preset", "out", "source", "data",
                                                   "method", "kv"), "str"), "stage": STAGES,
                                 **dict.fromkeys(("experts", "top_k"), "int[1, 1024]")})
+        needs = {"pretrain": ("data",), "scale-up": ("source", "method"), "scale-out": ("source",)}
+        for key in needs[self.stage]:
+            if not getattr(self, key):
+                raise ValueError(f"{key}: a {self.stage} recipe needs it")
+        cfg, layout = self.model_config, self.layout
+        if self.stage == "scale-out" and (cfg.n_experts, cfg.top_k) != (self.experts, self.top_k):
+            raise ValueError(f"experts={self.experts}, top_k={self.top_k}: preset {self.preset} "
+                             f"has {cfg.n_experts} experts, top-{cfg.top_k}")
+        if layout.tp > 1:
+            check_tensor_parallel(cfg, layout.tp, self.train.seq_len)
+            if layout.parallel != "fsdp" or layout.tp > layout.gpus_per_node:
+                raise ValueError(f"[layout] tp={layout.tp}: runs with parallel = \"fsdp\", "
+                                 f"inside a node of {layout.gpus_per_node}")
+        self.simulated  # the simulator's layout rules
+        if layout.gpus % layout.gpus_per_node:
+            raise ValueError(f"[layout] gpus={layout.gpus}: must be whole nodes of "
+                             f"{layout.gpus_per_node}")
 
     @property
     def model_config(self):
@@ -111,6 +124,12 @@ class LaunchRecipe:
         if self.stage == "scale-out" and not cfg.is_moe:
             cfg = cfg.replace(n_experts=self.experts, top_k=self.top_k)
         return cfg
+
+    @property
+    def simulated(self):
+        """The simulator's step of this layout, as this torchrun path runs it (ENGINE_OPTIONS)."""
+        return simulate(self.workload, self.layout.sim_layout(), get_device(self.layout.gpu),
+                        ENGINE_OPTIONS)
 
     @property
     def workload(self) -> Workload:
@@ -126,7 +145,7 @@ class LaunchRecipe:
 
 
 def load_launch_recipe(path) -> LaunchRecipe:
-    """A recipe file, checked: every key known, the stage's own keys given, the layout valid."""
+    """A recipe file, every key known, held to the rules of its dataclasses."""
     path = Path(path)
     table = files.read_toml(path)
     try:
@@ -138,32 +157,10 @@ def load_launch_recipe(path) -> LaunchRecipe:
             parts[key] = from_table(cls, given, f"[{key}]")
         if "from" in table:
             table["source"] = table.pop("from")
-        recipe = from_table(LaunchRecipe, table, "", extra={}, **parts)
-        _check(recipe)
+        recipe = from_table(LaunchRecipe, table, "", **parts)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
     return recipe
-
-
-def _check(r: LaunchRecipe):
-    needs = {"pretrain": ("data",), "scale-up": ("source", "method"), "scale-out": ("source",)}
-    for key in needs[r.stage]:
-        if not getattr(r, key):
-            raise ValueError(f"{key}: a {r.stage} recipe needs it")
-    cfg = r.model_config
-    if r.stage == "scale-out" and (cfg.n_experts, cfg.top_k) != (r.experts, r.top_k):
-        raise ValueError(f"experts={r.experts}, top_k={r.top_k}: preset {r.preset} has "
-                         f"{cfg.n_experts} experts, top-{cfg.top_k}")
-    if r.layout.tp > 1:
-        check_tensor_parallel(cfg, r.layout.tp, r.train.seq_len)
-        if r.layout.parallel != "fsdp" or r.layout.tp > r.layout.gpus_per_node:
-            raise ValueError(f"[layout] tp={r.layout.tp}: runs with parallel = \"fsdp\", "
-                             f"inside a node of {r.layout.gpus_per_node}")
-    w, layout = r.workload, r.layout
-    simulate(w, layout.sim_layout(), get_device(layout.gpu), ENGINE_OPTIONS)  # the rules
-    if layout.gpus % layout.gpus_per_node:
-        raise ValueError(f"[layout] gpus={layout.gpus}: must be whole nodes of "
-                         f"{layout.gpus_per_node}")
 
 
 def engine_plan(recipe: LaunchRecipe):
@@ -175,9 +172,9 @@ def engine_plan(recipe: LaunchRecipe):
     device = dataclasses.replace(get_device(layout.gpu), gpus_per_node=per_node)
     # what this path runs: FSDP2 (ZeRO-3), no context or pipeline parallelism, recompute all or
     # nothing, experts split by the same tp as the rest (etp 0: no folding)
-    axes = {"tp": _tensor_parallel(recipe), "cp": [1], "pp": [1], "zero": [3],
-            "mb": list(MICRO_BATCHES), "rc": [RECOMPUTE.index("none"), RECOMPUTE.index("full")],
-            "etp": [0]}
+    axes = {"tp": [tp for tp in (1, 2, 4, 8) if tp == 1 or _splits(recipe, tp)], "cp": [1],
+            "pp": [1], "zero": [3], "mb": [1, 2, 4, 8],
+            "rc": [RECOMPUTE.index("none"), RECOMPUTE.index("full")], "etp": [0]}
 
     def keep(g):  # whole nodes; no expert weight FSDP2 would pad to a whole expert a rank
         shapes = ((cfg.n_experts // ep, cfg.expert_d_ffn or cfg.d_ffn, cfg.d_model, n // ep // tp)
@@ -196,17 +193,13 @@ def engine_plan(recipe: LaunchRecipe):
     return plan, best
 
 
-def _tensor_parallel(recipe: LaunchRecipe) -> list[int]:
-    """The tp degrees engine_plan tries: inside a node, where the model splits (dense only)."""
-    degrees = [1]
-    for tp in (2, 4, 8):
-        try:
-            check_tensor_parallel(recipe.model_config, tp, recipe.train.seq_len)
-        except ValueError:
-            continue
-        if tp <= recipe.layout.gpus_per_node:
-            degrees.append(tp)
-    return degrees
+def _splits(recipe: LaunchRecipe, tp: int) -> bool:
+    """Whether engine_plan tries `tp`: inside a node, where the model splits (dense only)."""
+    try:
+        check_tensor_parallel(recipe.model_config, tp, recipe.train.seq_len)
+    except ValueError:
+        return False
+    return tp <= recipe.layout.gpus_per_node
 
 
 def train_config(r: LaunchRecipe) -> TrainConfig:
@@ -217,8 +210,7 @@ def train_config(r: LaunchRecipe) -> TrainConfig:
                        eval_every=t.eval_every, ckpt_every=t.ckpt_every, device=layout.device,
                        bf16=t.bf16, parallel=layout.parallel, ep=layout.ep, tp=layout.tp,
                        activation_checkpointing=layout.activation_checkpointing,
-                       reduce_every_micro_batch=layout.reduce_every_micro_batch,
-                       compile=layout.compile, async_checkpoint=True)
+                       async_checkpoint=True)
 
 
 # --- the commands -------------------------------------------------------------------------------
@@ -241,10 +233,8 @@ def commands(r: LaunchRecipe) -> dict[str, list[str] | None]:
                  "ckpt_every", "device", "parallel", "ep", "tp"):
         train += [f"--{name.replace('_', '-')}", str(getattr(tc, name))]
     train += ["--warmup", str(tc.warmup_steps)]
-    flags = {"bf16": tc.bf16, "activation-checkpointing": tc.activation_checkpointing,
-             "compile": tc.compile, "reduce-once": not tc.reduce_every_micro_batch,
-             "async-checkpoint": tc.async_checkpoint}
-    train += [f"--{flag}" for flag, on in flags.items() if on]
+    flags = {"bf16": tc.bf16, "activation-checkpointing": tc.activation_checkpointing}
+    train += [f"--{flag}" for flag, on in flags.items() if on] + ["--async-checkpoint"]
     return {"prepare": prepare, "train": train}
 
 
@@ -253,6 +243,5 @@ def launch_args(r: LaunchRecipe, step: str) -> str:
     node, the node count and the run's name)."""
     if step == "node":
         return f"{r.layout.gpus_per_node} {r.layout.gpus // r.layout.gpus_per_node} {r.name}"
-    assert step in ("prepare", "train"), step  # the CLI's choices
     argv = commands(r)[step]
     return "" if argv is None else shlex.join(argv)

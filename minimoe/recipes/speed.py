@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,13 +15,6 @@ from minimoe import checkpoint as ckpt
 from minimoe import files
 from minimoe.recipes.stages import run_data
 from minimoe.train import TrainConfig, make_optimizer, plan, train_step
-
-
-def _training_step(model, x, y, tc: TrainConfig):
-    """One step as train() takes it (train_step: the loss and the MoE losses, backward, clip,
-    AdamW), in one process."""
-    parallel, optimizer = plan(model, tc, None), make_optimizer(model, tc)
-    return lambda: train_step(parallel, optimizer, lambda micro: (x, y), tc)
 
 
 def step_speeds(runs: dict[str, Path], tc: TrainConfig, rounds: int = 5, repeats: int = 3,
@@ -37,8 +31,11 @@ def step_speeds(runs: dict[str, Path], tc: TrainConfig, rounds: int = 5, repeats
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        steps = {label: _training_step(ckpt.load_model(run)[0].train(), x, y, tc)
-                 for label, run in runs.items()}
+        steps = {}
+        for label, run in runs.items():  # one step as train() takes it, in one process
+            model = ckpt.load_model(run)[0].train()
+            parallel, optimizer = plan(model, tc, None), make_optimizer(model, tc)
+            steps[label] = partial(train_step, parallel, optimizer, lambda micro: (x, y), tc)
         for step in steps.values():
             step()  # warm-up: first-call allocations are not the model's speed
         load_before, times = os.getloadavg()[0], {label: [] for label in steps}

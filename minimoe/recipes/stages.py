@@ -209,14 +209,14 @@ def transform_run(src, out, meta: dict, transform=None, write=None, tc: TrainCon
 
 def _transform_run(src: Path, out: Path, meta: dict, transform, write, tc) -> dict:
     request = {**meta, "source": str(src.resolve()), **({"streamed": True} if write else {})}
-    if write:  # the source read (and so checked) before the folder is claimed
-        src_cfg = ckpt.read_config(src)
-        has_data = (src / "run.json").exists() and ckpt.read_json(src / "run.json").get("data")
-        spec = run_data_spec(src) if has_data is not None else None
+    src_cfg = ckpt.read_config(src)  # the source read (and so checked) before the folder is claimed
+    has_data = (src / "run.json").exists() and ckpt.read_json(src / "run.json").get("data") is not None
+    spec = run_data_spec(src) if has_data else None
     done = _finished(out, request)
     if done:
         return done
     t0 = time.perf_counter()
+    before = after = None
     if write:
         _start(out, request)
         try:
@@ -224,29 +224,24 @@ def _transform_run(src: Path, out: Path, meta: dict, transform, write, tc) -> di
         except Exception:  # refused (a bad tensor, a full disk): the claim goes, nothing is kept
             (out / "transform.json").unlink()
             raise
-        extra, before, after = {**extra, "bytes_written": written}, None, None
-        tokenizer = run_tokenizer(src) if spec else None
+        extra = {**extra, "bytes_written": written}
     else:
-        model, src_meta = ckpt.load_model(src)
+        model, _ = ckpt.load_model(src)
         torch.manual_seed(0)
         new_model, extra = transform(model)
-        spec = run_data_spec(src) if src_meta.get("data") is not None else None
-        data = run_data(src)[0] if spec else None
-        before, after = (evaluate(m, data, tc or TrainConfig()) if spec else None
-                         for m in (model, new_model))
-        src_cfg, cfg, tokenizer = model.cfg, new_model.cfg, data.tokenizer if spec else None
+        cfg = new_model.cfg
+        if spec:
+            data = run_data(src)[0]
+            before, after = (evaluate(m, data, tc or TrainConfig()) for m in (model, new_model))
+        _start(out, request)
+        ckpt.save_model_tensors(out / "model.safetensors", new_model)
     report = {**request, **extra, "val_before": before, "val_after": after, "finished": True,
               "params_before": src_cfg.param_counts(), "params_after": cfg.param_counts(),
               "seconds": time.perf_counter() - t0}
-    run_meta = {**meta, "data": spec, "init_from": str(src.resolve())}
-    if write:
-        files.write_text(out / "config.json", cfg.to_json())
-        files.write_json(out / "run.json", run_meta)
-    else:
-        _start(out, request)
-        ckpt.save_model(out, new_model, run_meta)
-    if tokenizer is not None:
-        tokenizer.save(out)
+    files.write_text(out / "config.json", cfg.to_json())
+    files.write_json(out / "run.json", {**meta, "data": spec, "init_from": str(src.resolve())})
+    if spec:
+        run_tokenizer(src).save(out)
     files.write_json(out / "transform.json", report)  # last: the stage is finished
     return report
 
@@ -298,16 +293,17 @@ def grow_run(src, target: str, out, method: str = "aki-pro", depth: str | None =
 
 def scale_out_run(src, out, method: str = "upcycle", n_experts: int = 8, top_k: int = 2,
                   calib_batches: int = 8, seed: int = 0, tc: TrainConfig | None = None,
-                  stream: bool = False, **options) -> dict:
+                  stream: bool = False, calib=None, **options) -> dict:
     """Scale-Out of a run's dense model: "upcycle" or "split-*" (the importance splits calibrate
-    on `calib_batches` batches of its training data); stream: upcycle file to file."""
+    on `calib`, by default `calib_batches` batches of its training data); stream: upcycle file
+    to file."""
     def transform(dense):
-        calib = None
-        if method.startswith("split-importance"):
+        batches = calib
+        if batches is None and method.startswith("split-importance"):
             data, _ = run_data(src)
             seq_len = min(128, dense.cfg.max_seq_len)
-            calib = [data.train_batch(step, 8, seq_len, seed=seed) for step in range(calib_batches)]
-        return scale_out(dense, method, n_experts, top_k, calib, seed, **options), {}
+            batches = [data.train_batch(step, 8, seq_len, seed=seed) for step in range(calib_batches)]
+        return scale_out(dense, method, n_experts, top_k, batches, seed, **options), {}
 
     def write(path, cfg, out_path):
         assert method == "upcycle"  # the CLI refuses --stream with a split
