@@ -234,7 +234,7 @@ def _transform_run(src: Path, out: Path, meta: dict, transform, write, tc) -> di
             data = run_data(src)[0]
             before, after = (evaluate(m, data, tc or TrainConfig()) for m in (model, new_model))
         _start(out, request)
-        ckpt.save_model_tensors(out / "model.safetensors", new_model)
+        ckpt.save_tensors(out / "model.safetensors", ckpt.model_tensors(new_model), cfg)
     report = {**request, **extra, "val_before": before, "val_after": after, "finished": True,
               "params_before": src_cfg.param_counts(), "params_after": cfg.param_counts(),
               "seconds": time.perf_counter() - t0}
