@@ -4,8 +4,7 @@ import math
 
 import pytest
 
-from minimoe.recipes.findings import decided_after, trajectory
-from minimoe.recipes.seeds import judge, spread, t975
+from minimoe.recipes.findings import decided_after, judge, spread, t975, trajectory
 from minimoe.sim.savings import decompose
 from minimoe.sim.scenario_file import load_scenario
 

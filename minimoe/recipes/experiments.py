@@ -15,9 +15,8 @@ from minimoe.evaluate import evaluate
 from minimoe.flops import flops_per_token
 from minimoe.grow import scale_up
 from minimoe.recipes.config import RECIPES, RecipeConfig
-from minimoe.recipes.findings import write_seeds_report
+from minimoe.recipes.findings import over_seeds, write_seeds_report
 from minimoe.recipes.report import evaluation_section, plot_curves, plot_expert_loads, val_curve
-from minimoe.recipes.seeds import over_seeds
 from minimoe.recipes.stages import (continue_pretraining, data_spec, evaluate_run, grow_run,
                                     load_run_data, pretrain, run_data_spec, scale_out_run)
 from minimoe.train import read_log

@@ -1,11 +1,13 @@
-"""The report of a recipe run over several seeds (`--seeds`): every figure as mean +- sd with
-each seed's value, the paper's claims judged by recipes/seeds.py's RULE, and for the claims
-about training dynamics the paired difference at every evaluation."""
+"""A recipe over several seeds (`--seeds`): every figure as mean +- sd with each seed's value, the
+paper's claims judged by one stated rule (RULE) on the paired difference over seeds, and for the
+claims about training dynamics that difference at every evaluation (docs/method.md)."""
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
+import statistics
 from pathlib import Path
 
 import pandas as pd
@@ -13,15 +15,17 @@ import pandas as pd
 from minimoe import files
 from minimoe.evaluate import metric_label
 from minimoe.recipes.report import plot_curves
-from minimoe.recipes.seeds import (
-    RULE,
-    claims_markdown,
-    figures_over_seeds,
-    judge,
-    mean_curves,
-    show,
-    spread,
-)
+
+# two-sided 97.5% quantiles of Student's t by degrees of freedom (beyond 30: the normal's 1.96)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+
+RULE = ("A claim compares two figures seed by seed (the same seed gives both runs the same data "
+        "order and, where they share one, the same parent model). Over n seeds the paired "
+        "difference has mean d and standard error se = sd / sqrt(n); its 95% interval is "
+        "d +- t(n-1) se (Student's t). The claim **holds** when the interval lies wholly on "
+        "the claimed side of zero, **does not hold** when it lies wholly on the other side, "
+        "and is **within noise** when it contains zero (always, with one seed).")
 
 EQUAL_COMPUTE = "val loss, from scratch at the chain's FLOPs"
 # (claim, figure a, "<" or ">", figure b or a number); a name may hold a * (fnmatch)
@@ -82,16 +86,49 @@ TRAJECTORIES = {"scale-up": [("AKI-Pro (Interpolation)", "FPI (Interpolation)"),
                 "scale-out": [("upcycled", "dense (continued)")]}
 
 
-def _values(per_seed: dict[int, dict], name, settings: dict) -> list[float]:
+def over_seeds(run, recipe, out, seeds: list[int]) -> dict[int, dict]:
+    """run(recipe with seed s, out/seed-s) for every seed: {seed: what run returned}."""
+    return {s: run(dataclasses.replace(recipe, seed=s), Path(out) / f"seed-{s}") for s in seeds}
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value) and every value."""
+    values = [float(v) for v in values]
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "sd": sd, "n": len(values), "values": values}
+
+
+def t975(df: int) -> float:
+    return T975[max(k for k in T975 if k <= df)] if df <= 30 else 1.96
+
+
+def judge(claim: str, a: list[float], b: list[float], expect: str = "<") -> dict:
+    """Claim `a expect b` ("<" or ">") judged on the paired differences a_i - b_i (RULE)."""
+    assert expect in ("<", ">") and len(a) == len(b) > 0
+    d = spread([x - y for x, y in zip(a, b)])
+    interval, verdict = [None, None], "within noise"  # one seed: no spread to judge by
+    if d["n"] > 1:
+        half = t975(d["n"] - 1) * d["sd"] / math.sqrt(d["n"])
+        interval = [d["mean"] - half, d["mean"] + half]
+        if interval[0] > 0 or interval[1] < 0:  # the interval excludes zero
+            verdict = "holds" if (d["mean"] < 0) == (expect == "<") else "does not hold"
+    return {"claim": claim, "expect": expect, "a": spread(a), "b": spread(b), "difference": d,
+            "interval": interval, "verdict": verdict}
+
+
+def show(s: dict, digits: int = 3) -> str:
+    """'5.399 +- 0.012 (5.387, 5.401, 5.410)': mean +- sd and every seed's value."""
+    each = ", ".join(f"{v:.{digits}f}" for v in s["values"])
+    return f"{s['mean']:.{digits}f} +- {s['sd']:.{digits}f} ({each})" if s["n"] > 1 else each
+
+
+def _values(figures: list[dict], name, settings: dict) -> list[float]:
+    """One side of a claim in every seed: a figure or a number."""
     if not isinstance(name, str):
-        return [float(name)] * len(per_seed)
-    name = name.format(**settings)
-    out = []
-    for figures in per_seed.values():
-        keys = fnmatch.filter(figures, name)
-        assert len(keys) == 1, (name, keys)
-        out.append(figures[keys[0]])
-    return out
+        return [float(name)] * len(figures)
+    keys = [fnmatch.filter(f, name.format(**settings)) for f in figures]
+    assert all(len(k) == 1 for k in keys), (name, keys)
+    return [f[k[0]] for f, k in zip(figures, keys)]
 
 
 def trajectory(curves: list[dict], a: str, b: str) -> list[dict]:
@@ -144,15 +181,13 @@ def table_over_seeds(tables: list[list[dict]]) -> pd.DataFrame:
                          for rows in zip(*tables)])
 
 
-def evaluation_over_seeds(per_seed: dict[int, dict]) -> pd.DataFrame | None:
+def evaluation_over_seeds(summaries: list[dict]) -> pd.DataFrame:
     """The tasks x models table (accuracies in %) with mean +- sd cells."""
     tables = []
-    for summary in per_seed.values():
-        if not summary.get("evaluation"):
-            return None
+    for summary in summaries:
         rows = {}
         for model, results in summary["evaluation"].items():
-            for task, r in results.items():
+            for task, r in results.items():  # a pipeline's results hold metrics, chance and n
                 for metric, value in r.get("metrics", r).items():
                     scale = 1 if metric.startswith("bpb") or metric == "ppl" else 100
                     rows.setdefault(metric_label(task, metric), {})[model] = value * scale
@@ -164,10 +199,10 @@ def _savings_lines(f: dict[str, dict]) -> list[str]:
     """The pipeline's savings over seeds, iso-loss first (lower bounds said so)."""
     if "compute_savings_iso_loss" not in f:
         return []
-    reached = round(f["iso_loss_reached"]["mean"] * f["iso_loss_reached"]["n"])
-    bound = "" if reached == f["iso_loss_reached"]["n"] else (
-        f" (the MoE from scratch reached the chain's loss in {reached} of "
-        f"{f['iso_loss_reached']['n']} seeds; where it did not, the figure is a lower bound)")
+    n = f["iso_loss_reached"]["n"]
+    reached = round(f["iso_loss_reached"]["mean"] * n)
+    bound = "" if reached == n else (f" (the MoE from scratch reached the chain's loss in {reached} "
+                                     f"of {n} seeds; where it did not, the figure is a lower bound)")
     return ["## Savings", "",
             f"- at equal loss: compute **{show(f['compute_savings_iso_loss'], 2)}**, time "
             f"**{show(f['time_savings_iso_loss'], 2)}**{bound}",
@@ -180,50 +215,61 @@ def _savings_lines(f: dict[str, dict]) -> list[str]:
 
 
 def write_seeds_report(out: Path, kind: str, per_seed: dict[int, dict], settings: dict) -> dict:
-    """report.md, summary.json and the mean curves (loss_vs_tokens.png) of `kind` over seeds."""
+    """report.md, summary.json, figures.csv and the mean curves (loss_vs_tokens.png) of `kind`
+    over seeds, from each seed's summary."""
     out.mkdir(parents=True, exist_ok=True)
-    figures = {s: r["figures"] for s, r in per_seed.items()}
+    summaries = list(per_seed.values())
+    figures = [r["figures"] for r in summaries]
     claims = [judge(text, _values(figures, a, settings), _values(figures, b, settings), rel)
               for text, a, rel, b in CLAIMS[kind]]
-    curves = [r["curves"] for r in per_seed.values()]
+    curves = [r["curves"] for r in summaries]
     dynamics = {f"{a} below {b}": trajectory(curves, a, b) for a, b in TRAJECTORIES.get(kind, [])}
-    mean = mean_curves(curves)
+    decided = {name: decided_after(points) for name, points in dynamics.items()}
+    mean = {}
+    for label in curves[0]:  # pointwise over seeds: every seed logs the same evaluations
+        runs = [c[label] for c in curves]
+        points = [spread([r[i]["val_loss"] for r in runs]) for i in range(min(map(len, runs)))]
+        mean[label] = [{**runs[0][i], "val_loss": s["mean"], "sd": s["sd"]} for i, s in enumerate(points)]
     plot_curves(mean, out / "loss_vs_tokens.png", "tokens",
                 f"{kind}: mean validation loss over {len(per_seed)} seeds (band: +- sd)")
-    aggregated = figures_over_seeds(figures)
+    common = set.intersection(*map(set, figures))
+    aggregated = {k: spread([f[k] for f in figures]) for k in figures[0] if k in common}
     md = [f"# {kind} over seeds {', '.join(map(str, per_seed))}", "",
           "Every figure: mean +- standard deviation over the seeds, then each seed's value. Each "
           "seed's own report: `seed-N/`.", "", *_savings_lines(aggregated),
-          "## Claims", "", *claims_markdown(claims)]
+          "## Claims", "", "| claim | a | b | a - b (95% interval) | verdict |", "|:--|--:|--:|--:|:--|"]
+    for c in claims:
+        lo, hi = ("?" if x is None else f"{x:+.3f}" for x in c["interval"])
+        md.append(f"| {c['claim']} | {show(c['a'])} | {show(c['b'])} | "
+                  f"{c['difference']['mean']:+.3f} [{lo}, {hi}] | {c['verdict']} |")
+    md += ["", RULE, ""]
     for name, points in dynamics.items():
-        md += [f"## Over training: {name}", "", decided_after(points), "",
+        md += [f"## Over training: {name}", "", decided[name], "",
                "| tokens | a - b (mean) | 95% interval | verdict |", "|--:|--:|--:|:--|"]
-        md += [f"| {p['tokens']:,.0f} | {p['difference']['mean']:+.3f} | "
-               + ("-" if p["interval"][0] is None else
-                  f"[{p['interval'][0]:+.3f}, {p['interval'][1]:+.3f}]") + f" | {p['verdict']} |"
-               for p in points] + [""]
-    rows = table_over_seeds([r.get("rows") or r["stages"] for r in per_seed.values()])
-    md += ["## The table, over seeds", "", rows.to_markdown(index=False, disable_numparse=True), ""]
-    evaluation = evaluation_over_seeds(per_seed)
-    if evaluation is not None:
-        md += ["## Evaluation, over seeds", "",
-               evaluation.to_markdown(index=False, disable_numparse=True), ""]
+        for p in points:
+            lo, hi = p["interval"]
+            interval = "-" if lo is None else f"[{lo:+.3f}, {hi:+.3f}]"
+            md.append(f"| {p['tokens']:,.0f} | {p['difference']['mean']:+.3f} | {interval} | {p['verdict']} |")
+        md.append("")
+    rows = table_over_seeds([r.get("rows") or r["stages"] for r in summaries])
+    md += ["## The table, over seeds", "", rows.to_markdown(index=False, disable_numparse=True), "",
+           "## Evaluation, over seeds", "",
+           evaluation_over_seeds(summaries).to_markdown(index=False, disable_numparse=True), ""]
+    # the evaluation table holds every task's figure; what else there is, once
     others = [f"| {name} | {show(s)} |" for name, s in aggregated.items()
-              if evaluation is None or ": " not in name or "JS" in name or "val loss" in name]
-    if others:  # with an evaluation table, every figure may already be in it
+              if ": " not in name or "JS" in name or "val loss" in name]
+    if others:
         md += ["## Every other figure", "", "| figure | over seeds |", "|:--|--:|", *others]
     md += ["", "![mean loss](loss_vs_tokens.png)", ""]
     files.write_text(out / "report.md", "\n".join(md))
     summary = {"kind": kind, "seeds": list(per_seed), "settings": settings, "rule": RULE,
-               "table": rows.to_dict("records"),
-               "figures": aggregated, "claims": claims, "curves": mean,
-               "dynamics": {k: [{"tokens": p["tokens"], "difference": p["difference"],
-                                 "interval": p["interval"], "verdict": p["verdict"]} for p in v]
-                            for k, v in dynamics.items()},
-               "decided": {k: decided_after(v) for k, v in dynamics.items()}}
+               "table": rows.to_dict("records"), "figures": aggregated, "claims": claims,
+               "curves": mean, "decided": decided,
+               "dynamics": {name: [{k: p[k] for k in ("tokens", "difference", "interval", "verdict")}
+                                   for p in points] for name, points in dynamics.items()}}
     files.write_json(out / "summary.json", summary)
     files.write_text(out / "figures.csv", pd.DataFrame(
-        [{"figure": k, "mean": s["mean"], "sd": s["sd"], **{f"seed {seed}": v for seed, v in
-                                                            zip(per_seed, s["values"])}}
-         for k, s in aggregated.items()]).to_csv(index=False))
+        [{"figure": k, "mean": s["mean"], "sd": s["sd"],
+          **{f"seed {seed}": v for seed, v in zip(per_seed, s["values"])}} for k, s in aggregated.items()]
+    ).to_csv(index=False))
     return summary

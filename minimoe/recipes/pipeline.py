@@ -14,9 +14,8 @@ from minimoe import files
 from minimoe.config import get_preset
 from minimoe.flops import flops_per_token
 from minimoe.recipes.config import RecipeConfig
-from minimoe.recipes.findings import write_seeds_report
+from minimoe.recipes.findings import over_seeds, write_seeds_report
 from minimoe.recipes.report import write_pipeline_report
-from minimoe.recipes.seeds import over_seeds
 from minimoe.recipes.speed import step_speeds
 from minimoe.recipes.stages import (continue_pretraining, data_spec, evaluate_run, grow_run,
                                     mix_used, pretrain, scale_out_run, specialisation_run)

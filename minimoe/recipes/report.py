@@ -40,11 +40,8 @@ def iso_loss(curve: list[dict], target: float) -> tuple[dict, bool]:
 
 
 def measured_savings(chain: list[dict], scratch: dict, speed: dict[str, float]) -> dict:
-    """AquilaMoE Table 6's factors from measured stages (arXiv 2408.06567 §4.3). Iso-loss: the
-    FLOPs (time) the baseline needed to first reach the chain's final validation loss over the
-    chain's; equal tokens: the paper's, the baseline on the chain's tokens. Time is tokens at
-    each model's measured step speed (`speed`, recipes/speed.py); the factor from the wall
-    time of training is kept beside it."""
+    """AquilaMoE Table 6's factors from measured stages, at equal loss and at equal tokens, time
+    at each model's measured step speed (`speed`) and from the wall time (docs/method.md)."""
     tokens, flops = sum(s["tokens"] for s in chain), sum(s["flops"] for s in chain)
     chain_time = sum(s["tokens"] / speed[s["stage"]] for s in chain)
     scratch_curve = val_curve(scratch, 0.0, 0.0)
@@ -65,8 +62,6 @@ def measured_savings(chain: list[dict], scratch: dict, speed: dict[str, float]) 
 
 def evaluation_section(evaluation: dict[str, dict]) -> list[str]:
     """Markdown lines: the tasks x models table (the layout of AquilaMoE Table 4)."""
-    if not evaluation:
-        return []
     n = {name: r["n"] for name, r in next(iter(evaluation.values())).items()}
     table = results_table(evaluation)
     return ["Tasks x models as AquilaMoE Table 4 (`minimoe/tasks.py`, the README's Evaluation "

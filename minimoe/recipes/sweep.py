@@ -14,7 +14,7 @@ from minimoe import files
 from minimoe.recipes.config import RecipeConfig
 from minimoe.recipes.pipeline import check_folder, measure_speeds, stage_record, train_stages
 from minimoe.recipes.report import measured_savings
-from minimoe.recipes.seeds import show, spread
+from minimoe.recipes.findings import show, spread
 from minimoe.sim.scenario import sweep
 from minimoe.sim.scenario_file import load_scenario
 
@@ -24,23 +24,22 @@ FACTORS = {"compute_savings_iso_loss": "compute, iso-loss", "time_savings_iso_lo
 
 
 def savings_experiment(out, pc: RecipeConfig, budgets: list[int], seeds: list[int],
-                       progress: bool = True, scenario: Path = TABLE6) -> dict:
+                       progress: bool = True) -> dict:
     """For each seed the stages before scale-out once (out/seed-N), then for each budget B
     (scale-out steps) 5-scale-out-B and 6-scratch-B, the baseline on that chain's tokens."""
-    out, budgets = Path(out), sorted(set(budgets))
-    rows = []
+    out, rows = Path(out), []
     for seed in seeds:
         folder = out / f"seed-{seed}"
         settings = {**dataclasses.asdict(pc), "seed": seed, "scale_out_steps": "swept"}
         dist.main_only(lambda: check_folder(folder, settings))
-        for budget in budgets:
+        for budget in sorted(set(budgets)):
             recipe = dataclasses.replace(pc, seed=seed, scale_out_steps=budget)
             runs = train_stages(recipe, folder, progress, tag=f"-{budget}")["runs"]
             rows.append({"seed": seed, "budget": budget, "runs": runs, "recipe": recipe})
-    return dist.main_only(lambda: _report(out, pc, rows, scenario))
+    return dist.main_only(lambda: _report(out, pc, rows))
 
 
-def _report(out: Path, pc: RecipeConfig, rows: list[dict], scenario: Path) -> dict:
+def _report(out: Path, pc: RecipeConfig, rows: list[dict]) -> dict:
     # step speeds depend on the model's shape, not its seed or budget: measured once
     speeds = measure_speeds(pc, rows[-1]["runs"], out / "speed.json")
     for row in rows:
@@ -52,13 +51,12 @@ def _report(out: Path, pc: RecipeConfig, rows: list[dict], scenario: Path) -> di
         row["scratch loss"] = stages[-1]["log"][-1]["val_loss"]
     frame = pd.DataFrame(rows)
     files.write_text(out / "savings.csv", frame.to_csv(index=False))
-    points = []
-    for budget, group in frame.groupby("budget"):
-        points.append({"budget": int(budget), "share": float(group["share"].iloc[0]),
-                       "reached": int(group["iso_loss_reached"].sum()),
-                       **{key: spread(group[key].tolist()) for key in
-                          (*FACTORS, "chain loss", "scratch loss")}})
-    full = load_scenario(scenario)
+    shown = (*FACTORS, "chain loss", "scratch loss")
+    points = [{"budget": int(budget), "share": float(group["share"].iloc[0]),
+               "reached": int(group["iso_loss_reached"].sum()),
+               **{key: spread(group[key].tolist()) for key in shown}}
+              for budget, group in frame.groupby("budget")]
+    full = load_scenario(TABLE6)
     before = sum(p.tokens for p in full.phases[:-1])
     curve = [{**r, "share": r["tokens (B)"] * 1e9 / (before + r["tokens (B)"] * 1e9)}
              for r in sweep(full, full.phases[-1].name,
@@ -73,10 +71,9 @@ def _report(out: Path, pc: RecipeConfig, rows: list[dict], scenario: Path) -> di
           "where it never did (`reached` below the seeds) the figure is a lower bound.", "",
           "| scale-out steps | share of chain tokens | reached | " + " | ".join(FACTORS.values())
           + " | chain loss | scratch loss |", "|--:" * (5 + len(FACTORS)) + "|"]
-    md += [f"| {p['budget']} | {p['share']:.1%} | {p['reached']}/{p[next(iter(FACTORS))]['n']} | "
-           + " | ".join(show(p[k], 2) for k in (*FACTORS, "chain loss", "scratch loss")) + " |"
-           for p in points]
-    md += ["", f"Full size ({scenario.name}, equal tokens as Table 6 defines them): the paper's "
+    md += [f"| {p['budget']} | {p['share']:.1%} | {p['reached']}/{p['time_savings']['n']} | "
+           + " | ".join(show(p[k], 2) for k in shown) + " |" for p in points]
+    md += ["", f"Full size ({TABLE6.name}, equal tokens as Table 6 defines them): the paper's "
            f"split puts {paper['share']:.1%} of the chain's tokens in scale-out, TSF {paper['tsf']:.2f}, "
            f"CPSF {paper['cpsf']:.2f}.", "", "![savings against budget](savings.png)", ""]
     files.write_text(out / "savings.md", "\n".join(md))
