@@ -23,8 +23,9 @@ def test_array_and_scalar_verdicts_agree_layout_by_layout():
     fields = list(itertools.product((1, 2, 3, 4, 8), (1, 2, 5, 6), (1, 2, 3, 8), (1, 2, 4, 8),
                                     (0, 3, 4), (1, 2, 4)))
     tp, pp, dp, ep, zero, mb = (np.array(col) for col in zip(*fields))
-    columns = SimpleNamespace(tp=tp, pp=pp, dp=dp, ep=ep, zero=zero, mb=mb, rc=np.zeros_like(tp),
-                              etp=tp, cp=np.ones_like(tp), first=0, last=0)
+    columns = SimpleNamespace(tp=tp, pp=pp, dp=dp, ep=ep, zero=zero, micro_batch=mb,
+                              recompute=np.zeros_like(tp), etp=tp, cp=np.ones_like(tp),
+                              pp_first=0, pp_last=0)
     verdict = ~np.logical_or.reduce(list(rule_failures(MOE, columns).values()))
     for i, (t, p, d, e, z, m) in enumerate(fields):
         try:
@@ -67,7 +68,7 @@ def test_the_search_space_is_defined_once():
     assert axes["cp"] == [1]  # sequences of 2,048: no context parallel
     assert {int(v) for v in grid["ep"]} == set(axes["ep"]) == {1, 2, 4, 8}
     looped = list(iter_layouts(MOE, 64))
-    assert {lay.micro_batch for lay in looped} <= set(axes["mb"])
+    assert {lay.micro_batch for lay in looped} <= set(axes["micro_batch"])
     assert {lay.etp for lay in looped} == {0, 1}  # Megatron's default and MoE Parallel Folding
     assert not any(lay.etp == 1 and lay.tp == 1 for lay in looped)  # no layout counted twice
 

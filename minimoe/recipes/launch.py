@@ -173,14 +173,14 @@ def engine_plan(recipe: LaunchRecipe):
     # what this path runs: FSDP2 (ZeRO-3), no context or pipeline parallelism, recompute all or
     # nothing, experts split by the same tp as the rest (etp 0: no folding)
     axes = {"tp": [tp for tp in (1, 2, 4, 8) if tp == 1 or _splits(recipe, tp)], "cp": [1],
-            "pp": [1], "zero": [3], "mb": [1, 2, 4, 8],
-            "rc": [RECOMPUTE.index("none"), RECOMPUTE.index("full")], "etp": [0]}
+            "pp": [1], "zero": [3], "micro_batch": [1, 2, 4, 8],
+            "recompute": [RECOMPUTE.index("none"), RECOMPUTE.index("full")], "etp": [0]}
 
     def keep(g):  # whole nodes; no expert weight FSDP2 would pad to a whole expert a rank
         shapes = ((cfg.n_experts // ep, cfg.expert_d_ffn or cfg.d_ffn, cfg.d_model, n // ep // tp)
-                  for n, ep, tp in zip(g["n"], g["ep"], g["tp"]))
+                  for n, ep, tp in zip(g["n_gpus"], g["ep"], g["tp"]))
         even = [not cfg.n_experts or dist.even_dim(s[:3], s[3]) is not None for s in shapes]
-        return (g["n"] % per_node == 0) & np.array(even, dtype=bool)
+        return (g["n_gpus"] % per_node == 0) & np.array(even, dtype=bool)
 
     cluster = layout.cluster_gpus or layout.gpus
     best = search_layouts(w, device, cluster, ENGINE_OPTIONS, axes=axes, keep=keep).fastest

@@ -28,9 +28,8 @@ def price(st: WorkloadStats, dev: Device, opt: Options, c, efficiency=None) -> d
     accept: memory parts (bytes per GPU), TIME_PARTS (seconds per step), throughput and price.
     `efficiency`, an array, replaces opt.gemm_efficiency and broadcasts (the fit's grid)."""
     eff = opt.gemm_efficiency if efficiency is None else efficiency
-    tp, cp, pp, dp, ep, zero, mb, rc, etp, first, last = (
-        np.asarray(getattr(c, k), dtype=np.float64)
-        for k in ("tp", "cp", "pp", "dp", "ep", "zero", "mb", "rc", "etp", "first", "last"))
+    tp, pp, dp, ep, zero, mb, rc, etp, cp, first, last = (  # in Layout's field order
+        np.asarray(getattr(c, f.name), dtype=np.float64) for f in dataclasses.fields(Layout))
     h, s, gpn, b, L = st.d, st.s, dev.gpus_per_node, opt.act_bytes, st.n_layers
     n_gpus = tp * cp * pp * dp
     n_micro = st.global_batch / (dp * mb)  # micro-batches per step (valid where integral)

@@ -47,11 +47,10 @@ class Layout:
                 f"zero{self.zero} mb{self.micro_batch} rc-{self.recompute}")
 
     def columns(self) -> SimpleNamespace:
-        """The fields as the rules and the cost model read them (recompute as its index)."""
+        """The fields as the rules and the cost model read them, and as the search's grid holds
+        them: etp resolved (0 means tp), recompute as its index in RECOMPUTE (-1: unknown)."""
         rc = RECOMPUTE.index(self.recompute) if self.recompute in RECOMPUTE else -1
-        return SimpleNamespace(tp=self.tp, cp=self.cp, pp=self.pp, dp=self.dp, ep=self.ep,
-                               etp=self.etp or self.tp, zero=self.zero, mb=self.micro_batch, rc=rc,
-                               first=self.pp_first, last=self.pp_last)
+        return SimpleNamespace(**{**vars(self), "etp": self.etp or self.tp, "recompute": rc})
 
 
 # what published models use that the step model does not hold: refused by name at the door
@@ -174,10 +173,10 @@ def rule_failures(w: Workload, c) -> dict[str, np.ndarray]:
 
 
 def _stages_divide(cfg, w, c):
-    middle = c.pp - (c.first > 0) - (c.last > 0)  # stages that share the remaining layers evenly
-    rest = cfg.n_layers - c.first - c.last
+    middle = c.pp - (c.pp_first > 0) - (c.pp_last > 0)  # stages that share the other layers evenly
+    rest = cfg.n_layers - c.pp_first - c.pp_last
     return np.where(middle > 0, (rest > 0) & (rest % np.maximum(middle, 1) == 0), rest == 0) \
-        & ((c.pp > 1) | ((c.first == 0) & (c.last == 0)))
+        & ((c.pp > 1) | ((c.pp_first == 0) & (c.pp_last == 0)))
 
 
 # Which layouts a framework can run: every split divides what it splits. (field, test on the
@@ -194,9 +193,9 @@ LAYOUT_RULES = (
      "must divide n_experts={n_experts} (1 for a dense model), and ep x etp must divide "
      "tp x cp x dp (with etp = tp: ep must divide cp x dp={dp})"),
     ("zero", lambda cfg, w, c: (c.zero >= 0) & (c.zero <= 3), "must be 0, 1, 2 or 3"),
-    ("recompute", lambda cfg, w, c: (c.rc >= 0) & (c.rc < len(RECOMPUTE)),
+    ("recompute", lambda cfg, w, c: (c.recompute >= 0) & (c.recompute < len(RECOMPUTE)),
      "must be one of " + ", ".join(RECOMPUTE)),
-    ("micro_batch", lambda cfg, w, c: w.global_batch % (c.dp * c.mb) == 0,
+    ("micro_batch", lambda cfg, w, c: w.global_batch % (c.dp * c.micro_batch) == 0,
      "dp x micro_batch must divide the global batch of {global_batch} sequences"),
 )
 

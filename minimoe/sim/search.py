@@ -39,14 +39,15 @@ def _divisors(n: int, cap: int) -> list[int]:
 
 
 def search_axes(workload: Workload, max_gpus: int) -> dict[str, list[int]]:
-    """The values each layout column takes in a search (docs/simulator.md "Which layouts are
-    valid"); for an MoE etp = tp (0) or folded (1)."""
+    """The values each layout column (Layout.columns) takes in a search (docs/simulator.md
+    "Which layouts are valid"); for an MoE etp = tp (0) or folded (1)."""
     cfg = workload.cfg
     return {"tp": [t for t in (1, 2, 4, 8, 16) if t <= max_gpus],
             "cp": [c for c in (1, 2, 4, 8) if workload.seq_len // c >= 4096 or c == 1],
             "pp": _divisors(cfg.n_layers, 64),
             "ep": _divisors(cfg.n_experts, 64) if cfg.n_experts else [1],
-            "zero": [0, 1, 2, 3], "mb": [1, 2, 4, 8], "rc": list(range(len(RECOMPUTE))),
+            "zero": [0, 1, 2, 3], "micro_batch": [1, 2, 4, 8],
+            "recompute": list(range(len(RECOMPUTE))),  # as its index, the way Layout.columns has it
             "etp": [0, 1] if cfg.n_experts else [0]}
 
 
@@ -55,26 +56,27 @@ def candidate_grid(workload: Workload, max_gpus: int, gpus_per_node: int = 8,
                    ) -> tuple[dict[str, np.ndarray], int]:
     """Every combination of a GPU count (whole nodes up to `max_gpus`, or only `max_gpus`) and
     `search_axes` (or `axes`, a narrower space) whose tp x cp x pp divides the count, as flat
-    arrays with their dp; and the number of all combinations."""
+    arrays named as Layout names its fields, with their dp; and the number of all combinations."""
     counts = [max_gpus]
     if not fixed_gpus and max_gpus >= gpus_per_node:
         counts = sorted(set(range(gpus_per_node, max_gpus + 1, gpus_per_node)) | {max_gpus})
-    axes = {"n": counts, **search_axes(workload, max_gpus), **(axes or {})}
+    axes = {"n_gpus": counts, **search_axes(workload, max_gpus), **(axes or {})}
 
     def mesh(keys):
         grids = np.meshgrid(*[np.asarray(axes[k], dtype=np.int64) for k in keys], indexing="ij")
         return {k: m.ravel() for k, m in zip(keys, grids)}
 
     # the GPU split first (a few thousand rows), then the rest of the axes on the whole splits
-    outer, inner = mesh(("n", "tp", "cp", "pp")), mesh(("ep", "zero", "mb", "rc", "etp"))
-    whole = outer["n"] % (outer["tp"] * outer["cp"] * outer["pp"]) == 0
+    outer = mesh(("n_gpus", "tp", "cp", "pp"))
+    inner = mesh(("ep", "zero", "micro_batch", "recompute", "etp"))
+    whole = outer["n_gpus"] % (outer["tp"] * outer["cp"] * outer["pp"]) == 0
     outer = {k: v[whole] for k, v in outer.items()}
     size = inner["ep"].size
     grid = {**{k: np.repeat(v, size) for k, v in outer.items()},
             **{k: np.tile(v, whole.sum()) for k, v in inner.items()}}
     keep = ~((grid["etp"] == 1) & (grid["tp"] == 1))  # etp 1 with tp 1 is etp = tp again
     grid = {k: v[keep] for k, v in grid.items()}
-    grid["dp"] = grid["n"] // (grid["tp"] * grid["cp"] * grid["pp"])
+    grid["dp"] = grid["n_gpus"] // (grid["tp"] * grid["cp"] * grid["pp"])
     return grid, int(np.prod([len(v) for v in axes.values()]))
 
 
@@ -93,7 +95,7 @@ def search_layouts(workload: Workload, device: Device, max_gpus: int,
     st = WorkloadStats(workload, options)
     g, n_candidates = candidate_grid(workload, max_gpus, device.gpus_per_node, fixed_gpus, axes)
     g["etp"] = np.where(g["etp"] == 0, g["tp"], g["etp"])
-    failures = rule_failures(workload, SimpleNamespace(**g, first=0, last=0))
+    failures = rule_failures(workload, SimpleNamespace(**g, pp_first=0, pp_last=0))
     valid = ~np.logical_or.reduce(list(failures.values()))
     if keep is not None:
         valid &= keep(g)
@@ -102,17 +104,15 @@ def search_layouts(workload: Workload, device: Device, max_gpus: int,
     # priced in chunks of 2^15 layouts: numpy's temporaries then stay in cache, 3-5x faster
     # than one pass over them all
     parts = [price(st, device, options, SimpleNamespace(
-        **{k: v[lo:lo + _CHUNK] for k, v in g.items()}, first=0, last=0))
+        **{k: v[lo:lo + _CHUNK] for k, v in g.items()}, pp_first=0, pp_last=0))
         for lo in range(0, n_valid, _CHUNK)]
     values = {k: np.concatenate([np.broadcast_to(p[k], p["n_gpus"].shape) for p in parts])
               if parts else np.empty(0) for k in _KEEP}
     idx = np.flatnonzero(values["fits"] > 0)
 
     def layout_at(i) -> Layout:
-        return Layout(tp=int(g["tp"][i]), pp=int(g["pp"][i]), dp=int(g["dp"][i]),
-                      ep=int(g["ep"][i]), zero=int(g["zero"][i]), micro_batch=int(g["mb"][i]),
-                      recompute=RECOMPUTE[int(g["rc"][i])], etp=int(g["etp"][i]),
-                      cp=int(g["cp"][i]))
+        fields = {k: int(g[k][i]) for k in g if k != "n_gpus"}
+        return Layout(**fields | {"recompute": RECOMPUTE[fields["recompute"]]})
 
     fastest = cheapest = None
     table = []
