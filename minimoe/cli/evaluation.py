@@ -4,7 +4,6 @@ generate` (minimoe/evaluate.py, minimoe/generate.py)."""
 from __future__ import annotations
 
 import json
-import math
 
 from minimoe import checkpoint as ckpt
 from minimoe import files
@@ -54,23 +53,16 @@ def run_eval(args):
     columns = {}
     for run, corpus, tokenizer, tasks in prepared:
         model, _ = ckpt.load_model(run)
-        columns[run] = finite(run_tasks(model, tokenizer, tasks, corpus, args.ppl_chars,
-                                        args.batch_size, progress=not args.no_progress))
+        scores = run_tasks(model, tokenizer, tasks, corpus, args.ppl_chars, args.batch_size,
+                           progress=not args.no_progress)
+        # NaN (the standard error of one example) as None, so that the JSON is strict
+        columns[run] = json.loads(json.dumps(scores), parse_constant=lambda _: None)
     if args.out:
         files.write_json(args.out, columns)
     if args.json:
         print(json.dumps(columns, indent=2, ensure_ascii=False))
     else:
         print(results_table(columns, stderr=len(columns) == 1).to_string())
-
-
-def finite(obj):
-    """NaN (a standard error of one example) as None, so the JSON is strict."""
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [finite(v) for v in obj]
-    return None if isinstance(obj, float) and math.isnan(obj) else obj
 
 
 def add_generate(p):
