@@ -5,29 +5,25 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from minimoe.checks import option
 from minimoe.recipes import experiments, pipeline
 from minimoe.recipes.config import RECIPES, get_recipe
 from minimoe.recipes.sweep import savings_experiment
 
 
-def _numbers(text: str, least: int) -> list[int]:  # argparse's one line, as checks.option's
+def _numbers(text: str, least: int) -> list[int]:  # "0,4,7"; else one line, as option()
     try:
         values = [int(x) for x in text.split(",")]
     except ValueError:
         values = []
-    if not values or not least <= min(values) <= max(values) < 2**32 \
-            or len(set(values)) < len(values):
+    if not values or min(values) < least or max(values) >= 2**32 or len(set(values)) < len(values):
         raise argparse.ArgumentTypeError(f"{text!r}: must be whole numbers in [{least}, "
                                          f"{2**32 - 1}], none repeated")
     return values
 
 
 def _seeds(text: str) -> list[int]:  # --seeds 3 (seeds 0, 1, 2) or --seeds 0,4,7
-    if "," in text:
-        return _numbers(text, 0)
-    if _numbers(text, 1)[0] > 1000:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be at most 1000 seeds")
-    return list(range(_numbers(text, 1)[0]))
+    return _numbers(text, 0) if "," in text else list(range(option("int[1, 1000]")(text)))
 
 
 def add_pipeline(p):
