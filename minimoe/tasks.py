@@ -84,18 +84,28 @@ def load_task_file(path) -> Task:
             raise ValueError(f"{path}:{n}: a {line_kind} example in a file of {kind} examples "
                              "(every line has 'choices', or none does)")
         kind = line_kind
-        for name in ("context", "choices", "answer") if kind == "choice" else ("context", "answer"):
-            if name not in record:
-                raise ValueError(f"{path}:{n}: missing field {name!r}")
-        examples.append(_choice(record, f"{path}:{n}") if kind == "choice"
-                        else _generation(record, f"{path}:{n}"))
+        examples.append(_example(record, kind, f"{path}:{n}"))
     if not examples:
         raise ValueError(f"{path}: no examples (one JSON object per line)")
     return Task(path.stem, kind, examples, str(path))
 
 
-def _choice(record: dict, where: str) -> ChoiceExample:
-    context, choices, answer = record["context"], record["choices"], record["answer"]
+def _example(record: dict, kind: str, where: str) -> ChoiceExample | GenExample:
+    for f in dataclasses.fields(ChoiceExample if kind == "choice" else GenExample):
+        if f.default is dataclasses.MISSING and f.name not in record:
+            raise ValueError(f"{where}: missing field {f.name!r}")
+    context, answer = record["context"], record["answer"]
+    if kind == "generate":
+        stop = record.get("stop", ["\n"])
+        if not isinstance(context, str) or not context:
+            raise ValueError(f"{where}: context={context!r}: must be a non-empty string")
+        if not isinstance(answer, str) or not answer.strip():
+            raise ValueError(f"{where}: answer={answer!r}: must be a non-empty string (a line "
+                             "with 'choices' is a multiple-choice example)")
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"{where}: stop={stop!r}: must be a list of non-empty strings")
+        return GenExample(context, answer, tuple(stop))
+    choices = record["choices"]
     if not isinstance(context, str):
         raise ValueError(f"{where}: context={context!r}: must be a string")
     if (not isinstance(choices, list) or len(choices) < 2
@@ -106,19 +116,6 @@ def _choice(record: dict, where: str) -> ChoiceExample:
         raise ValueError(f"{where}: answer={answer!r}: must be the index of the right choice, "
                          f"0 to {len(choices) - 1}")
     return ChoiceExample(context, tuple(choices), answer)
-
-
-def _generation(record: dict, where: str) -> GenExample:
-    context, answer = record["context"], record["answer"]
-    stop = record.get("stop", ["\n"])
-    if not isinstance(context, str) or not context:
-        raise ValueError(f"{where}: context={context!r}: must be a non-empty string")
-    if not isinstance(answer, str) or not answer.strip():
-        raise ValueError(f"{where}: answer={answer!r}: must be a non-empty string (a line with "
-                         "'choices' is a multiple-choice example)")
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise ValueError(f"{where}: stop={stop!r}: must be a list of non-empty strings")
-    return GenExample(context, answer, tuple(stop))
 
 
 def resolve_task(name: str, corpus=None, limit: int = 100, seed: int = 0) -> Task:
