@@ -10,6 +10,7 @@ for lm-evaluation-harness. What they measure and why: docs/method.md#evaluation.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import random
 import re
@@ -174,58 +175,53 @@ def _slots(docs: list[str], lang: str) -> list[_Slot]:
     return slots
 
 
-def _shuffled(slots: list[_Slot], seed: int, name: str) -> list[_Slot]:
-    """A fixed order (string seeds are hashed the same in every Python process), so the first
+def _task(name: str, kind: str, lang: str, slots: list[_Slot], seed: int, limit: int,
+          example) -> Task:
+    """The first `limit` examples `example(slot)` makes (None: none from that slot), the slots
+    in a fixed order (string seeds are hashed the same in every Python process), so the first
     n examples are the same whatever the limit."""
     order = list(slots)
     random.Random(f"{seed}/{name}").shuffle(order)
-    return order
+    examples = list(itertools.islice(filter(None, map(example, order)), limit))  # lazily
+    if not examples:
+        raise ValueError(f"task {name!r}: the {lang!r} validation documents give no examples")
+    return Task(name, kind, examples, f"the validation split ({lang})")
 
 
 def cloze_task(docs: list[str], lang: str, limit: int = 100, seed: int = 0) -> Task:
     """The next sentence among N_CHOICES: the true one and others from other documents."""
     name = f"cloze-{lang}"
     lo, hi = SENTENCE_CHARS.get(lang, SENTENCE_CHARS["en"])
-    slots = _slots(docs, lang)
-    pool = [s for s in slots if lo <= len(s.sentence) <= hi]
-    examples = []
-    for slot in _shuffled(pool, seed, name):
-        if len(examples) == limit:
-            break
+    pool = [s for s in _slots(docs, lang) if lo <= len(s.sentence) <= hi]
+
+    def example(slot: _Slot) -> ChoiceExample | None:
         n = len(slot.sentence)
         others = sorted({s.sentence for s in pool if s.doc != slot.doc and s.sentence != slot.sentence
                          and n / LENGTH_RATIO <= len(s.sentence) <= n * LENGTH_RATIO})
         if len(others) < N_CHOICES - 1:
-            continue
+            return None
         rng = random.Random(f"{seed}/{name}/{slot.doc}/{slot.index}")  # apart from the limit
         choices = rng.sample(others, N_CHOICES - 1)
         answer = rng.randrange(N_CHOICES)
         choices.insert(answer, slot.sentence)
-        examples.append(ChoiceExample(slot.context, tuple(slot.joiner + c for c in choices), answer))
-    return _built(name, "choice", examples, lang)
+        return ChoiceExample(slot.context, tuple(slot.joiner + c for c in choices), answer)
+
+    return _task(name, "choice", lang, pool, seed, limit, example)
 
 
 def completion_task(docs: list[str], lang: str, limit: int = 100, seed: int = 0) -> Task:
     """The end of a sentence, written by the model: its last word (en) or its last ZH_TAIL
     characters (zh and any other language), which must be followed by the sentence's end."""
-    name = f"complete-{lang}"
     tail = _EN_TAIL if lang == "en" else _ZH_TAIL
-    examples = []
-    for slot in _shuffled(_slots(docs, lang), seed, name):
-        if len(examples) == limit:
-            break
+
+    def example(slot: _Slot) -> GenExample | None:
         match = tail.match(slot.sentence)
         if match is None or (lang == "en" and len(match.group(1).split()) < 3):
-            continue
-        examples.append(GenExample(slot.context + slot.joiner + match.group(1), match.group(2),
-                                   tuple(WORD_STOPS)))
-    return _built(name, "generate", examples, lang)
+            return None
+        return GenExample(slot.context + slot.joiner + match.group(1), match.group(2),
+                          tuple(WORD_STOPS))
 
-
-def _built(name: str, kind: str, examples: list, lang: str) -> Task:
-    if not examples:
-        raise ValueError(f"task {name!r}: the {lang!r} validation documents give no examples")
-    return Task(name, kind, examples, f"the validation split ({lang})")
+    return _task(f"complete-{lang}", "generate", lang, _slots(docs, lang), seed, limit, example)
 
 
 # --- the tasks as lm-evaluation-harness reads them ----------------------------------------------
