@@ -6,12 +6,13 @@ corpus is ~27k shards, past a common `ulimit -n`). Layout and limits: docs/metho
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import json
 import os
 import shutil
-from collections import Counter, OrderedDict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -30,26 +31,23 @@ SAMPLE_CHARS = 200_000_000  # the most text a BPE is trained on
 OPEN_SHARDS = 64  # memory maps open at once, the most recently read
 
 
-_maps: OrderedDict = OrderedDict()  # path -> memory map, the OPEN_SHARDS most recently read
+@functools.lru_cache(maxsize=OPEN_SHARDS)  # the most recently read stay open
+def _memmap(path: str, dtype: str) -> np.memmap:
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 class Shard:
     """One shard file of n tokens, its memory map opened when read (a slice of a map evicted
-    from _maps stays readable: it holds its own reference)."""
+    from the cache stays readable: it holds its own reference)."""
 
-    def __init__(self, path: Path, dtype, n: int):
-        self.path, self.dtype, self.n = str(path), np.dtype(dtype), n
+    def __init__(self, path: Path, dtype: str, n: int):
+        self.path, self.dtype, self.n = str(path), dtype, n
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, key: slice) -> np.ndarray:
-        if self.path not in _maps:
-            _maps[self.path] = np.memmap(self.path, dtype=self.dtype, mode="r")
-            while len(_maps) > OPEN_SHARDS:
-                _maps.popitem(last=False)
-        _maps.move_to_end(self.path)
-        return _maps[self.path][key]
+        return _memmap(self.path, self.dtype)[key]
 
 
 class ConcatTokens:
@@ -144,7 +142,7 @@ def tokenize(paths: list[str], out, tokenizer: str = "bpe", vocab_size: int = 20
                "sample_chars": SAMPLE_CHARS, "min_doc_chars": MIN_DOC_CHARS}
     given = None if tokenizer == "bpe" else tokenizer_of(tokenizer)  # checked before any text
     return write_shards(sources, Path(out), request, lambda split: given or Tokenizer(
-        _train_bpe(sources, split, vocab_size)), val_fraction, seed, shard_tokens, progress)
+        _train_bpe(sources, split, vocab_size)), progress)
 
 
 def load_data(paths: list[str] | None = None, vocab_size: int = 2048,
@@ -173,16 +171,16 @@ def load_data(paths: list[str] | None = None, vocab_size: int = 2048,
     out = folder / f"tokens-{tok.name}"
     request = {"inputs": inputs, "tokenizer": tok.name, "val_fraction": val_fraction,
                "seed": seed, "shard_tokens": SHARD_TOKENS}
-    write_shards(sources, out, request, lambda _: tok, val_fraction, seed, SHARD_TOKENS,
-                 split=split)
+    write_shards(sources, out, request, lambda _: tok, split=split)
     return load_shards(out)
 
 
 def write_shards(sources: list[dict], out: Path, request: dict, make_tokenizer,
-                 val_fraction: float, seed: int, shard_tokens: int, progress: bool = True,
-                 split: Split | None = None) -> dict:
-    """Split the documents, make the tokenizer (`make_tokenizer(split)`) and write each split,
-    domain and language into its shards; a finished folder of the same request is kept."""
+                 progress: bool = True, split: Split | None = None) -> dict:
+    """Split the documents (request's val_fraction, seed), make the tokenizer
+    (`make_tokenizer(split)`) and write each split, domain and language into shards of
+    request's shard_tokens; a finished folder of the same request is kept."""
+    val_fraction, seed, shard_tokens = (request[k] for k in ("val_fraction", "seed", "shard_tokens"))
     assert 0 < val_fraction < 0.5 and shard_tokens > 0  # the doors (CLI, run.json) hold them
     if is_shard_folder(out):
         manifest = read_manifest(out)
