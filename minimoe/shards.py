@@ -249,7 +249,6 @@ def _tokens(entries) -> int:
 
 
 def _val_shards(folder: Path, manifest: dict) -> dict[tuple[str, str], list[Shard]]:
-    """(domain, lang) -> its validation shards."""
     return {(domain, lang): [Shard(folder / e["file"], manifest["dtype"], e["tokens"])
                              for e in entries]
             for domain, langs in manifest["shards"]["val"].items() for lang, entries in langs.items()}
