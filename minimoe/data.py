@@ -185,16 +185,14 @@ def unit_hash(seed: int, text: str) -> float:
     return int.from_bytes(digest, "little") / 2**64
 
 
-def file_sha256(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def content_key(sources: list[dict], settings: dict) -> tuple[list[dict], str]:
     """What the sources hold (each file's sha256, not where it is: the same files elsewhere,
     a new virtual environment, find the same cache) and the key of those inputs + settings."""
-    inputs = [{k: v for k, v in source.items() if k not in _PLACE}
-              | {"sha256": file_sha256(source["path"])} for source in sources]
+    inputs = []
+    for source in sources:
+        with open(source["path"], "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        inputs.append({k: v for k, v in source.items() if k not in _PLACE} | {"sha256": digest})
     settings = {"format": FORMAT, "min_doc_chars": MIN_DOC_CHARS,
                 "min_line_alnum": MIN_LINE_ALNUM} | settings
     key = hashlib.sha256(json.dumps([inputs, settings], sort_keys=True).encode()).hexdigest()

@@ -34,12 +34,11 @@ def evaluate(model, data, tc) -> dict[str, float]:
         if stored in result:  # the same tokens under another name: measured once
             result[f"val_{lang}"] = result[stored]
             continue
-        losses = []
+        losses = []  # eval_batches >= 1 (TrainConfig's rule)
         for x, y in data.val_batches(tc.batch_size, tc.seq_len, tc.eval_batches, lang=lang):
             logits = model(x.to(device))
             losses.append(F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten()).item())
-        if losses:
-            result["val_loss" if lang is None else f"val_{lang}"] = sum(losses) / len(losses)
+        result["val_loss" if lang is None else f"val_{lang}"] = sum(losses) / len(losses)
     model.train(was_training)
     return result
 

@@ -36,7 +36,6 @@ def check_format(cfg: ModelConfig, fmt: str):
 
 
 def hf_config(cfg: ModelConfig, fmt: str):
-    """The transformers config of `fmt` with the shape of `cfg`."""
     from transformers import AutoConfig  # optional dependency, heavy to import
 
     check_format(cfg, fmt)

@@ -49,7 +49,6 @@ def _normalised(weights: dict[str, float]) -> dict[str, float]:
 
 
 def size_weights(domain_tokens: dict[str, int]) -> dict[str, float]:
-    """Each domain in proportion to its training tokens."""
     total = sum(domain_tokens.values())
     return {domain: n / total for domain, n in domain_tokens.items()}
 

@@ -6,12 +6,13 @@ corpus is ~27k shards, past a common `ulimit -n`). Layout and limits: docs/metho
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import json
 import os
 import shutil
-from collections import Counter, OrderedDict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -30,26 +31,23 @@ SAMPLE_CHARS = 200_000_000  # the most text a BPE is trained on
 OPEN_SHARDS = 64  # memory maps open at once, the most recently read
 
 
-_maps: OrderedDict = OrderedDict()  # path -> memory map, the OPEN_SHARDS most recently read
+@functools.lru_cache(maxsize=OPEN_SHARDS)  # the most recently read stay open
+def _memmap(path: str, dtype: str) -> np.memmap:
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 class Shard:
     """One shard file of n tokens, its memory map opened when read (a slice of a map evicted
-    from _maps stays readable: it holds its own reference)."""
+    from the cache stays readable: it holds its own reference)."""
 
-    def __init__(self, path: Path, dtype, n: int):
-        self.path, self.dtype, self.n = str(path), np.dtype(dtype), n
+    def __init__(self, path: Path, dtype: str, n: int):
+        self.path, self.dtype, self.n = str(path), dtype, n
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, key: slice) -> np.ndarray:
-        if self.path not in _maps:
-            _maps[self.path] = np.memmap(self.path, dtype=self.dtype, mode="r")
-            while len(_maps) > OPEN_SHARDS:
-                _maps.popitem(last=False)
-        _maps.move_to_end(self.path)
-        return _maps[self.path][key]
+        return _memmap(self.path, self.dtype)[key]
 
 
 class ConcatTokens:
@@ -115,10 +113,10 @@ class ShardWriter:
 
 
 # --- the tokenizer and the writing pass ----------------------------------------------------
-def _sample_texts(sources: list[dict], split: Split, sample_chars: int) -> list[str]:
-    """The training documents in the training stream's order (domain after domain) when they fit
-    in sample_chars; else a uniform sample within it: those with the smallest hash (a bottom-k
-    sketch), so one pass in bounded memory sees the whole corpus."""
+def _train_bpe(sources: list[dict], split: Split, vocab_size: int) -> str:
+    """A BPE trained on the training documents in the training stream's order (domain after
+    domain) when they fit in SAMPLE_CHARS; else on a uniform sample within it: those with the
+    smallest hash (a bottom-k sketch), so one pass in bounded memory sees the whole corpus."""
     heap, size, cut = [], 0, False  # max-heap on the hash: (-u, text, domain's place, n)
     place = {domain: i for i, domain in enumerate(split.domains)}
     for n, (domain, lang, text) in enumerate(documents(sources)):
@@ -126,11 +124,11 @@ def _sample_texts(sources: list[dict], split: Split, sample_chars: int) -> list[
             continue
         heapq.heappush(heap, (-unit_hash(split.seed + 1, text), text, place[domain], n))
         size += len(text)
-        while size > sample_chars and len(heap) > 1:
+        while size > SAMPLE_CHARS and len(heap) > 1:
             size -= len(heapq.heappop(heap)[1])
             cut = True
     ordered = sorted(heap, reverse=True) if cut else sorted(heap, key=lambda item: item[2:])
-    return [text for _, text, _, _ in ordered]
+    return train_bpe([text for _, text, _, _ in ordered], vocab_size)
 
 
 def tokenize(paths: list[str], out, tokenizer: str = "bpe", vocab_size: int = 2048,
@@ -144,8 +142,7 @@ def tokenize(paths: list[str], out, tokenizer: str = "bpe", vocab_size: int = 20
                "sample_chars": SAMPLE_CHARS, "min_doc_chars": MIN_DOC_CHARS}
     given = None if tokenizer == "bpe" else tokenizer_of(tokenizer)  # checked before any text
     return write_shards(sources, Path(out), request, lambda split: given or Tokenizer(
-        train_bpe(_sample_texts(sources, split, SAMPLE_CHARS), vocab_size)),
-        val_fraction, seed, shard_tokens, progress)
+        _train_bpe(sources, split, vocab_size)), progress)
 
 
 def load_data(paths: list[str] | None = None, vocab_size: int = 2048,
@@ -168,23 +165,22 @@ def load_data(paths: list[str] | None = None, vocab_size: int = 2048,
         if not path.exists():
             split = split_of(sources, val_fraction, seed)
             folder.mkdir(parents=True, exist_ok=True)
-            files.write_text(path, train_bpe(_sample_texts(sources, split, SAMPLE_CHARS),
-                                             vocab_size))
+            files.write_text(path, _train_bpe(sources, split, vocab_size))
         tokenizer = Tokenizer(path.read_text(encoding="utf-8"))
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else tokenizer_of(tokenizer)
     out = folder / f"tokens-{tok.name}"
     request = {"inputs": inputs, "tokenizer": tok.name, "val_fraction": val_fraction,
                "seed": seed, "shard_tokens": SHARD_TOKENS}
-    write_shards(sources, out, request, lambda _: tok, val_fraction, seed, SHARD_TOKENS,
-                 split=split)
+    write_shards(sources, out, request, lambda _: tok, split=split)
     return load_shards(out)
 
 
 def write_shards(sources: list[dict], out: Path, request: dict, make_tokenizer,
-                 val_fraction: float, seed: int, shard_tokens: int, progress: bool = True,
-                 split: Split | None = None) -> dict:
-    """Split the documents, make the tokenizer (`make_tokenizer(split)`) and write each split,
-    domain and language into its shards; a finished folder of the same request is kept."""
+                 progress: bool = True, split: Split | None = None) -> dict:
+    """Split the documents (request's val_fraction, seed), make the tokenizer
+    (`make_tokenizer(split)`) and write each split, domain and language into shards of
+    request's shard_tokens; a finished folder of the same request is kept."""
+    val_fraction, seed, shard_tokens = (request[k] for k in ("val_fraction", "seed", "shard_tokens"))
     assert 0 < val_fraction < 0.5 and shard_tokens > 0  # the doors (CLI, run.json) hold them
     if is_shard_folder(out):
         manifest = read_manifest(out)
@@ -206,11 +202,11 @@ def write_shards(sources: list[dict], out: Path, request: dict, make_tokenizer,
     tok.save(out)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     writers: dict[tuple, ShardWriter] = {}
-    counts = {"documents": {}, "dropped": Counter()}
+    n_docs, dropped = {"train": Counter(), "val": Counter()}, Counter()
     total = sum(s["bytes"] for s in sources)
     with tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not progress,
               delay=3, leave=False) as bar:
-        docs = documents(sources, counts["dropped"], bar)
+        docs = documents(sources, dropped, bar)
         while batch := list(itertools.islice(docs, BATCH_DOCS)):
             for (domain, lang, text), ids in zip(batch, tok.encode_batch([t for _, _, t in batch])):
                 name = "val" if split.is_val(domain, lang, text) else "train"
@@ -218,38 +214,34 @@ def write_shards(sources: list[dict], out: Path, request: dict, make_tokenizer,
                 if key not in writers:
                     writers[key] = ShardWriter(out, "/".join(key), dtype, shard_tokens)
                 writers[key].add(tok.document(ids))
-                by_domain = counts["documents"].setdefault(name, {})
-                by_domain[domain] = by_domain.get(domain, 0) + 1
-    manifest = _manifest(request, tok, dtype, writers, counts, split.domains)
+                n_docs[name][domain] += 1
+    manifest = _manifest(request, tok, dtype, writers, split.domains)
+    manifest.update(documents=n_docs, dropped=dropped)
     files.write_json(out / "manifest.json", manifest)
     marker.unlink()
     return manifest
 
 
-def _manifest(request, tok, dtype, writers, counts, domains: list[str]) -> dict:
+def _manifest(request, tok, dtype, writers, domains: list[str]) -> dict:
     """Each split's domains in the order they first appear in the documents (the training
     stream's), each domain's validation shards by language."""
     shards = {"train": {}, "val": {}}
-    for key, writer in sorted(writers.items(), key=lambda item: domains.index(item[0][1])):
+    by_split, by_lang = {"train": Counter(), "val": Counter()}, Counter()
+    for (split, domain, *lang), writer in sorted(writers.items(),
+                                                 key=lambda item: domains.index(item[0][1])):
         entries = writer.close()
-        if key[0] == "train":
-            shards["train"][key[1]] = entries
+        by_split[split][domain] += _tokens(entries)
+        if split == "train":
+            shards["train"][domain] = entries
         else:
-            shards["val"].setdefault(key[1], {})[key[2]] = entries
+            shards["val"].setdefault(domain, {})[lang[0]] = entries
+            by_lang[f"val_{lang[0]}"] += _tokens(entries)
     assert shards["val"] and shards["train"]  # Split keeps a document in each
-    by_split = {"train": {d: _tokens(e) for d, e in shards["train"].items()},
-                "val": {d: sum(map(_tokens, langs.values())) for d, langs in shards["val"].items()}}
-    by_lang = Counter()
-    for langs in shards["val"].values():
-        for lang, entries in langs.items():
-            by_lang[f"val_{lang}"] += _tokens(entries)
     return {"format": FORMAT, "request": request, "tokenizer": tok.name,
             "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "dtype": np.dtype(dtype).name,
             "domains": list(shards["train"]), "shards": shards,
-            "tokens": {"train": sum(by_split["train"].values()),
-                       "val": sum(by_split["val"].values()), **by_lang},
-            "tokens_by_domain": by_split, "documents": counts["documents"],
-            "dropped": counts["dropped"]}
+            "tokens": {split: n.total() for split, n in by_split.items()} | by_lang,
+            "tokens_by_domain": by_split}
 
 
 def _tokens(entries) -> int:
@@ -257,7 +249,6 @@ def _tokens(entries) -> int:
 
 
 def _val_shards(folder: Path, manifest: dict) -> dict[tuple[str, str], list[Shard]]:
-    """(domain, lang) -> its validation shards."""
     return {(domain, lang): [Shard(folder / e["file"], manifest["dtype"], e["tokens"])
                              for e in entries]
             for domain, langs in manifest["shards"]["val"].items() for lang, entries in langs.items()}

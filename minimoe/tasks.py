@@ -10,6 +10,7 @@ for lm-evaluation-harness. What they measure and why: docs/method.md#evaluation.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import random
 import re
@@ -84,18 +85,28 @@ def load_task_file(path) -> Task:
             raise ValueError(f"{path}:{n}: a {line_kind} example in a file of {kind} examples "
                              "(every line has 'choices', or none does)")
         kind = line_kind
-        for name in ("context", "choices", "answer") if kind == "choice" else ("context", "answer"):
-            if name not in record:
-                raise ValueError(f"{path}:{n}: missing field {name!r}")
-        examples.append(_choice(record, f"{path}:{n}") if kind == "choice"
-                        else _generation(record, f"{path}:{n}"))
+        examples.append(_example(record, kind, f"{path}:{n}"))
     if not examples:
         raise ValueError(f"{path}: no examples (one JSON object per line)")
     return Task(path.stem, kind, examples, str(path))
 
 
-def _choice(record: dict, where: str) -> ChoiceExample:
-    context, choices, answer = record["context"], record["choices"], record["answer"]
+def _example(record: dict, kind: str, where: str) -> ChoiceExample | GenExample:
+    for f in dataclasses.fields(ChoiceExample if kind == "choice" else GenExample):
+        if f.default is dataclasses.MISSING and f.name not in record:
+            raise ValueError(f"{where}: missing field {f.name!r}")
+    context, answer = record["context"], record["answer"]
+    if kind == "generate":
+        stop = record.get("stop", ["\n"])
+        if not isinstance(context, str) or not context:
+            raise ValueError(f"{where}: context={context!r}: must be a non-empty string")
+        if not isinstance(answer, str) or not answer.strip():
+            raise ValueError(f"{where}: answer={answer!r}: must be a non-empty string (a line "
+                             "with 'choices' is a multiple-choice example)")
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"{where}: stop={stop!r}: must be a list of non-empty strings")
+        return GenExample(context, answer, tuple(stop))
+    choices = record["choices"]
     if not isinstance(context, str):
         raise ValueError(f"{where}: context={context!r}: must be a string")
     if (not isinstance(choices, list) or len(choices) < 2
@@ -106,19 +117,6 @@ def _choice(record: dict, where: str) -> ChoiceExample:
         raise ValueError(f"{where}: answer={answer!r}: must be the index of the right choice, "
                          f"0 to {len(choices) - 1}")
     return ChoiceExample(context, tuple(choices), answer)
-
-
-def _generation(record: dict, where: str) -> GenExample:
-    context, answer = record["context"], record["answer"]
-    stop = record.get("stop", ["\n"])
-    if not isinstance(context, str) or not context:
-        raise ValueError(f"{where}: context={context!r}: must be a non-empty string")
-    if not isinstance(answer, str) or not answer.strip():
-        raise ValueError(f"{where}: answer={answer!r}: must be a non-empty string (a line with "
-                         "'choices' is a multiple-choice example)")
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise ValueError(f"{where}: stop={stop!r}: must be a list of non-empty strings")
-    return GenExample(context, answer, tuple(stop))
 
 
 def resolve_task(name: str, corpus=None, limit: int = 100, seed: int = 0) -> Task:
@@ -177,58 +175,53 @@ def _slots(docs: list[str], lang: str) -> list[_Slot]:
     return slots
 
 
-def _shuffled(slots: list[_Slot], seed: int, name: str) -> list[_Slot]:
-    """A fixed order (string seeds are hashed the same in every Python process), so the first
+def _task(name: str, kind: str, lang: str, slots: list[_Slot], seed: int, limit: int,
+          example) -> Task:
+    """The first `limit` examples `example(slot)` makes (None: none from that slot), the slots
+    in a fixed order (string seeds are hashed the same in every Python process), so the first
     n examples are the same whatever the limit."""
     order = list(slots)
     random.Random(f"{seed}/{name}").shuffle(order)
-    return order
+    examples = list(itertools.islice(filter(None, map(example, order)), limit))  # lazily
+    if not examples:
+        raise ValueError(f"task {name!r}: the {lang!r} validation documents give no examples")
+    return Task(name, kind, examples, f"the validation split ({lang})")
 
 
 def cloze_task(docs: list[str], lang: str, limit: int = 100, seed: int = 0) -> Task:
     """The next sentence among N_CHOICES: the true one and others from other documents."""
     name = f"cloze-{lang}"
     lo, hi = SENTENCE_CHARS.get(lang, SENTENCE_CHARS["en"])
-    slots = _slots(docs, lang)
-    pool = [s for s in slots if lo <= len(s.sentence) <= hi]
-    examples = []
-    for slot in _shuffled(pool, seed, name):
-        if len(examples) == limit:
-            break
+    pool = [s for s in _slots(docs, lang) if lo <= len(s.sentence) <= hi]
+
+    def example(slot: _Slot) -> ChoiceExample | None:
         n = len(slot.sentence)
         others = sorted({s.sentence for s in pool if s.doc != slot.doc and s.sentence != slot.sentence
                          and n / LENGTH_RATIO <= len(s.sentence) <= n * LENGTH_RATIO})
         if len(others) < N_CHOICES - 1:
-            continue
+            return None
         rng = random.Random(f"{seed}/{name}/{slot.doc}/{slot.index}")  # apart from the limit
         choices = rng.sample(others, N_CHOICES - 1)
         answer = rng.randrange(N_CHOICES)
         choices.insert(answer, slot.sentence)
-        examples.append(ChoiceExample(slot.context, tuple(slot.joiner + c for c in choices), answer))
-    return _built(name, "choice", examples, lang)
+        return ChoiceExample(slot.context, tuple(slot.joiner + c for c in choices), answer)
+
+    return _task(name, "choice", lang, pool, seed, limit, example)
 
 
 def completion_task(docs: list[str], lang: str, limit: int = 100, seed: int = 0) -> Task:
     """The end of a sentence, written by the model: its last word (en) or its last ZH_TAIL
     characters (zh and any other language), which must be followed by the sentence's end."""
-    name = f"complete-{lang}"
     tail = _EN_TAIL if lang == "en" else _ZH_TAIL
-    examples = []
-    for slot in _shuffled(_slots(docs, lang), seed, name):
-        if len(examples) == limit:
-            break
+
+    def example(slot: _Slot) -> GenExample | None:
         match = tail.match(slot.sentence)
         if match is None or (lang == "en" and len(match.group(1).split()) < 3):
-            continue
-        examples.append(GenExample(slot.context + slot.joiner + match.group(1), match.group(2),
-                                   tuple(WORD_STOPS)))
-    return _built(name, "generate", examples, lang)
+            return None
+        return GenExample(slot.context + slot.joiner + match.group(1), match.group(2),
+                          tuple(WORD_STOPS))
 
-
-def _built(name: str, kind: str, examples: list, lang: str) -> Task:
-    if not examples:
-        raise ValueError(f"task {name!r}: the {lang!r} validation documents give no examples")
-    return Task(name, kind, examples, f"the validation split ({lang})")
+    return _task(f"complete-{lang}", "generate", lang, _slots(docs, lang), seed, limit, example)
 
 
 # --- the tasks as lm-evaluation-harness reads them ----------------------------------------------

@@ -76,18 +76,21 @@ class Tokenizer:
             "bos_token": self.bos, "clean_up_tokenization_spaces": False})
 
     @classmethod
-    def load(cls, folder, eos: str = EOS, bos: str | None = None) -> Tokenizer:
-        """The tokenizer of a folder `save` wrote (a run's) or transformers did (a Hub model's):
-        tokenizer_config.json's eos_token and bos_token ("..." or {"content": "..."}) win."""
-        folder = Path(folder)
-        config_path = folder / TOKENIZER_FILES[1]
-        config = files.read_json(config_path) if config_path.exists() else {}
-        eos, bos = ((t.get("content") if isinstance(t, dict) else t) for t in
-                    (config.get("eos_token") or eos, config.get("bos_token", bos)))
+    def load(cls, path, eos: str = EOS, bos: str | None = None) -> Tokenizer:
+        """A tokenizer.json file's tokenizer, or a folder's that `save` wrote (a run's) or
+        transformers did (a Hub model's): its tokenizer_config.json's eos_token and bos_token
+        ("..." or {"content": "..."}) win."""
+        path = Path(path)
+        if path.is_dir():
+            config_path = path / TOKENIZER_FILES[1]
+            config = files.read_json(config_path) if config_path.exists() else {}
+            eos, bos = ((t.get("content") if isinstance(t, dict) else t) for t in
+                        (config.get("eos_token") or eos, config.get("bos_token", bos)))
+            path = path / TOKENIZER_FILES[0]
         try:
-            return cls((folder / TOKENIZER_FILES[0]).read_text(encoding="utf-8"), eos, bos)
-        except ValueError as err:
-            raise ValueError(f"{folder / TOKENIZER_FILES[0]}: {err}") from None
+            return cls(path.read_text(encoding="utf-8"), eos, bos)
+        except ValueError as err:  # refused under its file's name
+            raise ValueError(f"{path}: {err}") from None
 
 
 def byte_tokenizer() -> Tokenizer:
@@ -122,13 +125,8 @@ def tokenizer_of(kind: str) -> Tokenizer:
     checkpoint); a BPE to train ("bpe") is shards.py's."""
     if kind == "byte":
         return byte_tokenizer()
-    if Path(kind).is_dir():
+    if Path(kind).is_dir() or Path(kind).is_file():
         return Tokenizer.load(kind)
-    if Path(kind).is_file():
-        try:
-            return Tokenizer(Path(kind).read_text(encoding="utf-8"))
-        except ValueError as err:  # refused under its own name
-            raise ValueError(f"{kind}: {err}") from None
     raise ValueError(f"tokenizer={kind!r}: must be bpe, byte, a tokenizer.json file or a "
                      "folder holding one (a run, a Hugging Face checkpoint)")
 

@@ -4,6 +4,7 @@ Invariants: the shards hold exactly the documents' tokens (each + eos, domain af
 reading across shard boundaries equals one array; a vocabulary over 65,536 is stored as uint32
 without loss; the batches drawn from shards are pure functions of (seed, step)."""
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -82,16 +83,16 @@ def test_shards_are_opened_when_read_and_few_stay_open(tokenized, monkeypatch):
     descriptor) are open at once, and reading through them still gives every token."""
     out, manifest = tokenized
     assert sum(len(e) for e in manifest["shards"]["train"].values()) > 3
-    monkeypatch.setattr(shards, "OPEN_SHARDS", 2)
-    shards._maps.clear()
+    shards._memmap.cache_clear()  # closes the maps earlier tests opened
+    monkeypatch.setattr(shards, "_memmap", functools.lru_cache(2)(shards._memmap.__wrapped__))
     data, _ = load_shards(out)
-    assert not shards._maps  # nothing opened until read
+    assert shards._memmap.cache_info().currsize == 0  # nothing opened until read
     whole = np.concatenate([np.fromfile(out / e["file"], dtype=manifest["dtype"])
                             for entries in manifest["shards"]["train"].values() for e in entries])
     train = data.arrays["train"]
     assert np.array_equal(np.concatenate([train[i:i + 97] for i in range(0, len(train), 97)]), whole)
     open_bins = [p for p in Path("/proc/self/fd").iterdir() if str(os.path.realpath(p)).endswith(".bin")]
-    assert len(shards._maps) == 2 and len(open_bins) <= 2
+    assert shards._memmap.cache_info().currsize == 2 and len(open_bins) <= 2
 
 
 def test_batches_from_shards_are_pure_functions_of_seed_and_step(tokenized):
