@@ -143,10 +143,6 @@ class Calibration:
     errors: dict  # source -> (runs, efficiencies, sigmas) array of log(predicted / measured)
     node_span: dict  # source -> most nodes / fewest nodes among its runs
 
-    @property
-    def runs(self) -> dict:
-        return {s: len(e) for s, e in self.errors.items()}
-
     def constants(self, leave_out: str | None = None) -> dict:
         """{name: (central, low, high)} from the sources but `leave_out`: the efficiency, the
         sources' median and the runs' 10th-90th percentile (sources weighing equally); sigma, its
