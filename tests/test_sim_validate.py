@@ -47,7 +47,7 @@ def test_the_options_defaults_are_the_fitted_constants(result):
 def test_each_source_is_fitted_alone_and_left_out_of_its_own_prediction(result):
     cal = result.calibration
     published = {r["source"] for r in result.rows if r["set"] == "published"}
-    assert set(cal.runs) == published and len(published) == 3  # AquilaMoE is never fitted
+    assert set(cal.errors) == published and len(published) == 3  # AquilaMoE is never fitted
     for source in published:
         left = cal.constants(leave_out=source)
         sigma = left["straggler_sigma"][0]

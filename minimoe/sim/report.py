@@ -99,8 +99,8 @@ def validation_text(v: Validation, aquila: list[dict] | None = None) -> str:
              "the ends of the uncertain inputs, error = predicted / measured - 1", table, "",
              "Fitted on the published runs (mean |log error| of a source's runs), each source "
              f"alone, at straggler_sigma {sigma:.3f}:"]
-    lines += [f"  gemm_efficiency {v.calibration.efficiency(s, sigma):.2f}  ({n} runs) {s}"
-              for s, n in v.calibration.runs.items()]
+    lines += [f"  gemm_efficiency {v.calibration.efficiency(s, sigma):.2f}  ({len(e)} runs) {s}"
+              for s, e in v.calibration.errors.items()]
     lines += [f"the simulator takes gemm_efficiency {c['gemm_efficiency'][0]:.3f} "
               f"[{c['gemm_efficiency'][1]:.2f}, {c['gemm_efficiency'][2]:.2f}] (the sources' median; "
               f"10th-90th percentile of the runs' own, sources weighing equally), straggler_sigma {sigma:.3f} [{c['straggler_sigma'][1]:.3f}, "

@@ -142,11 +142,10 @@ class ScenarioResult:
 
     def to_frame(self):
         rows = [p.row() for p in self.phases]
-        total = {"phase": "EfficientScale total", "tokens (B)": sum(r["tokens (B)"] for r in rows)}
-        for key in ("days", "GPU-days", "capacity (TFLOPS-days)", "capacity (PF-days)"):
-            total[key] = sum(r[key] for r in rows)
-        for key in ("model FLOPs (PF-days)", "energy (MWh)", "cost ($M)"):
-            if all(r[key] is not None for r in rows):
+        total = {"phase": "EfficientScale total"}
+        for key in ("tokens (B)", "days", "GPU-days", "capacity (TFLOPS-days)", "capacity (PF-days)",
+                    "model FLOPs (PF-days)", "energy (MWh)", "cost ($M)"):
+            if all(r[key] is not None for r in rows):  # energy and cost need every phase's
                 total[key] = sum(r[key] for r in rows)
         return pd.DataFrame(rows + [total, self.baseline.row()], dtype=object).set_index("phase")
 

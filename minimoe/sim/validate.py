@@ -74,11 +74,6 @@ class Run:
     wallclock: bool
     variant_of: str = ""  # the run this one changes (a layout): its speed-up is compared too
 
-    @property
-    def group(self) -> str:
-        """Runs of one model on one cluster, which `minimoe plan` must rank."""
-        return f"{self.cfg.n_layers}x{self.cfg.d_model}/{self.cfg.n_experts}E on {self.devices} {self.device.name}"
-
 
 def load_runs(folder: str | Path) -> list[Run]:
     paths = sorted(Path(folder).glob("*.toml"))
@@ -142,10 +137,6 @@ class Calibration:
 
     errors: dict  # source -> (runs, efficiencies, sigmas) array of log(predicted / measured)
     node_span: dict  # source -> most nodes / fewest nodes among its runs
-
-    @property
-    def runs(self) -> dict:
-        return {s: len(e) for s, e in self.errors.items()}
 
     def constants(self, leave_out: str | None = None) -> dict:
         """{name: (central, low, high)} from the sources but `leave_out`: the efficiency, the
@@ -219,9 +210,12 @@ def _row(run: Run, result: SimResult, opt: Options) -> dict:
     low, high = (x * share / run.devices for x in result.interval)
     measured = run.measured_tokens_per_s / run.devices
     predicted = result.tokens_per_s * share / run.devices
-    mfu = flops_per_token(run.cfg, run.workload.seq_len, attention="causal").model / run.device.peak_flops
+    cfg = run.cfg
+    mfu = flops_per_token(cfg, run.workload.seq_len, attention="causal").model / run.device.peak_flops
+    # runs of one model on one cluster, which `minimoe plan` must rank
+    group = f"{cfg.n_layers}x{cfg.d_model}/{cfg.n_experts}E on {run.devices} {run.device.name}"
     return {"run": run.name, "set": run.set, "kind": run.kind, "source": run.source,
-            "group": run.group, "device": run.device.name, "GPUs": run.devices,
+            "group": group, "device": run.device.name, "GPUs": run.devices,
             "layout": result.layout.label(), "measured tok/s/GPU": measured,
             "predicted tok/s/GPU": predicted, "low": low, "high": high,
             "measured MFU": measured * mfu, "predicted MFU": predicted * mfu,
