@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from minimoe.expert_parallel import EXPERT_WEIGHTS, apply_expert_parallel
 from minimoe.moe import MoE
 from minimoe.stream import barrier, rank, world_size
-from minimoe.tensor_parallel import apply_tensor_parallel
+from minimoe.tensor_parallel import apply_tensor_parallel, check_tensor_parallel
 
 
 # --- the process group ------------------------------------------------------------------
@@ -184,6 +184,7 @@ class Parallel:
         self.model = self.module = model
         if mesh is not None:
             if mesh_size(mesh, "tp") > 1:  # (TrainConfig allows tp and ep with FSDP2 only)
+                check_tensor_parallel(model.cfg, layout.tp, layout.seq_len)
                 apply_tensor_parallel(model, mesh["tp"])
             if mesh_size(mesh, "ep") > 1:
                 apply_expert_parallel(model, mesh["ep"])

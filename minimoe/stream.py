@@ -74,11 +74,6 @@ def _header(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dic
     return blob, starts, len(blob) + offset
 
 
-def _bytes(tensor: torch.Tensor):
-    """A tensor's own memory through the buffer protocol: no bytes copy."""
-    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
 def write_safetensors(path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
                       produce: Callable[[str], torch.Tensor], metadata: dict | None = None) -> int:
     """Write `produce(name)` for each name of `specs` ({name: (dtype, shape)}), one at a time;
@@ -164,8 +159,9 @@ def write_blocks(path, specs: dict, blocks, metadata: dict | None = None,
             dtype, shape = specs[name]
             local = _clip(local.detach(), offset, shape).to("cpu", dtype)
             for at, run in _runs(local, offset, shape) if local.numel() else ():
-                os.pwrite(fd, _bytes(run), starts[name] + at * local.element_size())
-            local = run = None  # one tensor in memory at a time (write_safetensors streams)
+                data = run.contiguous().reshape(-1).view(torch.uint8).numpy()  # no bytes copy
+                os.pwrite(fd, data, starts[name] + at * local.element_size())
+            local = run = data = None  # one tensor in memory at a time (write_safetensors streams)
     finally:
         os.close(fd)
     return size

@@ -22,7 +22,6 @@ from minimoe.checks import SEED, check_fields
 from minimoe.evaluate import evaluate
 from minimoe.moe import AuxLossConfig, expert_load
 from minimoe.run_files import log_records, plot_losses, resumed_weights
-from minimoe.tensor_parallel import check_tensor_parallel
 
 
 @dataclass
@@ -171,8 +170,6 @@ def train(model, data, tc: TrainConfig, out_dir, meta: dict | None = None, progr
     main = par.main
 
     latest = ckpt.latest_checkpoint(out_dir)
-    if tc.tp > 1:
-        check_tensor_parallel(model.cfg, tc.tp, tc.seq_len)
     par.parallelize(model, fill=lambda: ckpt.fill_model(model, par.device, None if latest else init,
                                                         tc.seed))
     model.train()
