@@ -39,12 +39,11 @@ class RecipeConfig:
     seed: int = 0
 
     def __post_init__(self):
+        counts = {f.name: "int>0" for f in dataclasses.fields(self) if f.type == "int"}
         check_fields("RecipeConfig", self, {
-            **dict.fromkeys(("n_experts", "top_k", "prep_steps", "scale_up_steps", "scale_out_steps",
-                             "steps", "batch_size", "seq_len", "eval_every",
-                             "eval_examples", "eval_chars", "eval_batches", "bench_rounds"), "int>0"),
-            "seed": "int>=0", "vocab_size": "int[258, 16777216]", "lr": ">0", "cpt_lr": ">0", "small": tuple(PRESETS),
-            "large": tuple(PRESETS), "scale_up_method": METHODS})
+            **counts, "seed": "int>=0", "vocab_size": "int[258, 16777216]", "lr": ">0",
+            "cpt_lr": ">0", "small": tuple(PRESETS), "large": tuple(PRESETS),
+            "scale_up_method": METHODS})
         self.train_config(self.prep_steps, self.lr)  # batch rules now, not at the stage
 
     @property

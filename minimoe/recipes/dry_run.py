@@ -110,20 +110,16 @@ def dry_run(recipe_path) -> dict:
     recipe = load_launch_recipe(recipe_path)
     rehearsed = rehearse(recipe)
     sim = recipe.simulated
-    layout, _ = engine_plan(recipe)
-    return {"recipe": recipe.name, "gpus": recipe.layout.gpus, "layout": _describe(recipe.layout),
-            "rehearsed": rehearsed, "simulated": sim.memory, "tokens_per_s": sim.tokens_per_s,
-            "capacity": get_device(recipe.layout.gpu).hbm_bytes,
-            "usable": sim.memory["usable"], "engine_plan_matches": layout == recipe.layout}
-
-
-def _describe(layout) -> str:
+    layout = recipe.layout
     parts = [layout.parallel.upper().replace("FSDP", "FSDP2")]
     parts += [f"{name} {getattr(layout, name)}" for name in ("tp", "ep") if getattr(layout, name) > 1]
     parts.append(f"micro-batch {layout.micro_batch}")
     if layout.activation_checkpointing:
         parts.append("activation checkpointing")
-    return ", ".join(parts)
+    return {"recipe": recipe.name, "gpus": layout.gpus, "layout": ", ".join(parts),
+            "rehearsed": rehearsed, "simulated": sim.memory, "tokens_per_s": sim.tokens_per_s,
+            "capacity": get_device(layout.gpu).hbm_bytes, "usable": sim.memory["usable"],
+            "engine_plan_matches": engine_plan(recipe)[0] == layout}
 
 
 def dry_run_report(r: dict) -> str:

@@ -157,10 +157,9 @@ def load_launch_recipe(path) -> LaunchRecipe:
             parts[key] = from_table(cls, given, f"[{key}]")
         if "from" in table:
             table["source"] = table.pop("from")
-        recipe = from_table(LaunchRecipe, table, "", **parts)
+        return from_table(LaunchRecipe, table, "", **parts)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
-    return recipe
 
 
 def engine_plan(recipe: LaunchRecipe):

@@ -199,25 +199,34 @@ def specialisation_run(run_dir, out=None, paths=None, batch_size: int = 8, seq_l
 
 
 # --- transformations between runs: in memory, or file to file for full-size checkpoints -----
-def transform_run(src, out, meta: dict, transform=None, write=None, tc: TrainConfig | None = None
-                  ) -> dict:
+def transform_run(src, out, meta: dict, transform, write, tc: TrainConfig | None = None,
+                  stream: bool = False) -> dict:
     """Transform run `src`'s model into run `out`, with out/transform.json
-    (docs/recipes.md#run-folders): in memory, `transform(model) -> (model, extras)`, or file to
-    file, `write(src_file, src_cfg, out_file) -> (cfg, bytes, extras)`."""
-    return dist.main_only(lambda: _transform_run(Path(src), Path(out), meta, transform, write, tc))
+    (docs/recipes.md#run-folders): in memory, `transform(model) -> (model, extras)`, or with
+    stream, file to file, `write(src_file, src_cfg, out_file) -> (cfg, bytes, extras)`."""
+    return dist.main_only(lambda: _transform_run(Path(src), Path(out), meta, transform, write, tc,
+                                                 stream))
 
 
-def _transform_run(src: Path, out: Path, meta: dict, transform, write, tc) -> dict:
-    request = {**meta, "source": str(src.resolve()), **({"streamed": True} if write else {})}
+def _transform_run(src: Path, out: Path, meta: dict, transform, write, tc, stream) -> dict:
+    request = {**meta, "source": str(src.resolve()), **({"streamed": True} if stream else {})}
     src_cfg = ckpt.read_config(src)  # the source read (and so checked) before the folder is claimed
     has_data = (src / "run.json").exists() and ckpt.read_json(src / "run.json").get("data") is not None
     spec = run_data_spec(src) if has_data else None
-    done = _finished(out, request)
-    if done:
-        return done
+    path = out / "transform.json"  # a finished transformation of this request: its report
+    if path.exists():
+        old = ckpt.read_json(path)
+        if any(old.get(k) != v for k, v in request.items()):
+            raise ValueError(f"--out={out}: already holds another transformation; choose "
+                             "another folder")
+        if old.get("finished", True):
+            return run_files.transform_report(old, path)
+    elif out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out={out}: not empty and holds no transformation (another run, or "
+                         "other files); choose another folder")
     t0 = time.perf_counter()
     before = after = None
-    if write:
+    if stream:
         _start(out, request)
         try:
             cfg, written, extra = write(ckpt.model_file(src), src_cfg, out / "model.safetensors")
@@ -246,22 +255,6 @@ def _transform_run(src: Path, out: Path, meta: dict, transform, write, tc) -> di
     return report
 
 
-def _finished(out: Path, request: dict) -> dict | None:
-    """The report of a finished transformation of this request in `out`, else None; a folder
-    holding anything else is refused."""
-    path = out / "transform.json"
-    if path.exists():
-        old = ckpt.read_json(path)
-        if any(old.get(k) != v for k, v in request.items()):
-            raise ValueError(f"--out={out}: already holds another transformation; choose "
-                             "another folder")
-        return run_files.transform_report(old, path) if old.get("finished", True) else None
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out={out}: not empty and holds no transformation (another run, or "
-                         "other files); choose another folder")
-    return None
-
-
 def _start(out: Path, request: dict):
     """`out` claimed for the request, a half-written transformation of it (a kill) cleared."""
     for name in ("config.json", "model.safetensors", "run.json", *TOKENIZER_FILES):
@@ -288,7 +281,7 @@ def grow_run(src, target: str, out, method: str = "aki-pro", depth: str | None =
         return plan.target, written, {"growth": growth_report(plan)}
 
     meta = {"stage": "scale-up", "target": target, **options}
-    return transform_run(src, out, meta, *((None, write) if stream else (transform, None)), tc)
+    return transform_run(src, out, meta, transform, write, tc, stream)
 
 
 def scale_out_run(src, out, method: str = "upcycle", n_experts: int = 8, top_k: int = 2,
@@ -312,4 +305,4 @@ def scale_out_run(src, out, method: str = "upcycle", n_experts: int = 8, top_k: 
 
     meta = {"stage": "scale-out", "method": method, "n_experts": n_experts, "top_k": top_k,
             "seed": seed, "options": options}
-    return transform_run(src, out, meta, *((None, write) if stream else (transform, None)), tc)
+    return transform_run(src, out, meta, transform, write, tc, stream)
