@@ -40,7 +40,7 @@ def test_every_variant_is_in_the_table(summary):
     for name, results in s["evaluation"].items():
         assert set(results) == {"cloze-en", "cloze-zh", "complete-en", "complete-zh", "ppl"}
         assert 0 < results["ppl"]["bpb"] < 9, name
-    tasks = (out / "scale-out.md").read_text().split("## Tasks")[1]
+    tasks = (out / "scale-out.md").read_text().split("## Evaluation")[1]
     assert "cloze-zh acc_norm (%)" in tasks and "MoE from scratch" in tasks
 
 

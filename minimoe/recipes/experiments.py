@@ -4,7 +4,6 @@ the scale-out comparison, each a table, plots and summary.json; run_seeds repeat
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +15,7 @@ from minimoe.flops import flops_per_token
 from minimoe.grow import scale_up
 from minimoe.recipes.config import RECIPES, RecipeConfig
 from minimoe.recipes.findings import over_seeds, write_seeds_report
-from minimoe.recipes.report import evaluation_section, plot_curves, plot_expert_loads, val_curve
+from minimoe.recipes.report import val_curve, write_report
 from minimoe.recipes.stages import (continue_pretraining, data_spec, evaluate_run, grow_run,
                                     load_run_data, pretrain, run_data_spec, scale_out_run)
 from minimoe.train import read_log
@@ -163,9 +162,9 @@ def scale_out_experiment(out, ec: RecipeConfig = RECIPES["experiment"], progress
 
 def _write_results(out: Path, kind: str, rows, curves, settings, runs, shapes=None, loads=None,
                    evaluation=None) -> dict:
-    """The table (CSV, Markdown), the plots and summary.json: rows, curves, settings, the run
-    folder of every variant (`runs`), for MoE runs the last expert load each logged, and the
-    evaluation tasks of every run."""
+    """The table (CSV, and Markdown through report.write_report) and summary.json: rows, curves,
+    settings, the run folder of every variant (`runs`), for MoE runs the last expert load each
+    logged, and the evaluation tasks of every run."""
     table = pd.DataFrame(rows)
     if shapes:  # name the loss columns by model shape, as the paper's Table 1 does
         small, wide, large = shapes
@@ -174,17 +173,9 @@ def _write_results(out: Path, kind: str, rows, curves, settings, runs, shapes=No
                                       "paper width only": "paper M(24, 4096)", "paper at init": "paper M(32, 4096)"})
     files.write_text(out / f"{kind}.csv", table.to_csv(index=False))
     shown = table.astype(object).where(table.notna(), None)  # empty cells print as "-"
-    md = [f"# {kind} experiment", "", shown.to_markdown(index=False, floatfmt=".3f", missingval="-"), ""]
-    plot_curves(curves, out / "loss_vs_tokens.png", "tokens", f"{kind}: validation loss")
-    plot_curves(curves, out / "loss_vs_flops.png", "flops", f"{kind}: validation loss vs cumulative FLOPs")
-    md += ["![loss vs tokens](loss_vs_tokens.png)", "", "![loss vs FLOPs](loss_vs_flops.png)", ""]
-    if loads:
-        plot_expert_loads(loads, out / "expert_load.png")
-        md += ["![expert load](expert_load.png)", ""]
-    if evaluation:
-        md += ["## Tasks (after training)", ""] + evaluation_section(evaluation)
-    md += ["Settings:", "", "```json", json.dumps(settings, indent=2), "```", ""]
-    files.write_text(out / f"{kind}.md", "\n".join(md))
+    write_report(out, kind, [f"# {kind} experiment", "", shown.to_markdown(index=False, floatfmt=".3f",
+                                                                            missingval="-"), ""],
+                 curves, f"{kind}: validation loss", settings, evaluation, loads)
     figures = {f"{r['method']}: {k}": v for r in rows for k, v in r.items()
                if k in ("width only", "at init", "final") and v is not None}
     summary = {"rows": rows, "curves": curves, "settings": settings, "runs": runs, "loads": loads or {},

@@ -60,18 +60,6 @@ def measured_savings(chain: list[dict], scratch: dict, speed: dict[str, float]) 
     }
 
 
-def evaluation_section(evaluation: dict[str, dict]) -> list[str]:
-    """Markdown lines: the tasks x models table (the layout of AquilaMoE Table 4)."""
-    n = {name: r["n"] for name, r in next(iter(evaluation.values())).items()}
-    table = results_table(evaluation)
-    return ["Tasks x models as AquilaMoE Table 4 (`minimoe/tasks.py`, the README's Evaluation "
-            "section says what each measures). Examples per task: "
-            + ", ".join(f"{k} {v}" for k, v in n.items()) + "; an accuracy p on n examples has "
-            "a standard error of about sqrt(p (1 - p) / n).", "",
-            table.drop(columns=["n"]).to_markdown(disable_numparse=True, colalign=["left"] +
-                                                  ["right"] * (table.shape[1] - 1)), ""]
-
-
 def specialisation_section(results: dict[str, dict]) -> list[str]:
     """Markdown lines: each MoE run's Jensen-Shannon specialisation by layer, and its heatmaps."""
     rows = [{"MoE": label, "mean JS": f"{r['mean_js']:.3f}",
@@ -117,12 +105,8 @@ def write_pipeline_report(out: Path, settings: dict, stages: list[dict], transit
         curves[stage["stage"]] = val_curve(stage, tokens0, flops0)
         tokens0, flops0 = tokens0 + stage["tokens"], flops0 + stage["flops"]
     curves["from scratch"] = val_curve(scratch, 0.0, 0.0)
-    for x in ("tokens", "flops"):
-        marks = {f"-> {label}": pts[0][x] for label, pts in list(curves.items())[1:-1]}
-        plot_curves(curves, out / f"loss_vs_{x}.png", x, "EfficientScale vs the MoE from scratch", marks)
+    # tokens per expert of the final MoE, per layer, at its last logged step
     load = next((r["load"] for r in reversed(chain[-1]["log"]) if r.get("load")), None)
-    if load:  # tokens per expert of the final MoE, per layer, at its last logged step
-        plot_expert_loads({"scale-out, last step": load}, out / "expert_load.png")
     rows = [{"stage": s["stage"], "params (total)": human(s["params_total"]),
              "params (active)": human(s["params_active"]), "tokens": s["tokens"],
              "train time (s)": round(s["train_time_s"], 1),
@@ -166,14 +150,11 @@ def write_pipeline_report(out: Path, settings: dict, stages: list[dict], transit
         f"{load_1min} on {speeds['cpus']} CPUs). From the wall time of training instead, which "
         f"moves with whatever else the machine ran: {factors['time_savings_wall']:.2f}x. One device "
         "runs every stage, so Table 6's capacity factor equals the time factor here.", "",
-        "```", *decomposition_lines(parts), "```", "",
-        "![loss vs FLOPs](loss_vs_flops.png)", "", "![loss vs tokens](loss_vs_tokens.png)", "",
-        *(["![expert load](expert_load.png)", ""] if load else []),
-        "## Evaluation", "", *evaluation_section(evaluation),
-        "## What the experts specialise in, by domain", "", *specialisation_section(specialisation),
-        "## Settings", "", "```json", json.dumps(settings, indent=2), "```", ""]
-    files.write_text(out / "report.md", "\n".join(md))
-    files.write_text(out / "evaluation.csv", results_table(evaluation).to_csv())
+        "```", *decomposition_lines(parts), "```", ""]
+    write_report(out, "report", md, curves, "EfficientScale vs the MoE from scratch", settings,
+                 evaluation, {"scale-out, last step": load} if load else None, marks=True,
+                 tail=["## What the experts specialise in, by domain", "",
+                       *specialisation_section(specialisation)])
     summary = {"factors": factors, "stages": rows, "speeds": speeds, "decomposition": parts,
                "curves": curves,
                "figures": _figures(factors, rows, transitions, evaluation, specialisation),
@@ -187,6 +168,33 @@ def write_pipeline_report(out: Path, settings: dict, stages: list[dict], transit
                                   for label, r in specialisation.items()}}
     files.write_json(out / "summary.json", summary)
     return summary
+
+
+def write_report(out: Path, name: str, head: list[str], curves: dict[str, list[dict]], title: str,
+                 settings: dict, evaluation: dict[str, dict] | None, loads: dict | None = None,
+                 marks: bool = False, tail: list[str] = ()):
+    """One seed's out/`name`.md: `head`, loss against FLOPs and tokens (`marks`: where each middle
+    stage begins), the expert loads, the evaluation (also evaluation.csv), `tail`, the settings."""
+    md = list(head)
+    for x, axis in (("flops", "FLOPs"), ("tokens", "tokens")):
+        starts = {f"-> {label}": pts[0][x] for label, pts in list(curves.items())[1:-1]}
+        plot_curves(curves, out / f"loss_vs_{x}.png", x, title, starts if marks else None)
+        md += [f"![loss vs {axis}](loss_vs_{x}.png)", ""]
+    if loads:
+        plot_expert_loads(loads, out / "expert_load.png")
+        md += ["![expert load](expert_load.png)", ""]
+    if evaluation:  # tasks x models, as AquilaMoE Table 4
+        n = {task: r["n"] for task, r in next(iter(evaluation.values())).items()}
+        table = results_table(evaluation)
+        md += ["## Evaluation", "", "Tasks x models as AquilaMoE Table 4 (`minimoe/tasks.py`, the README's "
+               "Evaluation section says what each measures). Examples per task: "
+               + ", ".join(f"{k} {v}" for k, v in n.items()) + "; an accuracy p on n examples has "
+               "a standard error of about sqrt(p (1 - p) / n).", "",
+               table.drop(columns=["n"]).to_markdown(disable_numparse=True, colalign=["left"] +
+                                                     ["right"] * (table.shape[1] - 1)), ""]
+        files.write_text(out / "evaluation.csv", table.to_csv())
+    md += [*tail, "## Settings", "", "```json", json.dumps(settings, indent=2), "```", ""]
+    files.write_text(out / f"{name}.md", "\n".join(md))
 
 
 def plot_curves(curves: dict[str, list[dict]], path: Path, x: str, title: str,
