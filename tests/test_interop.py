@@ -211,7 +211,7 @@ def test_import_equals_the_checkpoint_and_exports_back(model_type, tie, config, 
                  "--data", str(tmp_path / "shards")]) == 0
     assert run_data(tmp_path / "run2")[0].n_tokens() > 0
     report = scale_out_run(run, tmp_path / "moe", n_experts=4, top_k=2, tc=SMALL_EVAL)
-    # equal up to fp32 rounding: the top-2 gate weights of identical experts sum to 1 only so
+    # equal up to fp32 rounding: the top-2 gate weights of identical experts sum to 1 only to rounding
     assert report["val_after"] == pytest.approx(report["val_before"], abs=1e-5)
     moe, _ = ckpt.load_model(tmp_path / "moe")
     torch.testing.assert_close(_logits(moe.eval(), ids), _logits(ours, ids), atol=1e-5, rtol=0)
